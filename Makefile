@@ -1,0 +1,31 @@
+# Quickstart targets. Each sets up .venv on first use (idempotent), then runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; override for CUDA machines, e.g. make TORCH_SPEC=torch setup
+TORCH_SPEC ?= torch==2.13.0
+NODES ?= 4
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup  ## a local swarm of $(NODES) node processes training the built-in GPT with DiLoCo
+	$(BIN)/loco swarm --nodes $(NODES)
+
+test: setup  ## lint + the full test suite (unit, in-process peers, real multi-process swarms)
+	$(BIN)/ruff check node protocols optim scripts tests
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check node protocols optim scripts tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,129 @@
+"""The `loco` command line. Thin: parse, load config, hand over to node.daemon / node.swarm."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, load_config
+
+
+def _version() -> str:
+    try:
+        return version("loco")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    for noisy in ("hivemind", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(config: str | None, overrides: tuple[str, ...]):
+    try:
+        return load_config(config, list(overrides))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+config_option = click.option("--config", "-c", "config", type=click.Path(dir_okay=False),
+                             help="TOML config file (defaults are used for anything it leaves out).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override one config value; repeatable. Values are TOML literals.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), prog_name="loco")
+def main() -> None:
+    """loco: low-communication decentralized training (DiLoCo family) over ZeroMQ and a hivemind DHT."""
+
+
+@main.group()
+def node() -> None:
+    """Run one node daemon."""
+
+
+@node.command("start")
+@config_option
+@click.option("--initial-peer", "initial_peers", multiple=True, metavar="MULTIADDR",
+              help="DHT multiaddress of any live node of the swarm to join; repeatable. "
+                   "None: start a new swarm.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/node", show_default=True,
+              help="Output folder: metrics, checkpoints, resolved config. Reusing it resumes the node.")
+@set_option
+@click.option("--node-id", help="Node id (default: derived from host and --out). Same as --set node.id=...")
+@click.option("--listen", help="Address to bind (node.listen_host), e.g. 0.0.0.0.")
+@click.option("--announce", help="Address other nodes use to reach this one (node.announce_host).")
+@click.option("--port", type=int, help="ZeroMQ port (node.port; 0 = OS picks).")
+@click.option("--dht-port", type=int, help="DHT port (node.dht_port; 0 = OS picks).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def node_start(config, initial_peers, out, overrides, node_id, listen, announce, port, dht_port, verbose):
+    """Start a node: join (or start) a swarm, train for the configured budget, exit 0.
+
+    With no --initial-peer it starts a new swarm and prints the multiaddresses other nodes
+    can join with. SIGINT/SIGTERM stop it cleanly: the current round is finished or
+    abandoned, a checkpoint is written and the node leaves the DHT.
+    """
+    extra = list(overrides)
+    for key, value in (("node.id", node_id), ("node.listen_host", listen), ("node.announce_host", announce),
+                       ("node.port", port), ("node.dht_port", dht_port)):
+        if value is not None:
+            extra.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    if initial_peers:
+        extra.append("swarm.initial_peers=[" + ",".join(repr(p) for p in initial_peers) + "]")
+    cfg = _load(config, tuple(extra))
+    _setup_logging(verbose)
+    from .daemon import Node  # torch/hivemind imports: after argument errors are reported
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # second signal: stop waiting for a clean shutdown
+            raise KeyboardInterrupt
+        logging.getLogger("loco").warning("got %s: finishing the round, checkpointing, leaving",
+                                          signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        code = Node(cfg, Path(out), stop).run()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--nodes", "-n", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Number of node processes.")
+@config_option
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: runs/swarm-<time>).")
+@set_option
+def swarm(nodes, config, out, overrides):
+    """Run N nodes as separate processes on this machine, show progress, print a summary.
+
+    The first node starts the swarm; the others join it through the DHT. Ctrl-C stops them
+    all cleanly; no process is left behind.
+    """
+    cfg = _load(config, overrides)  # validate before starting anything
+    from .swarm import run_swarm
+
+    out_dir = Path(out) if out else Path("runs") / time.strftime("swarm-%Y%m%d-%H%M%S")
+    sys.exit(run_swarm(cfg, nodes, out_dir, config, list(overrides)))
+
+
+if __name__ == "__main__":
+    main()

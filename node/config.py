@@ -1,0 +1,243 @@
+"""Typed, validated configuration: one model per component, TOML files, dotted overrides.
+
+Every field has a docstring (shown by ``loco config``-style docs in the README); unknown
+keys and wrong types are rejected with a message that names the key. Runtime objects
+(sockets, models) never live here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, override or field that cannot be used; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NodeConfig(_Section):
+    id: str | None = None
+    """Node id; unique in the swarm. Default: derived from host name and output folder, so a
+    restart with the same --out resumes the same node."""
+    listen_host: str = "127.0.0.1"
+    """Address the ZeroMQ and DHT sockets bind to (0.0.0.0 for all interfaces)."""
+    announce_host: str | None = None
+    """Address other nodes should use to reach this one (default: listen_host)."""
+    port: int = Field(0, ge=0, le=65535)
+    """ZeroMQ data port; 0 lets the OS choose."""
+    dht_port: int = Field(0, ge=0, le=65535)
+    """hivemind DHT port; 0 lets the OS choose."""
+    device: str = "cpu"
+    """Torch device for training."""
+    threads: int = Field(0, ge=0)
+    """Torch intra-op threads; 0 keeps torch's default."""
+
+    @model_validator(mode="after")
+    def _listen_all_needs_announce(self) -> NodeConfig:
+        if self.listen_host in ("0.0.0.0", "::") and not self.announce_host:
+            raise ValueError("listen_host is a wildcard; set node.announce_host to a reachable address")
+        return self
+
+
+class SwarmConfig(_Section):
+    run_id: str = "loco"
+    """Name of the training run; nodes with different run ids ignore each other."""
+    initial_peers: list[str] = []
+    """Multiaddresses of any live node of the swarm to join (empty: start a new swarm)."""
+    key: str | None = None
+    """Shared secret; messages without a valid signature are dropped. Env: LOCO_SWARM_KEY."""
+    announce_ttl_s: float = Field(8.0, gt=0)
+    """Seconds a membership record lives without refresh (a dead node vanishes after this)."""
+    join_timeout_s: float = Field(120.0, gt=0)
+    """How long a joining node waits to see the swarm and fetch its state."""
+    wait_for_peers: int = Field(0, ge=0)
+    """Before training, wait (up to join_timeout_s) until this many other peers are visible."""
+
+
+class ModelConfig(_Section):
+    factory: str | None = None
+    """'module:callable' returning an nn.Module(idx[B,T]) -> logits[B,T,V]; None: built-in GPT."""
+    n_layer: int = Field(2, ge=1)
+    """Transformer blocks of the built-in GPT."""
+    n_head: int = Field(4, ge=1)
+    """Attention heads per block."""
+    n_embd: int = Field(128, ge=8)
+    """Embedding width."""
+    block_size: int = Field(128, ge=8)
+    """Context length in bytes (tokens)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout probability."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    """Text file, folder of text files, or .npy/.bin token array; None: the Python stdlib."""
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of files (by path hash) held out for validation."""
+    max_bytes: int = Field(8_000_000, gt=0)
+    """Upper bound on corpus bytes loaded (keeps start-up fast)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per inner step."""
+    val_batches: int = Field(4, ge=1)
+    """Batches in each validation pass (the same for every node)."""
+
+
+class OptimConfig(_Section):
+    algorithm: Literal["diloco"] = "diloco"
+    """Outer algorithm."""
+    inner_steps: int = Field(30, ge=1)
+    """H: inner steps per outer round."""
+    inner_lr: float = Field(1e-3, gt=0)
+    """Inner AdamW learning rate (paper: 4e-4 at 150M+ parameters; small models like more)."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Inner AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Inner AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient norm clip for inner steps; 0 disables."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up of the inner learning rate."""
+    outer_lr: float = Field(0.7, gt=0)
+    """η: outer learning rate."""
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    """μ: outer momentum."""
+    nesterov: bool = True
+    """Nesterov outer momentum."""
+
+
+class CollectiveConfig(_Section):
+    matchmaking_timeout_s: float = Field(30.0, gt=0)
+    """Leader: how long to wait for peers to join a round."""
+    join_timeout_s: float = Field(60.0, gt=0)
+    """Follower: how long to wait for the leader's roster."""
+    allreduce_timeout_s: float = Field(60.0, gt=0)
+    """Deadline for the reduce-scatter + all-gather of one attempt."""
+    decision_timeout_s: float = Field(30.0, gt=0)
+    """Leader: how long to wait for members' DONE reports."""
+    max_attempts: int = Field(3, ge=1)
+    """Attempts (with the survivors) before a round is skipped."""
+
+
+class CompressionConfig(_Section):
+    codec: Literal["none"] = "none"
+    """Codec for everything a collective sends."""
+
+
+class TrainConfig(_Section):
+    rounds: int = Field(8, ge=0)
+    """Outer rounds to train; 0 trains until stopped."""
+    seed: int = 0
+    """Seed of model init (shared by the swarm) and of each node's data stream."""
+    log_every: int = Field(10, ge=1)
+    """Inner steps between loss records."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Outer rounds between checkpoints."""
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    swarm: SwarmConfig = SwarmConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    collective: CollectiveConfig = CollectiveConfig()
+    compression: CompressionConfig = CompressionConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("swarm")
+    @classmethod
+    def _key_from_env(cls, swarm: SwarmConfig) -> SwarmConfig:
+        if swarm.key is None and os.environ.get("LOCO_SWARM_KEY"):
+            return swarm.model_copy(update={"key": os.environ["LOCO_SWARM_KEY"]})
+        return swarm
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'optim.inner_steps=50' -> (['optim', 'inner_steps'], 50). Values are TOML literals;
+    anything that is not one (a bare word, a path) is taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {item!r}: empty key in {dotted!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is a value, not a section")
+            else:
+                child = node[k] = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- TOML file <- --set overrides, validated as a whole."""
+    data = read_toml(path) if path else {}
+    source = str(path) if path else "defaults"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set"
+    return build_config(data, source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

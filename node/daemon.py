@@ -1,0 +1,255 @@
+"""The node daemon: wires transport, DHT membership, collective, optimizer and trainer
+together and runs rounds until the budget is spent or it is told to stop.
+
+Output folder layout (shared by every node of a local swarm)::
+
+    OUT/config/<node>.json        resolved configuration
+    OUT/nodes/<node>.json         how to reach the node (DHT multiaddrs, ZeroMQ endpoint, pid)
+    OUT/metrics/<node>.jsonl      metrics (schema: README.md, "Metrics")
+    OUT/checkpoints/<node>.pt     latest checkpoint (atomic)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optim import DiLoCo
+from protocols.codecs import make_codec
+from protocols.collective import CollectiveTimeouts, GroupAllReduce
+from protocols.membership import Membership, PeerInfo
+from protocols.state_sync import StateServer, fetch_state, tensors_hash
+from protocols.transport import Transport
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, config_to_dict
+from .metrics import MetricsWriter
+from .reaper import Reaper, descendants
+from .sync import SwarmCommunicator
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def default_node_id(out: Path) -> str:
+    """Stable across restarts with the same output folder, unique across folders/hosts."""
+    digest = hashlib.blake2b(f"{socket.gethostname()}:{out.resolve()}".encode(), digest_size=3).hexdigest()
+    return f"node-{digest}"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class Node:
+    def __init__(self, cfg: Config, out: Path, stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.out = out
+        self.stop = stop or threading.Event()
+        self.id = cfg.node.id or default_node_id(out)
+        self.round = 0
+        self.round_step = 0  # inner steps done in the current round
+        self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0}
+
+    # ----------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg.node.threads:
+            torch.set_num_threads(cfg.node.threads)
+        _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
+        self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
+        self.trainer = Trainer(cfg, self.id)
+        key = cfg.swarm.key.encode() if cfg.swarm.key else None
+        self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key)
+        self.membership = Membership(
+            cfg.swarm.run_id, self.id, cfg.swarm.initial_peers, cfg.node.listen_host, cfg.node.dht_port,
+            cfg.node.announce_host, cfg.swarm.announce_ttl_s,
+        )
+        self.reaper = Reaper()
+        if self.membership.pid:
+            self.reaper.watch([self.membership.pid, *descendants(self.membership.pid)])
+        c = cfg.collective
+        timeouts = CollectiveTimeouts(c.matchmaking_timeout_s, c.join_timeout_s, c.allreduce_timeout_s,
+                                      c.decision_timeout_s, c.max_attempts)
+        self.collective = GroupAllReduce(self.transport, self.membership.peers, timeouts,
+                                         make_codec(cfg.compression.codec), self.stop)
+        self.comm = SwarmCommunicator(self.collective, lambda: self.snapshot.digest)
+        o = cfg.optim
+        self.diloco = DiLoCo(self.trainer.params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
+        self.state_server = StateServer(self.transport)
+        self.ckpt_path = self.out / "checkpoints" / f"{self.id}.pt"
+
+    def _announce_self(self) -> None:
+        maddrs = self.membership.maddrs
+        info = {"id": self.id, "maddrs": maddrs, "endpoint": self.transport.endpoint, "pid": os.getpid()}
+        _write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
+        print(f"loco node {self.id}", flush=True)
+        for m in maddrs:
+            print(f"  dht: {m}", flush=True)
+        print(f"  zmq: {self.transport.endpoint}", flush=True)
+
+    def _peer_info(self) -> PeerInfo:
+        return PeerInfo(self.id, self.transport.endpoint, self.round)
+
+    def _publish(self) -> None:
+        self.snapshot = self.state_server.publish(
+            self.round, self.diloco.synchronized_tensors(), {"outer_steps": self.diloco.outer_steps})
+        self.membership.announce(self._peer_info())
+
+    # ------------------------------------------------------------ state moves
+    def _resume(self) -> bool:
+        state = load_checkpoint(self.ckpt_path)
+        if state is None:
+            return False
+        self.trainer.load_state_dict(state["trainer"])
+        self.diloco.load_state_dict(state["diloco"])
+        self.round, self.round_step = int(state["round"]), int(state["round_step"])
+        self.outcomes.update(state.get("outcomes", {}))
+        log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.round, self.trainer.step)
+        return True
+
+    def _checkpoint(self) -> None:
+        state = {"trainer": self.trainer.state_dict(), "diloco": self.diloco.state_dict(),
+                 "round": self.round, "round_step": self.round_step, "outcomes": self.outcomes,
+                 "node": self.id}
+        try:
+            save_checkpoint(self.ckpt_path, state)
+        except OSError as exc:  # full disk: keep the previous checkpoint and keep training
+            log.error("checkpoint to %s failed (%s); the previous checkpoint is kept", self.ckpt_path, exc)
+            self.metrics.write("checkpoint_failed", round=self.round, error=str(exc))
+
+    def _resync_from(self, endpoint: str, min_round: int, reason: str) -> bool:
+        snap = fetch_state(self.transport, endpoint, min_round, self.cfg.swarm.join_timeout_s, self.stop)
+        if snap is None:
+            self.metrics.write("resync_failed", round=self.round, source=endpoint, reason=reason)
+            return False
+        self.diloco.load_synchronized(snap.tensors, int(snap.meta.get("outer_steps", 0)))
+        old = self.round
+        self.round, self.round_step = snap.round, 0
+        self.metrics.write("resync", step=self.trainer.step, round=self.round, from_round=old,
+                           source=endpoint, reason=reason, weights_hash=tensors_hash(self.diloco.anchor))
+        log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)
+        return True
+
+    def _catch_up(self) -> bool:
+        """If live peers are ahead of this node, adopt the state of the furthest one."""
+        peers = self.membership.peers()
+        if not peers:
+            return False
+        best = max(p.round for p in peers)
+        if best <= self.round:
+            return False
+        source = min((p for p in peers if p.round == best), key=lambda p: p.id)
+        return self._resync_from(source.endpoint, best, f"peers at round {best}")
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        try:
+            self._setup()
+            self._announce_self()
+            resumed = self._resume()
+            self.membership.start_refresh(self._peer_info)
+            sw = self.cfg.swarm
+            want = max(sw.wait_for_peers, 1 if sw.initial_peers else 0)
+            if want:
+                found = self.membership.wait_for_peers(want, sw.join_timeout_s)
+                if len(found) < want:
+                    log.warning("%d of %d peers visible after %.0fs; starting anyway",
+                                len(found), want, sw.join_timeout_s)
+                self._catch_up()
+            self._publish()
+            start_val = self.trainer.evaluate()
+            self.metrics.write("start", step=self.trainer.step, round=self.round, val_loss=start_val,
+                               resumed=resumed, weights_hash=tensors_hash(self.diloco.anchor),
+                               endpoint=self.transport.endpoint)
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        H = cfg.optim.inner_steps
+        while not self.stop.is_set() and (cfg.train.rounds == 0 or self.round < cfg.train.rounds):
+            t0 = time.monotonic()
+            loss = float("nan")
+            while self.round_step < H and not self.stop.is_set():
+                loss = self.trainer.train_step()
+                self.round_step += 1
+                if self.trainer.step % cfg.train.log_every == 0:
+                    self.metrics.write("train", step=self.trainer.step, round=self.round, loss=loss)
+            compute_s = time.monotonic() - t0
+            if self.stop.is_set():
+                return
+            t1 = time.monotonic()
+            finished = self.round
+            status, group, reason = self._outer_step()
+            comm_s = time.monotonic() - t1
+            self._publish()
+            val = self.trainer.evaluate()
+            self.outcomes[status] += 1
+            record = self.metrics.write(
+                "outer", step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
+                val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
+                group_size=group, compute_s=compute_s, comm_s=comm_s, status=status, reason=reason,
+                weights_hash=tensors_hash(self.diloco.anchor), tokens=self.trainer.tokens,
+            )
+            print(f"[{self.id}] round {finished} {status:7s} step {record['step']} loss {loss:.3f} "
+                  f"val {val:.3f} group {group} sent {self.transport.bytes_sent / 1e6:.1f} MB", flush=True)
+            if self.round % cfg.train.checkpoint_every == 0:
+                self._checkpoint()
+
+    def _outer_step(self) -> tuple[str, int, str]:
+        """Returns (status, group size, reason) and leaves self.round at the next round."""
+        if self._catch_up():
+            return "resync", 0, "behind the swarm"
+        result = self.diloco.outer_step(self.round)
+        last = self.comm.last
+        self.round_step = 0
+        if last is not None and last.status == "resync":
+            self.round += 1  # the leader has finished this round without us
+            if self._resync_from(last.leader_endpoint, self.round, last.reason):
+                return "resync", 0, last.reason
+            return "skipped", 1, f"resync failed ({last.reason})"
+        self.round += 1
+        if result.applied:
+            return "ok", result.group_size, ""
+        return "skipped", 1, last.reason if last else ""
+
+    # ------------------------------------------------------------- shutdown
+    def _shutdown(self) -> None:
+        """Runs whatever setup got as far as creating, in reverse dependency order."""
+        steps = [
+            ("diloco", self._final_checkpoint), ("membership", self._leave),
+            ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
+            ("metrics", lambda: self.metrics.close()),
+        ]
+        for needs, step in steps:
+            if not hasattr(self, needs):
+                continue
+            try:
+                step()
+            except Exception:  # one failing step must not keep the others from running
+                log.exception("shutdown of %s failed", needs)
+
+    def _final_checkpoint(self) -> None:
+        self._checkpoint()
+        self.metrics.write("stop", step=self.trainer.step, round=self.round, outcomes=self.outcomes,
+                           bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
+                           dropped=dict(self.transport.dropped))
+
+    def _leave(self) -> None:
+        self.membership.leave()
+        self.membership.shutdown()

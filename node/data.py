@@ -1,0 +1,110 @@
+"""Training data: the default corpus (the Python standard library's own source), user text
+or token files, a deterministic train/validation split, and per-node sampling streams."""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+
+def _is_val(rel_path: str, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(rel_path.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def _read_files(root: Path, files: list[Path], cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Split by file path hash (stable across machines), then read in sorted order up to
+    max_bytes. Files are separated by a NUL byte."""
+    train: list[bytes] = []
+    val: list[bytes] = []
+    budget = {"train": int(cfg.max_bytes * (1 - cfg.val_fraction)), "val": int(cfg.max_bytes * cfg.val_fraction)}
+    for f in sorted(files):
+        rel = f.relative_to(root).as_posix() if f != root else f.name
+        split = "val" if _is_val(rel, cfg.val_fraction) else "train"
+        if budget[split] <= 0:
+            continue
+        try:
+            data = f.read_bytes()[: budget[split]]
+        except OSError:
+            continue
+        (val if split == "val" else train).append(data + b"\0")
+        budget[split] -= len(data) + 1
+    return np.frombuffer(b"".join(train), dtype=np.uint8), np.frombuffer(b"".join(val), dtype=np.uint8)
+
+
+def _split_array(arr: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    cut = int(len(arr) * (1 - val_fraction))
+    return arr[:cut], arr[cut:]
+
+
+def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) arrays of token ids (bytes, or the user's token array)."""
+    if cfg.path is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]
+        train, val = _read_files(root, files, cfg)
+    else:
+        path = Path(cfg.path)
+        if not path.exists():
+            raise ConfigError(f"data.path: {path} does not exist")
+        if path.suffix == ".npy":
+            train, val = _split_array(np.load(path, mmap_mode="r"), cfg.val_fraction)
+        elif path.suffix == ".bin":
+            train, val = _split_array(np.memmap(path, dtype=np.uint16, mode="r"), cfg.val_fraction)
+        elif path.is_dir():
+            train, val = _read_files(path, [p for p in path.rglob("*") if p.is_file()], cfg)
+        else:
+            train, val = _split_array(np.frombuffer(path.read_bytes()[: cfg.max_bytes], dtype=np.uint8),
+                                      cfg.val_fraction)
+    return train, val
+
+
+def check_corpus(train: np.ndarray, val: np.ndarray, block_size: int, vocab: int) -> None:
+    for name, arr in (("train", train), ("validation", val)):
+        if len(arr) < block_size + 2:
+            raise ConfigError(f"data: the {name} split has {len(arr)} tokens, fewer than block_size+2")
+    if int(train.max()) >= vocab:
+        raise ConfigError(f"data: token id {int(train.max())} is outside the model's vocabulary of {vocab}")
+
+
+class Sampler:
+    """A node's own random stream of training windows; its position is checkpointed."""
+
+    def __init__(self, data: np.ndarray, block_size: int, batch_size: int, seed: int):
+        self.data = data
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 [batch_size, block_size]; y is x shifted by one token."""
+        starts = torch.randint(0, len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.gen)
+        rows = np.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        self.batches_drawn += 1
+        return t[:, :-1], t[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def validation_batches(val: np.ndarray, block_size: int, batch_size: int, count: int, seed: int):
+    """The same fixed windows on every node, so validation losses are comparable."""
+    sampler = Sampler(val, block_size, batch_size, seed=10_000_019 + seed)
+    return [sampler.next_batch() for _ in range(count)]
+
+
+def node_seed(seed: int, node_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{node_id}".encode(), digest_size=8).digest(), "little") >> 1

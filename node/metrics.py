@@ -1,0 +1,38 @@
+"""Per-node metrics as JSON lines (schema in README.md, "Metrics")."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes it, so a killed node loses nothing
+    already written and readers (the swarm's progress view) see records at once."""
+
+    def __init__(self, path: Path, node_id: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.node_id = node_id
+        self._f = path.open("a", buffering=1)
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"time": time.time(), "node": self.node_id, "event": event, **fields}
+        self._f.write(json.dumps(record) + "\n")
+        return record
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of one file; a torn last line (node killed mid-write) is skipped."""
+    out = []
+    with path.open() as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

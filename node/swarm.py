@@ -1,0 +1,181 @@
+"""Local swarm launcher: N node daemons as separate OS processes on this machine.
+
+Each node runs in its own session (process group), so its helpers (hivemind's DHT process,
+p2pd, the reaper) can be killed as a group: the launcher never leaves an orphan, whether
+the nodes finish, fail, or the user presses Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import Config
+from .metrics import read_metrics
+
+# logs and CI are not terminals: keep lines and the summary table unwrapped there
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+@dataclass
+class LocalNode:
+    id: str
+    proc: subprocess.Popen
+    log_path: Path
+    seen: int = 0  # metrics records already shown
+    records: list[dict] = field(default_factory=list)
+
+
+def node_command(node_id: str, out: Path, config: str | None, overrides: list[str],
+                 initial_peer: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "node.cli", "node", "start", "--out", str(out), "--node-id", node_id]
+    if config:
+        cmd += ["--config", config]
+    for item in overrides:
+        cmd += ["--set", item]
+    if initial_peer:
+        cmd += ["--initial-peer", initial_peer]
+    return cmd
+
+
+def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
+    """The node writes this file once its DHT and socket are up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited with code {proc.returncode} before it was ready")
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not appear within {timeout_s:.0f}s")
+
+
+def stop_all(nodes: list[LocalNode], grace_s: float = 60.0) -> None:
+    """SIGTERM every node (clean stop), wait, then SIGKILL each process group."""
+    for n in nodes:
+        if n.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                n.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for n in nodes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            n.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    reap_groups(nodes)
+
+
+def reap_groups(nodes: list[LocalNode]) -> None:
+    for n in nodes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(n.proc.pid, signal.SIGKILL)  # the node's session: DHT process, p2pd, reaper
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            n.proc.wait(timeout=10)
+
+
+def _show_progress(nodes: list[LocalNode], metrics_dir: Path) -> None:
+    for n in nodes:
+        path = metrics_dir / f"{n.id}.jsonl"
+        if not path.exists():
+            continue
+        n.records = read_metrics(path)
+        for r in n.records[n.seen:]:
+            if r.get("event") == "outer":
+                console.print(
+                    f"{n.id:>8}  round {r['round']:>3}  {r['status']:<7} step {r['step']:>5}  "
+                    f"loss {r['loss']:.3f}  val {r['val_loss']:.3f}  group {r['group_size']}  "
+                    f"sent {r['bytes_sent'] / 1e6:7.1f} MB"
+                )
+            elif r.get("event") in ("resync", "resync_failed", "checkpoint_failed"):
+                console.print(f"{n.id:>8}  {r['event']}: {r.get('reason', r.get('error', ''))}")
+        n.seen = len(n.records)
+
+
+def summarize(nodes: list[LocalNode], wall_s: float) -> Table:
+    table = Table(title=f"loco swarm: {len(nodes)} nodes, {wall_s:.0f} s wall time")
+    for col in ("node", "exit", "rounds ok/skip/resync", "val start", "val end", "sent MB", "recv MB",
+                "last weights_hash"):
+        table.add_column(col)
+    total_sent = 0
+    for n in nodes:
+        start = next((r for r in n.records if r.get("event") == "start"), {})
+        outers = [r for r in n.records if r.get("event") == "outer"]
+        last = outers[-1] if outers else {}
+        counts = {s: sum(1 for r in outers if r.get("status") == s) for s in ("ok", "skipped", "resync")}
+        total_sent += last.get("bytes_sent", 0)
+        table.add_row(
+            n.id, str(n.proc.returncode), f"{counts['ok']}/{counts['skipped']}/{counts['resync']}",
+            f"{start.get('val_loss', float('nan')):.3f}", f"{last.get('val_loss', float('nan')):.3f}",
+            f"{last.get('bytes_sent', 0) / 1e6:.1f}", f"{last.get('bytes_recv', 0) / 1e6:.1f}",
+            str(last.get("weights_hash", "-")),
+        )
+    table.caption = f"total bytes exchanged (sent by all nodes): {total_sent / 1e6:.1f} MB"
+    return table
+
+
+def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides: list[str]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = list(overrides)
+    if cfg.node.threads == 0:  # share the cores instead of oversubscribing them N times
+        overrides.append(f"node.threads={max(1, (os.cpu_count() or 1) // n)}")
+    if cfg.swarm.wait_for_peers == 0:  # start training together, not as a trickle of late joiners
+        overrides.append(f"swarm.wait_for_peers={n - 1}")
+    nodes: list[LocalNode] = []
+    started = time.monotonic()
+    interrupted = False
+
+    def on_term(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for i in range(n):
+            node_id = f"node{i}"
+            (out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
+            peer = None
+            if i > 0:
+                info = json.loads((out / "nodes" / "node0.json").read_text())
+                peer = info["maddrs"][0]
+            log_path = out / "logs" / f"{node_id}.log"
+            proc = spawn(node_command(node_id, out, config_path, overrides, peer), log_path)
+            nodes.append(LocalNode(node_id, proc, log_path))
+            if i == 0:
+                wait_for_file(out / "nodes" / "node0.json", proc, timeout_s=180)
+                console.print(f"swarm started by node0; logs and metrics in {out}")
+        while any(x.proc.poll() is None for x in nodes):
+            _show_progress(nodes, out / "metrics")
+            time.sleep(1.0)
+        _show_progress(nodes, out / "metrics")
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("stopping all nodes (checkpointing)...")
+        stop_all(nodes)
+        _show_progress(nodes, out / "metrics")
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]swarm failed to start: {exc}[/red]")
+        stop_all(nodes, grace_s=10)
+        return 1
+    finally:
+        reap_groups(nodes)
+        signal.signal(signal.SIGTERM, previous)
+    console.print(summarize(nodes, time.monotonic() - started))
+    failed = [x.id for x in nodes if x.proc.returncode != 0]
+    if failed and not interrupted:
+        console.print(f"[red]nodes failed: {', '.join(failed)} (see {out / 'logs'})[/red]")
+        return 1
+    return 0

@@ -1,0 +1,92 @@
+"""The inner loop: model, inner AdamW, data stream, validation. No networking here."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
+from .model import VOCAB, build_model, unique_parameters
+
+
+class Trainer:
+    def __init__(self, cfg: Config, node_id: str):
+        self.cfg = cfg
+        self.device = torch.device(cfg.node.device)
+        torch.manual_seed(cfg.train.seed)  # same init on every node: round 0 starts in sync
+        self.model = build_model(cfg.model).to(self.device)
+        self.params = unique_parameters(self.model)
+        self.block_size = getattr(self.model, "block_size", cfg.model.block_size)
+        train, val = load_corpus(cfg.data)
+        check_corpus(train, val, self.block_size, VOCAB)
+        seed = node_seed(cfg.train.seed, node_id)
+        self.sampler = Sampler(train, self.block_size, cfg.data.batch_size, seed)
+        self.val = validation_batches(val, self.block_size, cfg.data.batch_size, cfg.data.val_batches,
+                                      cfg.train.seed)
+        o = cfg.optim
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.inner_lr, betas=o.betas,
+        )
+        self.step = 0
+        self.tokens = 0
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def _lr(self) -> float:
+        warm = self.cfg.optim.warmup_steps
+        return self.cfg.optim.inner_lr * min(1.0, (self.step + 1) / warm) if warm else self.cfg.optim.inner_lr
+
+    def train_step(self) -> float:
+        self.model.train()
+        x, y = self.sampler.next_batch()
+        x, y = x.to(self.device), y.to(self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr()
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.tokens += x.numel()
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss is {value} at step {self.step}")
+        return value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for x, y in self.val:
+            logits = self.model(x.to(self.device))
+            losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))))
+        return sum(losses) / len(losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+            "step": self.step, "tokens": self.tokens,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])

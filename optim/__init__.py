@@ -1,0 +1,12 @@
+"""The math of local-update training: plain PyTorch over a communicator interface.
+
+- communicator.py  the interface optimizers use to reach their group (no sockets here)
+- diloco.py        DiLoCo's outer step: pseudo-gradient, averaging, Nesterov outer SGD
+
+Nothing here imports zmq, hivemind or node; tests drive it with an in-process fake.
+"""
+
+from .communicator import Communicator, ReduceResult
+from .diloco import DiLoCo, OuterStepResult
+
+__all__ = ["Communicator", "ReduceResult", "DiLoCo", "OuterStepResult"]

@@ -1,0 +1,117 @@
+"""DiLoCo outer optimizer (Douillard et al. 2023), ALGORITHMS.md section 1.
+
+    every replica i:   θ_i ← φ;  H inner steps  →  θ_i
+    Δ    = mean_i (φ − θ_i)          # pseudo-gradient: OLD minus NEW (the sign trap)
+    buf  = μ·buf + Δ
+    φ    ← φ − η·(Δ + μ·buf)         # Nesterov; without Nesterov: φ ← φ − η·buf
+    θ_i  ← φ
+
+φ (the anchor) and buf live in float32 whatever the model's dtype. Every member of a
+round applies the same Δ to the same φ and buf, so replicas stay bit-identical; a round
+that does not complete changes nothing (θ keeps training, the next Δ spans both rounds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .communicator import Communicator
+
+
+@dataclass
+class OuterStepResult:
+    applied: bool
+    group_size: int
+    delta_norm: float
+
+
+class DiLoCo:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        comm: Communicator,
+        outer_lr: float = 0.7,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+    ):
+        self.params = list(params)
+        self.comm = comm
+        self.outer_lr = outer_lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]  # φ
+        self.buf = [torch.zeros_like(a) for a in self.anchor]
+        self.outer_steps = 0
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> list[torch.Tensor]:
+        """Δ_i = φ − θ_i (old minus new), in float32."""
+        return [a - p.detach().to(torch.float32) for a, p in zip(self.anchor, self.params, strict=True)]
+
+    @torch.no_grad()
+    def apply(self, delta: Sequence[torch.Tensor]) -> None:
+        """The outer Nesterov-SGD step with an averaged Δ, then θ ← φ.
+
+        Same operations, in the same order, as torch.optim.SGD(momentum, nesterov,
+        dampening=0), so results match it bit for bit (tested)."""
+        mu, lr = self.momentum, self.outer_lr
+        for a, b, d in zip(self.anchor, self.buf, delta, strict=True):
+            d = d.to(a.device)
+            if mu:
+                if self.outer_steps == 0:
+                    b.copy_(d)  # torch initializes the buffer to the first gradient
+                else:
+                    b.mul_(mu).add_(d)
+                step = d.add(b, alpha=mu) if self.nesterov else b
+            else:
+                step = d
+            a.add_(step, alpha=-lr)
+        self.outer_steps += 1
+        self.reset_params()
+
+    @torch.no_grad()
+    def reset_params(self) -> None:
+        for p, a in zip(self.params, self.anchor, strict=True):
+            p.copy_(a)
+
+    def outer_step(self, round: int) -> OuterStepResult:
+        delta = self.pseudo_gradient()
+        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta)))
+        result = self.comm.all_reduce_mean(delta, round)
+        if result.tensors is None:
+            return OuterStepResult(False, result.group_size, norm)
+        self.apply(result.tensors)
+        return OuterStepResult(True, result.group_size, norm)
+
+    # ------------------------------------------------------------ state
+    def synchronized_tensors(self) -> list[torch.Tensor]:
+        """What must be identical on every replica: φ then the momentum buffers."""
+        return [*self.anchor, *self.buf]
+
+    def load_synchronized(
+        self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True
+    ) -> None:
+        """Adopt a peer's φ and momentum (resync, late join); by default also θ ← φ."""
+        n = len(self.anchor)
+        if len(tensors) != 2 * n:
+            raise ValueError(f"expected {2 * n} tensors (anchor + momentum), got {len(tensors)}")
+        for dst, src in zip([*self.anchor, *self.buf], tensors, strict=True):
+            if dst.shape != src.shape:
+                raise ValueError(f"shape mismatch: local {tuple(dst.shape)}, received {tuple(src.shape)}")
+            dst.copy_(src)
+        self.outer_steps = outer_steps
+        if reset_params:
+            self.reset_params()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": [a.clone() for a in self.anchor], "buf": [b.clone() for b in self.buf],
+                "outer_steps": self.outer_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint; θ is restored separately (it holds mid-round progress)."""
+        self.load_synchronized([*state["anchor"], *state["buf"]], int(state["outer_steps"]),
+                               reset_params=False)

@@ -1,0 +1,157 @@
+"""Swarm membership through a real hivemind DHT.
+
+Each node stores one record under ``<run_id>.peers`` with its node id as the subkey:
+``{endpoint, round, stage, throughput, left}`` and an expiry of ``ttl_s``. A background
+thread refreshes it every ``ttl_s / 3``, so a node that dies (even by SIGKILL) vanishes from
+everyone's view within ``ttl_s`` seconds, and one that leaves cleanly writes ``left=True``
+so the others drop it at once. Nothing else in loco needs a fixed peer list.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a node tells the swarm about itself."""
+
+    id: str
+    endpoint: str
+    round: int = 0
+    stage: int = 0
+    throughput: float = 0.0
+    left: bool = False
+
+
+def _as_peer(node_id: str, value: object) -> PeerInfo | None:
+    if not isinstance(value, dict):
+        return None
+    try:
+        return PeerInfo(
+            id=node_id, endpoint=str(value["endpoint"]), round=int(value.get("round", 0)),
+            stage=int(value.get("stage", 0)), throughput=float(value.get("throughput", 0.0)),
+            left=bool(value.get("left", False)),
+        )
+    except (KeyError, TypeError, ValueError):
+        log.warning("ignoring a malformed membership record for %r: %r", node_id, value)
+        return None
+
+
+class Membership:
+    """A node's view of the swarm, backed by its own hivemind DHT node (and p2pd process)."""
+
+    def __init__(
+        self,
+        run_id: str,
+        node_id: str,
+        initial_peers: list[str] | None = None,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        announce_host: str | None = None,
+        ttl_s: float = 10.0,
+    ):
+        import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
+        from hivemind.utils import get_dht_time
+
+        self.run_id = run_id
+        self.node_id = node_id
+        self.ttl_s = ttl_s
+        self._key = f"{run_id}.peers"
+        self._get_time = get_dht_time
+        host_maddrs = [f"/ip4/{listen_host}/tcp/{port}"]
+        announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host and port else None
+        self.dht = hivemind.DHT(
+            initial_peers=list(initial_peers or []),
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce,
+            start=True,
+            wait_timeout=60,
+        )
+        self._info: PeerInfo | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def maddrs(self) -> list[str]:
+        """Multiaddresses another node can pass as ``--initial-peer``."""
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    @property
+    def pid(self) -> int | None:
+        return self.dht.pid
+
+    def announce(self, info: PeerInfo) -> bool:
+        self._info = info
+        value = {k: v for k, v in asdict(info).items() if k != "id"}
+        try:
+            return bool(self.dht.store(self._key, value, self._get_time() + self.ttl_s,
+                                       subkey=self.node_id))
+        except Exception as exc:  # the DHT process may be gone during shutdown
+            log.warning("membership announce failed: %s", exc)
+            return False
+
+    def start_refresh(self, current: Callable[[], PeerInfo]) -> None:
+        """Re-announce ``current()`` every ttl/3 seconds until :meth:`leave`."""
+
+        def loop() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                self.announce(current())
+
+        self.announce(current())
+        self._thread = threading.Thread(target=loop, name="loco-membership", daemon=True)
+        self._thread.start()
+
+    def peers(self, include_self: bool = False) -> list[PeerInfo]:
+        """Live peers, sorted by id. Expired records and nodes that left are excluded."""
+        try:
+            found = self.dht.get(self._key, latest=True)
+        except Exception as exc:
+            log.warning("membership lookup failed: %s", exc)
+            found = None
+        out: dict[str, PeerInfo] = {}
+        if found is not None and isinstance(found.value, dict):
+            now = self._get_time()
+            for node_id, item in found.value.items():
+                value = getattr(item, "value", None)
+                expires = getattr(item, "expiration_time", 0)
+                peer = _as_peer(str(node_id), value)
+                if peer is None or peer.left or expires < now:
+                    continue
+                out[peer.id] = peer
+        if include_self and self._info is not None:
+            out[self.node_id] = self._info
+        elif not include_self:
+            out.pop(self.node_id, None)
+        return [out[k] for k in sorted(out)]
+
+    def wait_for_peers(self, count: int, timeout_s: float) -> list[PeerInfo]:
+        """Wait until at least ``count`` other live peers are visible (or the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.peers()
+            if len(found) >= count or time.monotonic() >= deadline:
+                return found
+            self._stop.wait(0.2)  # DHT has no change notification: poll it, with a deadline
+
+    def leave(self) -> None:
+        """Tell the swarm this node is gone, then stop refreshing."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._info is not None:
+            info = self._info
+            self.announce(PeerInfo(**{**asdict(info), "left": True}))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        try:
+            self.dht.shutdown()
+        except Exception as exc:
+            log.warning("DHT shutdown: %s", exc)

@@ -1,0 +1,132 @@
+"""Serving and fetching a node's synchronized state (late join, resynchronization).
+
+A node publishes a snapshot after every outer step: opaque tensors (the caller decides
+what they are: anchor weights, outer momentum, ...) plus a small meta map that includes
+the round and a hash of the tensors. Any peer may ask for it::
+
+    requester --STATE_REQ(min_round, endpoint, request_id)--> server
+    server    --STATE(round, hash, meta; tensors)--> requester
+
+The server answers from its I/O thread. A request for a round the server has not reached
+yet is parked and answered when that snapshot is published (so a node that missed round r
+can ask the leader for round r+1 before the leader has finished applying it), or dropped
+when its deadline passes. Replies carry the request id in the ``attempt`` field so that
+a late answer to an earlier request is never mistaken for the current one.
+
+Snapshots are replaced, never modified in place, which is what makes sending them
+without a copy safe while training goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .transport import Transport
+from .wire import Message
+
+log = logging.getLogger(__name__)
+
+STATE_REQ, STATE = "STATE_REQ", "STATE"
+
+
+def tensors_hash(tensors: list[torch.Tensor]) -> str:
+    """A short, stable digest of tensor contents (dtype and shape included)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    round: int
+    tensors: list[torch.Tensor]
+    meta: dict[str, Any]
+    digest: str
+
+
+class StateServer:
+    """Holds the latest snapshot and answers STATE_REQ messages."""
+
+    def __init__(self, transport: Transport, max_wait_s: float = 600.0):
+        self.transport = transport
+        self.max_wait_s = max_wait_s
+        self._snapshot: Snapshot | None = None
+        self._pending: list[tuple[float, Message]] = []
+        self._lock = threading.Lock()
+        transport.on(STATE_REQ, self._on_request)
+
+    def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any]) -> Snapshot:
+        snap = Snapshot(round, [t.detach().cpu().clone() for t in tensors], dict(meta),
+                        tensors_hash(tensors))
+        with self._lock:
+            self._snapshot = snap
+            now = time.monotonic()
+            due = [m for d, m in self._pending if d > now and m.meta["min_round"] <= round]
+            self._pending = [(d, m) for d, m in self._pending
+                             if d > now and m.meta["min_round"] > round]
+        for m in due:
+            self._reply(m, snap)
+        return snap
+
+    def _on_request(self, msg: Message) -> None:
+        min_round, endpoint = msg.meta.get("min_round"), msg.meta.get("endpoint")
+        if not isinstance(min_round, int) or not isinstance(endpoint, str):
+            log.warning("malformed STATE_REQ from %s: %r", msg.sender, msg.meta)
+            return
+        with self._lock:
+            snap = self._snapshot
+            if snap is None or snap.round < min_round:
+                self._pending.append((time.monotonic() + self.max_wait_s, msg))
+                return
+        self._reply(msg, snap)
+
+    def _reply(self, req: Message, snap: Snapshot) -> None:
+        self.transport.send(req.meta["endpoint"], Message(
+            STATE, round=-1, attempt=req.attempt,
+            meta={"round": snap.round, "hash": snap.digest, "meta": snap.meta},
+            tensors=snap.tensors,
+        ))
+
+
+_request_ids = itertools.count(1)
+
+
+def fetch_state(
+    transport: Transport, endpoint: str, min_round: int = 0, timeout_s: float = 60.0,
+    stop: threading.Event | None = None,
+) -> Snapshot | None:
+    """Ask the node at ``endpoint`` for its snapshot of round >= ``min_round``.
+
+    Returns None if no valid answer came before the deadline; a reply whose tensors do not
+    match its declared hash is rejected (and logged), never used."""
+    request_id = next(_request_ids)
+    transport.send(endpoint, Message(STATE_REQ, attempt=request_id, meta={
+        "min_round": min_round, "endpoint": transport.endpoint,
+    }))
+    reply = transport.recv(STATE, -1, request_id, timeout_s=timeout_s, stop=stop)
+    if reply is None:
+        log.warning("no state from %s within %.0fs", endpoint, timeout_s)
+        return None
+    digest = tensors_hash(reply.tensors)
+    if digest != reply.meta.get("hash"):
+        log.warning("state from %s fails its hash check (%s != %s); rejected",
+                    reply.sender, digest, reply.meta.get("hash"))
+        return None
+    meta = reply.meta.get("meta")
+    rnd = reply.meta.get("round")
+    if not isinstance(meta, dict) or not isinstance(rnd, int) or rnd < min_round:
+        log.warning("state from %s is malformed or too old (round %r < %d)", reply.sender, rnd, min_round)
+        return None
+    # received tensors are views over zmq frames: clone so they outlive the message
+    return Snapshot(rnd, [t.clone() for t in reply.tensors], meta, digest)

@@ -1,0 +1,275 @@
+"""ZeroMQ transport: one bound ROUTER socket per node for everything it receives, one
+DEALER socket per remote endpoint for everything it sends.
+
+Every message is one-way: a reply is a new message sent to the requester's own endpoint
+(carried in the request's meta). That keeps one socket pattern for all traffic and means
+a node never blocks on a peer's socket state.
+
+Threads: an I/O thread owns the ROUTER. It verifies each message (signature, replay,
+frame sizes) and either calls a registered handler (requests that must be served while
+the node trains, e.g. STATE) or files it in a mailbox that the training thread reads
+with a deadline. Outgoing DEALER sockets are shared by the training and I/O threads; each
+has a lock, because ZeroMQ sockets are not thread-safe and a message interleaved with
+another would be corrupt.
+
+Bytes are counted here, where frames leave and enter the socket: the figures in the
+metrics are measured, not estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import zmq
+
+from .wire import DEFAULT_MAX_MESSAGE_BYTES, Message, WireError, decode, encode, message_nbytes
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message], None]
+MailKey = tuple[str, int, int]  # (kind, round, attempt)
+
+
+class ReplayGuard:
+    """Rejects a message seen before or too old: per sender session, seq must increase."""
+
+    def __init__(self, window_s: float = 300.0):
+        self.window_s = window_s
+        self._last_seq: dict[str, int] = {}
+
+    def check(self, msg: Message) -> str | None:
+        if abs(time.time() - msg.time) > self.window_s:
+            return f"timestamp {msg.time:.0f} outside the {self.window_s:.0f}s replay window"
+        last = self._last_seq.get(msg.session, -1)
+        if msg.seq <= last:
+            return f"replayed or reordered message (seq {msg.seq} <= {last})"
+        self._last_seq[msg.session] = msg.seq
+        return None
+
+
+class Mailbox:
+    """Messages waiting for the training thread, keyed by (kind, round, attempt)."""
+
+    def __init__(self) -> None:
+        self._items: dict[MailKey, list[Message]] = defaultdict(list)
+        self._cond = threading.Condition()
+
+    def put(self, msg: Message) -> None:
+        with self._cond:
+            self._items[(msg.kind, msg.round, msg.attempt)].append(msg)
+            self._cond.notify_all()
+
+    def take(
+        self, kind: str, round: int, attempt: int, senders: Iterable[str] | None,
+        deadline: float, want: int | None = None, stop: threading.Event | None = None,
+    ) -> dict[str, Message]:
+        """Wait until a message from every sender in ``senders`` (or ``want`` messages from
+        anyone when ``senders`` is None) has arrived, or until ``deadline``
+        (time.monotonic()). Returns what arrived, by sender; the first message per sender wins."""
+        wanted = None if senders is None else set(senders)
+        key = (kind, round, attempt)
+        got: dict[str, Message] = {}
+        with self._cond:
+            while True:
+                pending = self._items.get(key, [])
+                keep = []
+                for m in pending:
+                    if (wanted is None or m.sender in wanted) and m.sender not in got:
+                        got[m.sender] = m
+                    else:
+                        keep.append(m)
+                if pending:
+                    self._items[key] = keep
+                done = wanted <= got.keys() if wanted is not None else len(got) >= (want or 1)
+                left = deadline - time.monotonic()
+                if done or left <= 0 or (stop is not None and stop.is_set()):
+                    return got
+                self._cond.wait(min(left, 0.25) if stop is not None else left)
+
+    def drain(self, kind: str, round: int, attempt: int = 0) -> list[Message]:
+        with self._cond:
+            return self._items.pop((kind, round, attempt), [])
+
+    def prune(self, before_round: int) -> None:
+        """Drop messages of finished rounds (late parts of a timed-out peer, for example)."""
+        with self._cond:
+            for key in [k for k in self._items if 0 <= k[1] < before_round]:
+                del self._items[key]
+
+
+class Transport:
+    """A node's data-plane endpoint. Thread-safe ``send``; receive through the mailbox."""
+
+    def __init__(
+        self,
+        node_id: str,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        key: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        send_timeout_s: float = 30.0,
+        replay_window_s: float = 300.0,
+    ):
+        self.node_id = node_id
+        self.key = key
+        self.max_message_bytes = max_message_bytes
+        self.send_timeout_s = send_timeout_s
+        self.session = secrets.token_hex(8)
+        self.mailbox = Mailbox()
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.dropped: dict[str, int] = defaultdict(int)
+        self._handlers: dict[str, Handler] = {}
+        self._replay = ReplayGuard(replay_window_s)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.RCVHWM, 0)  # never drop an incoming part silently
+        self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if port:
+            self._router.bind(f"tcp://{listen_host}:{port}")
+            bound = port
+        else:
+            bound = self._router.bind_to_random_port(f"tcp://{listen_host}")
+        self.port = bound
+        self.endpoint = f"tcp://{advertise_host or listen_host}:{bound}"
+        self._peers: dict[str, tuple[zmq.Socket, threading.Lock]] = {}
+        self._peers_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._io_loop, name=f"loco-io-{node_id}", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- sending
+    def _socket_for(self, endpoint: str) -> tuple[zmq.Socket, threading.Lock]:
+        with self._peers_lock:
+            entry = self._peers.get(endpoint)
+            if entry is None:
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 10_000)
+                sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout_s * 1000))
+                sock.connect(endpoint)
+                entry = (sock, threading.Lock())
+                self._peers[endpoint] = entry
+            return entry
+
+    def send(self, endpoint: str, msg: Message) -> bool:
+        """Queue ``msg`` for ``endpoint``. Returns False (and logs) if it could not be queued
+        within the send timeout. Large tensors are sent without copying: the caller must not
+        modify them in place afterwards (loco's collectives only send fresh tensors)."""
+        if self._closing.is_set():
+            return False
+        msg.sender = self.node_id
+        msg.session = self.session
+        sock, lock = self._socket_for(endpoint)
+        with lock:
+            with self._seq_lock:
+                self._seq += 1
+                msg.seq = self._seq
+            msg.time = time.time()
+            frames = encode(msg, self.key)
+            try:
+                sock.send_multipart(frames, copy=False)
+            except zmq.Again:
+                log.warning("send %s to %s timed out after %.0fs; dropped", msg.kind, endpoint,
+                            self.send_timeout_s)
+                return False
+            except zmq.ZMQError as exc:
+                log.warning("send %s to %s failed: %s", msg.kind, endpoint, exc)
+                return False
+        with self._count_lock:
+            self.bytes_sent += message_nbytes(frames)
+        return True
+
+    def forget_peer(self, endpoint: str) -> None:
+        """Close the socket to a peer that left: frees anything queued for it."""
+        with self._peers_lock:
+            entry = self._peers.pop(endpoint, None)
+        if entry:
+            with entry[1]:
+                entry[0].close(linger=0)
+
+    # --------------------------------------------------------------- receiving
+    def on(self, kind: str, handler: Handler) -> None:
+        """Serve ``kind`` on the I/O thread instead of filing it in the mailbox."""
+        self._handlers[kind] = handler
+
+    def recv(
+        self, kind: str, round: int, attempt: int = 0, sender: str | None = None,
+        timeout_s: float = 30.0, stop: threading.Event | None = None,
+    ) -> Message | None:
+        got = self.mailbox.take(kind, round, attempt, None if sender is None else [sender],
+                                time.monotonic() + timeout_s, stop=stop)
+        return next(iter(got.values()), None)
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        while not self._closing.is_set():
+            try:
+                ready = dict(poller.poll(100))
+            except zmq.ZMQError:
+                break
+            if self._router not in ready:
+                continue
+            while True:
+                try:
+                    frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return
+                self._accept(frames[1:])  # frames[0] is the ROUTER's identity of the peer
+
+    def _accept(self, frames: list) -> None:
+        with self._count_lock:
+            self.bytes_recv += message_nbytes(frames)
+        try:
+            msg = decode(frames, self.key, self.max_message_bytes)
+        except WireError as exc:
+            self.dropped[type(exc).__name__] += 1
+            log.warning("dropped a malformed message: %s: %s", type(exc).__name__, exc)
+            return
+        problem = self._replay.check(msg)
+        if problem:
+            self.dropped["Replay"] += 1
+            log.warning("dropped %s from %s: %s", msg.kind, msg.sender, problem)
+            return
+        handler = self._handlers.get(msg.kind)
+        if handler is None:
+            self.mailbox.put(msg)
+            return
+        try:
+            handler(msg)
+        except Exception:  # a bad request must never take the I/O thread down
+            self.dropped["HandlerError"] += 1
+            log.exception("handler for %s from %s failed", msg.kind, msg.sender)
+
+    # ---------------------------------------------------------------- shutdown
+    def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._thread.join(timeout=5)
+        with self._peers_lock:
+            for sock, lock in self._peers.values():
+                with lock:
+                    sock.close(linger=0)
+            self._peers.clear()
+        self._router.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

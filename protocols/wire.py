@@ -1,0 +1,238 @@
+"""The loco wire format: one ZeroMQ multipart message per logical message.
+
+Frame layout (this docstring is the one place it is written down)::
+
+    frame 0    signature  32-byte keyed BLAKE2b of frames 1..n when the swarm has a key,
+                          or an empty frame when it has none
+    frame 1    header     b"LOCO" | u8 version | msgpack map:
+                            kind     str    message type (JOIN, PART, STATE, ...)
+                            sender   str    node id of the sender
+                            session  str    random per-process id (replay protection)
+                            seq      int    per-session counter, strictly increasing
+                            time     float  sender's wall clock (replay window)
+                            round    int    outer round the message belongs to (-1: none)
+                            attempt  int    retry attempt within the round
+                            meta     map    kind-specific small fields (msgpack types only)
+                            tensors  list   [[dtype, shape], ...] one entry per buffer frame
+    frame 2+   buffers    raw little-endian tensor bytes, C order, one per tensors entry,
+                          sent without copying (zero-copy on both ends for large buffers)
+
+A ROUTER socket prepends the peer's routing identity on receipt; the transport strips
+it before calling :func:`decode`. The signature covers the header and every buffer, so a
+buffer cannot be swapped or truncated without detection. Decoding never trusts the
+header: every declared size is checked against the frames that actually arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+MAGIC = b"LOCO"
+VERSION = 1
+SIGNATURE_BYTES = 32
+DEFAULT_MAX_MESSAGE_BYTES = 2 << 30  # 2 GiB: larger than any model part we send
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A message that cannot be accepted. The transport drops it and logs the reason."""
+
+
+class TruncatedMessage(WireError):
+    """Fewer frames or fewer bytes than the header declares."""
+
+
+class OversizedMessage(WireError):
+    """More frames or bytes than declared, or more than the receiver accepts."""
+
+
+class VersionMismatch(WireError):
+    """The header's magic or version is not ours."""
+
+
+class BadSignature(WireError):
+    """Missing, unexpected or wrong signature for this swarm's key."""
+
+
+class MalformedHeader(WireError):
+    """The header is not a valid msgpack map with the required fields."""
+
+
+@dataclass
+class Message:
+    """One logical message. ``session``/``seq``/``time`` are filled in by :func:`encode`."""
+
+    kind: str
+    sender: str = ""
+    round: int = -1
+    attempt: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    session: str = ""
+    seq: int = 0
+    time: float = 0.0
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    # view as bytes: works for every dtype, bfloat16 included (numpy has no bfloat16)
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _sign(key: bytes, frames: list[memoryview | bytes]) -> bytes:
+    h = hashlib.blake2b(key=key, digest_size=SIGNATURE_BYTES)
+    for f in frames:
+        h.update(len(f).to_bytes(8, "little"))  # length-prefixed: frame boundaries are signed too
+        h.update(f)
+    return h.digest()
+
+
+def encode(msg: Message, key: bytes | None = None) -> list[bytes | memoryview]:
+    """Serialize ``msg`` into the frame list documented in this module's docstring."""
+    specs = []
+    buffers: list[memoryview] = []
+    for t in msg.tensors:
+        if t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"dtype {t.dtype} cannot be sent; supported: {sorted(_DTYPES)}")
+        specs.append([_DTYPE_NAMES[t.dtype], list(t.shape)])
+        buffers.append(_tensor_bytes(t))
+    header = MAGIC + bytes([VERSION]) + msgpack.packb(
+        {
+            "kind": msg.kind,
+            "sender": msg.sender,
+            "session": msg.session,
+            "seq": msg.seq,
+            "time": msg.time or time.time(),
+            "round": msg.round,
+            "attempt": msg.attempt,
+            "meta": msg.meta,
+            "tensors": specs,
+        },
+        use_bin_type=True,
+    )
+    body: list[bytes | memoryview] = [header, *buffers]
+    signature = _sign(key, body) if key else b""
+    return [signature, *body]
+
+
+def _buffer(frame: Any) -> memoryview:
+    # zmq.Frame (copy=False receive) exposes .buffer; bytes/memoryview are used as they are
+    buf = getattr(frame, "buffer", frame)
+    return memoryview(buf).cast("B")
+
+
+def _parse_header(raw: memoryview) -> dict[str, Any]:
+    if len(raw) < len(MAGIC) + 1:
+        raise TruncatedMessage(f"header is {len(raw)} bytes, shorter than magic+version")
+    if bytes(raw[: len(MAGIC)]) != MAGIC:
+        raise VersionMismatch("header does not start with the LOCO magic")
+    version = raw[len(MAGIC)]
+    if version != VERSION:
+        raise VersionMismatch(f"wire version {version}, this node speaks {VERSION}")
+    try:
+        header = msgpack.unpackb(raw[len(MAGIC) + 1 :], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedHeader(f"header is not valid msgpack: {exc}") from exc
+    if not isinstance(header, dict):
+        raise MalformedHeader("header is not a map")
+    required = {
+        "kind": str, "sender": str, "session": str, "seq": int, "time": (int, float),
+        "round": int, "attempt": int, "meta": dict, "tensors": list,
+    }
+    for name, typ in required.items():
+        if not isinstance(header.get(name), typ):
+            raise MalformedHeader(f"header field {name!r} missing or of the wrong type")
+    return header
+
+
+def _check_spec(spec: Any, index: int) -> tuple[torch.dtype, list[int], int]:
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+            and isinstance(spec[1], list)):
+        raise MalformedHeader(f"tensor spec {index} is not [dtype, shape]")
+    dtype = _DTYPES.get(spec[0])
+    if dtype is None:
+        raise MalformedHeader(f"tensor {index} has unknown dtype {spec[0]!r}")
+    shape = spec[1]
+    if not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 16:
+        raise MalformedHeader(f"tensor {index} has an impossible shape {shape!r}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return dtype, shape, math.prod(shape) * itemsize
+
+
+def decode(
+    frames: list[Any], key: bytes | None = None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Message:
+    """Parse and verify one message (identity frame already stripped).
+
+    Raises a :class:`WireError` subclass naming what is wrong; never returns a partly
+    valid message. Tensors are zero-copy views over the received frames.
+    """
+    if len(frames) < 2:
+        raise TruncatedMessage(f"{len(frames)} frame(s); a message has at least signature + header")
+    bufs = [_buffer(f) for f in frames]
+    total = sum(len(b) for b in bufs)
+    if total > max_bytes:
+        raise OversizedMessage(f"{total} bytes exceeds this node's limit of {max_bytes}")
+    signature, body = bufs[0], bufs[1:]
+    if key:
+        if len(signature) != SIGNATURE_BYTES:
+            raise BadSignature("message is unsigned but this swarm requires a key")
+        if not hmac.compare_digest(bytes(signature), _sign(key, body)):
+            raise BadSignature("signature does not match this swarm's key")
+    elif len(signature):
+        raise BadSignature("message is signed but this node has no swarm key")
+    header = _parse_header(body[0])
+    specs = header["tensors"]
+    payload = body[1:]
+    if len(payload) < len(specs):
+        raise TruncatedMessage(f"header declares {len(specs)} buffers, {len(payload)} arrived")
+    if len(payload) > len(specs):
+        raise OversizedMessage(f"header declares {len(specs)} buffers, {len(payload)} arrived")
+    tensors = []
+    for i, (spec, buf) in enumerate(zip(specs, payload, strict=True)):
+        dtype, shape, nbytes = _check_spec(spec, i)
+        if len(buf) < nbytes:
+            raise TruncatedMessage(f"buffer {i} has {len(buf)} bytes, header declares {nbytes}")
+        if len(buf) > nbytes:
+            raise OversizedMessage(f"buffer {i} has {len(buf)} bytes, header declares {nbytes}")
+        if nbytes == 0:
+            tensors.append(torch.empty(shape, dtype=dtype))
+        else:
+            if buf.readonly:  # e.g. bytes handed in by a caller; zmq frames are writable
+                buf = memoryview(bytearray(buf))
+            tensors.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape))
+    return Message(
+        kind=header["kind"], sender=header["sender"], round=header["round"],
+        attempt=header["attempt"], meta=header["meta"], tensors=tensors,
+        session=header["session"], seq=header["seq"], time=float(header["time"]),
+    )
+
+
+def message_nbytes(frames: list[Any]) -> int:
+    """Bytes a frame list occupies on the wire (payload; ZeroMQ adds a few bytes a frame)."""
+    return sum(len(_buffer(f)) for f in frames)

@@ -1,0 +1,104 @@
+"""Shared fixtures. Every child process a test starts is reaped, also when the test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small, fast configuration for real swarms on a busy 2-core machine. Deadlines are
+# generous: these tests check behaviour, not speed.
+FAST = [
+    "model.n_layer=1", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
+    "data.batch_size=8", "data.max_bytes=1500000", "data.val_batches=2",
+    "optim.inner_steps=8", "optim.warmup_steps=0", "optim.inner_lr=0.003",
+    "train.log_every=4", "node.threads=1",
+    "swarm.announce_ttl_s=4", "swarm.join_timeout_s=120",
+    "collective.matchmaking_timeout_s=25", "collective.join_timeout_s=60",
+    "collective.allreduce_timeout_s=20", "collective.decision_timeout_s=20",
+]
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll ``predicate`` (file contents, process state: things with no event to wait on)
+    until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def group_members(pgid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+class Procs:
+    """Starts `loco` CLI processes in their own sessions and kills their groups at the end."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def loco(self, *args: str, log: str) -> subprocess.Popen:
+        f = (self.tmp / f"{log}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        p = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True)
+        f.close()
+        self.procs.append(p)
+        return p
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def reap(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=15)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.reap()

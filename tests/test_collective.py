@@ -1,0 +1,179 @@
+"""Group all-reduce with several peers in one process over real ZeroMQ sockets.
+
+Membership comes from a static list here (the DHT is exercised by the swarm tests)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
+from protocols.membership import PeerInfo
+from protocols.state_sync import StateServer, fetch_state, tensors_hash
+from protocols.transport import Transport
+from protocols.wire import Message
+
+FAST = CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=5, decision_s=5, max_attempts=3)
+
+
+class Peers:
+    def __init__(self, n: int, timeouts: CollectiveTimeouts = FAST, round: int = 0):
+        self.transports = [Transport(f"p{i}") for i in range(n)]
+        self.round = round
+        self.alive = {t.node_id for t in self.transports}
+        self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts) for t in self.transports]
+
+    def _view(self, me: str):
+        def live() -> list[PeerInfo]:
+            return [PeerInfo(t.node_id, t.endpoint, self.round) for t in self.transports
+                    if t.node_id != me and t.node_id in self.alive]
+        return live
+
+    def run(self, inputs, members=None, hashes=None, weights=None):
+        members = range(len(self.transports)) if members is None else members
+        results = {}
+
+        def go(i):
+            results[i] = self.collectives[i].all_reduce(
+                self.round, inputs[i], weights[i] if weights else 1.0, hashes[i] if hashes else "h")
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a member hung past every deadline"
+        return results
+
+    def close(self):
+        for t in self.transports:
+            t.close()
+
+
+@pytest.fixture
+def peers():
+    made = []
+
+    def make(n, **kw):
+        p = Peers(n, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def _inputs(n, shapes=((5, 3), (7,), (2, 2, 2))):
+    torch.manual_seed(0)
+    return [[torch.randn(s) for s in shapes] for _ in range(n)]
+
+
+def test_split_bounds_cover_everything():
+    assert split_bounds(10, 3) == [0, 4, 7, 10]
+    assert split_bounds(2, 4) == [0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_average_is_exact_and_bit_identical_on_every_member(peers, n):
+    p = peers(n)
+    inputs = _inputs(n)
+    results = p.run(inputs)
+    for r in results.values():
+        assert r.status == "ok" and r.group == tuple(f"p{i}" for i in range(n))
+    for k in range(len(inputs[0])):
+        expected = torch.stack([inputs[i][k] for i in range(n)]).mean(0)
+        for i in range(n):
+            torch.testing.assert_close(results[i].tensors[k], expected)
+            assert torch.equal(results[i].tensors[k], results[0].tensors[k])
+
+
+def test_weighted_average(peers):
+    p = peers(2)
+    inputs = [[torch.zeros(4)], [torch.ones(4)]]
+    results = p.run(inputs, weights=[1.0, 3.0])
+    assert torch.allclose(results[0].tensors[0], torch.full((4,), 0.75))
+
+
+def test_peer_that_never_joins_costs_the_matchmaking_timeout_only(peers):
+    p = peers(3, timeouts=CollectiveTimeouts(matchmaking_s=1.5, join_s=20, allreduce_s=5, decision_s=5))
+    inputs = _inputs(3)
+    results = p.run(inputs, members=[0, 1])  # p2 is in the DHT view but never shows up
+    assert results[0].status == results[1].status == "ok"
+    assert results[0].group == ("p0", "p1")
+    assert torch.equal(results[0].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
+
+
+def test_member_that_dies_mid_round_is_dropped_and_the_round_is_redone(peers):
+    p = peers(3)
+    inputs = _inputs(3)
+    victim = p.transports[2]
+
+    def join_then_die():
+        # behaves like a member until it has the roster, then disappears
+        victim.send(p.transports[0].endpoint, Message(JOIN, round=0, meta={
+            "state_hash": "h", "weight": 1.0, "endpoint": victim.endpoint}))
+        assert victim.recv(ROSTER, 0, sender="p0", timeout_s=30) is not None
+        victim.close()
+
+    killer = threading.Thread(target=join_then_die)
+    killer.start()
+    results = p.run(inputs, members=[0, 1])
+    killer.join(timeout=30)
+    for i in (0, 1):
+        assert results[i].status == "ok", results[i].reason
+        assert results[i].group == ("p0", "p1")
+        assert results[i].attempts == 2
+    assert torch.equal(results[0].tensors[1], results[1].tensors[1])
+    torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
+
+
+def test_member_with_a_different_state_is_told_to_resync(peers):
+    p = peers(3)
+    results = p.run(_inputs(3), hashes=["h", "h", "other"])
+    assert results[2].status == "resync"
+    assert results[0].status == "ok" and results[0].group == ("p0", "p1")
+
+
+def test_join_after_the_round_closed_is_answered_at_once(peers):
+    p = peers(2, timeouts=CollectiveTimeouts(matchmaking_s=0.5, join_s=20, allreduce_s=5, decision_s=5))
+    p.alive = {"p0"}  # p1 not visible yet: p0 runs round 0 alone
+    solo = p.collectives[0].all_reduce(0, [torch.ones(3)], 1.0, "h")
+    assert solo.status == "ok" and solo.group == ("p0",)
+    p.alive = {"p0", "p1"}
+    late = p.collectives[1].all_reduce(0, [torch.ones(3)], 1.0, "h")
+    assert late.status == "resync" and late.reason == "leader says closed"
+    assert late.timings["total_s"] < 15  # answered, not timed out (join_s is 20)
+
+
+def test_leader_that_never_answers_makes_followers_skip(peers):
+    p = peers(2, timeouts=CollectiveTimeouts(matchmaking_s=1, join_s=1.0, allreduce_s=1, decision_s=1))
+    result = p.collectives[1].all_reduce(0, [torch.ones(3)], 1.0, "h")  # p0 (leader) never runs
+    assert result.status == "skipped" and result.reason == "no roster from leader"
+
+
+def test_state_server_answers_now_and_later(peers):
+    p = peers(2)
+    server_t, client_t = p.transports
+    server = StateServer(server_t)
+    tensors = [torch.randn(10), torch.randn(3, 3)]
+    server.publish(4, tensors, {"outer_steps": 4})
+    snap = fetch_state(client_t, server_t.endpoint, 0, timeout_s=30)
+    assert snap is not None and snap.round == 4 and snap.meta == {"outer_steps": 4}
+    assert snap.digest == tensors_hash(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(snap.tensors, tensors, strict=True))
+    # a request for a future round is parked until that round is published
+    later = {}
+    t = threading.Thread(target=lambda: later.update(s=fetch_state(client_t, server_t.endpoint, 5, 30)))
+    t.start()
+    newer = [torch.zeros(10), torch.ones(3, 3)]
+    deadline = time.monotonic() + 30
+    while not server._pending and time.monotonic() < deadline:  # the request must be parked first
+        time.sleep(0.01)
+    server.publish(5, newer, {"outer_steps": 5})
+    t.join(timeout=30)
+    assert later["s"] is not None and later["s"].round == 5
+    assert torch.equal(later["s"].tensors[1], torch.ones(3, 3))

@@ -1,0 +1,78 @@
+"""Config: defaults, files, --set overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from node.cli import main
+from node.config import ConfigError, load_config
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert cfg.optim.algorithm == "diloco"
+    assert cfg.optim.outer_lr == 0.7 and cfg.optim.outer_momentum == 0.9 and cfg.optim.nesterov
+    assert 20 <= cfg.optim.inner_steps <= 50
+
+
+def test_file_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[optim]\ninner_steps = 40\n[swarm]\nrun_id = "exp"\n')
+    cfg = load_config(f, ["optim.inner_steps=25", "swarm.initial_peers=['/ip4/1.2.3.4/tcp/5']",
+                          "node.listen_host=0.0.0.0", "node.announce_host=10.0.0.2"])
+    assert cfg.optim.inner_steps == 25
+    assert cfg.swarm.run_id == "exp"
+    assert cfg.swarm.initial_peers == ["/ip4/1.2.3.4/tcp/5"]
+    assert cfg.node.announce_host == "10.0.0.2"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.inner_stepz=5", "optim.inner_stepz: unknown key"),
+    ("bogus.x=1", "bogus: unknown key"),
+    ("optim.inner_steps='many'", "optim.inner_steps"),
+    ("optim.inner_steps=0", "optim.inner_steps"),
+    ("optim.algorithm='sgd'", "optim.algorithm"),
+    ("model.n_embd=130", "n_embd (130) must be divisible by n_head"),
+    ("node.listen_host=0.0.0.0", "announce_host"),
+    ("noequals", "expected section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_bad_file_is_reported(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[optim\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_swarm_key_from_environment(monkeypatch):
+    monkeypatch.setenv("LOCO_SWARM_KEY", "s3cret")
+    assert load_config().swarm.key == "s3cret"
+
+
+def test_cli_help_and_version():
+    runner = CliRunner()
+    assert "loco" in runner.invoke(main, ["--version"]).output
+    for args in (["--help"], ["node", "--help"], ["node", "start", "--help"], ["swarm", "--help"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_cli_rejects_bad_config_before_starting_anything():
+    result = CliRunner().invoke(main, ["node", "start", "--set", "optim.inner_stepz=3"])
+    assert result.exit_code != 0
+    assert "optim.inner_stepz: unknown key" in result.output
+
+
+def test_cli_options_are_frozen():
+    """Adding or removing a CLI option is a deliberate act: update this list and the README."""
+    start = {p.name for p in main.commands["node"].commands["start"].params}
+    assert start == {"config", "initial_peers", "out", "overrides", "node_id", "listen", "announce", "port",
+                     "dht_port", "verbose"}
+    assert {p.name for p in main.commands["swarm"].params} == {"nodes", "config", "out", "overrides"}

@@ -1,0 +1,148 @@
+"""Real swarms: node processes started through the CLI on 127.0.0.1 (OS-chosen ports),
+finding each other through a real hivemind DHT, talking over real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, group_members, read_records, wait_until
+
+pytestmark = pytest.mark.swarm
+
+
+def _sets(*items: str) -> list[str]:
+    out = []
+    for item in [*FAST, *items]:
+        out += ["--set", item]
+    return out
+
+
+def _outer(out: Path, node: str) -> list[dict]:
+    return [r for r in read_records(out / "metrics" / f"{node}.jsonl") if r["event"] == "outer"]
+
+
+def _hashes_by_round(out: Path, nodes: list[str]) -> dict[int, dict[str, str]]:
+    by_round: dict[int, dict[str, str]] = defaultdict(dict)
+    for n in nodes:
+        for r in _outer(out, n):
+            if r["status"] == "ok":
+                by_round[r["round"]][n] = r["weights_hash"]
+    return by_round
+
+
+def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = None):
+    args = ["node", "start", "--out", str(out), "--node-id", node, *_sets(*extra)]
+    if peer:
+        args += ["--initial-peer", peer]
+    return procs.loco(*args, log=node)
+
+
+def _ready(out: Path, node: str) -> dict:
+    path = out / "nodes" / f"{node}.json"
+    return wait_until(lambda: path.exists() and json.loads(path.read_text()), 180, f"{node} to start")
+
+
+def _wait_exit(proc: subprocess.Popen, timeout_s: float, name: str, procs) -> int:
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{name} did not finish in {timeout_s}s; log:\n{procs.log(name)[-3000:]}") from None
+
+
+def test_swarm_of_three_trains_and_agrees(procs, tmp_path):
+    out = tmp_path / "run"
+    p = procs.loco("swarm", "--nodes", "3", "--out", str(out), *_sets("train.rounds=4"), log="swarm")
+    assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
+    nodes = ["node0", "node1", "node2"]
+    for n in nodes:
+        records = read_records(out / "metrics" / f"{n}.jsonl")
+        outer = [r for r in records if r["event"] == "outer"]
+        assert [r["round"] for r in outer] == [0, 1, 2, 3]
+        for r in outer:
+            for key in ("time", "node", "step", "round", "loss", "val_loss", "bytes_sent", "bytes_recv",
+                        "group_size", "compute_s", "comm_s", "weights_hash"):
+                assert key in r
+        assert all(r["status"] == "ok" and r["group_size"] == 3 for r in outer), outer
+        start = next(r for r in records if r["event"] == "start")
+        assert outer[-1]["val_loss"] < start["val_loss"] - 0.3
+        assert outer[-1]["bytes_sent"] > 0 and outer[-1]["bytes_recv"] > 0
+        assert (out / "checkpoints" / f"{n}.pt").exists()
+        assert json.loads((out / "config" / f"{n}.json").read_text())["train"]["rounds"] == 4
+        pid = json.loads((out / "nodes" / f"{n}.json").read_text())["pid"]
+        assert group_members(pid) == []  # no orphan: DHT process, p2pd and reaper are gone
+    for rnd, hashes in _hashes_by_round(out, nodes).items():
+        assert len(set(hashes.values())) == 1, f"round {rnd}: replicas differ: {hashes}"
+    assert "total bytes exchanged" in procs.log("swarm")
+
+
+def test_killed_node_does_not_stop_the_others(procs, tmp_path):
+    out = tmp_path / "run"
+    extra = ("train.rounds=6", "swarm.wait_for_peers=2")
+    p0 = _start_node(procs, out, "node0", *extra)
+    peer = _ready(out, "node0")["maddrs"][0]
+    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    assert "dht: /ip4/127.0.0.1/tcp/" in procs.log("node0") and "zmq: tcp://127.0.0.1:" in procs.log("node0")
+    wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node2")), 240, "node2 to finish round 1")
+    os.kill(p2.pid, signal.SIGKILL)  # mid-round: it is training round 2 or averaging it
+    p2.wait(timeout=30)
+    wait_until(lambda: group_members(p2.pid) == [], 60, "node2's DHT process and p2pd to be reaped")
+    assert _wait_exit(p0, 420, "node0", procs) == 0
+    assert _wait_exit(p1, 120, "node1", procs) == 0
+    for n in ("node0", "node1"):
+        outer = _outer(out, n)
+        assert [r["round"] for r in outer] == list(range(6))
+        assert outer[-1]["status"] == "ok" and outer[-1]["group_size"] == 2
+    hashes = _hashes_by_round(out, ["node0", "node1"])
+    assert all(len(set(h.values())) == 1 for h in hashes.values()), hashes
+    assert len([r for r, h in hashes.items() if r >= 2 and len(h) == 2]) >= 3
+
+
+def _round_with_all(out: Path, nodes: list[str]) -> int | None:
+    """A round in which every node took part in the same group and holds the same weights."""
+    for rnd, hashes in sorted(_hashes_by_round(out, nodes).items()):
+        groups = {r["group_size"] for n in nodes for r in _outer(out, n) if r["round"] == rnd}
+        if set(hashes) == set(nodes) and len(set(hashes.values())) == 1 and groups == {len(nodes)}:
+            return rnd
+    return None
+
+
+def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path):
+    out = tmp_path / "run"
+    extra = ("train.rounds=0", "swarm.wait_for_peers=1")  # run until stopped
+    p0 = _start_node(procs, out, "node0", *extra)
+    peer = _ready(out, "node0")["maddrs"][0]
+    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node1")), 240, "node1 to finish round 1")
+    p1.send_signal(signal.SIGTERM)
+    assert _wait_exit(p1, 120, "node1", procs) == 0
+    stop = [r for r in read_records(out / "metrics" / "node1.jsonl") if r["event"] == "stop"][-1]
+    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    starts = wait_until(lambda: [r for r in read_records(out / "metrics" / "node1.jsonl")
+                                 if r["event"] == "start"][1:], 180, "node1 to restart")
+    assert starts[0]["resumed"] is True
+    assert starts[0]["step"] == stop["step"]  # continues from the checkpointed step
+    # a node that was never part of the swarm joins late
+    wait_until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), 300, "node0 to reach round 4")
+    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    late = wait_until(lambda: next((r for r in read_records(out / "metrics" / "node2.jsonl")
+                                    if r["event"] == "start"), None), 180, "node2 to start")
+    assert late["round"] >= 4
+    nodes = ["node0", "node1", "node2"]
+    wait_until(lambda: _round_with_all(out, nodes), 300, "a round averaged by all three nodes")
+    for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
+        proc.send_signal(signal.SIGTERM)
+        assert _wait_exit(proc, 120, name, procs) == 0
+    node0_after = {r["next_round"]: r for r in _outer(out, "node0")}
+    source = node0_after[late["round"]]
+    assert late["weights_hash"] == source["weights_hash"]  # starts from the swarm's weights
+    first = next(r for r in read_records(out / "metrics" / "node0.jsonl") if r["event"] == "start")
+    assert late["val_loss"] < first["val_loss"] - 0.3  # not an untrained model
+    assert abs(late["val_loss"] - source["val_loss"]) < 1e-6
