@@ -46,11 +46,26 @@ class DiLoCo:
         self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]  # φ
         self.buf = [torch.zeros_like(a) for a in self.anchor]
         self.outer_steps = 0
+        # Δ lives in one flat buffer reused every round: the collective sends it as it is,
+        # without a concatenation copy, and no model-sized allocation happens per round
+        numel = sum(a.numel() for a in self.anchor)
+        device = self.anchor[0].device if self.anchor else "cpu"
+        self._delta = torch.empty(numel, dtype=torch.float32, device=device)
+        self._delta_views = self._split(self._delta)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for a in self.anchor:
+            views.append(flat[offset:offset + a.numel()].view(a.shape))
+            offset += a.numel()
+        return views
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """Δ_i = φ − θ_i (old minus new), in float32."""
-        return [a - p.detach().to(torch.float32) for a, p in zip(self.anchor, self.params, strict=True)]
+        """Δ_i = φ − θ_i (old minus new), in float32; views of one flat buffer."""
+        for d, a, p in zip(self._delta_views, self.anchor, self.params, strict=True):
+            torch.sub(a, p.detach().to(torch.float32), out=d)
+        return self._delta_views
 
     @torch.no_grad()
     def apply(self, delta: Sequence[torch.Tensor]) -> None:
@@ -79,12 +94,13 @@ class DiLoCo:
             p.copy_(a)
 
     def outer_step(self, round: int) -> OuterStepResult:
-        delta = self.pseudo_gradient()
-        norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta)))
-        result = self.comm.all_reduce_mean(delta, round)
+        self.pseudo_gradient()
+        norm = float(self._delta.norm())
+        result = self.comm.all_reduce_mean([self._delta], round)
         if result.tensors is None:
             return OuterStepResult(False, result.group_size, norm)
-        self.apply(result.tensors)
+        (averaged,) = result.tensors
+        self.apply(self._split(averaged.reshape(-1)))
         return OuterStepResult(True, result.group_size, norm)
 
     # ------------------------------------------------------------ state

@@ -105,6 +105,7 @@ class GroupAllReduce:
         timeouts: CollectiveTimeouts | None = None,
         codec: Codec | None = None,
         stop: threading.Event | None = None,
+        chunk_bytes: int = 4 << 20,
     ):
         self.transport = transport
         self.me = transport.node_id
@@ -112,7 +113,9 @@ class GroupAllReduce:
         self.timeouts = timeouts or CollectiveTimeouts()
         self.codec = codec or IdentityCodec()
         self.stop = stop
+        self.chunk_bytes = chunk_bytes
         self._finished_round = -1
+        self._out: torch.Tensor | None = None
         self._lock = threading.Lock()
         transport.on(JOIN, self._on_join)
 
@@ -122,7 +125,8 @@ class GroupAllReduce:
     ) -> RoundResult:
         """Average ``tensors`` (any shapes, any float dtype) over this round's group.
 
-        On "ok" every member returns bit-identical float32 tensors of the input shapes."""
+        On "ok" every member returns bit-identical float32 tensors of the input shapes. They
+        are views of a buffer this object reuses: valid until the next call."""
         self.transport.mailbox.prune(round)
         start = time.monotonic()
         peers = [p for p in self.live_peers() if p.round == round and p.id != self.me]
@@ -179,14 +183,24 @@ class GroupAllReduce:
                                    tuple(m.id for m in responders), attempt + 1, self.me,
                                    self.transport.endpoint)
             if attempt + 1 < t.max_attempts:
+                # drop members that did not report and owners whose part someone lacks
+                # (dead, or sent garbage): the survivors' inputs are intact, redo with them
+                suspects = set(missing)
+                for d in dones.values():
+                    suspects.update(str(x) for x in d.meta.get("missing", []))
+                suspects.discard(self.me)
+                survivors = [m for m in responders if m.id not in suspects]
                 log.warning("round %d attempt %d incomplete (missing %s, %d/%d reported): retrying "
-                            "with %s", round, attempt, missing, len(dones), len(others),
-                            [m.id for m in responders])
-                for m in responders:
+                            "with %s", round, attempt, sorted(suspects), len(dones), len(others),
+                            [m.id for m in survivors])
+                for m in survivors:
                     if m.id != self.me:
                         self._send(m.endpoint, DECISION, round, attempt,
-                                   self._roster_meta("retry", responders, decision="retry"))
-                roster = responders
+                                   self._roster_meta("retry", survivors, decision="retry"))
+                for m in responders:
+                    if m not in survivors:
+                        self._send(m.endpoint, DECISION, round, attempt, {"decision": "excluded"})
+                roster = survivors
         for m in roster:
             if m.id != self.me:
                 self._send(m.endpoint, DECISION, round, t.max_attempts - 1, {"decision": "abort"})
@@ -228,56 +242,119 @@ class GroupAllReduce:
         return RoundResult("skipped", attempts=t.max_attempts, reason="out of attempts", **skipped)
 
     # ------------------------------------------------------------- data phase
+    @staticmethod
+    def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One float32 vector; no copy when the caller already passes one (DiLoCo does)."""
+        if len(tensors) == 1:
+            t = tensors[0].detach()
+            if t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu":
+                return t.reshape(-1)
+        return torch.cat([t.detach().reshape(-1).to(torch.float32, copy=False).cpu() for t in tensors])
+
+    def _output(self, numel: int) -> torch.Tensor:
+        """The result buffer, reused across rounds: allocating (and page-faulting) a fresh
+        model-sized buffer every round costs more than the arithmetic."""
+        if self._out is None or self._out.numel() != numel:
+            self._out = torch.empty(numel, dtype=torch.float32)
+        return self._out
+
     def _exchange(self, round, attempt, tensors, roster: list[Member]):
-        """Phases 1 and 2. Returns (flat averaged vector or None, owners whose part is missing)."""
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+        """Phases 1 and 2. Returns (flat averaged vector or None, owners whose part is missing).
+
+        Parts travel in chunks of at most ``chunk_bytes``: the owner adds chunk c while
+        chunk c+1 is on the wire, and ZeroMQ's receive buffers stay small enough for the
+        allocator to reuse them (one 100 MB message per round costs fresh pages every time).
+        Chunks go out zero-copy, as views of ``flat`` and of the output buffer; neither is
+        written again before every member has reported the round done (or was dropped)."""
+        flat = self._flatten(tensors)
         n = len(roster)
         me = next(i for i, m in enumerate(roster) if m.id == self.me)
         bounds = split_bounds(flat.numel(), n)
         deadline = time.monotonic() + self.timeouts.allreduce_s
         my_weight = roster[me].weight
-        # Phase 1: reduce-scatter. Send every other member the part it owns.
-        for j, m in enumerate(roster):
-            if j != me:
-                payload, meta = self.codec.encode(flat[bounds[j]:bounds[j + 1]])
-                self._send(m.endpoint, PART, round, attempt, {"part": j, "weight": my_weight,
-                                                              "codec": meta}, payload)
-        others = [m.id for j, m in enumerate(roster) if j != me]
-        parts = self.transport.mailbox.take(PART, round, attempt, others, deadline, stop=self.stop)
-        numel = bounds[me + 1] - bounds[me]
-        acc = flat[bounds[me]:bounds[me + 1]] * my_weight
-        total = my_weight
-        for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
-            msg = parts.get(m.id)
-            if msg is None or m.id == self.me:
-                continue
-            part = self._decode(msg, me, numel)
-            if part is not None:
+        # Phase 1: reduce-scatter. Every other member gets the part it owns, chunk by chunk,
+        # interleaved across members so that all owners can start adding at once.
+        self._send_chunks(PART, round, attempt, flat, bounds, roster, me, owner_of_part=True,
+                          extra={"weight": my_weight})
+        out = self._output(flat.numel())
+        mine = out[bounds[me]:bounds[me + 1]]
+        own = flat[bounds[me]:bounds[me + 1]]
+        if my_weight == 1.0:
+            mine.copy_(own)
+        else:
+            torch.mul(own, my_weight, out=mine)
+        failed: set[str] = set()  # members whose part did not arrive intact
+        for lo, hi in self._chunks(mine.numel()):
+            total = my_weight
+            for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
+                if m.id == self.me or m.id in failed:
+                    continue
+                msg = self.transport.mailbox.take_first(
+                    PART, round, attempt, lambda x, s=m.id, c=lo: x.sender == s and x.meta.get("offset") == c,
+                    deadline, stop=self.stop)
+                part = None if msg is None else self._decode(msg, me, hi - lo)
+                if part is None:
+                    failed.add(m.id)
+                    continue
                 w = float(msg.meta.get("weight", 1.0))
-                acc.add_(part, alpha=w)
-                total += w
-        averaged = acc / total
-        # Phase 2: all-gather. Send my averaged part to everyone.
-        for j, m in enumerate(roster):
-            if j != me:
-                payload, meta = self.codec.encode(averaged)
-                self._send(m.endpoint, AVG, round, attempt, {"part": me, "codec": meta}, payload)
-        gathered = self.transport.mailbox.take(AVG, round, attempt, others, deadline, stop=self.stop)
-        pieces: list[torch.Tensor] = []
-        missing: list[str] = []
-        for j, m in enumerate(roster):
-            if j == me:
-                pieces.append(averaged)
+                mine[lo:hi].add_(part, alpha=w)
+                total += w  # per chunk: a member that died mid-send counts where it arrived
+            mine[lo:hi].div_(total)
+        # Phase 2: all-gather. My averaged part goes to everyone; theirs land in `out`.
+        # A member that failed phase 1 is not waited for again (it is most likely dead);
+        # the others get a fresh deadline, since they may have waited for it too.
+        self._send_chunks(AVG, round, attempt, out, bounds, roster, me, owner_of_part=False)
+        deadline = time.monotonic() + self.timeouts.allreduce_s
+        expected = {(m.id, lo) for j, m in enumerate(roster) if j != me and m.id not in failed
+                    for lo, _ in self._chunks(bounds[j + 1] - bounds[j])}
+        index = {m.id: j for j, m in enumerate(roster)}
+        while expected:
+            msg = self.transport.mailbox.take_first(
+                AVG, round, attempt, lambda x, want=expected: (x.sender, x.meta.get("offset")) in want,
+                deadline, stop=self.stop)
+            if msg is None:
+                break
+            j, lo = index[msg.sender], msg.meta["offset"]
+            hi = min(lo + self._chunk_numel, bounds[j + 1] - bounds[j])
+            piece = self._decode(msg, j, hi - lo)
+            if piece is None:  # a bad chunk spoils its owner's whole part
+                failed.add(msg.sender)
+                expected = {(s, c) for s, c in expected if s != msg.sender}
                 continue
-            msg = gathered.get(m.id)
-            piece = None if msg is None else self._decode(msg, j, bounds[j + 1] - bounds[j])
-            if piece is None:
-                missing.append(m.id)
-            else:
-                pieces.append(piece)
+            out[bounds[j] + lo:bounds[j] + hi].copy_(piece)
+            expected.discard((msg.sender, lo))
+        missing = sorted(failed | {sender for sender, _ in expected})
         if missing:
             return None, missing
-        return torch.cat(pieces), []
+        return out, []
+
+    @property
+    def _chunk_numel(self) -> int:
+        return max(1, self.chunk_bytes // 4)
+
+    def _chunks(self, numel: int) -> list[tuple[int, int]]:
+        step = self._chunk_numel
+        return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)] or [(0, 0)]
+
+    def _send_chunks(self, kind, round, attempt, vector, bounds, roster, me, owner_of_part, extra=None):
+        """Send part j (PART: to its owner j) or my part (AVG: to everyone), chunk by chunk."""
+        streams = []
+        for j, m in enumerate(roster):
+            if j == me:
+                continue
+            part = j if owner_of_part else me
+            lo_part, hi_part = bounds[part], bounds[part + 1]
+            streams.append((m, part, vector[lo_part:hi_part]))
+        longest = max((len(self._chunks(v.numel())) for _, _, v in streams), default=0)
+        for c in range(longest):
+            for m, part, v in streams:
+                chunks = self._chunks(v.numel())
+                if c >= len(chunks):
+                    continue
+                lo, hi = chunks[c]
+                payload, meta = self.codec.encode(v[lo:hi])
+                self._send(m.endpoint, kind, round, attempt,
+                           {"part": part, "offset": lo, "codec": meta, **(extra or {})}, payload)
 
     def _decode(self, msg: Message, part: int, numel: int) -> torch.Tensor | None:
         if msg.meta.get("part") != part:
@@ -289,7 +366,8 @@ class GroupAllReduce:
         except CodecError as exc:
             log.warning("%s from %s rejected: %s", msg.kind, msg.sender, exc)
             return None
-        if not torch.isfinite(t).all():
+        # NaN/Inf anywhere makes the sum non-finite; one read pass, no temporary mask
+        if not torch.isfinite(t.sum()):
             log.warning("%s from %s holds NaN/Inf; ignored", msg.kind, msg.sender)
             return None
         return t

@@ -91,6 +91,26 @@ class Mailbox:
                     return got
                 self._cond.wait(min(left, 0.25) if stop is not None else left)
 
+    def take_first(
+        self, kind: str, round: int, attempt: int, match: Callable[[Message], bool], deadline: float,
+        stop: threading.Event | None = None,
+    ) -> Message | None:
+        """Wait for the first message under (kind, round, attempt) for which ``match`` is
+        true, or until ``deadline`` (time.monotonic()). The message is removed."""
+        key = (kind, round, attempt)
+        with self._cond:
+            while True:
+                pending = self._items.get(key)
+                if pending:
+                    for i, m in enumerate(pending):
+                        if match(m):
+                            del pending[i]
+                            return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.is_set()):
+                    return None
+                self._cond.wait(min(left, 0.25) if stop is not None else left)
+
     def drain(self, kind: str, round: int, attempt: int = 0) -> list[Message]:
         with self._cond:
             return self._items.pop((kind, round, attempt), [])

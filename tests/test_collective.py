@@ -20,11 +20,12 @@ FAST = CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=5, decision_s
 
 
 class Peers:
-    def __init__(self, n: int, timeouts: CollectiveTimeouts = FAST, round: int = 0):
+    def __init__(self, n: int, timeouts: CollectiveTimeouts = FAST, round: int = 0, chunk_bytes: int = 4 << 20):
         self.transports = [Transport(f"p{i}") for i in range(n)]
         self.round = round
         self.alive = {t.node_id for t in self.transports}
-        self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts) for t in self.transports]
+        self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, chunk_bytes=chunk_bytes)
+                            for t in self.transports]
 
     def _view(self, me: str):
         def live() -> list[PeerInfo]:
@@ -91,6 +92,19 @@ def test_average_is_exact_and_bit_identical_on_every_member(peers, n):
             assert torch.equal(results[i].tensors[k], results[0].tensors[k])
 
 
+@pytest.mark.parametrize("n, numel, chunk_bytes", [(3, 101, 40), (4, 2, 4), (2, 1000, 4)])
+def test_chunked_parts_and_tiny_vectors(peers, n, numel, chunk_bytes):
+    p = peers(n, chunk_bytes=chunk_bytes)
+    torch.manual_seed(n)
+    inputs = [[torch.randn(numel)] for _ in range(n)]
+    results = p.run(inputs)
+    expected = torch.stack([x[0] for x in inputs]).mean(0)
+    for i in range(n):
+        assert results[i].status == "ok"
+        torch.testing.assert_close(results[i].tensors[0], expected)
+        assert torch.equal(results[i].tensors[0], results[0].tensors[0])
+
+
 def test_weighted_average(peers):
     p = peers(2)
     inputs = [[torch.zeros(4)], [torch.ones(4)]]
@@ -129,6 +143,17 @@ def test_member_that_dies_mid_round_is_dropped_and_the_round_is_redone(peers):
         assert results[i].attempts == 2
     assert torch.equal(results[0].tensors[1], results[1].tensors[1])
     torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
+
+
+def test_member_sending_nan_is_excluded_and_the_rest_agree(peers):
+    p = peers(3)
+    inputs = _inputs(3)
+    inputs[2][0][1, 1] = float("nan")  # a diverged replica
+    results = p.run(inputs)
+    assert results[2].status == "skipped"
+    for i in (0, 1):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p1")
+        torch.testing.assert_close(results[i].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
 
 
 def test_member_with_a_different_state_is_told_to_resync(peers):
