@@ -58,7 +58,9 @@ def _wait_exit(proc: subprocess.Popen, timeout_s: float, name: str, procs) -> in
 
 def test_swarm_of_three_trains_and_agrees(procs, tmp_path):
     out = tmp_path / "run"
-    p = procs.loco("swarm", "--nodes", "3", "--out", str(out), *_sets("train.rounds=4"), log="swarm")
+    # with a swarm key: every message is signed and checked
+    p = procs.loco("swarm", "--nodes", "3", "--out", str(out), *_sets("train.rounds=4", "swarm.key='s3cret'"),
+                   log="swarm")
     assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
     nodes = ["node0", "node1", "node2"]
     for n in nodes:
@@ -77,9 +79,26 @@ def test_swarm_of_three_trains_and_agrees(procs, tmp_path):
         assert json.loads((out / "config" / f"{n}.json").read_text())["train"]["rounds"] == 4
         pid = json.loads((out / "nodes" / f"{n}.json").read_text())["pid"]
         assert group_members(pid) == []  # no orphan: DHT process, p2pd and reaper are gone
+        stop = next(r for r in records if r["event"] == "stop")
+        assert stop["dropped"] == {}  # signed messages all verified
     for rnd, hashes in _hashes_by_round(out, nodes).items():
         assert len(set(hashes.values())) == 1, f"round {rnd}: replicas differ: {hashes}"
     assert "total bytes exchanged" in procs.log("swarm")
+
+
+def test_ctrl_c_stops_a_swarm_cleanly(procs, tmp_path):
+    out = tmp_path / "run"
+    p = procs.loco("swarm", "--nodes", "2", "--out", str(out), *_sets("train.rounds=0"), log="swarm")
+    for n in ("node0", "node1"):
+        wait_until(lambda n=n: _outer(out, n), 240, f"{n} to finish a round")
+    pids = [json.loads((out / "nodes" / f"{n}.json").read_text())["pid"] for n in ("node0", "node1")]
+    p.send_signal(signal.SIGINT)
+    assert _wait_exit(p, 180, "swarm", procs) == 0
+    for n, pid in zip(("node0", "node1"), pids, strict=True):
+        events = [r["event"] for r in read_records(out / "metrics" / f"{n}.jsonl")]
+        assert events[-1] == "stop"  # clean shutdown: checkpoint written, DHT left
+        assert (out / "checkpoints" / f"{n}.pt").exists()
+        assert group_members(pid) == []
 
 
 def test_killed_node_does_not_stop_the_others(procs, tmp_path):

@@ -1,0 +1,96 @@
+"""Node components without the network: model factory, data, checkpoints."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+import torch
+
+from node import checkpoint as ckpt
+from node.config import ConfigError, DataConfig, ModelConfig
+from node.data import Sampler, load_corpus, node_seed
+from node.model import GPT, build_model, unique_parameters
+
+
+def test_builtin_gpt_shapes_and_tied_weights():
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=16))
+    assert isinstance(model, GPT)
+    logits = model(torch.randint(0, 256, (3, 16)))
+    assert logits.shape == (3, 16, 256)
+    params = unique_parameters(model)
+    assert len(params) == len({id(p) for p in params}) < len(list(model.state_dict()))
+
+
+def test_model_factory_and_its_errors():
+    model = build_model(ModelConfig(factory="tests.models:tiny_lm"))
+    assert model(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 256)
+    with pytest.raises(ConfigError, match="expected 'module:callable'"):
+        build_model(ModelConfig(factory="tests.models"))
+    with pytest.raises(ConfigError, match="cannot load"):
+        build_model(ModelConfig(factory="tests.models:missing"))
+    with pytest.raises(ConfigError, match="not nn.Module"):
+        build_model(ModelConfig(factory="tests.models:not_a_model"))
+
+
+def test_default_corpus_is_stdlib_source_split_by_file():
+    train, val = load_corpus(DataConfig(max_bytes=400_000))
+    assert len(train) > 300_000 and len(val) > 10_000
+    text = bytes(train[:200_000]).decode("utf-8", errors="replace")
+    assert "def " in text and "import " in text
+    again_train, again_val = load_corpus(DataConfig(max_bytes=400_000))
+    assert np.array_equal(train, again_train) and np.array_equal(val, again_val)  # deterministic
+
+
+def test_user_data_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 500)
+    train, val = load_corpus(DataConfig(path=str(tmp_path / "a.txt"), val_fraction=0.1))
+    assert len(train) + len(val) == 6000 and bytes(train[:5]) == b"hello"
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i}.txt").write_text(f"document {i} " * 50)
+    train, val = load_corpus(DataConfig(path=str(folder), val_fraction=0.2))
+    assert len(train) > 0 and len(val) > 0
+    tokens = np.arange(10_000, dtype=np.uint16) % 256
+    np.save(tmp_path / "t.npy", tokens)
+    train, val = load_corpus(DataConfig(path=str(tmp_path / "t.npy"), val_fraction=0.1))
+    assert len(train) == 9000 and int(train[300]) == 300 % 256
+    tokens.tofile(tmp_path / "t.bin")
+    train, _ = load_corpus(DataConfig(path=str(tmp_path / "t.bin"), val_fraction=0.1))
+    assert len(train) == 9000
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_corpus(DataConfig(path=str(tmp_path / "nope")))
+
+
+def test_samplers_differ_per_node_and_resume_exactly():
+    data = np.arange(5000, dtype=np.uint8)
+    a = Sampler(data, 16, 4, node_seed(0, "node0"))
+    b = Sampler(data, 16, 4, node_seed(0, "node1"))
+    assert not torch.equal(a.next_batch()[0], b.next_batch()[0])
+    state = a.state_dict()
+    expected = a.next_batch()
+    c = Sampler(data, 16, 4, 123)
+    c.load_state_dict(state)
+    got = c.next_batch()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert c.batches_drawn == 2
+
+
+def test_checkpoint_is_atomic_and_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ck" / "n.pt"
+    ckpt.save_checkpoint(path, {"round": 1, "w": torch.ones(3)})
+    assert ckpt.load_checkpoint(path)["round"] == 1
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(path, {"round": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(path)
+    assert state["round"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["n.pt"]  # no temp file left behind
+    assert ckpt.load_checkpoint(tmp_path / "none.pt") is None
