@@ -18,6 +18,8 @@ metrics are measured, not estimated.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import secrets
 import threading
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
+from .shaper import Shaper
 from .wire import DEFAULT_MAX_MESSAGE_BYTES, Message, WireError, decode, encode, message_nbytes
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ class Transport:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         send_timeout_s: float = 30.0,
         replay_window_s: float = 300.0,
+        shaper: Shaper | None = None,
     ):
         self.node_id = node_id
         self.key = key
@@ -167,6 +171,16 @@ class Transport:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name=f"loco-io-{node_id}", daemon=True)
         self._thread.start()
+        # network emulation: messages wait in a heap until the shaper says they leave
+        self.shaper = shaper if shaper is not None and shaper.active else None
+        self._names: dict[str, str] = {}
+        self._delayed: list[tuple[float, int, str, list]] = []
+        self._delayed_cond = threading.Condition()
+        self._delay_order = itertools.count()
+        if self.shaper is not None:
+            self._delay_thread = threading.Thread(target=self._delay_loop, name=f"loco-shaper-{node_id}",
+                                                  daemon=True)
+            self._delay_thread.start()
 
     # ----------------------------------------------------------------- sending
     def _socket_for(self, endpoint: str) -> tuple[zmq.Socket, threading.Lock]:
@@ -182,10 +196,14 @@ class Transport:
                 self._peers[endpoint] = entry
             return entry
 
+    def name_peer(self, endpoint: str, node_id: str) -> None:
+        """Tell the shaper which node an endpoint belongs to (per-peer profiles, cuts)."""
+        self._names[endpoint] = node_id
+
     def send(self, endpoint: str, msg: Message) -> bool:
         """Queue ``msg`` for ``endpoint``. Returns False (and logs) if it could not be queued
         within the send timeout. Large tensors are sent without copying: the caller must not
-        modify them in place afterwards (loco's collectives only send fresh tensors)."""
+        modify them in place until the receiver has them (loco's collectives guarantee it)."""
         if self._closing.is_set():
             return False
         msg.sender = self.node_id
@@ -197,18 +215,46 @@ class Transport:
                 msg.seq = self._seq
             msg.time = time.time()
             frames = encode(msg, self.key)
-            try:
-                sock.send_multipart(frames, copy=False)
-            except zmq.Again:
-                log.warning("send %s to %s timed out after %.0fs; dropped", msg.kind, endpoint,
-                            self.send_timeout_s)
-                return False
-            except zmq.ZMQError as exc:
-                log.warning("send %s to %s failed: %s", msg.kind, endpoint, exc)
-                return False
+            if self.shaper is not None:
+                deliver = self.shaper.schedule(self._names.get(endpoint, endpoint), message_nbytes(frames))
+                if deliver is None:
+                    return True  # lost on the emulated link: the sender cannot tell
+                if deliver > time.monotonic():
+                    with self._delayed_cond:
+                        heapq.heappush(self._delayed, (deliver, next(self._delay_order), endpoint, frames))
+                        self._delayed_cond.notify()
+                    return True
+            return self._send_now(sock, endpoint, frames, msg.kind)
+
+    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str) -> bool:
+        """Hand frames to the socket (caller holds the socket's lock) and count the bytes."""
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.warning("send %s to %s timed out after %.0fs; dropped", kind, endpoint, self.send_timeout_s)
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("send %s to %s failed: %s", kind, endpoint, exc)
+            return False
         with self._count_lock:
             self.bytes_sent += message_nbytes(frames)
         return True
+
+    def _delay_loop(self) -> None:
+        while not self._closing.is_set():
+            with self._delayed_cond:
+                if not self._delayed:
+                    self._delayed_cond.wait(0.1)
+                    continue
+                due, _, endpoint, frames = self._delayed[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._delayed_cond.wait(min(wait, 0.1))
+                    continue
+                heapq.heappop(self._delayed)
+            sock, lock = self._socket_for(endpoint)
+            with lock:
+                self._send_now(sock, endpoint, frames, "delayed")
 
     def forget_peer(self, endpoint: str) -> None:
         """Close the socket to a peer that left: frees anything queued for it."""
@@ -280,6 +326,8 @@ class Transport:
             return
         self._closing.set()
         self._thread.join(timeout=5)
+        if self.shaper is not None:
+            self._delay_thread.join(timeout=5)
         with self._peers_lock:
             for sock, lock in self._peers.values():
                 with lock:

@@ -1,0 +1,115 @@
+"""The in-transport network shaper: pure schedule math, then real sockets."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from protocols.collective import CollectiveTimeouts, GroupAllReduce
+from protocols.membership import PeerInfo
+from protocols.shaper import Cut, LinkProfile, Shaper
+from protocols.transport import Transport
+from protocols.wire import Message
+
+MBIT = 1e6
+
+
+def test_bandwidth_and_latency_schedule():
+    s = Shaper(LinkProfile(bandwidth_bps=8 * MBIT, latency_s=0.05))
+    assert s.schedule("b", 1_000_000, now=10.0) == pytest.approx(11.05)  # 1 MB at 1 MB/s + 50 ms
+    assert s.schedule("b", 1_000_000, now=10.0) == pytest.approx(12.05)  # queued behind the first
+    assert s.schedule("c", 1_000_000, now=10.0) == pytest.approx(11.05)  # another link is free
+
+
+def test_shared_uplink_serializes_all_links():
+    s = Shaper(LinkProfile(latency_s=0.0), uplink_bps=8 * MBIT)
+    assert s.schedule("b", 500_000, now=0.0) == pytest.approx(0.5)
+    assert s.schedule("c", 500_000, now=0.0) == pytest.approx(1.0)
+
+
+def test_per_peer_profile_overrides_default():
+    s = Shaper(LinkProfile(bandwidth_bps=800 * MBIT), per_peer={"slow": LinkProfile(bandwidth_bps=8 * MBIT)})
+    assert s.schedule("fast", 1_000_000, now=0.0) == pytest.approx(0.01)
+    assert s.schedule("slow", 1_000_000, now=0.0) == pytest.approx(1.0)
+
+
+def test_jitter_never_reorders_a_link():
+    s = Shaper(LinkProfile(latency_s=0.05, jitter_s=0.05), seed=1)
+    times = [s.schedule("b", 100, now=i * 0.001) for i in range(200)]
+    assert times == sorted(times)
+    assert max(t - i * 0.001 for i, t in enumerate(times)) > 0.06  # jitter is really applied
+
+
+def test_loss_drops_the_configured_share():
+    s = Shaper(LinkProfile(loss=0.2), seed=3)
+    lost = sum(s.schedule("b", 100, now=0.0) is None for _ in range(5000))
+    assert 0.17 < lost / 5000 < 0.23
+    assert s.dropped == lost
+
+
+def test_cut_drops_only_inside_its_window():
+    s = Shaper(cuts=[Cut("b", start=100.0, end=200.0)])
+    assert s.schedule("b", 10, now=0.0, wall=150.0) is None
+    assert s.schedule("c", 10, now=0.0, wall=150.0) is not None
+    assert s.schedule("b", 10, now=0.0, wall=250.0) is not None
+
+
+def test_invalid_profiles_are_rejected():
+    with pytest.raises(ValueError, match="loss"):
+        LinkProfile(loss=1.5)
+    with pytest.raises(ValueError, match="bandwidth"):
+        LinkProfile(bandwidth_bps=0)
+
+
+def test_real_transfer_takes_bytes_over_bandwidth_plus_latency():
+    shaper = Shaper(LinkProfile(bandwidth_bps=20 * MBIT, latency_s=0.1))
+    a, b = Transport("a", shaper=shaper), Transport("b")
+    try:
+        payload = torch.zeros(625_000)  # 2.5 MB: 1.0 s at 20 Mbit/s
+        start = time.monotonic()
+        a.send(b.endpoint, Message("BIG", round=0, tensors=[payload]))
+        assert b.recv("BIG", 0, timeout_s=30) is not None
+        elapsed = time.monotonic() - start
+        assert 1.0 <= elapsed < 3.0, elapsed  # N·8/B + L = 1.1 s; generous upper bound on a busy box
+        assert a.bytes_sent > 2_500_000
+    finally:
+        a.close()
+        b.close()
+
+
+def test_collective_copes_with_a_lossy_member():
+    n = 3
+    transports = [Transport("p0"), Transport("p1"),
+                  Transport("p2", shaper=Shaper(LinkProfile(loss=0.3), seed=7))]
+    state = {"round": 0}
+    timeouts = CollectiveTimeouts(matchmaking_s=3, join_s=6, allreduce_s=2, decision_s=2, max_attempts=2)
+
+    def view(me):
+        return lambda: [PeerInfo(t.node_id, t.endpoint, state["round"]) for t in transports if t.node_id != me]
+
+    colls = [GroupAllReduce(t, view(t.node_id), timeouts, chunk_bytes=1024) for t in transports]
+    try:
+        for r in range(4):
+            state["round"] = r
+            results: dict = {}
+
+            def member(i: int, r: int = r, results: dict = results) -> None:
+                results[i] = colls[i].all_reduce(r, [torch.full((2000,), float(i))], 1.0, "h")
+
+            threads = [threading.Thread(target=member, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            assert len(results) == n, "a member hung past every deadline"
+            ok = [res for res in results.values() if res.status == "ok"]
+            assert all(res.status in ("ok", "skipped", "resync") for res in results.values())
+            assert all(torch.equal(x.tensors[0], ok[0].tensors[0]) for x in ok)  # members agree
+            if results[0].status == "ok" and "p2" not in results[0].group:
+                assert torch.equal(results[0].tensors[0], torch.full((2000,), 0.5))
+    finally:
+        for t in transports:
+            t.close()
