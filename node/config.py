@@ -8,6 +8,7 @@ keys and wrong types are rejected with a message that names the key. Runtime obj
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -97,10 +98,10 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    algorithm: Literal["diloco"] = "diloco"
-    """Outer algorithm."""
+    algorithm: Literal["diloco", "ddp"] = "diloco"
+    """diloco: local steps + outer step; ddp: gradients averaged every step (the baseline)."""
     inner_steps: int = Field(30, ge=1)
-    """H: inner steps per outer round."""
+    """H: inner steps per outer round (ddp: steps between evaluations/records)."""
     inner_lr: float = Field(1e-3, gt=0)
     """Inner AdamW learning rate (paper: 4e-4 at 150M+ parameters; small models like more)."""
     weight_decay: float = Field(0.1, ge=0)
@@ -139,13 +140,71 @@ class CompressionConfig(_Section):
 
 class TrainConfig(_Section):
     rounds: int = Field(8, ge=0)
-    """Outer rounds to train; 0 trains until stopped."""
+    """Outer rounds to train; 0: no round limit."""
+    max_tokens: int = Field(0, ge=0)
+    """Stop (at the end of the round) once this node has trained on this many tokens; 0: no limit."""
+    max_time_s: float = Field(0.0, ge=0)
+    """Stop (at the end of the round) after this many seconds of training; 0: no limit."""
     seed: int = 0
     """Seed of model init (shared by the swarm) and of each node's data stream."""
     log_every: int = Field(10, ge=1)
     """Inner steps between loss records."""
     checkpoint_every: int = Field(1, ge=1)
     """Outer rounds between checkpoints."""
+
+
+_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
+          "b/s": 8, "kb/s": 8e3, "mb/s": 8e6, "gb/s": 8e9}
+
+
+def parse_bandwidth(text: str) -> float:
+    """'100mbit' / '1gbit' / '25MB/s' -> bits per second."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z/]+)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"bandwidth {text!r}: expected a number and a unit ({', '.join(_UNITS)})")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"bandwidth {text!r} must be positive")
+    return value
+
+
+class LinkConfig(_Section):
+    bandwidth: str | None = None
+    """e.g. '100mbit', '1gbit', '25MB/s'; None: unlimited."""
+    latency_ms: float = Field(0.0, ge=0)
+    """One-way latency added to every message."""
+    jitter_ms: float = Field(0.0, ge=0)
+    """Uniform jitter (±) on the latency; messages on a link are never reordered."""
+    loss: float = Field(0.0, ge=0, lt=1)
+    """Share of messages lost."""
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _valid_bandwidth(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_bandwidth(v)
+        return v
+
+
+class CutConfig(_Section):
+    peer: str
+    """Node id at the other end of the cut link."""
+    start_s: float = Field(ge=0)
+    """Seconds after network.epoch the link goes down."""
+    end_s: float = Field(gt=0)
+    """Seconds after network.epoch it comes back."""
+
+
+class NetworkConfig(LinkConfig):
+    """Emulated network for what this node sends: ``bandwidth`` is its uplink (shared by all
+    its links); latency/jitter/loss apply to every link unless ``links`` overrides them."""
+
+    links: dict[str, LinkConfig] = {}
+    """Per destination node id: a profile replacing the defaults for that link."""
+    cuts: list[CutConfig] = []
+    """Links that go down for a while."""
+    epoch: float = 0.0
+    """Unix time the cut windows count from (0: when the node starts)."""
 
 
 class Config(_Section):
@@ -157,6 +216,7 @@ class Config(_Section):
     collective: CollectiveConfig = CollectiveConfig()
     compression: CompressionConfig = CompressionConfig()
     train: TrainConfig = TrainConfig()
+    network: NetworkConfig = NetworkConfig()
 
     @field_validator("swarm")
     @classmethod

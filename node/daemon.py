@@ -23,15 +23,16 @@ from typing import Any
 
 import torch
 
-from optim import DiLoCo
+from optim import DataParallel, DiLoCo
 from protocols.codecs import make_codec
 from protocols.collective import CollectiveTimeouts, GroupAllReduce
 from protocols.membership import Membership, PeerInfo
+from protocols.shaper import Cut, LinkProfile, Shaper
 from protocols.state_sync import StateServer, fetch_state, tensors_hash
 from protocols.transport import Transport
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .config import Config, LinkConfig, NetworkConfig, config_to_dict, parse_bandwidth
 from .metrics import MetricsWriter
 from .reaper import Reaper, descendants
 from .sync import SwarmCommunicator
@@ -44,6 +45,24 @@ def default_node_id(out: Path) -> str:
     """Stable across restarts with the same output folder, unique across folders/hosts."""
     digest = hashlib.blake2b(f"{socket.gethostname()}:{out.resolve()}".encode(), digest_size=3).hexdigest()
     return f"node-{digest}"
+
+
+def _link_profile(link: LinkConfig, with_bandwidth: bool) -> LinkProfile:
+    bw = parse_bandwidth(link.bandwidth) if (with_bandwidth and link.bandwidth) else None
+    return LinkProfile(bw, link.latency_ms / 1e3, link.jitter_ms / 1e3, link.loss)
+
+
+def build_shaper(net: NetworkConfig, seed: int, started: float) -> Shaper:
+    """The node's uplink bandwidth is shared by all its links; per-link entries may add
+    their own bandwidth limit on top."""
+    epoch = net.epoch or started
+    return Shaper(
+        default=_link_profile(net, with_bandwidth=False),
+        per_peer={peer: _link_profile(link, with_bandwidth=True) for peer, link in net.links.items()},
+        uplink_bps=parse_bandwidth(net.bandwidth) if net.bandwidth else None,
+        cuts=[Cut(c.peer, epoch + c.start_s, epoch + c.end_s) for c in net.cuts],
+        seed=seed,
+    )
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -61,7 +80,10 @@ class Node:
         self.id = cfg.node.id or default_node_id(out)
         self.round = 0
         self.round_step = 0  # inner steps done in the current round
-        self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0}
+        self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0, "partial": 0}
+        self.started = time.time()
+        self.ddp_mode = cfg.optim.algorithm == 'ddp'
+        self._last_sync_s = 0.0
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -72,7 +94,10 @@ class Node:
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self.trainer = Trainer(cfg, self.id)
         key = cfg.swarm.key.encode() if cfg.swarm.key else None
-        self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key)
+        seed = int(hashlib.blake2b(self.id.encode(), digest_size=4).hexdigest(), 16)
+        shaper = build_shaper(cfg.network, seed=seed, started=self.started)
+        self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
+                                   shaper=shaper)
         self.membership = Membership(
             cfg.swarm.run_id, self.id, cfg.swarm.initial_peers, cfg.node.listen_host, cfg.node.dht_port,
             cfg.node.announce_host, cfg.swarm.announce_ttl_s,
@@ -85,8 +110,13 @@ class Node:
                                       c.decision_timeout_s, c.max_attempts)
         self.collective = GroupAllReduce(self.transport, self.membership.peers, timeouts,
                                          make_codec(cfg.compression.codec), self.stop)
-        self.comm = SwarmCommunicator(self.collective, lambda: self.snapshot.digest)
         o = cfg.optim
+        if self.ddp_mode:  # every step is a collective round; peers announce the coarse round
+            self.comm = SwarmCommunicator(self.collective, lambda: tensors_hash(self.trainer.params),
+                                          peer_round=lambda: self.round)
+            self.ddp = DataParallel(self.trainer.params, self.comm)
+        else:
+            self.comm = SwarmCommunicator(self.collective, lambda: self.snapshot.digest)
         self.diloco = DiLoCo(self.trainer.params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
         self.state_server = StateServer(self.transport)
         self.ckpt_path = self.out / "checkpoints" / f"{self.id}.pt"
@@ -103,10 +133,46 @@ class Node:
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(self.id, self.transport.endpoint, self.round)
 
+    def _sync_id(self) -> int:
+        """The collective round id: the outer round, or for ddp the swarm-wide step."""
+        return self.round * self.cfg.optim.inner_steps + self.round_step if self.ddp_mode else self.round
+
+    def _synchronized(self) -> list[torch.Tensor]:
+        """What must be identical on every replica. DDP: weights and inner AdamW moments."""
+        if not self.ddp_mode:
+            return self.diloco.synchronized_tensors()
+        out = [p.detach() for p in self.trainer.params]
+        for p in self.trainer.params:
+            st = self.trainer.opt.state.get(p, {})
+            out += [st.get("exp_avg", torch.zeros_like(p)), st.get("exp_avg_sq", torch.zeros_like(p))]
+        return out
+
+    def _load_synchronized(self, tensors: list[torch.Tensor], meta: dict[str, Any]) -> None:
+        if not self.ddp_mode:
+            self.diloco.load_synchronized(tensors, int(meta.get("outer_steps", 0)))
+            return
+        params = self.trainer.params
+        if len(tensors) != 3 * len(params):
+            raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * len(params)}")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(tensors[i])
+                avg, sq = tensors[len(params) + 2 * i: len(params) + 2 * i + 2]
+                self.trainer.opt.state[p] = {"step": torch.tensor(float(meta.get("adam_step", 0))),
+                                             "exp_avg": avg.clone(), "exp_avg_sq": sq.clone()}
+
+    def _adam_step(self) -> int:
+        states = [self.trainer.opt.state.get(p, {}) for p in self.trainer.params]
+        return int(float(states[0].get("step", 0))) if states else 0
+
     def _publish(self) -> None:
-        self.snapshot = self.state_server.publish(
-            self.round, self.diloco.synchronized_tensors(), {"outer_steps": self.diloco.outer_steps})
+        meta = {"outer_steps": self.diloco.outer_steps, "round": self.round, "round_step": self.round_step,
+                "adam_step": self._adam_step()}
+        self.snapshot = self.state_server.publish(self._sync_id(), self._synchronized(), meta)
         self.membership.announce(self._peer_info())
+
+    def _weights(self) -> list[torch.Tensor]:
+        return list(self.trainer.params) if self.ddp_mode else self.diloco.anchor
 
     # ------------------------------------------------------------ state moves
     def _resume(self) -> bool:
@@ -135,11 +201,16 @@ class Node:
         if snap is None:
             self.metrics.write("resync_failed", round=self.round, source=endpoint, reason=reason)
             return False
-        self.diloco.load_synchronized(snap.tensors, int(snap.meta.get("outer_steps", 0)))
+        try:
+            self._load_synchronized(snap.tensors, snap.meta)
+        except ValueError as exc:  # a peer with another model: refuse, keep training
+            self.metrics.write("resync_failed", round=self.round, source=endpoint, reason=str(exc))
+            return False
         old = self.round
-        self.round, self.round_step = snap.round, 0
+        self.round = int(snap.meta.get("round", snap.round))
+        self.round_step = int(snap.meta.get("round_step", 0))
         self.metrics.write("resync", step=self.trainer.step, round=self.round, from_round=old,
-                           source=endpoint, reason=reason, weights_hash=tensors_hash(self.diloco.anchor))
+                           source=endpoint, reason=reason, weights_hash=tensors_hash(self._weights()))
         log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)
         return True
 
@@ -152,7 +223,8 @@ class Node:
         if best <= self.round:
             return False
         source = min((p for p in peers if p.round == best), key=lambda p: p.id)
-        return self._resync_from(source.endpoint, best, f"peers at round {best}")
+        first_id = best * self.cfg.optim.inner_steps if self.ddp_mode else best
+        return self._resync_from(source.endpoint, first_id, f"peers at round {best}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
@@ -172,50 +244,100 @@ class Node:
             self._publish()
             start_val = self.trainer.evaluate()
             self.metrics.write("start", step=self.trainer.step, round=self.round, val_loss=start_val,
-                               resumed=resumed, weights_hash=tensors_hash(self.diloco.anchor),
-                               endpoint=self.transport.endpoint)
+                               resumed=resumed, weights_hash=tensors_hash(self._weights()),
+                               endpoint=self.transport.endpoint, algorithm=self.cfg.optim.algorithm,
+                               tokens=self.trainer.tokens)
             self._loop()
         finally:
             self._shutdown()
         return 0
 
+    def _budget_left(self) -> bool:
+        t = self.cfg.train
+        return not (
+            self.stop.is_set()
+            or (t.rounds and self.round >= t.rounds)
+            or (t.max_tokens and self.trainer.tokens >= t.max_tokens)
+            or (t.max_time_s and time.time() - self.started >= t.max_time_s)
+        )
+
     def _loop(self) -> None:
-        cfg = self.cfg
-        H = cfg.optim.inner_steps
-        while not self.stop.is_set() and (cfg.train.rounds == 0 or self.round < cfg.train.rounds):
+        H = self.cfg.optim.inner_steps
+        while self._budget_left():
             t0 = time.monotonic()
             loss = float("nan")
-            while self.round_step < H and not self.stop.is_set():
-                loss = self.trainer.train_step()
-                self.round_step += 1
-                if self.trainer.step % cfg.train.log_every == 0:
+            comm_s = 0.0
+            syncs = {"ok": 0, "failed": 0}
+            finished = self.round
+            while self.round_step < H and self._budget_left() and self.round == finished:
+                if self.ddp_mode:
+                    loss, synced = self._ddp_step()
+                    comm_s += self._last_sync_s
+                    syncs["ok" if synced else "failed"] += 1
+                else:
+                    loss = self.trainer.train_step()
+                    self.round_step += 1
+                if self.trainer.step % self.cfg.train.log_every == 0:
                     self.metrics.write("train", step=self.trainer.step, round=self.round, loss=loss)
-            compute_s = time.monotonic() - t0
             if self.stop.is_set():
                 return
-            t1 = time.monotonic()
-            finished = self.round
-            status, group, reason = self._outer_step()
-            comm_s = time.monotonic() - t1
+            if self.ddp_mode:
+                compute_s = time.monotonic() - t0 - comm_s
+                if self.round == finished:  # (a resync inside the round has already moved us on)
+                    self.round, self.round_step = self.round + 1, 0
+                status = "ok" if not syncs["failed"] else ("partial" if syncs["ok"] else "skipped")
+                group = self.ddp.last_group_size
+                reason = f"{syncs['failed']} of {sum(syncs.values())} steps unsynced" if syncs["failed"] else ""
+            else:
+                compute_s = time.monotonic() - t0
+                t1 = time.monotonic()
+                status, group, reason = self._outer_step()
+                comm_s = time.monotonic() - t1
             self._publish()
-            val = self.trainer.evaluate()
-            self.outcomes[status] += 1
-            record = self.metrics.write(
-                "outer", step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
-                val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
-                group_size=group, compute_s=compute_s, comm_s=comm_s, status=status, reason=reason,
-                weights_hash=tensors_hash(self.diloco.anchor), tokens=self.trainer.tokens,
-            )
-            print(f"[{self.id}] round {finished} {status:7s} step {record['step']} loss {loss:.3f} "
-                  f"val {val:.3f} group {group} sent {self.transport.bytes_sent / 1e6:.1f} MB", flush=True)
-            if self.round % cfg.train.checkpoint_every == 0:
+            self._record_round(finished, status, group, reason, loss, compute_s, comm_s)
+            if self.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
+
+    def _ddp_step(self) -> tuple[float, bool]:
+        """One data-parallel step: forward/backward, gradient average, AdamW (skipped if the
+        average did not complete; a diverged or late replica resynchronizes)."""
+        sync_id = self._sync_id()
+        state = {"ok": False, "s": 0.0}
+
+        def sync() -> bool:
+            t = time.monotonic()
+            state["ok"] = self.ddp.sync_gradients(sync_id)
+            state["s"] = time.monotonic() - t
+            return state["ok"]
+
+        loss = self.trainer.train_step(sync)
+        self._last_sync_s = state["s"]
+        last = self.comm.last
+        if last is not None and last.status == "resync":
+            self._resync_from(last.leader_endpoint, sync_id + 1, last.reason)
+            return loss, False
+        self.round_step += 1
+        return loss, state["ok"]
+
+    def _record_round(self, finished: int, status: str, group: int, reason: str, loss: float,
+                      compute_s: float, comm_s: float) -> None:
+        val = self.trainer.evaluate()
+        self.outcomes[status] += 1
+        record = self.metrics.write(
+            "outer", step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
+            val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
+            group_size=group, compute_s=compute_s, comm_s=comm_s, status=status, reason=reason,
+            weights_hash=tensors_hash(self._weights()), tokens=self.trainer.tokens,
+            elapsed_s=time.time() - self.started,
+        )
+        print(f"[{self.id}] round {finished} {status:7s} step {record['step']} loss {loss:.3f} "
+              f"val {val:.3f} group {group} sent {self.transport.bytes_sent / 1e6:.1f} MB", flush=True)
 
     def _outer_step(self) -> tuple[str, int, str]:
         """Returns (status, group size, reason) and leaves self.round at the next round."""
         if self._catch_up():
             return "resync", 0, "behind the swarm"
-        result = self.diloco.outer_step(self.round)
+        result = self.diloco.outer_step(self._sync_id())
         last = self.comm.last
         self.round_step = 0
         if last is not None and last.status == "resync":

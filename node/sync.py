@@ -14,14 +14,17 @@ class SwarmCommunicator:
     """Adapts protocols' GroupAllReduce to optim's Communicator; keeps the last round's
     outcome so the daemon can resynchronize and report it."""
 
-    def __init__(self, collective: GroupAllReduce, state_hash: Callable[[], str], weight: float = 1.0):
+    def __init__(self, collective: GroupAllReduce, state_hash: Callable[[], str], weight: float = 1.0,
+                 peer_round: Callable[[], int] | None = None):
         self.collective = collective
         self.state_hash = state_hash
         self.weight = weight
+        self.peer_round = peer_round
         self.last: RoundResult | None = None
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
-        result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash())
+        peer_round = self.peer_round() if self.peer_round else None
+        result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash(), peer_round)
         self.last = result
         if result.status != "ok":
             return ReduceResult(None, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,9 @@ class Trainer:
         warm = self.cfg.optim.warmup_steps
         return self.cfg.optim.inner_lr * min(1.0, (self.step + 1) / warm) if warm else self.cfg.optim.inner_lr
 
-    def train_step(self) -> float:
+    def train_step(self, sync: Callable[[], bool] | None = None) -> float:
+        """One inner step. ``sync`` runs between backward and the update (DDP's gradient
+        average); if it returns False the update is skipped."""
         self.model.train()
         x, y = self.sampler.next_batch()
         x, y = x.to(self.device), y.to(self.device)
@@ -55,9 +58,10 @@ class Trainer:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.opt.step()
+        if sync is None or sync():
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+            self.opt.step()
         self.step += 1
         self.tokens += x.numel()
         value = loss.detach().item()

@@ -2,11 +2,13 @@
 
 - communicator.py  the interface optimizers use to reach their group (no sockets here)
 - diloco.py        DiLoCo's outer step: pseudo-gradient, averaging, Nesterov outer SGD
+- ddp.py           synchronous data parallelism (gradient averaging every step): the baseline
 
 Nothing here imports zmq, hivemind or node; tests drive it with an in-process fake.
 """
 
 from .communicator import Communicator, ReduceResult
+from .ddp import DataParallel
 from .diloco import DiLoCo, OuterStepResult
 
-__all__ = ["Communicator", "ReduceResult", "DiLoCo", "OuterStepResult"]
+__all__ = ["Communicator", "ReduceResult", "DataParallel", "DiLoCo", "OuterStepResult"]

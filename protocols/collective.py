@@ -121,15 +121,23 @@ class GroupAllReduce:
 
     # ------------------------------------------------------------ entry point
     def all_reduce(
-        self, round: int, tensors: Sequence[torch.Tensor], weight: float = 1.0, state_hash: str = ""
+        self, round: int, tensors: Sequence[torch.Tensor], weight: float = 1.0, state_hash: str = "",
+        peer_round: int | None = None,
     ) -> RoundResult:
         """Average ``tensors`` (any shapes, any float dtype) over this round's group.
 
         On "ok" every member returns bit-identical float32 tensors of the input shapes. They
-        are views of a buffer this object reuses: valid until the next call."""
+        are views of a buffer this object reuses: valid until the next call.
+
+        ``peer_round``: the round peers announce in the DHT when it differs from the
+        collective's round id (DDP averages every step but announces once per H steps)."""
         self.transport.mailbox.prune(round)
         start = time.monotonic()
-        peers = [p for p in self.live_peers() if p.round == round and p.id != self.me]
+        announced = round if peer_round is None else peer_round
+        live = self.live_peers()
+        for p in live:
+            self.transport.name_peer(p.endpoint, p.id)
+        peers = [p for p in live if p.round == announced and p.id != self.me]
         leader = min([self.me, *(p.id for p in peers)])
         try:
             if leader == self.me:
@@ -160,6 +168,7 @@ class GroupAllReduce:
                 self._send(m.meta["endpoint"], ROSTER, round, 0, {"status": "resync"})
                 continue
             members.append(Member(sender, m.meta["endpoint"], float(m.meta.get("weight", 1.0))))
+            self.transport.name_peer(m.meta["endpoint"], sender)
         if len(members) == 1 and expected:
             return RoundResult("skipped", round, leader=self.me, reason="no peer joined in time")
         roster = sorted(members, key=lambda m: m.id)
@@ -223,6 +232,8 @@ class GroupAllReduce:
         roster = self._parse_roster(reply)
         if roster is None:
             return RoundResult("skipped", reason="malformed roster", **skipped)
+        for m in roster:
+            self.transport.name_peer(m.endpoint, m.id)
         for attempt in range(t.max_attempts):
             flat, missing = self._exchange(round, attempt, tensors, roster)
             self._send(leader_endpoint, DONE, round, attempt, {"ok": not missing, "missing": missing})

@@ -125,3 +125,32 @@ def test_state_dict_round_trip_keeps_local_params():
     assert all(torch.equal(a, b) for a, b in zip(other.synchronized_tensors(), diloco.synchronized_tensors(), strict=True))
     assert torch.equal(q.detach(), torch.zeros(5))  # θ is restored separately
     assert other.outer_steps == 1
+
+
+def test_data_parallel_averages_gradients_and_matches_large_batch_sgd():
+    """Two replicas with DataParallel on half batches == one model on the full batch."""
+    from optim import DataParallel
+
+    n = 2
+    group = ThreadGroup(n)
+    models = [_model() for _ in range(n)]
+    reference = _model()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    dps = [DataParallel(m.parameters(), group.member(i)) for i, m in enumerate(models)]
+
+    def replica(i: int) -> None:
+        loss = torch.nn.functional.mse_loss(models[i](x[i * 4:(i + 1) * 4]), y[i * 4:(i + 1) * 4])
+        loss.backward()
+        assert dps[i].sync_gradients(0)
+
+    threads = [threading.Thread(target=replica, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    torch.nn.functional.mse_loss(reference(x), y).backward()
+    for i in range(n):
+        for p, r in zip(models[i].parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6)
+    assert not DataParallel(_model().parameters(), FailingComm()).sync_gradients(0)
