@@ -125,5 +125,37 @@ def swarm(nodes, config, out, overrides):
     sys.exit(run_swarm(cfg, nodes, out_dir, config, list(overrides)))
 
 
+@main.command()
+@click.argument("experiment", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Report folder (default: runs/<experiment name>-<time>).")
+@set_option
+def run(experiment, out, overrides):
+    """Run every variant of an EXPERIMENT file as a local swarm and write a report.
+
+    Each variant gets the same seeds, data and budget; the network profile and the fault
+    schedule are applied to all of them. The report (report.md, PNG plots) lands in --out.
+    """
+    from .experiment import load_experiment
+
+    try:
+        exp = load_experiment(experiment, list(overrides))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    from .runner import run_experiment
+
+    out_dir = Path(out) if out else Path("runs") / f"{exp.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sys.exit(run_experiment(exp, out_dir, experiment))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def report(folder):
+    """Rebuild FOLDER/report.md and its plots from the metrics alone."""
+    from .report import write_report
+
+    click.echo(write_report(Path(folder)))
+
+
 if __name__ == "__main__":
     main()

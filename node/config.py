@@ -7,6 +7,7 @@ keys and wrong types are rejected with a message that names the key. Runtime obj
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -272,14 +273,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file (or a JSON file, as the experiment runner writes for each node)."""
     path = Path(path)
     try:
         with path.open("rb") as f:
+            if path.suffix == ".json":
+                return json.load(f)
             return tomllib.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from exc
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> Config:

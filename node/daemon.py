@@ -84,6 +84,7 @@ class Node:
         self.started = time.time()
         self.ddp_mode = cfg.optim.algorithm == 'ddp'
         self._last_sync_s = 0.0
+        self._announced_round = -1
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -166,10 +167,13 @@ class Node:
         return int(float(states[0].get("step", 0))) if states else 0
 
     def _publish(self) -> None:
+        """Serve the current synchronized state; tell the DHT when the round changed."""
         meta = {"outer_steps": self.diloco.outer_steps, "round": self.round, "round_step": self.round_step,
                 "adam_step": self._adam_step()}
         self.snapshot = self.state_server.publish(self._sync_id(), self._synchronized(), meta)
-        self.membership.announce(self._peer_info())
+        if self.round != self._announced_round:
+            self.membership.announce(self._peer_info())
+            self._announced_round = self.round
 
     def _weights(self) -> list[torch.Tensor]:
         return list(self.trainer.params) if self.ddp_mode else self.diloco.anchor
@@ -317,6 +321,10 @@ class Node:
             self._resync_from(last.leader_endpoint, sync_id + 1, last.reason)
             return loss, False
         self.round_step += 1
+        if self.round_step < self.cfg.optim.inner_steps:
+            # a replica that fell out of step asks for the state after the next step: serve
+            # every step, not only at round ends, or it would wait a whole round
+            self._publish()
         return loss, state["ok"]
 
     def _record_round(self, finished: int, status: str, group: int, reason: str, loss: float,

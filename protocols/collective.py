@@ -137,7 +137,10 @@ class GroupAllReduce:
         live = self.live_peers()
         for p in live:
             self.transport.name_peer(p.endpoint, p.id)
-        peers = [p for p in live if p.round == announced and p.id != self.me]
+        # a peer that announced the previous round is most likely finishing it (its DHT record
+        # lags by up to a refresh): expect it too, or a leader that runs ahead would average
+        # alone and every short round would end in a resync
+        peers = [p for p in live if announced - 1 <= p.round <= announced and p.id != self.me]
         leader = min([self.me, *(p.id for p in peers)])
         try:
             if leader == self.me:
@@ -191,7 +194,7 @@ class GroupAllReduce:
                 return RoundResult("ok", round, self._unflatten(flat, tensors),
                                    tuple(m.id for m in responders), attempt + 1, self.me,
                                    self.transport.endpoint)
-            if attempt + 1 < t.max_attempts:
+            if attempt + 1 < t.max_attempts and len(roster) > 1:
                 # drop members that did not report and owners whose part someone lacks
                 # (dead, or sent garbage): the survivors' inputs are intact, redo with them
                 suspects = set(missing)
@@ -199,6 +202,8 @@ class GroupAllReduce:
                     suspects.update(str(x) for x in d.meta.get("missing", []))
                 suspects.discard(self.me)
                 survivors = [m for m in responders if m.id not in suspects]
+                if len(survivors) < 2:
+                    break  # alone: averaging with nobody would only make this replica diverge
                 log.warning("round %d attempt %d incomplete (missing %s, %d/%d reported): retrying "
                             "with %s", round, attempt, sorted(suspects), len(dones), len(others),
                             [m.id for m in survivors])
@@ -210,11 +215,11 @@ class GroupAllReduce:
                     if m not in survivors:
                         self._send(m.endpoint, DECISION, round, attempt, {"decision": "excluded"})
                 roster = survivors
-        for m in roster:
+        for m in roster:  # the attempt the followers are waiting on
             if m.id != self.me:
-                self._send(m.endpoint, DECISION, round, t.max_attempts - 1, {"decision": "abort"})
-        return RoundResult("skipped", round, leader=self.me, attempts=t.max_attempts,
-                           reason="aborted after retries")
+                self._send(m.endpoint, DECISION, round, attempt, {"decision": "abort"})
+        return RoundResult("skipped", round, leader=self.me, attempts=attempt + 1,
+                           reason="aborted: no complete group")
 
     # ---------------------------------------------------------------- follower
     def _follow(self, round, tensors, weight, state_hash, leader, leader_endpoint) -> RoundResult:

@@ -1,0 +1,142 @@
+"""`loco run`: every variant of an experiment as a real local swarm, faults included.
+
+Each variant gets its own folder (OUT/<variant>/, the same layout as `loco swarm`) and the
+same seeds, data and budget. The runner starts the nodes, carries out the fault schedule
+(recording every event in OUT/<variant>/metrics/faults.jsonl), waits for the nodes to
+finish, and writes the report. Timings come from the nodes' own metrics, so the runner's
+overhead is not in the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from .config import config_to_dict
+from .experiment import Experiment, Fault, Variant, node_config
+from .metrics import MetricsWriter, read_metrics
+from .report import write_report
+from .swarm import LocalNode, node_command, reap_groups, spawn, stop_all, wait_for_file
+
+console = Console(highlight=False)
+
+
+class VariantRun:
+    def __init__(self, exp: Experiment, variant: Variant, out: Path):
+        self.exp = exp
+        self.variant = variant
+        self.out = out
+        self.n = exp.experiment.nodes
+        self.nodes: dict[int, LocalNode] = {}
+        self.epoch = time.time()
+        self.faults = MetricsWriter(out / "metrics" / "faults.jsonl", "runner")
+        self.pending = sorted(exp.fault, key=lambda f: (f.at_s if f.at_s is not None else 1e18))
+        self.resume_at: list[tuple[float, int]] = []  # (time, node) for SIGCONT after a pause
+
+    def _config_path(self, i: int) -> Path:
+        cfg = node_config(self.exp, self.variant, i, self.epoch)
+        data = config_to_dict(cfg)
+        data["swarm"]["wait_for_peers"] = data["swarm"]["wait_for_peers"] or self.n - 1
+        if not data["node"]["threads"]:
+            data["node"]["threads"] = max(1, (os.cpu_count() or 1) // self.n)
+        path = self.out / "node-configs" / f"node{i}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+    def _start(self, i: int, peer: str | None) -> None:
+        node_id = f"node{i}"
+        (self.out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
+        cmd = node_command(node_id, self.out, str(self._config_path(i)), [], peer)
+        self.nodes[i] = LocalNode(node_id, spawn(cmd, self.out / "logs" / f"{node_id}.log"), self.out / "logs")
+
+    def _live_peer(self, exclude: int) -> str | None:
+        for i, n in self.nodes.items():
+            info = self.out / "nodes" / f"node{i}.json"
+            if i != exclude and n.proc.poll() is None and info.exists():
+                return json.loads(info.read_text())["maddrs"][0]
+        return None
+
+    def _round_reached(self, node: int, rnd: int) -> bool:
+        path = self.out / "metrics" / f"node{node}.jsonl"
+        return path.exists() and any(r.get("event") == "outer" and r.get("round", -1) >= rnd
+                                     for r in read_metrics(path))
+
+    def _due(self, f: Fault) -> bool:
+        if f.at_s is not None:
+            return time.time() - self.epoch >= f.at_s
+        return self._round_reached(f.node, f.at_round or 0)
+
+    def _apply(self, f: Fault) -> None:
+        node = self.nodes.get(f.node)
+        record = {"action": f.action, "target": f"node{f.node}", "elapsed_s": time.time() - self.epoch}
+        alive = node is not None and node.proc.poll() is None
+        if f.action == "cut":
+            record["peer"] = f"node{f.peer}"
+            record["duration_s"] = f.duration_s  # applied by both nodes' shapers from their config
+        elif f.action == "restart":
+            if alive:
+                record["note"] = "node was running; not restarted"
+            else:
+                self._start(f.node, self._live_peer(exclude=f.node))
+        elif not alive:
+            record["note"] = "node was not running"
+        elif f.action == "kill":
+            node.proc.send_signal(signal.SIGKILL)
+        elif f.action == "stop":
+            node.proc.send_signal(signal.SIGTERM)
+        elif f.action == "pause":
+            os.killpg(node.proc.pid, signal.SIGSTOP)
+            self.resume_at.append((time.time() + f.duration_s, f.node))
+            record["duration_s"] = f.duration_s
+        self.faults.write("fault", **record)
+        console.print(f"  [{self.variant.name}] fault at {record['elapsed_s']:.0f}s: {f.action} node{f.node}")
+
+    def run(self) -> bool:
+        """True if the variant finished by itself within the experiment's timeout."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        console.print(f"variant {self.variant.name}: starting {self.n} nodes")
+        finished = False
+        try:
+            self._start(0, None)
+            peer = wait_for_file(self.out / "nodes" / "node0.json", self.nodes[0].proc, 180)["maddrs"][0]
+            for i in range(1, self.n):
+                self._start(i, peer)
+            deadline = time.time() + self.exp.experiment.timeout_s
+            while time.time() < deadline:
+                for f in [f for f in self.pending if self._due(f)]:
+                    self.pending.remove(f)
+                    self._apply(f)
+                for t, i in [x for x in self.resume_at if x[0] <= time.time()]:
+                    self.resume_at.remove((t, i))
+                    os.killpg(self.nodes[i].proc.pid, signal.SIGCONT)
+                    self.faults.write("fault", action="resume", target=f"node{i}",
+                                      elapsed_s=time.time() - self.epoch)
+                running = [n for n in self.nodes.values() if n.proc.poll() is None]
+                if not running and not self.resume_at and not any(f.action == "restart" for f in self.pending):
+                    finished = True
+                    break
+                time.sleep(0.5)
+        finally:
+            for _, i in self.resume_at:  # never leave a stopped process behind
+                os.killpg(self.nodes[i].proc.pid, signal.SIGCONT)
+            stop_all(list(self.nodes.values()), grace_s=60)
+            reap_groups(list(self.nodes.values()))
+            self.faults.close()
+        return finished
+
+
+def run_experiment(exp: Experiment, out: Path, source: str) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps({"source": source, **exp.model_dump(mode="json")}, indent=2))
+    ok = True
+    for variant in exp.variant:
+        ok &= VariantRun(exp, variant, out / variant.name).run()
+    report = write_report(out)
+    console.print(f"report: {report}")
+    return 0 if ok else 1
