@@ -3,6 +3,7 @@
 - communicator.py  the interface optimizers use to reach their group (no sockets here)
 - diloco.py        DiLoCo's outer step: pseudo-gradient, averaging, Nesterov outer SGD
 - ddp.py           synchronous data parallelism (gradient averaging every step): the baseline
+- flat.py          views of one flat buffer shaped like a parameter list
 
 Nothing here imports zmq, hivemind or node; tests drive it with an in-process fake.
 """

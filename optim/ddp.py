@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from .communicator import Communicator
+from .flat import split_like
 
 
 class DataParallel:
@@ -24,18 +25,11 @@ class DataParallel:
         self._flat = torch.zeros(numel, dtype=torch.float32, device=device)
         self.last_group_size = 0
 
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for p in self.params:
-            views.append(flat[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return views
-
     @torch.no_grad()
     def sync_gradients(self, round: int) -> bool:
         """Replace every ``p.grad`` by the group mean. False: the average did not complete
         and the gradients are left as they were (the caller skips the step)."""
-        for v, p in zip(self._views(self._flat), self.params, strict=True):
+        for v, p in zip(split_like(self._flat, self.params), self.params, strict=True):
             if p.grad is None:
                 v.zero_()
             else:
@@ -44,7 +38,7 @@ class DataParallel:
         self.last_group_size = result.group_size
         if result.tensors is None:
             return False
-        for v, p in zip(self._views(result.tensors[0].reshape(-1)), self.params, strict=True):
+        for v, p in zip(split_like(result.tensors[0].reshape(-1), self.params), self.params, strict=True):
             if p.grad is None:
                 p.grad = v.to(p.dtype).clone()
             else:

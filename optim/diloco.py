@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .communicator import Communicator
+from .flat import split_like
 
 
 @dataclass
@@ -51,14 +52,7 @@ class DiLoCo:
         numel = sum(a.numel() for a in self.anchor)
         device = self.anchor[0].device if self.anchor else "cpu"
         self._delta = torch.empty(numel, dtype=torch.float32, device=device)
-        self._delta_views = self._split(self._delta)
-
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for a in self.anchor:
-            views.append(flat[offset:offset + a.numel()].view(a.shape))
-            offset += a.numel()
-        return views
+        self._delta_views = split_like(self._delta, self.anchor)
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
@@ -100,7 +94,7 @@ class DiLoCo:
         if result.tensors is None:
             return OuterStepResult(False, result.group_size, norm)
         (averaged,) = result.tensors
-        self.apply(self._split(averaged.reshape(-1)))
+        self.apply(split_like(averaged.reshape(-1), self.anchor))
         return OuterStepResult(True, result.group_size, norm)
 
     # ------------------------------------------------------------ state
