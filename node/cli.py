@@ -100,7 +100,7 @@ def node_start(config, initial_peers, out, overrides, node_id, listen, announce,
     signal.signal(signal.SIGTERM, on_signal)
     try:
         code = Node(cfg, Path(out), stop).run()
-    except ConfigError as exc:
+    except (ConfigError, ConnectionError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 

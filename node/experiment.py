@@ -66,7 +66,7 @@ class Fault(_Strict):
     at_s: float | None = Field(None, ge=0)
     """Seconds after the variant starts."""
     at_round: int | None = Field(None, ge=0)
-    """Or: when the node reports having finished this round."""
+    """Or: when the node reports having finished this round (restart: when any other node has)."""
     duration_s: float = Field(10.0, gt=0)
     """pause and cut: how long."""
     peer: int | None = Field(None, ge=0)

@@ -70,6 +70,8 @@ class VariantRun:
     def _due(self, f: Fault) -> bool:
         if f.at_s is not None:
             return time.time() - self.epoch >= f.at_s
+        if f.action == "restart":  # the target is down: count the swarm's rounds instead
+            return any(self._round_reached(i, f.at_round or 0) for i in self.nodes if i != f.node)
         return self._round_reached(f.node, f.at_round or 0)
 
     def _apply(self, f: Fault) -> None:

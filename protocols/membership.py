@@ -67,13 +67,17 @@ class Membership:
         self._get_time = get_dht_time
         host_maddrs = [f"/ip4/{listen_host}/tcp/{port}"]
         announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host and port else None
-        self.dht = hivemind.DHT(
-            initial_peers=list(initial_peers or []),
-            host_maddrs=host_maddrs,
-            announce_maddrs=announce,
-            start=True,
-            wait_timeout=60,
-        )
+        try:
+            self.dht = hivemind.DHT(
+                initial_peers=list(initial_peers or []),
+                host_maddrs=host_maddrs,
+                announce_maddrs=announce,
+                start=True,
+                wait_timeout=60,
+            )
+        except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure
+            where = f"initial peers {list(initial_peers or [])}" if initial_peers else f"{host_maddrs}"
+            raise ConnectionError(f"could not start the DHT node or reach {where}: {exc}") from None
         self._info: PeerInfo | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

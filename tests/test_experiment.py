@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -110,3 +111,35 @@ def test_two_variants_with_a_kill_run_end_to_end_and_report_rebuilds(procs, tmp_
     result = CliRunner().invoke(main, ["report", str(out)])
     assert result.exit_code == 0
     assert (out / "report.md").read_text() == before
+
+
+@pytest.mark.swarm
+def test_stopped_node_restarts_resumes_and_rejoins(procs, tmp_path):
+    text = (Path("configs/smoke.toml").read_text().split("[[fault]]")[0] + """
+[[fault]]
+action = "stop"
+node = 1
+at_round = 1
+
+[[fault]]
+action = "restart"
+node = 1
+at_round = 2
+
+[[variant]]
+name = "diloco"
+""").replace("max_tokens = 30720", "rounds = 0, max_tokens = 153600")
+    path = tmp_path / "restart.toml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    p = procs.loco("run", str(path), "--out", str(out), log="run")
+    assert p.wait(timeout=600) == 0, procs.log("run")[-3000:]
+    records = read_records(out / "diloco" / "metrics" / "node1.jsonl")
+    starts = [r for r in records if r["event"] == "start"]
+    stops = [r for r in records if r["event"] == "stop"]
+    assert len(starts) == 2 and starts[1]["resumed"] is True
+    assert starts[1]["step"] == stops[0]["step"]  # resumed from its checkpoint
+    after = [r for r in records if r["event"] == "outer" and r["time"] > starts[1]["time"]]
+    assert any(r["status"] == "ok" and r["group_size"] == 3 for r in after)  # back in the group
+    faults = read_records(out / "diloco" / "metrics" / "faults.jsonl")
+    assert [f["action"] for f in faults] == ["stop", "restart"]

@@ -165,3 +165,13 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
     first = next(r for r in read_records(out / "metrics" / "node0.jsonl") if r["event"] == "start")
     assert late["val_loss"] < first["val_loss"] - 0.3  # not an untrained model
     assert abs(late["val_loss"] - source["val_loss"]) < 1e-6
+
+
+def test_unreachable_initial_peer_is_a_clear_error(procs, tmp_path):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWAKJn9Ck2kVwPUXscWHyxGgFvq5jRnk3M18aRja12bKp7"
+    p = _start_node(procs, tmp_path / "run", "node9", peer=dead)
+    assert _wait_exit(p, 180, "node9", procs) != 0
+    log = procs.log("node9")
+    assert "could not start the DHT node or reach initial peers" in log
+    assert "Traceback" not in log
+    wait_until(lambda: group_members(p.pid) == [], 60, "node9's helpers to exit")
