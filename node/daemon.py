@@ -201,7 +201,11 @@ class Node:
             self.metrics.write("checkpoint_failed", round=self.round, error=str(exc))
 
     def _resync_from(self, endpoint: str, min_round: int, reason: str) -> bool:
-        snap = fetch_state(self.transport, endpoint, min_round, self.cfg.swarm.join_timeout_s, self.stop)
+        def source_alive() -> bool:  # a source that left or died is not waited for
+            return any(p.endpoint == endpoint for p in self.membership.peers())
+
+        snap = fetch_state(self.transport, endpoint, min_round, self.cfg.swarm.join_timeout_s, self.stop,
+                           alive=source_alive)
         if snap is None:
             self.metrics.write("resync_failed", round=self.round, source=endpoint, reason=reason)
             return False
@@ -297,6 +301,8 @@ class Node:
                 t1 = time.monotonic()
                 status, group, reason = self._outer_step()
                 comm_s = time.monotonic() - t1
+                if status == "stopped":
+                    return
             self._publish()
             self._record_round(finished, status, group, reason, loss, compute_s, comm_s)
             if self.round % self.cfg.train.checkpoint_every == 0:
@@ -347,6 +353,10 @@ class Node:
             return "resync", 0, "behind the swarm"
         result = self.diloco.outer_step(self._sync_id())
         last = self.comm.last
+        if not result.applied and self.stop.is_set():
+            # stopping: this round did not happen here. Keep round and step as they are, so
+            # peers never see us "ahead" and a restart redoes just this outer step.
+            return "stopped", 0, "stopping"
         self.round_step = 0
         if last is not None and last.status == "resync":
             self.round += 1  # the leader has finished this round without us

@@ -68,6 +68,10 @@ class VariantRun:
                                      for r in read_metrics(path))
 
     def _due(self, f: Fault) -> bool:
+        if f.action == "restart":
+            node = self.nodes.get(f.node)
+            if node is not None and node.proc.poll() is None:
+                return False  # still running (or still shutting down after a stop): wait for it
         if f.at_s is not None:
             return time.time() - self.epoch >= f.at_s
         if f.action == "restart":  # the target is down: count the swarm's rounds instead

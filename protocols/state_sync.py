@@ -24,6 +24,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,17 +105,26 @@ _request_ids = itertools.count(1)
 
 def fetch_state(
     transport: Transport, endpoint: str, min_round: int = 0, timeout_s: float = 60.0,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, alive: Callable[[], bool] | None = None,
+    check_every_s: float = 2.0,
 ) -> Snapshot | None:
     """Ask the node at ``endpoint`` for its snapshot of round >= ``min_round``.
 
-    Returns None if no valid answer came before the deadline; a reply whose tensors do not
+    Returns None if no valid answer came before the deadline, or as soon as ``alive()``
+    says the source is gone (checked every ``check_every_s``); a reply whose tensors do not
     match its declared hash is rejected (and logged), never used."""
     request_id = next(_request_ids)
     transport.send(endpoint, Message(STATE_REQ, attempt=request_id, meta={
         "min_round": min_round, "endpoint": transport.endpoint,
     }))
-    reply = transport.recv(STATE, -1, request_id, timeout_s=timeout_s, stop=stop)
+    deadline = time.monotonic() + timeout_s
+    reply = None
+    while reply is None and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        wait = min(check_every_s, deadline - time.monotonic()) if alive else deadline - time.monotonic()
+        reply = transport.recv(STATE, -1, request_id, timeout_s=max(0.0, wait), stop=stop)
+        if reply is None and alive is not None and not alive():
+            log.warning("state source %s left the swarm; giving up", endpoint)
+            return None
     if reply is None:
         log.warning("no state from %s within %.0fs", endpoint, timeout_s)
         return None
