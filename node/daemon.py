@@ -83,7 +83,6 @@ class Node:
         self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0, "partial": 0}
         self.started = time.time()
         self.ddp_mode = cfg.optim.algorithm == 'ddp'
-        self._last_sync_s = 0.0
         self._announced_round = -1
 
     # ----------------------------------------------------------------- setup
@@ -279,8 +278,8 @@ class Node:
             finished = self.round
             while self.round_step < H and self._budget_left() and self.round == finished:
                 if self.ddp_mode:
-                    loss, synced = self._ddp_step()
-                    comm_s += self._last_sync_s
+                    loss, synced, sync_s = self._ddp_step()
+                    comm_s += sync_s
                     syncs["ok" if synced else "failed"] += 1
                 else:
                     loss = self.trainer.train_step()
@@ -308,9 +307,10 @@ class Node:
             if self.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
 
-    def _ddp_step(self) -> tuple[float, bool]:
+    def _ddp_step(self) -> tuple[float, bool, float]:
         """One data-parallel step: forward/backward, gradient average, AdamW (skipped if the
-        average did not complete; a diverged or late replica resynchronizes)."""
+        average did not complete; a diverged or late replica resynchronizes). Returns the
+        loss, whether the average completed, and the seconds it took."""
         sync_id = self._sync_id()
         state = {"ok": False, "s": 0.0}
 
@@ -321,17 +321,16 @@ class Node:
             return state["ok"]
 
         loss = self.trainer.train_step(sync)
-        self._last_sync_s = state["s"]
         last = self.comm.last
         if last is not None and last.status == "resync":
             self._resync_from(last.leader_endpoint, sync_id + 1, last.reason)
-            return loss, False
+            return loss, False, state["s"]
         self.round_step += 1
         if self.round_step < self.cfg.optim.inner_steps:
             # a replica that fell out of step asks for the state after the next step: serve
             # every step, not only at round ends, or it would wait a whole round
             self._publish()
-        return loss, state["ok"]
+        return loss, state["ok"], state["s"]
 
     def _record_round(self, finished: int, status: str, group: int, reason: str, loss: float,
                       compute_s: float, comm_s: float) -> None:

@@ -5,7 +5,6 @@ Membership comes from a static list here (the DHT is exercised by the swarm test
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -191,13 +190,19 @@ def test_state_server_answers_now_and_later(peers):
     assert snap.digest == tensors_hash(tensors)
     assert all(torch.equal(a, b) for a, b in zip(snap.tensors, tensors, strict=True))
     # a request for a future round is parked until that round is published
+    serve = server_t._handlers["STATE_REQ"]
+    received = threading.Event()
+
+    def serve_and_signal(msg):
+        serve(msg)
+        received.set()  # the request has been seen (and parked, since round 5 is not out)
+
+    server_t.on("STATE_REQ", serve_and_signal)
     later = {}
     t = threading.Thread(target=lambda: later.update(s=fetch_state(client_t, server_t.endpoint, 5, 30)))
     t.start()
     newer = [torch.zeros(10), torch.ones(3, 3)]
-    deadline = time.monotonic() + 30
-    while not server._pending and time.monotonic() < deadline:  # the request must be parked first
-        time.sleep(0.01)
+    assert received.wait(30)
     server.publish(5, newer, {"outer_steps": 5})
     t.join(timeout=30)
     assert later["s"] is not None and later["s"].round == 5
