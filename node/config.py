@@ -98,15 +98,59 @@ class DataConfig(_Section):
     """Batches in each validation pass (the same for every node)."""
 
 
+class NoLoCoConfig(_Section):
+    """NoLoCo (ALGORITHMS.md section 3): gossip averaging in small random groups."""
+
+    alpha: float = Field(0.5, ge=0, lt=1)
+    """α: outer momentum of δ."""
+    beta: float = Field(0.7, gt=0)
+    """β: weight of the group's mean local progress d̄ = mean(θ − φ)."""
+    gamma: float = Field(0.7, ge=0)
+    """γ: pull of each replica's φ towards the group's mean φ̄ (keeps replicas together)."""
+    group_size: int = Field(2, ge=2)
+    """g: replicas per averaging group (2: one partner). An odd node out joins a group."""
+    exchange_timeout_s: float = Field(30.0, gt=0)
+    """How long to wait for partners' data; after it the node takes a local-only step."""
+
+
+class CO2Config(_Section):
+    """CO2 (ALGORITHMS.md section 4): the all-reduce of round t runs during round t+1."""
+
+    outer_lr: float = Field(1.0, gt=0)
+    """η: outer learning rate."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """β: outer momentum (paper: 0 up to 16 workers, 0.2 to 32, 0.5 to 64, 0.6 beyond)."""
+    clip: float = Field(1.0, ge=0)
+    """c: element-wise clamp of the outer momentum to [-c, c]; 0 disables."""
+    staleness: Literal["fixed", "gap_aware"] = "gap_aware"
+    """Staleness gap penalty λ: 'fixed' divides by ``penalty``; 'gap_aware' by
+    max(1, ‖gap‖ / mean‖g‖) per tensor (see optim/co2.py; the paper's formula is unverified)."""
+    penalty: float = Field(1.0, ge=1)
+    """λ for staleness='fixed' (1: no penalty)."""
+
+
+class StreamingConfig(_Section):
+    """Streaming DiLoCo (ALGORITHMS.md section 2): fragments on staggered schedules."""
+
+    fragments: int = Field(2, ge=1)
+    """P: fragments, strided over the transformer blocks."""
+    overlap: int = Field(1, ge=0)
+    """τ: inner steps that run while a fragment's average is in flight (0: blocking)."""
+    mix: float = Field(0.5, ge=0, le=1)
+    """α: after overlap, θ_p ← α·θ_p(local) + (1−α)·θ̃_p (ignored when overlap = 0)."""
+
+
 class OptimConfig(_Section):
-    algorithm: Literal["diloco", "ddp"] = "diloco"
-    """diloco: local steps + outer step; ddp: gradients averaged every step (the baseline)."""
+    algorithm: Literal["diloco", "streaming_diloco", "noloco", "co2", "ddp"] = "diloco"
+    """diloco: local steps + outer all-reduce; streaming_diloco: the same, fragment by
+    fragment, overlapped; noloco: gossip with random partners, no collective; co2: the
+    all-reduce hidden behind the next round; ddp: gradients averaged every step (baseline)."""
     inner_steps: int = Field(30, ge=1)
     """H: inner steps per outer round (ddp: steps between evaluations/records)."""
     inner_lr: float = Field(1e-3, gt=0)
     """Inner AdamW learning rate (paper: 4e-4 at 150M+ parameters; small models like more)."""
     weight_decay: float = Field(0.1, ge=0)
-    """Inner AdamW weight decay."""
+    """Inner AdamW weight decay (the NoLoCo paper uses 0)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """Inner AdamW betas."""
     grad_clip: float = Field(1.0, ge=0)
@@ -114,11 +158,26 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(20, ge=0)
     """Linear warm-up of the inner learning rate."""
     outer_lr: float = Field(0.7, gt=0)
-    """η: outer learning rate."""
+    """η: outer learning rate (diloco, streaming_diloco)."""
     outer_momentum: float = Field(0.9, ge=0, lt=1)
-    """μ: outer momentum."""
+    """μ: outer momentum (diloco, streaming_diloco)."""
     nesterov: bool = True
-    """Nesterov outer momentum."""
+    """Nesterov outer momentum (diloco, streaming_diloco)."""
+    noloco: NoLoCoConfig = NoLoCoConfig()
+    co2: CO2Config = CO2Config()
+    streaming: StreamingConfig = StreamingConfig()
+
+    @model_validator(mode="after")
+    def _streaming_schedule_fits(self) -> OptimConfig:
+        if self.algorithm != "streaming_diloco":
+            return self
+        p, tau, h = self.streaming.fragments, self.streaming.overlap, self.inner_steps
+        if p > h:
+            raise ValueError(f"streaming.fragments ({p}) must not exceed inner_steps ({h})")
+        if tau >= max(1, h // p):
+            raise ValueError(f"streaming.overlap ({tau}) must be below inner_steps / fragments "
+                             f"({h} // {p} = {h // p}): one fragment in flight at a time")
+        return self
 
 
 class CollectiveConfig(_Section):

@@ -14,20 +14,13 @@ that does not complete changes nothing (θ keeps training, the next Δ spans bot
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .communicator import Communicator
 from .flat import split_like
-
-
-@dataclass
-class OuterStepResult:
-    applied: bool
-    group_size: int
-    delta_norm: float
+from .outer import OuterStepResult, nesterov_sgd_step
 
 
 class DiLoCo:
@@ -67,18 +60,8 @@ class DiLoCo:
 
         Same operations, in the same order, as torch.optim.SGD(momentum, nesterov,
         dampening=0), so results match it bit for bit (tested)."""
-        mu, lr = self.momentum, self.outer_lr
-        for a, b, d in zip(self.anchor, self.buf, delta, strict=True):
-            d = d.to(a.device)
-            if mu:
-                if self.outer_steps == 0:
-                    b.copy_(d)  # torch initializes the buffer to the first gradient
-                else:
-                    b.mul_(mu).add_(d)
-                step = d.add(b, alpha=mu) if self.nesterov else b
-            else:
-                step = d
-            a.add_(step, alpha=-lr)
+        nesterov_sgd_step(self.anchor, self.buf, delta, self.outer_lr, self.momentum, self.nesterov,
+                          first=self.outer_steps == 0)
         self.outer_steps += 1
         self.reset_params()
 
@@ -92,10 +75,10 @@ class DiLoCo:
         norm = float(self._delta.norm())
         result = self.comm.all_reduce_mean([self._delta], round)
         if result.tensors is None:
-            return OuterStepResult(False, result.group_size, norm)
+            return OuterStepResult(False, result.group_size, norm, result)
         (averaged,) = result.tensors
         self.apply(split_like(averaged.reshape(-1), self.anchor))
-        return OuterStepResult(True, result.group_size, norm)
+        return OuterStepResult(True, result.group_size, norm, result)
 
     # ------------------------------------------------------------ state
     def synchronized_tensors(self) -> list[torch.Tensor]:

@@ -1,0 +1,182 @@
+"""CO2 (Sun et al. 2024), ALGORITHMS.md section 4: local updating with the all-reduce of
+round t running in the background during round t+1; its result is applied one round late.
+
+At the end of round t (x_t = the anchor the round started from, θ = this replica's
+weights after τ inner steps)::
+
+    ḡ_{t−1} = wait for the reduce launched at the end of round t−1   (mean of Δ_{t−1})
+    Δ_t     = x_t − θ                     # pseudo-gradient, old minus new
+    launch the reduce of Δ_t               (runs while round t+1 computes)
+    m       ← β·m + ḡ_{t−1} / λ            # staleness gap penalty, λ ≥ 1
+    m       ← clamp(m, −c, c)              # element-wise, IN PLACE (the public code's bug)
+    x_{t+1} = x_t − η·m ;  θ ← x_{t+1}
+
+Averaging Δ_i = x_{t−1} − x^i_{t−1} is averaging the weights, since x_{t−1} is the same on
+every replica (g = x_{t−1} − x̄_{t−1} in the paper), and small differences compress better.
+The first round has nothing to apply (x_1 = x_0). A reduce that did not complete changes
+nothing: no update, momentum kept, every replica that skipped it stays consistent (that
+round's local progress is lost, as a replica cannot apply a mean it does not know).
+
+Staleness penalty λ, per tensor [unverified: the paper's exact formula is not confirmed]:
+- ``fixed``: λ = ``penalty`` (1: no penalty).
+- ``gap_aware``: λ = max(1, ‖x_t − x_{t−1}‖ / mean_k ‖ḡ_k‖): how far the model moved
+  since the stale gradient's model, in units of the typical update (Gap-Aware, Barkai et
+  al. 2020, with norms per tensor instead of per element). Both terms are computed from
+  data every replica shares, so replicas stay bit-identical.
+
+Order at the end of round t, and why: wait first (the send buffer and the communicator's
+result buffer are free only then), write Δ_t, apply ḡ_{t−1} (reads the result buffer),
+then launch round t. One reduce is in flight at a time; see optim/background.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from .background import BackgroundReducer
+from .communicator import Communicator, ReduceResult
+from .flat import split_like
+from .outer import OuterStepResult
+
+Staleness = Literal["fixed", "gap_aware"]
+
+
+class CO2:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        comm: Communicator,
+        outer_lr: float = 1.0,
+        momentum: float = 0.0,
+        clip: float = 1.0,
+        staleness: Staleness = "gap_aware",
+        penalty: float = 1.0,
+        background: bool = True,
+    ):
+        if staleness not in ("fixed", "gap_aware"):
+            raise ValueError(f"staleness must be 'fixed' or 'gap_aware', got {staleness!r}")
+        if penalty < 1:
+            raise ValueError(f"penalty λ must be >= 1, got {penalty}")
+        self.params = list(params)
+        self.comm = comm
+        self.outer_lr, self.momentum, self.clip = outer_lr, momentum, clip
+        self.staleness, self.penalty = staleness, penalty
+        self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]  # x_t
+        self.m = [torch.zeros_like(a) for a in self.anchor]
+        # per tensor: [‖x_t − x_{t−1}‖, Σ_k ‖ḡ_k‖]; with outer_steps, all gap_aware needs
+        self.stats = torch.zeros(len(self.anchor), 2, dtype=torch.float64)
+        self.outer_steps = 0
+        numel = sum(a.numel() for a in self.anchor)
+        device = self.anchor[0].device if self.anchor else "cpu"
+        self._send = torch.empty(numel, dtype=torch.float32, device=device)
+        self._send_views = split_like(self._send, self.anchor)
+        self._reducer = BackgroundReducer(comm) if background else None
+        self._sync_result: ReduceResult | None = None
+        # a replica that adopted a peer's state gets the reduce it missed from that peer
+        self._adopted_pending: Callable[[], ReduceResult] | None = None
+        self.pending_round = -1  # round whose reduce is in flight (-1: none)
+        self.last_penalty: list[float] = []
+
+    # ------------------------------------------------------------------ step
+    def _take_pending(self) -> ReduceResult | None:
+        if self._adopted_pending is not None:
+            fetch, self._adopted_pending = self._adopted_pending, None
+            return fetch()
+        if self._reducer is not None:
+            return self._reducer.wait()
+        result, self._sync_result = self._sync_result, None
+        return result
+
+    def outer_step(self, round: int) -> OuterStepResult:
+        """End of round ``round``: apply round−1's mean, launch this round's reduce."""
+        stale = self._take_pending()
+        with torch.no_grad():
+            for d, a, p in zip(self._send_views, self.anchor, self.params, strict=True):
+                torch.sub(a, p.detach().to(torch.float32), out=d)
+        norm = float(self._send.norm())
+        applied = stale is not None and stale.tensors is not None
+        if applied:
+            self.apply(split_like(stale.tensors[0].reshape(-1), self.anchor))
+        if self._reducer is not None:
+            self._reducer.start([self._send], round)
+        else:  # sequential mode (tests, and the reference the threaded mode must equal)
+            self._sync_result = self.comm.all_reduce_mean([self._send], round)
+        self.pending_round = round
+        self.reset_params()
+        group = stale.group_size if stale is not None else 0
+        return OuterStepResult(applied, group, norm, stale,
+                               extra={"stale_round": round - 1, "penalty": list(self.last_penalty)})
+
+    @torch.no_grad()
+    def apply(self, g: Sequence[torch.Tensor]) -> None:
+        """m ← clamp(β·m + g/λ, −c, c); x ← x − η·m (in place, per tensor)."""
+        penalties = self._penalties(g)
+        for i, (a, m, gi) in enumerate(zip(self.anchor, self.m, g, strict=True)):
+            gi = gi.to(a.device)
+            m.mul_(self.momentum).add_(gi, alpha=1.0 / penalties[i])
+            if self.clip:
+                m.clamp_(-self.clip, self.clip)
+            a.add_(m, alpha=-self.outer_lr)
+            self.stats[i, 0] = self.outer_lr * float(m.norm())  # ‖x_{t+1} − x_t‖: next round's gap
+        self.last_penalty = penalties
+        self.outer_steps += 1
+
+    def _penalties(self, g: Sequence[torch.Tensor]) -> list[float]:
+        norms = [float(gi.norm()) for gi in g]
+        self.stats[:, 1] += torch.tensor(norms, dtype=torch.float64)
+        if self.staleness == "fixed":
+            return [self.penalty] * len(g)
+        mean_g = self.stats[:, 1] / (self.outer_steps + 1)
+        out = []
+        for i in range(len(g)):
+            gap, typical = float(self.stats[i, 0]), float(mean_g[i])
+            out.append(max(1.0, gap / typical) if typical > 0 else 1.0)
+        return out
+
+    @torch.no_grad()
+    def reset_params(self) -> None:
+        for p, a in zip(self.params, self.anchor, strict=True):
+            p.copy_(a)
+
+    def close(self) -> None:
+        """Wait for the reduce in flight (if any) and stop the background thread."""
+        if self._reducer is not None:
+            self._reducer.close()
+
+    # ------------------------------------------------------------ state
+    def synchronized_tensors(self) -> list[torch.Tensor]:
+        """Identical on every replica: x_t, m and the gap statistics."""
+        return [*self.anchor, *self.m, self.stats]
+
+    def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True,
+                          pending: Callable[[], ReduceResult] | None = None) -> None:
+        """Adopt a peer's state. ``pending`` fetches the mean of the reduce that was in flight
+        when the peer published it (the adopter missed it); without it, the next step
+        applies nothing."""
+        n = len(self.anchor)
+        if len(tensors) != 2 * n + 1:
+            raise ValueError(f"expected {2 * n + 1} tensors (anchor, momentum, stats), got {len(tensors)}")
+        for dst, src in zip([*self.anchor, *self.m, self.stats], tensors, strict=True):
+            if dst.shape != src.shape:
+                raise ValueError(f"shape mismatch: local {tuple(dst.shape)}, received {tuple(src.shape)}")
+            dst.copy_(src)
+        self.outer_steps = outer_steps
+        if self._reducer is not None and self._reducer.in_flight is not None:
+            self._reducer.wait()  # this replica's own reduce is void now
+        self._sync_result = None
+        self._adopted_pending = pending
+        if reset_params:
+            self.reset_params()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": [a.clone() for a in self.anchor], "m": [m.clone() for m in self.m],
+                "stats": self.stats.clone(), "outer_steps": self.outer_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint. The reduce that was in flight is lost: the first step
+        after a restart applies nothing (a peer's state, fetched on catch-up, replaces this)."""
+        self.load_synchronized([*state["anchor"], *state["m"], state["stats"]], int(state["outer_steps"]),
+                               reset_params=False)
