@@ -23,9 +23,20 @@ from typing import Any
 
 import torch
 
-from optim import DataParallel, DiLoCo
+from optim import (
+    CO2,
+    DataParallel,
+    DiLoCo,
+    NoLoCo,
+    OuterStepResult,
+    ReduceResult,
+    StreamingDiLoCo,
+    strided_fragments,
+)
+from optim.streaming import FragmentEvent
 from protocols.codecs import make_codec
-from protocols.collective import CollectiveTimeouts, GroupAllReduce
+from protocols.collective import CollectiveTimeouts, GroupAllReduce, RoundResult
+from protocols.gossip import GroupExchange
 from protocols.membership import Membership, PeerInfo
 from protocols.shaper import Cut, LinkProfile, Shaper
 from protocols.state_sync import StateServer, fetch_state, tensors_hash
@@ -35,10 +46,12 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, LinkConfig, NetworkConfig, config_to_dict, parse_bandwidth
 from .metrics import MetricsWriter
 from .reaper import Reaper, descendants
-from .sync import SwarmCommunicator
+from .sync import GossipCommunicator, SwarmCommunicator
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+CO2_RESULT = "CO2_RESULT"  # recent CO2 reduce results, for replicas that adopted a peer's state
 
 
 def default_node_id(out: Path) -> str:
@@ -82,8 +95,13 @@ class Node:
         self.round_step = 0  # inner steps done in the current round
         self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0, "partial": 0}
         self.started = time.time()
-        self.ddp_mode = cfg.optim.algorithm == 'ddp'
+        self.algorithm = cfg.optim.algorithm
+        self.ddp_mode = self.algorithm == "ddp"
+        # ddp and streaming_diloco sync inside a round: their ids count inner steps
+        self.fine_grained = self.algorithm in ("ddp", "streaming_diloco")
         self._announced_round = -1
+        self._fragment_bytes0: dict[int, int] = {}  # bytes sent before each fragment in flight
+        self._launch_hash = ""  # state hash a (possibly background) all-reduce joins with
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -105,21 +123,56 @@ class Node:
         self.reaper = Reaper()
         if self.membership.pid:
             self.reaper.watch([self.membership.pid, *descendants(self.membership.pid)])
+        self._build_outer()
+        self.state_server = StateServer(self.transport)
+        self.result_server = StateServer(self.transport, kind=CO2_RESULT, keep=4) if self.algorithm == "co2" else None
+        self.ckpt_path = self.out / "checkpoints" / f"{self.id}.pt"
+
+    def _build_outer(self) -> None:
+        """The communicator and outer optimizer of the configured algorithm."""
+        cfg, o = self.cfg, self.cfg.optim
+        params = self.trainer.params
+        codec = make_codec(cfg.compression.codec)
+        if self.algorithm == "noloco":  # no collective at all: nothing answers JOINs
+            n = o.noloco
+            self.gossip = GroupExchange(self.transport, codec, self.stop)
+            self.comm = GossipCommunicator(self.gossip, self.id, self.membership.peers, n.group_size,
+                                           n.exchange_timeout_s, cfg.train.seed, peer_round=lambda: self.round)
+            self.outer = NoLoCo(params, self.comm, n.alpha, n.beta, n.gamma)
+            return
         c = cfg.collective
         timeouts = CollectiveTimeouts(c.matchmaking_timeout_s, c.join_timeout_s, c.allreduce_timeout_s,
                                       c.decision_timeout_s, c.max_attempts)
-        self.collective = GroupAllReduce(self.transport, self.membership.peers, timeouts,
-                                         make_codec(cfg.compression.codec), self.stop)
-        o = cfg.optim
+        self.collective = GroupAllReduce(self.transport, self.membership.peers, timeouts, codec, self.stop)
         if self.ddp_mode:  # every step is a collective round; peers announce the coarse round
-            self.comm = SwarmCommunicator(self.collective, lambda: tensors_hash(self.trainer.params),
-                                          peer_round=lambda: self.round)
-            self.ddp = DataParallel(self.trainer.params, self.comm)
+            self.comm = SwarmCommunicator(self.collective, lambda: tensors_hash(params),
+                                          peer_round=lambda _: self.round)
+            self.ddp = DataParallel(params, self.comm)
+            self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
+            return
+        # the hash is fixed by the training thread before a reduce starts, because CO2 and
+        # Streaming DiLoCo run the reduce on a background thread while state moves on.
+        # peer_round: the round members of reduce `r` announce in the DHT while it runs
+        # (the collective expects peers announced there or one round before):
+        # diloco: r itself; co2: r + 1 (a member announces its next round while its reduce
+        # runs in the background); streaming: r is the send step s, in round (s − 1) // H,
+        # whose members may have announced the next round already.
+        H = o.inner_steps
+        peer_round = {"diloco": lambda r: r, "co2": lambda r: r + 1,
+                      "streaming_diloco": lambda r: (r - 1) // H + 1}[self.algorithm]
+        self.comm = SwarmCommunicator(self.collective, lambda: self._launch_hash, peer_round=peer_round)
+        if self.algorithm == "diloco":
+            self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
+        elif self.algorithm == "co2":
+            k = o.co2
+            self.outer = CO2(params, self.comm, k.outer_lr, k.momentum, k.clip, k.staleness, k.penalty)
         else:
-            self.comm = SwarmCommunicator(self.collective, lambda: self.snapshot.digest)
-        self.diloco = DiLoCo(self.trainer.params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
-        self.state_server = StateServer(self.transport)
-        self.ckpt_path = self.out / "checkpoints" / f"{self.id}.pt"
+            st = o.streaming
+            names = {id(p): n for n, p in self.trainer.model.named_parameters()}
+            fragments = strided_fragments([names[id(p)] for p in params], [p.numel() for p in params],
+                                          st.fragments)
+            self.outer = StreamingDiLoCo(params, self.comm, fragments, o.inner_steps, o.outer_lr,
+                                         o.outer_momentum, o.nesterov, st.overlap, st.mix)
 
     def _announce_self(self) -> None:
         maddrs = self.membership.maddrs
@@ -134,22 +187,31 @@ class Node:
         return PeerInfo(self.id, self.transport.endpoint, self.round)
 
     def _sync_id(self) -> int:
-        """The collective round id: the outer round, or for ddp the swarm-wide step."""
-        return self.round * self.cfg.optim.inner_steps + self.round_step if self.ddp_mode else self.round
+        """The collective round id: the outer round, or (ddp, streaming) the swarm-wide step."""
+        return self.round * self.cfg.optim.inner_steps + self.round_step if self.fine_grained else self.round
 
     def _synchronized(self) -> list[torch.Tensor]:
         """What must be identical on every replica. DDP: weights and inner AdamW moments."""
         if not self.ddp_mode:
-            return self.diloco.synchronized_tensors()
+            return self.outer.synchronized_tensors()
         out = [p.detach() for p in self.trainer.params]
         for p in self.trainer.params:
             st = self.trainer.opt.state.get(p, {})
             out += [st.get("exp_avg", torch.zeros_like(p)), st.get("exp_avg_sq", torch.zeros_like(p))]
         return out
 
-    def _load_synchronized(self, tensors: list[torch.Tensor], meta: dict[str, Any]) -> None:
+    def _load_synchronized(self, tensors: list[torch.Tensor], meta: dict[str, Any], source: str) -> None:
+        steps = int(meta.get("outer_steps", 0))
+        if isinstance(self.outer, StreamingDiLoCo):
+            self.outer.load_synchronized(tensors, meta.get("fragment_steps", steps))
+            return
+        if isinstance(self.outer, CO2):
+            pending = int(meta.get("pending_round", -1))
+            fetch = (lambda: self._fetch_co2_result(source, pending)) if pending >= 0 else None
+            self.outer.load_synchronized(tensors, steps, pending=fetch)
+            return
         if not self.ddp_mode:
-            self.diloco.load_synchronized(tensors, int(meta.get("outer_steps", 0)))
+            self.outer.load_synchronized(tensors, steps)
             return
         params = self.trainer.params
         if len(tensors) != 3 * len(params):
@@ -165,32 +227,52 @@ class Node:
         states = [self.trainer.opt.state.get(p, {}) for p in self.trainer.params]
         return int(float(states[0].get("step", 0))) if states else 0
 
+    def _fetch_co2_result(self, endpoint: str, round: int) -> ReduceResult:
+        """The mean of CO2's reduce ``round``, from the peer whose state this node adopted."""
+        snap = fetch_state(self.transport, endpoint, round, self.cfg.swarm.join_timeout_s, self.stop,
+                           alive=lambda: any(p.endpoint == endpoint for p in self.membership.peers()),
+                           kind=CO2_RESULT)
+        if snap is None or snap.round != round or not snap.meta.get("ok") or len(snap.tensors) != 1:
+            log.warning("no CO2 reduce %d from %s; its update is skipped here", round, endpoint)
+            return ReduceResult(None, 1)
+        return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)))
+
     def _publish(self) -> None:
-        """Serve the current synchronized state; tell the DHT when the round changed."""
-        meta = {"outer_steps": self.diloco.outer_steps, "round": self.round, "round_step": self.round_step,
-                "adam_step": self._adam_step()}
-        self.snapshot = self.state_server.publish(self._sync_id(), self._synchronized(), meta)
+        """Serve the current synchronized state (unless a fragment is in flight: a snapshot
+        must be self-contained); tell the DHT when the round changed."""
+        if not (isinstance(self.outer, StreamingDiLoCo) and self.outer.in_flight):
+            meta = {"outer_steps": self.outer.outer_steps, "round": self.round, "round_step": self.round_step,
+                    "adam_step": self._adam_step(), "algorithm": self.algorithm}
+            if isinstance(self.outer, StreamingDiLoCo):
+                meta["fragment_steps"] = list(self.outer.fragment_steps)
+            if isinstance(self.outer, CO2):
+                meta["pending_round"] = self.outer.pending_round
+            self.snapshot = self.state_server.publish(self._sync_id(), self._synchronized(), meta)
         if self.round != self._announced_round:
             self.membership.announce(self._peer_info())
             self._announced_round = self.round
 
     def _weights(self) -> list[torch.Tensor]:
-        return list(self.trainer.params) if self.ddp_mode else self.diloco.anchor
+        return list(self.trainer.params) if self.ddp_mode else self.outer.anchor
 
     # ------------------------------------------------------------ state moves
     def _resume(self) -> bool:
         state = load_checkpoint(self.ckpt_path)
         if state is None:
             return False
+        saved = state.get("algorithm", "diloco")
+        if saved != self.algorithm:
+            raise RuntimeError(f"checkpoint {self.ckpt_path} was written by algorithm {saved!r}, this node runs "
+                               f"{self.algorithm!r}: use another --out or remove the checkpoint")
         self.trainer.load_state_dict(state["trainer"])
-        self.diloco.load_state_dict(state["diloco"])
+        self.outer.load_state_dict(state["outer"])
         self.round, self.round_step = int(state["round"]), int(state["round_step"])
         self.outcomes.update(state.get("outcomes", {}))
         log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.round, self.trainer.step)
         return True
 
     def _checkpoint(self) -> None:
-        state = {"trainer": self.trainer.state_dict(), "diloco": self.diloco.state_dict(),
+        state = {"trainer": self.trainer.state_dict(), "outer": self.outer.state_dict(), "algorithm": self.algorithm,
                  "round": self.round, "round_step": self.round_step, "outcomes": self.outcomes,
                  "node": self.id}
         try:
@@ -208,8 +290,12 @@ class Node:
         if snap is None:
             self.metrics.write("resync_failed", round=self.round, source=endpoint, reason=reason)
             return False
+        if snap.meta.get("algorithm", self.algorithm) != self.algorithm:
+            self.metrics.write("resync_failed", round=self.round, source=endpoint,
+                               reason=f"peer runs {snap.meta.get('algorithm')!r}, this node {self.algorithm!r}")
+            return False
         try:
-            self._load_synchronized(snap.tensors, snap.meta)
+            self._load_synchronized(snap.tensors, snap.meta, endpoint)
         except ValueError as exc:  # a peer with another model: refuse, keep training
             self.metrics.write("resync_failed", round=self.round, source=endpoint, reason=str(exc))
             return False
@@ -222,15 +308,20 @@ class Node:
         return True
 
     def _catch_up(self) -> bool:
-        """If live peers are ahead of this node, adopt the state of the furthest one."""
+        """If live peers are ahead of this node, adopt the state of the furthest one.
+
+        CO2 and NoLoCo have no barrier between rounds: a peer one round ahead is normal
+        there (CO2's reduce of round r runs during r+1; a NoLoCo node waits only for its
+        partner of the round), so only a node further behind (a restart, a late joiner)
+        catches up."""
         peers = self.membership.peers()
         if not peers:
             return False
         best = max(p.round for p in peers)
-        if best <= self.round:
+        if best <= self.round + {"co2": 1, "noloco": 2}.get(self.algorithm, 0):
             return False
         source = min((p for p in peers if p.round == best), key=lambda p: p.id)
-        first_id = best * self.cfg.optim.inner_steps if self.ddp_mode else best
+        first_id = best * self.cfg.optim.inner_steps if self.fine_grained else best
         return self._resync_from(source.endpoint, first_id, f"peers at round {best}")
 
     # ------------------------------------------------------------------ run
@@ -272,9 +363,11 @@ class Node:
         H = self.cfg.optim.inner_steps
         while self._budget_left():
             t0 = time.monotonic()
+            bytes0 = self.transport.bytes_sent
             loss = float("nan")
             comm_s = 0.0
             syncs = {"ok": 0, "failed": 0}
+            events: list[FragmentEvent] = []
             finished = self.round
             while self.round_step < H and self._budget_left() and self.round == finished:
                 if self.ddp_mode:
@@ -284,28 +377,68 @@ class Node:
                 else:
                     loss = self.trainer.train_step()
                     self.round_step += 1
+                    if isinstance(self.outer, StreamingDiLoCo):
+                        t1 = time.monotonic()
+                        events += self._streaming_step()
+                        comm_s += time.monotonic() - t1
                 if self.trainer.step % self.cfg.train.log_every == 0:
                     self.metrics.write("train", step=self.trainer.step, round=self.round, loss=loss)
             if self.stop.is_set():
                 return
-            if self.ddp_mode:
-                compute_s = time.monotonic() - t0 - comm_s
+            extra: dict[str, Any] = {}
+            compute_s = time.monotonic() - t0 - comm_s
+            if self.ddp_mode or isinstance(self.outer, StreamingDiLoCo):
                 if self.round == finished:  # (a resync inside the round has already moved us on)
                     self.round, self.round_step = self.round + 1, 0
-                status = "ok" if not syncs["failed"] else ("partial" if syncs["ok"] else "skipped")
-                group = self.ddp.last_group_size
-                reason = f"{syncs['failed']} of {sum(syncs.values())} steps unsynced" if syncs["failed"] else ""
+                status, group, reason = self._inner_sync_status(syncs, events)
+                if events:
+                    extra = {"fragments": [e.fragment for e in events],
+                             "sync_bytes": [e.sync_bytes for e in events]}
             else:
-                compute_s = time.monotonic() - t0
                 t1 = time.monotonic()
-                status, group, reason = self._outer_step()
+                sent0 = self.transport.bytes_sent
+                status, group, reason, extra = self._outer_step()
                 comm_s = time.monotonic() - t1
                 if status == "stopped":
                     return
+                extra["sync_bytes"] = [self.transport.bytes_sent - sent0]
             self._publish()
-            self._record_round(finished, status, group, reason, loss, compute_s, comm_s)
+            extra["round_bytes"] = self.transport.bytes_sent - bytes0
+            self._record_round(finished, status, group, reason, loss, compute_s, comm_s, extra)
             if self.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
+
+    def _inner_sync_status(self, syncs: dict[str, int], events: list[FragmentEvent]) -> tuple[str, int, str]:
+        """A round's status when it synchronized inside the round (ddp steps, fragments)."""
+        if self.ddp_mode:
+            ok, failed, group = syncs["ok"], syncs["failed"], self.ddp.last_group_size
+            what = "steps"
+        else:
+            ok = sum(e.applied for e in events)
+            failed, group, what = len(events) - ok, max((e.group_size for e in events), default=1), "fragment syncs"
+        status = "ok" if not failed else ("partial" if ok else "skipped")
+        reason = f"{failed} of {ok + failed} {what} unsynced" if failed else ""
+        return status, group, reason
+
+    def _streaming_step(self) -> list[FragmentEvent]:
+        """After each inner step: finish the fragment whose overlap is over, start the
+        fragment whose turn it is. Snapshots are published only with nothing in flight."""
+        s = self.round * self.cfg.optim.inner_steps + self.round_step
+        self._launch_hash = self.snapshot.digest
+        before = self.transport.bytes_sent
+        events = self.outer.after_inner_step(s)
+        for e in events:  # bytes since the fragment was sent: only its own traffic was in flight
+            e.sync_bytes = self.transport.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
+        if self.outer.in_flight_step is not None:
+            self._fragment_bytes0.setdefault(self.outer.in_flight_step, before)
+        for e in events:
+            detail = e.reduce.detail if e.reduce is not None else None
+            if isinstance(detail, RoundResult) and detail.status == "resync":
+                self._resync_from(detail.leader_endpoint, s + 1, detail.reason)
+                return events
+        if events and not self.outer.in_flight:
+            self._publish()
+        return events
 
     def _ddp_step(self) -> tuple[float, bool, float]:
         """One data-parallel step: forward/backward, gradient average, AdamW (skipped if the
@@ -333,45 +466,78 @@ class Node:
         return loss, state["ok"], state["s"]
 
     def _record_round(self, finished: int, status: str, group: int, reason: str, loss: float,
-                      compute_s: float, comm_s: float) -> None:
+                      compute_s: float, comm_s: float, extra: dict[str, Any]) -> None:
         val = self.trainer.evaluate()
         self.outcomes[status] += 1
+        wall = compute_s + comm_s
         record = self.metrics.write(
             "outer", step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
             val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
-            group_size=group, compute_s=compute_s, comm_s=comm_s, status=status, reason=reason,
+            group_size=group, compute_s=compute_s, comm_s=comm_s,
+            utilization=compute_s / wall if wall > 0 else 1.0, status=status, reason=reason,
             weights_hash=tensors_hash(self._weights()), tokens=self.trainer.tokens,
-            elapsed_s=time.time() - self.started,
+            elapsed_s=time.time() - self.started, **extra,
         )
         print(f"[{self.id}] round {finished} {status:7s} step {record['step']} loss {loss:.3f} "
               f"val {val:.3f} group {group} sent {self.transport.bytes_sent / 1e6:.1f} MB", flush=True)
 
-    def _outer_step(self) -> tuple[str, int, str]:
-        """Returns (status, group size, reason) and leaves self.round at the next round."""
+    def _outer_step(self) -> tuple[str, int, str, dict[str, Any]]:
+        """Returns (status, group size, reason, extra metrics) and leaves self.round at the
+        next round."""
         if self._catch_up():
-            return "resync", 0, "behind the swarm"
-        result = self.diloco.outer_step(self._sync_id())
-        last = self.comm.last
+            return "resync", 0, "behind the swarm", {}
+        self._launch_hash = self.snapshot.digest
+        result = self.outer.outer_step(self._sync_id())
+        extra = self._outer_metrics(result)
+        detail = result.reduce.detail if result.reduce is not None else None
+        last = detail if isinstance(detail, RoundResult) else None
         if not result.applied and self.stop.is_set():
             # stopping: this round did not happen here. Keep round and step as they are, so
             # peers never see us "ahead" and a restart redoes just this outer step.
-            return "stopped", 0, "stopping"
+            return "stopped", 0, "stopping", extra
         self.round_step = 0
         if last is not None and last.status == "resync":
             self.round += 1  # the leader has finished this round without us
             if self._resync_from(last.leader_endpoint, self.round, last.reason):
-                return "resync", 0, last.reason
-            return "skipped", 1, f"resync failed ({last.reason})"
+                return "resync", 0, last.reason, extra
+            return "skipped", 1, f"resync failed ({last.reason})", extra
         self.round += 1
         if result.applied:
-            return "ok", result.group_size, ""
-        return "skipped", 1, last.reason if last else ""
+            return "ok", result.group_size, "", extra
+        if isinstance(self.outer, CO2) and result.reduce is None:
+            return "ok", 0, "first round: nothing to apply yet", extra
+        reason = last.reason if last is not None else ""
+        if isinstance(self.outer, NoLoCo):
+            x = self.comm.last
+            reason = f"local-only step (declined {x.declined}, silent {x.silent})" if x else "local-only step"
+        return "skipped", 1, reason, extra
+
+    def _outer_metrics(self, result: OuterStepResult) -> dict[str, Any]:
+        """Algorithm-specific fields of the round record (README: Metrics)."""
+        extra: dict[str, Any] = {}
+        if isinstance(self.outer, NoLoCo):
+            x = self.comm.last
+            extra = {"partners": result.extra["partners"], "drift": result.extra["drift"],
+                     "sent_to": x.sent_to if x else [], "exchange_s": x.wait_s if x else 0.0}
+        elif isinstance(self.outer, CO2):
+            pen = result.extra["penalty"]
+            rr = result.reduce.detail if result.reduce is not None else None
+            extra = {"stale_round": result.extra["stale_round"],
+                     "reduce_s": rr.timings.get("total_s", 0.0) if isinstance(rr, RoundResult) else 0.0,
+                     "penalty_max": max(pen) if pen else 1.0, "penalty_mean": sum(pen) / len(pen) if pen else 1.0}
+            if self.result_server is not None and result.reduce is not None:
+                # served to replicas that adopt this node's state while this reduce was in
+                # flight; a failed reduce is published too, so they need not wait for it
+                tensors = [t.reshape(-1) for t in result.reduce.tensors] if result.applied else []
+                self.result_server.publish(extra["stale_round"], tensors,
+                                           {"group_size": result.group_size, "ok": result.applied})
+        return extra
 
     # ------------------------------------------------------------- shutdown
     def _shutdown(self) -> None:
         """Runs whatever setup got as far as creating, in reverse dependency order."""
         steps = [
-            ("diloco", self._final_checkpoint), ("membership", self._leave),
+            ("outer", self._close_outer), ("outer", self._final_checkpoint), ("membership", self._leave),
             ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
             ("metrics", lambda: self.metrics.close()),
         ]
@@ -383,11 +549,19 @@ class Node:
             except Exception:  # one failing step must not keep the others from running
                 log.exception("shutdown of %s failed", needs)
 
+    def _close_outer(self) -> None:
+        """Let a reduce in flight (CO2, Streaming) end before its transport does; with the
+        stop event set it gives up at once."""
+        close = getattr(self.outer, "close", None)
+        if close is not None:
+            close()
+
     def _final_checkpoint(self) -> None:
         self._checkpoint()
         self.metrics.write("stop", step=self.trainer.step, round=self.round, outcomes=self.outcomes,
                            bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
-                           dropped=dict(self.transport.dropped))
+                           dropped=dict(self.transport.dropped), sent_by_kind=dict(self.transport.sent_by_kind),
+                           sent_to=dict(self.transport.sent_to))
 
     def _leave(self) -> None:
         self.membership.leave()

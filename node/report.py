@@ -23,6 +23,7 @@ class VariantSummary:
     tokens: int = 0
     bytes_sent: int = 0
     compute_util: float = 0.0
+    peak_sync_bytes: int = 0  # most bytes one node sent in one sync (all-reduce, fragment, exchange)
     rounds: int = 0
     faults: int = 0
     curve: list[tuple[float, float, float, float]] = field(default_factory=list)  # step, time, bytes, val
@@ -60,9 +61,13 @@ def summarize_variant(folder: Path) -> VariantSummary:
     s.wall_s = max(r.get("elapsed_s", 0.0) for r in lasts)
     s.tokens = sum(r.get("tokens", 0) for r in lasts)
     s.bytes_sent = sum(r["bytes_sent"] for r in lasts)
+    # compute time / (compute + time blocked on communication), over every node's rounds:
+    # evaluation and start-up are left out, so it shows what communication costs
     compute = sum(r["compute_s"] for recs in per_node.values() for r in recs)
-    wall = sum(r.get("elapsed_s", 0.0) for r in lasts)
-    s.compute_util = compute / wall if wall else 0.0
+    blocked = sum(r["comm_s"] for recs in per_node.values() for r in recs)
+    s.compute_util = compute / (compute + blocked) if compute + blocked else 0.0
+    s.peak_sync_bytes = max((b for recs in per_node.values() for r in recs for b in r.get("sync_bytes", [])),
+                            default=0)
     by_round: dict[int, dict[str, dict]] = {}
     for node, recs in per_node.items():
         for r in recs:
@@ -126,15 +131,16 @@ def write_report(out: Path) -> Path:
     if meta.get("source"):
         lines += [f"Experiment file: `{meta['source']}`; rebuild this report with `loco report {out}`.", ""]
     head = ("| variant | algorithm | final val loss | tokens/s | wall time | bytes sent | bytes/token "
-            "| compute util | rounds | faults |")
-    sep = "|---|---|---|---|---|---|---|---|---|---|"
+            "| peak sync | compute util | rounds | faults |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|"
     if baseline:
         head += f" time to {baseline.name}'s final loss |"
         sep += "---|"
     lines += [head, sep]
     for s in summaries:
         row = (f"| {s.name} | {s.algorithm} | {s.final_val:.4f} | {s.tokens_per_s:.0f} | {s.wall_s:.1f} s "
-               f"| {_fmt_bytes(s.bytes_sent)} | {s.bytes_per_token:.1f} | {s.compute_util:.0%} | {s.rounds} "
+               f"| {_fmt_bytes(s.bytes_sent)} | {s.bytes_per_token:.1f} "
+               f"| {_fmt_bytes(s.peak_sync_bytes) if s.peak_sync_bytes else '—'} | {s.compute_util:.0%} | {s.rounds} "
                f"| {s.faults} |")
         if baseline:
             t = s.time_to(baseline.final_val)
@@ -155,7 +161,7 @@ def write_report(out: Path) -> Path:
     (out / "summary.json").write_text(json.dumps([
         {"variant": s.name, "algorithm": s.algorithm, "final_val_loss": s.final_val, "tokens_per_s": s.tokens_per_s,
          "wall_s": s.wall_s, "bytes_sent": s.bytes_sent, "bytes_per_token": s.bytes_per_token,
-         "compute_util": s.compute_util, "rounds": s.rounds, "faults": s.faults,
+         "compute_util": s.compute_util, "peak_sync_bytes": s.peak_sync_bytes, "rounds": s.rounds, "faults": s.faults,
          "time_to_baseline_s": s.time_to(baseline.final_val) if baseline else None,
          "curve": [{"step": c[0], "time_s": c[1], "bytes": c[2], "val_loss": c[3]} for c in s.curve]}
         for s in summaries], indent=2))

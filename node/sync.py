@@ -1,4 +1,5 @@
-"""The optimizer's Communicator, backed by the real swarm collective."""
+"""The optimizers' communicators, backed by the real swarm: the collective (all-reduce) and
+the gossip exchange (NoLoCo)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 
 from optim.communicator import ReduceResult
 from protocols.collective import GroupAllReduce, RoundResult
+from protocols.gossip import ExchangeResult, GroupExchange, random_groups
+from protocols.membership import PeerInfo
 
 
 class SwarmCommunicator:
@@ -15,7 +18,7 @@ class SwarmCommunicator:
     outcome so the daemon can resynchronize and report it."""
 
     def __init__(self, collective: GroupAllReduce, state_hash: Callable[[], str], weight: float = 1.0,
-                 peer_round: Callable[[], int] | None = None):
+                 peer_round: Callable[[int], int] | None = None):
         self.collective = collective
         self.state_hash = state_hash
         self.weight = weight
@@ -23,9 +26,48 @@ class SwarmCommunicator:
         self.last: RoundResult | None = None
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
-        peer_round = self.peer_round() if self.peer_round else None
+        peer_round = self.peer_round(round) if self.peer_round else None
         result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash(), peer_round)
         self.last = result
         if result.status != "ok":
-            return ReduceResult(None, 1)
-        return ReduceResult(result.tensors, len(result.group))
+            return ReduceResult(None, 1, (), result)
+        return ReduceResult(result.tensors, len(result.group), result.group, result)
+
+
+class GossipCommunicator:
+    """NoLoCo's GroupCommunicator over protocols.gossip: picks this round's group from the
+    live roster, exchanges with the partners, and averages in sorted-id order (so every
+    member that heard from the same partners gets the same mean, bit for bit)."""
+
+    def __init__(self, exchange: GroupExchange, me: str, live_peers: Callable[[], list[PeerInfo]],
+                 group_size: int, timeout_s: float, seed: int, peer_round: Callable[[], int]):
+        self.exchange = exchange
+        self.me = me
+        self.live_peers = live_peers
+        self.group_size = group_size
+        self.timeout_s = timeout_s
+        self.seed = seed
+        self.peer_round = peer_round
+        self.last: ExchangeResult | None = None
+
+    def group_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+        now = self.peer_round()
+        # peers one round behind or ahead are most likely at this outer step too (their DHT
+        # record lags by up to a refresh); the roster is what pairs are drawn from
+        peers = {p.id: p.endpoint for p in self.live_peers() if abs(p.round - now) <= 1 and p.id != self.me}
+        groups = random_groups([self.me, *peers], round, self.group_size, self.seed)
+        mine = next(g for g in groups if self.me in g)
+        partners = {pid: peers[pid] for pid in mine if pid != self.me}
+        result = self.exchange.exchange(round, partners, tensors, self.timeout_s)
+        self.last = result
+        if not result.received:
+            return ReduceResult(None, 1, (), result)
+        inputs = {self.me: [t.detach().reshape(-1).to(torch.float32) for t in tensors], **result.received}
+        order = sorted(inputs)
+        means = []
+        for i in range(len(tensors)):
+            acc = inputs[order[0]][i].clone()
+            for pid in order[1:]:
+                acc.add_(inputs[pid][i])
+            means.append(acc.div_(len(order)).view(tensors[i].shape))
+        return ReduceResult(means, len(order), tuple(p for p in order if p != self.me), result)

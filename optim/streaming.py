@@ -80,6 +80,7 @@ class FragmentEvent:
     numel: int
     reduce: ReduceResult | None
     blocked_s: float = 0.0
+    sync_bytes: int = 0  # filled in by the caller, which can see the socket
 
 
 class StreamingDiLoCo:
@@ -123,6 +124,11 @@ class StreamingDiLoCo:
     @property
     def in_flight(self) -> bool:
         return self._in_flight is not None
+
+    @property
+    def in_flight_step(self) -> int | None:
+        """The send step of the fragment in flight, if any."""
+        return None if self._in_flight is None else self._in_flight[1]
 
     def after_inner_step(self, step: int) -> list[FragmentEvent]:
         """Call after every inner step with s = steps done; returns the syncs that finished."""

@@ -57,21 +57,34 @@ class Snapshot:
 
 
 class StateServer:
-    """Holds the latest snapshot and answers STATE_REQ messages."""
+    """Holds the latest ``keep`` snapshots and answers ``<kind>_REQ`` messages with the
+    oldest one at or after the requested round (keep=1: always the latest).
 
-    def __init__(self, transport: Transport, max_wait_s: float = 600.0):
+    ``kind`` lets one node serve several things: its state ("STATE"), and, for CO2, the
+    recent reduce results a replica that adopted a peer's state still has to apply."""
+
+    def __init__(self, transport: Transport, max_wait_s: float = 600.0, kind: str = STATE, keep: int = 1):
         self.transport = transport
         self.max_wait_s = max_wait_s
-        self._snapshot: Snapshot | None = None
+        self.kind = kind
+        self.keep = keep
+        self._snapshots: list[Snapshot] = []
         self._pending: list[tuple[float, Message]] = []
         self._lock = threading.Lock()
-        transport.on(STATE_REQ, self._on_request)
+        transport.on(f"{kind}_REQ", self._on_request)
+
+    @property
+    def _snapshot(self) -> Snapshot | None:
+        return self._snapshots[-1] if self._snapshots else None
+
+    def _find(self, min_round: int) -> Snapshot | None:
+        return next((s for s in self._snapshots if s.round >= min_round), None)
 
     def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any]) -> Snapshot:
         snap = Snapshot(round, [t.detach().cpu().clone() for t in tensors], dict(meta),
                         tensors_hash(tensors))
         with self._lock:
-            self._snapshot = snap
+            self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()
             due = [m for d, m in self._pending if d > now and m.meta["min_round"] <= round]
             self._pending = [(d, m) for d, m in self._pending
@@ -86,15 +99,15 @@ class StateServer:
             log.warning("malformed STATE_REQ from %s: %r", msg.sender, msg.meta)
             return
         with self._lock:
-            snap = self._snapshot
-            if snap is None or snap.round < min_round:
+            snap = self._find(min_round)
+            if snap is None:
                 self._pending.append((time.monotonic() + self.max_wait_s, msg))
                 return
         self._reply(msg, snap)
 
     def _reply(self, req: Message, snap: Snapshot) -> None:
         self.transport.send(req.meta["endpoint"], Message(
-            STATE, round=-1, attempt=req.attempt,
+            self.kind, round=-1, attempt=req.attempt,
             meta={"round": snap.round, "hash": snap.digest, "meta": snap.meta},
             tensors=snap.tensors,
         ))
@@ -106,7 +119,7 @@ _request_ids = itertools.count(1)
 def fetch_state(
     transport: Transport, endpoint: str, min_round: int = 0, timeout_s: float = 60.0,
     stop: threading.Event | None = None, alive: Callable[[], bool] | None = None,
-    check_every_s: float = 2.0,
+    check_every_s: float = 2.0, kind: str = STATE,
 ) -> Snapshot | None:
     """Ask the node at ``endpoint`` for its snapshot of round >= ``min_round``.
 
@@ -114,14 +127,14 @@ def fetch_state(
     says the source is gone (checked every ``check_every_s``); a reply whose tensors do not
     match its declared hash is rejected (and logged), never used."""
     request_id = next(_request_ids)
-    transport.send(endpoint, Message(STATE_REQ, attempt=request_id, meta={
+    transport.send(endpoint, Message(f"{kind}_REQ", attempt=request_id, meta={
         "min_round": min_round, "endpoint": transport.endpoint,
     }))
     deadline = time.monotonic() + timeout_s
     reply = None
     while reply is None and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         wait = min(check_every_s, deadline - time.monotonic()) if alive else deadline - time.monotonic()
-        reply = transport.recv(STATE, -1, request_id, timeout_s=max(0.0, wait), stop=stop)
+        reply = transport.recv(kind, -1, request_id, timeout_s=max(0.0, wait), stop=stop)
         if reply is None and alive is not None and not alive():
             log.warning("state source %s left the swarm; giving up", endpoint)
             return None

@@ -149,6 +149,10 @@ class Transport:
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.dropped: dict[str, int] = defaultdict(int)
+        # messages handed to the socket, by kind and by destination node (or endpoint):
+        # what a node really sent, e.g. to check that NoLoCo talks only to its partners
+        self.sent_by_kind: dict[str, int] = defaultdict(int)
+        self.sent_to: dict[str, int] = defaultdict(int)
         self._handlers: dict[str, Handler] = {}
         self._replay = ReplayGuard(replay_window_s)
         self._seq = 0
@@ -221,7 +225,8 @@ class Transport:
                     return True  # lost on the emulated link: the sender cannot tell
                 if deliver > time.monotonic():
                     with self._delayed_cond:
-                        heapq.heappush(self._delayed, (deliver, next(self._delay_order), endpoint, frames))
+                        heapq.heappush(self._delayed, (deliver, next(self._delay_order), endpoint, frames,
+                                                       msg.kind))
                         self._delayed_cond.notify()
                     return True
             return self._send_now(sock, endpoint, frames, msg.kind)
@@ -238,6 +243,8 @@ class Transport:
             return False
         with self._count_lock:
             self.bytes_sent += message_nbytes(frames)
+            self.sent_by_kind[kind] += 1
+            self.sent_to[self._names.get(endpoint, endpoint)] += 1
         return True
 
     def _delay_loop(self) -> None:
@@ -246,7 +253,7 @@ class Transport:
                 if not self._delayed:
                     self._delayed_cond.wait(0.1)
                     continue
-                due, _, endpoint, frames = self._delayed[0]
+                due, _, endpoint, frames, kind = self._delayed[0]
                 wait = due - time.monotonic()
                 if wait > 0:
                     self._delayed_cond.wait(min(wait, 0.1))
@@ -254,7 +261,7 @@ class Transport:
                 heapq.heappop(self._delayed)
             sock, lock = self._socket_for(endpoint)
             with lock:
-                self._send_now(sock, endpoint, frames, "delayed")
+                self._send_now(sock, endpoint, frames, kind)
 
     def forget_peer(self, endpoint: str) -> None:
         """Close the socket to a peer that left: frees anything queued for it."""
