@@ -193,9 +193,37 @@ class CollectiveConfig(_Section):
     """Attempts (with the survivors) before a round is skipped."""
 
 
+class LGrecoConfig(_Section):
+    """L-GreCo (ALGORITHMS.md section 6): per-layer levels, re-planned every few rounds."""
+
+    enabled: bool = False
+    """Plan per-layer levels (diloco and co2; the codec must have levels: int*, topk, powersgd)."""
+    every_rounds: int = Field(5, ge=1)
+    """K: outer rounds between plans."""
+    warmup_rounds: int = Field(2, ge=0)
+    """Rounds at the uniform level before the first plan."""
+    bins: int = Field(1000, ge=10)
+    """Steps of the discretized error axis of the dynamic program."""
+
+
 class CompressionConfig(_Section):
-    codec: Literal["none"] = "none"
-    """Codec for everything a collective sends."""
+    codec: Literal["none", "fp16", "bf16", "int8", "int4", "int2", "topk", "powersgd"] = "none"
+    """Codec for everything the algorithm sends (all-reduce parts both ways, gossip)."""
+    error_feedback: bool = True
+    """Keep what a lossy codec dropped and add it before the next encoding."""
+    block_size: int = Field(256, ge=1)
+    """int8/int4/int2: elements per float32 scale."""
+    density: float = Field(0.01, gt=0, le=1)
+    """topk: share of entries kept per piece."""
+    rank: int = Field(4, ge=1)
+    """powersgd: rank of the approximation."""
+    lgreco: LGrecoConfig = LGrecoConfig()
+
+    @model_validator(mode="after")
+    def _lgreco_needs_levels(self) -> CompressionConfig:
+        if self.lgreco.enabled and self.codec in ("none", "fp16", "bf16"):
+            raise ValueError(f"lgreco needs a codec with levels (int8, int4, int2, topk, powersgd), not {self.codec!r}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -277,6 +305,13 @@ class Config(_Section):
     compression: CompressionConfig = CompressionConfig()
     train: TrainConfig = TrainConfig()
     network: NetworkConfig = NetworkConfig()
+
+    @model_validator(mode="after")
+    def _lgreco_algorithms(self) -> Config:
+        if self.compression.lgreco.enabled and self.optim.algorithm not in ("diloco", "co2"):
+            raise ValueError(f"compression.lgreco works with optim.algorithm diloco or co2, "
+                             f"not {self.optim.algorithm!r}")
+        return self
 
     @field_validator("swarm")
     @classmethod

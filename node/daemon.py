@@ -34,7 +34,8 @@ from optim import (
     strided_fragments,
 )
 from optim.streaming import FragmentEvent
-from protocols.codecs import make_codec
+from protocols.codecs import Compressor, codec_family
+from protocols.codecs.lgreco import make_plan, plan_digest
 from protocols.collective import CollectiveTimeouts, GroupAllReduce, RoundResult
 from protocols.gossip import GroupExchange
 from protocols.membership import Membership, PeerInfo
@@ -132,7 +133,9 @@ class Node:
         """The communicator and outer optimizer of the configured algorithm."""
         cfg, o = self.cfg, self.cfg.optim
         params = self.trainer.params
-        codec = make_codec(cfg.compression.codec)
+        z = cfg.compression
+        self.compressor = codec = Compressor(z.codec, z.error_feedback, block=z.block_size, density=z.density,
+                                             rank=z.rank, seed=cfg.train.seed)
         if self.algorithm == "noloco":  # no collective at all: nothing answers JOINs
             n = o.noloco
             self.gossip = GroupExchange(self.transport, codec, self.stop)
@@ -266,6 +269,8 @@ class Node:
                                f"{self.algorithm!r}: use another --out or remove the checkpoint")
         self.trainer.load_state_dict(state["trainer"])
         self.outer.load_state_dict(state["outer"])
+        if "compression" in state:
+            self.compressor.load_state_dict(state["compression"])
         self.round, self.round_step = int(state["round"]), int(state["round_step"])
         self.outcomes.update(state.get("outcomes", {}))
         log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.round, self.trainer.step)
@@ -273,6 +278,7 @@ class Node:
 
     def _checkpoint(self) -> None:
         state = {"trainer": self.trainer.state_dict(), "outer": self.outer.state_dict(), "algorithm": self.algorithm,
+                 "compression": self.compressor.state_dict(),
                  "round": self.round, "round_step": self.round_step, "outcomes": self.outcomes,
                  "node": self.id}
         try:
@@ -364,6 +370,7 @@ class Node:
         while self._budget_left():
             t0 = time.monotonic()
             bytes0 = self.transport.bytes_sent
+            codec0 = (self.compressor.encode_s, self.compressor.decode_s)
             loss = float("nan")
             comm_s = 0.0
             syncs = {"ok": 0, "failed": 0}
@@ -390,6 +397,12 @@ class Node:
             if self.ddp_mode or isinstance(self.outer, StreamingDiLoCo):
                 if self.round == finished:  # (a resync inside the round has already moved us on)
                     self.round, self.round_step = self.round + 1, 0
+                if isinstance(self.outer, StreamingDiLoCo) and not self._budget_left():
+                    t1, before = time.monotonic(), self.transport.bytes_sent
+                    for e in self.outer.drain():  # the last fragment in flight lands in the final weights
+                        e.sync_bytes = self.transport.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
+                        events.append(e)
+                    comm_s += time.monotonic() - t1
                 status, group, reason = self._inner_sync_status(syncs, events)
                 if events:
                     extra = {"fragments": [e.fragment for e in events],
@@ -401,9 +414,12 @@ class Node:
                 comm_s = time.monotonic() - t1
                 if status == "stopped":
                     return
-                extra["sync_bytes"] = [self.transport.bytes_sent - sent0]
+                # co2: the reduce ran in the background during this round
+                extra["sync_bytes"] = [self.transport.bytes_sent - (bytes0 if isinstance(self.outer, CO2) else sent0)]
             self._publish()
             extra["round_bytes"] = self.transport.bytes_sent - bytes0
+            extra["encode_s"] = self.compressor.encode_s - codec0[0]
+            extra["decode_s"] = self.compressor.decode_s - codec0[1]
             self._record_round(finished, status, group, reason, loss, compute_s, comm_s, extra)
             if self.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
@@ -502,6 +518,10 @@ class Node:
                 return "resync", 0, last.reason, extra
             return "skipped", 1, f"resync failed ({last.reason})", extra
         self.round += 1
+        if isinstance(self.outer, CO2) and not self._budget_left():
+            # the last round: its reduce would land in a round that never comes; apply it now
+            final = self.outer.flush()
+            extra["flushed"] = bool(final is not None and final.applied)
         if result.applied:
             return "ok", result.group_size, "", extra
         if isinstance(self.outer, CO2) and result.reduce is None:
@@ -512,9 +532,26 @@ class Node:
             reason = f"local-only step (declined {x.declined}, silent {x.silent})" if x else "local-only step"
         return "skipped", 1, reason, extra
 
+    def _maybe_plan(self, result: OuterStepResult, extra: dict[str, Any]) -> None:
+        """L-GreCo: every K rounds after the warm-up, plan per-layer levels from the averaged
+        update just applied. Every member applied the same one, so all plan alike."""
+        lg = self.cfg.compression.lgreco
+        r = self.round
+        if not (lg.enabled and result.applied and result.reduce is not None and result.reduce.tensors
+                and r >= lg.warmup_rounds and (r - lg.warmup_rounds) % lg.every_rounds == 0):
+            return
+        z = self.cfg.compression
+        plan = make_plan(codec_family(z.codec), self.compressor.base.level, result.reduce.tensors,
+                         {"block": z.block_size, "density": z.density, "rank": z.rank}, lg.bins)
+        self.compressor.plan = plan.levels
+        extra["lgreco"] = {"plan": plan_digest(plan.levels), "levels": [plan.levels[i] for i in sorted(plan.levels)],
+                           "error": plan.error, "uniform_error": plan.uniform_error, "bytes": plan.bytes,
+                           "uniform_bytes": plan.uniform_bytes}
+
     def _outer_metrics(self, result: OuterStepResult) -> dict[str, Any]:
         """Algorithm-specific fields of the round record (README: Metrics)."""
         extra: dict[str, Any] = {}
+        self._maybe_plan(result, extra)
         if isinstance(self.outer, NoLoCo):
             x = self.comm.last
             extra = {"partners": result.extra["partners"], "drift": result.extra["drift"],

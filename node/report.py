@@ -24,6 +24,7 @@ class VariantSummary:
     bytes_sent: int = 0
     compute_util: float = 0.0
     peak_sync_bytes: int = 0  # most bytes one node sent in one sync (all-reduce, fragment, exchange)
+    codec_s_per_round: float = 0.0  # encode + decode time per node and round
     rounds: int = 0
     faults: int = 0
     curve: list[tuple[float, float, float, float]] = field(default_factory=list)  # step, time, bytes, val
@@ -66,6 +67,8 @@ def summarize_variant(folder: Path) -> VariantSummary:
     compute = sum(r["compute_s"] for recs in per_node.values() for r in recs)
     blocked = sum(r["comm_s"] for recs in per_node.values() for r in recs)
     s.compute_util = compute / (compute + blocked) if compute + blocked else 0.0
+    codec = [r.get("encode_s", 0.0) + r.get("decode_s", 0.0) for recs in per_node.values() for r in recs]
+    s.codec_s_per_round = sum(codec) / len(codec) if codec else 0.0
     s.peak_sync_bytes = max((b for recs in per_node.values() for r in recs for b in r.get("sync_bytes", [])),
                             default=0)
     by_round: dict[int, dict[str, dict]] = {}
@@ -131,8 +134,8 @@ def write_report(out: Path) -> Path:
     if meta.get("source"):
         lines += [f"Experiment file: `{meta['source']}`; rebuild this report with `loco report {out}`.", ""]
     head = ("| variant | algorithm | final val loss | tokens/s | wall time | bytes sent | bytes/token "
-            "| peak sync | compute util | rounds | faults |")
-    sep = "|---|---|---|---|---|---|---|---|---|---|---|"
+            "| peak sync | codec s/round | compute util | rounds | faults |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|---|"
     if baseline:
         head += f" time to {baseline.name}'s final loss |"
         sep += "---|"
@@ -140,7 +143,8 @@ def write_report(out: Path) -> Path:
     for s in summaries:
         row = (f"| {s.name} | {s.algorithm} | {s.final_val:.4f} | {s.tokens_per_s:.0f} | {s.wall_s:.1f} s "
                f"| {_fmt_bytes(s.bytes_sent)} | {s.bytes_per_token:.1f} "
-               f"| {_fmt_bytes(s.peak_sync_bytes) if s.peak_sync_bytes else '—'} | {s.compute_util:.0%} | {s.rounds} "
+               f"| {_fmt_bytes(s.peak_sync_bytes) if s.peak_sync_bytes else '—'} | {s.codec_s_per_round:.3f} "
+               f"| {s.compute_util:.0%} | {s.rounds} "
                f"| {s.faults} |")
         if baseline:
             t = s.time_to(baseline.final_val)
@@ -161,7 +165,8 @@ def write_report(out: Path) -> Path:
     (out / "summary.json").write_text(json.dumps([
         {"variant": s.name, "algorithm": s.algorithm, "final_val_loss": s.final_val, "tokens_per_s": s.tokens_per_s,
          "wall_s": s.wall_s, "bytes_sent": s.bytes_sent, "bytes_per_token": s.bytes_per_token,
-         "compute_util": s.compute_util, "peak_sync_bytes": s.peak_sync_bytes, "rounds": s.rounds, "faults": s.faults,
+         "compute_util": s.compute_util, "peak_sync_bytes": s.peak_sync_bytes,
+         "codec_s_per_round": s.codec_s_per_round, "rounds": s.rounds, "faults": s.faults,
          "time_to_baseline_s": s.time_to(baseline.final_val) if baseline else None,
          "curve": [{"step": c[0], "time_s": c[1], "bytes": c[2], "val_loss": c[3]} for c in s.curve]}
         for s in summaries], indent=2))

@@ -62,7 +62,8 @@ class GossipCommunicator:
         self.last = result
         if not result.received:
             return ReduceResult(None, 1, (), result)
-        inputs = {self.me: [t.detach().reshape(-1).to(torch.float32) for t in tensors], **result.received}
+        inputs = {pid: [t.reshape(-1) for t in ts] for pid, ts in result.received.items()}
+        inputs[self.me] = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
         order = sorted(inputs)
         means = []
         for i in range(len(tensors)):

@@ -13,7 +13,8 @@ weights after τ inner steps)::
 
 Averaging Δ_i = x_{t−1} − x^i_{t−1} is averaging the weights, since x_{t−1} is the same on
 every replica (g = x_{t−1} − x̄_{t−1} in the paper), and small differences compress better.
-The first round has nothing to apply (x_1 = x_0). A reduce that did not complete changes
+The first round has nothing to apply (x_1 = x_0); at the end of training ``flush`` applies
+the last reduce, so no round's work is left out of the final weights. A reduce that did not complete changes
 nothing: no update, momentum kept, every replica that skipped it stays consistent (that
 round's local progress is lost, as a replica cannot apply a mean it does not know).
 
@@ -38,7 +39,7 @@ import torch
 
 from .background import BackgroundReducer
 from .communicator import Communicator, ReduceResult
-from .flat import split_like
+from .flat import as_layers, split_like
 from .outer import OuterStepResult
 
 Staleness = Literal["fixed", "gap_aware"]
@@ -99,16 +100,30 @@ class CO2:
         norm = float(self._send.norm())
         applied = stale is not None and stale.tensors is not None
         if applied:
-            self.apply(split_like(stale.tensors[0].reshape(-1), self.anchor))
+            self.apply(as_layers(stale.tensors, self.anchor))
         if self._reducer is not None:
-            self._reducer.start([self._send], round)
+            self._reducer.start(self._send_views, round)
         else:  # sequential mode (tests, and the reference the threaded mode must equal)
-            self._sync_result = self.comm.all_reduce_mean([self._send], round)
+            self._sync_result = self.comm.all_reduce_mean(self._send_views, round)
         self.pending_round = round
         self.reset_params()
         group = stale.group_size if stale is not None else 0
         return OuterStepResult(applied, group, norm, stale,
                                extra={"stale_round": round - 1, "penalty": list(self.last_penalty)})
+
+    def flush(self) -> OuterStepResult | None:
+        """End of training: wait for the reduce in flight and apply it, launching nothing,
+        so the last round's progress is in the final weights. None if nothing was in flight."""
+        if self.pending_round < 0:
+            return None
+        stale = self._take_pending()
+        applied = stale is not None and stale.tensors is not None
+        if applied:
+            self.apply(as_layers(stale.tensors, self.anchor))
+        self.reset_params()
+        round, self.pending_round = self.pending_round, -1
+        return OuterStepResult(applied, stale.group_size if stale is not None else 0, 0.0, stale,
+                               extra={"stale_round": round, "penalty": list(self.last_penalty)})
 
     @torch.no_grad()
     def apply(self, g: Sequence[torch.Tensor]) -> None:

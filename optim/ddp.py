@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from .communicator import Communicator
-from .flat import split_like
+from .flat import as_layers, split_like
 
 
 class DataParallel:
@@ -29,16 +29,17 @@ class DataParallel:
     def sync_gradients(self, round: int) -> bool:
         """Replace every ``p.grad`` by the group mean. False: the average did not complete
         and the gradients are left as they were (the caller skips the step)."""
-        for v, p in zip(split_like(self._flat, self.params), self.params, strict=True):
+        views = split_like(self._flat, self.params)
+        for v, p in zip(views, self.params, strict=True):
             if p.grad is None:
                 v.zero_()
             else:
                 v.copy_(p.grad)
-        result = self.comm.all_reduce_mean([self._flat], round)
+        result = self.comm.all_reduce_mean(views, round)
         self.last_group_size = result.group_size
         if result.tensors is None:
             return False
-        for v, p in zip(split_like(result.tensors[0].reshape(-1), self.params), self.params, strict=True):
+        for v, p in zip(as_layers(result.tensors, self.params), self.params, strict=True):
             if p.grad is None:
                 p.grad = v.to(p.dtype).clone()
             else:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .communicator import Communicator
-from .flat import split_like
+from .flat import as_layers, split_like
 from .outer import OuterStepResult, nesterov_sgd_step
 
 
@@ -73,11 +73,12 @@ class DiLoCo:
     def outer_step(self, round: int) -> OuterStepResult:
         self.pseudo_gradient()
         norm = float(self._delta.norm())
-        result = self.comm.all_reduce_mean([self._delta], round)
+        # one view per layer of the flat Δ buffer: the communicator sees the layer shapes
+        # (compression works per layer) and can still send the buffer without a copy
+        result = self.comm.all_reduce_mean(self._delta_views, round)
         if result.tensors is None:
             return OuterStepResult(False, result.group_size, norm, result)
-        (averaged,) = result.tensors
-        self.apply(split_like(averaged.reshape(-1), self.anchor))
+        self.apply(as_layers(result.tensors, self.anchor))
         return OuterStepResult(True, result.group_size, norm, result)
 
     # ------------------------------------------------------------ state

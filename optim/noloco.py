@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .communicator import GroupCommunicator
-from .flat import split_like
+from .flat import as_layers, split_like
 from .outer import OuterStepResult
 
 
@@ -56,11 +56,13 @@ class NoLoCo:
             sp.copy_(a)
             torch.sub(p.detach().to(torch.float32), a, out=sd)
         norm = float(self._send[self._numel:].norm())
-        result = self.comm.group_mean([self._send], round)
+        result = self.comm.group_mean([*self._phi_views, *self._d_views], round)
         grouped = result.tensors is not None and result.group_size > 1
-        mean = result.tensors[0].reshape(-1) if grouped else self._send
-        phi_bar = split_like(mean[:self._numel], self.anchor)
-        d_bar = split_like(mean[self._numel:], self.anchor)
+        if grouped:
+            both = as_layers(result.tensors, [*self.anchor, *self.anchor])
+            phi_bar, d_bar = both[:len(self.anchor)], both[len(self.anchor):]
+        else:  # local-only step: the group is this replica alone
+            phi_bar, d_bar = self._phi_views, self._d_views
         drift_sq = 0.0
         for a, dl, pb, db in zip(self.anchor, self.delta, phi_bar, d_bar, strict=True):
             gap = a - pb.to(a.device)  # φ_i − φ̄

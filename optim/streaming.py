@@ -29,7 +29,7 @@ import torch
 
 from .background import BackgroundReducer, PendingReduce
 from .communicator import Communicator, ReduceResult
-from .flat import split_like
+from .flat import as_layers, split_like
 from .outer import OuterStepResult, nesterov_sgd_step
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -153,9 +153,9 @@ class StreamingDiLoCo:
         for d, a, q in zip(delta, anchor, params, strict=True):
             torch.sub(a, q.detach().to(torch.float32), out=d)
         if self._reducer is not None:
-            handle = self._reducer.start([self._send[p]], step)
+            handle = self._reducer.start(delta, step)
         else:
-            handle = _Done(self.comm.all_reduce_mean([self._send[p]], step), step)
+            handle = _Done(self.comm.all_reduce_mean(delta, step), step)
         self._in_flight = (p, step, handle)
 
     @torch.no_grad()
@@ -170,7 +170,7 @@ class StreamingDiLoCo:
         if result.tensors is None:
             return event  # nothing changes; the next Δ_p spans both periods
         anchor, buf, params, _ = self._views(p)
-        mean = split_like(result.tensors[0].reshape(-1), anchor)
+        mean = as_layers(result.tensors, anchor)
         nesterov_sgd_step(anchor, buf, mean, self.outer_lr, self.momentum, self.nesterov,
                           first=self.fragment_steps[p] == 0)
         self.fragment_steps[p] += 1

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import Codec, CodecError, IdentityCodec
+from .codecs import CodecError, Compressor, Layout
+from .flat import flat_of, unflatten
 from .membership import PeerInfo
 from .transport import Transport
 from .wire import Message
@@ -103,7 +104,7 @@ class GroupAllReduce:
         transport: Transport,
         live_peers: Callable[[], list[PeerInfo]],
         timeouts: CollectiveTimeouts | None = None,
-        codec: Codec | None = None,
+        compressor: Compressor | None = None,
         stop: threading.Event | None = None,
         chunk_bytes: int = 4 << 20,
     ):
@@ -111,7 +112,7 @@ class GroupAllReduce:
         self.me = transport.node_id
         self.live_peers = live_peers
         self.timeouts = timeouts or CollectiveTimeouts()
-        self.codec = codec or IdentityCodec()
+        self.compressor = compressor or Compressor("none")
         self.stop = stop
         self.chunk_bytes = chunk_bytes
         self._finished_round = -1
@@ -133,6 +134,7 @@ class GroupAllReduce:
         collective's round id (DDP averages every step but announces once per H steps)."""
         self.transport.mailbox.prune(round)
         start = time.monotonic()
+        enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
         live = self.live_peers()
         for p in live:
@@ -150,7 +152,14 @@ class GroupAllReduce:
                 result = self._follow(round, tensors, weight, state_hash, leader, endpoint)
         finally:
             self._finish(round)
+        # error feedback remembers what was dropped only if the round's values were used
+        if result.status == "ok":
+            self.compressor.commit()
+        else:
+            self.compressor.discard()
         result.timings["total_s"] = time.monotonic() - start
+        result.timings["encode_s"] = self.compressor.encode_s - enc0
+        result.timings["decode_s"] = self.compressor.decode_s - dec0
         return result
 
     # ------------------------------------------------------------------ leader
@@ -191,7 +200,7 @@ class GroupAllReduce:
                 for m in responders:
                     if m.id != self.me:
                         self._send(m.endpoint, DECISION, round, attempt, {"decision": "commit"})
-                return RoundResult("ok", round, self._unflatten(flat, tensors),
+                return RoundResult("ok", round, unflatten(flat, tensors),
                                    tuple(m.id for m in responders), attempt + 1, self.me,
                                    self.transport.endpoint)
             if attempt + 1 < t.max_attempts and len(roster) > 1:
@@ -246,7 +255,7 @@ class GroupAllReduce:
                                            t.decision_s + t.allreduce_s, stop=self.stop)
             verdict = decision.meta.get("decision") if decision else None
             if verdict == "commit" and not missing:
-                return RoundResult("ok", round, self._unflatten(flat, tensors),
+                return RoundResult("ok", round, unflatten(flat, tensors),
                                    tuple(m.id for m in roster), attempt + 1, leader, leader_endpoint)
             if verdict == "retry":
                 new = self._parse_roster(decision)
@@ -258,15 +267,6 @@ class GroupAllReduce:
         return RoundResult("skipped", attempts=t.max_attempts, reason="out of attempts", **skipped)
 
     # ------------------------------------------------------------- data phase
-    @staticmethod
-    def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One float32 vector; no copy when the caller already passes one (DiLoCo does)."""
-        if len(tensors) == 1:
-            t = tensors[0].detach()
-            if t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu":
-                return t.reshape(-1)
-        return torch.cat([t.detach().reshape(-1).to(torch.float32, copy=False).cpu() for t in tensors])
-
     def _output(self, numel: int) -> torch.Tensor:
         """The result buffer, reused across rounds: allocating (and page-faulting) a fresh
         model-sized buffer every round costs more than the arithmetic."""
@@ -282,7 +282,8 @@ class GroupAllReduce:
         allocator to reuse them (one 100 MB message per round costs fresh pages every time).
         Chunks go out zero-copy, as views of ``flat`` and of the output buffer; neither is
         written again before every member has reported the round done (or was dropped)."""
-        flat = self._flatten(tensors)
+        flat = flat_of(tensors)
+        layout = Layout.of(tensors)
         n = len(roster)
         me = next(i for i, m in enumerate(roster) if m.id == self.me)
         bounds = split_bounds(flat.numel(), n)
@@ -290,8 +291,7 @@ class GroupAllReduce:
         my_weight = roster[me].weight
         # Phase 1: reduce-scatter. Every other member gets the part it owns, chunk by chunk,
         # interleaved across members so that all owners can start adding at once.
-        self._send_chunks(PART, round, attempt, flat, bounds, roster, me, owner_of_part=True,
-                          extra={"weight": my_weight})
+        self._send_parts(round, attempt, flat, bounds, roster, me, layout, {"weight": my_weight})
         out = self._output(flat.numel())
         mine = out[bounds[me]:bounds[me + 1]]
         own = flat[bounds[me]:bounds[me + 1]]
@@ -308,7 +308,7 @@ class GroupAllReduce:
                 msg = self.transport.mailbox.take_first(
                     PART, round, attempt, lambda x, s=m.id, c=lo: x.sender == s and x.meta.get("offset") == c,
                     deadline, stop=self.stop)
-                part = None if msg is None else self._decode(msg, me, hi - lo)
+                part = None if msg is None else self._decode(msg, me, bounds[me] + lo, hi - lo, layout)
                 if part is None:
                     failed.add(m.id)
                     continue
@@ -319,7 +319,7 @@ class GroupAllReduce:
         # Phase 2: all-gather. My averaged part goes to everyone; theirs land in `out`.
         # A member that failed phase 1 is not waited for again (it is most likely dead);
         # the others get a fresh deadline, since they may have waited for it too.
-        self._send_chunks(AVG, round, attempt, out, bounds, roster, me, owner_of_part=False)
+        self._send_average(round, attempt, out, bounds, roster, me, layout)
         deadline = time.monotonic() + self.timeouts.allreduce_s
         expected = {(m.id, lo) for j, m in enumerate(roster) if j != me and m.id not in failed
                     for lo, _ in self._chunks(bounds[j + 1] - bounds[j])}
@@ -332,7 +332,7 @@ class GroupAllReduce:
                 break
             j, lo = index[msg.sender], msg.meta["offset"]
             hi = min(lo + self._chunk_numel, bounds[j + 1] - bounds[j])
-            piece = self._decode(msg, j, hi - lo)
+            piece = self._decode(msg, j, bounds[j] + lo, hi - lo, layout)
             if piece is None:  # a bad chunk spoils its owner's whole part
                 failed.add(msg.sender)
                 expected = {(s, c) for s, c in expected if s != msg.sender}
@@ -352,33 +352,45 @@ class GroupAllReduce:
         step = self._chunk_numel
         return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)] or [(0, 0)]
 
-    def _send_chunks(self, kind, round, attempt, vector, bounds, roster, me, owner_of_part, extra=None):
-        """Send part j (PART: to its owner j) or my part (AVG: to everyone), chunk by chunk."""
-        streams = []
-        for j, m in enumerate(roster):
-            if j == me:
-                continue
-            part = j if owner_of_part else me
-            lo_part, hi_part = bounds[part], bounds[part + 1]
-            streams.append((m, part, vector[lo_part:hi_part]))
-        longest = max((len(self._chunks(v.numel())) for _, _, v in streams), default=0)
+    def _send_parts(self, round, attempt, flat, bounds, roster, me, layout, extra):
+        """Phase 1: part j of my vector to its owner j, chunk by chunk, interleaved across
+        owners so that all of them can start adding at once. Compressed on the way (stream
+        "part": this node's own contribution, with its own error feedback)."""
+        streams = [(m, j) for j, m in enumerate(roster) if j != me]
+        longest = max((len(self._chunks(bounds[j + 1] - bounds[j])) for _, j in streams), default=0)
         for c in range(longest):
-            for m, part, v in streams:
-                chunks = self._chunks(v.numel())
+            for m, j in streams:
+                chunks = self._chunks(bounds[j + 1] - bounds[j])
                 if c >= len(chunks):
                     continue
                 lo, hi = chunks[c]
-                payload, meta = self.codec.encode(v[lo:hi])
-                self._send(m.endpoint, kind, round, attempt,
-                           {"part": part, "offset": lo, "codec": meta, **(extra or {})}, payload)
+                start = bounds[j] + lo
+                payload, meta, _ = self.compressor.encode("part", flat[start:bounds[j] + hi], start, layout)
+                self._send(m.endpoint, PART, round, attempt, {"part": j, "offset": lo, "codec": meta, **extra},
+                           payload)
 
-    def _decode(self, msg: Message, part: int, numel: int) -> torch.Tensor | None:
+    def _send_average(self, round, attempt, out, bounds, roster, me, layout):
+        """Phase 2: my averaged part to every member. Each chunk is encoded once (stream
+        "avg") and this node keeps exactly what the others will decode, so that every
+        member ends with the same bits whatever the codec."""
+        for lo, hi in self._chunks(bounds[me + 1] - bounds[me]):
+            start = bounds[me] + lo
+            view = out[start:bounds[me] + hi]
+            payload, meta, decoded = self.compressor.encode("avg", view, start, layout)
+            if self.compressor.lossy:
+                payload = [t.clone() for t in payload]  # they must not alias `view`, rewritten next
+                view.copy_(decoded)
+            for j, m in enumerate(roster):
+                if j != me:
+                    self._send(m.endpoint, AVG, round, attempt, {"part": me, "offset": lo, "codec": meta}, payload)
+
+    def _decode(self, msg: Message, part: int, start: int, numel: int, layout: Layout) -> torch.Tensor | None:
         if msg.meta.get("part") != part:
             log.warning("%s from %s: part %r, expected %d; ignored", msg.kind, msg.sender,
                         msg.meta.get("part"), part)
             return None
         try:
-            t = self.codec.decode(msg.tensors, msg.meta.get("codec", {}), numel)
+            t = self.compressor.decode(msg.tensors, msg.meta.get("codec", {}), start, numel, layout)
         except CodecError as exc:
             log.warning("%s from %s rejected: %s", msg.kind, msg.sender, exc)
             return None
@@ -389,14 +401,6 @@ class GroupAllReduce:
         return t
 
     # ----------------------------------------------------------------- helpers
-    @staticmethod
-    def _unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for t in like:
-            out.append(flat[offset:offset + t.numel()].view(t.shape))
-            offset += t.numel()
-        return out
-
     @staticmethod
     def _roster_meta(status: str, roster: list[Member], **extra) -> dict:
         return {"status": status, **extra,

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import Codec, CodecError, IdentityCodec
+from .codecs import CodecError, Compressor, Layout
+from .flat import flat_of, unflatten
 from .transport import Transport
 from .wire import Message
 
@@ -67,10 +68,11 @@ class ExchangeResult:
 
 
 class GroupExchange:
-    def __init__(self, transport: Transport, codec: Codec | None = None, stop: threading.Event | None = None):
+    def __init__(self, transport: Transport, compressor: Compressor | None = None,
+                 stop: threading.Event | None = None):
         self.transport = transport
         self.me = transport.node_id
-        self.codec = codec or IdentityCodec()
+        self.compressor = compressor or Compressor("none")
         self.stop = stop
         self._finished_round = -1
         self._lock = threading.Lock()
@@ -78,21 +80,19 @@ class GroupExchange:
 
     def exchange(self, round: int, partners: dict[str, str], tensors: Sequence[torch.Tensor],
                  timeout_s: float) -> ExchangeResult:
-        """Send ``tensors`` (1-D float32 each) to every partner (id -> endpoint) and collect
-        theirs. Returns after every partner answered or declined, or at the deadline."""
+        """Send ``tensors`` to every partner (id -> endpoint) and collect theirs (float32,
+        shaped like ``tensors``). Returns after every partner answered or declined, or at
+        the deadline. Compressed once for all partners (stream "gossip")."""
         self.transport.mailbox.prune(round)
         result = ExchangeResult()
         group = sorted([self.me, *partners])
-        payload, metas = [], []
-        for t in tensors:
-            wire, meta = self.codec.encode(t.detach().reshape(-1))
-            payload.append(wire)
-            metas.append({"codec": meta, "count": len(wire), "numel": t.numel()})
-        frames = [w for wire in payload for w in wire]
+        layout = Layout.of(tensors)
+        frames, codec_meta, _ = self.compressor.encode("gossip", flat_of(tensors), 0, layout)
         for pid, endpoint in sorted(partners.items()):
             self.transport.name_peer(endpoint, pid)
             self.transport.send(endpoint, Message(GOSSIP, round=round, meta={
-                "endpoint": self.transport.endpoint, "group": group, "parts": metas}, tensors=frames))
+                "endpoint": self.transport.endpoint, "group": group, "codec": codec_meta,
+                "numel": layout.total}, tensors=frames))
             result.sent_to.append(pid)
         start = time.monotonic()
         deadline = start + timeout_s
@@ -106,39 +106,35 @@ class GroupExchange:
             if msg.meta.get("decline"):
                 result.declined.append(msg.sender)
                 continue
-            decoded = self._decode(msg, [t.numel() for t in tensors])
+            decoded = self._decode(msg, layout, tensors)
             if decoded is None:
                 result.silent.append(msg.sender)  # unusable: treated like no answer
             else:
                 result.received[msg.sender] = decoded
         result.silent += sorted(waiting)
         result.wait_s = time.monotonic() - start
+        if result.received:  # a partner used what we sent: keep the error feedback's remainder
+            self.compressor.commit()
+        else:
+            self.compressor.discard()
         self._finish(round)
         return result
 
-    def _decode(self, msg: Message, numels: list[int]) -> list[torch.Tensor] | None:
-        parts = msg.meta.get("parts")
-        if not isinstance(parts, list) or len(parts) != len(numels):
-            log.warning("GOSSIP from %s: %r parts, expected %d; ignored", msg.sender,
-                        None if not isinstance(parts, list) else len(parts), len(numels))
+    def _decode(self, msg: Message, layout: Layout, like: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        if msg.meta.get("numel") != layout.total:
+            log.warning("GOSSIP from %s: %r elements, expected %d; ignored", msg.sender, msg.meta.get("numel"),
+                        layout.total)
             return None
-        out, offset = [], 0
         try:
-            for part, numel in zip(parts, numels, strict=True):
-                count = int(part["count"])
-                wire = msg.tensors[offset:offset + count]
-                offset += count
-                t = self.codec.decode(list(wire), part.get("codec", {}), numel)
-                if not torch.isfinite(t.sum()):
-                    raise CodecError("holds NaN/Inf")
-                out.append(t.clone())  # views over zmq frames: clone to outlive the message
-        except (CodecError, KeyError, TypeError, ValueError) as exc:
+            flat = self.compressor.decode(msg.tensors, msg.meta.get("codec"), 0, layout.total, layout)
+        except CodecError as exc:
             log.warning("GOSSIP from %s rejected: %s", msg.sender, exc)
             return None
-        if offset != len(msg.tensors):
-            log.warning("GOSSIP from %s: %d extra tensors; ignored", msg.sender, len(msg.tensors) - offset)
+        if not torch.isfinite(flat.sum()):
+            log.warning("GOSSIP from %s holds NaN/Inf; ignored", msg.sender)
             return None
-        return out
+        # received tensors are views over zmq frames: clone so they outlive the message
+        return unflatten(flat.clone(), like)
 
     def _decline(self, msg: Message) -> None:
         endpoint = msg.meta.get("endpoint")

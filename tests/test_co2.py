@@ -164,3 +164,18 @@ def test_adopted_state_applies_the_missed_reduce():
         assert opt.outer_step(1).applied
     for x, y in zip(a.anchor, b.anchor, strict=True):
         assert torch.equal(x, y)
+
+
+def test_flush_applies_the_last_reduce_and_launches_nothing():
+    params = _params()
+    opt = CO2(params, SoloComm(), staleness="fixed", background=True, clip=0.0)
+    for t in range(3):
+        _train(params, 0, t)
+        opt.outer_step(t)
+    before = [a.clone() for a in opt.anchor]
+    final = opt.flush()
+    assert final is not None and final.applied and final.extra["stale_round"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(opt.anchor, before, strict=True))
+    assert all(torch.equal(p, a) for p, a in zip(params, opt.anchor, strict=True))
+    assert opt.flush() is None  # nothing in flight any more
+    opt.close()

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from protocols.codecs import Compressor
 from protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
 from protocols.membership import PeerInfo
 from protocols.state_sync import StateServer, fetch_state, tensors_hash
@@ -19,11 +20,13 @@ FAST = CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=5, decision_s
 
 
 class Peers:
-    def __init__(self, n: int, timeouts: CollectiveTimeouts = FAST, round: int = 0, chunk_bytes: int = 4 << 20):
+    def __init__(self, n: int, timeouts: CollectiveTimeouts = FAST, round: int = 0, chunk_bytes: int = 4 << 20,
+                 codec: str = "none", **codec_options):
         self.transports = [Transport(f"p{i}") for i in range(n)]
         self.round = round
         self.alive = {t.node_id for t in self.transports}
-        self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, chunk_bytes=chunk_bytes)
+        self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, Compressor(codec, **codec_options),
+                                           chunk_bytes=chunk_bytes)
                             for t in self.transports]
 
     def _view(self, me: str):
@@ -102,6 +105,26 @@ def test_chunked_parts_and_tiny_vectors(peers, n, numel, chunk_bytes):
         assert results[i].status == "ok"
         torch.testing.assert_close(results[i].tensors[0], expected)
         assert torch.equal(results[i].tensors[0], results[0].tensors[0])
+
+
+@pytest.mark.parametrize("codec,options,tol", [("fp16", {}, 1e-3), ("int8", {"block": 16}, 0.05),
+                                               ("int4", {"block": 16}, 0.5), ("topk", {"density": 0.5}, 3.0),
+                                               ("powersgd", {"rank": 1}, 5.0)])
+def test_compressed_average_is_bit_identical_on_every_member(peers, codec, options, tol):
+    """Compression applies to each member's part on the way to its owner and to the
+    owner's average on the way back; every member ends with the same bits."""
+    n = 3
+    p = peers(n, chunk_bytes=64, codec=codec, **options)
+    shapes = ((40, 12), (9,), (6, 4, 2))
+    inputs = _inputs(n, shapes)
+    results = p.run(inputs)
+    for k in range(len(shapes)):
+        expected = torch.stack([inputs[i][k] for i in range(n)]).mean(0)
+        for i in range(n):
+            assert results[i].status == "ok"
+            assert torch.equal(results[i].tensors[k], results[0].tensors[k])
+        assert float((results[0].tensors[k] - expected).abs().max()) <= tol
+    assert results[0].timings["encode_s"] > 0 and results[0].timings["decode_s"] > 0
 
 
 def test_weighted_average(peers):

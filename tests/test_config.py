@@ -36,10 +36,28 @@ def test_file_and_overrides(tmp_path):
     ("model.n_embd=130", "n_embd (130) must be divisible by n_head"),
     ("node.listen_host=0.0.0.0", "announce_host"),
     ("noequals", "expected section.key=value"),
+    ("compression.codec='zip'", "compression.codec"),
+    ("compression.density=0", "compression.density"),
+    ("optim.noloco.group_size=1", "optim.noloco.group_size"),
+    ("optim.co2.staleness='none'", "optim.co2.staleness"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["compression.lgreco.enabled=true"], "lgreco needs a codec with levels"),
+    (["compression.lgreco.enabled=true", "compression.codec='int4'", "optim.algorithm='noloco'"],
+     "lgreco works with optim.algorithm diloco or co2"),
+    (["optim.algorithm='streaming_diloco'", "optim.inner_steps=10", "optim.streaming.fragments=2",
+      "optim.streaming.overlap=5"], "streaming.overlap (5) must be below"),
+    (["optim.algorithm='streaming_diloco'", "optim.inner_steps=2", "optim.streaming.fragments=3"],
+     "must not exceed inner_steps"),
+])
+def test_combinations_that_cannot_work_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
 
 
 def test_bad_file_is_reported(tmp_path):

@@ -111,8 +111,8 @@ def test_gossip_communicator_means_agree_bit_for_bit(nodes):
     comms = [GossipCommunicator(ex[i], ts[i].node_id, roster(ts[i].node_id), 2, 10, seed=0, peer_round=lambda: 0)
              for i in range(4)]
     g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(1000, generator=g) for _ in range(4)]
-    res = _run({i: (lambda i=i: comms[i].group_mean([inputs[i]], 0)) for i in range(4)})
+    inputs = [torch.randn(40, 25, generator=g) for _ in range(4)]
+    res = _run({i: (lambda i=i: comms[i].group_mean([inputs[i], inputs[i][0]], 0)) for i in range(4)})
     groups = random_groups([t.node_id for t in ts], 0, 2, seed=0)
     for group in groups:
         idx = [int(x[1:]) for x in group]
@@ -120,6 +120,7 @@ def test_gossip_communicator_means_agree_bit_for_bit(nodes):
         for i in idx:
             assert res[i].group_size == 2 and list(res[i].members) == [x for x in group if x != f"g{i}"]
             torch.testing.assert_close(res[i].tensors[0], want)
+            torch.testing.assert_close(res[i].tensors[1], want[0])
         assert torch.equal(res[idx[0]].tensors[0], res[idx[1]].tensors[0])
 
 
@@ -138,6 +139,30 @@ def test_state_server_keeps_history_and_answers_the_oldest_matching_round():
         snap = fetch_state(b, a.endpoint, 6, timeout_s=10, kind="RESULT")
         assert snap is not None and snap.round == 6
         assert fetch_state(b, a.endpoint, 0, timeout_s=1) is None  # no plain STATE server on a
+    finally:
+        a.close()
+        b.close()
+
+
+def test_compressed_exchange_delivers_what_the_sender_decoded():
+    from protocols.codecs import Compressor, Layout
+    from protocols.flat import flat_of
+
+    a, b = Transport("c0"), Transport("c1")
+    try:
+        ca, cb = Compressor("int8", block=32), Compressor("int8", block=32)
+        ea, eb = GroupExchange(a, ca), GroupExchange(b, cb)
+        g = torch.Generator().manual_seed(0)
+        xa = [torch.randn(10, 6, generator=g), torch.randn(6, generator=g)]
+        xb = [torch.randn(10, 6, generator=g), torch.randn(6, generator=g)]
+        # what a's codec will produce for its vector (a separate compressor: same input, same bits)
+        _, _, want = Compressor("int8", block=32).encode("gossip", flat_of(xa), 0, Layout.of(xa))
+        res = _run({0: lambda: ea.exchange(0, {"c1": b.endpoint}, xa, 10),
+                    1: lambda: eb.exchange(0, {"c0": a.endpoint}, xb, 10)})
+        got = res[1].received["c0"]
+        assert [t.shape for t in got] == [t.shape for t in xa]
+        assert torch.equal(torch.cat([t.reshape(-1) for t in got]), want)
+        assert a.bytes_sent < 0.5 * 4 * sum(t.numel() for t in xa) + 2000  # int8, not float32
     finally:
         a.close()
         b.close()

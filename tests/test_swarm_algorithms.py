@@ -40,9 +40,11 @@ def test_streaming_diloco_swarm_syncs_each_fragment_once_per_round(procs, tmp_pa
         outer = _outer(out, n)
         assert all(r["status"] == "ok" and r["group_size"] == 3 for r in outer), outer
         # fragment 1 sends at step 4 (offset H/P), fragment 0 at step 8 and lands τ=1 step
-        # later, in the next round: after round 0, each round applies both once
+        # later, in the next round: after round 0, each round applies both once; the last
+        # round also lands the fragment 0 it sent at its last step (drained at the end)
         assert outer[0]["fragments"] == [1]
-        assert all(sorted(r["fragments"]) == [0, 1] for r in outer[1:]), [r["fragments"] for r in outer]
+        assert all(sorted(r["fragments"]) == [0, 1] for r in outer[1:-1]), [r["fragments"] for r in outer]
+        assert outer[-1]["fragments"] == [0, 1, 0]
         # peak bytes of one sync: about 1/P of a whole-model sync, not all of it
         for r in outer[1:]:
             assert max(r["sync_bytes"]) < 0.7 * sum(r["sync_bytes"]), r["sync_bytes"]
@@ -62,8 +64,9 @@ def test_noloco_swarm_talks_only_to_its_partners(procs, tmp_path):
         for r in _outer(out, n):
             if r["status"] == "resync":  # a node that fell behind adopted a peer's state
                 continue
-            assert r["sent_to"] == r["partners"] or r["status"] == "skipped", r
-            assert len(r["sent_to"]) <= 2  # one partner (or two for an odd node out)
+            # it averaged only with nodes it chose (and sent to); it chose one partner, or two
+            # when its roster had an odd node out (views of the DHT may differ for a moment)
+            assert set(r["partners"]) <= set(r["sent_to"]) and 1 <= len(r["sent_to"]) <= 2, r
             partners_by_round.setdefault(r["round"], {})[n] = r["partners"]
     # pairs agree: if a lists b as its partner in a round, b lists a
     for rnd, by_node in partners_by_round.items():
@@ -83,7 +86,8 @@ def test_co2_hides_a_slow_link_behind_computation(procs, tmp_path):
         outer = _outer(out, n)
         assert all(r["status"] == "ok" for r in outer), outer
         assert outer[0]["stale_round"] == -1 and all(r["stale_round"] == r["round"] - 1 for r in outer[1:])
-        steady = outer[2:]
+        assert outer[-1]["flushed"] is True  # the last round's reduce is in the final weights
+        steady = outer[2:-1]  # the last round waits for its own reduce (the flush): not hidden
         reduce_s = sum(r["reduce_s"] for r in steady)
         blocked_s = sum(r["comm_s"] for r in steady)
         assert reduce_s > 0.5  # the shaped link made each reduce take real time...
