@@ -414,8 +414,9 @@ class Node:
                 comm_s = time.monotonic() - t1
                 if status == "stopped":
                     return
-                # co2: the reduce ran in the background during this round
-                extra["sync_bytes"] = [self.transport.bytes_sent - (bytes0 if isinstance(self.outer, CO2) else sent0)]
+                extra["sync_bytes"] = [self.transport.bytes_sent - sent0]
+                if isinstance(self.outer, CO2):  # its reduce ran in the background during the round
+                    extra["sync_bytes"] = [sent0 - bytes0] + (extra["sync_bytes"] if extra.get("flushed") else [])
             self._publish()
             extra["round_bytes"] = self.transport.bytes_sent - bytes0
             extra["encode_s"] = self.compressor.encode_s - codec0[0]

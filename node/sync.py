@@ -52,9 +52,10 @@ class GossipCommunicator:
 
     def group_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
         now = self.peer_round()
-        # peers one round behind or ahead are most likely at this outer step too (their DHT
-        # record lags by up to a refresh); the roster is what pairs are drawn from
-        peers = {p.id: p.endpoint for p in self.live_peers() if abs(p.round - now) <= 1 and p.id != self.me}
+        # the roster pairs are drawn from: peers announced at this round, or one behind (their
+        # record lags until they finish the previous outer step). A peer announced ahead has
+        # finished this round's exchange already: it cannot be a partner any more.
+        peers = {p.id: p.endpoint for p in self.live_peers() if now - 1 <= p.round <= now and p.id != self.me}
         groups = random_groups([self.me, *peers], round, self.group_size, self.seed)
         mine = next(g for g in groups if self.me in g)
         partners = {pid: peers[pid] for pid in mine if pid != self.me}
