@@ -328,9 +328,16 @@ class Transport:
             log.exception("handler for %s from %s failed", msg.kind, msg.sender)
 
     # ---------------------------------------------------------------- shutdown
-    def close(self) -> None:
+    def close(self, flush_s: float = 5.0) -> None:
+        """Stop, after giving what was already sent a chance to leave: messages the shaper
+        still holds (up to ``flush_s``), then up to 1 s in each socket's queue. A node that
+        sends its last gossip or reduce part and exits at once must not lose it."""
         if self._closing.is_set():
             return
+        deadline = time.monotonic() + flush_s
+        with self._delayed_cond:
+            while self._delayed and time.monotonic() < deadline:
+                self._delayed_cond.wait(0.05)
         self._closing.set()
         self._thread.join(timeout=5)
         if self.shaper is not None:
@@ -338,7 +345,7 @@ class Transport:
         with self._peers_lock:
             for sock, lock in self._peers.values():
                 with lock:
-                    sock.close(linger=0)
+                    sock.close(linger=1000 if flush_s > 0 else 0)
             self._peers.clear()
         self._router.close(linger=0)
         self._ctx.term()

@@ -114,3 +114,22 @@ def test_collective_copes_with_a_lossy_member():
     finally:
         for t in transports:
             t.close()
+
+
+def test_messages_held_by_the_shaper_leave_before_close():
+    """A node that sends and exits at once (its last gossip, its last reduce part) must not
+    lose what the emulated link was still holding."""
+    import torch
+
+    from protocols.transport import Transport
+    from protocols.wire import Message
+
+    receiver = Transport("rx")
+    sender = Transport("tx", shaper=Shaper(LinkProfile(latency_s=0.5)))
+    try:
+        sender.send(receiver.endpoint, Message("LAST", round=1, tensors=[torch.ones(1000)]))
+        sender.close()  # returns once the message has left the shaper
+        assert receiver.recv("LAST", 1, timeout_s=10) is not None
+    finally:
+        sender.close()
+        receiver.close()
