@@ -27,6 +27,16 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes < 2^bits -> a little-endian bit stream, ceil(n·bits/8) bytes."""
     if bits == 8:
         return codes
+    if bits in (2, 4):  # whole codes per byte: shifts instead of a bit-level expansion
+        per = 8 // bits
+        pad = (-codes.numel()) % per
+        if pad:
+            codes = torch.cat([codes, torch.zeros(pad, dtype=torch.uint8)])
+        grid = codes.view(-1, per)
+        packed = grid[:, 0].clone()
+        for i in range(1, per):
+            packed |= grid[:, i] << (bits * i)
+        return packed
     stream = ((codes[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
@@ -37,6 +47,9 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[:n]
+    if bits in (2, 4):
+        per, mask = 8 // bits, (1 << bits) - 1
+        return torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1).reshape(-1)[:n]
     stream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[:n * bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.uint8)
     return (stream.view(n, bits) * weights).sum(1, dtype=torch.uint8)
