@@ -24,7 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocols.pipeline.schedule import PipeNode, Setting, full_pipeline, random_paths, schedule, simulate  # noqa: E402
+from protocols.pipeline.schedule import (  # noqa: E402
+    PipeNode,
+    Setting,
+    assign_stages,
+    full_pipeline,
+    random_paths,
+    schedule,
+    simulate,
+)
 
 REGIONS = {  # (latitude, longitude) of the cities hosting these cloud regions
     "us-east (Virginia)": (38.9, -77.0), "us-west (Oregon)": (45.6, -121.2),
@@ -74,6 +82,8 @@ def main() -> None:
     ap.add_argument("--activation-mb", type=float, default=16.0)
     ap.add_argument("--layer-s", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--assign", action="store_true",
+                    help="also place nodes on stages by local search (slow: ~1 min per seed)")
     args = ap.parse_args()
     rows = []
     for seed in range(args.seeds):
@@ -81,14 +91,22 @@ def main() -> None:
         full = simulate(st, full_pipeline(st)).makespan
         rnd = simulate(st, random_paths(st, random.Random(seed))).makespan
         ours = simulate(st, schedule(st, seed=seed)).makespan
-        rows.append((full, rnd, ours))
-        print(f"seed {seed}: full {full:7.1f} s   random skip {rnd:7.1f} s   scheduled {ours:7.1f} s")
-    full, rnd, ours = (statistics.mean(r[i] for r in rows) for i in range(3))
+        placed = ours
+        if args.assign:
+            moved = assign_stages(st, passes=1, seed=seed)
+            placed = simulate(moved, schedule(moved, seed=seed)).makespan
+        rows.append((full, rnd, ours, placed))
+        print(f"seed {seed}: full {full:7.1f} s   random skip {rnd:7.1f} s   scheduled {ours:7.1f} s"
+              + (f"   + stage assignment {placed:7.1f} s" if args.assign else ""))
+    full, rnd, ours, placed = (statistics.mean(r[i] for r in rows) for i in range(4))
     print(f"\n20 nodes, 12 regions, 6 stages, memory 3, skip 33%, {args.microbatches} microbatches of "
           f"{args.activation_mb:.0f} MB activations, {args.layer_s} s/stage forward at speed 1 (mean of "
           f"{args.seeds} seeds)")
     print(f"{'':18}{'iteration time':>16}{'vs full':>10}")
-    for name, v in (("full pipeline", full), ("random skip", rnd), ("scheduled paths", ours)):
+    results = [("full pipeline", full), ("random skip", rnd), ("scheduled paths", ours)]
+    if args.assign:
+        results.append(("+ assignment", placed))
+    for name, v in results:
         print(f"{name:18}{v:14.1f} s{v / full:10.2f}")
 
 

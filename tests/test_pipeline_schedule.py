@@ -148,3 +148,18 @@ def test_paper_like_setting_scheduled_paths_are_much_faster():
     rnd = simulate(setting, random_paths(setting, random.Random(0))).makespan
     ours = simulate(setting, paths).makespan
     assert ours < 0.7 * full and ours < rnd
+
+
+def test_stage_assignment_search_never_does_worse_and_keeps_stage_sizes():
+    from protocols.pipeline.schedule import assign_stages
+
+    rng = random.Random(5)
+    nodes = [PipeNode(f"n{i}", i % 3, speed=rng.uniform(0.3, 2.0)) for i in range(7)]
+    latency = {(a.id, b.id): rng.uniform(0.001, 0.5) for a in nodes for b in nodes if a != b}
+    setting = Setting(3, nodes, microbatches=6, skip=0.34, latency_s=latency, activation_bytes=1e6)
+    before = simulate(setting, schedule(setting)).makespan
+    moved = assign_stages(setting)
+    after = simulate(moved, schedule(moved)).makespan
+    assert after <= before
+    sizes = lambda s: sorted(len(s.replicas(k)) for k in range(s.stages))  # noqa: E731
+    assert sizes(moved) == sizes(setting)

@@ -469,5 +469,37 @@ def schedule(setting: Setting, seed: int = 0, rounds: int = 3) -> list[list[str]
     return paths
 
 
-__all__ = ["PipeNode", "Setting", "SimResult", "balanced_stage_sets", "check_path", "full_pipeline",
-           "random_paths", "schedule", "simulate"]
+__all__ = ["PipeNode", "Setting", "SimResult", "assign_stages", "balanced_stage_sets", "check_path", "full_pipeline",
+           "random_paths", "schedule", "simulate", "with_stages"]
+
+
+def with_stages(setting: Setting, stage_of: dict[str, int]) -> Setting:
+    """The same setting with nodes moved to other stages."""
+    nodes = [PipeNode(n.id, stage_of.get(n.id, n.stage), n.speed, n.memory) for n in setting.nodes]
+    return Setting(setting.stages, nodes, setting.microbatches, setting.skip, setting.latency_s,
+                   setting.bandwidth_bps, setting.default_latency_s, setting.default_bandwidth_bps,
+                   setting.activation_bytes, setting.layer_s, setting.layers_per_stage, setting.overhead_s,
+                   setting.swaps, setting.max_swaps, setting.max_jump)
+
+
+def assign_stages(setting: Setting, passes: int = 2, seed: int = 0) -> Setting:
+    """Place nodes on stages from their speeds and links: local search over swaps of two
+    nodes' stages (stage sizes stay as given), keeping a swap when the scheduled iteration
+    time in the model drops. The paper uses a genetic algorithm for this step; any search
+    that only accepts improvements never does worse than the assignment it starts from."""
+    best_setting = setting
+    best = simulate(setting, schedule(setting, seed)).makespan
+    ids = [n.id for n in setting.nodes]
+    for _ in range(passes):
+        improved = False
+        for a, b in itertools.combinations(ids, 2):
+            sa, sb = best_setting.node(a).stage, best_setting.node(b).stage
+            if sa == sb:
+                continue
+            trial = with_stages(best_setting, {a: sb, b: sa})
+            span = simulate(trial, schedule(trial, seed)).makespan
+            if span < best - 1e-9:
+                best_setting, best, improved = trial, span, True
+        if not improved:
+            break
+    return best_setting
