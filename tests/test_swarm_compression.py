@@ -58,3 +58,16 @@ def test_lgreco_plans_agree_and_save_bytes(procs, tmp_path):
     assert all(len(v) == 1 for v in plans.values()), plans  # every node holds the same plan
     for rnd, hashes in _hashes_by_round(out, NODES).items():
         assert len(set(hashes.values())) == 1, (rnd, hashes)
+
+
+def test_streaming_diloco_with_4bit_fragments(procs, tmp_path):
+    """Streaming DiLoCo's 4-bit outer gradients: fragments go through the int4 codec."""
+    out = tmp_path / "streaming-int4"
+    _swarm(procs, out, 3, "train.rounds=4", "model.n_layer=2", "optim.algorithm='streaming_diloco'",
+           "optim.streaming.fragments=2", "optim.streaming.overlap=1", "compression.codec='int4'")
+    for n in NODES:
+        outer = _outer(out, n)
+        assert all(r["status"] == "ok" for r in outer), outer
+        assert all(r["encode_s"] > 0 for r in outer[1:])
+    for rnd, hashes in _hashes_by_round(out, NODES).items():
+        assert len(set(hashes.values())) == 1, (rnd, hashes)
