@@ -6,7 +6,7 @@
 - trainer.py     the inner loop: model, inner AdamW, data stream, validation
 - model.py       the built-in byte-level GPT and user model factories
 - data.py        default corpus (Python stdlib source), user data, per-node sampling
-- sync.py        optim's Communicator backed by protocols' collective
+- sync.py        optim's communicators backed by protocols: the collective, NoLoCo's gossip
 - checkpoint.py  atomic checkpoints
 - metrics.py     JSON-lines metrics
 - swarm.py       local multi-process swarm launcher with progress and summary

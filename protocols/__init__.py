@@ -4,6 +4,11 @@
 - transport.py   ZeroMQ ROUTER/DEALER transport, I/O thread, mailbox with deadlines, byte counts
 - membership.py  swarm membership through a real hivemind DHT (announce, refresh, expire, leave)
 - collective.py  group all-reduce: leader matchmaking, reduce-scatter/all-gather, commit/retry
-- state_sync.py  serving and fetching synchronized state (late join, resync after a missed round)
-- codecs.py      the codec interface tensors pass through inside collectives (identity for now)
+- gossip.py      NoLoCo's exchange within a small random group: seeded pairing, declines, deadline
+- state_sync.py  serving and fetching synchronized state (late join, resync, CO2's missed reduces)
+- shaper.py      in-transport network emulation: bandwidth, latency, jitter, loss, cuts
+- flat.py        a list of tensors as one flat vector, without a copy when they are views of one
+- codecs/        compression: one file per codec, the layer-aware compressor with error
+                 feedback, L-GreCo's per-layer plans
+- pipeline/      SkipPipe path scheduling and its throughput model
 """

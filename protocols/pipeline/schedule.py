@@ -469,8 +469,6 @@ def schedule(setting: Setting, seed: int = 0, rounds: int = 3) -> list[list[str]
     return paths
 
 
-__all__ = ["PipeNode", "Setting", "SimResult", "assign_stages", "balanced_stage_sets", "check_path", "full_pipeline",
-           "random_paths", "schedule", "simulate", "with_stages"]
 
 
 def with_stages(setting: Setting, stage_of: dict[str, int]) -> Setting:
@@ -503,3 +501,7 @@ def assign_stages(setting: Setting, passes: int = 2, seed: int = 0) -> Setting:
         if not improved:
             break
     return best_setting
+
+
+__all__ = ["PipeNode", "Setting", "SimResult", "assign_stages", "balanced_stage_sets", "check_path", "full_pipeline",
+           "random_paths", "schedule", "simulate", "with_stages"]
