@@ -163,7 +163,11 @@ class Node:
         H = o.inner_steps
         peer_round = {"diloco": lambda r: r, "co2": lambda r: r + 1,
                       "streaming_diloco": lambda r: (r - 1) // H + 1}[self.algorithm]
-        self.comm = SwarmCommunicator(self.collective, lambda: self._launch_hash, peer_round=peer_round)
+        # co2: a member whose reduce of round r runs has announced r + 1; a slower one may
+        # still show r − 1 (its own reduce of r − 1 in flight). Expecting it (lag 2) makes the
+        # fast one's reduce wait for it, instead of averaging alone and running ahead.
+        self.comm = SwarmCommunicator(self.collective, lambda: self._launch_hash, peer_round=peer_round,
+                                      lag=2 if self.algorithm == "co2" else 1)
         if self.algorithm == "diloco":
             self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
         elif self.algorithm == "co2":

@@ -18,16 +18,17 @@ class SwarmCommunicator:
     outcome so the daemon can resynchronize and report it."""
 
     def __init__(self, collective: GroupAllReduce, state_hash: Callable[[], str], weight: float = 1.0,
-                 peer_round: Callable[[int], int] | None = None):
+                 peer_round: Callable[[int], int] | None = None, lag: int = 1):
         self.collective = collective
         self.state_hash = state_hash
         self.weight = weight
         self.peer_round = peer_round
+        self.lag = lag
         self.last: RoundResult | None = None
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
         peer_round = self.peer_round(round) if self.peer_round else None
-        result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash(), peer_round)
+        result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash(), peer_round, self.lag)
         self.last = result
         if result.status != "ok":
             return ReduceResult(None, 1, (), result)

@@ -123,7 +123,7 @@ class GroupAllReduce:
     # ------------------------------------------------------------ entry point
     def all_reduce(
         self, round: int, tensors: Sequence[torch.Tensor], weight: float = 1.0, state_hash: str = "",
-        peer_round: int | None = None,
+        peer_round: int | None = None, lag: int = 1,
     ) -> RoundResult:
         """Average ``tensors`` (any shapes, any float dtype) over this round's group.
 
@@ -131,7 +131,9 @@ class GroupAllReduce:
         are views of a buffer this object reuses: valid until the next call.
 
         ``peer_round``: the round peers announce in the DHT when it differs from the
-        collective's round id (DDP averages every step but announces once per H steps)."""
+        collective's round id (DDP averages every step but announces once per H steps).
+        ``lag``: how many rounds behind ``peer_round`` a peer may be announced and still be
+        expected (CO2, which has no barrier between rounds, needs 2)."""
         self.transport.mailbox.prune(round)
         start = time.monotonic()
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
@@ -142,7 +144,7 @@ class GroupAllReduce:
         # a peer that announced the previous round is most likely finishing it (its DHT record
         # lags by up to a refresh): expect it too, or a leader that runs ahead would average
         # alone and every short round would end in a resync
-        peers = [p for p in live if announced - 1 <= p.round <= announced and p.id != self.me]
+        peers = [p for p in live if announced - lag <= p.round <= announced and p.id != self.me]
         leader = min([self.me, *(p.id for p in peers)])
         try:
             if leader == self.me:

@@ -18,13 +18,17 @@ class SoloComm:
 
 
 class ThreadGroup:
-    """N replicas, one thread each, averaging through a barrier."""
+    """N replicas, one thread each, averaging by round id (as a real collective matches
+    members: by round, never by call order). A round that does not fill within
+    ``timeout_s`` raises instead of hanging the test."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, timeout_s: float = 60.0):
         self.n = n
-        self._barrier = threading.Barrier(n)
-        self._inputs: dict[int, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
+        self.timeout_s = timeout_s
+        self._inputs: dict[int, dict[int, list[torch.Tensor]]] = {}
+        self._results: dict[int, list[torch.Tensor]] = {}
+        self._readers: dict[int, int] = {}
+        self._cond = threading.Condition()
 
     def member(self, rank: int) -> _Member:
         return _Member(self, rank)
@@ -37,13 +41,20 @@ class _Member:
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
         g = self.group
-        with g._lock:
-            g._inputs[self.rank] = [t.clone().float() for t in tensors]
-        g._barrier.wait()
-        stacked = [torch.stack([g._inputs[r][i] for r in range(g.n)]) for i in range(len(tensors))]
-        out = [s.mean(0) for s in stacked]
-        g._barrier.wait()  # nobody overwrites inputs before everyone has read them
-        return ReduceResult(out, g.n)
+        with g._cond:
+            g._inputs.setdefault(round, {})[self.rank] = [t.clone().float() for t in tensors]
+            if len(g._inputs[round]) == g.n:
+                inputs = g._inputs[round]
+                g._results[round] = [torch.stack([inputs[r][i] for r in range(g.n)]).mean(0)
+                                     for i in range(len(tensors))]
+                g._cond.notify_all()
+            elif not g._cond.wait_for(lambda: round in g._results, timeout=g.timeout_s):
+                raise TimeoutError(f"round {round}: {len(g._inputs[round])} of {g.n} replicas arrived")
+            out = g._results[round]
+            g._readers[round] = g._readers.get(round, 0) + 1
+            if g._readers[round] == g.n:  # everyone has it: forget the round
+                del g._inputs[round], g._results[round], g._readers[round]
+        return ReduceResult([t.clone() for t in out], g.n)
 
 
 class FailingComm:

@@ -73,6 +73,7 @@ def _run(n: int, rounds: int, make_comm, background: bool, train_jitter_s: float
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a replica is still running after 120 s"
     assert not errors, errors
     for o in opts:
         o.close()
