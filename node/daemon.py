@@ -403,9 +403,8 @@ class Node:
                     self.round, self.round_step = self.round + 1, 0
                 if isinstance(self.outer, StreamingDiLoCo) and not self._budget_left():
                     t1, before = time.monotonic(), self.transport.bytes_sent
-                    for e in self.outer.drain():  # the last fragment in flight lands in the final weights
-                        e.sync_bytes = self.transport.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
-                        events.append(e)
+                    # the last fragment in flight lands in the final weights
+                    events += self._count_sync_bytes(self.outer.drain(), before)
                     comm_s += time.monotonic() - t1
                 status, group, reason = self._inner_sync_status(syncs, events)
                 if events:
@@ -441,15 +440,20 @@ class Node:
         reason = f"{failed} of {ok + failed} {what} unsynced" if failed else ""
         return status, group, reason
 
+    def _count_sync_bytes(self, events: list[FragmentEvent], before: int) -> list[FragmentEvent]:
+        """Bytes sent since each fragment left (``before``: if it left in this very call);
+        while a fragment is in flight, only its own traffic goes out."""
+        for e in events:
+            e.sync_bytes = self.transport.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
+        return events
+
     def _streaming_step(self) -> list[FragmentEvent]:
         """After each inner step: finish the fragment whose overlap is over, start the
         fragment whose turn it is. Snapshots are published only with nothing in flight."""
         s = self.round * self.cfg.optim.inner_steps + self.round_step
         self._launch_hash = self.snapshot.digest
         before = self.transport.bytes_sent
-        events = self.outer.after_inner_step(s)
-        for e in events:  # bytes since the fragment was sent: only its own traffic was in flight
-            e.sync_bytes = self.transport.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
+        events = self._count_sync_bytes(self.outer.after_inner_step(s), before)
         if self.outer.in_flight_step is not None:
             self._fragment_bytes0.setdefault(self.outer.in_flight_step, before)
         for e in events:

@@ -9,7 +9,6 @@ The Future's lock orders the background thread's writes before the caller's read
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -19,13 +18,11 @@ from .communicator import Communicator, ReduceResult
 
 
 class PendingReduce:
-    """A reduce in flight; ``wait`` returns its result and how long the caller blocked."""
+    """A reduce in flight; ``wait`` returns its result."""
 
     def __init__(self, round: int):
         self.round = round
         self._future: Future[ReduceResult] | None = None
-        self.started = time.monotonic()
-        self.finished: float | None = None
 
     def wait(self) -> ReduceResult:
         assert self._future is not None
@@ -47,13 +44,7 @@ class BackgroundReducer:
             raise RuntimeError(f"reduce of round {self._pending.round} still in flight; wait for it first")
         pending = PendingReduce(round)
 
-        def run() -> ReduceResult:
-            try:
-                return self.comm.all_reduce_mean(tensors, round)
-            finally:
-                pending.finished = time.monotonic()
-
-        pending._future = self._pool.submit(run)
+        pending._future = self._pool.submit(self.comm.all_reduce_mean, tensors, round)
         self._pending = pending
         return pending
 

@@ -30,7 +30,7 @@ import torch
 from .background import BackgroundReducer, PendingReduce
 from .communicator import Communicator, ReduceResult
 from .flat import as_layers, split_like
-from .outer import OuterStepResult, nesterov_sgd_step
+from .outer import nesterov_sgd_step
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -239,11 +239,3 @@ class _Done:
 
     def wait(self) -> ReduceResult:
         return self.result
-
-
-def streaming_result(events: list[FragmentEvent]) -> OuterStepResult:
-    """Summary of a round's fragment syncs in the shape the other algorithms report."""
-    applied = [e for e in events if e.applied]
-    return OuterStepResult(bool(applied) and len(applied) == len(events), max((e.group_size for e in events), default=0),
-                           0.0, events[-1].reduce if events else None,
-                           extra={"fragments": [e.fragment for e in events]})

@@ -201,9 +201,6 @@ class Compressor:
             raise CodecError(f"{len(tensors) - offset} extra tensors in the message")
         return out
 
-    def wire_bytes(self, layer_numel: int, shape: tuple[int, int], level: Any) -> int:
-        return self.codec_at(level).wire_bytes(layer_numel, shape)
-
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"residual": {k: v.clone() for k, v in self._residual.items()},
