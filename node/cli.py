@@ -99,7 +99,12 @@ def node_start(config, initial_peers, out, overrides, node_id, listen, announce,
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        code = Node(cfg, Path(out), stop).run()
+        if cfg.pipeline.stages >= 2:
+            from .pipeline import PipelineNode
+
+            code = PipelineNode(cfg, Path(out), stop).run()
+        else:
+            code = Node(cfg, Path(out), stop).run()
     except (ConfigError, ConnectionError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)

@@ -295,6 +295,61 @@ class NetworkConfig(LinkConfig):
     """Unix time the cut windows count from (0: when the node starts)."""
 
 
+class PipelineConfig(_Section):
+    """SkipPipe (ALGORITHMS.md section 5): the built-in GPT split into stages over the swarm's
+    nodes; each microbatch takes its own scheduled path. Off while ``stages`` < 2."""
+
+    stages: int = Field(0, ge=0)
+    """S: pipeline stages (contiguous groups of blocks; stage 0 also holds the embedding, the
+    head, the loss and the data). 0 or 1: no pipeline, every node trains the whole model."""
+    stage: int | None = Field(None, ge=0)
+    """This node's stage. None: ``assignment[i]`` for node ``node<i>`` of a local swarm
+    (``loco swarm``/``loco run``), else i mod S."""
+    assignment: list[int] = []
+    """Stage of each node of a local swarm by index (empty: node i gets stage i mod S)."""
+    auto_assign: bool = False
+    """Move nodes between stages before training, from their measured compute speed and link
+    latency/bandwidth (announced through the DHT), keeping each stage's replica count."""
+    skip: float = Field(0.0, ge=0, lt=1)
+    """Skip ratio: a path visits S − round(skip·S) stages (stage 0 included)."""
+    paths: Literal["scheduled", "round_robin", "random"] = "scheduled"
+    """How paths are chosen: the SkipPipe scheduler; round_robin = every stage in order, replicas
+    taken in turn (the full-pipeline baseline; needs skip = 0); random = random valid paths."""
+    swaps: bool = True
+    """Allow a path to swap two adjacent stages (at most 2 swaps a path)."""
+    microbatches: int = Field(4, ge=1)
+    """Microbatches per iteration, over the whole swarm (each data.batch_size sequences)."""
+    memory: int = Field(3, ge=1)
+    """Microbatches a node holds in flight (activations kept for the backward pass)."""
+    sync: Literal["every_step", "diloco"] = "every_step"
+    """How each stage's replicas stay in sync: gradients averaged every iteration, or local
+    AdamW steps with a DiLoCo outer step (optim.outer_lr/outer_momentum) every sync_every."""
+    sync_every: int = Field(10, ge=1)
+    """Iterations between DiLoCo outer steps of a stage's replicas (sync = diloco)."""
+    iteration_timeout_s: float = Field(60.0, gt=0)
+    """A microbatch whose backward pass has not returned after this long is given up
+    (a node on its path died); the iteration ends without it."""
+    eval_every: int = Field(10, ge=1)
+    """Iterations between validation passes (forward along a full path, no skips)."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> PipelineConfig:
+        if self.stages < 2:
+            return self
+        visits = self.stages - round(self.skip * self.stages)
+        if visits < 2:
+            raise ValueError(f"skip {self.skip} leaves {visits} stage(s) a path; a path needs stage 0 "
+                             f"and at least one other")
+        if self.paths == "round_robin" and self.skip:
+            raise ValueError("paths = round_robin is the full pipeline: it needs skip = 0")
+        if self.stage is not None and self.stage >= self.stages:
+            raise ValueError(f"stage {self.stage} does not exist (stages = {self.stages})")
+        bad = [s for s in self.assignment if s >= self.stages]
+        if bad:
+            raise ValueError(f"assignment names stage {bad[0]}, but stages = {self.stages}")
+        return self
+
+
 class Config(_Section):
     node: NodeConfig = NodeConfig()
     swarm: SwarmConfig = SwarmConfig()
@@ -305,6 +360,19 @@ class Config(_Section):
     compression: CompressionConfig = CompressionConfig()
     train: TrainConfig = TrainConfig()
     network: NetworkConfig = NetworkConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _pipeline_model(self) -> Config:
+        p = self.pipeline
+        if p.stages < 2:
+            return self
+        if self.model.factory:
+            raise ValueError("pipeline.stages needs the built-in GPT (model.factory must be unset)")
+        if self.model.n_layer < p.stages:
+            raise ValueError(f"pipeline.stages ({p.stages}) exceeds model.n_layer ({self.model.n_layer}): "
+                             f"every stage needs at least one block")
+        return self
 
     @model_validator(mode="after")
     def _lgreco_algorithms(self) -> Config:

@@ -1,7 +1,7 @@
 """Swarm membership through a real hivemind DHT.
 
 Each node stores one record under ``<run_id>.peers`` with its node id as the subkey:
-``{endpoint, round, stage, throughput, left}`` and an expiry of ``ttl_s``. A background
+``{endpoint, round, stage, throughput, left, links}`` and an expiry of ``ttl_s``. A background
 thread refreshes it every ``ttl_s / 3``, so a node that dies (even by SIGKILL) vanishes from
 everyone's view within ``ttl_s`` seconds, and one that leaves cleanly writes ``left=True``
 so the others drop it at once. Nothing else in loco needs a fixed peer list.
@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,18 @@ class PeerInfo:
     stage: int = 0
     throughput: float = 0.0
     left: bool = False
+    # measured links to other nodes: {peer id: [one-way latency s, bandwidth bytes/s]}
+    links: dict[str, list[float]] = field(default_factory=dict, compare=False, hash=False)
+
+
+def _as_links(value: object) -> dict[str, list[float]]:
+    if not isinstance(value, dict):
+        return {}
+    links = {}
+    for peer, item in value.items():
+        if isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, (int, float)) for x in item):
+            links[str(peer)] = [float(item[0]), float(item[1])]
+    return links
 
 
 def _as_peer(node_id: str, value: object) -> PeerInfo | None:
@@ -37,7 +49,7 @@ def _as_peer(node_id: str, value: object) -> PeerInfo | None:
         return PeerInfo(
             id=node_id, endpoint=str(value["endpoint"]), round=int(value.get("round", 0)),
             stage=int(value.get("stage", 0)), throughput=float(value.get("throughput", 0.0)),
-            left=bool(value.get("left", False)),
+            left=bool(value.get("left", False)), links=_as_links(value.get("links")),
         )
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring a malformed membership record for %r: %r", node_id, value)

@@ -1,0 +1,647 @@
+"""The SkipPipe node (ALGORITHMS.md section 5): one stage of the GPT, microbatches that arrive
+along scheduled paths, and the stage's replicas kept in sync.
+
+One iteration, as a node sees it::
+
+    leader   the live stage-0 node with the smallest id: reads the roster (stage, compute
+             speed, measured links) from the DHT, schedules one path per microbatch
+             (protocols.pipeline.schedule) and sends PLAN(it) = paths + endpoints to all.
+    owner    a stage-0 node at the head of a path: draws a batch, embeds it, sends the
+             activation to the next node of the path (FWD); at the end of the path it
+             computes the loss and sends the gradient back along the reverse path (BWD).
+    others   run their blocks on each FWD that arrives (at most ``memory`` microbatches held
+             for their backward pass; later ones wait), and on each BWD run the backward
+             pass and send the input's gradient one hop back.
+    step     once every task of the iteration that this node had is done (or the iteration
+             deadline passed: a node on a path died), the stage's replicas average their
+             gradients (sync = every_step) or step locally and run a DiLoCo outer step every
+             ``sync_every`` iterations (sync = diloco).
+
+There is no barrier between iterations: a node starts iteration it + 1 when it has the plan
+and has finished its own part of it. The math is the synchronous pipeline's, because each
+node steps only after all of its work of the iteration. Messages of an iteration that a
+node has not reached wait in a queue. Paths travel in the plan, so only the leader needs
+the schedule; a node that dies disappears from the DHT within ``swarm.announce_ttl_s`` and
+from the next plan; microbatches already on its path are given up at the deadline. If the
+leader dies, the next stage-0 node by id plans the iteration the others are waiting for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import re
+import statistics
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optim import DiLoCo
+from protocols.collective import CollectiveTimeouts, GroupAllReduce
+from protocols.membership import Membership, PeerInfo
+from protocols.pipeline.probe import LinkProber
+from protocols.pipeline.schedule import PipeNode, Setting, check_path, full_pipeline, random_paths, schedule
+from protocols.state_sync import tensors_hash
+from protocols.transport import Transport
+from protocols.wire import Message
+
+from .checkpoint import save_checkpoint
+from .config import Config, ConfigError, config_to_dict
+from .daemon import _write_json_atomic, build_shaper, default_node_id
+from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
+from .metrics import MetricsWriter
+from .model import VOCAB
+from .reaper import Reaper, descendants
+from .stages import StageModel
+from .sync import SwarmCommunicator
+
+log = logging.getLogger(__name__)
+
+PLAN, FWD, BWD, FINAL, ASSIGN = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_FINAL", "PP_ASSIGN"
+_QUEUED = (PLAN, FWD, BWD, FINAL, ASSIGN)
+
+
+def node_stage(cfg: Config, node_id: str) -> int:
+    """This node's stage: pipeline.stage, else its place in a local swarm (node<i>)."""
+    p = cfg.pipeline
+    if p.stage is not None:
+        return p.stage
+    m = re.fullmatch(r"node(\d+)", node_id)
+    if m is None:
+        raise ConfigError(f"pipeline.stage is not set and node id {node_id!r} is not node<i>: "
+                          f"set pipeline.stage for this node")
+    i = int(m.group(1))
+    if p.assignment:
+        if i >= len(p.assignment):
+            raise ConfigError(f"pipeline.assignment has {len(p.assignment)} entries; node {node_id} needs one")
+        return p.assignment[i]
+    return i % p.stages
+
+
+class _Iteration:
+    """This node's share of one iteration's plan, and what it has done of it."""
+
+    def __init__(self, me: str, number: int, meta: dict[str, Any]):
+        self.number = number
+        self.paths: list[list[str]] = meta["paths"]
+        self.eval_paths: list[list[str]] = meta.get("eval", [])
+        self.endpoints: dict[str, str] = meta["endpoints"]
+        self.stages: dict[str, int] = {n: int(s) for n, s in meta.get("stages", {}).items()}
+        self.last = bool(meta.get("last", False))
+        self.val_loss = meta.get("val_loss")
+        self.todo = 0  # tasks of this node still to do
+        self.launch: list[tuple[int, bool]] = []  # (microbatch, eval) this node starts
+        for m, path in enumerate(self.paths):
+            for k, n in enumerate(path):
+                if n == me:
+                    # the head finishes with its backward; the tail (same node) computes the
+                    # loss and backward in one go; a middle node has a forward and a backward
+                    self.todo += 1 if k in (0, len(path) - 1) else 2
+            if path[0] == me:
+                self.launch.append((m, False))
+        for m, path in enumerate(self.eval_paths):
+            self.todo += sum(1 for k, n in enumerate(path) if n == me and k > 0)
+            if path[0] == me:
+                self.launch.append((m, True))
+        self.losses: list[float] = []
+        self.val_losses: list[float] = []
+        self.visited: list[int] = []  # microbatches whose backward pass ran here
+        self.stash: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.targets: dict[tuple[int, bool], torch.Tensor] = {}
+        self.deferred: list[Message] = []  # forwards waiting for a free memory slot
+
+    def path(self, m: int, is_eval: bool) -> list[str]:
+        return (self.eval_paths if is_eval else self.paths)[m]
+
+
+class PipelineNode:
+    def __init__(self, cfg: Config, out: Path, stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.p = cfg.pipeline
+        self.out = out
+        self.stop = stop or threading.Event()
+        self.id = cfg.node.id or default_node_id(out)
+        self.started = time.time()
+        self.it = 0
+        self.stage = node_stage(cfg, self.id)
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.later: dict[int, list[Message]] = defaultdict(list)  # messages of iterations ahead
+        self.plans: dict[int, Message] = {}
+        self.val_loss = float("nan")
+        self.layer_s = 0.0
+        self.links: dict[str, list[float]] = {}
+        self._schedules: dict[tuple, list[list[str]]] = {}
+        self._group: list[PeerInfo] = []
+
+    # ----------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg.node.threads:
+            torch.set_num_threads(cfg.node.threads)
+        _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
+        self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
+        key = cfg.swarm.key.encode() if cfg.swarm.key else None
+        seed = int.from_bytes(self.id.encode()[:4].ljust(4, b"\0"), "little")
+        self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
+                                   shaper=build_shaper(cfg.network, seed=seed, started=self.started))
+        for kind in _QUEUED:
+            self.transport.on(kind, self.inbox.put)
+        self.prober = LinkProber(self.transport)
+        self.membership = Membership(
+            cfg.swarm.run_id, self.id, cfg.swarm.initial_peers, cfg.node.listen_host, cfg.node.dht_port,
+            cfg.node.announce_host, cfg.swarm.announce_ttl_s,
+        )
+        self.reaper = Reaper()
+        if self.membership.pid:
+            self.reaper.watch([self.membership.pid, *descendants(self.membership.pid)])
+        train, val = load_corpus(cfg.data)
+        check_corpus(train, val, cfg.model.block_size, VOCAB)
+        self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))
+        self.val = validation_batches(val, cfg.model.block_size, cfg.data.batch_size, cfg.data.val_batches,
+                                      cfg.train.seed)
+        self.device = torch.device(cfg.node.device)
+
+    def _build_stage(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        self.model = StageModel(cfg.model, self.stage, self.p.stages, cfg.train.seed, self.device)
+        params = self.model.params
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.inner_lr, betas=o.betas,
+        )
+        c = cfg.collective
+        # a replica still finishing the iteration (waiting out a dead node's microbatches)
+        # must be waited for, or the replicas would step apart
+        wait = max(c.matchmaking_timeout_s, self.p.iteration_timeout_s + 10)
+        timeouts = CollectiveTimeouts(wait, max(c.join_timeout_s, wait + 10), c.allreduce_timeout_s,
+                                      c.decision_timeout_s, c.max_attempts)
+        self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, stop=self.stop)
+        self.outer = None
+        if self.p.sync == "diloco":
+            comm = SwarmCommunicator(self.collective, lambda: "")
+            self.outer = DiLoCo(params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
+
+    def _stage_peers(self) -> list[PeerInfo]:
+        return self._group
+
+    def _expect_replicas(self, work: _Iteration) -> None:
+        """The stage's replicas this iteration's sync waits for: those in the plan. (Their DHT
+        records lag behind iterations shorter than a refresh, so the DHT cannot say.)"""
+        self._group = [PeerInfo(n, work.endpoints[n], work.number, s) for n, s in work.stages.items()
+                       if s == self.stage and n != self.id]
+
+    def _peer_info(self) -> PeerInfo:
+        return PeerInfo(self.id, self.transport.endpoint, self.it, self.stage,
+                        1.0 / self.layer_s if self.layer_s else 0.0, left=False, links=self.links)
+
+    def _activation_bytes(self) -> int:
+        m = self.cfg.model
+        return self.cfg.data.batch_size * m.block_size * m.n_embd * 4
+
+    def _measure_compute(self) -> None:
+        """Seconds of one block's forward pass on one microbatch (what the schedule's model
+        calls w), from a few timed forward + backward passes of a block like ours."""
+        from .model import Block
+
+        m = self.cfg.model
+        block = Block(m.n_embd, m.n_head, 0.0).to(self.device)
+        x = torch.randn(self.cfg.data.batch_size, m.block_size, m.n_embd, device=self.device, requires_grad=True)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            block(x).sum().backward()
+            times.append(time.perf_counter() - t0)
+        self.layer_s = statistics.median(times[1:]) / 2.5  # forward + backward (1.5x)
+
+    def _measure_links(self) -> None:
+        peers = {p.id: p.endpoint for p in self.membership.peers()}
+        measured = self.prober.measure(peers, self._activation_bytes())
+        self.links = {peer: [lat, bw] for peer, (lat, bw) in measured.items()}
+        self.membership.announce(self._peer_info())
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        try:
+            self._setup()
+            info = {"id": self.id, "maddrs": self.membership.maddrs, "endpoint": self.transport.endpoint,
+                    "pid": os.getpid()}
+            _write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
+            print(f"loco pipeline node {self.id} (stage {self.stage})", flush=True)
+            self._measure_compute()
+            self.membership.start_refresh(self._peer_info)
+            sw = self.cfg.swarm
+            want = max(sw.wait_for_peers, 1 if sw.initial_peers else 0)
+            if want:
+                self.membership.wait_for_peers(want, sw.join_timeout_s)
+            self._measure_links()
+            if self.p.auto_assign:
+                self._assign()
+            self._build_stage()
+            self.membership.announce(self._peer_info())
+            self.metrics.write("start", step=0, round=0, val_loss=float("nan"), resumed=False,
+                               weights_hash=tensors_hash(self.model.params), endpoint=self.transport.endpoint,
+                               algorithm=f"skippipe(skip={self.p.skip}, sync={self.p.sync})", tokens=0,
+                               stage=self.stage, layer_s=self.layer_s, links=self.links)
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    # --------------------------------------------------------- leadership
+    def _leader(self) -> str | None:
+        stage0 = [p.id for p in self.membership.peers() if p.stage == 0]
+        if self.stage == 0:
+            stage0.append(self.id)
+        return min(stage0) if stage0 else None
+
+    def _roster(self) -> list[PeerInfo]:
+        return sorted([*self.membership.peers(), self._peer_info()], key=lambda p: p.id)
+
+    def _setting(self, roster: list[PeerInfo]) -> Setting:
+        m = self.cfg.model
+        layer = {p.id: 1.0 / p.throughput for p in roster if p.throughput > 0}
+        ref = statistics.median(layer.values()) if layer else 1.0
+        nodes = [PipeNode(p.id, p.stage, ref / layer.get(p.id, ref), self.p.memory) for p in roster]
+        lat, bw = {}, {}
+        for p in roster:
+            for q, (latency, bandwidth) in p.links.items():
+                lat[(p.id, q)] = latency
+                bw[(p.id, q)] = bandwidth
+        return Setting(self.p.stages, nodes, self.p.microbatches, self.p.skip, lat, bw,
+                       activation_bytes=self._activation_bytes(), layer_s=ref,
+                       layers_per_stage=m.n_layer / self.p.stages, swaps=self.p.swaps)
+
+    def _plan_paths(self, setting: Setting) -> list[list[str]]:
+        key = tuple((n.id, n.stage) for n in setting.nodes)
+        if key not in self._schedules:
+            kind = self.p.paths
+            if kind == "scheduled":
+                paths = schedule(setting, seed=self.cfg.train.seed)
+            elif kind == "round_robin":
+                paths = full_pipeline(setting)
+            else:
+                import random
+
+                paths = random_paths(setting, random.Random(self.cfg.train.seed))
+            for path in paths:
+                problems = check_path(setting, path)
+                if problems:
+                    raise RuntimeError(f"scheduler returned an invalid path {path}: {problems}")
+            self._schedules[key] = paths
+        return self._schedules[key]
+
+    def _budget_last(self, it: int) -> bool:
+        t = self.cfg.train
+        elapsed = time.time() - self.started
+        per_iter = elapsed / max(1, it)
+        return bool(self.stop.is_set() or (t.rounds and it >= t.rounds - 1)
+                    or (t.max_time_s and elapsed + per_iter >= t.max_time_s))
+
+    def _send_plan(self, it: int) -> bool:
+        roster = self._roster()
+        missing = sorted(set(range(self.p.stages)) - {p.stage for p in roster})
+        if missing:
+            log.warning("iteration %d: no live node holds stage(s) %s; waiting", it, missing)
+            return False
+        setting = self._setting(roster)
+        paths = self._plan_paths(setting)
+        last = self._budget_last(it)
+        evals: list[list[str]] = []
+        if it % self.p.eval_every == 0:
+            evals = self._eval_paths(roster)
+        meta = {"paths": paths, "eval": evals, "endpoints": {p.id: p.endpoint for p in roster},
+                "stages": {p.id: p.stage for p in roster}, "last": last,
+                "val_loss": self.val_loss if math.isfinite(self.val_loss) else None}
+        self._broadcast(PLAN, it, meta, roster)
+        return True
+
+    def _eval_paths(self, roster: list[PeerInfo]) -> list[list[str]]:
+        """Validation goes through every stage in order: one replica each (smallest id)."""
+        nodes = [self.id] + [min(p.id for p in roster if p.stage == s) for s in range(1, self.p.stages)]
+        return [[*nodes, self.id] for _ in self.val]
+
+    def _broadcast(self, kind: str, it: int, meta: dict[str, Any], roster: list[PeerInfo]) -> None:
+        for p in roster:
+            msg = Message(kind, round=it, meta=meta)
+            if p.id == self.id:
+                msg.sender = self.id
+                self.inbox.put(msg)
+            else:
+                self.transport.name_peer(p.endpoint, p.id)
+                self.transport.send(p.endpoint, msg)
+
+    def _wait_plan(self, it: int) -> _Iteration | None:
+        """The plan of iteration ``it``: made here if this node leads, else awaited; a
+        leader that died is replaced by the next stage-0 node once the DHT drops it."""
+        planned = False
+        no_stage0_since = None
+        while not self.stop.is_set():
+            if it in self.plans:
+                return _Iteration(self.id, it, self.plans.pop(it).meta)
+            leader = self._leader()
+            if leader == self.id and not planned:
+                planned = self._send_plan(it)
+            if leader is None:
+                no_stage0_since = no_stage0_since or time.monotonic()
+                if time.monotonic() - no_stage0_since > self.cfg.swarm.join_timeout_s:
+                    raise ConnectionError(f"no stage-0 node alive for {self.cfg.swarm.join_timeout_s:.0f}s")
+            else:
+                no_stage0_since = None
+            early = self._pull(it, timeout=1.0)
+            if early is not None:  # work of this iteration that came before its plan
+                self.later[it].append(early)
+        return None
+
+    # ---------------------------------------------------------- messages
+    def _pull(self, it: int, timeout: float) -> Message | None:
+        """The next message of iteration ``it`` (FWD/BWD); plans and messages of later
+        iterations are filed, messages of earlier ones dropped."""
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if msg.kind == PLAN:
+            self.plans.setdefault(msg.round, msg)  # the first plan of an iteration wins
+            return None
+        if msg.kind in (FINAL, ASSIGN):
+            self.later[-1 if msg.kind == FINAL else -2].append(msg)
+            return None
+        if msg.round > it:
+            self.later[msg.round].append(msg)
+            return None
+        return msg if msg.round == it else None
+
+    def _send(self, work: _Iteration, node: str, kind: str, m: int, hop: int, is_eval: bool,
+              tensor: torch.Tensor) -> None:
+        meta = {"mb": m, "hop": hop, "eval": is_eval}
+        msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu").contiguous()])
+        if node == self.id:  # (a path never visits a node twice in a row; kept for safety)
+            msg.sender = self.id
+            self.inbox.put(msg)
+            return
+        endpoint = work.endpoints[node]
+        self.transport.name_peer(endpoint, node)
+        self.transport.send(endpoint, msg)
+
+    # ------------------------------------------------------------ compute
+    def _launch(self, work: _Iteration, m: int, is_eval: bool) -> None:
+        path = work.path(m, is_eval)
+        if is_eval:
+            x, y = self.val[m]
+            with torch.no_grad():
+                h = self.model.embed(x.to(self.device))
+        else:
+            x, y = self.sampler.next_batch()
+            h = self.model.embed(x.to(self.device))
+            work.stash[(m, 0)] = (None, h)
+        work.targets[(m, is_eval)] = y.to(self.device)
+        self._send(work, path[1], FWD, m, 1, is_eval, h)
+
+    def _forward(self, work: _Iteration, msg: Message) -> None:
+        m, k, is_eval = int(msg.meta["mb"]), int(msg.meta["hop"]), bool(msg.meta["eval"])
+        path = work.path(m, is_eval)
+        h_in = msg.tensors[0].to(self.device)
+        if k == len(path) - 1:  # back home: the loss, and at once its backward pass
+            y = work.targets.pop((m, is_eval))
+            if is_eval:
+                with torch.no_grad():
+                    work.val_losses.append(float(self.model.loss(h_in, y)))
+            else:
+                h = h_in.requires_grad_()
+                loss = self.model.loss(h, y)
+                loss.backward()
+                work.losses.append(float(loss.detach()))
+                self._send(work, path[k - 1], BWD, m, k - 1, False, h.grad)
+        elif is_eval:
+            with torch.no_grad():
+                out = self.model.blocks(h_in)
+            self._send(work, path[k + 1], FWD, m, k + 1, True, out)
+        else:
+            x = h_in.requires_grad_()
+            y = self.model.blocks(x)
+            work.stash[(m, k)] = (x, y)
+            self._send(work, path[k + 1], FWD, m, k + 1, False, y)
+        work.todo -= 1
+
+    def _backward(self, work: _Iteration, msg: Message) -> None:
+        m, k = int(msg.meta["mb"]), int(msg.meta["hop"])
+        entry = work.stash.pop((m, k), None)
+        if entry is None:
+            log.warning("iteration %d: backward for microbatch %d hop %d that this node does not hold",
+                        work.number, m, k)
+            return
+        x, y = entry
+        y.backward(msg.tensors[0].to(self.device))
+        if k > 0:
+            self._send(work, work.path(m, False)[k - 1], BWD, m, k - 1, False, x.grad)
+        work.visited.append(m)
+        work.todo -= 1
+
+    def _memory_free(self, work: _Iteration) -> bool:
+        return len(work.stash) < self.p.memory
+
+    def _run_tasks(self, work: _Iteration) -> tuple[float, float]:
+        """Do this node's part of the iteration; returns (compute s, waiting s)."""
+        self.model.train()
+        for pending in self.later.pop(work.number, []):
+            self.inbox.put(pending)
+        deadline = time.monotonic() + self.p.iteration_timeout_s
+        launch = list(work.launch)
+        compute = waited = 0.0
+        while work.todo > 0 and not self.stop.is_set():
+            t0 = time.monotonic()
+            while launch and (launch[0][1] or self._memory_free(work)):
+                m, is_eval = launch.pop(0)
+                self._launch(work, m, is_eval)
+            while work.deferred and self._memory_free(work):
+                self._forward(work, work.deferred.pop(0))
+            compute += time.monotonic() - t0
+            if work.todo <= 0:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("iteration %d: %d task(s) not done by the deadline (a node on their path "
+                            "is gone?); going on without them", work.number, work.todo)
+                break
+            t1 = time.monotonic()
+            msg = self._pull(work.number, timeout=min(left, 0.5))
+            waited += time.monotonic() - t1
+            if msg is None:
+                continue
+            t2 = time.monotonic()
+            if msg.kind == BWD:
+                self._backward(work, msg)
+            elif msg.kind == FWD:
+                stays = not msg.meta.get("eval") and int(msg.meta["hop"]) < len(work.path(int(msg.meta["mb"]), False)) - 1
+                if stays and not self._memory_free(work):
+                    work.deferred.append(msg)
+                else:
+                    self._forward(work, msg)
+            compute += time.monotonic() - t2
+        work.stash.clear()  # graphs of microbatches given up
+        return compute, waited
+
+    # --------------------------------------------------------------- step
+    def _lr(self, it: int) -> float:
+        o = self.cfg.optim
+        return o.inner_lr * min(1.0, (it + 1) / o.warmup_steps) if o.warmup_steps else o.inner_lr
+
+    def _step(self, work: _Iteration) -> tuple[str, int]:
+        """Average or apply the iteration's gradients; returns (status, replicas in sync)."""
+        params = self.model.params
+        self._expect_replicas(work)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        count = float(len(work.visited))
+        group = 1
+        status = "ok"
+        if self.p.sync == "every_step":
+            flat = [*grads, torch.tensor([count], dtype=torch.float32, device=self.device)]
+            result = self.collective.all_reduce(work.number, flat, 1.0, tensors_hash(params))
+            if result.status != "ok":
+                status, count = "skipped", 0.0  # apply nothing rather than step apart from the others
+            else:
+                group = len(result.group)
+                count = float(result.tensors[-1]) * group
+                for p, g in zip(params, result.tensors[:-1], strict=True):
+                    p.grad = (g * group).to(p.dtype).view_as(p)
+        if count > 0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(count)
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+            for g in self.opt.param_groups:
+                g["lr"] = self._lr(work.number)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.outer is not None and (work.number + 1) % self.p.sync_every == 0:
+            result = self.outer.outer_step(work.number)
+            group = result.group_size
+            status = "ok" if result.applied else "skipped"
+        return status, group
+
+    # --------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            bytes0 = self.transport.bytes_sent
+            work = self._wait_plan(self.it)
+            if work is None:
+                return
+            if work.val_loss is not None:
+                self.val_loss = float(work.val_loss)
+            plan_s = time.monotonic() - t0
+            compute, waited = self._run_tasks(work)
+            t1 = time.monotonic()
+            status, group = self._step(work)
+            sync_s = time.monotonic() - t1
+            if work.val_losses:
+                self.val_loss = sum(work.val_losses) / len(work.val_losses)
+            if work.last:
+                self._final_eval(work.number)
+            self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,
+                         self.transport.bytes_sent - bytes0)
+            self.it += 1
+            if work.last:
+                return
+
+    def _final_eval(self, it: int) -> None:
+        """After the last step: the leader validates along a full path and tells everyone."""
+        final = it + 1
+        if self._leader() == self.id:
+            roster = self._roster()
+            meta = {"paths": [], "eval": self._eval_paths(roster), "endpoints": {p.id: p.endpoint for p in roster}}
+            self._broadcast(PLAN, final, meta, roster)
+        deadline = time.monotonic() + self.p.iteration_timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if final in self.plans:
+                work = _Iteration(self.id, final, self.plans.pop(final).meta)
+                with torch.no_grad():
+                    self._run_tasks(work)
+                if work.val_losses:
+                    self.val_loss = sum(work.val_losses) / len(work.val_losses)
+                    roster = self._roster()
+                    self._broadcast(FINAL, final, {"val_loss": self.val_loss}, roster)
+                    return
+                break
+            self._pull(final, timeout=0.5)
+        while time.monotonic() < deadline and not self.stop.is_set():  # the leader's result
+            for msg in self.later.pop(-1, []):
+                self.val_loss = float(msg.meta["val_loss"])
+                return
+            self._pull(final, timeout=0.5)
+
+    def _record(self, work: _Iteration, status: str, group: int, iter_s: float, compute_s: float,
+                comm_s: float, round_bytes: int) -> None:
+        loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
+        stages = {p.id: p.stage for p in self._roster()}
+        extra: dict[str, Any] = {}
+        if work.launch:  # the paths of the microbatches this node started, as stages
+            extra["paths"] = [[stages.get(n, -1) for n in work.paths[m]] for m, e in work.launch if not e]
+        self.metrics.write(
+            "outer", round=work.number, step=work.number + 1, status=status, loss=loss, val_loss=self.val_loss,
+            group_size=group, stage=self.stage, visited=sorted(work.visited), lost=max(0, work.todo),
+            elapsed_s=time.time() - self.started, iter_s=iter_s, compute_s=compute_s, comm_s=comm_s,
+            bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv, round_bytes=round_bytes,
+            tokens=len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size,
+            weights_hash=tensors_hash(self.model.params), **extra,
+        )
+
+    # ---------------------------------------------------------- placement
+    def _assign(self) -> None:
+        """pipeline.auto_assign: the smallest id places every node on a stage from the
+        measured speeds and links (keeping each stage's replica count) and tells the rest."""
+        from protocols.pipeline.schedule import assign_stages
+
+        deadline = time.monotonic() + self.cfg.swarm.join_timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            roster = self._roster()
+            measured = all(p.links and p.throughput > 0 for p in roster)
+            if measured and min(p.id for p in roster) == self.id:
+                placed = assign_stages(self._setting(roster), seed=self.cfg.train.seed)
+                meta = {"stages": {n.id: n.stage for n in placed.nodes}}
+                self._broadcast(ASSIGN, 0, meta, roster)
+            for msg in self.later.pop(-2, []):
+                self.stage = int(msg.meta["stages"].get(self.id, self.stage))
+                log.info("placed on stage %d", self.stage)
+                return
+            self._pull(0, timeout=1.0)
+        raise ConnectionError("pipeline.auto_assign: no placement arrived")
+
+    # ------------------------------------------------------------- shutdown
+    def _shutdown(self) -> None:
+        steps = [("model", self._final_checkpoint), ("membership", self._leave),
+                 ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
+                 ("metrics", lambda: self.metrics.close())]
+        for needs, step in steps:
+            if not hasattr(self, needs):
+                continue
+            try:
+                step()
+            except Exception:
+                log.exception("shutdown of %s failed", needs)
+
+    def _final_checkpoint(self) -> None:
+        path = self.out / "checkpoints" / f"{self.id}.pt"
+        try:
+            save_checkpoint(path, {"pipeline": {"stage": self.stage, "stages": self.p.stages},
+                                   "model": self.model.state_dict(), "iteration": self.it,
+                                   "model_config": self.cfg.model.model_dump()})
+        except OSError as exc:
+            log.error("final checkpoint failed: %s", exc)
+            self.metrics.write("checkpoint_failed", error=str(exc))
+        self.metrics.write("stop", step=self.it, round=self.it, bytes_sent=self.transport.bytes_sent,
+                           bytes_recv=self.transport.bytes_recv, dropped=dict(self.transport.dropped),
+                           sent_by_kind=dict(self.transport.sent_by_kind), sent_to=dict(self.transport.sent_to))
+
+    def _leave(self) -> None:
+        self.membership.leave()
+        self.membership.shutdown()

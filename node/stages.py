@@ -1,0 +1,100 @@
+"""The built-in GPT cut into pipeline stages, and the whole model put back together.
+
+Stage s holds a contiguous group of blocks; stage 0 also holds the token and position
+embeddings, the final norm, the (tied) head and the loss. Every node builds the full model
+from the shared seed and drops what its stage does not hold, so the kept parameters are
+bit-identical to the same parameters of a single-process model, and their state-dict keys
+are the full model's: one replica's state dict per stage loads into a whole GPT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .model import GPT, unique_parameters
+
+
+def stage_blocks(n_layer: int, stages: int) -> list[range]:
+    """Blocks of each stage: contiguous, sizes differing by at most one; stage 0, which also
+    runs the embedding and the head, gets the smaller share."""
+    base, extra = divmod(n_layer, stages)
+    sizes = [base + (1 if s >= stages - extra else 0) for s in range(stages)]
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return [range(bounds[s], bounds[s + 1]) for s in range(stages)]
+
+
+class StageModel:
+    """One stage of the GPT: ``embed`` (stage 0), ``blocks`` (any stage), ``loss`` (stage 0)."""
+
+    def __init__(self, cfg: ModelConfig, stage: int, stages: int, seed: int, device: torch.device | str = "cpu"):
+        torch.manual_seed(seed)  # the same init as every other node and as a single process
+        gpt = GPT(cfg)
+        self.stage = stage
+        self.block_ids = stage_blocks(cfg.n_layer, stages)[stage]
+        for i in range(cfg.n_layer):
+            if i not in self.block_ids:
+                gpt.blocks[i] = nn.Identity()
+        if stage != 0:
+            gpt.tok = gpt.pos = gpt.ln_f = gpt.head = None
+        self.gpt = gpt.to(device)
+        self.device = torch.device(device)
+        self.params = unique_parameters(self.gpt)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        g = self.gpt
+        x = g.tok(idx) + g.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.blocks(x)
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for i in self.block_ids:
+            x = self.gpt.blocks[i](x)
+        return x
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.gpt.head(self.gpt.ln_f(h))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def train(self, mode: bool = True) -> None:
+        self.gpt.train(mode)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.gpt.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.gpt.load_state_dict(state)
+
+
+def assemble(cfg: ModelConfig, stage_states: Iterable[dict[str, torch.Tensor]]) -> GPT:
+    """A whole GPT from one state dict per stage (every key must be covered exactly)."""
+    merged: dict[str, torch.Tensor] = {}
+    for state in stage_states:
+        merged.update({k: v.to("cpu") for k, v in state.items()})
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(merged, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"stage checkpoints do not make a whole model: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}")
+    return model
+
+
+@torch.no_grad()
+def loss_skipping(model: GPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], skip_blocks: set[int]) -> float:
+    """Validation loss of ``model`` with the blocks in ``skip_blocks`` left out (the residual
+    stream passes them by, as a microbatch that skips their stage does in training)."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        h = model.tok(x) + model.pos(torch.arange(x.shape[1]))
+        for i, block in enumerate(model.blocks):
+            if i not in skip_blocks:
+                h = block(h)
+        logits = model.head(model.ln_f(h))
+        losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))))
+    return sum(losses) / len(losses)
