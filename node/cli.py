@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -160,6 +161,32 @@ def report(folder):
     from .report import write_report
 
     click.echo(write_report(Path(folder)))
+
+
+@main.command("eval-skips")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def eval_skips(folder):
+    """Validation loss of a pipeline run's model with stages left out (FOLDER: its --out).
+
+    One row per set of skipped stages (stage 0 is never skipped), the whole model first;
+    also written to FOLDER/skip_eval.json.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .stages import skip_evaluation
+
+    try:
+        rows = skip_evaluation(Path(folder))
+    except (ValueError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    (Path(folder) / "skip_eval.json").write_text(json.dumps(rows, indent=2))
+    table = Table(title=f"validation loss with stages skipped: {folder}")
+    for col in ("skipped stages", "blocks kept", "val loss"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(",".join(map(str, r["skipped_stages"])) or "-", f"{r['kept_share']:.0%}", f"{r['val_loss']:.4f}")
+    Console().print(table)
 
 
 if __name__ == "__main__":

@@ -326,9 +326,10 @@ class PipelineConfig(_Section):
     AdamW steps with a DiLoCo outer step (optim.outer_lr/outer_momentum) every sync_every."""
     sync_every: int = Field(10, ge=1)
     """Iterations between DiLoCo outer steps of a stage's replicas (sync = diloco)."""
-    iteration_timeout_s: float = Field(60.0, gt=0)
-    """A microbatch whose backward pass has not returned after this long is given up
-    (a node on its path died); the iteration ends without it."""
+    iteration_timeout_s: float = Field(120.0, gt=0)
+    """A microbatch is given up as soon as a node on its path leaves the DHT, or when it is
+    not done this long into the iteration (a message lost on the way); every node of its
+    path is told, and the iteration ends without it."""
     eval_every: int = Field(10, ge=1)
     """Iterations between validation passes (forward along a full path, no skips)."""
 

@@ -63,8 +63,9 @@ from .sync import SwarmCommunicator
 
 log = logging.getLogger(__name__)
 
-PLAN, FWD, BWD, FINAL, ASSIGN = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_FINAL", "PP_ASSIGN"
-_QUEUED = (PLAN, FWD, BWD, FINAL, ASSIGN)
+PLAN, FWD, BWD, DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
+FINAL, ASSIGN = "PP_FINAL", "PP_ASSIGN"
+_QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN)
 
 
 def node_stage(cfg: Config, node_id: str) -> int:
@@ -88,6 +89,7 @@ class _Iteration:
     """This node's share of one iteration's plan, and what it has done of it."""
 
     def __init__(self, me: str, number: int, meta: dict[str, Any]):
+        self.me = me
         self.number = number
         self.paths: list[list[str]] = meta["paths"]
         self.eval_paths: list[list[str]] = meta.get("eval", [])
@@ -95,20 +97,21 @@ class _Iteration:
         self.stages: dict[str, int] = {n: int(s) for n, s in meta.get("stages", {}).items()}
         self.last = bool(meta.get("last", False))
         self.val_loss = meta.get("val_loss")
-        self.todo = 0  # tasks of this node still to do
+        self.remaining: dict[tuple[int, bool], int] = {}  # tasks left here, per (microbatch, eval)
         self.launch: list[tuple[int, bool]] = []  # (microbatch, eval) this node starts
-        for m, path in enumerate(self.paths):
-            for k, n in enumerate(path):
-                if n == me:
-                    # the head finishes with its backward; the tail (same node) computes the
-                    # loss and backward in one go; a middle node has a forward and a backward
-                    self.todo += 1 if k in (0, len(path) - 1) else 2
-            if path[0] == me:
-                self.launch.append((m, False))
-        for m, path in enumerate(self.eval_paths):
-            self.todo += sum(1 for k, n in enumerate(path) if n == me and k > 0)
-            if path[0] == me:
-                self.launch.append((m, True))
+        for is_eval, paths in ((False, self.paths), (True, self.eval_paths)):
+            for m, path in enumerate(paths):
+                # train: the head finishes with its backward; the tail (same node) computes
+                # the loss and its backward in one go; a middle node has a forward and a
+                # backward. eval: one forward per visit after the head.
+                tasks = sum((1 if k in (0, len(path) - 1) else 2) if not is_eval else int(k > 0)
+                            for k, n in enumerate(path) if n == me)
+                if tasks:
+                    self.remaining[(m, is_eval)] = tasks
+                if path[0] == me:
+                    self.launch.append((m, is_eval))
+        self.owned = list(self.launch)  # (launch is consumed as microbatches start)
+        self.abandoned: set[tuple[int, bool]] = set()
         self.losses: list[float] = []
         self.val_losses: list[float] = []
         self.visited: list[int] = []  # microbatches whose backward pass ran here
@@ -116,8 +119,34 @@ class _Iteration:
         self.targets: dict[tuple[int, bool], torch.Tensor] = {}
         self.deferred: list[Message] = []  # forwards waiting for a free memory slot
 
+    @property
+    def todo(self) -> int:
+        return sum(self.remaining.values())
+
     def path(self, m: int, is_eval: bool) -> list[str]:
         return (self.eval_paths if is_eval else self.paths)[m]
+
+    def done_one(self, m: int, is_eval: bool) -> None:
+        key = (m, is_eval)
+        self.remaining[key] -= 1
+        if not self.remaining[key]:
+            del self.remaining[key]
+
+    def abandon(self, m: int, is_eval: bool) -> list[str]:
+        """Give up microbatch ``m`` here; returns the other nodes of its path."""
+        key = (m, is_eval)
+        self.abandoned.add(key)
+        self.remaining.pop(key, None)
+        self.targets.pop(key, None)
+        if not is_eval:
+            for k in [k for k in self.stash if k[0] == m]:
+                del self.stash[k]
+        self.launch = [x for x in self.launch if x != key]
+        self.deferred = [d for d in self.deferred if (int(d.meta["mb"]), bool(d.meta["eval"])) != key]
+        return [n for n in dict.fromkeys(self.path(m, is_eval)) if n != self.me]
+
+    def pending_paths(self) -> dict[tuple[int, bool], list[str]]:
+        return {key: self.path(*key) for key in self.remaining}
 
 
 class PipelineNode:
@@ -195,8 +224,9 @@ class PipelineNode:
     def _expect_replicas(self, work: _Iteration) -> None:
         """The stage's replicas this iteration's sync waits for: those in the plan. (Their DHT
         records lag behind iterations shorter than a refresh, so the DHT cannot say.)"""
+        live = {p.id for p in self.membership.peers()}
         self._group = [PeerInfo(n, work.endpoints[n], work.number, s) for n, s in work.stages.items()
-                       if s == self.stage and n != self.id]
+                       if s == self.stage and n != self.id and n in live]
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(self.id, self.transport.endpoint, self.it, self.stage,
@@ -407,6 +437,8 @@ class PipelineNode:
 
     def _forward(self, work: _Iteration, msg: Message) -> None:
         m, k, is_eval = int(msg.meta["mb"]), int(msg.meta["hop"]), bool(msg.meta["eval"])
+        if (m, is_eval) in work.abandoned:
+            return
         path = work.path(m, is_eval)
         h_in = msg.tensors[0].to(self.device)
         if k == len(path) - 1:  # back home: the loss, and at once its backward pass
@@ -429,24 +461,46 @@ class PipelineNode:
             y = self.model.blocks(x)
             work.stash[(m, k)] = (x, y)
             self._send(work, path[k + 1], FWD, m, k + 1, False, y)
-        work.todo -= 1
+        work.done_one(m, is_eval)
 
     def _backward(self, work: _Iteration, msg: Message) -> None:
         m, k = int(msg.meta["mb"]), int(msg.meta["hop"])
         entry = work.stash.pop((m, k), None)
         if entry is None:
-            log.warning("iteration %d: backward for microbatch %d hop %d that this node does not hold",
-                        work.number, m, k)
+            if (m, False) not in work.abandoned:
+                log.warning("iteration %d: backward for microbatch %d hop %d that this node does not hold",
+                            work.number, m, k)
             return
         x, y = entry
         y.backward(msg.tensors[0].to(self.device))
         if k > 0:
             self._send(work, work.path(m, False)[k - 1], BWD, m, k - 1, False, x.grad)
         work.visited.append(m)
-        work.todo -= 1
+        work.done_one(m, False)
 
     def _memory_free(self, work: _Iteration) -> bool:
         return len(work.stash) < self.p.memory
+
+    def _abandon(self, work: _Iteration, m: int, is_eval: bool, why: str, notify: bool = True) -> None:
+        """Give a microbatch up here and, unless they told us, on the rest of its path: every
+        node that waits for it stops waiting at once (a node that timed out a microbatch
+        while the others still wait for it would otherwise leave them out of step)."""
+        if (m, is_eval) in work.abandoned:
+            return
+        others = work.abandon(m, is_eval)
+        log.warning("iteration %d: microbatch %d%s given up: %s", work.number, m, " (eval)" if is_eval else "", why)
+        if notify:
+            for node in others:
+                msg = Message(DROP, round=work.number, meta={"mb": m, "eval": is_eval, "why": why})
+                self.transport.name_peer(work.endpoints[node], node)
+                self.transport.send(work.endpoints[node], msg)
+
+    def _check_paths_alive(self, work: _Iteration) -> None:
+        live = {p.id for p in self.membership.peers()} | {self.id}
+        for (m, is_eval), path in work.pending_paths().items():
+            dead = [n for n in path if n not in live]
+            if dead:
+                self._abandon(work, m, is_eval, f"{', '.join(dead)} left the swarm")
 
     def _run_tasks(self, work: _Iteration) -> tuple[float, float]:
         """Do this node's part of the iteration; returns (compute s, waiting s)."""
@@ -454,33 +508,40 @@ class PipelineNode:
         for pending in self.later.pop(work.number, []):
             self.inbox.put(pending)
         deadline = time.monotonic() + self.p.iteration_timeout_s
-        launch = list(work.launch)
+        next_check = time.monotonic() + 1.0
         compute = waited = 0.0
         while work.todo > 0 and not self.stop.is_set():
             t0 = time.monotonic()
-            while launch and (launch[0][1] or self._memory_free(work)):
-                m, is_eval = launch.pop(0)
+            while work.launch and (work.launch[0][1] or self._memory_free(work)):
+                m, is_eval = work.launch.pop(0)
                 self._launch(work, m, is_eval)
             while work.deferred and self._memory_free(work):
                 self._forward(work, work.deferred.pop(0))
             compute += time.monotonic() - t0
             if work.todo <= 0:
                 break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("iteration %d: %d task(s) not done by the deadline (a node on their path "
-                            "is gone?); going on without them", work.number, work.todo)
+            now = time.monotonic()
+            if now >= deadline:
+                for m, is_eval in list(work.remaining):
+                    self._abandon(work, m, is_eval, f"not done {self.p.iteration_timeout_s:.0f}s into the iteration")
                 break
-            t1 = time.monotonic()
-            msg = self._pull(work.number, timeout=min(left, 0.5))
-            waited += time.monotonic() - t1
+            if now >= next_check:  # the DHT has no change notification: poll it while waiting
+                self._check_paths_alive(work)
+                next_check = now + 1.0
+                continue
+            msg = self._pull(work.number, timeout=min(deadline, next_check) - now)
+            waited += time.monotonic() - now
             if msg is None:
                 continue
             t2 = time.monotonic()
-            if msg.kind == BWD:
+            if msg.kind == DROP:
+                self._abandon(work, int(msg.meta["mb"]), bool(msg.meta["eval"]),
+                              f"{msg.sender}: {msg.meta.get('why', '?')}", notify=False)
+            elif msg.kind == BWD:
                 self._backward(work, msg)
             elif msg.kind == FWD:
-                stays = not msg.meta.get("eval") and int(msg.meta["hop"]) < len(work.path(int(msg.meta["mb"]), False)) - 1
+                m, is_eval = int(msg.meta["mb"]), bool(msg.meta["eval"])
+                stays = not is_eval and int(msg.meta["hop"]) < len(work.path(m, False)) - 1
                 if stays and not self._memory_free(work):
                     work.deferred.append(msg)
                 else:
@@ -584,11 +645,13 @@ class PipelineNode:
         loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
         stages = {p.id: p.stage for p in self._roster()}
         extra: dict[str, Any] = {}
-        if work.launch:  # the paths of the microbatches this node started, as stages
-            extra["paths"] = [[stages.get(n, -1) for n in work.paths[m]] for m, e in work.launch if not e]
+        mine = [work.paths[m] for m, e in work.owned if not e]
+        if mine:  # the paths of the microbatches this node started, as nodes and as stages
+            extra["routes"] = mine
+            extra["paths"] = [[work.stages.get(n, stages.get(n, -1)) for n in path] for path in mine]
         self.metrics.write(
             "outer", round=work.number, step=work.number + 1, status=status, loss=loss, val_loss=self.val_loss,
-            group_size=group, stage=self.stage, visited=sorted(work.visited), lost=max(0, work.todo),
+            group_size=group, stage=self.stage, visited=sorted(work.visited), lost=len([k for k in work.abandoned if not k[1]]),
             elapsed_s=time.time() - self.started, iter_s=iter_s, compute_s=compute_s, comm_s=comm_s,
             bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv, round_bytes=round_bytes,
             tokens=len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size,

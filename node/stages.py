@@ -9,7 +9,11 @@ are the full model's: one replica's state dict per stage loads into a whole GPT.
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -98,3 +102,42 @@ def loss_skipping(model: GPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor
         logits = model.head(model.ln_f(h))
         losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))))
     return sum(losses) / len(losses)
+
+
+def skip_evaluation(out: Path) -> list[dict[str, Any]]:
+    """Validation loss of a pipeline run's model (OUT: its output folder) with every set of
+    stages other than 0 left out, up to all but one of them: one row per set, the whole
+    model first. Each stage's weights come from its replica with the smallest id."""
+    from .checkpoint import load_checkpoint
+    from .config import build_config
+    from .data import load_corpus, validation_batches
+
+    per_stage: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
+    stages = 0
+    for path in sorted((out / "checkpoints").glob("*.pt")):
+        state = load_checkpoint(path)
+        info = (state or {}).get("pipeline")
+        if not info:
+            continue
+        stages = int(info["stages"])
+        per_stage.setdefault(int(info["stage"]), (path.stem, state["model"]))
+    if not per_stage:
+        raise ValueError(f"{out / 'checkpoints'} holds no pipeline checkpoints")
+    missing = sorted(set(range(stages)) - set(per_stage))
+    if missing:
+        raise ValueError(f"no checkpoint of stage(s) {missing} in {out / 'checkpoints'}")
+    node = per_stage[0][0]
+    cfg = build_config(json.loads((out / "config" / f"{node}.json").read_text()), f"{node}'s config")
+    model = assemble(cfg.model, [state for _, state in per_stage.values()])
+    _, val = load_corpus(cfg.data)
+    batches = validation_batches(val, cfg.model.block_size, cfg.data.batch_size, cfg.data.val_batches,
+                                 cfg.train.seed)
+    blocks = stage_blocks(cfg.model.n_layer, stages)
+    rows = []
+    for k in range(stages - 1):
+        for skipped in itertools.combinations(range(1, stages), k):
+            skip_blocks = {b for s in skipped for b in blocks[s]}
+            rows.append({"skipped_stages": list(skipped), "skipped_blocks": len(skip_blocks),
+                         "kept_share": 1 - len(skip_blocks) / cfg.model.n_layer,
+                         "val_loss": loss_skipping(model, batches, skip_blocks)})
+    return rows

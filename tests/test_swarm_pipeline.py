@@ -1,0 +1,97 @@
+"""SkipPipe on real processes: 3 stages x 2 replicas of the built-in GPT on 127.0.0.1, a real
+DHT, activations and gradients over ZeroMQ. Behaviour, not speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.conftest import REPO, wait_until
+from tests.test_swarm import _outer, _ready, _sets, _start_node, _wait_exit
+
+pytestmark = pytest.mark.swarm
+
+PIPE = ("model.n_layer=3", "pipeline.stages=3", "pipeline.skip=0.33", "pipeline.microbatches=4",
+        "pipeline.eval_every=5", "pipeline.iteration_timeout_s=15")
+
+
+def _check_paths(records: list[dict]) -> Counter:
+    """Every path a stage-0 node started obeys the skip ratio; returns visits per stage."""
+    visits: Counter = Counter()
+    for r in records:
+        for stages in r.get("paths", []):
+            assert stages[0] == 0 and stages[-1] == 0, stages
+            middle = stages[1:-1]
+            assert len(middle) == 1 and middle[0] in (1, 2), stages  # 2 of 3 stages: skip 0.33
+            visits.update(middle)
+    return visits
+
+
+def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_path):
+    out = tmp_path / "run"
+    p = procs.loco("swarm", "--nodes", "6", "--out", str(out), *_sets(*PIPE, "train.rounds=20"), log="swarm")
+    assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
+    nodes = [f"node{i}" for i in range(6)]
+    recs = {n: _outer(out, n) for n in nodes}
+    for n in nodes:
+        assert [r["round"] for r in recs[n]] == list(range(20)), n
+        assert all(r["status"] == "ok" for r in recs[n]), [r["status"] for r in recs[n]]
+    first, last = recs["node0"][0]["val_loss"], recs["node0"][-1]["val_loss"]
+    assert last < first - 0.3, (first, last)
+    assert {recs[n][-1]["val_loss"] for n in nodes} == {last}  # the leader's final validation reaches all
+    visits = _check_paths([r for n in ("node0", "node3") for r in recs[n]])
+    assert sum(visits.values()) == 20 * 4  # every microbatch of every iteration
+    assert visits[1] == visits[2]  # stage load balanced
+    # the nodes that ran a microbatch's backward pass: stage 1 and 2 visits add up
+    ran = Counter()
+    for n in nodes:
+        ran[int(n[4:]) % 3] += sum(len(r["visited"]) for r in recs[n])
+    assert ran[1] == visits[1] and ran[2] == visits[2] and ran[0] == 80
+    # each stage's replicas average gradients every iteration: bit-identical weights
+    for it in range(20):
+        for s in range(3):
+            a, b = recs[f"node{s}"][it], recs[f"node{s + 3}"][it]
+            assert a["weights_hash"] == b["weights_hash"] and a["group_size"] == 2, (it, s)
+    # the checkpoints make the whole model again: its loss is the leader's final validation
+    ev = subprocess.run([sys.executable, "-m", "node.cli", "eval-skips", str(out)], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    rows = json.loads((out / "skip_eval.json").read_text())
+    assert rows[0]["skipped_stages"] == [] and rows[0]["val_loss"] == pytest.approx(last, abs=1e-4)
+    assert [r["skipped_stages"] for r in rows[1:]] == [[1], [2]]
+
+
+def test_killing_a_middle_stage_replica_routes_around_it(procs, tmp_path):
+    out = tmp_path / "run"
+    extra = (*PIPE, "train.rounds=24", "swarm.wait_for_peers=5")
+    started = {"node0": _start_node(procs, out, "node0", *extra)}
+    peer = _ready(out, "node0")["maddrs"][0]
+    for i in range(1, 6):
+        started[f"node{i}"] = _start_node(procs, out, f"node{i}", *extra, peer=peer)
+    wait_until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), 300, "node0 to reach iteration 4")
+    # the victim: the stage-1 replica the latest paths go through (the scheduler may use one)
+    used = [n for o in ("node0", "node3") for r in _outer(out, o)[-2:] for path in r.get("routes", []) for n in path]
+    victim = next(n for n in ("node1", "node4") if n in used)
+    survivor = "node4" if victim == "node1" else "node1"
+    proc = started.pop(victim)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = max(r["round"] for r in _outer(out, "node0"))
+    for n, p in started.items():
+        assert _wait_exit(p, 420, n, procs) == 0, procs.log(n)[-3000:]
+    lead = _outer(out, "node0")
+    assert [r["round"] for r in lead] == list(range(24))
+    assert lead[-1]["val_loss"] < lead[0]["val_loss"] - 0.3
+    late = [r for n in ("node0", "node3") for r in _outer(out, n) if r["round"] >= 19]
+    assert all(victim not in path for r in late for path in r.get("routes", []))
+    assert any(survivor in path for r in late for path in r.get("routes", []))  # rerouted to the other replica
+    assert all(r["lost"] == 0 for r in late)
+    # stage 1 kept training through its other replica
+    assert sum(len(r["visited"]) for r in _outer(out, survivor) if r["round"] > killed_at + 3) > 0
+    assert _outer(out, survivor)[-1]["round"] == 23
