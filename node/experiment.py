@@ -119,8 +119,16 @@ class Experiment(_Strict):
         return self
 
 
-def _dotted(d: dict[str, Any]) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in d.items()]
+def _dotted(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted overrides; a table value (e.g. network.links = {node2 = {...}}) becomes one
+    override per leaf, since JSON objects are not TOML literals."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _dotted(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
