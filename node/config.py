@@ -38,9 +38,18 @@ class NodeConfig(_Section):
     dht_port: int = Field(0, ge=0, le=65535)
     """hivemind DHT port; 0 lets the OS choose."""
     device: str = "cpu"
-    """Torch device for training."""
+    """Torch device for training: auto (a GPU when there is one, else the CPU), cpu, cuda
+    (the first GPU) or cuda:N. ``loco swarm``/``loco run`` give each node its own GPU when
+    this is auto or cuda (see swarm.nodes_per_gpu)."""
     threads: int = Field(0, ge=0)
     """Torch intra-op threads; 0 keeps torch's default."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r}: expected auto, cpu, cuda or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _listen_all_needs_announce(self) -> NodeConfig:
@@ -62,6 +71,9 @@ class SwarmConfig(_Section):
     """How long a joining node waits to see the swarm and fetch its state."""
     wait_for_peers: int = Field(0, ge=0)
     """Before training, wait (up to join_timeout_s) until this many other peers are visible."""
+    nodes_per_gpu: int = Field(1, ge=1)
+    """``loco swarm``/``loco run`` on a GPU machine: nodes sharing one GPU (node i gets
+    cuda:(i // nodes_per_gpu) mod GPUs)."""
 
 
 class ModelConfig(_Section):
@@ -163,9 +175,18 @@ class OptimConfig(_Section):
     """μ: outer momentum (diloco, streaming_diloco)."""
     nesterov: bool = True
     """Nesterov outer momentum (diloco, streaming_diloco)."""
+    outer_state_device: Literal["auto", "cpu"] = "auto"
+    """Where DiLoCo's anchor and outer momentum live: auto = beside the parameters; cpu =
+    in (pinned) host memory, saving 2 model copies of GPU memory (as INTELLECT-1 did)."""
     noloco: NoLoCoConfig = NoLoCoConfig()
     co2: CO2Config = CO2Config()
     streaming: StreamingConfig = StreamingConfig()
+
+    @model_validator(mode="after")
+    def _outer_state_device(self) -> OptimConfig:
+        if self.outer_state_device == "cpu" and self.algorithm not in ("diloco", "ddp"):
+            raise ValueError(f"outer_state_device = 'cpu' is implemented for diloco, not {self.algorithm!r}")
+        return self
 
     @model_validator(mode="after")
     def _streaming_schedule_fits(self) -> OptimConfig:
@@ -235,6 +256,9 @@ class TrainConfig(_Section):
     """Stop (at the end of the round) after this many seconds of training; 0: no limit."""
     seed: int = 0
     """Seed of model init (shared by the swarm) and of each node's data stream."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Inner steps' forward/backward: fp32, or bf16 autocast (weights, synchronized state and
+    outer optimizer stay fp32). bf16 needs a GPU that supports it (or the CPU)."""
     log_every: int = Field(10, ge=1)
     """Inner steps between loss records."""
     checkpoint_every: int = Field(1, ge=1)

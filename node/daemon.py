@@ -47,6 +47,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, LinkConfig, NetworkConfig, config_to_dict, parse_bandwidth
 from .metrics import MetricsWriter
 from .reaper import Reaper, descendants
+from .staging import StagedCommunicator
 from .sync import GossipCommunicator, SwarmCommunicator
 from .trainer import Trainer
 
@@ -133,14 +134,20 @@ class Node:
         """The communicator and outer optimizer of the configured algorithm."""
         cfg, o = self.cfg, self.cfg.optim
         params = self.trainer.params
+        device = self.trainer.device
+
+        def staged(comm):  # GPU tensors leave and enter through reused pinned buffers
+            return StagedCommunicator(comm, device) if device.type == "cuda" else comm
+
+        state_device = "cpu" if o.outer_state_device == "cpu" else None
         z = cfg.compression
         self.compressor = codec = Compressor(z.codec, z.error_feedback, block=z.block_size, density=z.density,
                                              rank=z.rank, seed=cfg.train.seed)
         if self.algorithm == "noloco":  # no collective at all: nothing answers JOINs
             n = o.noloco
             self.gossip = GroupExchange(self.transport, codec, self.stop)
-            self.comm = GossipCommunicator(self.gossip, self.id, self.membership.peers, n.group_size,
-                                           n.exchange_timeout_s, cfg.train.seed, peer_round=lambda: self.round)
+            self.comm = staged(GossipCommunicator(self.gossip, self.id, self.membership.peers, n.group_size,
+                                                  n.exchange_timeout_s, cfg.train.seed, peer_round=lambda: self.round))
             self.outer = NoLoCo(params, self.comm, n.alpha, n.beta, n.gamma)
             return
         c = cfg.collective
@@ -148,10 +155,10 @@ class Node:
                                       c.decision_timeout_s, c.max_attempts)
         self.collective = GroupAllReduce(self.transport, self.membership.peers, timeouts, codec, self.stop)
         if self.ddp_mode:  # every step is a collective round; peers announce the coarse round
-            self.comm = SwarmCommunicator(self.collective, lambda: tensors_hash(params),
-                                          peer_round=lambda _: self.round)
+            self.comm = staged(SwarmCommunicator(self.collective, lambda: tensors_hash(params),
+                                                 peer_round=lambda _: self.round))
             self.ddp = DataParallel(params, self.comm)
-            self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
+            self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov, state_device)
             return
         # the hash is fixed by the training thread before a reduce starts, because CO2 and
         # Streaming DiLoCo run the reduce on a background thread while state moves on.
@@ -166,10 +173,10 @@ class Node:
         # co2: a member whose reduce of round r runs has announced r + 1; a slower one may
         # still show r − 1 (its own reduce of r − 1 in flight). Expecting it (lag 2) makes the
         # fast one's reduce wait for it, instead of averaging alone and running ahead.
-        self.comm = SwarmCommunicator(self.collective, lambda: self._launch_hash, peer_round=peer_round,
-                                      lag=2 if self.algorithm == "co2" else 1)
+        self.comm = staged(SwarmCommunicator(self.collective, lambda: self._launch_hash, peer_round=peer_round,
+                                             lag=2 if self.algorithm == "co2" else 1))
         if self.algorithm == "diloco":
-            self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov)
+            self.outer = DiLoCo(params, self.comm, o.outer_lr, o.outer_momentum, o.nesterov, state_device)
         elif self.algorithm == "co2":
             k = o.co2
             self.outer = CO2(params, self.comm, k.outer_lr, k.momentum, k.clip, k.staleness, k.penalty)
@@ -354,6 +361,7 @@ class Node:
             self.metrics.write("start", step=self.trainer.step, round=self.round, val_loss=start_val,
                                resumed=resumed, weights_hash=tensors_hash(self._weights()),
                                endpoint=self.transport.endpoint, algorithm=self.cfg.optim.algorithm,
+                               device=str(self.trainer.device),
                                tokens=self.trainer.tokens)
             self._loop()
         finally:
@@ -495,6 +503,8 @@ class Node:
         val = self.trainer.evaluate()
         self.outcomes[status] += 1
         wall = compute_s + comm_s
+        if self.trainer.device.type == "cuda":  # peak, for the outer_state_device trade-off
+            extra["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.trainer.device) / 1e9
         record = self.metrics.write(
             "outer", step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
             val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,

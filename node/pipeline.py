@@ -55,6 +55,7 @@ from .checkpoint import save_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .daemon import _write_json_atomic, build_shaper, default_node_id
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
+from .devices import resolve_device
 from .metrics import MetricsWriter
 from .model import VOCAB
 from .reaper import Reaper, descendants
@@ -194,7 +195,7 @@ class PipelineNode:
         self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))
         self.val = validation_batches(val, cfg.model.block_size, cfg.data.batch_size, cfg.data.val_batches,
                                       cfg.train.seed)
-        self.device = torch.device(cfg.node.device)
+        self.device = resolve_device(cfg.node.device)
 
     def _build_stage(self) -> None:
         cfg, o = self.cfg, self.cfg.optim

@@ -21,7 +21,7 @@ from .config import config_to_dict
 from .experiment import Experiment, Fault, Variant, node_config
 from .metrics import MetricsWriter, read_metrics
 from .report import write_report
-from .swarm import LocalNode, node_command, reap_groups, spawn, stop_all, wait_for_file
+from .swarm import LocalNode, node_command, node_devices, reap_groups, spawn, stop_all, wait_for_file
 
 console = Console(highlight=False)
 
@@ -42,6 +42,9 @@ class VariantRun:
         cfg = node_config(self.exp, self.variant, i, self.epoch)
         data = config_to_dict(cfg)
         data["swarm"]["wait_for_peers"] = data["swarm"]["wait_for_peers"] or self.n - 1
+        devices = node_devices(cfg, self.n)
+        if devices:
+            data["node"]["device"] = devices[i]
         if not data["node"]["threads"]:
             data["node"]["threads"] = max(1, (os.cpu_count() or 1) // self.n)
         path = self.out / "node-configs" / f"node{i}.json"

@@ -128,6 +128,17 @@ def summarize(nodes: list[LocalNode], wall_s: float) -> Table:
     return table
 
 
+def node_devices(cfg: Config, n: int) -> list[str] | None:
+    """With node.device auto or cuda on a machine with GPUs: each node's own device (one GPU
+    per node, or swarm.nodes_per_gpu per GPU). None: every node keeps the configured one."""
+    if cfg.node.device not in ("auto", "cuda"):
+        return None
+    from .devices import local_gpus, swarm_devices  # imports torch: only when it matters
+
+    gpus = local_gpus()
+    return swarm_devices(n, gpus, cfg.swarm.nodes_per_gpu) if gpus else None
+
+
 def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides)
@@ -135,6 +146,7 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
         overrides.append(f"node.threads={max(1, (os.cpu_count() or 1) // n)}")
     if cfg.swarm.wait_for_peers == 0:  # start training together, not as a trickle of late joiners
         overrides.append(f"swarm.wait_for_peers={n - 1}")
+    devices = node_devices(cfg, n)
     nodes: list[LocalNode] = []
     started = time.monotonic()
     interrupted = False
@@ -152,7 +164,8 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
                 info = json.loads((out / "nodes" / "node0.json").read_text())
                 peer = info["maddrs"][0]
             log_path = out / "logs" / f"{node_id}.log"
-            proc = spawn(node_command(node_id, out, config_path, overrides, peer), log_path)
+            own = [*overrides, f"node.device='{devices[i]}'"] if devices else overrides
+            proc = spawn(node_command(node_id, out, config_path, own, peer), log_path)
             nodes.append(LocalNode(node_id, proc, log_path))
             if i == 0:
                 wait_for_file(out / "nodes" / "node0.json", proc, timeout_s=180)

@@ -13,13 +13,19 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
+from .devices import check_precision, resolve_device
 from .model import VOCAB, build_model, unique_parameters
 
 
 class Trainer:
     def __init__(self, cfg: Config, node_id: str):
         self.cfg = cfg
-        self.device = torch.device(cfg.node.device)
+        self.device = resolve_device(cfg.node.device)
+        check_precision(cfg.train.precision, self.device)
+        # bf16 autocast for forward/backward only: parameters, gradients, AdamW state and
+        # everything synchronized stay fp32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.train.precision == "bf16")
         torch.manual_seed(cfg.train.seed)  # same init on every node: round 0 starts in sync
         self.model = build_model(cfg.model).to(self.device)
         self.params = unique_parameters(self.model)
@@ -51,11 +57,12 @@ class Trainer:
         average); if it returns False the update is skipped."""
         self.model.train()
         x, y = self.sampler.next_batch()
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
-        logits = self.model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        with self.autocast:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if sync is None or sync():
@@ -74,7 +81,8 @@ class Trainer:
         self.model.eval()
         losses = []
         for x, y in self.val:
-            logits = self.model(x.to(self.device))
+            with self.autocast:
+                logits = self.model(x.to(self.device)).float()
             losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))))
         return sum(losses) / len(losses)
 

@@ -31,27 +31,46 @@ class DiLoCo:
         outer_lr: float = 0.7,
         momentum: float = 0.9,
         nesterov: bool = True,
+        state_device: torch.device | str | None = None,
     ):
+        """``state_device``: where φ, the momentum and Δ live (default: the parameters'
+        device). On the CPU while the parameters are on a GPU, they use pinned memory and θ
+        is copied out through one pinned buffer reused every round."""
         self.params = list(params)
         self.comm = comm
         self.outer_lr = outer_lr
         self.momentum = momentum
         self.nesterov = nesterov
-        self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]  # φ
+        param_device = self.params[0].device if self.params else torch.device("cpu")
+        device = torch.device(state_device) if state_device is not None else param_device
+        pinned = device.type == "cpu" and param_device.type == "cuda"
+        numel = sum(p.numel() for p in self.params)
+
+        def flat() -> torch.Tensor:
+            return torch.empty(numel, dtype=torch.float32, device=device, pin_memory=pinned)
+
+        self.anchor = split_like(flat(), self.params)  # φ
+        for a, p in zip(self.anchor, self.params, strict=True):
+            a.copy_(p.detach())
         self.buf = [torch.zeros_like(a) for a in self.anchor]
         self.outer_steps = 0
         # Δ lives in one flat buffer reused every round: the collective sends it as it is,
         # without a concatenation copy, and no model-sized allocation happens per round
-        numel = sum(a.numel() for a in self.anchor)
-        device = self.anchor[0].device if self.anchor else "cpu"
-        self._delta = torch.empty(numel, dtype=torch.float32, device=device)
+        self._delta = flat()
         self._delta_views = split_like(self._delta, self.anchor)
+        self._theta = split_like(flat(), self.params) if device != param_device else None  # θ staged
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
         """Δ_i = φ − θ_i (old minus new), in float32; views of one flat buffer."""
-        for d, a, p in zip(self._delta_views, self.anchor, self.params, strict=True):
-            torch.sub(a, p.detach().to(torch.float32), out=d)
+        if self._theta is not None:  # θ to the state's device through the reused buffer
+            for t, p in zip(self._theta, self.params, strict=True):
+                t.copy_(p.detach(), non_blocking=True)
+            if self.params[0].is_cuda:
+                torch.cuda.current_stream(self.params[0].device).synchronize()
+        thetas = self._theta if self._theta is not None else [p.detach() for p in self.params]
+        for d, a, t in zip(self._delta_views, self.anchor, thetas, strict=True):
+            torch.sub(a, t.to(torch.float32), out=d)
         return self._delta_views
 
     @torch.no_grad()

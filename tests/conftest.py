@@ -102,3 +102,26 @@ def procs(tmp_path):
         yield p
     finally:
         p.reap()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None,
+                     help="node.device for every swarm test's nodes (e.g. cuda): runs the CPU suite's "
+                          "swarms on a GPU machine")
+
+
+def pytest_configure(config):
+    device = config.getoption("--device")
+    if device:
+        FAST.append(f"node.device='{device}'")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here); run on a GPU machine: pytest -m cuda")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,198 @@
+"""GPU benchmark: loco's inner steps vs a plain PyTorch loop, and the cost of an outer round.
+
+Run on a machine with a CUDA GPU (python scripts/bench_gpu.py). Every figure is measured in
+this run, on this card:
+
+1. Inner-step throughput (tokens/s) of the built-in GPT at ~86M parameters: a plain
+   PyTorch loop (model, AdamW, the same data sampler) in this process, then the same
+   model inside a real `loco node start` daemon (its DHT, transport and membership
+   threads running), read from its metrics (tokens / compute time of a round), then the
+   plain loop again. Ratio = daemon / mean(plain).
+2. One DiLoCo outer round between 2 local nodes (one GPU each if there are two, else both
+   on one): the time training is blocked per round (pseudo-gradient, device-to-host,
+   all-reduce over ZeroMQ, host-to-device, outer step), with the outer state on the GPU
+   and in pinned host memory (peak GPU memory of each), and CO2's blocked time for the
+   same model (the all-reduce runs during the next round).
+3. The pieces of (2) alone: one device-to-host and host-to-device copy of the model
+   through the reused pinned buffers, and the outer Nesterov step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from node.config import build_config  # noqa: E402
+from node.data import Sampler, load_corpus, node_seed  # noqa: E402
+from node.metrics import read_metrics  # noqa: E402
+from node.model import GPT  # noqa: E402
+from node.staging import HostStaging  # noqa: E402
+from optim.outer import nesterov_sgd_step  # noqa: E402
+
+MODEL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
+
+
+def plain_loop(cfg, steps: int, warmup: int) -> float:
+    """tokens/s of the textbook loop: forward, loss, backward, clip, AdamW step."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = GPT(cfg.model).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    train, _ = load_corpus(cfg.data)
+    sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(0, "plain"))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        x, y = sampler.next_batch()
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with amp:
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    del model, opt
+    torch.cuda.empty_cache()
+    return steps * cfg.data.batch_size * cfg.model.block_size / dt
+
+
+def _sets(items: dict) -> list[str]:
+    out = []
+    for k, v in items.items():
+        out += ["--set", f"{k}={json.dumps(v)}"]
+    return out
+
+
+def run_loco(args: list[str], out: Path, timeout_s: float = 900) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (out.parent / f"{out.name}.log").open("w")
+    p = subprocess.run([sys.executable, "-m", "node.cli", *args, "--out", str(out)], cwd=REPO, env=env,
+                       stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if p.returncode:
+        raise RuntimeError(f"loco {' '.join(args[:2])} failed; see {log.name}:\n{Path(log.name).read_text()[-3000:]}")
+
+
+def base_sets(precision: str, steps: int, rounds: int) -> dict:
+    return {**{f"model.{k}": v for k, v in MODEL.items()}, "data.batch_size": 16, "data.val_batches": 2,
+            "optim.inner_steps": steps, "optim.warmup_steps": 0, "train.rounds": rounds,
+            "train.precision": precision, "train.log_every": 1000, "node.device": "auto"}
+
+
+def daemon_tokens_per_s(tmp: Path, precision: str, steps: int) -> float:
+    out = tmp / f"daemon-{precision}"
+    run_loco(["node", "start", "--node-id", "node0", *_sets(base_sets(precision, steps, 2))], out)
+    rounds = [r for r in read_metrics(out / "metrics" / "node0.jsonl") if r["event"] == "outer"]
+    last, prev = rounds[-1], rounds[-2]  # the second round: warm (first includes CUDA start-up)
+    return (last["tokens"] - prev["tokens"]) / last["compute_s"]
+
+
+def outer_round(tmp: Path, name: str, extra: dict, steps: int, rounds: int) -> dict:
+    out = tmp / name
+    run_loco(["swarm", "--nodes", "2", *_sets({**base_sets("bf16", steps, rounds), **extra})], out)
+    per_node = []
+    for n in ("node0", "node1"):
+        recs = read_metrics(out / "metrics" / f"{n}.jsonl")
+        start = next(r for r in recs if r["event"] == "start")
+        outer = [r for r in recs if r["event"] == "outer"][1:]  # skip the first (start-up)
+        per_node.append({"device": start["device"], "blocked_s": sum(r["comm_s"] for r in outer) / len(outer),
+                         "compute_s": sum(r["compute_s"] for r in outer) / len(outer),
+                         "gpu_mem_gb": max(r.get("gpu_mem_gb", 0.0) for r in outer),
+                         "sync_mb": outer[-1]["sync_bytes"][0] / 1e6, "status": [r["status"] for r in outer]})
+    return {"name": name, "nodes": per_node}
+
+
+def pieces(cfg) -> dict:
+    dev = torch.device("cuda")
+    model = GPT(cfg.model).to(dev)
+    params = list(dict.fromkeys(model.parameters()))
+    staging = HostStaging(dev)
+    anchor = [p.detach().clone() for p in params]
+    buf = [torch.zeros_like(p) for p in params]
+    times = {"d2h_s": [], "h2d_s": [], "outer_step_s": []}
+    for i in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        slot, host = staging.to_host(params)
+        t1 = time.perf_counter()
+        dev_views = staging.to_device(slot, host)
+        t2 = time.perf_counter()
+        nesterov_sgd_step(anchor, buf, dev_views, 0.7, 0.9, True, first=i == 0)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if i:
+            times["d2h_s"].append(t1 - t0)
+            times["h2d_s"].append(t2 - t1)
+            times["outer_step_s"].append(t3 - t2)
+    numel = sum(p.numel() for p in params)
+    return {"params_m": numel / 1e6, **{k: sum(v) / len(v) for k, v in times.items()},
+            "gb_per_s_d2h": numel * 4 / 1e9 / (sum(times["d2h_s"]) / len(times["d2h_s"])),
+            "allocations": staging.allocations}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30, help="inner steps per measurement")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--skip-swarm", action="store_true", help="only the single-process measurements")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device")
+    card = torch.cuda.get_device_name(0)
+    results: dict = {"card": card, "gpus": torch.cuda.device_count(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for precision in ("bf16", "fp32"):
+            cfg = build_config({"model": MODEL, "data": {"batch_size": 16}, "train": {"precision": precision}})
+            before = plain_loop(cfg, a.steps, warmup=5)
+            daemon = daemon_tokens_per_s(tmp, precision, a.steps)
+            after = plain_loop(cfg, a.steps, warmup=5)
+            results[f"throughput_{precision}"] = {"plain_before": before, "daemon": daemon, "plain_after": after,
+                                                  "ratio": daemon / ((before + after) / 2)}
+        results["pieces"] = pieces(build_config({"model": MODEL}))
+        if not a.skip_swarm:
+            steps = max(10, a.steps // 2)
+            results["rounds"] = [
+                outer_round(tmp, "diloco-state-gpu", {"optim.algorithm": "diloco"}, steps, 4),
+                outer_round(tmp, "diloco-state-cpu", {"optim.algorithm": "diloco", "optim.outer_state_device": "cpu"},
+                            steps, 4),
+                outer_round(tmp, "co2", {"optim.algorithm": "co2"}, steps, 4),
+            ]
+    print(f"\n{card} x{results['gpus']}, torch {results['torch']}")
+    print(f"{'inner steps':<28}{'plain tok/s':>14}{'loco tok/s':>14}{'ratio':>8}")
+    for precision in ("bf16", "fp32"):
+        t = results[f"throughput_{precision}"]
+        plain = (t["plain_before"] + t["plain_after"]) / 2
+        print(f"{'GPT 86M, ' + precision:<28}{plain:>14,.0f}{t['daemon']:>14,.0f}{t['ratio']:>8.3f}")
+    p = results["pieces"]
+    print(f"\nmodel {p['params_m']:.1f}M params: device-to-host {p['d2h_s'] * 1e3:.1f} ms "
+          f"({p['gb_per_s_d2h']:.1f} GB/s), host-to-device {p['h2d_s'] * 1e3:.1f} ms, "
+          f"outer step {p['outer_step_s'] * 1e3:.1f} ms; staging buffers allocated: {p['allocations']}")
+    for r in results.get("rounds", []):
+        for n in r["nodes"]:
+            print(f"{r['name']:<20} {n['device']:<8} blocked {n['blocked_s']:.3f} s/round, compute "
+                  f"{n['compute_s']:.2f} s/round, peak GPU mem {n['gpu_mem_gb']:.2f} GB, sync "
+                  f"{n['sync_mb']:.0f} MB, {n['status']}")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

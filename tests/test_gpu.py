@@ -1,0 +1,89 @@
+"""The GPU path on a real CUDA device (pytest -m cuda on a GPU machine; skipped elsewhere,
+with the reason shown). The swarm tests of the CPU suite run on the GPU with
+``pytest -m swarm --device cuda``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.checkpoint import load_checkpoint, save_checkpoint
+from node.config import build_config
+from node.staging import StagedCommunicator
+from node.trainer import Trainer
+from optim import DiLoCo
+from tests.conftest import read_records
+from tests.test_devices import SMALL, _Mean
+from tests.test_swarm import _outer, _sets, _wait_exit
+
+pytestmark = pytest.mark.cuda
+
+
+def _cfg(device: str, **train):
+    data = {k: dict(v) for k, v in SMALL.items()}
+    data["node"] = {"device": device}
+    data["train"] = train
+    return build_config(data)
+
+
+def test_trainer_runs_on_the_gpu_in_fp32_and_bf16():
+    for precision in ("fp32", "bf16"):
+        t = Trainer(_cfg("cuda", precision=precision), "g")
+        losses = [t.train_step() for _ in range(5)]
+        assert t.device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for p in t.params)
+        assert losses[-1] < losses[0]
+
+
+def test_checkpoints_move_between_gpu_and_cpu(tmp_path):
+    for src, dst in (("cuda", "cpu"), ("cpu", "cuda")):
+        a = Trainer(_cfg(src), "a")
+        for _ in range(3):
+            a.train_step()
+        path = tmp_path / f"{src}.pt"
+        save_checkpoint(path, {"trainer": a.state_dict()})
+        b = Trainer(_cfg(dst), "b")
+        b.load_state_dict(load_checkpoint(path)["trainer"])
+        for p, q in zip(a.params, b.params, strict=True):
+            assert q.device.type == dst and torch.equal(p.cpu(), q.cpu())
+        b.train_step()  # the AdamW state moved too
+
+
+def test_outer_state_on_the_cpu_matches_state_on_the_gpu_and_staging_does_not_grow():
+    runs = {}
+    for state_device in (None, "cpu"):
+        t = Trainer(_cfg("cuda"), "g")
+        comm = StagedCommunicator(_Mean(), t.device)
+        outer = DiLoCo(t.params, comm, 0.7, 0.9, True, state_device)
+        allocations = []
+        for r in range(4):
+            for _ in range(3):
+                t.train_step()
+            assert outer.outer_step(r).applied
+            allocations.append(comm.staging.allocations)
+        runs[state_device] = [p.detach().cpu().clone() for p in t.params]
+        if state_device == "cpu":
+            assert outer.anchor[0].device.type == "cpu" and outer.anchor[0].is_pinned()
+            assert allocations == [0] * 4  # Δ is already on the host: nothing to stage
+        else:
+            assert outer.anchor[0].is_cuda
+            assert allocations[1:] == [allocations[1]] * 3 and allocations[1] <= 4  # no growth
+            assert comm.staging._host[0].is_pinned()
+    for a, b in zip(runs[None], runs["cpu"], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.swarm
+def test_two_nodes_on_the_gpu(procs, tmp_path):
+    """One GPU: both nodes on it; two or more: `loco swarm` gives each node its own."""
+    out = tmp_path / "run"
+    p = procs.loco("swarm", "--nodes", "2", "--out", str(out),
+                   *_sets("train.rounds=3", "node.device='auto'", "optim.algorithm='co2'"), log="swarm")
+    assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
+    gpus = torch.cuda.device_count()
+    for i in range(2):
+        start = next(r for r in read_records(out / "metrics" / f"node{i}.jsonl") if r["event"] == "start")
+        assert start["device"] == f"cuda:{i % gpus}"
+    a, b = _outer(out, "node0"), _outer(out, "node1")
+    assert [r["weights_hash"] for r in a] == [r["weights_hash"] for r in b]
+    assert a[-1]["val_loss"] < next(r for r in read_records(out / "metrics" / "node0.jsonl")
+                                    if r["event"] == "start")["val_loss"]
