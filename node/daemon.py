@@ -560,7 +560,9 @@ class Node:
                 and r >= lg.warmup_rounds and (r - lg.warmup_rounds) % lg.every_rounds == 0):
             return
         z = self.cfg.compression
-        plan = make_plan(codec_family(z.codec), self.compressor.base.level, result.reduce.tensors,
+        # on the host: the codecs run there, and every member must compute the same plan
+        averaged = [t.detach().cpu() for t in result.reduce.tensors]
+        plan = make_plan(codec_family(z.codec), self.compressor.base.level, averaged,
                          {"block": z.block_size, "density": z.density, "rank": z.rank}, lg.bins)
         self.compressor.plan = plan.levels
         extra["lgreco"] = {"plan": plan_digest(plan.levels), "levels": [plan.levels[i] for i in sorted(plan.levels)],

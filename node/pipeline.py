@@ -60,6 +60,7 @@ from .metrics import MetricsWriter
 from .model import VOCAB
 from .reaper import Reaper, descendants
 from .stages import StageModel
+from .staging import HostStaging, StagedCommunicator
 from .sync import SwarmCommunicator
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class PipelineNode:
         self.links: dict[str, list[float]] = {}
         self._schedules: dict[tuple, list[list[str]]] = {}
         self._group: list[PeerInfo] = []
+        self.tokens = 0  # trained by the microbatches this node started
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -215,8 +217,12 @@ class PipelineNode:
                                       c.decision_timeout_s, c.max_attempts)
         self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, stop=self.stop)
         self.outer = None
+        # GPU tensors reach the collective through reused pinned host buffers
+        self.staging = HostStaging(self.device) if self.device.type == "cuda" else None
         if self.p.sync == "diloco":
             comm = SwarmCommunicator(self.collective, lambda: "")
+            if self.device.type == "cuda":
+                comm = StagedCommunicator(comm, self.device)
             self.outer = DiLoCo(params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
 
     def _stage_peers(self) -> list[PeerInfo]:
@@ -566,13 +572,17 @@ class PipelineNode:
         status = "ok"
         if self.p.sync == "every_step":
             flat = [*grads, torch.tensor([count], dtype=torch.float32, device=self.device)]
+            slot = 0
+            if self.staging is not None:
+                slot, flat = self.staging.to_host(flat)
             result = self.collective.all_reduce(work.number, flat, 1.0, tensors_hash(params))
             if result.status != "ok":
                 status, count = "skipped", 0.0  # apply nothing rather than step apart from the others
             else:
                 group = len(result.group)
-                count = float(result.tensors[-1]) * group
-                for p, g in zip(params, result.tensors[:-1], strict=True):
+                means = result.tensors if self.staging is None else self.staging.to_device(slot, result.tensors)
+                count = float(means[-1]) * group
+                for p, g in zip(params, means[:-1], strict=True):
                     p.grad = (g * group).to(p.dtype).view_as(p)
         if count > 0:
             for p in params:
@@ -644,6 +654,7 @@ class PipelineNode:
     def _record(self, work: _Iteration, status: str, group: int, iter_s: float, compute_s: float,
                 comm_s: float, round_bytes: int) -> None:
         loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
+        self.tokens += len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size
         stages = {p.id: p.stage for p in self._roster()}
         extra: dict[str, Any] = {}
         mine = [work.paths[m] for m, e in work.owned if not e]
@@ -655,7 +666,7 @@ class PipelineNode:
             group_size=group, stage=self.stage, visited=sorted(work.visited), lost=len([k for k in work.abandoned if not k[1]]),
             elapsed_s=time.time() - self.started, iter_s=iter_s, compute_s=compute_s, comm_s=comm_s,
             bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv, round_bytes=round_bytes,
-            tokens=len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size,
+            tokens=self.tokens,
             weights_hash=tensors_hash(self.model.params), **extra,
         )
 

@@ -116,6 +116,14 @@ def pytest_configure(config):
         FAST.append(f"node.device='{device}'")
 
 
+def configured_device() -> str:
+    """The node.device the swarm tests run with (pytest --device), 'cpu' by default."""
+    for item in reversed(FAST):
+        if item.startswith("node.device="):
+            return item.split("=", 1)[1].strip("'\"")
+    return "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
