@@ -115,7 +115,9 @@ def outer_round(tmp: Path, name: str, extra: dict, steps: int, rounds: int) -> d
         per_node.append({"device": start["device"], "blocked_s": sum(r["comm_s"] for r in outer) / len(outer),
                          "compute_s": sum(r["compute_s"] for r in outer) / len(outer),
                          "gpu_mem_gb": max(r.get("gpu_mem_gb", 0.0) for r in outer),
-                         "sync_mb": outer[-1]["sync_bytes"][0] / 1e6, "status": [r["status"] for r in outer]})
+                         "sync_mb": max(outer[-1]["sync_bytes"]) / 1e6, "status": [r["status"] for r in outer],
+                         "group": [r["group_size"] for r in outer],
+                         "reduce_s": [round(r.get("reduce_s", float("nan")), 3) for r in outer]})
     return {"name": name, "nodes": per_node}
 
 
@@ -152,6 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="inner steps per measurement")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--skip-swarm", action="store_true", help="only the single-process measurements")
+    ap.add_argument("--only-swarm", action="store_true", help="only the outer-round measurements")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device")
@@ -159,14 +162,15 @@ def main() -> None:
     results: dict = {"card": card, "gpus": torch.cuda.device_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for precision in ("bf16", "fp32"):
+        for precision in () if a.only_swarm else ("bf16", "fp32"):
             cfg = build_config({"model": MODEL, "data": {"batch_size": 16}, "train": {"precision": precision}})
             before = plain_loop(cfg, a.steps, warmup=5)
             daemon = daemon_tokens_per_s(tmp, precision, a.steps)
             after = plain_loop(cfg, a.steps, warmup=5)
             results[f"throughput_{precision}"] = {"plain_before": before, "daemon": daemon, "plain_after": after,
                                                   "ratio": daemon / ((before + after) / 2)}
-        results["pieces"] = pieces(build_config({"model": MODEL}))
+        if not a.only_swarm:
+            results["pieces"] = pieces(build_config({"model": MODEL}))
         if not a.skip_swarm:
             steps = max(10, a.steps // 2)
             results["rounds"] = [
@@ -177,19 +181,20 @@ def main() -> None:
             ]
     print(f"\n{card} x{results['gpus']}, torch {results['torch']}")
     print(f"{'inner steps':<28}{'plain tok/s':>14}{'loco tok/s':>14}{'ratio':>8}")
-    for precision in ("bf16", "fp32"):
+    for precision in [p for p in ("bf16", "fp32") if f"throughput_{p}" in results]:
         t = results[f"throughput_{precision}"]
         plain = (t["plain_before"] + t["plain_after"]) / 2
         print(f"{'GPT 86M, ' + precision:<28}{plain:>14,.0f}{t['daemon']:>14,.0f}{t['ratio']:>8.3f}")
-    p = results["pieces"]
-    print(f"\nmodel {p['params_m']:.1f}M params: device-to-host {p['d2h_s'] * 1e3:.1f} ms "
-          f"({p['gb_per_s_d2h']:.1f} GB/s), host-to-device {p['h2d_s'] * 1e3:.1f} ms, "
-          f"outer step {p['outer_step_s'] * 1e3:.1f} ms; staging buffers allocated: {p['allocations']}")
+    p = results.get("pieces")
+    if p:
+        print(f"\nmodel {p['params_m']:.1f}M params: device-to-host {p['d2h_s'] * 1e3:.1f} ms "
+              f"({p['gb_per_s_d2h']:.1f} GB/s), host-to-device {p['h2d_s'] * 1e3:.1f} ms, "
+              f"outer step {p['outer_step_s'] * 1e3:.1f} ms; staging buffers allocated: {p['allocations']}")
     for r in results.get("rounds", []):
         for n in r["nodes"]:
             print(f"{r['name']:<20} {n['device']:<8} blocked {n['blocked_s']:.3f} s/round, compute "
                   f"{n['compute_s']:.2f} s/round, peak GPU mem {n['gpu_mem_gb']:.2f} GB, sync "
-                  f"{n['sync_mb']:.0f} MB, {n['status']}")
+                  f"{n['sync_mb']:.0f} MB, groups {n['group']}, reduce s {n['reduce_s']}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 
