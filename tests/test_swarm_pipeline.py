@@ -4,6 +4,7 @@ DHT, activations and gradients over ZeroMQ. Behaviour, not speed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,29 +36,35 @@ def _check_paths(records: list[dict]) -> Counter:
 
 def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_path):
     out = tmp_path / "run"
-    p = procs.loco("swarm", "--nodes", "6", "--out", str(out), *_sets(*PIPE, "train.rounds=20"), log="swarm")
+    # stages placed from the measured speeds and links (auto_assign), two replicas each
+    p = procs.loco("swarm", "--nodes", "6", "--out", str(out),
+                   *_sets(*PIPE, "train.rounds=20", "pipeline.auto_assign=true"), log="swarm")
     assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
     nodes = [f"node{i}" for i in range(6)]
     recs = {n: _outer(out, n) for n in nodes}
+    stage = {n: recs[n][0]["stage"] for n in nodes}
+    replicas = {s: sorted(n for n in nodes if stage[n] == s) for s in range(3)}
+    assert all(len(r) == 2 for r in replicas.values()), stage
     for n in nodes:
         assert [r["round"] for r in recs[n]] == list(range(20)), n
-        assert all(r["status"] == "ok" for r in recs[n]), [r["status"] for r in recs[n]]
-    first, last = recs["node0"][0]["val_loss"], recs["node0"][-1]["val_loss"]
+        assert all(r["status"] == "ok" and r["stage"] == stage[n] for r in recs[n]), recs[n]
+    first = next(r["val_loss"] for n in replicas[0] for r in recs[n][:1] if math.isfinite(r["val_loss"]))
+    last = recs[nodes[0]][-1]["val_loss"]
     assert last < first - 0.3, (first, last)
     assert {recs[n][-1]["val_loss"] for n in nodes} == {last}  # the leader's final validation reaches all
-    visits = _check_paths([r for n in ("node0", "node3") for r in recs[n]])
+    visits = _check_paths([r for n in replicas[0] for r in recs[n]])
     assert sum(visits.values()) == 20 * 4  # every microbatch of every iteration
     assert visits[1] == visits[2]  # stage load balanced
     # the nodes that ran a microbatch's backward pass: stage 1 and 2 visits add up
     ran = Counter()
     for n in nodes:
-        ran[int(n[4:]) % 3] += sum(len(r["visited"]) for r in recs[n])
+        ran[stage[n]] += sum(len(r["visited"]) for r in recs[n])
     assert ran[1] == visits[1] and ran[2] == visits[2] and ran[0] == 80
     # each stage's replicas average gradients every iteration: bit-identical weights
     for it in range(20):
-        for s in range(3):
-            a, b = recs[f"node{s}"][it], recs[f"node{s + 3}"][it]
-            assert a["weights_hash"] == b["weights_hash"] and a["group_size"] == 2, (it, s)
+        for s, (a, b) in replicas.items():
+            ra, rb = recs[a][it], recs[b][it]
+            assert ra["weights_hash"] == rb["weights_hash"] and ra["group_size"] == 2, (it, s)
     # the checkpoints make the whole model again: its loss is the leader's final validation
     ev = subprocess.run([sys.executable, "-m", "node.cli", "eval-skips", str(out)], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
@@ -69,7 +76,8 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
 
 def test_killing_a_middle_stage_replica_routes_around_it(procs, tmp_path):
     out = tmp_path / "run"
-    extra = (*PIPE, "train.rounds=24", "swarm.wait_for_peers=5")
+    # every path visits every stage, in random valid orders (swaps included)
+    extra = (*PIPE, "train.rounds=24", "swarm.wait_for_peers=5", "pipeline.skip=0.0", "pipeline.paths='random'")
     started = {"node0": _start_node(procs, out, "node0", *extra)}
     peer = _ready(out, "node0")["maddrs"][0]
     for i in range(1, 6):
@@ -95,3 +103,5 @@ def test_killing_a_middle_stage_replica_routes_around_it(procs, tmp_path):
     # stage 1 kept training through its other replica
     assert sum(len(r["visited"]) for r in _outer(out, survivor) if r["round"] > killed_at + 3) > 0
     assert _outer(out, survivor)[-1]["round"] == 23
+    orders = {tuple(p) for n in ("node0", "node3") for r in _outer(out, n) for p in r.get("paths", [])}
+    assert orders <= {(0, 1, 2, 0), (0, 2, 1, 0)} and (0, 2, 1, 0) in orders  # a swap ran, in path order
