@@ -428,7 +428,11 @@ class Node:
                 extra["sync_bytes"] = [self.transport.bytes_sent - sent0]
                 if isinstance(self.outer, CO2):  # its reduce ran in the background during the round
                     extra["sync_bytes"] = [sent0 - bytes0] + (extra["sync_bytes"] if extra.get("flushed") else [])
+            t2 = time.monotonic()
             self._publish()
+            # host work between rounds (state snapshot + hash for the state server), counted
+            # apart from compute and comm: on a GPU it is not small
+            extra["publish_s"] = time.monotonic() - t2
             extra["round_bytes"] = self.transport.bytes_sent - bytes0
             extra["encode_s"] = self.compressor.encode_s - codec0[0]
             extra["decode_s"] = self.compressor.decode_s - codec0[1]
@@ -500,7 +504,9 @@ class Node:
 
     def _record_round(self, finished: int, status: str, group: int, reason: str, loss: float,
                       compute_s: float, comm_s: float, extra: dict[str, Any]) -> None:
+        t0 = time.monotonic()
         val = self.trainer.evaluate()
+        extra["eval_s"] = time.monotonic() - t0
         self.outcomes[status] += 1
         wall = compute_s + comm_s
         if self.trainer.device.type == "cuda":  # peak, for the outer_state_device trade-off

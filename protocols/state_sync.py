@@ -81,7 +81,8 @@ class StateServer:
         return next((s for s in self._snapshots if s.round >= min_round), None)
 
     def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any]) -> Snapshot:
-        snap = Snapshot(round, [t.detach().cpu().clone() for t in tensors], dict(meta),
+        # one fresh host copy each (.cpu() of a GPU tensor is already one: no second clone)
+        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta),
                         tensors_hash(tensors))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]

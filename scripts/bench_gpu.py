@@ -117,6 +117,7 @@ def outer_round(tmp: Path, name: str, extra: dict, steps: int, rounds: int) -> d
                          "gpu_mem_gb": max(r.get("gpu_mem_gb", 0.0) for r in outer),
                          "sync_mb": max(outer[-1]["sync_bytes"]) / 1e6, "status": [r["status"] for r in outer],
                          "group": [r["group_size"] for r in outer],
+                         "publish_s": sum(r.get("publish_s", 0.0) for r in outer) / len(outer),
                          "reduce_s": [round(r.get("reduce_s", float("nan")), 3) for r in outer]})
     return {"name": name, "nodes": per_node}
 
@@ -194,7 +195,7 @@ def main() -> None:
         for n in r["nodes"]:
             print(f"{r['name']:<20} {n['device']:<8} blocked {n['blocked_s']:.3f} s/round, compute "
                   f"{n['compute_s']:.2f} s/round, peak GPU mem {n['gpu_mem_gb']:.2f} GB, sync "
-                  f"{n['sync_mb']:.0f} MB, groups {n['group']}, reduce s {n['reduce_s']}")
+                  f"{n['sync_mb']:.0f} MB, snapshot+hash {n['publish_s']:.2f} s/round, reduce s {n['reduce_s']}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 
