@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -48,12 +48,28 @@ def tensors_hash(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
+# one thread hashes snapshots: BLAKE2b releases the GIL, so a model-sized hash (about a
+# second per 700 MB) runs beside training instead of between two rounds
+_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-hash")
+
+
 class Snapshot:
-    round: int
-    tensors: list[torch.Tensor]
-    meta: dict[str, Any]
-    digest: str
+    """Tensors (host copies, never modified), meta, and their digest: given, or computed
+    in the background from the moment the snapshot is made (``digest`` waits for it)."""
+
+    def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None):
+        self.round = round
+        self.tensors = tensors
+        self.meta = meta
+        self._digest = digest
+        self._pending: Future[str] | None = None if digest is not None else _hasher.submit(tensors_hash, tensors)
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            assert self._pending is not None
+            self._digest = self._pending.result()
+        return self._digest
 
 
 class StateServer:
@@ -82,8 +98,7 @@ class StateServer:
 
     def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any]) -> Snapshot:
         # one fresh host copy each (.cpu() of a GPU tensor is already one: no second clone)
-        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta),
-                        tensors_hash(tensors))
+        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()
