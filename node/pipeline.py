@@ -28,6 +28,7 @@ leader dies, the next stage-0 node by id plans the iteration the others are wait
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -85,6 +86,50 @@ def node_stage(cfg: Config, node_id: str) -> int:
             raise ConfigError(f"pipeline.assignment has {len(p.assignment)} entries; node {node_id} needs one")
         return p.assignment[i]
     return i % p.stages
+
+
+def check_plan(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a PLAN's meta (None: nothing). A bad plan is dropped, not obeyed."""
+    paths, evals = meta.get("paths"), meta.get("eval", [])
+    endpoints, stages = meta.get("endpoints"), meta.get("stages", {})
+    if not isinstance(endpoints, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in endpoints.items()):
+        return "endpoints is not a map of node id to endpoint"
+    if not isinstance(stages, dict) or not all(isinstance(v, int) for v in stages.values()):
+        return "stages is not a map of node id to stage"
+    for name, group in (("paths", paths), ("eval", evals)):
+        if not isinstance(group, list):
+            return f"{name} is not a list"
+        for path in group:
+            if not (isinstance(path, list) and len(path) >= 3 and path[0] == path[-1]
+                    and all(isinstance(n, str) and n in endpoints for n in path)):
+                return f"{name} holds a malformed path {str(path)[:80]}"
+    return None
+
+
+def check_task(work: _Iteration, msg: Message, activation: tuple[int, ...]) -> str | None:
+    """What is wrong with a FWD/BWD/DROP for this node in ``work`` (None: nothing)."""
+    m, is_eval = msg.meta.get("mb"), msg.meta.get("eval")
+    if not isinstance(m, int) or isinstance(m, bool) or not isinstance(is_eval, bool):
+        return "mb/eval missing or of the wrong type"
+    group = work.eval_paths if is_eval else work.paths
+    if not 0 <= m < len(group):
+        return f"no microbatch {m} in this iteration"
+    if msg.kind == DROP:
+        return None
+    path, k = group[m], msg.meta.get("hop")
+    # a forward arrives at hops 1..end (the head starts it), a backward at hops 0..end-1
+    lo, hi = (1, len(path) - 1) if msg.kind == FWD else (0, len(path) - 2)
+    if not isinstance(k, int) or isinstance(k, bool) or not lo <= k <= hi:
+        return f"hop {k!r} is not a {msg.kind} hop of microbatch {m}"
+    if path[k] != work.me:
+        return f"hop {k} of microbatch {m} is {path[k]}, not this node"
+    if msg.kind == BWD and is_eval:
+        return "a backward pass for a validation microbatch"
+    if len(msg.tensors) != 1 or msg.tensors[0].dtype != torch.float32 or tuple(msg.tensors[0].shape) != activation:
+        got = [(str(t.dtype), tuple(t.shape)) for t in msg.tensors]
+        return f"expected one float32 tensor of shape {activation}, got {got}"
+    return None
 
 
 class _Iteration:
@@ -179,7 +224,7 @@ class PipelineNode:
         _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         key = cfg.swarm.key.encode() if cfg.swarm.key else None
-        seed = int.from_bytes(self.id.encode()[:4].ljust(4, b"\0"), "little")
+        seed = int(hashlib.blake2b(self.id.encode(), digest_size=4).hexdigest(), 16)  # as the daemon
         self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
                                    shaper=build_shaper(cfg.network, seed=seed, started=self.started))
         for kind in _QUEUED:
@@ -239,6 +284,10 @@ class PipelineNode:
         return PeerInfo(self.id, self.transport.endpoint, self.it, self.stage,
                         1.0 / self.layer_s if self.layer_s else 0.0, left=False, links=self.links)
 
+    def _activation_shape(self) -> tuple[int, int, int]:
+        m = self.cfg.model
+        return (self.cfg.data.batch_size, m.block_size, m.n_embd)
+
     def _activation_bytes(self) -> int:
         m = self.cfg.model
         return self.cfg.data.batch_size * m.block_size * m.n_embd * 4
@@ -255,6 +304,8 @@ class PipelineNode:
         for _ in range(4):
             t0 = time.perf_counter()
             block(x).sum().backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - t0)
         self.layer_s = statistics.median(times[1:]) / 2.5  # forward + backward (1.5x)
 
@@ -382,7 +433,11 @@ class PipelineNode:
         no_stage0_since = None
         while not self.stop.is_set():
             if it in self.plans:
-                return _Iteration(self.id, it, self.plans.pop(it).meta)
+                msg = self.plans.pop(it)
+                problem = check_plan(msg.meta)
+                if problem is None:
+                    return _Iteration(self.id, it, msg.meta)
+                self._reject(msg, problem)
             leader = self._leader()
             if leader == self.id and not planned:
                 planned = self._send_plan(it)
@@ -415,6 +470,11 @@ class PipelineNode:
             self.later[msg.round].append(msg)
             return None
         return msg if msg.round == it else None
+
+    def _reject(self, msg: Message, problem: str) -> None:
+        """A malformed message is dropped and counted; it never takes the node down."""
+        self.transport.dropped[f"Bad{msg.kind}"] += 1
+        log.warning("dropped %s of iteration %d from %s: %s", msg.kind, msg.round, msg.sender, problem)
 
     def _send(self, work: _Iteration, node: str, kind: str, m: int, hop: int, is_eval: bool,
               tensor: torch.Tensor) -> None:
@@ -540,6 +600,10 @@ class PipelineNode:
             waited += time.monotonic() - now
             if msg is None:
                 continue
+            problem = check_task(work, msg, self._activation_shape())
+            if problem is not None:
+                self._reject(msg, problem)
+                continue
             t2 = time.monotonic()
             if msg.kind == DROP:
                 self._abandon(work, int(msg.meta["mb"]), bool(msg.meta["eval"]),
@@ -647,8 +711,10 @@ class PipelineNode:
             self._pull(final, timeout=0.5)
         while time.monotonic() < deadline and not self.stop.is_set():  # the leader's result
             for msg in self.later.pop(-1, []):
-                self.val_loss = float(msg.meta["val_loss"])
-                return
+                if isinstance(msg.meta.get("val_loss"), (int, float)):
+                    self.val_loss = float(msg.meta["val_loss"])
+                    return
+                self._reject(msg, "val_loss is not a number")
             self._pull(final, timeout=0.5)
 
     def _record(self, work: _Iteration, status: str, group: int, iter_s: float, compute_s: float,
@@ -685,7 +751,12 @@ class PipelineNode:
                 meta = {"stages": {n.id: n.stage for n in placed.nodes}}
                 self._broadcast(ASSIGN, 0, meta, roster)
             for msg in self.later.pop(-2, []):
-                self.stage = int(msg.meta["stages"].get(self.id, self.stage))
+                placed = msg.meta.get("stages")
+                stage = placed.get(self.id, self.stage) if isinstance(placed, dict) else None
+                if not isinstance(stage, int) or not 0 <= stage < self.p.stages:
+                    self._reject(msg, f"no valid stage for {self.id} in {str(placed)[:80]}")
+                    continue
+                self.stage = stage
                 log.info("placed on stage %d", self.stage)
                 return
             self._pull(0, timeout=1.0)

@@ -1,0 +1,59 @@
+"""A pipeline node's checks on what it receives: a malformed plan or task is dropped with a
+reason (tests of the pure checks; the swarm tests cover the happy path)."""
+
+from __future__ import annotations
+
+import torch
+
+from node.pipeline import BWD, DROP, FWD, _Iteration, check_plan, check_task
+from protocols.wire import Message
+
+SHAPE = (2, 8, 16)
+PLAN = {"paths": [["a", "b", "c", "a"], ["d", "c", "d"]], "eval": [["a", "b", "c", "a"]],
+        "endpoints": {n: f"tcp://127.0.0.1:{i + 1000}" for i, n in enumerate("abcd")},
+        "stages": {"a": 0, "b": 1, "c": 2, "d": 0}}
+
+
+def _msg(kind, tensors=None, **meta):
+    return Message(kind, round=0, meta=meta, tensors=[torch.zeros(SHAPE)] if tensors is None else tensors)
+
+
+def test_a_good_plan_and_its_tasks_pass():
+    assert check_plan(PLAN) is None
+    work = _Iteration("c", 0, PLAN)
+    assert work.todo == 2 + 2 + 1  # middle of mb 0 (fwd + bwd), middle of mb 1, eval forward
+    assert check_task(work, _msg(FWD, mb=0, hop=2, eval=False), SHAPE) is None
+    assert check_task(work, _msg(BWD, mb=1, hop=1, eval=False), SHAPE) is None
+    assert check_task(work, _msg(FWD, mb=0, hop=2, eval=True), SHAPE) is None
+    assert check_task(work, _msg(DROP, tensors=[], mb=1, eval=False), SHAPE) is None
+
+
+def test_malformed_plans_are_named():
+    bad = [({**PLAN, "paths": "x"}, "paths is not a list"),
+           ({**PLAN, "paths": [["a", "b"]]}, "malformed path"),
+           ({**PLAN, "paths": [["a", "b", "e", "a"]]}, "malformed path"),  # e has no endpoint
+           ({**PLAN, "paths": [["a", "b", "c", "d"]]}, "malformed path"),  # does not return home
+           ({**PLAN, "endpoints": ["a"]}, "endpoints"),
+           ({**PLAN, "stages": {"a": "zero"}}, "stages")]
+    for meta, reason in bad:
+        assert reason in (check_plan(meta) or ""), meta
+
+
+def test_malformed_tasks_are_named():
+    work = _Iteration("c", 0, PLAN)
+    cases = [
+        (_msg(FWD, hop=2, eval=False), "mb/eval"),
+        (_msg(FWD, mb="0", hop=2, eval=False), "mb/eval"),
+        (_msg(FWD, mb=True, hop=2, eval=False), "mb/eval"),
+        (_msg(FWD, mb=7, hop=2, eval=False), "no microbatch 7"),
+        (_msg(FWD, mb=0, hop=9, eval=False), "not a PP_FWD hop"),
+        (_msg(FWD, mb=0, hop="2", eval=False), "not a PP_FWD hop"),
+        (_msg(BWD, mb=0, hop=3, eval=False), "not a PP_BWD hop"),  # the tail starts the backward itself
+        (_msg(FWD, mb=0, hop=1, eval=False), "is b, not this node"),
+        (_msg(BWD, mb=0, hop=2, eval=True), "validation"),
+        (_msg(FWD, [torch.zeros(2, 8, 15)], mb=0, hop=2, eval=False), "expected one float32 tensor"),
+        (_msg(FWD, [torch.zeros(SHAPE, dtype=torch.float64)], mb=0, hop=2, eval=False), "float32"),
+        (_msg(FWD, [], mb=0, hop=2, eval=False), "expected one"),
+    ]
+    for msg, reason in cases:
+        assert reason in (check_task(work, msg, SHAPE) or ""), (msg.meta, check_task(work, msg, SHAPE))
