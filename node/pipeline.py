@@ -699,7 +699,12 @@ class PipelineNode:
         deadline = time.monotonic() + self.p.iteration_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
             if final in self.plans:
-                work = _Iteration(self.id, final, self.plans.pop(final).meta)
+                msg = self.plans.pop(final)
+                problem = check_plan(msg.meta)
+                if problem is not None:
+                    self._reject(msg, problem)
+                    continue
+                work = _Iteration(self.id, final, msg.meta)
                 with torch.no_grad():
                     self._run_tasks(work)
                 if work.val_losses:
