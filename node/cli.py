@@ -151,6 +151,12 @@ def run(experiment, out, overrides):
     from .runner import run_experiment
 
     out_dir = Path(out) if out else Path("runs") / f"{exp.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def on_signal(_signum, _frame):  # SIGINT (even if inherited ignored) and SIGTERM: stop the nodes
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     sys.exit(run_experiment(exp, out_dir, experiment))
 
 

@@ -154,7 +154,10 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
     def on_term(_signum, _frame):
         raise KeyboardInterrupt
 
+    # explicit handlers: a launcher started in the background of a script inherits SIGINT
+    # ignored, and Ctrl-C / SIGINT must still stop every node
     previous = signal.signal(signal.SIGTERM, on_term)
+    previous_int = signal.signal(signal.SIGINT, on_term)
     try:
         for i in range(n):
             node_id = f"node{i}"
@@ -186,6 +189,7 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
     finally:
         reap_groups(nodes)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     console.print(summarize(nodes, time.monotonic() - started))
     failed = [x.id for x in nodes if x.proc.returncode != 0]
     if failed and not interrupted:

@@ -88,9 +88,18 @@ class Procs:
         return path.read_text() if path.exists() else ""
 
     def reap(self) -> None:
+        """Kill every process a test started and everything they started: a launcher's
+        nodes run in sessions of their own, so killing the launcher's group is not enough."""
+        from node.reaper import descendants
+
         for p in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+            groups = {p.pid}
+            for pid in descendants(p.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    groups.add(os.getpgid(pid))
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=15)
 

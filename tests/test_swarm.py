@@ -175,3 +175,14 @@ def test_unreachable_initial_peer_is_a_clear_error(procs, tmp_path):
     assert "could not start the DHT node or reach initial peers" in log
     assert "Traceback" not in log
     wait_until(lambda: group_members(p.pid) == [], 60, "node9's helpers to exit")
+
+
+def test_the_fixture_reaps_a_launchers_nodes(procs, tmp_path):
+    """A test that fails with a swarm running must not leave its nodes behind: they run in
+    sessions of their own, outside the launcher's process group."""
+    out = tmp_path / "run"
+    procs.loco("swarm", "--nodes", "2", "--out", str(out), *_sets("train.rounds=0"), log="swarm")
+    pids = [_ready(out, n)["pid"] for n in ("node0", "node1")]
+    procs.reap()
+    for pid in pids:
+        wait_until(lambda pid=pid: group_members(pid) == [], 30, f"node {pid} and its helpers to be gone")
