@@ -80,6 +80,24 @@ def build_shaper(net: NetworkConfig, seed: int, started: float) -> Shaper:
     )
 
 
+def open_transport(cfg: Config, node_id: str, started: float) -> Transport:
+    """The node's ZeroMQ endpoint, signed with the swarm key, shaped by its network profile."""
+    key = cfg.swarm.key.encode() if cfg.swarm.key else None
+    seed = int(hashlib.blake2b(node_id.encode(), digest_size=4).hexdigest(), 16)
+    return Transport(node_id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
+                     shaper=build_shaper(cfg.network, seed=seed, started=started))
+
+
+def open_membership(cfg: Config, node_id: str) -> tuple[Membership, Reaper]:
+    """The node's DHT membership, and a reaper that ends its DHT helpers if the node dies."""
+    membership = Membership(cfg.swarm.run_id, node_id, cfg.swarm.initial_peers, cfg.node.listen_host,
+                            cfg.node.dht_port, cfg.node.announce_host, cfg.swarm.announce_ttl_s)
+    reaper = Reaper()
+    if membership.pid:
+        reaper.watch([membership.pid, *descendants(membership.pid)])
+    return membership, reaper
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -113,18 +131,8 @@ class Node:
         _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self.trainer = Trainer(cfg, self.id)
-        key = cfg.swarm.key.encode() if cfg.swarm.key else None
-        seed = int(hashlib.blake2b(self.id.encode(), digest_size=4).hexdigest(), 16)
-        shaper = build_shaper(cfg.network, seed=seed, started=self.started)
-        self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
-                                   shaper=shaper)
-        self.membership = Membership(
-            cfg.swarm.run_id, self.id, cfg.swarm.initial_peers, cfg.node.listen_host, cfg.node.dht_port,
-            cfg.node.announce_host, cfg.swarm.announce_ttl_s,
-        )
-        self.reaper = Reaper()
-        if self.membership.pid:
-            self.reaper.watch([self.membership.pid, *descendants(self.membership.pid)])
+        self.transport = open_transport(cfg, self.id, self.started)
+        self.membership, self.reaper = open_membership(cfg, self.id)
         self._build_outer()
         self.state_server = StateServer(self.transport)
         self.result_server = StateServer(self.transport, kind=CO2_RESULT, keep=4) if self.algorithm == "co2" else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
@@ -62,13 +63,16 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, skip: Collection[int] = ()) -> torch.Tensor:
+        """``skip``: blocks the residual stream passes by (evaluating a pipeline-trained
+        model with stages left out)."""
         T = idx.shape[1]
         if self.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
         x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            if i not in skip:
+                x = block(x)
         return self.head(self.ln_f(x))
 
 

@@ -28,11 +28,11 @@ leader dies, the next stage-0 node by id plans the iteration the others are wait
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import queue
+import random
 import re
 import statistics
 import threading
@@ -45,21 +45,19 @@ import torch
 
 from optim import DiLoCo
 from protocols.collective import CollectiveTimeouts, GroupAllReduce
-from protocols.membership import Membership, PeerInfo
+from protocols.membership import PeerInfo
 from protocols.pipeline.probe import LinkProber
 from protocols.pipeline.schedule import PipeNode, Setting, check_path, full_pipeline, random_paths, schedule
 from protocols.state_sync import tensors_hash
-from protocols.transport import Transport
 from protocols.wire import Message
 
 from .checkpoint import save_checkpoint
 from .config import Config, ConfigError, config_to_dict
-from .daemon import _write_json_atomic, build_shaper, default_node_id
+from .daemon import _write_json_atomic, default_node_id, open_membership, open_transport
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
 from .metrics import MetricsWriter
 from .model import VOCAB
-from .reaper import Reaper, descendants
 from .stages import StageModel
 from .staging import HostStaging, StagedCommunicator
 from .sync import SwarmCommunicator
@@ -208,6 +206,8 @@ class PipelineNode:
         self.stage = node_stage(cfg, self.id)
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.later: dict[int, list[Message]] = defaultdict(list)  # messages of iterations ahead
+        self.finals: list[Message] = []  # the leader's final validation (FINAL)
+        self.placements: list[Message] = []  # auto_assign's placement (ASSIGN)
         self.plans: dict[int, Message] = {}
         self.val_loss = float("nan")
         self.layer_s = 0.0
@@ -223,20 +223,11 @@ class PipelineNode:
             torch.set_num_threads(cfg.node.threads)
         _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
-        key = cfg.swarm.key.encode() if cfg.swarm.key else None
-        seed = int(hashlib.blake2b(self.id.encode(), digest_size=4).hexdigest(), 16)  # as the daemon
-        self.transport = Transport(self.id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
-                                   shaper=build_shaper(cfg.network, seed=seed, started=self.started))
+        self.transport = open_transport(cfg, self.id, self.started)
         for kind in _QUEUED:
             self.transport.on(kind, self.inbox.put)
         self.prober = LinkProber(self.transport)
-        self.membership = Membership(
-            cfg.swarm.run_id, self.id, cfg.swarm.initial_peers, cfg.node.listen_host, cfg.node.dht_port,
-            cfg.node.announce_host, cfg.swarm.announce_ttl_s,
-        )
-        self.reaper = Reaper()
-        if self.membership.pid:
-            self.reaper.watch([self.membership.pid, *descendants(self.membership.pid)])
+        self.membership, self.reaper = open_membership(cfg, self.id)
         train, val = load_corpus(cfg.data)
         check_corpus(train, val, cfg.model.block_size, VOCAB)
         self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))
@@ -376,8 +367,6 @@ class PipelineNode:
             elif kind == "round_robin":
                 paths = full_pipeline(setting)
             else:
-                import random
-
                 paths = random_paths(setting, random.Random(self.cfg.train.seed))
             for path in paths:
                 problems = check_path(setting, path)
@@ -464,7 +453,7 @@ class PipelineNode:
             self.plans.setdefault(msg.round, msg)  # the first plan of an iteration wins
             return None
         if msg.kind in (FINAL, ASSIGN):
-            self.later[-1 if msg.kind == FINAL else -2].append(msg)
+            (self.finals if msg.kind == FINAL else self.placements).append(msg)
             return None
         if msg.round > it:
             self.later[msg.round].append(msg)
@@ -480,10 +469,6 @@ class PipelineNode:
               tensor: torch.Tensor) -> None:
         meta = {"mb": m, "hop": hop, "eval": is_eval}
         msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu").contiguous()])
-        if node == self.id:  # (a path never visits a node twice in a row; kept for safety)
-            msg.sender = self.id
-            self.inbox.put(msg)
-            return
         endpoint = work.endpoints[node]
         self.transport.name_peer(endpoint, node)
         self.transport.send(endpoint, msg)
@@ -715,7 +700,8 @@ class PipelineNode:
                 break
             self._pull(final, timeout=0.5)
         while time.monotonic() < deadline and not self.stop.is_set():  # the leader's result
-            for msg in self.later.pop(-1, []):
+            while self.finals:
+                msg = self.finals.pop(0)
                 if isinstance(msg.meta.get("val_loss"), (int, float)):
                     self.val_loss = float(msg.meta["val_loss"])
                     return
@@ -726,12 +712,11 @@ class PipelineNode:
                 comm_s: float, round_bytes: int) -> None:
         loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
         self.tokens += len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size
-        stages = {p.id: p.stage for p in self._roster()}
         extra: dict[str, Any] = {}
         mine = [work.paths[m] for m, e in work.owned if not e]
         if mine:  # the paths of the microbatches this node started, as nodes and as stages
             extra["routes"] = mine
-            extra["paths"] = [[work.stages.get(n, stages.get(n, -1)) for n in path] for path in mine]
+            extra["paths"] = [[work.stages.get(n, -1) for n in path] for path in mine]
         self.metrics.write(
             "outer", round=work.number, step=work.number + 1, status=status, loss=loss, val_loss=self.val_loss,
             group_size=group, stage=self.stage, visited=sorted(work.visited), lost=len([k for k in work.abandoned if not k[1]]),
@@ -755,7 +740,8 @@ class PipelineNode:
                 placed = assign_stages(self._setting(roster), seed=self.cfg.train.seed)
                 meta = {"stages": {n.id: n.stage for n in placed.nodes}}
                 self._broadcast(ASSIGN, 0, meta, roster)
-            for msg in self.later.pop(-2, []):
+            while self.placements:
+                msg = self.placements.pop(0)
                 placed = msg.meta.get("stages")
                 stage = placed.get(self.id, self.stage) if isinstance(placed, dict) else None
                 if not isinstance(stage, int) or not 0 <= stage < self.p.stages:

@@ -95,11 +95,7 @@ def loss_skipping(model: GPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     model.eval()
     losses = []
     for x, y in batches:
-        h = model.tok(x) + model.pos(torch.arange(x.shape[1]))
-        for i, block in enumerate(model.blocks):
-            if i not in skip_blocks:
-                h = block(h)
-        logits = model.head(model.ln_f(h))
+        logits = model(x, skip=skip_blocks)
         losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))))
     return sum(losses) / len(losses)
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from optim.communicator import ReduceResult
+from optim.flat import split_like
 
 
 class HostStaging:
@@ -37,20 +38,12 @@ class HostStaging:
             self.allocations += 1
         return buf[:numel]
 
-    @staticmethod
-    def _views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for t in like:
-            out.append(flat[offset:offset + t.numel()].view(t.shape))
-            offset += t.numel()
-        return out
-
     def to_host(self, tensors: Sequence[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
         """Copy into the next slot's host buffer; returns (slot, float32 host views)."""
         slot = self._next
         self._next = (self._next + 1) % len(self._host)
         numel = sum(t.numel() for t in tensors)
-        host = self._views(self._buffer(self._host, slot, numel, torch.device("cpu")), tensors)
+        host = split_like(self._buffer(self._host, slot, numel, torch.device("cpu")), tensors)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # inputs are ready
             with torch.cuda.stream(self.stream):
@@ -65,13 +58,13 @@ class HostStaging:
     def to_device(self, slot: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A result (host tensors) into the slot's device buffer, through its pinned buffer."""
         numel = sum(t.numel() for t in tensors)
-        host = self._views(self._buffer(self._host, slot, numel, torch.device("cpu")), tensors)
+        host = split_like(self._buffer(self._host, slot, numel, torch.device("cpu")), tensors)
         for h, t in zip(host, tensors, strict=True):
             if h.data_ptr() != t.data_ptr():
                 h.copy_(t)
         if not self.cuda:
             return host
-        dev = self._views(self._buffer(self._dev, slot, numel, self.device), tensors)
+        dev = split_like(self._buffer(self._dev, slot, numel, self.device), tensors)
         with torch.cuda.stream(self.stream):
             for d, h in zip(dev, host, strict=True):
                 d.copy_(h, non_blocking=True)
