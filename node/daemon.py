@@ -46,6 +46,7 @@ from protocols.transport import Transport
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, LinkConfig, NetworkConfig, config_to_dict, parse_bandwidth
 from .metrics import MetricsWriter
+from .optstate import adam_step, adam_tensors, load_adam
 from .reaper import Reaper, descendants
 from .staging import StagedCommunicator
 from .sync import GossipCommunicator, SwarmCommunicator
@@ -216,11 +217,7 @@ class Node:
         """What must be identical on every replica. DDP: weights and inner AdamW moments."""
         if not self.ddp_mode:
             return self.outer.synchronized_tensors()
-        out = [p.detach() for p in self.trainer.params]
-        for p in self.trainer.params:
-            st = self.trainer.opt.state.get(p, {})
-            out += [st.get("exp_avg", torch.zeros_like(p)), st.get("exp_avg_sq", torch.zeros_like(p))]
-        return out
+        return [p.detach() for p in self.trainer.params] + adam_tensors(self.trainer.opt, self.trainer.params)
 
     def _load_synchronized(self, tensors: list[torch.Tensor], meta: dict[str, Any], source: str) -> None:
         steps = int(meta.get("outer_steps", 0))
@@ -238,16 +235,13 @@ class Node:
         params = self.trainer.params
         if len(tensors) != 3 * len(params):
             raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * len(params)}")
+        load_adam(self.trainer.opt, params, tensors[len(params):], int(meta.get("adam_step", 0)))
         with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(tensors[i])
-                avg, sq = tensors[len(params) + 2 * i: len(params) + 2 * i + 2]
-                self.trainer.opt.state[p] = {"step": torch.tensor(float(meta.get("adam_step", 0))),
-                                             "exp_avg": avg.clone(), "exp_avg_sq": sq.clone()}
+            for p, t in zip(params, tensors, strict=False):
+                p.copy_(t)
 
     def _adam_step(self) -> int:
-        states = [self.trainer.opt.state.get(p, {}) for p in self.trainer.params]
-        return int(float(states[0].get("step", 0))) if states else 0
+        return adam_step(self.trainer.opt, self.trainer.params)
 
     def _fetch_co2_result(self, endpoint: str, round: int) -> ReduceResult:
         """The mean of CO2's reduce ``round``, from the peer whose state this node adopted."""
@@ -517,6 +511,9 @@ class Node:
         extra["eval_s"] = time.monotonic() - t0
         self.outcomes[status] += 1
         wall = compute_s + comm_s
+        t0 = time.monotonic()
+        weights_hash = tensors_hash(self._weights())
+        extra["weights_hash_s"] = time.monotonic() - t0
         if self.trainer.device.type == "cuda":  # peak, for the outer_state_device trade-off
             extra["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.trainer.device) / 1e9
         record = self.metrics.write(
@@ -524,7 +521,7 @@ class Node:
             val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
             group_size=group, compute_s=compute_s, comm_s=comm_s,
             utilization=compute_s / wall if wall > 0 else 1.0, status=status, reason=reason,
-            weights_hash=tensors_hash(self._weights()), tokens=self.trainer.tokens,
+            weights_hash=weights_hash, tokens=self.trainer.tokens,
             elapsed_s=time.time() - self.started, **extra,
         )
         print(f"[{self.id}] round {finished} {status:7s} step {record['step']} loss {loss:.3f} "
@@ -535,9 +532,12 @@ class Node:
         next round."""
         if self._catch_up():
             return "resync", 0, "behind the swarm", {}
-        self._launch_hash = self.snapshot.digest
+        t0 = time.monotonic()
+        self._launch_hash = self.snapshot.digest  # (hashed in the background since the last publish)
+        hash_wait_s = time.monotonic() - t0
         result = self.outer.outer_step(self._sync_id())
         extra = self._outer_metrics(result)
+        extra["hash_wait_s"] = hash_wait_s
         detail = result.reduce.detail if result.reduce is not None else None
         last = detail if isinstance(detail, RoundResult) else None
         if not result.applied and self.stop.is_set():
@@ -594,15 +594,17 @@ class Node:
         elif isinstance(self.outer, CO2):
             pen = result.extra["penalty"]
             rr = result.reduce.detail if result.reduce is not None else None
-            extra = {"stale_round": result.extra["stale_round"],
+            extra = {"stale_round": result.extra["stale_round"], "wait_s": result.extra["wait_s"],
                      "reduce_s": rr.timings.get("total_s", 0.0) if isinstance(rr, RoundResult) else 0.0,
                      "penalty_max": max(pen) if pen else 1.0, "penalty_mean": sum(pen) / len(pen) if pen else 1.0}
             if self.result_server is not None and result.reduce is not None:
                 # served to replicas that adopt this node's state while this reduce was in
                 # flight; a failed reduce is published too, so they need not wait for it
+                t0 = time.monotonic()
                 tensors = [t.reshape(-1) for t in result.reduce.tensors] if result.applied else []
                 self.result_server.publish(extra["stale_round"], tensors,
                                            {"group_size": result.group_size, "ok": result.applied})
+                extra["serve_s"] = time.monotonic() - t0
         return extra
 
     # ------------------------------------------------------------- shutdown

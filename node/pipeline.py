@@ -24,6 +24,13 @@ node has not reached wait in a queue. Paths travel in the plan, so only the lead
 the schedule; a node that dies disappears from the DHT within ``swarm.announce_ttl_s`` and
 from the next plan; microbatches already on its path are given up at the deadline. If the
 leader dies, the next stage-0 node by id plans the iteration the others are waiting for.
+
+Who takes part: the members of the last plan that are still alive under the same endpoint.
+Any other live node (one started late, or restarted: a new endpoint) joins. The plan of
+iteration k names it in ``joins`` with a source, a member replica of its stage, which
+sends it the stage state (weights, AdamW moments, outer state) after its step of k; the
+joiner takes part from k + 1, bit-identical to the source. A joiner whose stage has no
+member (source "") brings its own state and takes part in k at once.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import re
 import statistics
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +58,14 @@ from protocols.pipeline.schedule import PipeNode, Setting, check_path, full_pipe
 from protocols.state_sync import tensors_hash
 from protocols.wire import Message
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .daemon import _write_json_atomic, default_node_id, open_membership, open_transport
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
 from .metrics import MetricsWriter
 from .model import VOCAB
+from .optstate import adam_step, adam_tensors, load_adam
 from .stages import StageModel
 from .staging import HostStaging, StagedCommunicator
 from .sync import SwarmCommunicator
@@ -65,8 +73,8 @@ from .sync import SwarmCommunicator
 log = logging.getLogger(__name__)
 
 PLAN, FWD, BWD, DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
-FINAL, ASSIGN = "PP_FINAL", "PP_ASSIGN"
-_QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN)
+FINAL, ASSIGN, HANDOFF = "PP_FINAL", "PP_ASSIGN", "PP_STATE"
+_QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN, HANDOFF)
 
 
 def node_stage(cfg: Config, node_id: str) -> int:
@@ -95,6 +103,11 @@ def check_plan(meta: dict[str, Any]) -> str | None:
         return "endpoints is not a map of node id to endpoint"
     if not isinstance(stages, dict) or not all(isinstance(v, int) for v in stages.values()):
         return "stages is not a map of node id to stage"
+    joins = meta.get("joins", {})
+    if not isinstance(joins, dict) or not all(
+            isinstance(k, str) and k in endpoints and isinstance(v, str) and (v == "" or v in endpoints)
+            for k, v in joins.items()):
+        return "joins is not a map of joining node to a source node of the plan"
     for name, group in (("paths", paths), ("eval", evals)):
         if not isinstance(group, list):
             return f"{name} is not a list"
@@ -139,7 +152,11 @@ class _Iteration:
         self.paths: list[list[str]] = meta["paths"]
         self.eval_paths: list[list[str]] = meta.get("eval", [])
         self.endpoints: dict[str, str] = meta["endpoints"]
+        self.meta = meta
         self.stages: dict[str, int] = {n: int(s) for n, s in meta.get("stages", {}).items()}
+        # nodes admitted by this plan: {joiner: the replica that sends it its stage state
+        # after this iteration ("": none, it brings its own and takes part at once)}
+        self.joins: dict[str, str] = dict(meta.get("joins", {}))
         self.last = bool(meta.get("last", False))
         self.val_loss = meta.get("val_loss")
         self.remaining: dict[tuple[int, bool], int] = {}  # tasks left here, per (microbatch, eval)
@@ -209,6 +226,11 @@ class PipelineNode:
         self.finals: list[Message] = []  # the leader's final validation (FINAL)
         self.placements: list[Message] = []  # auto_assign's placement (ASSIGN)
         self.plans: dict[int, Message] = {}
+        self.handoffs: list[Message] = []  # stage state sent to this node as it joins (HANDOFF)
+        # a member takes part in the iterations' plans; a node that starts into a running
+        # swarm (or was left out of a plan) is not one until a plan admits it
+        self.member = False
+        self._prev: dict[str, Any] | None = None  # the last plan this node took part in
         self.val_loss = float("nan")
         self.layer_s = 0.0
         self.links: dict[str, list[float]] = {}
@@ -235,7 +257,8 @@ class PipelineNode:
                                       cfg.train.seed)
         self.device = resolve_device(cfg.node.device)
 
-    def _build_stage(self) -> None:
+    def _build_model(self) -> None:
+        """This stage's blocks (from the shared seed) and their inner AdamW; no outer state."""
         cfg, o = self.cfg, self.cfg.optim
         self.model = StageModel(cfg.model, self.stage, self.p.stages, cfg.train.seed, self.device)
         params = self.model.params
@@ -245,6 +268,12 @@ class PipelineNode:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.inner_lr, betas=o.betas,
         )
+        self.outer = None
+
+    def _build_stage(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        self._build_model()
+        params = self.model.params
         c = cfg.collective
         # a replica still finishing the iteration (waiting out a dead node's microbatches)
         # must be waited for, or the replicas would step apart
@@ -252,7 +281,6 @@ class PipelineNode:
         timeouts = CollectiveTimeouts(wait, max(c.join_timeout_s, wait + 10), c.allreduce_timeout_s,
                                       c.decision_timeout_s, c.max_attempts)
         self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, stop=self.stop)
-        self.outer = None
         # GPU tensors reach the collective through reused pinned host buffers
         self.staging = HostStaging(self.device) if self.device.type == "cuda" else None
         if self.p.sync == "diloco":
@@ -262,7 +290,10 @@ class PipelineNode:
             self.outer = DiLoCo(params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
 
     def _stage_peers(self) -> list[PeerInfo]:
-        return self._group
+        """The replicas this iteration's sync expects, less those that left the DHT since
+        (the collective stops waiting for them)."""
+        live = {(p.id, p.endpoint) for p in self.membership.peers()}
+        return [p for p in self._group if (p.id, p.endpoint) in live]
 
     def _expect_replicas(self, work: _Iteration) -> None:
         """The stage's replicas this iteration's sync waits for: those in the plan. (Their DHT
@@ -272,7 +303,7 @@ class PipelineNode:
                        if s == self.stage and n != self.id and n in live]
 
     def _peer_info(self) -> PeerInfo:
-        return PeerInfo(self.id, self.transport.endpoint, self.it, self.stage,
+        return PeerInfo(self.id, self.transport.endpoint, self.it if self.member else -1, self.stage,
                         1.0 / self.layer_s if self.layer_s else 0.0, left=False, links=self.links)
 
     def _activation_shape(self) -> tuple[int, int, int]:
@@ -336,10 +367,42 @@ class PipelineNode:
 
     # --------------------------------------------------------- leadership
     def _leader(self) -> str | None:
-        stage0 = [p.id for p in self.membership.peers() if p.stage == 0]
-        if self.stage == 0:
-            stage0.append(self.id)
-        return min(stage0) if stage0 else None
+        """The smallest live stage-0 member of the last plan (of a fresh swarm: the smallest
+        live stage-0 node). A node is the one of the plan if its endpoint is the plan's, so a
+        restarted node is not taken for the one that died."""
+        alive = {p.id: p for p in self._roster()}
+        prev = self._prev
+        if prev is None:
+            ids = [p.id for p in alive.values() if p.stage == 0]
+        else:
+            ids = [n for n, s in prev["stages"].items()
+                   if s == 0 and n in alive and alive[n].endpoint == prev["endpoints"].get(n)]
+        return min(ids) if ids else None
+
+    def _fresh_swarm(self) -> bool:
+        """No node has got past iteration 0: nobody started before this node."""
+        return all(p.round <= 0 for p in self.membership.peers())
+
+    def _members(self, roster: list[PeerInfo]) -> tuple[list[PeerInfo], dict[str, str]]:
+        """Who takes part in the next iteration, and who is admitted during it.
+
+        Members: the live nodes of the last plan (same endpoint) and those it admitted. Any
+        other live node joins: a replica of its stage sends it its state after this
+        iteration and it takes part in the next; if its stage has no member, it brings its
+        own state (checkpoint or seed) and takes part at once."""
+        prev = self._prev
+        if prev is None:  # iteration 0 of a fresh swarm: everyone who is here
+            return roster, {}
+        was, endpoints, admitted = prev["stages"], prev["endpoints"], prev.get("joins", {})
+        members = [p for p in roster if (p.id in was or admitted.get(p.id)) and endpoints.get(p.id) == p.endpoint]
+        ids = {p.id for p in members}
+        joins = {}
+        for p in roster:
+            if p.id not in ids:
+                replicas = sorted(m.id for m in members if m.stage == p.stage)
+                joins[p.id] = replicas[0] if replicas else ""
+        members += [p for p in roster if joins.get(p.id) == ""]
+        return sorted(members, key=lambda p: p.id), joins
 
     def _roster(self) -> list[PeerInfo]:
         return sorted([*self.membership.peers(), self._peer_info()], key=lambda p: p.id)
@@ -357,6 +420,134 @@ class PipelineNode:
         return Setting(self.p.stages, nodes, self.p.microbatches, self.p.skip, lat, bw,
                        activation_bytes=self._activation_bytes(), layer_s=ref,
                        layers_per_stage=m.n_layer / self.p.stages, swaps=self.p.swaps)
+
+    # -------------------------------------------------------------- joining
+    def _join(self) -> bool:
+        """Wait for a plan that makes this node a member: iteration 0 of a fresh swarm (this
+        node plans it if it leads), or a plan that admits it (``joins``). Returns False if
+        stopped; raises ConnectionError if the stage state it was promised never came."""
+        self.membership.announce(self._peer_info())  # round -1: not (or no longer) a member
+        planned = False
+        while not self.stop.is_set():
+            if self._prev is None and not planned and self._leader() == self.id and self._fresh_swarm():
+                planned = self._send_plan(0)
+            for number in sorted(self.plans):
+                msg = self.plans[number]
+                problem = check_plan(msg.meta)
+                if problem is not None:
+                    del self.plans[number]
+                    self._reject(msg, problem)
+                    continue
+                meta = msg.meta
+                if meta["endpoints"].get(self.id) != self.transport.endpoint:
+                    del self.plans[number]  # not for this node (or for its earlier run)
+                    continue
+                source = meta.get("joins", {}).get(self.id)
+                if self.id in meta["stages"]:
+                    if number == 0 and self._prev is None:
+                        return self._became_member(0, "seed")
+                    if source == "":  # no replica of its stage is alive: it brings its own state
+                        return self._became_member(number, self._resume_own())
+                    raise ConnectionError(f"plan {number} counts this node as a member, but no plan admitted it "
+                                          f"(its hand-off plan was lost); restart it to join again")
+                del self.plans[number]
+                if source:
+                    self._receive_state(source, number, meta["endpoints"][source])
+                    self._prev = meta
+                    return self._became_member(number + 1, f"replica {source}")
+            self._pull(-1, timeout=1.0)
+        return False
+
+    def _became_member(self, it: int, source: str) -> bool:
+        self.it, self.member = it, True
+        self.later = defaultdict(list, {k: v for k, v in self.later.items() if k >= it})
+        self.membership.announce(self._peer_info())
+        self.metrics.write("join", round=it, stage=self.stage, source=source,
+                           weights_hash=tensors_hash(self.model.params))
+        log.info("member from iteration %d (stage %d state: %s)", it, self.stage, source)
+        return True
+
+    def _receive_state(self, source: str, number: int, endpoint: str) -> None:
+        """The stage state ``source`` sends after its step of iteration ``number``."""
+        deadline = time.monotonic() + self.cfg.swarm.join_timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            while self.handoffs:
+                msg = self.handoffs.pop(0)
+                if msg.sender != source or msg.round != number:
+                    log.info("ignored stage state of iteration %d from %s (waiting for %s's of %d)",
+                             msg.round, msg.sender, source, number)
+                    continue
+                problem = self._adopt(msg.tensors, msg.meta)
+                if problem is None:
+                    return
+                self._reject(msg, problem)
+            if not any(p.id == source and p.endpoint == endpoint for p in self.membership.peers()):
+                raise ConnectionError(f"{source}, which was to send stage {self.stage}'s state, left the swarm; "
+                                      f"restart this node to join again")
+            self._pull(-1, timeout=1.0)
+        if not self.stop.is_set():
+            raise ConnectionError(f"no stage {self.stage} state from {source} within "
+                                  f"swarm.join_timeout_s={self.cfg.swarm.join_timeout_s:.0f}s")
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """What a replica of this stage hands a joining one: weights, AdamW moments and
+        (sync = diloco) the outer state."""
+        params = self.model.params
+        tensors = [p.detach() for p in params] + adam_tensors(self.opt, params)
+        return tensors + (self.outer.synchronized_tensors() if self.outer is not None else [])
+
+    def _stage_state(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """A host copy of :meth:`_state_tensors` (training goes on while it is sent)."""
+        meta = {"stage": self.stage, "adam_step": adam_step(self.opt, self.model.params),
+                "outer_steps": self.outer.outer_steps if self.outer is not None else 0}
+        return [t.detach().to("cpu", copy=True) for t in self._state_tensors()], meta
+
+    def _adopt(self, tensors: list[torch.Tensor], meta: dict[str, Any]) -> str | None:
+        """Load a stage state; what is wrong with it (None: loaded). A bad one changes nothing."""
+        mine = self._state_tensors()
+        if meta.get("stage") != self.stage:
+            return f"state of stage {meta.get('stage')!r}, this node holds stage {self.stage}"
+        steps = (meta.get("adam_step"), meta.get("outer_steps"))
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps):
+            return f"adam_step/outer_steps are not counts: {steps}"
+        if len(tensors) != len(mine) or any(t.dtype != m.dtype or t.shape != m.shape for t, m in zip(tensors, mine, strict=True)):
+            return f"{len(tensors)} tensors that do not match this stage's {len(mine)}"
+        params = self.model.params
+        n = len(params)
+        with torch.no_grad():
+            for p, t in zip(params, tensors[:n], strict=True):
+                p.copy_(t)
+        load_adam(self.opt, params, tensors[n:3 * n], meta["adam_step"])
+        if self.outer is not None:
+            self.outer.load_synchronized(tensors[3 * n:], meta["outer_steps"], reset_params=False)
+        return None
+
+    def _hand_off(self, work: _Iteration, joiner: str) -> None:
+        """Send a joining replica this stage's state after iteration ``work``'s step."""
+        tensors, meta = self._stage_state()
+        endpoint = work.endpoints[joiner]
+        self.transport.name_peer(endpoint, joiner)
+        self.transport.send(endpoint, Message(HANDOFF, round=work.number, meta=meta, tensors=tensors))
+        log.info("iteration %d: sent stage %d's state to %s, which joins", work.number, self.stage, joiner)
+
+    def _resume_own(self) -> str:
+        """A joining node whose stage has no live replica: its own final checkpoint if it
+        holds this stage, else the seed's weights. Returns which."""
+        path = self.out / "checkpoints" / f"{self.id}.pt"
+        try:
+            state = load_checkpoint(path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("checkpoint %s unreadable (%s); stage %d starts from the seed", path, exc, self.stage)
+            return "seed"
+        saved = (state or {}).get("stage_state")
+        if saved is None or state["pipeline"] != {"stage": self.stage, "stages": self.p.stages}:
+            log.warning("no replica of stage %d alive and no checkpoint of it: it starts from the seed", self.stage)
+            return "seed"
+        problem = self._adopt(saved["tensors"], saved["meta"])
+        if problem is not None:
+            log.warning("checkpoint %s does not fit (%s); stage %d starts from the seed", path, problem, self.stage)
+            return "seed"
+        return f"checkpoint {path.name}"
 
     def _plan_paths(self, setting: Setting) -> list[list[str]]:
         key = tuple((n.id, n.stage) for n in setting.nodes)
@@ -384,18 +575,19 @@ class PipelineNode:
 
     def _send_plan(self, it: int) -> bool:
         roster = self._roster()
-        missing = sorted(set(range(self.p.stages)) - {p.stage for p in roster})
+        members, joins = self._members(roster)
+        missing = sorted(set(range(self.p.stages)) - {p.stage for p in members})
         if missing:
             log.warning("iteration %d: no live node holds stage(s) %s; waiting", it, missing)
             return False
-        setting = self._setting(roster)
+        setting = self._setting(members)
         paths = self._plan_paths(setting)
         last = self._budget_last(it)
         evals: list[list[str]] = []
         if it % self.p.eval_every == 0:
-            evals = self._eval_paths(roster)
+            evals = self._eval_paths(members)
         meta = {"paths": paths, "eval": evals, "endpoints": {p.id: p.endpoint for p in roster},
-                "stages": {p.id: p.stage for p in roster}, "last": last,
+                "stages": {p.id: p.stage for p in members}, "joins": joins, "last": last,
                 "val_loss": self.val_loss if math.isfinite(self.val_loss) else None}
         self._broadcast(PLAN, it, meta, roster)
         return True
@@ -417,7 +609,8 @@ class PipelineNode:
 
     def _wait_plan(self, it: int) -> _Iteration | None:
         """The plan of iteration ``it``: made here if this node leads, else awaited; a
-        leader that died is replaced by the next stage-0 node once the DHT drops it."""
+        leader that died is replaced by the next stage-0 node once the DHT drops it. None:
+        stopped, or the plan left this node out (``member`` is then False)."""
         planned = False
         no_stage0_since = None
         while not self.stop.is_set():
@@ -425,7 +618,12 @@ class PipelineNode:
                 msg = self.plans.pop(it)
                 problem = check_plan(msg.meta)
                 if problem is None:
-                    return _Iteration(self.id, it, msg.meta)
+                    if self.id in msg.meta["stages"] and msg.meta["endpoints"][self.id] == self.transport.endpoint:
+                        return _Iteration(self.id, it, msg.meta)
+                    log.warning("iteration %d: the plan left this node out (the leader lost sight of it); "
+                                "joining again", it)
+                    self.member = False
+                    return None
                 self._reject(msg, problem)
             leader = self._leader()
             if leader == self.id and not planned:
@@ -452,8 +650,8 @@ class PipelineNode:
         if msg.kind == PLAN:
             self.plans.setdefault(msg.round, msg)  # the first plan of an iteration wins
             return None
-        if msg.kind in (FINAL, ASSIGN):
-            (self.finals if msg.kind == FINAL else self.placements).append(msg)
+        if msg.kind in (FINAL, ASSIGN, HANDOFF):
+            {FINAL: self.finals, ASSIGN: self.placements, HANDOFF: self.handoffs}[msg.kind].append(msg)
             return None
         if msg.round > it:
             self.later[msg.round].append(msg)
@@ -548,9 +746,10 @@ class PipelineNode:
                 self.transport.send(work.endpoints[node], msg)
 
     def _check_paths_alive(self, work: _Iteration) -> None:
-        live = {p.id for p in self.membership.peers()} | {self.id}
+        # by endpoint too: a node restarted under the same id is not the one on the path
+        live = {(p.id, p.endpoint) for p in self._roster()}
         for (m, is_eval), path in work.pending_paths().items():
-            dead = [n for n in path if n not in live]
+            dead = [n for n in path if (n, work.endpoints[n]) not in live]
             if dead:
                 self._abandon(work, m, is_eval, f"{', '.join(dead)} left the swarm")
 
@@ -652,17 +851,23 @@ class PipelineNode:
     # --------------------------------------------------------------- loop
     def _loop(self) -> None:
         while not self.stop.is_set():
+            if not self.member and not self._join():
+                return
             t0 = time.monotonic()
             bytes0 = self.transport.bytes_sent
             work = self._wait_plan(self.it)
             if work is None:
-                return
+                continue  # stopped (the loop ends) or left out of the plan (join again)
+            self._prev = work.meta
             if work.val_loss is not None:
                 self.val_loss = float(work.val_loss)
             plan_s = time.monotonic() - t0
             compute, waited = self._run_tasks(work)
             t1 = time.monotonic()
             status, group = self._step(work)
+            for joiner, source in work.joins.items():
+                if source == self.id:
+                    self._hand_off(work, joiner)
             sync_s = time.monotonic() - t1
             if work.val_losses:
                 self.val_loss = sum(work.val_losses) / len(work.val_losses)
@@ -671,6 +876,8 @@ class PipelineNode:
             self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,
                          self.transport.bytes_sent - bytes0)
             self.it += 1
+            if self.it == 1:  # past iteration 0 now: a node that starts later joins, not plans
+                self.membership.announce(self._peer_info())
             if work.last:
                 return
 
@@ -679,7 +886,9 @@ class PipelineNode:
         final = it + 1
         if self._leader() == self.id:
             roster = self._roster()
-            meta = {"paths": [], "eval": self._eval_paths(roster), "endpoints": {p.id: p.endpoint for p in roster}}
+            members, _ = self._members(roster)
+            meta = {"paths": [], "eval": self._eval_paths(members), "endpoints": {p.id: p.endpoint for p in roster},
+                    "stages": {p.id: p.stage for p in members}}
             self._broadcast(PLAN, final, meta, roster)
         deadline = time.monotonic() + self.p.iteration_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
@@ -732,6 +941,11 @@ class PipelineNode:
         measured speeds and links (keeping each stage's replica count) and tells the rest."""
         from protocols.pipeline.schedule import assign_stages
 
+        if not self._fresh_swarm():  # too late for the placement: fill the thinnest stage
+            have = Counter(p.stage for p in self.membership.peers() if p.round >= 0)
+            self.stage = min(range(self.p.stages), key=lambda s: (have[s], s))
+            log.info("joining a running pipeline: stage %d has the fewest live replicas", self.stage)
+            return
         deadline = time.monotonic() + self.cfg.swarm.join_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
             roster = self._roster()
@@ -769,8 +983,10 @@ class PipelineNode:
     def _final_checkpoint(self) -> None:
         path = self.out / "checkpoints" / f"{self.id}.pt"
         try:
+            tensors, meta = self._stage_state()
             save_checkpoint(path, {"pipeline": {"stage": self.stage, "stages": self.p.stages},
                                    "model": self.model.state_dict(), "iteration": self.it,
+                                   "stage_state": {"tensors": tensors, "meta": meta},
                                    "model_config": self.cfg.model.model_dump()})
         except OSError as exc:
             log.error("final checkpoint failed: %s", exc)

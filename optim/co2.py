@@ -32,6 +32,7 @@ then launch round t. One reduce is in flight at a time; see optim/background.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -92,8 +93,12 @@ class CO2:
         return result
 
     def outer_step(self, round: int) -> OuterStepResult:
-        """End of round ``round``: apply round−1's mean, launch this round's reduce."""
+        """End of round ``round``: apply round−1's mean, launch this round's reduce.
+        ``extra["wait_s"]``: how long this call waited for that reduce (the part of it not
+        hidden behind the round's computation)."""
+        t0 = time.monotonic()
         stale = self._take_pending()
+        wait_s = time.monotonic() - t0
         with torch.no_grad():
             for d, a, p in zip(self._send_views, self.anchor, self.params, strict=True):
                 torch.sub(a, p.detach().to(torch.float32), out=d)
@@ -109,7 +114,8 @@ class CO2:
         self.reset_params()
         group = stale.group_size if stale is not None else 0
         return OuterStepResult(applied, group, norm, stale,
-                               extra={"stale_round": round - 1, "penalty": list(self.last_penalty)})
+                               extra={"stale_round": round - 1, "penalty": list(self.last_penalty),
+                                      "wait_s": wait_s})
 
     def flush(self) -> OuterStepResult | None:
         """End of training: wait for the reduce in flight and apply it, launching nothing,

@@ -118,6 +118,7 @@ class GroupAllReduce:
         self._finished_round = -1
         self._out: torch.Tensor | None = None
         self._lock = threading.Lock()
+        self.check_s = 1.0  # how often a wait on peers looks at the DHT for those that left
         transport.on(JOIN, self._on_join)
 
     # ------------------------------------------------------------ entry point
@@ -164,13 +165,33 @@ class GroupAllReduce:
         result.timings["decode_s"] = self.compressor.decode_s - dec0
         return result
 
+    def _wait_for(self, kind: str, round: int, attempt: int, senders: list[str], deadline: float) -> dict[str, Message]:
+        """``mailbox.take`` that stops waiting for a sender once it has left the swarm: the
+        DHT view is read every ``check_s``, so a peer that died costs its record's expiry,
+        not the whole deadline. Absent from two reads in a row, so that one failed lookup
+        (an empty view) does not count as everyone leaving."""
+        waiting = set(senders)
+        got: dict[str, Message] = {}
+        absent_before: set[str] = set()
+        while True:
+            step = min(deadline, time.monotonic() + self.check_s)
+            got.update(self.transport.mailbox.take(kind, round, attempt, waiting - got.keys(), step, stop=self.stop))
+            if waiting <= got.keys() or time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
+                return got
+            absent = waiting - got.keys() - {p.id for p in self.live_peers()}
+            gone = absent & absent_before
+            if gone:
+                log.info("round %d: %s left the swarm; not waiting for their %s", round, sorted(gone), kind)
+                waiting -= gone
+                if waiting <= got.keys():
+                    return got
+            absent_before = absent
+
     # ------------------------------------------------------------------ leader
     def _lead(self, round, tensors, weight, state_hash, peers) -> RoundResult:
         t = self.timeouts
         expected = [p.id for p in peers]
-        joins = self.transport.mailbox.take(
-            JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s, stop=self.stop
-        )
+        joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s)
         # nodes the DHT did not show yet may have joined too: take them as well
         for m in self.transport.mailbox.drain(JOIN, round):
             joins.setdefault(m.sender, m)
@@ -193,10 +214,7 @@ class GroupAllReduce:
                         self._send(m.endpoint, ROSTER, round, 0, self._roster_meta("member", roster))
             flat, missing = self._exchange(round, attempt, tensors, roster)
             others = [m for m in roster if m.id != self.me]
-            dones = self.transport.mailbox.take(
-                DONE, round, attempt, [m.id for m in others], time.monotonic() + t.decision_s,
-                stop=self.stop,
-            )
+            dones = self._wait_for(DONE, round, attempt, [m.id for m in others], time.monotonic() + t.decision_s)
             responders = [m for m in roster if m.id == self.me or m.id in dones]
             if not missing and all(d.meta.get("ok") for d in dones.values()):
                 for m in responders:
@@ -239,7 +257,7 @@ class GroupAllReduce:
         self._send(leader_endpoint, JOIN, round, 0, {
             "state_hash": state_hash, "weight": weight, "endpoint": self.transport.endpoint,
         })
-        reply = self.transport.recv(ROSTER, round, 0, leader, t.join_s, stop=self.stop)
+        reply = self._wait_for(ROSTER, round, 0, [leader], time.monotonic() + t.join_s).get(leader)
         if reply is None:
             return RoundResult("skipped", reason="no roster from leader", **skipped)
         status = reply.meta.get("status")
@@ -253,8 +271,8 @@ class GroupAllReduce:
         for attempt in range(t.max_attempts):
             flat, missing = self._exchange(round, attempt, tensors, roster)
             self._send(leader_endpoint, DONE, round, attempt, {"ok": not missing, "missing": missing})
-            decision = self.transport.recv(DECISION, round, attempt, leader,
-                                           t.decision_s + t.allreduce_s, stop=self.stop)
+            decision = self._wait_for(DECISION, round, attempt, [leader],
+                                      time.monotonic() + t.decision_s + t.allreduce_s).get(leader)
             verdict = decision.meta.get("decision") if decision else None
             if verdict == "commit" and not missing:
                 return RoundResult("ok", round, unflatten(flat, tensors),

@@ -41,6 +41,8 @@ from node.model import GPT  # noqa: E402
 from node.staging import HostStaging  # noqa: E402
 from optim.outer import nesterov_sgd_step  # noqa: E402
 
+# the parts of a round outside the inner steps, as the outer records report them
+BETWEEN = ("wait_s", "hash_wait_s", "serve_s", "publish_s", "eval_s", "weights_hash_s")
 MODEL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
 
 
@@ -118,7 +120,9 @@ def outer_round(tmp: Path, name: str, extra: dict, steps: int, rounds: int) -> d
                          "sync_mb": max(outer[-1]["sync_bytes"]) / 1e6, "status": [r["status"] for r in outer],
                          "group": [r["group_size"] for r in outer],
                          "publish_s": sum(r.get("publish_s", 0.0) for r in outer) / len(outer),
-                         "reduce_s": [round(r.get("reduce_s", float("nan")), 3) for r in outer]})
+                         "reduce_s": [round(r.get("reduce_s", float("nan")), 3) for r in outer],
+                         # where the time between two rounds' computation goes (README: Metrics)
+                         "between_s": {k: sum(r.get(k, 0.0) for r in outer) / len(outer) for k in BETWEEN}})
     return {"name": name, "nodes": per_node}
 
 
@@ -195,7 +199,8 @@ def main() -> None:
         for n in r["nodes"]:
             print(f"{r['name']:<20} {n['device']:<8} blocked {n['blocked_s']:.3f} s/round, compute "
                   f"{n['compute_s']:.2f} s/round, peak GPU mem {n['gpu_mem_gb']:.2f} GB, sync "
-                  f"{n['sync_mb']:.0f} MB, snapshot+hash {n['publish_s']:.2f} s/round, reduce s {n['reduce_s']}")
+                  f"{n['sync_mb']:.0f} MB, reduce s {n['reduce_s']}")
+            print(" " * 21 + "between rounds (s): " + ", ".join(f"{k} {v:.3f}" for k, v in n["between_s"].items()))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 

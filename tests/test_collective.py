@@ -202,6 +202,33 @@ def test_leader_that_never_answers_makes_followers_skip(peers):
     assert result.status == "skipped" and result.reason == "no roster from leader"
 
 
+def _leaves_after(p: Peers, node: str, delay_s: float) -> threading.Timer:
+    """Drop ``node`` from every peer's DHT view after ``delay_s`` (as its record expiring would)."""
+    timer = threading.Timer(delay_s, p.alive.discard, args=(node,))
+    timer.start()
+    return timer
+
+
+def test_a_leader_that_leaves_the_swarm_is_not_waited_for(peers):
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(2, timeouts=slow)
+    _leaves_after(p, "p0", 0.5)  # p0 (the leader) never runs, then leaves the DHT
+    result = p.collectives[1].all_reduce(0, [torch.ones(3)], 1.0, "h")
+    assert result.status == "skipped" and result.reason == "no roster from leader"
+    assert result.timings["total_s"] < 30  # gave up once the DHT dropped it, not at join_s (60)
+
+
+def test_a_follower_that_leaves_the_swarm_is_not_waited_for(peers):
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow)
+    _leaves_after(p, "p2", 0.5)  # in the view when the round starts, never joins, then leaves
+    inputs = _inputs(3)
+    results = p.run(inputs, members=[0, 1])
+    assert results[0].status == results[1].status == "ok" and results[0].group == ("p0", "p1")
+    assert results[0].timings["total_s"] < 30  # not the matchmaking deadline (60)
+    assert torch.equal(results[0].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
+
+
 def test_state_server_answers_now_and_later(peers):
     p = peers(2)
     server_t, client_t = p.transports

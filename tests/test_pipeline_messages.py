@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from node.pipeline import BWD, DROP, FWD, _Iteration, check_plan, check_task
+from node.config import build_config
+from node.pipeline import BWD, DROP, FWD, PipelineNode, _Iteration, check_plan, check_task
+from protocols.state_sync import tensors_hash
 from protocols.wire import Message
 
 SHAPE = (2, 8, 16)
@@ -20,6 +22,7 @@ def _msg(kind, tensors=None, **meta):
 
 def test_a_good_plan_and_its_tasks_pass():
     assert check_plan(PLAN) is None
+    assert check_plan({**PLAN, "joins": {"b": "a", "c": ""}}) is None
     work = _Iteration("c", 0, PLAN)
     assert work.todo == 2 + 2 + 1  # middle of mb 0 (fwd + bwd), middle of mb 1, eval forward
     assert check_task(work, _msg(FWD, mb=0, hop=2, eval=False), SHAPE) is None
@@ -34,7 +37,11 @@ def test_malformed_plans_are_named():
            ({**PLAN, "paths": [["a", "b", "e", "a"]]}, "malformed path"),  # e has no endpoint
            ({**PLAN, "paths": [["a", "b", "c", "d"]]}, "malformed path"),  # does not return home
            ({**PLAN, "endpoints": ["a"]}, "endpoints"),
-           ({**PLAN, "stages": {"a": "zero"}}, "stages")]
+           ({**PLAN, "stages": {"a": "zero"}}, "stages"),
+           ({**PLAN, "joins": ["e"]}, "joins"),
+           ({**PLAN, "joins": {"e": "a"}}, "joins"),  # the joiner has no endpoint
+           ({**PLAN, "joins": {"b": "e"}}, "joins"),  # nor its source
+           ({**PLAN, "joins": {"b": 1}}, "joins")]
     for meta, reason in bad:
         assert reason in (check_plan(meta) or ""), meta
 
@@ -57,3 +64,40 @@ def test_malformed_tasks_are_named():
     ]
     for msg, reason in cases:
         assert reason in (check_task(work, msg, SHAPE) or ""), (msg.meta, check_task(work, msg, SHAPE))
+
+
+def _stage_node(tmp_path, name: str) -> PipelineNode:
+    """A stage-1 node's model and inner optimizer, without its network parts."""
+    cfg = build_config({"model": {"n_layer": 3, "n_embd": 16, "n_head": 2, "block_size": 8},
+                        "pipeline": {"stages": 3, "stage": 1}, "node": {"id": name}})
+    node = PipelineNode(cfg, tmp_path / name)
+    node.device = torch.device("cpu")
+    node._build_model()
+    return node
+
+
+def test_a_stage_state_hand_off_makes_an_identical_replica_and_a_bad_one_changes_nothing(tmp_path):
+    source, joiner = _stage_node(tmp_path, "a"), _stage_node(tmp_path, "b")
+    x = torch.randn(2, 8, 16)
+    for _ in range(2):  # the source trained: its weights and moments are not the seed's
+        source.model.blocks(x).square().mean().backward()
+        source.opt.step()
+        source.opt.zero_grad()
+    tensors, meta = source._stage_state()
+    seed = tensors_hash(joiner._state_tensors())
+    bad = [(tensors, {**meta, "stage": 2}, "stage 2"),
+           (tensors, {**meta, "adam_step": -1}, "not counts"),
+           (tensors, {**meta, "adam_step": True}, "not counts"),
+           (tensors[:-1], meta, "do not match"),
+           ([*tensors[:-1], torch.zeros(3)], meta, "do not match"),
+           ([*tensors[:-1], tensors[-1].double()], meta, "do not match")]
+    for t, m, reason in bad:
+        assert reason in (joiner._adopt(t, m) or ""), (m, reason)
+        assert tensors_hash(joiner._state_tensors()) == seed  # rejected before anything was written
+    assert joiner._adopt(tensors, meta) is None
+    assert tensors_hash(joiner._state_tensors()) == tensors_hash(source._state_tensors())
+    # the next step is the same on both: weights, moments and the step count came across
+    for node in (source, joiner):
+        node.model.blocks(x).square().mean().backward()
+        node.opt.step()
+    assert tensors_hash(joiner._state_tensors()) == tensors_hash(source._state_tensors())
