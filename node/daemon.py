@@ -154,7 +154,8 @@ class Node:
                                              rank=z.rank, seed=cfg.train.seed)
         if self.algorithm == "noloco":  # no collective at all: nothing answers JOINs
             n = o.noloco
-            self.gossip = GroupExchange(self.transport, codec, self.stop)
+            self.gossip = GroupExchange(self.transport, codec, self.stop,
+                                        live=lambda: [p.id for p in self.membership.peers()])
             self.comm = staged(GossipCommunicator(self.gossip, self.id, self.membership.peers, n.group_size,
                                                   n.exchange_timeout_s, cfg.train.seed, peer_round=lambda: self.round))
             self.outer = NoLoCo(params, self.comm, n.alpha, n.beta, n.gamma)

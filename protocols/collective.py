@@ -166,26 +166,10 @@ class GroupAllReduce:
         return result
 
     def _wait_for(self, kind: str, round: int, attempt: int, senders: list[str], deadline: float) -> dict[str, Message]:
-        """``mailbox.take`` that stops waiting for a sender once it has left the swarm: the
-        DHT view is read every ``check_s``, so a peer that died costs its record's expiry,
-        not the whole deadline. Absent from two reads in a row, so that one failed lookup
-        (an empty view) does not count as everyone leaving."""
-        waiting = set(senders)
-        got: dict[str, Message] = {}
-        absent_before: set[str] = set()
-        while True:
-            step = min(deadline, time.monotonic() + self.check_s)
-            got.update(self.transport.mailbox.take(kind, round, attempt, waiting - got.keys(), step, stop=self.stop))
-            if waiting <= got.keys() or time.monotonic() >= deadline or (self.stop is not None and self.stop.is_set()):
-                return got
-            absent = waiting - got.keys() - {p.id for p in self.live_peers()}
-            gone = absent & absent_before
-            if gone:
-                log.info("round %d: %s left the swarm; not waiting for their %s", round, sorted(gone), kind)
-                waiting -= gone
-                if waiting <= got.keys():
-                    return got
-            absent_before = absent
+        """Messages from ``senders``, not waiting for those that leave the DHT meanwhile."""
+        return self.transport.mailbox.take_from_live(
+            kind, round, attempt, senders, deadline, lambda: [p.id for p in self.live_peers()], self.stop,
+            self.check_s)
 
     # ------------------------------------------------------------------ leader
     def _lead(self, round, tensors, weight, state_hash, peers) -> RoundResult:

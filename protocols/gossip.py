@@ -28,7 +28,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,8 +69,11 @@ class ExchangeResult:
 
 class GroupExchange:
     def __init__(self, transport: Transport, compressor: Compressor | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, live: Callable[[], Iterable[str]] | None = None):
+        """``live``: ids of the nodes in the DHT view; a partner that leaves it is not waited
+        for (without it, a dead partner costs the whole timeout)."""
         self.transport = transport
+        self.live = live
         self.me = transport.node_id
         self.compressor = compressor or Compressor("none")
         self.stop = stop
@@ -96,13 +99,10 @@ class GroupExchange:
             result.sent_to.append(pid)
         start = time.monotonic()
         deadline = start + timeout_s
-        waiting = set(partners)
-        while waiting:
-            msg = self.transport.mailbox.take_first(GOSSIP, round, 0, lambda m: m.sender in waiting, deadline,
-                                                    stop=self.stop)
-            if msg is None:
-                break
-            waiting.discard(msg.sender)
+        live = self.live if self.live is not None else lambda: partners
+        answers = self.transport.mailbox.take_from_live(GOSSIP, round, 0, partners, deadline, live, self.stop)
+        waiting = set(partners) - answers.keys()
+        for _, msg in sorted(answers.items()):
             if msg.meta.get("decline"):
                 result.declined.append(msg.sender)
                 continue

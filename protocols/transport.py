@@ -94,6 +94,31 @@ class Mailbox:
                     return got
                 self._cond.wait(min(left, 0.25) if stop is not None else left)
 
+    def take_from_live(
+        self, kind: str, round: int, attempt: int, senders: Iterable[str], deadline: float,
+        live: Callable[[], Iterable[str]], stop: threading.Event | None = None, check_s: float = 1.0,
+    ) -> dict[str, Message]:
+        """:meth:`take`, but it stops waiting for a sender once ``live()`` (the ids in the
+        DHT view) has left it out twice in a row, read every ``check_s``: a peer that died
+        costs its record's expiry, not the whole deadline. Twice, so that one failed lookup
+        (an empty view) does not count as everyone leaving."""
+        waiting = set(senders)
+        got: dict[str, Message] = {}
+        absent_before: set[str] = set()
+        while True:
+            step = min(deadline, time.monotonic() + check_s)
+            got.update(self.take(kind, round, attempt, waiting - got.keys(), step, stop=stop))
+            if waiting <= got.keys() or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return got
+            absent = waiting - got.keys() - set(live())
+            gone = absent & absent_before
+            if gone:
+                log.info("%s of round %d: %s left the swarm; not waiting for them", kind, round, sorted(gone))
+                waiting -= gone
+                if waiting <= got.keys():
+                    return got
+            absent_before = absent
+
     def take_first(
         self, kind: str, round: int, attempt: int, match: Callable[[Message], bool], deadline: float,
         stop: threading.Event | None = None,

@@ -92,6 +92,20 @@ def test_silent_partner_costs_the_deadline_only(nodes):
     assert res.silent == ["g1"] and not res.received and res.wait_s < 5
 
 
+def test_a_partner_that_leaves_the_swarm_is_not_waited_for():
+    a, b = Transport("g0"), Transport("g1")
+    view = {"g0", "g1"}
+    try:
+        ex = GroupExchange(a, live=lambda: set(view))
+        threading.Timer(0.5, view.discard, args=("g1",)).start()  # g1's DHT record expires
+        r = ex.exchange(0, {"g1": b.endpoint}, [torch.ones(3)], timeout_s=60)
+        assert r.silent == ["g1"] and not r.received
+        assert r.wait_s < 30  # gave up once g1 left the view, not at the 60 s deadline
+    finally:
+        a.close()
+        b.close()
+
+
 def test_malformed_gossip_is_treated_as_silence(nodes):
     ts, ex = nodes
     ts[1].send(ts[0].endpoint, Message(GOSSIP, round=0, meta={"endpoint": ts[1].endpoint, "parts": "x"},
