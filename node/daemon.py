@@ -18,6 +18,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from protocols.collective import CollectiveTimeouts, GroupAllReduce, RoundResult
 from protocols.gossip import GroupExchange
 from protocols.membership import Membership, PeerInfo
 from protocols.shaper import Cut, LinkProfile, Shaper
-from protocols.state_sync import StateServer, fetch_state, tensors_hash
+from protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from protocols.transport import Transport
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -131,6 +133,7 @@ class Node:
             torch.set_num_threads(cfg.node.threads)
         _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
+        self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self.trainer = Trainer(cfg, self.id)
         self.transport = open_transport(cfg, self.id, self.started)
         self.membership, self.reaper = open_membership(cfg, self.id)
@@ -254,9 +257,11 @@ class Node:
             return ReduceResult(None, 1)
         return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)))
 
-    def _publish(self) -> None:
+    def _publish(self) -> Snapshot | None:
         """Serve the current synchronized state (unless a fragment is in flight: a snapshot
-        must be self-contained); tell the DHT when the round changed."""
+        must be self-contained); tell the DHT when the round changed. Returns the snapshot
+        published (None: none)."""
+        published = None
         if not (isinstance(self.outer, StreamingDiLoCo) and self.outer.in_flight):
             meta = {"outer_steps": self.outer.outer_steps, "round": self.round, "round_step": self.round_step,
                     "adam_step": self._adam_step(), "algorithm": self.algorithm}
@@ -264,10 +269,14 @@ class Node:
                 meta["fragment_steps"] = list(self.outer.fragment_steps)
             if isinstance(self.outer, CO2):
                 meta["pending_round"] = self.outer.pending_round
-            self.snapshot = self.state_server.publish(self._sync_id(), self._synchronized(), meta)
+            synced, weights = self._synchronized(), self._weights()
+            # the weights lead the state: hash them in the same background pass
+            prefix = len(weights) if all(a is b for a, b in zip(weights, synced, strict=False)) else 0
+            self.snapshot = published = self.state_server.publish(self._sync_id(), synced, meta, prefix=prefix)
         if self.round != self._announced_round:
             self.membership.announce(self._peer_info())
             self._announced_round = self.round
+        return published
 
     def _weights(self) -> list[torch.Tensor]:
         return list(self.trainer.params) if self.ddp_mode else self.outer.anchor
@@ -432,14 +441,14 @@ class Node:
                 if isinstance(self.outer, CO2):  # its reduce ran in the background during the round
                     extra["sync_bytes"] = [sent0 - bytes0] + (extra["sync_bytes"] if extra.get("flushed") else [])
             t2 = time.monotonic()
-            self._publish()
-            # host work between rounds (state snapshot + hash for the state server), counted
-            # apart from compute and comm: on a GPU it is not small
+            published = self._publish()
+            # host work between rounds (the state's host copy for the state server; its hash
+            # runs in the background), counted apart from compute and comm
             extra["publish_s"] = time.monotonic() - t2
             extra["round_bytes"] = self.transport.bytes_sent - bytes0
             extra["encode_s"] = self.compressor.encode_s - codec0[0]
             extra["decode_s"] = self.compressor.decode_s - codec0[1]
-            self._record_round(finished, status, group, reason, loss, compute_s, comm_s, extra)
+            self._record_round(finished, status, group, reason, loss, compute_s, comm_s, extra, published)
             if self.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
 
@@ -506,27 +515,44 @@ class Node:
         return loss, state["ok"], state["s"]
 
     def _record_round(self, finished: int, status: str, group: int, reason: str, loss: float,
-                      compute_s: float, comm_s: float, extra: dict[str, Any]) -> None:
+                      compute_s: float, comm_s: float, extra: dict[str, Any], published: Snapshot | None) -> None:
+        """Writes the round's record. Its weights hash comes from the background hash of the
+        snapshot just published when the weights lead it (no second copy and hash of the
+        model on the training thread), so the record is written by the ``loco-records``
+        thread once that hash is done; records keep their order."""
         t0 = time.monotonic()
         val = self.trainer.evaluate()
         extra["eval_s"] = time.monotonic() - t0
         self.outcomes[status] += 1
         wall = compute_s + comm_s
-        t0 = time.monotonic()
-        weights_hash = tensors_hash(self._weights())
-        extra["weights_hash_s"] = time.monotonic() - t0
+        n = len(self._weights())
+        if published is not None and published.prefix == n:
+            weights_hash: Callable[[], str] = lambda: published.prefix_digest  # noqa: E731
+        else:  # no snapshot of these weights (a Streaming fragment is in flight): hash them now
+            t0 = time.monotonic()
+            now = tensors_hash(self._weights())
+            extra["weights_hash_s"] = time.monotonic() - t0
+            weights_hash = lambda: now  # noqa: E731
         if self.trainer.device.type == "cuda":  # peak, for the outer_state_device trade-off
             extra["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.trainer.device) / 1e9
-        record = self.metrics.write(
-            "outer", step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
+        fields = dict(
+            time=time.time(), step=self.trainer.step, round=finished, next_round=self.round, loss=loss,
             val_loss=val, bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,
             group_size=group, compute_s=compute_s, comm_s=comm_s,
             utilization=compute_s / wall if wall > 0 else 1.0, status=status, reason=reason,
-            weights_hash=weights_hash, tokens=self.trainer.tokens,
-            elapsed_s=time.time() - self.started, **extra,
+            tokens=self.trainer.tokens, elapsed_s=time.time() - self.started, **extra,
         )
-        print(f"[{self.id}] round {finished} {status:7s} step {record['step']} loss {loss:.3f} "
-              f"val {val:.3f} group {group} sent {self.transport.bytes_sent / 1e6:.1f} MB", flush=True)
+        line = (f"[{self.id}] round {finished} {status:7s} step {self.trainer.step} loss {loss:.3f} "
+                f"val {val:.3f} group {group} sent {self.transport.bytes_sent / 1e6:.1f} MB")
+
+        def write() -> None:
+            try:
+                self.metrics.write("outer", **fields, weights_hash=weights_hash())
+            except Exception:  # a record must not vanish silently on its thread
+                log.exception("round %d: writing its record failed", finished)
+            print(line, flush=True)
+
+        self._records.submit(write)
 
     def _outer_step(self) -> tuple[str, int, str, dict[str, Any]]:
         """Returns (status, group size, reason, extra metrics) and leaves self.round at the
@@ -614,7 +640,7 @@ class Node:
         steps = [
             ("outer", self._close_outer), ("outer", self._final_checkpoint), ("membership", self._leave),
             ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
-            ("metrics", lambda: self.metrics.close()),
+            ("metrics", lambda: self._records.shutdown(wait=True)), ("metrics", lambda: self.metrics.close()),
         ]
         for needs, step in steps:
             if not hasattr(self, needs):
@@ -632,6 +658,7 @@ class Node:
             close()
 
     def _final_checkpoint(self) -> None:
+        self._records.submit(lambda: None).result()  # the last round's record before "stop"
         self._checkpoint()
         self.metrics.write("stop", step=self.trainer.step, round=self.round, outcomes=self.outcomes,
                            bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv,

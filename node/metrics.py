@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,14 @@ class MetricsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
         self._f = path.open("a", buffering=1)
+        self._lock = threading.Lock()  # the daemon writes round records from a thread of their own
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        """``fields`` may set ``time`` (when the event happened, if not now)."""
         record = {"time": time.time(), "node": self.node_id, "event": event, **fields}
-        self._f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with self._lock:
+            self._f.write(line)
         return record
 
     def close(self) -> None:

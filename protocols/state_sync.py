@@ -40,12 +40,20 @@ STATE_REQ, STATE = "STATE_REQ", "STATE"
 
 def tensors_hash(tensors: list[torch.Tensor]) -> str:
     """A short, stable digest of tensor contents (dtype and shape included)."""
+    return _hashes(tensors, 0)[1]
+
+
+def _hashes(tensors: list[torch.Tensor], prefix: int) -> tuple[str, str]:
+    """(tensors_hash of the first ``prefix`` tensors, of all of them) in one pass."""
     h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
+    first = h.hexdigest() if prefix == 0 else ""
+    for i, t in enumerate(tensors):
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+        if i + 1 == prefix:
+            first = h.hexdigest()
+    return first, h.hexdigest()
 
 
 # one thread hashes snapshots: BLAKE2b releases the GIL, so a model-sized hash (about a
@@ -55,21 +63,36 @@ _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-hash")
 
 class Snapshot:
     """Tensors (host copies, never modified), meta, and their digest: given, or computed
-    in the background from the moment the snapshot is made (``digest`` waits for it)."""
+    in the background from the moment the snapshot is made (``digest`` waits for it).
+    ``prefix``: also the digest of the first ``prefix`` tensors (``prefix_digest``; the
+    daemon's weights come first in its state), from the same pass."""
 
-    def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None):
+    def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None,
+                 prefix: int = 0):
         self.round = round
         self.tensors = tensors
         self.meta = meta
-        self._digest = digest
-        self._pending: Future[str] | None = None if digest is not None else _hasher.submit(tensors_hash, tensors)
+        self.prefix = prefix
+        self._digests: tuple[str, str] | None = None
+        self._pending: Future[tuple[str, str]] | None = None
+        if digest is not None and not prefix:
+            self._digests = ("", digest)
+        else:
+            self._pending = _hasher.submit(_hashes, tensors, prefix)
+
+    def _wait(self) -> tuple[str, str]:
+        if self._digests is None:
+            assert self._pending is not None
+            self._digests = self._pending.result()
+        return self._digests
 
     @property
     def digest(self) -> str:
-        if self._digest is None:
-            assert self._pending is not None
-            self._digest = self._pending.result()
-        return self._digest
+        return self._wait()[1]
+
+    @property
+    def prefix_digest(self) -> str:
+        return self._wait()[0]
 
 
 class StateServer:
@@ -96,9 +119,9 @@ class StateServer:
     def _find(self, min_round: int) -> Snapshot | None:
         return next((s for s in self._snapshots if s.round >= min_round), None)
 
-    def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any]) -> Snapshot:
+    def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], prefix: int = 0) -> Snapshot:
         # one fresh host copy each (.cpu() of a GPU tensor is already one: no second clone)
-        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta))
+        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta), prefix=prefix)
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()

@@ -12,7 +12,7 @@ import torch
 from protocols.codecs import Compressor
 from protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
 from protocols.membership import PeerInfo
-from protocols.state_sync import StateServer, fetch_state, tensors_hash
+from protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from protocols.transport import Transport
 from protocols.wire import Message
 
@@ -227,6 +227,14 @@ def test_a_follower_that_leaves_the_swarm_is_not_waited_for(peers):
     assert results[0].status == results[1].status == "ok" and results[0].group == ("p0", "p1")
     assert results[0].timings["total_s"] < 30  # not the matchmaking deadline (60)
     assert torch.equal(results[0].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
+
+
+def test_a_snapshot_hashes_its_leading_tensors_in_the_same_pass():
+    ts = [torch.randn(3), torch.randn(2, 2), torch.arange(4.0)]
+    snap = Snapshot(0, ts, {}, prefix=2)  # the daemon's weights lead its state
+    assert snap.prefix_digest == tensors_hash(ts[:2]) and snap.digest == tensors_hash(ts)
+    assert Snapshot(0, ts, {}).digest == tensors_hash(ts)
+    assert Snapshot(0, ts, {}, digest="given").digest == "given"
 
 
 def test_state_server_answers_now_and_later(peers):
