@@ -345,11 +345,13 @@ class PipelineConfig(_Section):
     """Microbatches per iteration, over the whole swarm (each data.batch_size sequences)."""
     memory: int = Field(3, ge=1)
     """Microbatches a node holds in flight (activations kept for the backward pass)."""
-    sync: Literal["every_step", "diloco"] = "every_step"
+    sync: Literal["every_step", "diloco", "noloco"] = "every_step"
     """How each stage's replicas stay in sync: gradients averaged every iteration, or local
-    AdamW steps with a DiLoCo outer step (optim.outer_lr/outer_momentum) every sync_every."""
+    AdamW steps with an outer step every sync_every: DiLoCo (an all-reduce among the stage's
+    replicas; optim.outer_lr/outer_momentum) or NoLoCo (gossip with random replicas of the
+    stage; optim.noloco.*)."""
     sync_every: int = Field(10, ge=1)
-    """Iterations between DiLoCo outer steps of a stage's replicas (sync = diloco)."""
+    """Iterations between outer steps of a stage's replicas (sync = diloco or noloco)."""
     iteration_timeout_s: float = Field(120.0, gt=0)
     """A microbatch is given up as soon as a node on its path leaves the DHT, or when it is
     not done this long into the iteration (a message lost on the way); every node of its

@@ -50,8 +50,9 @@ from typing import Any
 
 import torch
 
-from optim import DiLoCo
+from optim import DiLoCo, NoLoCo
 from protocols.collective import CollectiveTimeouts, GroupAllReduce
+from protocols.gossip import GroupExchange
 from protocols.membership import PeerInfo
 from protocols.pipeline.probe import LinkProber
 from protocols.pipeline.schedule import PipeNode, Setting, check_path, full_pipeline, random_paths, schedule
@@ -68,7 +69,7 @@ from .model import VOCAB
 from .optstate import adam_step, adam_tensors, load_adam
 from .stages import StageModel
 from .staging import HostStaging, StagedCommunicator
-from .sync import SwarmCommunicator
+from .sync import GossipCommunicator, SwarmCommunicator
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,14 @@ class PipelineNode:
             if self.device.type == "cuda":
                 comm = StagedCommunicator(comm, self.device)
             self.outer = DiLoCo(params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
+        elif self.p.sync == "noloco":  # gossip with random replicas of the stage, no all-reduce
+            n = o.noloco
+            gossip = GroupExchange(self.transport, stop=self.stop, live=lambda: [p.id for p in self.membership.peers()])
+            comm = GossipCommunicator(gossip, self.id, self._stage_peers, n.group_size, n.exchange_timeout_s,
+                                      cfg.train.seed, peer_round=lambda: self.it)
+            if self.device.type == "cuda":
+                comm = StagedCommunicator(comm, self.device)
+            self.outer = NoLoCo(params, comm, n.alpha, n.beta, n.gamma)
 
     def _stage_peers(self) -> list[PeerInfo]:
         """The replicas this iteration's sync expects, less those that left the DHT since

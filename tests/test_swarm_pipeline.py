@@ -75,6 +75,29 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
     assert [r["skipped_stages"] for r in rows[1:]] == [[1], [2]]
 
 
+def test_stage_replicas_kept_close_by_noloco_gossip(procs, tmp_path):
+    out = tmp_path / "run"
+    # 2 stages x 2 replicas; each stage's replicas train apart and gossip every 2 iterations
+    p = procs.loco("swarm", "--nodes", "4", "--out", str(out),
+                   *_sets("model.n_layer=2", "pipeline.stages=2", "pipeline.skip=0.0", "pipeline.microbatches=4",
+                          "pipeline.eval_every=4", "pipeline.sync='noloco'", "pipeline.sync_every=2",
+                          "train.rounds=12"), log="swarm")
+    assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
+    nodes = [f"node{i}" for i in range(4)]
+    recs = {n: _outer(out, n) for n in nodes}
+    for n in nodes:
+        assert [r["round"] for r in recs[n]] == list(range(12)), n
+        assert all(r["status"] == "ok" for r in recs[n]), recs[n]
+        # the outer steps paired it with its stage's other replica
+        assert [r["group_size"] for r in recs[n] if r["round"] % 2 == 1] == [2] * 6, recs[n]
+        stop = _records(out, n, "stop")[-1]
+        assert stop["sent_by_kind"].get("GOSSIP", 0) == 6 and "PART" not in stop["sent_by_kind"], stop
+    # replicas train apart between gossips (NoLoCo does not make them identical)
+    assert any(recs["node0"][i]["weights_hash"] != recs["node2"][i]["weights_hash"] for i in range(12))
+    first = next(r["val_loss"] for r in recs["node0"] if math.isfinite(r["val_loss"]))
+    assert recs["node0"][-1]["val_loss"] < first - 0.2
+
+
 def _routes(out, rounds) -> dict[int, list[list[str]]]:
     """The paths (as nodes) the stage-0 nodes started, per iteration."""
     by_round: dict[int, list[list[str]]] = {}
