@@ -102,8 +102,8 @@ def check_plan(meta: dict[str, Any]) -> str | None:
     if not isinstance(endpoints, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in endpoints.items()):
         return "endpoints is not a map of node id to endpoint"
-    if not isinstance(stages, dict) or not all(isinstance(v, int) for v in stages.values()):
-        return "stages is not a map of node id to stage"
+    if not isinstance(stages, dict) or not all(isinstance(v, int) and k in endpoints for k, v in stages.items()):
+        return "stages is not a map of node id (with an endpoint) to stage"
     joins = meta.get("joins", {})
     if not isinstance(joins, dict) or not all(
             isinstance(k, str) and k in endpoints and isinstance(v, str) and (v == "" or v in endpoints)

@@ -38,6 +38,7 @@ def test_malformed_plans_are_named():
            ({**PLAN, "paths": [["a", "b", "c", "d"]]}, "malformed path"),  # does not return home
            ({**PLAN, "endpoints": ["a"]}, "endpoints"),
            ({**PLAN, "stages": {"a": "zero"}}, "stages"),
+           ({**PLAN, "stages": {**PLAN["stages"], "e": 1}}, "stages"),  # e has no endpoint
            ({**PLAN, "joins": ["e"]}, "joins"),
            ({**PLAN, "joins": {"e": "a"}}, "joins"),  # the joiner has no endpoint
            ({**PLAN, "joins": {"b": "e"}}, "joins"),  # nor its source
