@@ -542,7 +542,7 @@ class PipelineNode:
     def _resume_own(self) -> str:
         """A joining node whose stage has no live replica: its own final checkpoint if it
         holds this stage, else the seed's weights. Returns which."""
-        path = self.out / "checkpoints" / f"{self.id}.pt"
+        path = self.ckpt_path
         try:
             state = load_checkpoint(path)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -989,14 +989,21 @@ class PipelineNode:
             except Exception:
                 log.exception("shutdown of %s failed", needs)
 
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / f"{self.id}.pt"
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The stage's weights for ``loco eval-skips`` and its whole state for a restart
+        (``_resume_own``)."""
+        tensors, meta = self._stage_state()
+        return {"pipeline": {"stage": self.stage, "stages": self.p.stages},
+                "model": self.model.state_dict(), "iteration": self.it,
+                "stage_state": {"tensors": tensors, "meta": meta}, "model_config": self.cfg.model.model_dump()}
+
     def _final_checkpoint(self) -> None:
-        path = self.out / "checkpoints" / f"{self.id}.pt"
         try:
-            tensors, meta = self._stage_state()
-            save_checkpoint(path, {"pipeline": {"stage": self.stage, "stages": self.p.stages},
-                                   "model": self.model.state_dict(), "iteration": self.it,
-                                   "stage_state": {"tensors": tensors, "meta": meta},
-                                   "model_config": self.cfg.model.model_dump()})
+            save_checkpoint(self.ckpt_path, self._checkpoint_state())
         except OSError as exc:
             log.error("final checkpoint failed: %s", exc)
             self.metrics.write("checkpoint_failed", error=str(exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from node.checkpoint import save_checkpoint
 from node.config import build_config
 from node.pipeline import BWD, DROP, FWD, PipelineNode, _Iteration, check_plan, check_task
 from protocols.state_sync import tensors_hash
@@ -67,10 +68,10 @@ def test_malformed_tasks_are_named():
         assert reason in (check_task(work, msg, SHAPE) or ""), (msg.meta, check_task(work, msg, SHAPE))
 
 
-def _stage_node(tmp_path, name: str) -> PipelineNode:
-    """A stage-1 node's model and inner optimizer, without its network parts."""
+def _stage_node(tmp_path, name: str, stage: int = 1) -> PipelineNode:
+    """A stage node's model and inner optimizer, without its network parts."""
     cfg = build_config({"model": {"n_layer": 3, "n_embd": 16, "n_head": 2, "block_size": 8},
-                        "pipeline": {"stages": 3, "stage": 1}, "node": {"id": name}})
+                        "pipeline": {"stages": 3, "stage": stage}, "node": {"id": name}})
     node = PipelineNode(cfg, tmp_path / name)
     node.device = torch.device("cpu")
     node._build_model()
@@ -102,3 +103,18 @@ def test_a_stage_state_hand_off_makes_an_identical_replica_and_a_bad_one_changes
         node.model.blocks(x).square().mean().backward()
         node.opt.step()
     assert tensors_hash(joiner._state_tensors()) == tensors_hash(source._state_tensors())
+
+
+def test_a_sole_replica_restarts_from_its_final_checkpoint_or_else_from_the_seed(tmp_path):
+    node = _stage_node(tmp_path, "a")
+    node.model.blocks(torch.randn(2, 8, 16)).square().mean().backward()
+    node.opt.step()
+    trained = tensors_hash(node._state_tensors())
+    save_checkpoint(node.ckpt_path, node._checkpoint_state())
+    again = _stage_node(tmp_path, "a")  # the same id and folder: its restart
+    assert again._resume_own() == "checkpoint a.pt"
+    assert tensors_hash(again._state_tensors()) == trained
+    other = _stage_node(tmp_path, "a", stage=2)  # restarted on another stage: not its checkpoint
+    seed = tensors_hash(other._state_tensors())
+    assert other._resume_own() == "seed" and tensors_hash(other._state_tensors()) == seed
+    assert _stage_node(tmp_path, "b")._resume_own() == "seed"  # no checkpoint at all
