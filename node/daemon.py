@@ -241,7 +241,7 @@ class Node:
             raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * len(params)}")
         load_adam(self.trainer.opt, params, tensors[len(params):], int(meta.get("adam_step", 0)))
         with torch.no_grad():
-            for p, t in zip(params, tensors, strict=False):
+            for p, t in zip(params, tensors[:len(params)], strict=True):
                 p.copy_(t)
 
     def _adam_step(self) -> int:

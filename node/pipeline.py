@@ -534,9 +534,7 @@ class PipelineNode:
     def _hand_off(self, work: _Iteration, joiner: str) -> None:
         """Send a joining replica this stage's state after iteration ``work``'s step."""
         tensors, meta = self._stage_state()
-        endpoint = work.endpoints[joiner]
-        self.transport.name_peer(endpoint, joiner)
-        self.transport.send(endpoint, Message(HANDOFF, round=work.number, meta=meta, tensors=tensors))
+        self._send_to(joiner, work.endpoints[joiner], Message(HANDOFF, round=work.number, meta=meta, tensors=tensors))
         log.info("iteration %d: sent stage %d's state to %s, which joins", work.number, self.stage, joiner)
 
     def _resume_own(self) -> str:
@@ -613,8 +611,7 @@ class PipelineNode:
                 msg.sender = self.id
                 self.inbox.put(msg)
             else:
-                self.transport.name_peer(p.endpoint, p.id)
-                self.transport.send(p.endpoint, msg)
+                self._send_to(p.id, p.endpoint, msg)
 
     def _wait_plan(self, it: int) -> _Iteration | None:
         """The plan of iteration ``it``: made here if this node leads, else awaited; a
@@ -676,8 +673,10 @@ class PipelineNode:
               tensor: torch.Tensor) -> None:
         meta = {"mb": m, "hop": hop, "eval": is_eval}
         msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu").contiguous()])
-        endpoint = work.endpoints[node]
-        self.transport.name_peer(endpoint, node)
+        self._send_to(node, work.endpoints[node], msg)
+
+    def _send_to(self, node: str, endpoint: str, msg: Message) -> None:
+        self.transport.name_peer(endpoint, node)  # (per-link shaping and counts go by name)
         self.transport.send(endpoint, msg)
 
     # ------------------------------------------------------------ compute
@@ -751,8 +750,7 @@ class PipelineNode:
         if notify:
             for node in others:
                 msg = Message(DROP, round=work.number, meta={"mb": m, "eval": is_eval, "why": why})
-                self.transport.name_peer(work.endpoints[node], node)
-                self.transport.send(work.endpoints[node], msg)
+                self._send_to(node, work.endpoints[node], msg)
 
     def _check_paths_alive(self, work: _Iteration) -> None:
         # by endpoint too: a node restarted under the same id is not the one on the path
