@@ -232,6 +232,9 @@ class PipelineNode:
         # swarm (or was left out of a plan) is not one until a plan admits it
         self.member = False
         self._prev: dict[str, Any] | None = None  # the last plan this node took part in
+        self._last_plan: Message | None = None  # ... as it came (who sent it)
+        self._taken = -1  # the iteration of that plan: copies of it and earlier ones are stale
+        self._relayed: set[int] = set()  # plans this node sent again after their leader died
         self.val_loss = float("nan")
         self.layer_s = 0.0
         self.links: dict[str, list[float]] = {}
@@ -617,14 +620,17 @@ class PipelineNode:
         """The plan of iteration ``it``: made here if this node leads, else awaited; a
         leader that died is replaced by the next stage-0 node once the DHT drops it. None:
         stopped, or the plan left this node out (``member`` is then False)."""
-        planned = False
+        planned = warned = False
         no_stage0_since = None
+        waiting_since = time.monotonic()
         while not self.stop.is_set():
             if it in self.plans:
                 msg = self.plans.pop(it)
                 problem = check_plan(msg.meta)
                 if problem is None:
+                    self._taken = it
                     if self.id in msg.meta["stages"] and msg.meta["endpoints"][self.id] == self.transport.endpoint:
+                        self._prev, self._last_plan = msg.meta, msg
                         return _Iteration(self.id, it, msg.meta)
                     log.warning("iteration %d: the plan left this node out (the leader lost sight of it); "
                                 "joining again", it)
@@ -633,7 +639,12 @@ class PipelineNode:
                 self._reject(msg, problem)
             leader = self._leader()
             if leader == self.id and not planned:
+                self._relay_orphaned_plan()  # (before the next plan: the missed one comes first)
                 planned = self._send_plan(it)
+            if not warned and self.plans and min(self.plans) > it and time.monotonic() - waiting_since > 5.0:
+                warned = True  # (a plan lost to a leader that died while sending it)
+                log.warning("iteration %d: its plan has not come but that of %d has; waiting for the next "
+                            "leader to send it again", it, min(self.plans))
             if leader is None:
                 no_stage0_since = no_stage0_since or time.monotonic()
                 if time.monotonic() - no_stage0_since > self.cfg.swarm.join_timeout_s:
@@ -654,7 +665,8 @@ class PipelineNode:
         except queue.Empty:
             return None
         if msg.kind == PLAN:
-            self.plans.setdefault(msg.round, msg)  # the first plan of an iteration wins
+            if msg.round > self._taken:  # (a resent copy of one taken already is stale)
+                self.plans.setdefault(msg.round, msg)  # the first plan of an iteration wins
             return None
         if msg.kind in (FINAL, ASSIGN, HANDOFF):
             {FINAL: self.finals, ASSIGN: self.placements, HANDOFF: self.handoffs}[msg.kind].append(msg)
@@ -752,7 +764,23 @@ class PipelineNode:
                 msg = Message(DROP, round=work.number, meta={"mb": m, "eval": is_eval, "why": why})
                 self._send_to(node, work.endpoints[node], msg)
 
+    def _relay_orphaned_plan(self) -> None:
+        """Send the last plan again to every node it names, once, if this node leads now and
+        the plan's sender is gone: a leader killed while it sent a plan may have reached only
+        some of them, and those it missed would wait for that plan while the rest go on.
+        Those that had it drop the copy."""
+        plan = self._last_plan
+        if plan is None or plan.sender == self.id or plan.round in self._relayed or self._leader() != self.id:
+            return
+        self._relayed.add(plan.round)
+        log.info("iteration %d: %s, which planned it, is gone: sending its plan again", plan.round, plan.sender)
+        live = {(p.id, p.endpoint) for p in self.membership.peers()}
+        for node, endpoint in plan.meta["endpoints"].items():
+            if (node, endpoint) in live:
+                self._send_to(node, endpoint, Message(PLAN, round=plan.round, meta=plan.meta))
+
     def _check_paths_alive(self, work: _Iteration) -> None:
+        self._relay_orphaned_plan()
         # by endpoint too: a node restarted under the same id is not the one on the path
         live = {(p.id, p.endpoint) for p in self._roster()}
         for (m, is_eval), path in work.pending_paths().items():
@@ -865,7 +893,6 @@ class PipelineNode:
             work = self._wait_plan(self.it)
             if work is None:
                 continue  # stopped (the loop ends) or left out of the plan (join again)
-            self._prev = work.meta
             if work.val_loss is not None:
                 self.val_loss = float(work.val_loss)
             plan_s = time.monotonic() - t0
@@ -891,20 +918,25 @@ class PipelineNode:
     def _final_eval(self, it: int) -> None:
         """After the last step: the leader validates along a full path and tells everyone."""
         final = it + 1
-        if self._leader() == self.id:
-            roster = self._roster()
-            members, _ = self._members(roster)
-            meta = {"paths": [], "eval": self._eval_paths(members), "endpoints": {p.id: p.endpoint for p in roster},
-                    "stages": {p.id: p.stage for p in members}}
-            self._broadcast(PLAN, final, meta, roster)
+        planned = False
         deadline = time.monotonic() + self.p.iteration_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
+            # (checked each pass: the leader may die after the last plan and this node lead)
+            if not planned and self._leader() == self.id:
+                planned = True
+                self._relay_orphaned_plan()
+                roster = self._roster()
+                members, _ = self._members(roster)
+                meta = {"paths": [], "eval": self._eval_paths(members),
+                        "endpoints": {p.id: p.endpoint for p in roster}, "stages": {p.id: p.stage for p in members}}
+                self._broadcast(PLAN, final, meta, roster)
             if final in self.plans:
                 msg = self.plans.pop(final)
                 problem = check_plan(msg.meta)
                 if problem is not None:
                     self._reject(msg, problem)
                     continue
+                self._taken = final
                 work = _Iteration(self.id, final, msg.meta)
                 with torch.no_grad():
                     self._run_tasks(work)

@@ -1,0 +1,95 @@
+"""A pipeline's plans when its leader dies: pipeline nodes in one process over real ZeroMQ
+sockets, each with a DHT view from a static list (the swarm tests run the real DHT)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from node.config import build_config
+from node.pipeline import _QUEUED, PLAN, PipelineNode
+from protocols.membership import PeerInfo
+from protocols.transport import Transport
+from protocols.wire import Message
+
+
+class _View:
+    """What one node sees of the swarm: every transport in ``alive`` but its own."""
+
+    def __init__(self, transports: dict[str, Transport], stages: dict[str, int], alive: set[str], me: str):
+        self.transports, self.stages, self.alive, self.me = transports, stages, alive, me
+
+    def peers(self) -> list[PeerInfo]:
+        return [PeerInfo(n, t.endpoint, 0, self.stages[n]) for n, t in sorted(self.transports.items())
+                if n != self.me and n in self.alive]
+
+    def announce(self, info: PeerInfo) -> None:
+        pass
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    """Transports for the leader ``a`` (stage 0), ``d`` (stage 0) and ``b`` (stage 1); ``d``
+    and ``b`` are pipeline nodes."""
+    stages = {"a": 0, "b": 1, "d": 0}
+    transports = {n: Transport(n) for n in stages}
+    alive = set(stages)
+    nodes = {}
+    for name in ("b", "d"):
+        cfg = build_config({"pipeline": {"stages": 2, "stage": stages[name]}, "node": {"id": name},
+                            "swarm": {"join_timeout_s": 60}})
+        node = PipelineNode(cfg, tmp_path / name)
+        node.transport = transports[name]
+        for kind in _QUEUED:
+            node.transport.on(kind, node.inbox.put)
+        node.membership = _View(transports, stages, alive, name)
+        nodes[name] = node
+    yield transports, alive, nodes
+    for node in nodes.values():  # (a thread still waiting for a plan returns)
+        node.stop.set()
+    for t in transports.values():
+        t.close(flush_s=0.5)
+
+
+def test_a_plan_the_dying_leader_sent_to_some_nodes_only_reaches_the_rest(swarm):
+    transports, alive, nodes = swarm
+    b, d = nodes["b"], nodes["d"]
+    meta = {"paths": [["a", "b", "a"], ["d", "b", "d"]], "eval": [], "stages": {"a": 0, "b": 1, "d": 0},
+            "endpoints": {n: t.endpoint for n, t in transports.items()}, "joins": {}, "last": False}
+    # the leader's plan of iteration 0 reaches d; a dies before it is sent to b
+    transports["a"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
+    work = d._wait_plan(0)
+    assert work is not None and work.paths == meta["paths"]
+    got = {}
+    waiter = threading.Thread(daemon=True, target=lambda: got.setdefault("work", b._wait_plan(0)))
+    waiter.start()
+    alive.discard("a")  # (its DHT record expires)
+    d._relay_orphaned_plan()  # d leads now: the plan goes out again, to those that are alive
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "b still waits for the plan of iteration 0"
+    assert got["work"].paths == meta["paths"] and got["work"].number == 0
+    # once only; and a copy of a plan already taken is dropped, not kept as a later one
+    d._relay_orphaned_plan()
+    transports["b"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
+    assert d._pull(1, timeout=2.0) is None and d.plans == {}
+    assert d.transport.sent_by_kind.get(PLAN) == 1
+
+
+def test_the_new_leader_resends_a_missed_plan_before_planning_the_next(swarm):
+    transports, alive, nodes = swarm
+    b, d = nodes["b"], nodes["d"]
+    meta = {"paths": [["a", "b", "a"]], "eval": [], "stages": {"a": 0, "b": 1, "d": 0},
+            "endpoints": {n: t.endpoint for n, t in transports.items()}, "joins": {}, "last": False}
+    transports["a"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
+    assert d._wait_plan(0) is not None  # (d's part of iteration 0 is done; a dies)
+    alive.discard("a")
+    d.layer_s = 0.01  # (what d measured of its speed; the plan needs it)
+    got = []
+    waiter = threading.Thread(daemon=True, target=lambda: got.extend([b._wait_plan(0), b._wait_plan(1)]))
+    waiter.start()
+    assert d._wait_plan(1) is not None  # d leads iteration 1
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "b still waits for the plan of iteration 0"
+    assert got[0].paths == meta["paths"]
+    assert all(p[0] == "d" for p in got[1].paths)  # d planned iteration 1; a is on no path
