@@ -378,11 +378,11 @@ class PipelineNode:
         return 0
 
     # --------------------------------------------------------- leadership
-    def _leader(self) -> str | None:
+    def _leader(self, roster: list[PeerInfo] | None = None) -> str | None:
         """The smallest live stage-0 member of the last plan (of a fresh swarm: the smallest
         live stage-0 node). A node is the one of the plan if its endpoint is the plan's, so a
         restarted node is not taken for the one that died."""
-        alive = {p.id: p for p in self._roster()}
+        alive = {p.id: p for p in (self._roster() if roster is None else roster)}
         prev = self._prev
         if prev is None:
             ids = [p.id for p in alive.values() if p.stage == 0]
@@ -764,25 +764,29 @@ class PipelineNode:
                 msg = Message(DROP, round=work.number, meta={"mb": m, "eval": is_eval, "why": why})
                 self._send_to(node, work.endpoints[node], msg)
 
-    def _relay_orphaned_plan(self) -> None:
+    def _relay_orphaned_plan(self, roster: list[PeerInfo] | None = None) -> None:
         """Send the last plan again to every node it names, once, if this node leads now and
         the plan's sender is gone: a leader killed while it sent a plan may have reached only
         some of them, and those it missed would wait for that plan while the rest go on.
         Those that had it drop the copy."""
         plan = self._last_plan
-        if plan is None or plan.sender == self.id or plan.round in self._relayed or self._leader() != self.id:
+        if plan is None or plan.sender == self.id or plan.round in self._relayed:
+            return
+        roster = self._roster() if roster is None else roster
+        if self._leader(roster) != self.id:
             return
         self._relayed.add(plan.round)
         log.info("iteration %d: %s, which planned it, is gone: sending its plan again", plan.round, plan.sender)
-        live = {(p.id, p.endpoint) for p in self.membership.peers()}
+        live = {(p.id, p.endpoint) for p in roster}
         for node, endpoint in plan.meta["endpoints"].items():
-            if (node, endpoint) in live:
+            if node != self.id and (node, endpoint) in live:
                 self._send_to(node, endpoint, Message(PLAN, round=plan.round, meta=plan.meta))
 
     def _check_paths_alive(self, work: _Iteration) -> None:
-        self._relay_orphaned_plan()
+        roster = self._roster()
+        self._relay_orphaned_plan(roster)
         # by endpoint too: a node restarted under the same id is not the one on the path
-        live = {(p.id, p.endpoint) for p in self._roster()}
+        live = {(p.id, p.endpoint) for p in roster}
         for (m, is_eval), path in work.pending_paths().items():
             dead = [n for n in path if (n, work.endpoints[n]) not in live]
             if dead:
