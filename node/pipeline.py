@@ -608,7 +608,11 @@ class PipelineNode:
         return [[*nodes, self.id] for _ in self.val]
 
     def _broadcast(self, kind: str, it: int, meta: dict[str, Any], roster: list[PeerInfo]) -> None:
-        for p in roster:
+        """Send to every node of ``roster``: stage-0 nodes first, in id order. A leader that
+        dies mid-broadcast has then most likely reached the node that leads after it, which
+        sends the plan on (``_relay_orphaned_plan``); one that missed it would plan that
+        iteration anew while others ran the dead leader's plan."""
+        for p in sorted(roster, key=lambda p: (p.stage != 0, p.id)):
             msg = Message(kind, round=it, meta=meta)
             if p.id == self.id:
                 msg.sender = self.id

@@ -93,3 +93,17 @@ def test_the_new_leader_resends_a_missed_plan_before_planning_the_next(swarm):
     assert not waiter.is_alive(), "b still waits for the plan of iteration 0"
     assert got[0].paths == meta["paths"]
     assert all(p[0] == "d" for p in got[1].paths)  # d planned iteration 1; a is on no path
+
+
+def test_a_plan_goes_to_the_stage0_nodes_first(swarm):
+    """(so a leader that dies mid-broadcast has most likely reached its successor)"""
+    transports, alive, nodes = swarm
+    d = nodes["d"]
+    order = []
+    send = d._send_to
+    d._send_to = lambda node, endpoint, msg: (order.append(node), send(node, endpoint, msg))
+    roster = sorted([*d.membership.peers(), d._peer_info()], key=lambda p: p.id)
+    assert [p.id for p in roster] == ["a", "b", "d"]
+    d._broadcast(PLAN, 0, {"paths": []}, list(reversed(roster)))
+    assert order == ["a", "b"]  # the stage-0 nodes (a; d itself, through its inbox) before b
+    assert d.inbox.get(timeout=1).sender == "d"
