@@ -441,8 +441,10 @@ class PipelineNode:
         self.membership.announce(self._peer_info())  # round -1: not (or no longer) a member
         planned = False
         while not self.stop.is_set():
-            if self._prev is None and not planned and self._leader() == self.id and self._fresh_swarm():
-                planned = self._send_plan(0)
+            if self._prev is None and not planned and self._fresh_swarm():
+                roster = self._roster()
+                if self._leader(roster) == self.id:
+                    planned = self._send_plan(0, roster)
             for number in sorted(self.plans):
                 msg = self.plans[number]
                 problem = check_plan(msg.meta)
@@ -583,8 +585,7 @@ class PipelineNode:
         return bool(self.stop.is_set() or (t.rounds and it >= t.rounds - 1)
                     or (t.max_time_s and elapsed + per_iter >= t.max_time_s))
 
-    def _send_plan(self, it: int) -> bool:
-        roster = self._roster()
+    def _send_plan(self, it: int, roster: list[PeerInfo]) -> bool:
         members, joins = self._members(roster)
         missing = sorted(set(range(self.p.stages)) - {p.stage for p in members})
         if missing:
@@ -641,10 +642,11 @@ class PipelineNode:
                     self.member = False
                     return None
                 self._reject(msg, problem)
-            leader = self._leader()
+            roster = self._roster()
+            leader = self._leader(roster)
             if leader == self.id and not planned:
-                self._relay_orphaned_plan()  # (before the next plan: the missed one comes first)
-                planned = self._send_plan(it)
+                self._relay_orphaned_plan(roster)  # (before the next plan: the missed one comes first)
+                planned = self._send_plan(it, roster)
             if not warned and self.plans and min(self.plans) > it and time.monotonic() - waiting_since > 5.0:
                 warned = True  # (a plan lost to a leader that died while sending it)
                 log.warning("iteration %d: its plan has not come but that of %d has; waiting for the next "
@@ -768,16 +770,13 @@ class PipelineNode:
                 msg = Message(DROP, round=work.number, meta={"mb": m, "eval": is_eval, "why": why})
                 self._send_to(node, work.endpoints[node], msg)
 
-    def _relay_orphaned_plan(self, roster: list[PeerInfo] | None = None) -> None:
+    def _relay_orphaned_plan(self, roster: list[PeerInfo]) -> None:
         """Send the last plan again to every node it names, once, if this node leads now and
         the plan's sender is gone: a leader killed while it sent a plan may have reached only
         some of them, and those it missed would wait for that plan while the rest go on.
         Those that had it drop the copy."""
         plan = self._last_plan
-        if plan is None or plan.sender == self.id or plan.round in self._relayed:
-            return
-        roster = self._roster() if roster is None else roster
-        if self._leader(roster) != self.id:
+        if plan is None or plan.sender == self.id or plan.round in self._relayed or self._leader(roster) != self.id:
             return
         self._relayed.add(plan.round)
         log.info("iteration %d: %s, which planned it, is gone: sending its plan again", plan.round, plan.sender)
@@ -786,9 +785,7 @@ class PipelineNode:
             if node != self.id and (node, endpoint) in live:
                 self._send_to(node, endpoint, Message(PLAN, round=plan.round, meta=plan.meta))
 
-    def _check_paths_alive(self, work: _Iteration) -> None:
-        roster = self._roster()
-        self._relay_orphaned_plan(roster)
+    def _check_paths_alive(self, work: _Iteration, roster: list[PeerInfo]) -> None:
         # by endpoint too: a node restarted under the same id is not the one on the path
         live = {(p.id, p.endpoint) for p in roster}
         for (m, is_eval), path in work.pending_paths().items():
@@ -820,7 +817,9 @@ class PipelineNode:
                     self._abandon(work, m, is_eval, f"not done {self.p.iteration_timeout_s:.0f}s into the iteration")
                 break
             if now >= next_check:  # the DHT has no change notification: poll it while waiting
-                self._check_paths_alive(work)
+                roster = self._roster()  # (one read for both checks)
+                self._relay_orphaned_plan(roster)
+                self._check_paths_alive(work, roster)
                 next_check = now + 1.0
                 continue
             msg = self._pull(work.number, timeout=min(deadline, next_check) - now)
@@ -930,10 +929,10 @@ class PipelineNode:
         deadline = time.monotonic() + self.p.iteration_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
             # (checked each pass: the leader may die after the last plan and this node lead)
-            if not planned and self._leader() == self.id:
+            roster = [] if planned else self._roster()
+            if roster and self._leader(roster) == self.id:
                 planned = True
-                self._relay_orphaned_plan()
-                roster = self._roster()
+                self._relay_orphaned_plan(roster)
                 members, _ = self._members(roster)
                 meta = {"paths": [], "eval": self._eval_paths(members),
                         "endpoints": {p.id: p.endpoint for p in roster}, "stages": {p.id: p.stage for p in members}}

@@ -65,12 +65,12 @@ def test_a_plan_the_dying_leader_sent_to_some_nodes_only_reaches_the_rest(swarm)
     waiter = threading.Thread(daemon=True, target=lambda: got.setdefault("work", b._wait_plan(0)))
     waiter.start()
     alive.discard("a")  # (its DHT record expires)
-    d._relay_orphaned_plan()  # d leads now: the plan goes out again, to those that are alive
+    d._relay_orphaned_plan(d._roster())  # d leads now: the plan goes out again, to those that are alive
     waiter.join(timeout=30)
     assert not waiter.is_alive(), "b still waits for the plan of iteration 0"
     assert got["work"].paths == meta["paths"] and got["work"].number == 0
     # once only; and a copy of a plan already taken is dropped, not kept as a later one
-    d._relay_orphaned_plan()
+    d._relay_orphaned_plan(d._roster())
     transports["b"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
     assert d._pull(1, timeout=2.0) is None and d.plans == {}
     assert d.transport.sent_by_kind.get(PLAN) == 1
