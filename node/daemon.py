@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from optim import (
+from loco.optim import (
     CO2,
     DataParallel,
     DiLoCo,
@@ -35,15 +34,15 @@ from optim import (
     StreamingDiLoCo,
     strided_fragments,
 )
-from optim.streaming import FragmentEvent
-from protocols.codecs import Compressor, codec_family
-from protocols.codecs.lgreco import make_plan, plan_digest
-from protocols.collective import CollectiveTimeouts, GroupAllReduce, RoundResult
-from protocols.gossip import GroupExchange
-from protocols.membership import Membership, PeerInfo
-from protocols.shaper import Cut, LinkProfile, Shaper
-from protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
-from protocols.transport import Transport
+from loco.optim.streaming import FragmentEvent
+from loco.protocols.codecs import Compressor, codec_family
+from loco.protocols.codecs.lgreco import make_plan, plan_digest
+from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce, RoundResult
+from loco.protocols.gossip import GroupExchange
+from loco.protocols.membership import Membership, PeerInfo
+from loco.protocols.shaper import Cut, LinkProfile, Shaper
+from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
+from loco.protocols.transport import Transport
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, LinkConfig, NetworkConfig, config_to_dict, parse_bandwidth

@@ -49,15 +49,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from optim import DiLoCo, NoLoCo
-from protocols.collective import CollectiveTimeouts, GroupAllReduce
-from protocols.gossip import GroupExchange
-from protocols.membership import PeerInfo
-from protocols.pipeline.probe import LinkProber
-from protocols.pipeline.schedule import PipeNode, Setting, check_path, full_pipeline, random_paths, schedule
-from protocols.state_sync import tensors_hash
-from protocols.wire import Message
+from loco.optim import DiLoCo, NoLoCo
+from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
+from loco.protocols.gossip import GroupExchange
+from loco.protocols.membership import PeerInfo
+from loco.protocols.pipeline.probe import LinkProber
+from loco.protocols.pipeline.schedule import (
+    PipeNode,
+    Setting,
+    check_path,
+    full_pipeline,
+    random_paths,
+    schedule,
+)
+from loco.protocols.state_sync import tensors_hash
+from loco.protocols.wire import Message
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
@@ -985,7 +991,7 @@ class PipelineNode:
     def _assign(self) -> None:
         """pipeline.auto_assign: the smallest id places every node on a stage from the
         measured speeds and links (keeping each stage's replica count) and tells the rest."""
-        from protocols.pipeline.schedule import assign_stages
+        from loco.protocols.pipeline.schedule import assign_stages
 
         if not self._fresh_swarm():  # too late for the placement: fill the thinnest stage
             have = Counter(p.stage for p in self.membership.peers() if p.round >= 0)

@@ -6,7 +6,7 @@ on its stdin and writes the helpers' "pid starttime" lines to it. When the pipe 
 (the node exited, however it died) the reaper kills every listed process that still has
 the same start time (so a recycled pid is never hit), then exits.
 
-Run as: python -m node.reaper  (the node does it; not meant for users)
+Run as: python -m loco.node.reaper  (the node does it; not meant for users)
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.reaper"], stdin=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "loco.node.reaper"], stdin=subprocess.PIPE, text=True,
             start_new_session=False,
         )
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from optim.communicator import ReduceResult
-from optim.flat import split_like
+from loco.optim.communicator import ReduceResult
+from loco.optim.flat import split_like
 
 
 class HostStaging:

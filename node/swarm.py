@@ -38,7 +38,7 @@ class LocalNode:
 
 def node_command(node_id: str, out: Path, config: str | None, overrides: list[str],
                  initial_peer: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "node.cli", "node", "start", "--out", str(out), "--node-id", node_id]
+    cmd = [sys.executable, "-m", "loco.node.cli", "node", "start", "--out", str(out), "--node-id", node_id]
     if config:
         cmd += ["--config", config]
     for item in overrides:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-
-from optim.communicator import ReduceResult
-from protocols.collective import GroupAllReduce, RoundResult
-from protocols.gossip import ExchangeResult, GroupExchange, random_groups
-from protocols.membership import PeerInfo
+from loco.optim.communicator import ReduceResult
+from loco.protocols.collective import GroupAllReduce, RoundResult
+from loco.protocols.gossip import ExchangeResult, GroupExchange, random_groups
+from loco.protocols.membership import PeerInfo
 
 
 class SwarmCommunicator:

@@ -38,9 +38,9 @@ def _loco(rank, n, size, repeats, barrier, endpoints, results) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from protocols.collective import CollectiveTimeouts, GroupAllReduce
-    from protocols.membership import PeerInfo
-    from protocols.transport import Transport
+    from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
+    from loco.protocols.membership import PeerInfo
+    from loco.protocols.transport import Transport
 
     t = Transport(f"p{rank}")
     endpoints[rank] = t.endpoint

@@ -31,9 +31,8 @@ def worker(rank: int, world: int, master: str, steps: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-
-    from node.config import Config
-    from node.trainer import Trainer
+    from loco.node.config import Config
+    from loco.node.trainer import Trainer
 
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0")  # the namespace's veth, not loopback
@@ -83,11 +82,11 @@ def run_gloo(nodes: int, bandwidth: str, steps: int) -> dict:
 
 
 def run_loco(nodes: int, bandwidth: str, steps: int) -> dict:
-    from node.metrics import read_metrics
+    from loco.node.metrics import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        subprocess.run([sys.executable, "-m", "node.cli", "swarm", "--nodes", str(nodes), "--out", str(out),
+        subprocess.run([sys.executable, "-m", "loco.node.cli", "swarm", "--nodes", str(nodes), "--out", str(out),
                         "--set", "optim.algorithm='ddp'", "--set", f"optim.inner_steps={steps}",
                         "--set", "train.rounds=1", "--set", f"network.bandwidth='{bandwidth}'"],
                        cwd=ROOT, check=True, capture_output=True)

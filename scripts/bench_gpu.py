@@ -34,12 +34,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.config import build_config  # noqa: E402
-from node.data import Sampler, load_corpus, node_seed  # noqa: E402
-from node.metrics import read_metrics  # noqa: E402
-from node.model import GPT  # noqa: E402
-from node.staging import HostStaging  # noqa: E402
-from optim.outer import nesterov_sgd_step  # noqa: E402
+from loco.node.config import build_config  # noqa: E402
+from loco.node.data import Sampler, load_corpus, node_seed  # noqa: E402
+from loco.node.metrics import read_metrics  # noqa: E402
+from loco.node.model import GPT  # noqa: E402
+from loco.node.staging import HostStaging  # noqa: E402
+from loco.optim.outer import nesterov_sgd_step  # noqa: E402
 
 # the parts of a round outside the inner steps, as the outer records report them
 BETWEEN = ("wait_s", "hash_wait_s", "serve_s", "publish_s", "eval_s", "weights_hash_s")
@@ -86,7 +86,7 @@ def _sets(items: dict) -> list[str]:
 def run_loco(args: list[str], out: Path, timeout_s: float = 900) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = (out.parent / f"{out.name}.log").open("w")
-    p = subprocess.run([sys.executable, "-m", "node.cli", *args, "--out", str(out)], cwd=REPO, env=env,
+    p = subprocess.run([sys.executable, "-m", "loco.node.cli", *args, "--out", str(out)], cwd=REPO, env=env,
                        stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
     if p.returncode:
         raise RuntimeError(f"loco {' '.join(args[:2])} failed; see {log.name}:\n{Path(log.name).read_text()[-3000:]}")

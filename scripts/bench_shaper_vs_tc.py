@@ -27,8 +27,8 @@ CHUNK = 1 << 20  # floats: 4 MiB messages
 
 
 def receiver(bind: str, count: int, repeats: int) -> None:
-    from protocols.transport import Transport
-    from protocols.wire import Message
+    from loco.protocols.transport import Transport
+    from loco.protocols.wire import Message
 
     t = Transport("recv", listen_host=bind, port=PORT)
     for rep in range(repeats):
@@ -43,11 +43,10 @@ def receiver(bind: str, count: int, repeats: int) -> None:
 
 def sender(bind: str, target: str, count: int, repeats: int, bandwidth: str | None) -> list[float]:
     import torch
-
-    from node.config import parse_bandwidth
-    from protocols.shaper import Shaper
-    from protocols.transport import Transport
-    from protocols.wire import Message
+    from loco.node.config import parse_bandwidth
+    from loco.protocols.shaper import Shaper
+    from loco.protocols.transport import Transport
+    from loco.protocols.wire import Message
 
     shaper = Shaper(uplink_bps=parse_bandwidth(bandwidth)) if bandwidth else None
     t = Transport("send", listen_host=bind, shaper=shaper)
@@ -87,7 +86,8 @@ def main() -> None:
         print(f"RESULT {statistics.median(times):.4f}", flush=True)
         return
 
-    from node.config import parse_bandwidth
+    from loco.node.config import parse_bandwidth
+
     from scripts.netns import Namespaces, address
 
     nbytes = count * CHUNK * 4

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _loco_receiver(conn, count: int, repeats: int) -> None:
-    from protocols.transport import Transport
-    from protocols.wire import Message
+    from loco.protocols.transport import Transport
+    from loco.protocols.wire import Message
 
     t = Transport("recv")
     conn.send(t.endpoint)
@@ -37,9 +37,8 @@ def _loco_receiver(conn, count: int, repeats: int) -> None:
 
 def _loco_sender(endpoint: str, size: int, count: int, repeats: int) -> list[float]:
     import torch
-
-    from protocols.transport import Transport
-    from protocols.wire import Message
+    from loco.protocols.transport import Transport
+    from loco.protocols.wire import Message
 
     t = Transport("send")
     data = torch.randn(size)

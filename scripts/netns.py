@@ -2,7 +2,7 @@
 pairs to a bridge, each link shaped with tc (root only).
 
     sudo python scripts/netns.py up --nodes 4 --bandwidth 100mbit [--latency-ms 50]
-    sudo python scripts/netns.py exec 2 -- python -m node.cli node start ...
+    sudo python scripts/netns.py exec 2 -- python -m loco.node.cli node start ...
     sudo python scripts/netns.py down
 
 Node i lives in namespace ``loco<i>`` with address 10.231.0.<i+1>/24 on its ``eth0``.

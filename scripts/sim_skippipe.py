@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocols.pipeline.schedule import (  # noqa: E402
+from loco.protocols.pipeline.schedule import (  # noqa: E402
     PipeNode,
     Setting,
     assign_stages,

@@ -77,7 +77,7 @@ class Procs:
     def loco(self, *args: str, log: str) -> subprocess.Popen:
         f = (self.tmp / f"{log}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        p = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([sys.executable, "-m", "loco.node.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True)
         f.close()
         self.procs.append(p)
@@ -90,7 +90,7 @@ class Procs:
     def reap(self) -> None:
         """Kill every process a test started and everything they started: a launcher's
         nodes run in sessions of their own, so killing the launcher's group is not enough."""
-        from node.reaper import descendants
+        from loco.node.reaper import descendants
 
         for p in self.procs:
             groups = {p.pid}

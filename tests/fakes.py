@@ -6,8 +6,7 @@ import threading
 from collections.abc import Sequence
 
 import torch
-
-from optim.communicator import ReduceResult
+from loco.optim.communicator import ReduceResult
 
 
 class SoloComm:

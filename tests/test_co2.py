@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
+from loco.optim import CO2
 
-from optim import CO2
 from tests.fakes import DelayedComm, FailingComm, SoloComm, ThreadGroup
 
 

@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-
-from protocols.codecs import CODECS, CodecError, Compressor, Layout, make_codec
-from protocols.codecs.base import as_float32
+from loco.protocols.codecs import CODECS, CodecError, Compressor, Layout, make_codec
+from loco.protocols.codecs.base import as_float32
 
 
 def _inputs() -> dict[str, torch.Tensor]:

@@ -8,13 +8,12 @@ import threading
 
 import pytest
 import torch
-
-from protocols.codecs import Compressor
-from protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
-from protocols.membership import PeerInfo
-from protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
-from protocols.transport import Transport
-from protocols.wire import Message
+from loco.protocols.codecs import Compressor
+from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
+from loco.protocols.membership import PeerInfo
+from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
+from loco.protocols.transport import Transport
+from loco.protocols.wire import Message
 
 FAST = CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=5, decision_s=5, max_attempts=3)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-
-from node.cli import main
-from node.config import ConfigError, load_config
+from loco.node.cli import main
+from loco.node.config import ConfigError, load_config
 
 
 def test_defaults_are_valid():

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from node.checkpoint import load_checkpoint, save_checkpoint
-from node.config import ConfigError, build_config
-from node.devices import resolve_device, swarm_devices
-from node.staging import HostStaging, StagedCommunicator
-from node.trainer import Trainer
-from optim.communicator import ReduceResult
+from loco.node.checkpoint import load_checkpoint, save_checkpoint
+from loco.node.config import ConfigError, build_config
+from loco.node.devices import resolve_device, swarm_devices
+from loco.node.staging import HostStaging, StagedCommunicator
+from loco.node.trainer import Trainer
+from loco.optim.communicator import ReduceResult
 
 SMALL = {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16},
          "data": {"batch_size": 4, "max_bytes": 200_000, "val_batches": 1}}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import torch
+from loco.optim import DiLoCo
 
-from optim import DiLoCo
 from tests.fakes import FailingComm, SoloComm, ThreadGroup
 
 
@@ -129,7 +129,7 @@ def test_state_dict_round_trip_keeps_local_params():
 
 def test_data_parallel_averages_gradients_and_matches_large_batch_sgd():
     """Two replicas with DataParallel on half batches == one model on the full batch."""
-    from optim import DataParallel
+    from loco.optim import DataParallel
 
     n = 2
     group = ThreadGroup(n)

@@ -8,13 +8,12 @@ import time
 
 import pytest
 import torch
-
-from node.sync import GossipCommunicator
-from protocols.gossip import GOSSIP, GroupExchange, random_groups
-from protocols.membership import PeerInfo
-from protocols.state_sync import StateServer, fetch_state
-from protocols.transport import Transport
-from protocols.wire import Message
+from loco.node.sync import GossipCommunicator
+from loco.protocols.gossip import GOSSIP, GroupExchange, random_groups
+from loco.protocols.membership import PeerInfo
+from loco.protocols.state_sync import StateServer, fetch_state
+from loco.protocols.transport import Transport
+from loco.protocols.wire import Message
 
 
 @pytest.fixture
@@ -159,8 +158,8 @@ def test_state_server_keeps_history_and_answers_the_oldest_matching_round():
 
 
 def test_compressed_exchange_delivers_what_the_sender_decoded():
-    from protocols.codecs import Compressor, Layout
-    from protocols.flat import flat_of
+    from loco.protocols.codecs import Compressor, Layout
+    from loco.protocols.flat import flat_of
 
     a, b = Transport("c0"), Transport("c1")
     try:

@@ -9,14 +9,13 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-from node.config import ModelConfig
-from node.model import build_model, unique_parameters
-from protocols.codecs import Compressor
-from protocols.codecs.lgreco import candidate_levels, make_plan, solve
-from protocols.collective import CollectiveTimeouts, GroupAllReduce
-from protocols.membership import PeerInfo
-from protocols.transport import Transport
+from loco.node.config import ModelConfig
+from loco.node.model import build_model, unique_parameters
+from loco.protocols.codecs import Compressor
+from loco.protocols.codecs.lgreco import candidate_levels, make_plan, solve
+from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
+from loco.protocols.membership import PeerInfo
+from loco.protocols.transport import Transport
 
 
 def test_dp_matches_brute_force_within_the_budget():

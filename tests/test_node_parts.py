@@ -7,11 +7,10 @@ import errno
 import numpy as np
 import pytest
 import torch
-
-from node import checkpoint as ckpt
-from node.config import ConfigError, DataConfig, ModelConfig
-from node.data import Sampler, load_corpus, node_seed
-from node.model import GPT, build_model, unique_parameters
+from loco.node import checkpoint as ckpt
+from loco.node.config import ConfigError, DataConfig, ModelConfig
+from loco.node.data import Sampler, load_corpus, node_seed
+from loco.node.model import GPT, build_model, unique_parameters
 
 
 def test_builtin_gpt_shapes_and_tied_weights():

@@ -6,12 +6,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from node.config import build_config
-from node.pipeline import _QUEUED, PLAN, PipelineNode
-from protocols.membership import PeerInfo
-from protocols.transport import Transport
-from protocols.wire import Message
+from loco.node.config import build_config
+from loco.node.pipeline import _QUEUED, PLAN, PipelineNode
+from loco.protocols.membership import PeerInfo
+from loco.protocols.transport import Transport
+from loco.protocols.wire import Message
 
 
 class _View:

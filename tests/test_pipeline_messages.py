@@ -4,12 +4,11 @@ reason (tests of the pure checks; the swarm tests cover the happy path)."""
 from __future__ import annotations
 
 import torch
-
-from node.checkpoint import save_checkpoint
-from node.config import build_config
-from node.pipeline import BWD, DROP, FWD, PipelineNode, _Iteration, check_plan, check_task
-from protocols.state_sync import tensors_hash
-from protocols.wire import Message
+from loco.node.checkpoint import save_checkpoint
+from loco.node.config import build_config
+from loco.node.pipeline import BWD, DROP, FWD, PipelineNode, _Iteration, check_plan, check_task
+from loco.protocols.state_sync import tensors_hash
+from loco.protocols.wire import Message
 
 SHAPE = (2, 8, 16)
 PLAN = {"paths": [["a", "b", "c", "a"], ["d", "c", "d"]], "eval": [["a", "b", "c", "a"]],

@@ -8,8 +8,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from protocols.pipeline.schedule import (
+from loco.protocols.pipeline.schedule import (
     PipeNode,
     Setting,
     check_path,
@@ -151,7 +150,7 @@ def test_paper_like_setting_scheduled_paths_are_much_faster():
 
 
 def test_stage_assignment_search_never_does_worse_and_keeps_stage_sizes():
-    from protocols.pipeline.schedule import assign_stages
+    from loco.protocols.pipeline.schedule import assign_stages
 
     rng = random.Random(5)
     nodes = [PipeNode(f"n{i}", i % 3, speed=rng.uniform(0.3, 2.0)) for i in range(7)]

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from node.config import ModelConfig
-from node.model import GPT
-from node.stages import StageModel, assemble, loss_skipping, stage_blocks
+from loco.node.config import ModelConfig
+from loco.node.model import GPT
+from loco.node.stages import StageModel, assemble, loss_skipping, stage_blocks
 
 CFG = ModelConfig(n_layer=5, n_head=2, n_embd=16, block_size=8)
 

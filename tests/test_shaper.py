@@ -7,12 +7,11 @@ import time
 
 import pytest
 import torch
-
-from protocols.collective import CollectiveTimeouts, GroupAllReduce
-from protocols.membership import PeerInfo
-from protocols.shaper import Cut, LinkProfile, Shaper
-from protocols.transport import Transport
-from protocols.wire import Message
+from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
+from loco.protocols.membership import PeerInfo
+from loco.protocols.shaper import Cut, LinkProfile, Shaper
+from loco.protocols.transport import Transport
+from loco.protocols.wire import Message
 
 MBIT = 1e6
 
@@ -120,9 +119,8 @@ def test_messages_held_by_the_shaper_leave_before_close():
     """A node that sends and exits at once (its last gossip, its last reduce part) must not
     lose what the emulated link was still holding."""
     import torch
-
-    from protocols.transport import Transport
-    from protocols.wire import Message
+    from loco.protocols.transport import Transport
+    from loco.protocols.wire import Message
 
     receiver = Transport("rx")
     sender = Transport("tx", shaper=Shaper(LinkProfile(latency_s=0.5)))

@@ -67,7 +67,7 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
             ra, rb = recs[a][it], recs[b][it]
             assert ra["weights_hash"] == rb["weights_hash"] and ra["group_size"] == 2, (it, s)
     # the checkpoints make the whole model again: its loss is the leader's final validation
-    ev = subprocess.run([sys.executable, "-m", "node.cli", "eval-skips", str(out)], cwd=REPO,
+    ev = subprocess.run([sys.executable, "-m", "loco.node.cli", "eval-skips", str(out)], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
     rows = json.loads((out / "skip_eval.json").read_text())

@@ -7,9 +7,8 @@ import time
 import pytest
 import torch
 import zmq
-
-from protocols.transport import Transport
-from protocols.wire import Message, encode
+from loco.protocols.transport import Transport
+from loco.protocols.wire import Message, encode
 
 
 @pytest.fixture

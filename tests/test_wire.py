@@ -5,9 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
-
-from protocols import wire
-from protocols.wire import (
+from loco.protocols import wire
+from loco.protocols.wire import (
     BadSignature,
     MalformedHeader,
     Message,
