@@ -21,11 +21,11 @@ demo: setup  ## a local swarm of $(NODES) node processes training the built-in G
 	$(BIN)/loco swarm --nodes $(NODES)
 
 test: setup  ## lint + the full test suite (unit, in-process peers, real multi-process swarms)
-	$(BIN)/ruff check node protocols optim scripts tests
+	$(BIN)/ruff check node protocols optim scripts tests examples
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check node protocols optim scripts tests
+	$(BIN)/ruff check node protocols optim scripts tests examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

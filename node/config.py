@@ -111,7 +111,7 @@ class DataConfig(_Section):
 
 
 class NoLoCoConfig(_Section):
-    """NoLoCo (ALGORITHMS.md section 3): gossip averaging in small random groups."""
+    """NoLoCo (docs/ALGORITHMS.md section 3): gossip averaging in small random groups."""
 
     alpha: float = Field(0.5, ge=0, lt=1)
     """α: outer momentum of δ."""
@@ -126,7 +126,7 @@ class NoLoCoConfig(_Section):
 
 
 class CO2Config(_Section):
-    """CO2 (ALGORITHMS.md section 4): the all-reduce of round t runs during round t+1."""
+    """CO2 (docs/ALGORITHMS.md section 4): the all-reduce of round t runs during round t+1."""
 
     outer_lr: float = Field(1.0, gt=0)
     """η: outer learning rate."""
@@ -142,7 +142,7 @@ class CO2Config(_Section):
 
 
 class StreamingConfig(_Section):
-    """Streaming DiLoCo (ALGORITHMS.md section 2): fragments on staggered schedules."""
+    """Streaming DiLoCo (docs/ALGORITHMS.md section 2): fragments on staggered schedules."""
 
     fragments: int = Field(2, ge=1)
     """P: fragments, strided over the transformer blocks."""
@@ -184,7 +184,7 @@ class OptimConfig(_Section):
 
     @model_validator(mode="after")
     def _outer_state_device(self) -> OptimConfig:
-        if self.outer_state_device == "cpu" and self.algorithm not in ("diloco", "ddp"):
+        if self.outer_state_device == "cpu" and self.algorithm != "diloco":
             raise ValueError(f"outer_state_device = 'cpu' is implemented for diloco, not {self.algorithm!r}")
         return self
 
@@ -215,7 +215,7 @@ class CollectiveConfig(_Section):
 
 
 class LGrecoConfig(_Section):
-    """L-GreCo (ALGORITHMS.md section 6): per-layer levels, re-planned every few rounds."""
+    """L-GreCo (docs/ALGORITHMS.md section 6): per-layer levels, re-planned every few rounds."""
 
     enabled: bool = False
     """Plan per-layer levels (diloco and co2; the codec must have levels: int*, topk, powersgd)."""
@@ -320,7 +320,7 @@ class NetworkConfig(LinkConfig):
 
 
 class PipelineConfig(_Section):
-    """SkipPipe (ALGORITHMS.md section 5): the built-in GPT split into stages over the swarm's
+    """SkipPipe (docs/ALGORITHMS.md section 5): the built-in GPT split into stages over the swarm's
     nodes; each microbatch takes its own scheduled path. Off while ``stages`` < 2."""
 
     stages: int = Field(0, ge=0)

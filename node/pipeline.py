@@ -1,4 +1,4 @@
-"""The SkipPipe node (ALGORITHMS.md section 5): one stage of the GPT, microbatches that arrive
+"""The SkipPipe node (docs/ALGORITHMS.md section 5): one stage of the GPT, microbatches that arrive
 along scheduled paths, and the stage's replicas kept in sync.
 
 One iteration, as a node sees it::
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from loco.optim import DiLoCo, NoLoCo
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
@@ -67,12 +68,12 @@ from loco.protocols.wire import Message
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
-from .daemon import _write_json_atomic, default_node_id, open_membership, open_transport
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
 from .metrics import MetricsWriter
 from .model import VOCAB
 from .optstate import adam_step, adam_tensors, load_adam
+from .runtime import default_node_id, open_membership, open_transport, write_json_atomic
 from .stages import StageModel
 from .staging import HostStaging, StagedCommunicator
 from .sync import GossipCommunicator, SwarmCommunicator
@@ -253,7 +254,7 @@ class PipelineNode:
         cfg = self.cfg
         if cfg.node.threads:
             torch.set_num_threads(cfg.node.threads)
-        _write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
+        write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self.transport = open_transport(cfg, self.id, self.started)
         for kind in _QUEUED:
@@ -361,7 +362,7 @@ class PipelineNode:
             self._setup()
             info = {"id": self.id, "maddrs": self.membership.maddrs, "endpoint": self.transport.endpoint,
                     "pid": os.getpid()}
-            _write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
+            write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
             print(f"loco pipeline node {self.id} (stage {self.stage})", flush=True)
             self._measure_compute()
             self.membership.start_refresh(self._peer_info)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from loco.optim.communicator import ReduceResult
 from loco.optim.flat import split_like
 

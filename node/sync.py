@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
 from loco.optim.communicator import ReduceResult
 from loco.protocols.collective import GroupAllReduce, RoundResult
 from loco.protocols.gossip import ExchangeResult, GroupExchange, random_groups

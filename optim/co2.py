@@ -1,4 +1,4 @@
-"""CO2 (Sun et al. 2024), ALGORITHMS.md section 4: local updating with the all-reduce of
+"""CO2 (Sun et al. 2024), docs/ALGORITHMS.md section 4: local updating with the all-reduce of
 round t running in the background during round t+1; its result is applied one round late.
 
 At the end of round t (x_t = the anchor the round started from, θ = this replica's

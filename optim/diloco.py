@@ -1,4 +1,4 @@
-"""DiLoCo outer optimizer (Douillard et al. 2023), ALGORITHMS.md section 1.
+"""DiLoCo outer optimizer (Douillard et al. 2023), docs/ALGORITHMS.md section 1.
 
     every replica i:   θ_i ← φ;  H inner steps  →  θ_i
     Δ    = mean_i (φ − θ_i)          # pseudo-gradient: OLD minus NEW (the sign trap)

@@ -1,4 +1,4 @@
-"""NoLoCo (Kolehmainen et al. 2025), ALGORITHMS.md section 3: no all-reduce; every outer
+"""NoLoCo (Kolehmainen et al. 2025), docs/ALGORITHMS.md section 3: no all-reduce; every outer
 step a replica averages with a small random group chosen by the communicator.
 
 For replica i in group G (φ = its slow weights, θ = its weights after H inner steps)::

@@ -1,4 +1,4 @@
-"""Streaming DiLoCo (Douillard et al. 2025), ALGORITHMS.md section 2: DiLoCo fragment by
+"""Streaming DiLoCo (Douillard et al. 2025), docs/ALGORITHMS.md section 2: DiLoCo fragment by
 fragment, on staggered schedules, with the communication overlapped by τ inner steps.
 
 The parameters are split into P fragments (``strided_fragments``: blocks p, p+P, p+2P, ...

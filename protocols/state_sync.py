@@ -56,19 +56,15 @@ def _hashes(tensors: list[torch.Tensor], prefix: int) -> tuple[str, str]:
     return first, h.hexdigest()
 
 
-# one thread hashes snapshots: BLAKE2b releases the GIL, so a model-sized hash (about a
-# second per 700 MB) runs beside training instead of between two rounds
-_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-hash")
-
-
 class Snapshot:
     """Tensors (host copies, never modified), meta, and their digest: given, or computed
     in the background from the moment the snapshot is made (``digest`` waits for it).
     ``prefix``: also the digest of the first ``prefix`` tensors (``prefix_digest``; the
-    daemon's weights come first in its state), from the same pass."""
+    daemon's weights come first in its state), from the same pass. ``hasher``: where that
+    pass runs (None: on the caller's thread, now)."""
 
     def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None,
-                 prefix: int = 0):
+                 prefix: int = 0, hasher: ThreadPoolExecutor | None = None):
         self.round = round
         self.tensors = tensors
         self.meta = meta
@@ -77,8 +73,10 @@ class Snapshot:
         self._pending: Future[tuple[str, str]] | None = None
         if digest is not None and not prefix:
             self._digests = ("", digest)
+        elif hasher is None:
+            self._digests = _hashes(tensors, prefix)
         else:
-            self._pending = _hasher.submit(_hashes, tensors, prefix)
+            self._pending = hasher.submit(_hashes, tensors, prefix)
 
     def _wait(self) -> tuple[str, str]:
         if self._digests is None:
@@ -110,6 +108,10 @@ class StateServer:
         self._snapshots: list[Snapshot] = []
         self._pending: list[tuple[float, Message]] = []
         self._lock = threading.Lock()
+        # one thread per server hashes its snapshots: BLAKE2b releases the GIL, so a
+        # model-sized hash (about a second per 700 MB) runs beside training instead of
+        # between two rounds. Owned here, so close() leaves no thread behind.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-hash")
         transport.on(f"{kind}_REQ", self._on_request)
 
     @property
@@ -121,7 +123,8 @@ class StateServer:
 
     def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], prefix: int = 0) -> Snapshot:
         # one fresh host copy each (.cpu() of a GPU tensor is already one: no second clone)
-        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta), prefix=prefix)
+        snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta), prefix=prefix,
+                        hasher=self._hasher)
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()
@@ -131,6 +134,11 @@ class StateServer:
         for m in due:
             self._reply(m, snap)
         return snap
+
+    def close(self) -> None:
+        """Stop answering and end the hashing thread (after the hash in progress)."""
+        self.transport.on(f"{self.kind}_REQ", lambda msg: None)
+        self._hasher.shutdown(wait=True)
 
     def _on_request(self, msg: Message) -> None:
         min_round, endpoint = msg.meta.get("min_round"), msg.meta.get("endpoint")

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
 from loco.protocols.codecs import CODECS, Compressor, Layout  # noqa: E402
 
 OPTIONS = {"int8": {"block": 256}, "int4": {"block": 256}, "int2": {"block": 256}, "topk": {"density": 0.01},

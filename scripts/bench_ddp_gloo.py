@@ -31,6 +31,7 @@ def worker(rank: int, world: int, master: str, steps: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
+
     from loco.node.config import Config
     from loco.node.trainer import Trainer
 

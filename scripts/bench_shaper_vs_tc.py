@@ -43,6 +43,7 @@ def receiver(bind: str, count: int, repeats: int) -> None:
 
 def sender(bind: str, target: str, count: int, repeats: int, bandwidth: str | None) -> list[float]:
     import torch
+
     from loco.node.config import parse_bandwidth
     from loco.protocols.shaper import Shaper
     from loco.protocols.transport import Transport
@@ -87,7 +88,6 @@ def main() -> None:
         return
 
     from loco.node.config import parse_bandwidth
-
     from scripts.netns import Namespaces, address
 
     nbytes = count * CHUNK * 4

@@ -37,6 +37,7 @@ def _loco_receiver(conn, count: int, repeats: int) -> None:
 
 def _loco_sender(endpoint: str, size: int, count: int, repeats: int) -> list[float]:
     import torch
+
     from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
 

@@ -1,7 +1,7 @@
 """SkipPipe's throughput model in a paper-like setting: iteration time of the full pipeline,
 random valid skip paths, and scheduled paths (protocols/pipeline/schedule.py).
 
-Setting (ALGORITHMS.md section 5): 20 nodes in 12 cloud regions, 6 stages, at most 3
+Setting (docs/ALGORITHMS.md section 5): 20 nodes in 12 cloud regions, 6 stages, at most 3
 microbatches in flight per node, 33% skip (a path visits 4 of 6 stages), swaps allowed.
 
 Latency matrix: derived from the regions' public coordinates with the usual fiber model:

@@ -75,9 +75,13 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
 
     def loco(self, *args: str, log: str) -> subprocess.Popen:
+        return self.python("-m", "loco.node.cli", *args, log=log)
+
+    def python(self, *args: str, log: str) -> subprocess.Popen:
+        """``python ARGS...`` (a script, or -m module) in a session of its own."""
         f = (self.tmp / f"{log}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        p = subprocess.Popen([sys.executable, "-m", "loco.node.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True)
         f.close()
         self.procs.append(p)

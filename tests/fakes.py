@@ -6,6 +6,7 @@ import threading
 from collections.abc import Sequence
 
 import torch
+
 from loco.optim.communicator import ReduceResult
 
 

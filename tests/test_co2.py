@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from loco.optim import CO2
 
+from loco.optim import CO2
 from tests.fakes import DelayedComm, FailingComm, SoloComm, ThreadGroup
 
 
@@ -27,7 +27,7 @@ def _train(params: list[torch.Tensor], rank: int, round: int) -> None:
 
 
 def _reference(n: int, rounds: int, eta: float, beta: float, clip: float) -> list[torch.Tensor]:
-    """The formula of ALGORITHMS.md section 4 with λ = 1, written out directly."""
+    """The formula of docs/ALGORITHMS.md section 4 with λ = 1, written out directly."""
     x = _params()
     m = [torch.zeros_like(t) for t in x]
     pending = None

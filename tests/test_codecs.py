@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from loco.protocols.codecs import CODECS, CodecError, Compressor, Layout, make_codec
 from loco.protocols.codecs.base import as_float32
 

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+
 from loco.protocols.codecs import Compressor
 from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
 from loco.protocols.membership import PeerInfo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+
 from loco.node.cli import main
 from loco.node.config import ConfigError, load_config
 

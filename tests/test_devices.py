@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loco.node.checkpoint import load_checkpoint, save_checkpoint
 from loco.node.config import ConfigError, build_config
 from loco.node.devices import resolve_device, swarm_devices

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import torch
-from loco.optim import DiLoCo
 
+from loco.optim import DiLoCo
 from tests.fakes import FailingComm, SoloComm, ThreadGroup
 
 
@@ -81,7 +81,7 @@ def test_nesterov_update_matches_the_formula_and_torch_sgd():
     phi, buf = phi0.clone(), torch.zeros(10)
     for d in deltas:
         diloco.apply([d])
-        buf = mu * buf + d  # hand-written reference (ALGORITHMS.md section 1)
+        buf = mu * buf + d  # hand-written reference (docs/ALGORITHMS.md section 1)
         phi = phi - lr * (d + mu * buf)
         ref_sgd_param.grad = d.clone()
         sgd.step()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from loco.node.cli import main
 from loco.node.config import ConfigError
 from loco.node.experiment import load_experiment, node_config
-
 from tests.conftest import read_records
 
 BASE = """

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+
 from loco.node.sync import GossipCommunicator
 from loco.protocols.gossip import GOSSIP, GroupExchange, random_groups
 from loco.protocols.membership import PeerInfo

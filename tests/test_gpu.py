@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loco.node.checkpoint import load_checkpoint, save_checkpoint
 from loco.node.config import build_config
 from loco.node.staging import StagedCommunicator
 from loco.node.trainer import Trainer
 from loco.optim import DiLoCo
-
 from tests.conftest import read_records
 from tests.test_devices import SMALL, _Mean
 from tests.test_swarm import _outer, _sets, _wait_exit

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from loco.node.config import ModelConfig
 from loco.node.model import build_model, unique_parameters
 from loco.protocols.codecs import Compressor

@@ -7,6 +7,7 @@ import errno
 import numpy as np
 import pytest
 import torch
+
 from loco.node import checkpoint as ckpt
 from loco.node.config import ConfigError, DataConfig, ModelConfig
 from loco.node.data import Sampler, load_corpus, node_seed

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import torch
-from loco.optim import DiLoCo, NoLoCo
 
+from loco.optim import DiLoCo, NoLoCo
 from tests.fakes import GroupedThreads, ThreadGroup
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from loco.node.config import build_config
 from loco.node.pipeline import _QUEUED, PLAN, PipelineNode
 from loco.protocols.membership import PeerInfo

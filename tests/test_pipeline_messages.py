@@ -4,6 +4,7 @@ reason (tests of the pure checks; the swarm tests cover the happy path)."""
 from __future__ import annotations
 
 import torch
+
 from loco.node.checkpoint import save_checkpoint
 from loco.node.config import build_config
 from loco.node.pipeline import BWD, DROP, FWD, PipelineNode, _Iteration, check_plan, check_task

@@ -8,6 +8,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from loco.protocols.pipeline.schedule import (
     PipeNode,
     Setting,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from loco.node.config import ModelConfig
 from loco.node.model import GPT
 from loco.node.stages import StageModel, assemble, loss_skipping, stage_blocks

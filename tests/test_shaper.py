@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.membership import PeerInfo
 from loco.protocols.shaper import Cut, LinkProfile, Shaper
@@ -119,6 +120,7 @@ def test_messages_held_by_the_shaper_leave_before_close():
     """A node that sends and exits at once (its last gossip, its last reduce part) must not
     lose what the emulated link was still holding."""
     import torch
+
     from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
 from loco.node.config import ModelConfig
 from loco.node.model import build_model
 from loco.optim import DiLoCo, StreamingDiLoCo, strided_fragments
 from loco.optim.streaming import schedule
-
 from tests.fakes import SoloComm
 
 

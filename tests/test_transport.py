@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 import zmq
+
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message, encode
 

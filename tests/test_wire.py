@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
+
 from loco.protocols import wire
 from loco.protocols.wire import (
     BadSignature,

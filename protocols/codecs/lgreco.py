@@ -1,4 +1,4 @@
-"""L-GreCo (Markov et al. 2024), ALGORITHMS.md section 6: per-layer compression levels
+"""L-GreCo (Markov et al. 2024), docs/ALGORITHMS.md section 6: per-layer compression levels
 that minimize total bytes while the total compression error stays within the error of
 the uniform setting.
 

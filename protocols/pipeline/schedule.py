@@ -1,4 +1,4 @@
-"""SkipPipe path scheduling (Blagoev et al. 2025), ALGORITHMS.md section 5: which nodes each
+"""SkipPipe path scheduling (Blagoev et al. 2025), docs/ALGORITHMS.md section 5: which nodes each
 microbatch visits, and in which order, so that an iteration finishes soonest.
 
 A pure algorithm over a throughput model; no network, no torch.

@@ -1,0 +1,367 @@
+"""What every outer algorithm of the library does the same way: count the caller's inner
+steps, end a round every H of them, serve the synchronized state to peers that join or
+fall behind, adopt a peer's state when this process is behind, and time and count each
+round. The subclasses (``loco.DiLoCo``, ...) say only what differs: how a round syncs,
+what is synchronized, how a peer's state is adopted.
+
+Round clock: a round's ``compute_s`` is the caller's time since the previous round ended
+(or since ``restart_clock()``), less what ``step()`` spent on the network inside the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from loco.node.config import CollectiveConfig, CompressionConfig
+from loco.node.staging import StagedCommunicator
+from loco.protocols.codecs import Compressor, codec_family
+from loco.protocols.codecs.lgreco import make_plan, plan_digest
+from loco.protocols.collective import CollectiveTimeouts
+from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
+
+from .report import RoundReport
+from .swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[RoundReport], None]
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+def unique_parameters(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Parameters in a fixed order, each once (tied weights appear once)."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    return list(dict.fromkeys(params))
+
+
+def as_compression(compression: str | CompressionConfig) -> CompressionConfig:
+    return CompressionConfig(codec=compression) if isinstance(compression, str) else compression
+
+
+def collective_timeouts(t: CollectiveConfig) -> CollectiveTimeouts:
+    return CollectiveTimeouts(t.matchmaking_timeout_s, t.join_timeout_s, t.allreduce_timeout_s,
+                              t.decision_timeout_s, t.max_attempts)
+
+
+class OuterAlgorithm:
+    """Base of the library's algorithms. Call ``step()`` once after every inner optimizer
+    step; every ``inner_steps`` calls it runs the round's synchronization and returns a
+    ``RoundReport`` (None between rounds)."""
+
+    name: ClassVar[str] = ""
+    catch_up_slack: ClassVar[int] = 0
+    """How many rounds a peer may be ahead before this process adopts its state (no barrier
+    between rounds makes one round normal for CO2, two for NoLoCo)."""
+    fine_grained: ClassVar[bool] = False
+    """Sync ids count inner steps (DDP, Streaming) instead of rounds."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[torch.Tensor],
+        inner_optimizer: torch.optim.Optimizer | None,
+        swarm: Swarm,
+        *,
+        inner_steps: int = 30,
+        compression: str | CompressionConfig = "none",
+        timeouts: CollectiveConfig | None = None,
+        join: bool = True,
+        join_timeout_s: float = 120.0,
+        wait_for_peers: int = 0,
+        seed: int = 0,
+        on_round: RoundCallback | None = None,
+        on_event: EventCallback | None = None,
+    ):
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        self.model = model if isinstance(model, torch.nn.Module) else None
+        self.params = unique_parameters(model)
+        if not self.params:
+            raise ValueError("the model has no parameters to train")
+        self.inner_optimizer = inner_optimizer
+        self.swarm = swarm
+        self.inner_steps = inner_steps
+        self.compression = as_compression(compression)
+        self.timeouts = timeouts or CollectiveConfig()
+        self.join_timeout_s = join_timeout_s
+        self.wait_for_peers = wait_for_peers
+        self.seed = seed
+        self.on_round = on_round
+        self.on_event = on_event
+        self.device = self.params[0].device
+        self.round = 0
+        self.round_step = 0  # inner steps done in the current round
+        self.steps = 0  # inner steps counted since the start of training
+        self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0, "partial": 0}
+        self.last_report: RoundReport | None = None
+        self.snapshot: Snapshot | None = None
+        z = self.compression
+        self.compressor = Compressor(z.codec, z.error_feedback, block=z.block_size, density=z.density,
+                                     rank=z.rank, seed=seed)
+        self.state_server = StateServer(swarm.transport)
+        self._joined = False
+        self._closed = False
+        self._inner_comm_s = 0.0  # network time inside the round's steps (DDP, Streaming)
+        self.restart_clock()
+        self._build()
+        if join:
+            self.join()
+
+    # ----------------------------------------------------- for subclasses
+    def _build(self) -> None:
+        """Create the communicator and the math object."""
+        raise NotImplementedError
+
+    def _sync_round(self, final: bool) -> tuple[str, int, str, dict[str, Any]] | None:
+        """The round's synchronization: (status, group size, reason, extra metrics), leaving
+        ``self.round`` at the next round; None: stopping, the round did not happen."""
+        raise NotImplementedError
+
+    def _synchronized(self) -> list[torch.Tensor]:
+        """What must be identical on every replica (served to peers that adopt this state)."""
+        return self.math.synchronized_tensors()
+
+    def _weights(self) -> list[torch.Tensor]:
+        """The synchronized weights (their hash is the round's ``weights_hash``)."""
+        return self.math.anchor
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {}
+
+    def _load_synchronized(self, tensors: list[torch.Tensor], meta: dict[str, Any], source: str) -> None:
+        self.math.load_synchronized(tensors, int(meta.get("outer_steps", 0)))
+
+    def _outer_steps(self) -> int:
+        return self.math.outer_steps
+
+    def _math_state(self) -> dict[str, Any]:
+        return self.math.state_dict()
+
+    def _load_math_state(self, state: dict[str, Any]) -> None:
+        self.math.load_state_dict(state)
+
+    def _after_inner_step(self) -> None:
+        """Called by ``step()`` after counting an inner step (Streaming's fragments, DDP)."""
+
+    def _can_publish(self) -> bool:
+        return True
+
+    def _staged(self, comm):
+        """GPU tensors leave and enter through reused pinned host buffers."""
+        return StagedCommunicator(comm, self.device) if self.device.type == "cuda" else comm
+
+    @property
+    def stop_event(self):
+        return self.swarm.stop_event
+
+    # --------------------------------------------------------------- public
+    def sync_gradients(self) -> bool:
+        """Between backward and the inner optimizer's step: DDP averages the gradients here;
+        the local-update algorithms do nothing. False: skip this step's update."""
+        return True
+
+    def step(self, final: bool = False) -> RoundReport | None:
+        """Count one inner step; at the end of a round (every ``inner_steps`` calls, or now
+        with ``final=True``: the last step of training, which also lands what is still in
+        flight) synchronize and return the round's report."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        if not self._joined:
+            self.join()
+        started = self.round
+        self.steps += 1
+        self.round_step += 1
+        self._after_inner_step()
+        if self.round_step < self.inner_steps and self.round == started and not final:
+            return None
+        return self._end_round(started, final)
+
+    def flush(self) -> None:
+        """After the last step: land what is still in flight in the weights (CO2's last
+        reduce, Streaming DiLoCo's last fragment). ``step(final=True)`` does the same and
+        reports it with the round."""
+
+    def join(self) -> None:
+        """Wait for peers (``wait_for_peers``, or one when the swarm was given initial peers),
+        adopt the state of a peer that is ahead (a late joiner, a restart), and serve this
+        process's state. ``step()`` calls it first if the constructor did not."""
+        want = max(self.wait_for_peers, 1 if self.swarm.initial_peers else 0)
+        if want:
+            found = self.swarm.wait_for_peers(want, self.join_timeout_s)
+            if len(found) < want:
+                log.warning("%d of %d peers visible after %.0fs; starting anyway", len(found), want,
+                            self.join_timeout_s)
+            self._catch_up()
+        self._publish()
+        self._joined = True
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start the round clock now: time the caller spends between rounds (evaluation, its
+        own checkpoint) is then not counted as the next round's compute."""
+        self._clock = time.monotonic()
+        self._round_bytes0 = self.swarm.bytes_sent
+        self._codec0 = (self.compressor.encode_s, self.compressor.decode_s)
+        self._inner_comm_s = 0.0
+
+    def weights_hash(self) -> str:
+        """Hash of the synchronized weights now (equal on replicas that should be identical)."""
+        return tensors_hash(self._weights())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Outer state, error-feedback residuals, round and step: with the caller's own
+        checkpoint of the model and inner optimizer, what a restart needs."""
+        return {"algorithm": self.name, "outer": self._math_state(),
+                "compression": self.compressor.state_dict(), "round": self.round, "round_step": self.round_step,
+                "steps": self.steps, "outcomes": dict(self.outcomes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("algorithm", "diloco")
+        if saved != self.name:
+            raise ValueError(f"state was saved by algorithm {saved!r}, this is {self.name!r}")
+        self._load_math_state(state["outer"])
+        if "compression" in state:
+            self.compressor.load_state_dict(state["compression"])
+        self.round, self.round_step = int(state["round"]), int(state["round_step"])
+        self.steps = int(state.get("steps", self.steps))
+        self.outcomes.update(state.get("outcomes", {}))
+        if self._joined:
+            self._publish()
+
+    def close(self) -> None:
+        """Stop background work (a reduce in flight is waited for; with the swarm's stop
+        event set it gives up at once) and stop serving state. The swarm stays open."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_math()
+        self.state_server.close()
+
+    def _close_math(self) -> None:
+        close = getattr(self.math, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ rounds
+    def _sync_id(self) -> int:
+        """The collective round id: the outer round, or (DDP, Streaming) the swarm-wide step."""
+        return self.round * self.inner_steps + self.round_step if self.fine_grained else self.round
+
+    def _end_round(self, finished: int, final: bool) -> RoundReport | None:
+        t_end = time.monotonic()
+        out = self._sync_round(final)
+        if out is None:
+            return None
+        status, group, reason, extra = out
+        comm_s = self._inner_comm_s + (time.monotonic() - t_end)
+        compute_s = t_end - self._clock - self._inner_comm_s
+        t0 = time.monotonic()
+        published = self._publish()
+        publish_s = time.monotonic() - t0
+        extra.setdefault("sync_bytes", [self.swarm.bytes_sent - self._round_bytes0])
+        extra["encode_s"] = self.compressor.encode_s - self._codec0[0]
+        extra["decode_s"] = self.compressor.decode_s - self._codec0[1]
+        n = len(self._weights())
+        if published is not None and published.prefix == n:
+            weights_hash: Callable[[], str] = lambda: published.prefix_digest  # noqa: E731
+        else:  # no snapshot of these weights (a Streaming fragment is in flight): hash them now
+            t1 = time.monotonic()
+            now = self.weights_hash()
+            extra["weights_hash_s"] = time.monotonic() - t1
+            weights_hash = lambda: now  # noqa: E731
+        sync_bytes = extra.pop("sync_bytes")
+        self.outcomes[status] = self.outcomes.get(status, 0) + 1
+        report = RoundReport(finished, self.round, status, reason, group, compute_s, comm_s, publish_s,
+                             self.swarm.bytes_sent, self.swarm.bytes_recv,
+                             self.swarm.bytes_sent - self._round_bytes0, sync_bytes, extra, weights_hash)
+        self.last_report = report
+        self.restart_clock()
+        if self.on_round is not None:
+            self.on_round(report)
+        return report
+
+    def _publish(self) -> Snapshot | None:
+        """Serve the current synchronized state (unless a fragment is in flight: a snapshot
+        must be self-contained); tell the DHT the round. Returns the snapshot published."""
+        published = None
+        if self._can_publish():
+            meta = {"outer_steps": self._outer_steps(), "round": self.round, "round_step": self.round_step,
+                    "algorithm": self.name, **self._state_meta()}
+            synced, weights = self._synchronized(), self._weights()
+            # the weights lead the state: hash them in the same background pass
+            prefix = len(weights) if all(a is b for a, b in zip(weights, synced, strict=False)) else 0
+            self.snapshot = published = self.state_server.publish(self._sync_id(), synced, meta, prefix=prefix)
+        self.swarm.announce_round(self.round)
+        return published
+
+    def _maybe_plan(self, result, extra: dict[str, Any]) -> None:
+        """L-GreCo: every K rounds after the warm-up, plan per-layer levels from the averaged
+        update just applied (``result``: the math's OuterStepResult, before the round
+        advances). Every member applied the same one, so all plan alike."""
+        z = self.compression
+        lg, r = z.lgreco, self.round
+        if not (lg.enabled and result.applied and result.reduce is not None and result.reduce.tensors
+                and r >= lg.warmup_rounds and (r - lg.warmup_rounds) % lg.every_rounds == 0):
+            return
+        # on the host: the codecs run there, and every member must compute the same plan
+        averaged = [t.detach().cpu() for t in result.reduce.tensors]
+        plan = make_plan(codec_family(z.codec), self.compressor.base.level, averaged,
+                         {"block": z.block_size, "density": z.density, "rank": z.rank}, lg.bins)
+        self.compressor.plan = plan.levels
+        extra["lgreco"] = {"plan": plan_digest(plan.levels), "levels": [plan.levels[i] for i in sorted(plan.levels)],
+                           "error": plan.error, "uniform_error": plan.uniform_error, "bytes": plan.bytes,
+                           "uniform_bytes": plan.uniform_bytes}
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, fields)
+
+    def _source_alive(self, endpoint: str) -> Callable[[], bool]:
+        return lambda: any(p.endpoint == endpoint for p in self.swarm.peers())
+
+    def _resync_from(self, endpoint: str, min_round: int, reason: str) -> bool:
+        """Adopt the state of the peer at ``endpoint`` (round >= ``min_round``)."""
+        snap = fetch_state(self.swarm.transport, endpoint, min_round, self.join_timeout_s, self.stop_event,
+                           alive=self._source_alive(endpoint))
+        if snap is None:
+            self._event("resync_failed", round=self.round, source=endpoint, reason=reason)
+            return False
+        if snap.meta.get("algorithm", self.name) != self.name:
+            self._event("resync_failed", round=self.round, source=endpoint,
+                        reason=f"peer runs {snap.meta.get('algorithm')!r}, this process {self.name!r}")
+            return False
+        try:
+            self._load_synchronized(snap.tensors, snap.meta, endpoint)
+        except ValueError as exc:  # a peer with another model: refuse, keep training
+            self._event("resync_failed", round=self.round, source=endpoint, reason=str(exc))
+            return False
+        old = self.round
+        self.round = int(snap.meta.get("round", snap.round))
+        self.round_step = int(snap.meta.get("round_step", 0))
+        self._event("resync", round=self.round, from_round=old, source=endpoint, reason=reason,
+                    weights_hash=self.weights_hash())
+        log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)
+        return True
+
+    def _catch_up(self) -> bool:
+        """If live peers are further ahead than ``catch_up_slack``, adopt the state of the
+        furthest one (smallest id among them)."""
+        peers = self.swarm.peers()
+        if not peers:
+            return False
+        best = max(p.round for p in peers)
+        if best <= self.round + self.catch_up_slack:
+            return False
+        source = min((p for p in peers if p.round == best), key=lambda p: p.id)
+        first_id = best * self.inner_steps if self.fine_grained else best
+        return self._resync_from(source.endpoint, first_id, f"peers at round {best}")

@@ -1,0 +1,227 @@
+"""The algorithms that synchronize inside a round: ``loco.StreamingDiLoCo`` (a fragment at a
+time, on staggered steps) and ``loco.DDP`` (gradients every step, the baseline). Their
+collective ids count inner steps; a round is ``inner_steps`` steps of bookkeeping."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from loco.node.optstate import adam_step, adam_tensors, load_adam
+from loco.optim import DataParallel, strided_fragments
+from loco.optim import StreamingDiLoCo as StreamingMath
+from loco.optim.streaming import FragmentEvent
+from loco.protocols.collective import RoundResult
+from loco.protocols.state_sync import tensors_hash
+
+from .outer_step import CollectiveAlgorithm
+
+
+def _inner_status(ok: int, failed: int, what: str) -> tuple[str, str]:
+    status = "ok" if not failed else ("partial" if ok else "skipped")
+    return status, (f"{failed} of {ok + failed} {what} unsynced" if failed else "")
+
+
+class StreamingDiLoCo(CollectiveAlgorithm):
+    """Streaming DiLoCo: the model in ``fragments`` parts (strided over the blocks), each
+    all-reduced every ``inner_steps`` steps on a staggered schedule; training goes on
+    ``overlap`` steps while a fragment is in flight, then θ_p ← mix·θ_p + (1 − mix)·θ̃_p."""
+
+    name = "streaming_diloco"
+    fine_grained = True
+
+    def __init__(self, model, inner_optimizer, swarm, *, fragments: int = 2, overlap: int = 1, mix: float = 0.5,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True, **kwargs: Any):
+        self.n_fragments, self.overlap, self.mix = fragments, overlap, mix
+        self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
+        super().__init__(model, inner_optimizer, swarm, **kwargs)
+
+    def _peer_round(self, sync_id: int) -> int:
+        # sync_id is the send step s, in round (s − 1) // H, whose members may have
+        # announced the next round already
+        return (sync_id - 1) // self.inner_steps + 1
+
+    def _build(self) -> None:
+        H, P = self.inner_steps, self.n_fragments
+        if P > H:
+            raise ValueError(f"fragments ({P}) must not exceed inner_steps ({H})")
+        if self.overlap >= max(1, H // P):
+            raise ValueError(f"overlap ({self.overlap}) must be below inner_steps / fragments ({H} // {P} = {H // P})")
+        self._hash_at_launch = ""
+        self.comm = self._staged(self._communicator(self._launch_hash))
+        if self.model is not None:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            labels = [names[id(p)] for p in self.params]
+        else:  # no names: parameter i counts as block i
+            labels = [str(i) for i in range(len(self.params))]
+        parts = strided_fragments(labels, [p.numel() for p in self.params], P)
+        self.math = StreamingMath(self.params, self.comm, parts, H, self.outer_lr, self.outer_momentum,
+                                  self.nesterov, self.overlap, self.mix)
+        self._events: list[FragmentEvent] = []
+        self._fragment_bytes0: dict[int, int] = {}  # bytes sent before each fragment in flight
+
+    def _outer_steps(self) -> int:
+        return self.math.outer_steps
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {"fragment_steps": list(self.math.fragment_steps)}
+
+    def _load_synchronized(self, tensors, meta, source) -> None:
+        self.math.load_synchronized(tensors, meta.get("fragment_steps", int(meta.get("outer_steps", 0))))
+
+    def _can_publish(self) -> bool:
+        return not self.math.in_flight  # a snapshot must be self-contained
+
+    def _count_sync_bytes(self, events: list[FragmentEvent], before: int) -> list[FragmentEvent]:
+        """Bytes sent since each fragment left (``before``: if it left in this very call);
+        while a fragment is in flight, only its own traffic goes out."""
+        for e in events:
+            e.sync_bytes = self.swarm.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
+        return events
+
+    def _after_inner_step(self) -> None:
+        """Finish the fragment whose overlap is over, start the fragment whose turn it is.
+        Snapshots are published only with nothing in flight."""
+        t0 = time.monotonic()
+        s = self.round * self.inner_steps + self.round_step
+        self._hash_at_launch = self.snapshot.digest if self.snapshot is not None else ""
+        before = self.swarm.bytes_sent
+        events = self._count_sync_bytes(self.math.after_inner_step(s), before)
+        if self.math.in_flight_step is not None:
+            self._fragment_bytes0.setdefault(self.math.in_flight_step, before)
+        self._events += events
+        resynced = False
+        for e in events:
+            detail = e.reduce.detail if e.reduce is not None else None
+            if isinstance(detail, RoundResult) and detail.status == "resync":
+                self._resync_from(detail.leader_endpoint, s + 1, detail.reason)
+                resynced = True
+                break
+        if events and not resynced and not self.math.in_flight:
+            self._publish()
+        self._inner_comm_s += time.monotonic() - t0
+
+    def _sync_round(self, final: bool):
+        if self.round_step >= self.inner_steps or final:  # (a resync inside the round has moved us on)
+            self.round, self.round_step = self.round + 1, 0
+        if final:  # the last fragment in flight lands in the final weights
+            before = self.swarm.bytes_sent
+            self._events += self._count_sync_bytes(self.math.drain(), before)
+        events, self._events = self._events, []
+        ok = sum(e.applied for e in events)
+        status, reason = _inner_status(ok, len(events) - ok, "fragment syncs")
+        group = max((e.group_size for e in events), default=1)
+        extra: dict[str, Any] = {}
+        if events:
+            extra = {"fragments": [e.fragment for e in events], "sync_bytes": [e.sync_bytes for e in events]}
+        return status, group, reason, extra
+
+    def flush(self) -> None:
+        self.math.drain()
+
+
+class DDP(CollectiveAlgorithm):
+    """Synchronous data parallelism, the baseline: every step's gradients are averaged over
+    the swarm before the inner optimizer's step (through a step pre-hook on it, or an
+    explicit ``sync_gradients()`` between backward and the step). A step whose average did
+    not complete is skipped (its gradients are dropped). A round is ``inner_steps`` steps
+    of bookkeeping; replicas hold identical weights and AdamW moments."""
+
+    name = "ddp"
+    fine_grained = True
+
+    def __init__(self, model, inner_optimizer, swarm, **kwargs: Any):
+        if inner_optimizer is None:
+            raise ValueError("DDP needs the inner optimizer: it averages gradients before its step")
+        super().__init__(model, inner_optimizer, swarm, **kwargs)
+
+    def _build(self) -> None:
+        # members join each step's average with the hash of their weights
+        self.comm = self._staged(self._communicator(lambda: tensors_hash(self.params)))
+        self.math = DataParallel(self.params, self.comm)
+        self._synced = False
+        self._syncs = {"ok": 0, "failed": 0}
+        self._pending_resync: tuple[str, int, str] | None = None
+        self._hook = self.inner_optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    # the peer round: DDP averages every step but announces once per round
+    def _peer_round(self, sync_id: int) -> int:
+        return self.round
+
+    def _outer_steps(self) -> int:
+        return 0
+
+    def _math_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_math_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _weights(self) -> list[torch.Tensor]:
+        return list(self.params)
+
+    def _synchronized(self) -> list[torch.Tensor]:
+        """Weights and inner AdamW moments."""
+        return [p.detach() for p in self.params] + adam_tensors(self.inner_optimizer, self.params)
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {"adam_step": adam_step(self.inner_optimizer, self.params)}
+
+    def _load_synchronized(self, tensors, meta, source) -> None:
+        params = self.params
+        if len(tensors) != 3 * len(params):
+            raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * len(params)}")
+        load_adam(self.inner_optimizer, params, tensors[len(params):], int(meta.get("adam_step", 0)))
+        with torch.no_grad():
+            for p, t in zip(params, tensors[:len(params)], strict=True):
+                p.copy_(t)
+
+    def sync_gradients(self) -> bool:
+        """Replace every gradient by the swarm's mean. False: the average did not complete;
+        skip this step's update."""
+        sync_id = self._sync_id()
+        t0 = time.monotonic()
+        ok = self.math.sync_gradients(sync_id)
+        self._inner_comm_s += time.monotonic() - t0
+        self._synced = True
+        self._syncs["ok" if ok else "failed"] += 1
+        last = self.comm.last
+        if last is not None and last.status == "resync":
+            self._pending_resync = (last.leader_endpoint, sync_id + 1, last.reason)
+        return ok
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._synced:  # the caller averaged already (and skips the step if it failed)
+            return
+        if not self.sync_gradients():
+            for p in self.params:  # the optimizer skips parameters without a gradient
+                p.grad = None
+
+    def _after_inner_step(self) -> None:
+        self._synced = False
+        if self._pending_resync is not None:
+            endpoint, min_id, reason = self._pending_resync
+            self._pending_resync = None
+            self.round_step -= 1  # this step did not happen in the swarm's count
+            t0 = time.monotonic()
+            self._resync_from(endpoint, min_id, reason)
+            self._inner_comm_s += time.monotonic() - t0
+            return
+        if self.round_step < self.inner_steps:
+            # a replica that fell out of step asks for the state after the next step: serve
+            # every step, not only at round ends, or it would wait a whole round
+            self._publish()
+
+    def _sync_round(self, final: bool):
+        if self.round_step >= self.inner_steps or final:
+            self.round, self.round_step = self.round + 1, 0
+        syncs, self._syncs = self._syncs, {"ok": 0, "failed": 0}
+        status, reason = _inner_status(syncs["ok"], syncs["failed"], "steps")
+        return status, self.math.last_group_size, reason, {}
+
+    def close(self) -> None:
+        super().close()
+        self._hook.remove()
+

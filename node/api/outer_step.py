@@ -1,0 +1,236 @@
+"""The algorithms whose round ends in one outer step: ``loco.DiLoCo``, ``loco.CO2`` and
+``loco.NoLoCo`` (the update rules are in ``loco.optim``; docs/ALGORITHMS.md has them)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from loco.node.sync import GossipCommunicator, SwarmCommunicator
+from loco.optim import CO2 as CO2Math
+from loco.optim import DiLoCo as DiLoCoMath
+from loco.optim import NoLoCo as NoLoCoMath
+from loco.optim import OuterStepResult, ReduceResult
+from loco.protocols.collective import GroupAllReduce, RoundResult
+from loco.protocols.gossip import GroupExchange
+from loco.protocols.state_sync import StateServer, fetch_state
+
+from .algorithm import OuterAlgorithm, collective_timeouts
+
+log = logging.getLogger(__name__)
+
+CO2_RESULT = "CO2_RESULT"  # recent CO2 reduce results, for replicas that adopted a peer's state
+
+
+class CollectiveAlgorithm(OuterAlgorithm):
+    """An algorithm that averages through the group all-reduce (DiLoCo, CO2, Streaming, DDP)."""
+
+    peer_lag: int = 1
+
+    def _peer_round(self, sync_id: int) -> int:
+        """The round members of reduce ``sync_id`` announce in the DHT while it runs."""
+        return sync_id
+
+    def _communicator(self, state_hash: Callable[[], str]) -> SwarmCommunicator:
+        self.collective = GroupAllReduce(self.swarm.transport, self.swarm.peers, collective_timeouts(self.timeouts),
+                                         self.compressor, self.stop_event)
+        return SwarmCommunicator(self.collective, state_hash, peer_round=self._peer_round, lag=self.peer_lag)
+
+    def _launch_hash(self) -> str:
+        # the hash is fixed by the training thread before a reduce starts, because CO2 and
+        # Streaming DiLoCo run the reduce on a background thread while the state moves on
+        return self._hash_at_launch
+
+    def _outer_round(self, final: bool) -> tuple[OuterStepResult | None, tuple[str, int, str, dict[str, Any]] | None]:
+        """Catch up, run the outer step, and classify a result that is not a plain success.
+        Returns (result, outcome): outcome set when the round ended otherwise."""
+        if self._catch_up():
+            return None, ("resync", 0, "behind the swarm", {})
+        t0 = time.monotonic()
+        self._hash_at_launch = self.snapshot.digest if self.snapshot is not None else ""  # (hashed in the background)
+        hash_wait_s = time.monotonic() - t0
+        result = self.math.outer_step(self._sync_id())
+        extra = self._outer_metrics(result)
+        extra["hash_wait_s"] = hash_wait_s
+        detail = result.reduce.detail if result.reduce is not None else None
+        last = detail if isinstance(detail, RoundResult) else None
+        if not result.applied and self.stop_event.is_set():
+            # stopping: this round did not happen here. Keep round and step as they are, so
+            # peers never see us "ahead" and a restart redoes just this outer step.
+            return result, None
+        self.round_step = 0
+        self.round += 1
+        if last is not None and last.status == "resync":  # the leader finished this round without us
+            if self._resync_from(last.leader_endpoint, self.round, last.reason):
+                return result, ("resync", 0, last.reason, extra)
+            return result, ("skipped", 1, f"resync failed ({last.reason})", extra)
+        if result.applied:
+            return result, ("ok", result.group_size, "", extra)
+        return result, ("skipped", 1, last.reason if last is not None else "", extra)
+
+    def _outer_metrics(self, result: OuterStepResult) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        self._maybe_plan(result, extra)
+        return extra
+
+
+class DiLoCo(CollectiveAlgorithm):
+    """DiLoCo: every ``inner_steps`` steps, all-reduce the pseudo-gradient φ − θ and take an
+    outer Nesterov-SGD step on φ; θ ← φ. Members of an ok round hold bit-identical weights."""
+
+    name = "diloco"
+
+    def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 nesterov: bool = True, outer_state_device: Literal["auto", "cpu"] = "auto", **kwargs: Any):
+        self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
+        self.outer_state_device = outer_state_device
+        super().__init__(model, inner_optimizer, swarm, **kwargs)
+
+    def _build(self) -> None:
+        self._hash_at_launch = ""
+        self.comm = self._staged(self._communicator(self._launch_hash))
+        state_device = "cpu" if self.outer_state_device == "cpu" else None
+        self.math = DiLoCoMath(self.params, self.comm, self.outer_lr, self.outer_momentum, self.nesterov,
+                               state_device)
+
+    def _sync_round(self, final: bool):
+        result, outcome = self._outer_round(final)
+        return outcome
+
+
+class CO2(CollectiveAlgorithm):
+    """CO2: the all-reduce of round t runs in the background during round t+1 and is applied
+    one round late, with a staleness penalty and element-wise momentum clipping."""
+
+    name = "co2"
+    catch_up_slack = 1
+    # a member whose reduce of round r runs has announced r + 1; a slower one may still
+    # show r − 1 (its own reduce of r − 1 in flight). Expecting it (lag 2) makes the fast
+    # one's reduce wait for it, instead of averaging alone and running ahead.
+    peer_lag = 2
+
+    def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 1.0, momentum: float = 0.0,
+                 clip: float = 1.0, staleness: Literal["fixed", "gap_aware"] = "gap_aware", penalty: float = 1.0,
+                 **kwargs: Any):
+        self.outer_lr, self.momentum, self.clip = outer_lr, momentum, clip
+        self.staleness, self.penalty = staleness, penalty
+        super().__init__(model, inner_optimizer, swarm, **kwargs)
+
+    def _peer_round(self, sync_id: int) -> int:
+        return sync_id + 1  # a member announces its next round while its reduce runs
+
+    def _build(self) -> None:
+        self._hash_at_launch = ""
+        self.comm = self._staged(self._communicator(self._launch_hash))
+        self.math = CO2Math(self.params, self.comm, self.outer_lr, self.momentum, self.clip, self.staleness,
+                            self.penalty)
+        self.result_server = StateServer(self.swarm.transport, kind=CO2_RESULT, keep=4)
+
+    def _state_meta(self) -> dict[str, Any]:
+        return {"pending_round": self.math.pending_round}
+
+    def _load_synchronized(self, tensors, meta, source) -> None:
+        pending = int(meta.get("pending_round", -1))
+        fetch = (lambda: self._fetch_result(source, pending)) if pending >= 0 else None
+        self.math.load_synchronized(tensors, int(meta.get("outer_steps", 0)), pending=fetch)
+
+    def _fetch_result(self, endpoint: str, round: int) -> ReduceResult:
+        """The mean of reduce ``round``, from the peer whose state this process adopted."""
+        snap = fetch_state(self.swarm.transport, endpoint, round, self.join_timeout_s, self.stop_event,
+                           alive=self._source_alive(endpoint), kind=CO2_RESULT)
+        anchor = self.math.anchor
+        # the mean comes one tensor per layer (or as one flat vector) and must cover the model
+        fits = snap is not None and len(snap.tensors) in (1, len(anchor)) and \
+            sum(t.numel() for t in snap.tensors) == sum(a.numel() for a in anchor)
+        if snap is None or snap.round != round or not snap.meta.get("ok") or not fits:
+            log.warning("no usable CO2 reduce %d from %s; its update is skipped here", round, endpoint)
+            return ReduceResult(None, 1)
+        return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)))
+
+    def _sync_round(self, final: bool):
+        sent0 = self.swarm.bytes_sent
+        result, outcome = self._outer_round(final)
+        if outcome is None:
+            return None
+        status, group, reason, extra = outcome
+        # its reduce ran in the background during the round
+        sync_bytes = [sent0 - self._round_bytes0]
+        if final and status != "resync":
+            # the last round: its reduce would land in a round that never comes; apply it now
+            s1 = self.swarm.bytes_sent
+            flushed = self.math.flush()
+            extra["flushed"] = bool(flushed is not None and flushed.applied)
+            if extra["flushed"]:
+                sync_bytes.append(self.swarm.bytes_sent - s1)
+        extra["sync_bytes"] = sync_bytes
+        if status == "skipped" and result is not None and result.reduce is None:
+            return "ok", 0, "first round: nothing to apply yet", extra
+        return status, group, reason, extra
+
+    def flush(self) -> None:
+        self.math.flush()
+
+    def _outer_metrics(self, result: OuterStepResult) -> dict[str, Any]:
+        extra = super()._outer_metrics(result)
+        pen = result.extra["penalty"]
+        rr = result.reduce.detail if result.reduce is not None else None
+        extra.update({"stale_round": result.extra["stale_round"], "wait_s": result.extra["wait_s"],
+                      "reduce_s": rr.timings.get("total_s", 0.0) if isinstance(rr, RoundResult) else 0.0,
+                      "penalty_max": max(pen) if pen else 1.0, "penalty_mean": sum(pen) / len(pen) if pen else 1.0})
+        if result.reduce is not None:
+            # served to replicas that adopt this process's state while this reduce was in
+            # flight; a failed reduce is published too, so they need not wait for it
+            t0 = time.monotonic()
+            tensors = [t.reshape(-1) for t in result.reduce.tensors] if result.applied else []
+            self.result_server.publish(extra["stale_round"], tensors,
+                                       {"group_size": result.group_size, "ok": result.applied})
+            extra["serve_s"] = time.monotonic() - t0
+        return extra
+
+    def close(self) -> None:
+        super().close()
+        self.result_server.close()
+
+
+class NoLoCo(OuterAlgorithm):
+    """NoLoCo: no all-reduce; every ``inner_steps`` steps each process averages [φ, θ − φ]
+    with a random partner (pairs drawn from the round and the DHT roster) and applies
+    δ ← αδ + β·d̄ − γ(φ − φ̄). Replicas differ by design; ``drift`` measures how far."""
+
+    name = "noloco"
+    catch_up_slack = 2
+
+    def __init__(self, model, inner_optimizer, swarm, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7,
+                 group_size: int = 2, exchange_timeout_s: float = 30.0, **kwargs: Any):
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.group_size, self.exchange_timeout_s = group_size, exchange_timeout_s
+        super().__init__(model, inner_optimizer, swarm, **kwargs)
+
+    def _build(self) -> None:
+        # no collective at all: nothing answers JOINs
+        self.gossip = GroupExchange(self.swarm.transport, self.compressor, self.stop_event,
+                                    live=lambda: [p.id for p in self.swarm.peers()])
+        self.gossip_comm = GossipCommunicator(self.gossip, self.swarm.id, self.swarm.peers, self.group_size,
+                                              self.exchange_timeout_s, self.seed, peer_round=lambda: self.round)
+        self.comm = self._staged(self.gossip_comm)
+        self.math = NoLoCoMath(self.params, self.comm, self.alpha, self.beta, self.gamma)
+
+    def _sync_round(self, final: bool):
+        if self._catch_up():
+            return "resync", 0, "behind the swarm", {}
+        result = self.math.outer_step(self.round)
+        x = self.gossip_comm.last
+        extra: dict[str, Any] = {}
+        self._maybe_plan(result, extra)
+        extra |= {"partners": result.extra["partners"], "drift": result.extra["drift"],
+                 "sent_to": x.sent_to if x else [], "exchange_s": x.wait_s if x else 0.0}
+        if not result.applied and self.stop_event.is_set():
+            return None
+        self.round_step = 0
+        self.round += 1
+        if result.applied:
+            return "ok", result.group_size, "", extra
+        reason = f"local-only step (declined {x.declined}, silent {x.silent})" if x else "local-only step"
+        return "skipped", 1, reason, extra

@@ -1,0 +1,79 @@
+"""What the daemon, the pipeline node and the library's ``Swarm`` share below all three:
+a node's ZeroMQ transport and DHT membership built from their settings, stable node ids,
+and atomic JSON files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from loco.protocols.membership import Membership
+from loco.protocols.shaper import Cut, LinkProfile, Shaper
+from loco.protocols.transport import Transport
+
+from .config import Config, LinkConfig, NetworkConfig, parse_bandwidth
+from .reaper import Reaper, descendants
+
+
+def default_node_id(out: Path) -> str:
+    """Stable across restarts with the same output folder, unique across folders/hosts."""
+    digest = hashlib.blake2b(f"{socket.gethostname()}:{out.resolve()}".encode(), digest_size=3).hexdigest()
+    return f"node-{digest}"
+
+
+def node_seed(node_id: str) -> int:
+    """A per-node seed for the shaper's jitter and loss draws."""
+    return int(hashlib.blake2b(node_id.encode(), digest_size=4).hexdigest(), 16)
+
+
+def _link_profile(link: LinkConfig, with_bandwidth: bool) -> LinkProfile:
+    bw = parse_bandwidth(link.bandwidth) if (with_bandwidth and link.bandwidth) else None
+    return LinkProfile(bw, link.latency_ms / 1e3, link.jitter_ms / 1e3, link.loss)
+
+
+def build_shaper(net: NetworkConfig, seed: int, started: float) -> Shaper:
+    """The node's uplink bandwidth is shared by all its links; per-link entries may add
+    their own bandwidth limit on top."""
+    epoch = net.epoch or started
+    return Shaper(
+        default=_link_profile(net, with_bandwidth=False),
+        per_peer={peer: _link_profile(link, with_bandwidth=True) for peer, link in net.links.items()},
+        uplink_bps=parse_bandwidth(net.bandwidth) if net.bandwidth else None,
+        cuts=[Cut(c.peer, epoch + c.start_s, epoch + c.end_s) for c in net.cuts],
+        seed=seed,
+    )
+
+
+def open_transport(cfg: Config, node_id: str, started: float) -> Transport:
+    """The node's ZeroMQ endpoint, signed with the swarm key, shaped by its network profile."""
+    key = cfg.swarm.key.encode() if cfg.swarm.key else None
+    return Transport(node_id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
+                     shaper=build_shaper(cfg.network, seed=node_seed(node_id), started=started))
+
+
+def open_membership(cfg: Config, node_id: str) -> tuple[Membership, Reaper]:
+    """The node's DHT membership, and a reaper that ends its DHT helpers if the node dies."""
+    return watched_membership(cfg.swarm.run_id, node_id, cfg.swarm.initial_peers, cfg.node.listen_host,
+                              cfg.node.dht_port, cfg.node.announce_host, cfg.swarm.announce_ttl_s)
+
+
+def watched_membership(run_id: str, node_id: str, initial_peers: list[str], listen_host: str, dht_port: int,
+                       announce_host: str | None, ttl_s: float) -> tuple[Membership, Reaper]:
+    """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
+    process dies without closing it."""
+    membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s)
+    reaper = Reaper()
+    if membership.pid:
+        reaper.watch([membership.pid, *descendants(membership.pid)])
+    return membership, reaper
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
