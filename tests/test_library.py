@@ -48,7 +48,9 @@ def _agreeing_rounds(a: list[dict], b: list[dict]) -> list[int]:
 def test_a_plain_loop_trains_with_each_algorithm_and_a_late_joiner_starts_from_the_swarm(procs, tmp_path,
                                                                                           algorithm):
     done = tmp_path / "done"  # a and b train until the late joiner has finished
-    common = ["--algorithm", algorithm, "--inner-steps", "10"]
+    # (DDP averages every step and Streaming every H / P steps: shorter rounds keep them quick)
+    inner = "5" if algorithm in ("ddp", "streaming_diloco") else "10"
+    common = ["--algorithm", algorithm, "--inner-steps", inner]
     reports = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "c")}
     a = procs.python(PLAIN, *common, "--steps", "200", "--until", str(done), "--peers", "1", "--seed", "1",
                      "--report", str(reports["a"]), log="a")
@@ -58,7 +60,7 @@ def test_a_plain_loop_trains_with_each_algorithm_and_a_late_joiner_starts_from_t
     # the late joiner starts once the swarm is a few rounds in (NoLoCo adopts a peer's state
     # only when it is more than two rounds behind)
     wait_until(lambda: len(read_records(reports["a"])) >= 4, 180, "a's fourth round")
-    c = procs.python(PLAIN, *common, "--steps", "60", "--join", addr, "--seed", "3", "--report", str(reports["c"]),
+    c = procs.python(PLAIN, *common, "--steps", "40", "--join", addr, "--seed", "3", "--report", str(reports["c"]),
                      log="c")
     _finish(c, procs, "c")
     done.touch()
@@ -90,8 +92,12 @@ def test_a_killed_loop_restarted_from_its_checkpoint_resumes_and_rejoins(procs, 
     os.killpg(b.pid, signal.SIGKILL)
     b.wait(timeout=30)
     saved_round = len(read_records(reports["b"]))  # at least the rounds it reported were saved
-    b2 = procs.python(PLAIN, "--inner-steps", "10", "--steps", "40", "--join", addr, "--seed", "2",
-                      "--checkpoint", str(ckpt), "--report", str(reports["b2"]), log="b2")
+    # (--steps counts from the checkpoint's step: b2 trains until the test has seen 3 rounds)
+    b2 = procs.python(PLAIN, "--inner-steps", "10", "--steps", "0", "--until", str(tmp_path / "done2"),
+                      "--join", addr, "--seed", "2", "--checkpoint", str(ckpt), "--report", str(reports["b2"]),
+                      log="b2")
+    wait_until(lambda: len(read_records(reports["b2"])) >= 3, 180, "b2's third round")
+    (tmp_path / "done2").touch()
     _finish(b2, procs, "b2")
     done.touch()
     _finish(a, procs, "a")
