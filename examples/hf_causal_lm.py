@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="this process's data stream")
     ap.add_argument("--run-id", default="hf-causal-lm")
     ap.add_argument("--report", help="write one JSON line per round here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)  # the same random init in every process
     config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)

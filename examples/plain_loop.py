@@ -64,7 +64,10 @@ def main() -> None:
     ap.add_argument("--report", help="write one JSON line per round here")
     ap.add_argument("--until", metavar="FILE", help="train past --steps until FILE exists (lets a script end the run)")
     ap.add_argument("--checkpoint", metavar="FILE", help="save here after every round; resume from it if it exists")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

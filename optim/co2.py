@@ -81,6 +81,9 @@ class CO2:
         self._adopted_pending: Callable[[], ReduceResult] | None = None
         self.pending_round = -1  # round whose reduce is in flight (-1: none)
         self.last_penalty: list[float] = []
+        # called with the reduce just applied (None: nothing applied) right before the next
+        # reduce starts: the caller tags that reduce with what its state now rests on
+        self.on_launch: Callable[[ReduceResult | None], None] | None = None
 
     # ------------------------------------------------------------------ step
     def _take_pending(self) -> ReduceResult | None:
@@ -106,6 +109,8 @@ class CO2:
         applied = stale is not None and stale.tensors is not None
         if applied:
             self.apply(as_layers(stale.tensors, self.anchor))
+        if self.on_launch is not None:
+            self.on_launch(stale if applied else None)
         if self._reducer is not None:
             self._reducer.start(self._send_views, round)
         else:  # sequential mode (tests, and the reference the threaded mode must equal)

@@ -16,6 +16,7 @@ from tests.conftest import FAST, read_records, wait_until
 pytestmark = pytest.mark.swarm
 
 PLAIN = "examples/plain_loop.py"
+ONE_THREAD = ["--threads", "1"]  # several processes share the test machine's cores
 
 
 def _join_address(procs, name: str) -> str:
@@ -48,19 +49,19 @@ def _agreeing_rounds(a: list[dict], b: list[dict]) -> list[int]:
 def test_a_plain_loop_trains_with_each_algorithm_and_a_late_joiner_starts_from_the_swarm(procs, tmp_path,
                                                                                           algorithm):
     done = tmp_path / "done"  # a and b train until the late joiner has finished
-    # (DDP averages every step and Streaming every H / P steps: shorter rounds keep them quick)
-    inner = "5" if algorithm in ("ddp", "streaming_diloco") else "10"
+    # (DDP averages every step: shorter rounds keep it quick)
+    inner = "5" if algorithm == "ddp" else "10"
     common = ["--algorithm", algorithm, "--inner-steps", inner]
     reports = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "c")}
-    a = procs.python(PLAIN, *common, "--steps", "200", "--until", str(done), "--peers", "1", "--seed", "1",
+    a = procs.python(PLAIN, *ONE_THREAD, *common, "--steps", "200", "--until", str(done), "--peers", "1", "--seed", "1",
                      "--report", str(reports["a"]), log="a")
     addr = _join_address(procs, "a")
-    b = procs.python(PLAIN, *common, "--steps", "200", "--until", str(done), "--join", addr, "--seed", "2",
+    b = procs.python(PLAIN, *ONE_THREAD, *common, "--steps", "200", "--until", str(done), "--join", addr, "--seed", "2",
                      "--report", str(reports["b"]), log="b")
     # the late joiner starts once the swarm is a few rounds in (NoLoCo adopts a peer's state
     # only when it is more than two rounds behind)
     wait_until(lambda: len(read_records(reports["a"])) >= 4, 180, "a's fourth round")
-    c = procs.python(PLAIN, *common, "--steps", "40", "--join", addr, "--seed", "3", "--report", str(reports["c"]),
+    c = procs.python(PLAIN, *ONE_THREAD, *common, "--steps", "30", "--join", addr, "--seed", "3", "--report", str(reports["c"]),
                      log="c")
     _finish(c, procs, "c")
     done.touch()
@@ -84,16 +85,17 @@ def test_a_killed_loop_restarted_from_its_checkpoint_resumes_and_rejoins(procs, 
     done, ckpt = tmp_path / "done", tmp_path / "b.ckpt"
     reports = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "b2")}
     common = ["--inner-steps", "10", "--steps", "100", "--until", str(done)]
-    a = procs.python(PLAIN, *common, "--peers", "1", "--report", str(reports["a"]), log="a")
+    a = procs.python(PLAIN, *ONE_THREAD, *common, "--peers", "1", "--report", str(reports["a"]), log="a")
     addr = _join_address(procs, "a")
-    b = procs.python(PLAIN, *common, "--join", addr, "--seed", "2", "--checkpoint", str(ckpt),
+    b = procs.python(PLAIN, *ONE_THREAD, *common, "--join", addr, "--seed", "2", "--checkpoint", str(ckpt),
                      "--report", str(reports["b"]), log="b")
-    wait_until(lambda: len(read_records(reports["b"])) >= 3, 180, "b's third round")
+    wait_until(lambda: len(read_records(reports["b"])) >= 2, 180, "b's second round")
     os.killpg(b.pid, signal.SIGKILL)
     b.wait(timeout=30)
     saved_round = len(read_records(reports["b"]))  # at least the rounds it reported were saved
-    # (--steps counts from the checkpoint's step: b2 trains until the test has seen 3 rounds)
-    b2 = procs.python(PLAIN, "--inner-steps", "10", "--steps", "0", "--until", str(tmp_path / "done2"),
+    # (--steps counts from the checkpoint's step: b2 trains until the test has seen 3 rounds:
+    # the first may be a catch-up, the next two are averaged with a)
+    b2 = procs.python(PLAIN, *ONE_THREAD, "--inner-steps", "10", "--steps", "0", "--until", str(tmp_path / "done2"),
                       "--join", addr, "--seed", "2", "--checkpoint", str(ckpt), "--report", str(reports["b2"]),
                       log="b2")
     wait_until(lambda: len(read_records(reports["b2"])) >= 3, 180, "b2's third round")
@@ -123,7 +125,7 @@ def test_the_library_and_the_daemon_give_the_same_weights(procs, tmp_path):
 def test_close_after_a_user_exception_leaves_nothing_behind_and_the_peer_trains_on(procs, tmp_path):
     report = tmp_path / "peer.jsonl"
     done = tmp_path / "done"
-    peer = procs.python(PLAIN, "--inner-steps", "10", "--steps", "200", "--until", str(done), "--report", str(report),
+    peer = procs.python(PLAIN, *ONE_THREAD, "--inner-steps", "10", "--steps", "200", "--until", str(done), "--report", str(report),
                         log="peer")
     addr = _join_address(procs, "peer")
     user = procs.python("-m", "tests.loops.close_on_error", "--join", addr, "--fail-at", "25", log="user")
@@ -147,7 +149,7 @@ def test_close_after_a_user_exception_leaves_nothing_behind_and_the_peer_trains_
 def test_the_huggingface_example_trains_and_its_members_agree(procs, tmp_path):
     pytest.importorskip("transformers")
     reports = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b")}
-    args = ["examples/hf_causal_lm.py", "--steps", "60", "--inner-steps", "15"]
+    args = ["examples/hf_causal_lm.py", *ONE_THREAD, "--steps", "60", "--inner-steps", "15"]
     a = procs.python(*args, "--peers", "1", "--seed", "1", "--report", str(reports["a"]), log="hf-a")
     b = procs.python(*args, "--join", _join_address(procs, "hf-a"), "--seed", "2", "--report", str(reports["b"]),
                      log="hf-b")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -126,7 +127,18 @@ class CO2(CollectiveAlgorithm):
         self.comm = self._staged(self._communicator(self._launch_hash))
         self.math = CO2Math(self.params, self.comm, self.outer_lr, self.momentum, self.clip, self.staleness,
                             self.penalty)
+        self.math.on_launch = self._tag_launch
         self.result_server = StateServer(self.swarm.transport, kind=CO2_RESULT, keep=4)
+
+    def _tag_launch(self, applied: ReduceResult | None) -> None:
+        """The reduce of round t joins with the hash of x_t, but its mean is applied to the
+        state after the reduce of t − 1 landed. Members that applied different versions of
+        that reduce (a group split while peers came and went) would apply round t's mean to
+        different weights and still call it ok: so the join hash also names the reduce just
+        applied (its group; every member of a group applied the same bits), and the leader
+        resynchronizes a member whose history differs one round earlier."""
+        tag = ",".join(sorted(applied.members)) if applied is not None else "-"
+        self._hash_at_launch = hashlib.blake2b(f"{self._hash_at_launch}|{tag}".encode(), digest_size=8).hexdigest()
 
     def _state_meta(self) -> dict[str, Any]:
         return {"pending_round": self.math.pending_round}
@@ -147,7 +159,9 @@ class CO2(CollectiveAlgorithm):
         if snap is None or snap.round != round or not snap.meta.get("ok") or not fits:
             log.warning("no usable CO2 reduce %d from %s; its update is skipped here", round, endpoint)
             return ReduceResult(None, 1)
-        return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)))
+        members = snap.meta.get("members")
+        members = tuple(str(m) for m in members) if isinstance(members, list) else ()
+        return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)), members)
 
     def _sync_round(self, final: bool):
         sent0 = self.swarm.bytes_sent
@@ -185,7 +199,8 @@ class CO2(CollectiveAlgorithm):
             t0 = time.monotonic()
             tensors = [t.reshape(-1) for t in result.reduce.tensors] if result.applied else []
             self.result_server.publish(extra["stale_round"], tensors,
-                                       {"group_size": result.group_size, "ok": result.applied})
+                                       {"group_size": result.group_size, "ok": result.applied,
+                                        "members": list(result.reduce.members)})
             extra["serve_s"] = time.monotonic() - t0
         return extra
 

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--join", required=True)
     ap.add_argument("--fail-at", type=int, default=25)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # several processes share the test machine's cores
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     threads0, children0, sockets0 = {t.ident for t in threading.enumerate()}, children(), sockets()
