@@ -65,20 +65,23 @@ def main() -> None:
     ap.add_argument("--until", metavar="FILE", help="train past --steps until FILE exists (lets a script end the run)")
     ap.add_argument("--checkpoint", metavar="FILE", help="save here after every round; resume from it if it exists")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda, cuda:N)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = make_model()
+    model = make_model().to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     data = torch.Generator().manual_seed(args.seed)
-    saved = torch.load(args.checkpoint) if args.checkpoint and os.path.exists(args.checkpoint) else None
+    resume = args.checkpoint and os.path.exists(args.checkpoint)
+    saved = torch.load(args.checkpoint, map_location=args.device) if resume else None
     if saved is not None:  # resume: this process's own model, optimizer, data position
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        data.set_state(saved["data"])
+        data.set_state(saved["data"].cpu())
     val_x = torch.randn(512, 16, generator=torch.Generator().manual_seed(99))
     val_y = teacher(val_x)
+    val_x, val_y = val_x.to(args.device), val_y.to(args.device)
 
     with loco.Swarm(run_id=args.run_id, initial_peers=args.join) as swarm:  # loco
         print("join with:", swarm.multiaddrs[0], flush=True)
@@ -92,7 +95,7 @@ def main() -> None:
                 step = saved["step"]
             while step < args.steps or (args.until and not os.path.exists(args.until)):
                 x = torch.randn(32, 16, generator=data)
-                loss = F.mse_loss(model(x), teacher(x))
+                loss = F.mse_loss(model(x.to(args.device)), teacher(x).to(args.device))
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
