@@ -69,6 +69,9 @@ class SwarmConfig(_Section):
     """Seconds a membership record lives without refresh (a dead node vanishes after this)."""
     join_timeout_s: float = Field(120.0, gt=0)
     """How long a joining node waits to see the swarm and fetch its state."""
+    bootstrap_timeout_s: float = Field(60.0, ge=0)
+    """How long a starting node keeps trying to reach its initial peers' DHT (a busy peer
+    can refuse a restarting node's first attempts); 0: one attempt."""
     wait_for_peers: int = Field(0, ge=0)
     """Before training, wait (up to join_timeout_s) until this many other peers are visible."""
     nodes_per_gpu: int = Field(1, ge=1)

@@ -58,14 +58,17 @@ def open_transport(cfg: Config, node_id: str, started: float) -> Transport:
 def open_membership(cfg: Config, node_id: str) -> tuple[Membership, Reaper]:
     """The node's DHT membership, and a reaper that ends its DHT helpers if the node dies."""
     return watched_membership(cfg.swarm.run_id, node_id, cfg.swarm.initial_peers, cfg.node.listen_host,
-                              cfg.node.dht_port, cfg.node.announce_host, cfg.swarm.announce_ttl_s)
+                              cfg.node.dht_port, cfg.node.announce_host, cfg.swarm.announce_ttl_s,
+                              cfg.swarm.bootstrap_timeout_s)
 
 
 def watched_membership(run_id: str, node_id: str, initial_peers: list[str], listen_host: str, dht_port: int,
-                       announce_host: str | None, ttl_s: float) -> tuple[Membership, Reaper]:
+                       announce_host: str | None, ttl_s: float,
+                       bootstrap_timeout_s: float = 0.0) -> tuple[Membership, Reaper]:
     """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
     process dies without closing it."""
-    membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s)
+    membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s,
+                            bootstrap_timeout_s)
     reaper = Reaper()
     if membership.pid:
         reaper.watch([membership.pid, *descendants(membership.pid)])

@@ -9,6 +9,7 @@ so the others drop it at once. Nothing else in loco needs a fixed peer list.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -68,7 +69,12 @@ class Membership:
         port: int = 0,
         announce_host: str | None = None,
         ttl_s: float = 10.0,
+        bootstrap_timeout_s: float = 0.0,
     ):
+        """``bootstrap_timeout_s``: how long to keep trying to start the DHT node and reach
+        ``initial_peers`` (0: one attempt). A busy peer's p2pd can refuse the first
+        connections of a node that (re)starts beside it, and hivemind reports that at once
+        as a failed start: retrying until the deadline is what lets a restart rejoin."""
         import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
         from hivemind.utils import get_dht_time
 
@@ -79,17 +85,26 @@ class Membership:
         self._get_time = get_dht_time
         host_maddrs = [f"/ip4/{listen_host}/tcp/{port}"]
         announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host and port else None
-        try:
-            self.dht = hivemind.DHT(
-                initial_peers=list(initial_peers or []),
-                host_maddrs=host_maddrs,
-                announce_maddrs=announce,
-                start=True,
-                wait_timeout=60,
-            )
-        except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure
-            where = f"initial peers {list(initial_peers or [])}" if initial_peers else f"{host_maddrs}"
-            raise ConnectionError(f"could not start the DHT node or reach {where}: {exc}") from None
+        deadline = time.monotonic() + bootstrap_timeout_s
+        for attempt in itertools.count(1):
+            try:
+                self.dht = hivemind.DHT(
+                    initial_peers=list(initial_peers or []),
+                    host_maddrs=host_maddrs,
+                    announce_maddrs=announce,
+                    start=True,
+                    wait_timeout=60,
+                )
+                break
+            except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure
+                where = f"initial peers {list(initial_peers or [])}" if initial_peers else f"{host_maddrs}"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConnectionError(f"could not start the DHT node or reach {where} "
+                                          f"({attempt} attempts): {exc}") from None
+                log.warning("DHT start, attempt %d: could not reach %s (%s); retrying for %.0fs more",
+                            attempt, where, str(exc).splitlines()[-1] if str(exc) else exc, left)
+                time.sleep(min(1.0, left))  # a backoff between attempts, bounded by the deadline
         self._info: PeerInfo | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

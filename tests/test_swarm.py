@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections import defaultdict
@@ -169,10 +170,13 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
 
 def test_unreachable_initial_peer_is_a_clear_error(procs, tmp_path):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWAKJn9Ck2kVwPUXscWHyxGgFvq5jRnk3M18aRja12bKp7"
-    p = _start_node(procs, tmp_path / "run", "node9", peer=dead)
+    # (a few seconds of retries: an unreachable peer stays unreachable)
+    p = _start_node(procs, tmp_path / "run", "node9", "swarm.bootstrap_timeout_s=3", peer=dead)
     assert _wait_exit(p, 180, "node9", procs) != 0
     log = procs.log("node9")
     assert "could not start the DHT node or reach initial peers" in log
+    tried = re.search(r"\((\d+) attempts\)", log)  # it retried until swarm.bootstrap_timeout_s
+    assert tried and int(tried.group(1)) >= 2, log[-2000:]
     assert "Traceback" not in log
     wait_until(lambda: group_members(p.pid) == [], 60, "node9's helpers to exit")
 

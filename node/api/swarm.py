@@ -22,7 +22,8 @@ class Swarm:
     as hivemind does) bootstrapped from ``initial_peers`` and binds one ZeroMQ socket.
 
     ``key``: a shared secret; every message is signed with it and unsigned or wrongly
-    signed ones are dropped. ``network``: emulated bandwidth, latency, loss and cuts for
+    signed ones are dropped. ``bootstrap_timeout_s``: how long to keep trying to reach
+    ``initial_peers`` (a busy peer can refuse a (re)starting process's first attempts). ``network``: emulated bandwidth, latency, loss and cuts for
     what this process sends (``loco.Network``; the same fields as the ``[network]`` config
     section). ``stop``: an event that, once set, makes every wait on peers give up (the
     daemon sets it from its signal handler; the library installs none).
@@ -43,6 +44,7 @@ class Swarm:
         port: int = 0,
         dht_port: int = 0,
         announce_ttl_s: float = 8.0,
+        bootstrap_timeout_s: float = 60.0,
         network: NetworkConfig | None = None,
         stop: threading.Event | None = None,
     ):
@@ -58,7 +60,8 @@ class Swarm:
         self.transport = Transport(self.id, listen_host, port, announce_host, key_bytes, shaper=shaper)
         try:
             self.membership, self._reaper = watched_membership(run_id, self.id, self.initial_peers, listen_host,
-                                                               dht_port, announce_host, announce_ttl_s)
+                                                               dht_port, announce_host, announce_ttl_s,
+                                                               bootstrap_timeout_s)
         except BaseException:
             self.transport.close(flush_s=0)
             raise
