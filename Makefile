@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 NODES ?= 4
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: setup  ## a local swarm of $(NODES) node processes training the built-in G
 test: setup  ## lint + the full test suite (unit, in-process peers, real multi-process swarms)
 	$(BIN)/ruff check node protocols optim scripts tests examples
 	$(BIN)/pytest
+
+fuzz: setup  ## 10^5 hostile frames against decode and a real transport: 0 crashes, bounded RSS and log
+	$(BIN)/python scripts/fuzz.py --frames 100000
 
 lint: setup
 	$(BIN)/ruff check node protocols optim scripts tests examples

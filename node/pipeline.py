@@ -229,7 +229,7 @@ class PipelineNode:
         self.started = time.time()
         self.it = 0
         self.stage = node_stage(cfg, self.id)
-        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=10_000)
         self.later: dict[int, list[Message]] = defaultdict(list)  # messages of iterations ahead
         self.finals: list[Message] = []  # the leader's final validation (FINAL)
         self.placements: list[Message] = []  # auto_assign's placement (ASSIGN)
@@ -258,7 +258,7 @@ class PipelineNode:
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self.transport = open_transport(cfg, self.id, self.started)
         for kind in _QUEUED:
-            self.transport.on(kind, self.inbox.put)
+            self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
         self.prober = LinkProber(self.transport)
         self.membership, self.reaper = open_membership(cfg, self.id)
         train, val = load_corpus(cfg.data)

@@ -433,7 +433,7 @@ class GroupAllReduce:
         with self._lock:
             late = msg.round <= self._finished_round
             if not late:
-                self.transport.mailbox.put(msg)
+                self.transport.file(msg)
         if late:
             self._send(endpoint, ROSTER, msg.round, 0, {"status": "closed"})
 

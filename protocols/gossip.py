@@ -146,7 +146,7 @@ class GroupExchange:
         with self._lock:
             late = msg.round <= self._finished_round
             if not late:
-                self.transport.mailbox.put(msg)
+                self.transport.file(msg)
         if late:
             self._decline(msg)
 

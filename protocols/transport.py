@@ -24,11 +24,12 @@ import logging
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 
 import zmq
 
+from .messages import MetaError, MetaValidator
 from .shaper import Shaper
 from .wire import DEFAULT_MAX_MESSAGE_BYTES, Message, WireError, decode, encode, message_nbytes
 
@@ -39,33 +40,132 @@ MailKey = tuple[str, int, int]  # (kind, round, attempt)
 
 
 class ReplayGuard:
-    """Rejects a message seen before or too old: per sender session, seq must increase."""
+    """Rejects a message seen before or too old: per sender session, seq must increase.
 
-    def __init__(self, window_s: float = 300.0):
+    Sessions are remembered for ``window_s`` after their last message (older ones could
+    only be replayed outside the window, which is rejected anyway), so the table stays
+    bounded. ``not_before`` (wall clock) is this process's start minus the clock skew
+    allowed between hosts: a message captured before a restart is void afterwards, though
+    the new process has no memory of the sessions it saw before."""
+
+    def __init__(self, window_s: float = 300.0, not_before: float = 0.0, max_sessions: int = 65_536):
         self.window_s = window_s
-        self._last_seq: dict[str, int] = {}
+        self.max_sessions = max_sessions  # senders: with a swarm key only members can add one
+        self.not_before = not_before
+        self._last_seq: dict[str, tuple[int, float]] = {}
+        self._next_sweep = time.monotonic() + window_s
 
     def check(self, msg: Message) -> str | None:
-        if abs(time.time() - msg.time) > self.window_s:
-            return f"timestamp {msg.time:.0f} outside the {self.window_s:.0f}s replay window"
-        last = self._last_seq.get(msg.session, -1)
+        now = time.time()
+        if not abs(now - msg.time) <= self.window_s:  # `not <=`: a NaN time is rejected too
+            return f"timestamp {msg.time!r} outside the {self.window_s:.0f}s replay window"
+        if msg.time < self.not_before:
+            return "sent before this process started (a replay from an earlier run)"
+        last = self._last_seq.get(msg.session, (-1, 0.0))[0]
         if msg.seq <= last:
             return f"replayed or reordered message (seq {msg.seq} <= {last})"
-        self._last_seq[msg.session] = msg.seq
+        self._last_seq.pop(msg.session, None)  # re-inserted last: the dict is oldest first
+        self._last_seq[msg.session] = (msg.seq, now)
+        if len(self._last_seq) > self.max_sessions:
+            del self._last_seq[next(iter(self._last_seq))]
+        if time.monotonic() > self._next_sweep:
+            self._last_seq = {k: v for k, v in self._last_seq.items() if now - v[1] <= self.window_s}
+            self._next_sweep = time.monotonic() + self.window_s
         return None
 
 
-class Mailbox:
-    """Messages waiting for the training thread, keyed by (kind, round, attempt)."""
+class DropLog:
+    """Counts dropped messages by reason and logs them without flooding the log: the
+    first of each reason at once, then one summary line per reason every ``every_s``."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self.counts: dict[str, int] = defaultdict(int)
+        self._logged: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def drop(self, reason: str, detail: str) -> None:
+        with self._lock:
+            self.counts[reason] += 1
+            count = self.counts[reason]
+            last = self._logged.get(reason)
+            now = time.monotonic()
+            if last is not None and now - last[0] < self.every_s:
+                return
+            self._logged[reason] = (now, count)
+        if last is None:
+            log.warning("dropped a message (%s): %s", reason, detail[:300])
+        else:
+            log.warning("dropped %d more message(s) (%s) in %.0fs; latest: %s", count - last[1], reason,
+                        now - last[0], detail[:300])
+
+
+class Mailbox:
+    """Messages waiting for the training thread, keyed by (kind, round, attempt).
+
+    Bounded, because peers decide what arrives: a sender may hold at most
+    ``max_bytes_per_sender`` and ``max_messages_per_sender`` here at a time (what does not
+    fit is refused), and a message nobody took within ``ttl_s`` (a kind no wait asks for,
+    a round far ahead) expires."""
+
+    def __init__(self, max_bytes_per_sender: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_messages_per_sender: int = 4096, ttl_s: float = 900.0) -> None:
         self._items: dict[MailKey, list[Message]] = defaultdict(list)
         self._cond = threading.Condition()
+        self.max_bytes_per_sender = max_bytes_per_sender
+        self.max_messages_per_sender = max_messages_per_sender
+        self.ttl_s = ttl_s
+        self._held: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # sender -> [messages, bytes]
+        self._arrived: dict[int, float] = {}  # id(msg) -> monotonic arrival
+        self._last_sweep = time.monotonic()
 
-    def put(self, msg: Message) -> None:
+    @staticmethod
+    def _size(msg: Message) -> int:
+        return sum(t.numel() * t.element_size() for t in msg.tensors)
+
+    def put(self, msg: Message) -> str | None:
+        """File ``msg``; returns why it was refused (None: filed)."""
+        size = self._size(msg)
         with self._cond:
+            held = self._held[msg.sender]
+            if held[0] >= self.max_messages_per_sender or held[1] + size > self.max_bytes_per_sender:
+                return (f"{msg.sender[:64]} already holds {held[0]} messages, {held[1]} bytes unread "
+                        f"(limits {self.max_messages_per_sender}, {self.max_bytes_per_sender})")
+            held[0] += 1
+            held[1] += size
+            self._arrived[id(msg)] = time.monotonic()
             self._items[(msg.kind, msg.round, msg.attempt)].append(msg)
+            if time.monotonic() - self._last_sweep > self.ttl_s / 4:
+                self._expire()
             self._cond.notify_all()
+        return None
+
+    def _release(self, msgs: Iterable[Message]) -> None:
+        """Caller holds the lock: ``msgs`` left the mailbox."""
+        for m in msgs:
+            self._arrived.pop(id(m), None)
+            held = self._held.get(m.sender)
+            if held is not None:
+                held[0] -= 1
+                held[1] -= self._size(m)
+                if held[0] <= 0:
+                    del self._held[m.sender]
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        for key in list(self._items):
+            old = [m for m in self._items[key] if self._arrived.get(id(m), 0.0) < cutoff]
+            if old:
+                self._release(old)
+                self._items[key] = [m for m in self._items[key] if self._arrived.get(id(m), 0.0) >= cutoff]
+            if not self._items[key]:
+                del self._items[key]
+        self._last_sweep = time.monotonic()
+
+    def held(self) -> tuple[int, int]:
+        """(messages, bytes) waiting here."""
+        with self._cond:
+            return sum(h[0] for h in self._held.values()), sum(h[1] for h in self._held.values())
 
     def take(
         self, kind: str, round: int, attempt: int, senders: Iterable[str] | None,
@@ -81,13 +181,16 @@ class Mailbox:
             while True:
                 pending = self._items.get(key, [])
                 keep = []
+                taken = []
                 for m in pending:
                     if (wanted is None or m.sender in wanted) and m.sender not in got:
                         got[m.sender] = m
+                        taken.append(m)
                     else:
                         keep.append(m)
                 if pending:
                     self._items[key] = keep
+                    self._release(taken)
                 done = wanted <= got.keys() if wanted is not None else len(got) >= (want or 1)
                 left = deadline - time.monotonic()
                 if done or left <= 0 or (stop is not None and stop.is_set()):
@@ -133,6 +236,7 @@ class Mailbox:
                     for i, m in enumerate(pending):
                         if match(m):
                             del pending[i]
+                            self._release([m])
                             return m
                 left = deadline - time.monotonic()
                 if left <= 0 or (stop is not None and stop.is_set()):
@@ -141,13 +245,15 @@ class Mailbox:
 
     def drain(self, kind: str, round: int, attempt: int = 0) -> list[Message]:
         with self._cond:
-            return self._items.pop((kind, round, attempt), [])
+            msgs = self._items.pop((kind, round, attempt), [])
+            self._release(msgs)
+            return msgs
 
     def prune(self, before_round: int) -> None:
         """Drop messages of finished rounds (late parts of a timed-out peer, for example)."""
         with self._cond:
             for key in [k for k in self._items if 0 <= k[1] < before_round]:
-                del self._items[key]
+                self._release(self._items.pop(key))
 
 
 class Transport:
@@ -164,29 +270,38 @@ class Transport:
         send_timeout_s: float = 30.0,
         replay_window_s: float = 300.0,
         shaper: Shaper | None = None,
+        schemas: dict[str, type] | None = None,
+        max_peer_sockets: int = 512,
+        clock_skew_s: float = 2.0,
     ):
         self.node_id = node_id
         self.key = key
         self.max_message_bytes = max_message_bytes
         self.send_timeout_s = send_timeout_s
+        self.max_peer_sockets = max_peer_sockets
         self.session = secrets.token_hex(8)
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(max_bytes_per_sender=max_message_bytes)
         self.bytes_sent = 0
         self.bytes_recv = 0
-        self.dropped: dict[str, int] = defaultdict(int)
+        self.drops = DropLog()
+        self.dropped = self.drops.counts  # reason -> messages dropped
+        self._meta = MetaValidator(schemas)
         # messages handed to the socket, by kind and by destination node (or endpoint):
         # what a node really sent, e.g. to check that NoLoCo talks only to its partners
         self.sent_by_kind: dict[str, int] = defaultdict(int)
         self.sent_to: dict[str, int] = defaultdict(int)
         self._handlers: dict[str, Handler] = {}
-        self._replay = ReplayGuard(replay_window_s)
+        self._replay = ReplayGuard(replay_window_s, not_before=time.time() - clock_skew_s)
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.RCVHWM, 0)  # never drop an incoming part silently
+        # at most this many messages queued per connection: past it ZeroMQ stops reading that
+        # connection (TCP backpressure on the sender; nothing is dropped), so a flood cannot
+        # grow this process without bound
+        self._router.setsockopt(zmq.RCVHWM, 1000)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if port:
             self._router.bind(f"tcp://{listen_host}:{port}")
@@ -195,7 +310,9 @@ class Transport:
             bound = self._router.bind_to_random_port(f"tcp://{listen_host}")
         self.port = bound
         self.endpoint = f"tcp://{advertise_host or listen_host}:{bound}"
-        self._peers: dict[str, tuple[zmq.Socket, threading.Lock]] = {}
+        # least recently used first: reply endpoints come from requests, so their number is
+        # bounded here, not by whoever sends requests
+        self._peers: OrderedDict[str, tuple[zmq.Socket, threading.Lock]] = OrderedDict()
         self._peers_lock = threading.Lock()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name=f"loco-io-{node_id}", daemon=True)
@@ -213,9 +330,14 @@ class Transport:
 
     # ----------------------------------------------------------------- sending
     def _socket_for(self, endpoint: str) -> tuple[zmq.Socket, threading.Lock]:
+        evicted = []
         with self._peers_lock:
             entry = self._peers.get(endpoint)
-            if entry is None:
+            if entry is not None:
+                self._peers.move_to_end(endpoint)
+            else:
+                while len(self._peers) >= self.max_peer_sockets:
+                    evicted.append(self._peers.popitem(last=False)[1])
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 10_000)
@@ -223,7 +345,10 @@ class Transport:
                 sock.connect(endpoint)
                 entry = (sock, threading.Lock())
                 self._peers[endpoint] = entry
-            return entry
+        for old_sock, lock in evicted:
+            with lock:
+                old_sock.close(linger=0)
+        return entry
 
     def name_peer(self, endpoint: str, node_id: str) -> None:
         """Tell the shaper which node an endpoint belongs to (per-peer profiles, cuts)."""
@@ -237,6 +362,7 @@ class Transport:
             return False
         msg.sender = self.node_id
         msg.session = self.session
+        msg.to = endpoint
         sock, lock = self._socket_for(endpoint)
         with lock:
             with self._seq_lock:
@@ -301,6 +427,12 @@ class Transport:
         """Serve ``kind`` on the I/O thread instead of filing it in the mailbox."""
         self._handlers[kind] = handler
 
+    def file(self, msg: Message) -> None:
+        """Put ``msg`` in the mailbox (handlers call this for what they do not answer)."""
+        refused = self.mailbox.put(msg)
+        if refused:
+            self.drops.drop("MailboxFull", f"{msg.kind} refused: {refused}")
+
     def recv(
         self, kind: str, round: int, attempt: int = 0, sender: str | None = None,
         timeout_s: float = 30.0, stop: threading.Event | None = None,
@@ -326,31 +458,46 @@ class Transport:
                     break
                 except zmq.ZMQError:
                     return
-                self._accept(frames[1:])  # frames[0] is the ROUTER's identity of the peer
+                try:
+                    self._accept(frames[1:])  # frames[0] is the ROUTER's identity of the peer
+                except Exception as exc:  # belt and braces: this thread is the node's only ear
+                    self.drops.drop("Error", f"{type(exc).__name__}: {exc}")
 
     def _accept(self, frames: list) -> None:
+        """Verify, check and deliver one message. Nothing a peer sends may end the I/O
+        thread: whatever fails is dropped and counted by reason."""
         with self._count_lock:
             self.bytes_recv += message_nbytes(frames)
         try:
             msg = decode(frames, self.key, self.max_message_bytes)
         except WireError as exc:
-            self.dropped[type(exc).__name__] += 1
-            log.warning("dropped a malformed message: %s: %s", type(exc).__name__, exc)
+            self.drops.drop(type(exc).__name__, str(exc))
+            return
+        except Exception as exc:  # a decoder bug must cost one message, not the node
+            self.drops.drop("DecodeError", f"{type(exc).__name__}: {exc}")
             return
         problem = self._replay.check(msg)
         if problem:
-            self.dropped["Replay"] += 1
-            log.warning("dropped %s from %s: %s", msg.kind, msg.sender, problem)
+            self.drops.drop("Replay", f"{msg.kind[:64]} from {msg.sender[:64]}: {problem}")
+            return
+        if msg.to != self.endpoint:
+            self.drops.drop("WrongDestination", f"{msg.kind[:64]} from {msg.sender[:64]} is addressed to "
+                            f"{msg.to[:100]!r}, this node is {self.endpoint}")
+            return
+        try:
+            self._meta.check(msg.kind, msg.meta)
+        except MetaError as exc:
+            self.drops.drop(exc.reason, f"from {msg.sender[:64]}: {exc}")
             return
         handler = self._handlers.get(msg.kind)
         if handler is None:
-            self.mailbox.put(msg)
+            self.file(msg)
             return
         try:
             handler(msg)
-        except Exception:  # a bad request must never take the I/O thread down
-            self.dropped["HandlerError"] += 1
-            log.exception("handler for %s from %s failed", msg.kind, msg.sender)
+        except Exception as exc:  # a bad request must never take the I/O thread down
+            self.drops.drop("HandlerError", f"handler for {msg.kind} from {msg.sender[:64]} failed: "
+                            f"{type(exc).__name__}: {exc}")
 
     # ---------------------------------------------------------------- shutdown
     def close(self, flush_s: float = 5.0) -> None:

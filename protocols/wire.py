@@ -12,6 +12,8 @@ Frame layout (this docstring is the one place it is written down)::
                             time     float  sender's wall clock (replay window)
                             round    int    outer round the message belongs to (-1: none)
                             attempt  int    retry attempt within the round
+                            to       str    the endpoint the message was sent to (the
+                                            receiver drops one addressed elsewhere)
                             meta     map    kind-specific small fields (msgpack types only)
                             tensors  list   [[dtype, shape], ...] one entry per buffer frame
     frame 2+   buffers    raw little-endian tensor bytes, C order, one per tensors entry,
@@ -36,9 +38,13 @@ import msgpack
 import torch
 
 MAGIC = b"LOCO"
-VERSION = 1
+VERSION = 2  # 2: the header names its destination (`to`)
 SIGNATURE_BYTES = 32
 DEFAULT_MAX_MESSAGE_BYTES = 2 << 30  # 2 GiB: larger than any model part we send
+MAX_TENSORS = 65_536  # buffers in one message (a state transfer sends one per parameter)
+MAX_DIMS = 16
+MAX_HEADER_BYTES = 4 << 20  # a pipeline plan for hundreds of nodes fits in far less
+MAX_DIM = 1 << 40
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -92,6 +98,7 @@ class Message:
     session: str = ""
     seq: int = 0
     time: float = 0.0
+    to: str = ""  # the endpoint it was sent to: signed, so a message for one node is void at another
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -130,6 +137,7 @@ def encode(msg: Message, key: bytes | None = None) -> list[bytes | memoryview]:
             "time": msg.time or time.time(),
             "round": msg.round,
             "attempt": msg.attempt,
+            "to": msg.to,
             "meta": msg.meta,
             "tensors": specs,
         },
@@ -146,11 +154,31 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(buf).cast("B")
 
 
+def _int_in(lo: int, hi: int) -> Any:
+    # bool is an int subclass in Python: a header with `round: true` is malformed, not round 1
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _str_upto(n: int) -> Any:
+    return lambda v: type(v) is str and len(v) <= n
+
+
+_HEADER_FIELDS = {
+    "kind": _str_upto(64), "sender": _str_upto(256), "session": _str_upto(64),
+    "seq": _int_in(0, 2**63 - 1), "round": _int_in(-1, 2**62), "attempt": _int_in(-1, 2**62),
+    "time": lambda v: type(v) in (int, float) and math.isfinite(v),
+    "to": _str_upto(512),
+    "meta": lambda v: type(v) is dict, "tensors": lambda v: type(v) is list and len(v) <= MAX_TENSORS,
+}
+
+
 def _parse_header(raw: memoryview) -> dict[str, Any]:
     if len(raw) < len(MAGIC) + 1:
         raise TruncatedMessage(f"header is {len(raw)} bytes, shorter than magic+version")
     if bytes(raw[: len(MAGIC)]) != MAGIC:
         raise VersionMismatch("header does not start with the LOCO magic")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise OversizedMessage(f"header is {len(raw)} bytes, over the limit of {MAX_HEADER_BYTES}")
     version = raw[len(MAGIC)]
     if version != VERSION:
         raise VersionMismatch(f"wire version {version}, this node speaks {VERSION}")
@@ -160,13 +188,9 @@ def _parse_header(raw: memoryview) -> dict[str, Any]:
         raise MalformedHeader(f"header is not valid msgpack: {exc}") from exc
     if not isinstance(header, dict):
         raise MalformedHeader("header is not a map")
-    required = {
-        "kind": str, "sender": str, "session": str, "seq": int, "time": (int, float),
-        "round": int, "attempt": int, "meta": dict, "tensors": list,
-    }
-    for name, typ in required.items():
-        if not isinstance(header.get(name), typ):
-            raise MalformedHeader(f"header field {name!r} missing or of the wrong type")
+    for name, check in _HEADER_FIELDS.items():
+        if not check(header.get(name)):
+            raise MalformedHeader(f"header field {name!r} missing, of the wrong type or out of range")
     return header
 
 
@@ -178,10 +202,12 @@ def _check_spec(spec: Any, index: int) -> tuple[torch.dtype, list[int], int]:
     if dtype is None:
         raise MalformedHeader(f"tensor {index} has unknown dtype {spec[0]!r}")
     shape = spec[1]
-    if not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 16:
-        raise MalformedHeader(f"tensor {index} has an impossible shape {shape!r}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return dtype, shape, math.prod(shape) * itemsize
+    # every dim is checked before torch sees it: a bool, a negative or a 2**63 dim would make
+    # torch raise (or overflow) instead of this node dropping the message with a reason
+    if len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+        raise MalformedHeader(f"tensor {index} has an impossible shape {str(shape)[:80]}")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    return dtype, shape, nbytes
 
 
 def decode(
@@ -220,16 +246,19 @@ def decode(
             raise TruncatedMessage(f"buffer {i} has {len(buf)} bytes, header declares {nbytes}")
         if len(buf) > nbytes:
             raise OversizedMessage(f"buffer {i} has {len(buf)} bytes, header declares {nbytes}")
-        if nbytes == 0:
-            tensors.append(torch.empty(shape, dtype=dtype))
-        else:
-            if buf.readonly:  # e.g. bytes handed in by a caller; zmq frames are writable
-                buf = memoryview(bytearray(buf))
-            tensors.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape))
+        try:
+            if nbytes == 0:
+                tensors.append(torch.empty(shape, dtype=dtype))
+            else:
+                if buf.readonly:  # e.g. bytes handed in by a caller; zmq frames are writable
+                    buf = memoryview(bytearray(buf))
+                tensors.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape))
+        except (RuntimeError, ValueError, TypeError, OverflowError) as exc:  # e.g. strides past int64
+            raise MalformedHeader(f"tensor {i} cannot be built: {exc}") from exc
     return Message(
         kind=header["kind"], sender=header["sender"], round=header["round"],
         attempt=header["attempt"], meta=header["meta"], tensors=tensors,
-        session=header["session"], seq=header["seq"], time=float(header["time"]),
+        session=header["session"], seq=header["seq"], time=float(header["time"]), to=header["to"],
     )
 
 

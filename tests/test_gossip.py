@@ -141,16 +141,16 @@ def test_gossip_communicator_means_agree_bit_for_bit(nodes):
 def test_state_server_keeps_history_and_answers_the_oldest_matching_round():
     a, b = Transport("s0"), Transport("s1")
     try:
-        server = StateServer(a, kind="RESULT", keep=2)
+        server = StateServer(a, kind="CO2_RESULT", keep=2)
         for r in (3, 4, 5):
             server.publish(r, [torch.full((2,), float(r))], {"r": r})
-        snap = fetch_state(b, a.endpoint, 4, timeout_s=10, kind="RESULT")
+        snap = fetch_state(b, a.endpoint, 4, timeout_s=10, kind="CO2_RESULT")
         assert snap is not None and snap.round == 4 and snap.tensors[0][0].item() == 4.0
-        snap = fetch_state(b, a.endpoint, 3, timeout_s=10, kind="RESULT")
+        snap = fetch_state(b, a.endpoint, 3, timeout_s=10, kind="CO2_RESULT")
         assert snap is not None and snap.round == 4  # round 3 is gone: the caller checks the round
         # a request for a future round is parked until it is published
         threading.Timer(0.5, lambda: server.publish(6, [torch.zeros(2)], {})).start()
-        snap = fetch_state(b, a.endpoint, 6, timeout_s=10, kind="RESULT")
+        snap = fetch_state(b, a.endpoint, 6, timeout_s=10, kind="CO2_RESULT")
         assert snap is not None and snap.round == 6
         assert fetch_state(b, a.endpoint, 0, timeout_s=1) is None  # no plain STATE server on a
     finally:

@@ -14,6 +14,8 @@ from loco.protocols.shaper import Cut, LinkProfile, Shaper
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
 
+from .transports import open_transport
+
 MBIT = 1e6
 
 
@@ -66,7 +68,7 @@ def test_invalid_profiles_are_rejected():
 
 def test_real_transfer_takes_bytes_over_bandwidth_plus_latency():
     shaper = Shaper(LinkProfile(bandwidth_bps=20 * MBIT, latency_s=0.1))
-    a, b = Transport("a", shaper=shaper), Transport("b")
+    a, b = open_transport("a", shaper=shaper), open_transport("b")
     try:
         payload = torch.zeros(625_000)  # 2.5 MB: 1.0 s at 20 Mbit/s
         start = time.monotonic()
@@ -121,11 +123,10 @@ def test_messages_held_by_the_shaper_leave_before_close():
     lose what the emulated link was still holding."""
     import torch
 
-    from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
 
-    receiver = Transport("rx")
-    sender = Transport("tx", shaper=Shaper(LinkProfile(latency_s=0.5)))
+    receiver = open_transport("rx")
+    sender = open_transport("tx", shaper=Shaper(LinkProfile(latency_s=0.5)))
     try:
         sender.send(receiver.endpoint, Message("LAST", round=1, tensors=[torch.ones(1000)]))
         sender.close()  # returns once the message has left the shaper

@@ -8,13 +8,14 @@ import pytest
 import torch
 import zmq
 
-from loco.protocols.transport import Transport
 from loco.protocols.wire import Message, encode
+
+from .transports import open_transport
 
 
 @pytest.fixture
 def pair():
-    a, b = Transport("a"), Transport("b")
+    a, b = open_transport("a"), open_transport("b")
     try:
         yield a, b
     finally:
@@ -50,7 +51,7 @@ def test_garbage_frames_are_dropped_and_the_node_keeps_working(pair):
         raw.send_multipart([b"x"])
         raw.send_multipart([b"", b"LOCO\x01\xff\xff"])
         # same connection, so it is processed after the garbage: no sleep needed
-        raw.send_multipart(encode(Message("AFTER", sender="raw", session="r", seq=1, round=0)))
+        raw.send_multipart(encode(Message("AFTER", sender="raw", session="r", seq=1, round=0, to=b.endpoint)))
         assert b.recv("AFTER", 0, timeout_s=30) is not None
     finally:
         raw.close()
@@ -60,10 +61,10 @@ def test_garbage_frames_are_dropped_and_the_node_keeps_working(pair):
 
 
 def test_unsigned_and_wrongly_signed_messages_are_dropped():
-    keyed = Transport("keyed", key=b"k1")
-    plain = Transport("plain")
-    wrong = Transport("wrong", key=b"k2")
-    good = Transport("good", key=b"k1")
+    keyed = open_transport("keyed", key=b"k1")
+    plain = open_transport("plain")
+    wrong = open_transport("wrong", key=b"k2")
+    good = open_transport("good", key=b"k1")
     try:
         plain.send(keyed.endpoint, Message("HELLO", round=0))
         wrong.send(keyed.endpoint, Message("HELLO", round=0))
@@ -79,7 +80,7 @@ def test_unsigned_and_wrongly_signed_messages_are_dropped():
 
 def test_replayed_message_is_dropped(pair):
     _, b = pair
-    frames = encode(Message("ONCE", sender="a", session="s", seq=1, round=0))
+    frames = encode(Message("ONCE", sender="a", session="s", seq=1, round=0, to=b.endpoint))
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
@@ -87,7 +88,7 @@ def test_replayed_message_is_dropped(pair):
     try:
         raw.send_multipart(frames)
         raw.send_multipart(frames)  # captured and sent again
-        raw.send_multipart(encode(Message("AFTER", sender="a", session="s", seq=2, round=0)))
+        raw.send_multipart(encode(Message("AFTER", sender="a", session="s", seq=2, round=0, to=b.endpoint)))
         assert b.recv("AFTER", 0, timeout_s=30) is not None
     finally:
         raw.close()
@@ -109,10 +110,129 @@ def test_a_failing_handler_does_not_stop_the_io_thread(pair):
 
 
 def test_send_to_unreachable_peer_does_not_block():
-    a = Transport("a", send_timeout_s=1.0)
+    a = open_transport("a", send_timeout_s=1.0)
     try:
         start = time.monotonic()
         a.send("tcp://127.0.0.1:1", Message("X", tensors=[torch.zeros(10)]))
         assert time.monotonic() - start < 5
     finally:
         a.close()
+
+
+def raw_socket(endpoint: str) -> zmq.Socket:
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(endpoint)
+    return raw
+
+
+def test_a_well_formed_message_with_wrong_field_types_is_dropped_by_reason(pair):
+    """The meta of every loco kind is checked against its schema before any code reads it."""
+    a, b = pair
+    hostile = [("DONE", {"ok": True, "missing": 5}), ("PART", {"part": 0, "offset": 0, "codec": {},
+                                                              "weight": "abc"}),
+               ("JOIN", {"state_hash": "", "weight": "x", "endpoint": a.endpoint}),
+               ("JOIN", {"state_hash": "", "weight": float("nan"), "endpoint": a.endpoint}),
+               ("ROSTER", {"status": "member", "members": [[1, 2, 3]]}), ("NOT_A_KIND", {})]
+    for kind, meta in hostile:
+        a.send(b.endpoint, Message(kind, round=0, meta=meta))
+    a.send(b.endpoint, Message("AFTER", round=0))
+    assert b.recv("AFTER", 0, timeout_s=30) is not None
+    assert b.dropped["BadMeta"] == 5 and b.dropped["UnknownKind"] == 1
+    assert b.mailbox.held() == (0, 0)
+
+
+def test_a_message_for_another_node_is_void_here():
+    """The signed header names the destination: a captured message cannot be replayed at
+    another member of the same swarm."""
+    a, b, c = (open_transport(n, key=b"k") for n in "abc")
+    try:
+        frames = encode(Message("HELLO", sender="a", session="s", seq=1, round=0, to=b.endpoint), b"k")
+        raw = raw_socket(c.endpoint)
+        try:
+            raw.send_multipart(frames)
+            raw.send_multipart(encode(Message("AFTER", sender="a", session="s", seq=2, round=0, to=c.endpoint),
+                                      b"k"))
+            assert c.recv("AFTER", 0, timeout_s=30) is not None
+        finally:
+            raw.close()
+        assert c.dropped["WrongDestination"] == 1 and c.recv("HELLO", 0, timeout_s=0) is None
+    finally:
+        for t in (a, b, c):
+            t.close()
+
+
+def test_messages_from_before_a_restart_and_nan_times_are_replays(pair):
+    _, b = pair
+    raw = raw_socket(b.endpoint)
+    try:
+        before = time.time() - 60  # captured a minute ago, when another process had this port
+        raw.send_multipart(encode(Message("HELLO", sender="a", session="s", seq=1, round=0, to=b.endpoint,
+                                          time=before)))
+        raw.send_multipart(encode(Message("HELLO", sender="a", session="t", seq=1, round=0, to=b.endpoint,
+                                          time=float("nan"))))
+        raw.send_multipart(encode(Message("AFTER", sender="a", session="u", seq=1, round=0, to=b.endpoint)))
+        assert b.recv("AFTER", 0, timeout_s=30) is not None
+    finally:
+        raw.close()
+    assert b.dropped["Replay"] + b.dropped["MalformedHeader"] == 2 and b.recv("HELLO", 0, timeout_s=0) is None
+
+
+def test_a_sender_cannot_fill_the_mailbox():
+    a = open_transport("a")
+    b = open_transport("b", max_message_bytes=64_000)
+    try:
+        for i in range(20):  # 20 x 4 kB unread: only what fits in 64 kB is kept
+            a.send(b.endpoint, Message("X", round=i, tensors=[torch.zeros(1000)]))
+        a.send(b.endpoint, Message("AFTER", round=0))
+        assert b.recv("AFTER", 0, timeout_s=30) is not None
+        held, nbytes = b.mailbox.held()
+        assert nbytes <= 64_000 and held == 16 and b.dropped["MailboxFull"] == 4
+        assert b.recv("X", 0, timeout_s=1) is not None  # taking one frees room for the next
+        a.send(b.endpoint, Message("X", round=99, tensors=[torch.zeros(1000)]))
+        assert b.recv("X", 99, timeout_s=30) is not None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_unread_messages_expire():
+    a, b = open_transport("a"), open_transport("b")
+    b.mailbox.ttl_s = 0.2
+    try:
+        a.send(b.endpoint, Message("X", round=10**6, tensors=[torch.zeros(1000)]))  # a round far ahead
+        a.send(b.endpoint, Message("AFTER", round=0))
+        assert b.recv("AFTER", 0, timeout_s=30) is not None
+        assert b.mailbox.held()[0] == 1
+        time.sleep(0.3)  # the expiry is the behaviour under test
+        a.send(b.endpoint, Message("AFTER", round=1))  # a sweep runs when a message is filed
+        assert b.recv("AFTER", 1, timeout_s=30) is not None
+        assert b.mailbox.held() == (0, 0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reply_sockets_are_bounded():
+    a = open_transport("a", max_peer_sockets=8)
+    try:
+        for port in range(20):  # requests naming 20 different reply endpoints
+            a.send(f"tcp://127.0.0.1:{port + 1}", Message("X"))
+        assert len(a._peers) == 8
+    finally:
+        a.close()
+
+
+def test_dropped_messages_are_logged_at_a_bounded_rate(pair, caplog):
+    a, b = pair
+    raw = raw_socket(b.endpoint)
+    try:
+        with caplog.at_level("WARNING", logger="loco.protocols.transport"):
+            for _ in range(500):
+                raw.send_multipart([b"", b"garbage"])
+            raw.send_multipart(encode(Message("AFTER", sender="r", session="r", seq=1, round=0, to=b.endpoint)))
+            assert b.recv("AFTER", 0, timeout_s=30) is not None
+    finally:
+        raw.close()
+    assert b.dropped["TruncatedMessage"] + b.dropped["VersionMismatch"] == 500
+    assert len(caplog.records) <= 2

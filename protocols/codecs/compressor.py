@@ -166,6 +166,10 @@ class Compressor:
         t0 = time.perf_counter()
         try:
             return self._decode(tensors, meta, lo, numel, layout)
+        except CodecError:
+            raise
+        except Exception as exc:  # a peer's metadata steered a codec into an error: its fault, not ours
+            raise CodecError(f"undecodable part: {type(exc).__name__}: {str(exc)[:200]}") from None
         finally:
             self.decode_s += time.perf_counter() - t0
 

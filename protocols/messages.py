@@ -1,0 +1,179 @@
+"""Every message kind loco sends, and the schema of its ``meta`` map, in one place.
+
+The wire format (:mod:`.wire`) checks the header and the buffers; this module checks what
+the header's ``meta`` holds, per kind, before any handler or mailbox sees the message. A
+kind that is not listed here, a field of the wrong type (a bool where an int belongs, a
+string where a float belongs), a non-finite float, or a field no sender of that kind
+writes, and the transport drops the message and counts the reason. Code that reads
+``msg.meta`` can therefore rely on the types declared here.
+
+Nested maps that another layer validates (a codec's parameters, a served state's meta, a
+pipeline plan) are declared as maps here and checked again, by value, where they are used.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, NotRequired
+
+import pydantic
+from pydantic import ConfigDict, TypeAdapter, with_config
+from typing_extensions import TypedDict
+
+# ------------------------------------------------------------------ kind names
+JOIN, ROSTER, PART, AVG, DONE, DECISION = "JOIN", "ROSTER", "PART", "AVG", "DONE", "DECISION"
+GOSSIP = "GOSSIP"
+STATE, CO2_RESULT = "STATE", "CO2_RESULT"  # served snapshots; requests are f"{kind}_REQ"
+PP_PLAN, PP_FWD, PP_BWD, PP_DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
+PP_FINAL, PP_ASSIGN, PP_STATE = "PP_FINAL", "PP_ASSIGN", "PP_STATE"
+PP_PING, PP_PONG = "PP_PING", "PP_PONG"
+
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+# id, endpoint, weight; msgpack has no tuples, so a strict tuple must accept a list
+Member = Annotated[tuple[str, str, pydantic.NonNegativeFloat], pydantic.Strict(False)]
+
+
+@with_config(_STRICT)
+class Join(TypedDict):
+    state_hash: str
+    weight: pydantic.NonNegativeFloat
+    endpoint: str
+
+
+@with_config(_STRICT)
+class Roster(TypedDict):
+    status: str
+    members: NotRequired[list[Member]]
+
+
+@with_config(_STRICT)
+class Part(TypedDict):
+    part: pydantic.NonNegativeInt
+    offset: pydantic.NonNegativeInt
+    codec: dict[str, Any]
+    weight: NotRequired[pydantic.NonNegativeFloat]
+
+
+@with_config(_STRICT)
+class Done(TypedDict):
+    ok: bool
+    missing: list[str]
+    suspect: NotRequired[list[str]]
+
+
+@with_config(_STRICT)
+class Decision(TypedDict):
+    decision: str
+    status: NotRequired[str]
+    members: NotRequired[list[Member]]
+
+
+@with_config(_STRICT)
+class Gossip(TypedDict):
+    endpoint: NotRequired[str]
+    group: NotRequired[list[str]]
+    codec: NotRequired[dict[str, Any]]
+    numel: NotRequired[pydantic.NonNegativeInt]
+    decline: NotRequired[bool]
+
+
+@with_config(_STRICT)
+class StateRequest(TypedDict):
+    min_round: int
+    endpoint: str
+
+
+@with_config(_STRICT)
+class StateReply(TypedDict):
+    round: int
+    hash: str
+    meta: dict[str, Any]
+
+
+@with_config(_STRICT)
+class PipelineWork(TypedDict):
+    mb: pydantic.NonNegativeInt
+    hop: pydantic.NonNegativeInt
+    eval: bool
+
+
+@with_config(_STRICT)
+class PipelineDrop(TypedDict):
+    mb: pydantic.NonNegativeInt
+    eval: bool
+    why: str
+
+
+@with_config(_STRICT)
+class PipelinePlan(TypedDict):
+    paths: list[list[str]]
+    eval: list[list[str]]
+    endpoints: dict[str, str]
+    stages: dict[str, int]
+    joins: NotRequired[dict[str, str]]
+    last: NotRequired[bool]
+    val_loss: NotRequired[float | None]
+
+
+@with_config(ConfigDict(strict=True, extra="forbid"))  # a diverged validation loss is news, not poison
+class PipelineFinal(TypedDict):
+    val_loss: float | None
+
+
+@with_config(_STRICT)
+class PipelineAssign(TypedDict):
+    stages: dict[str, int]
+
+
+@with_config(_STRICT)
+class PipelineState(TypedDict):
+    stage: int
+    adam_step: int
+    outer_steps: int
+
+
+@with_config(_STRICT)
+class Ping(TypedDict):
+    reply_to: str
+
+
+@with_config(_STRICT)
+class Empty(TypedDict):
+    pass
+
+
+SCHEMAS: dict[str, type] = {
+    JOIN: Join, ROSTER: Roster, PART: Part, AVG: Part, DONE: Done, DECISION: Decision,
+    GOSSIP: Gossip,
+    STATE: StateReply, f"{STATE}_REQ": StateRequest,
+    CO2_RESULT: StateReply, f"{CO2_RESULT}_REQ": StateRequest,
+    PP_PLAN: PipelinePlan, PP_FWD: PipelineWork, PP_BWD: PipelineWork, PP_DROP: PipelineDrop,
+    PP_FINAL: PipelineFinal, PP_ASSIGN: PipelineAssign, PP_STATE: PipelineState,
+    PP_PING: Ping, PP_PONG: Empty,
+}
+
+
+class MetaError(ValueError):
+    """A message whose kind is unknown or whose meta does not fit its kind's schema."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason  # the counter it is dropped under: "UnknownKind" | "BadMeta"
+
+
+class MetaValidator:
+    """Checks ``meta`` against the schema of its kind (compiled once per kind)."""
+
+    def __init__(self, schemas: dict[str, type] | None = None):
+        self._adapters = {kind: TypeAdapter(schema) for kind, schema in (schemas or SCHEMAS).items()}
+
+    def check(self, kind: str, meta: dict[str, Any]) -> None:
+        adapter = self._adapters.get(kind)
+        if adapter is None:
+            raise MetaError("UnknownKind", f"unknown message kind {kind[:64]!r}")
+        try:
+            adapter.validate_python(meta)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "meta"
+            raise MetaError("BadMeta", f"{kind} meta field {where}: {first['msg']}") from None
