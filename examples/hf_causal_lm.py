@@ -5,8 +5,8 @@ data is the Python standard library's own source, read as bytes (a byte-level vo
 of 256). Start it twice; the second process joins the first:
 
     pip install 'loco[hf]'
-    python examples/hf_causal_lm.py                     # prints "join with: /ip4/.../p2p/..."
-    python examples/hf_causal_lm.py --join /ip4/.../p2p/... --seed 2
+    python examples/hf_causal_lm.py                     # prints "join with: TOKEN" (the swarm key and its address)
+    python examples/hf_causal_lm.py --join TOKEN --seed 2
 
 The lines marked ``# loco`` are what joins the swarm.
 """
@@ -44,7 +44,7 @@ def append_json(path: str, record: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--join", action="append", default=[], metavar="MULTIADDR", help="a live peer's DHT address")
+    ap.add_argument("--join", metavar="TOKEN", help="the join token a member printed (none: start a new swarm)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--inner-steps", type=int, default=50)
     ap.add_argument("--peers", type=int, default=0, help="wait for this many peers before training")
@@ -66,8 +66,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     val_batch = torch.stack([val[i:i + 64] for i in range(0, 64 * 16, 64)])
 
-    with loco.Swarm(run_id=args.run_id, initial_peers=args.join) as swarm:  # loco
-        print("join with:", swarm.multiaddrs[0], flush=True)
+    with loco.Swarm(run_id=args.run_id, join=args.join) as swarm:  # loco
+        print("join with:", swarm.join_token, flush=True)
         with loco.DiLoCo(model, opt, swarm, inner_steps=args.inner_steps, outer_lr=0.7,  # loco
                          outer_momentum=0.9, compression="int8", wait_for_peers=args.peers) as outer:  # loco
             for step in range(args.steps):

@@ -2,8 +2,8 @@
 
 Start it twice on one machine; the second process joins the first through the DHT:
 
-    python examples/plain_loop.py                      # prints "join with: /ip4/.../p2p/..."
-    python examples/plain_loop.py --join /ip4/.../p2p/...
+    python examples/plain_loop.py                      # prints "join with: TOKEN" (the swarm key and its address)
+    python examples/plain_loop.py --join TOKEN
 
 With ``--checkpoint FILE`` a process saves after every round and, started again with the
 same FILE, resumes there and rejoins. Each process fits the same small regression model on
@@ -54,7 +54,7 @@ def save(state: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--join", action="append", default=[], metavar="MULTIADDR", help="a live peer's DHT address")
+    ap.add_argument("--join", metavar="TOKEN", help="the join token a member printed (none: start a new swarm)")
     ap.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="diloco")
     ap.add_argument("--steps", type=int, default=300, help="inner steps to train")
     ap.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
@@ -83,8 +83,8 @@ def main() -> None:
     val_y = teacher(val_x)
     val_x, val_y = val_x.to(args.device), val_y.to(args.device)
 
-    with loco.Swarm(run_id=args.run_id, initial_peers=args.join) as swarm:  # loco
-        print("join with:", swarm.multiaddrs[0], flush=True)
+    with loco.Swarm(run_id=args.run_id, join=args.join) as swarm:  # loco
+        print("join with:", swarm.join_token, flush=True)
         algorithm = getattr(loco, ALGORITHMS[args.algorithm])
         with algorithm(model, opt, swarm, inner_steps=args.inner_steps, wait_for_peers=args.peers,  # loco
                        join=saved is None) as outer:  # loco

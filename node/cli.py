@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from loco.token import parse_token
+
 from .config import ConfigError, load_config
 
 
@@ -58,9 +60,11 @@ def node() -> None:
 
 @node.command("start")
 @config_option
+@click.option("--join", "tokens", multiple=True, metavar="TOKEN",
+              help="Join the swarm with the token a member printed ('join: ...'): its key and address.")
 @click.option("--initial-peer", "initial_peers", multiple=True, metavar="MULTIADDR",
-              help="DHT multiaddress of any live node of the swarm to join; repeatable. "
-                   "None: start a new swarm.")
+              help="DHT multiaddress of a live node (with swarm.key set, or an insecure swarm); repeatable. "
+                   "No --join and no --initial-peer: start a new swarm.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/node", show_default=True,
               help="Output folder: metrics, checkpoints, resolved config. Reusing it resumes the node.")
 @set_option
@@ -70,11 +74,11 @@ def node() -> None:
 @click.option("--port", type=int, help="ZeroMQ port (node.port; 0 = OS picks).")
 @click.option("--dht-port", type=int, help="DHT port (node.dht_port; 0 = OS picks).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def node_start(config, initial_peers, out, overrides, node_id, listen, announce, port, dht_port, verbose):
+def node_start(config, tokens, initial_peers, out, overrides, node_id, listen, announce, port, dht_port, verbose):
     """Start a node: join (or start) a swarm, train for the configured budget, exit 0.
 
-    With no --initial-peer it starts a new swarm and prints the multiaddresses other nodes
-    can join with. SIGINT/SIGTERM stop it cleanly: the current round is finished or
+    With no --join it starts a new swarm (with a new random key, kept under --out) and
+    prints the token other nodes join with. SIGINT/SIGTERM stop it cleanly: the current round is finished or
     abandoned, a checkpoint is written and the node leaves the DHT.
     """
     extra = list(overrides)
@@ -82,10 +86,25 @@ def node_start(config, initial_peers, out, overrides, node_id, listen, announce,
                        ("node.port", port), ("node.dht_port", dht_port)):
         if value is not None:
             extra.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    initial_peers = list(initial_peers)
+    for token in tokens:
+        try:
+            key, peers = parse_token(token)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--join") from None
+        extra.append(f"swarm.key={key!r}")
+        initial_peers += peers
     if initial_peers:
         extra.append("swarm.initial_peers=[" + ",".join(repr(p) for p in initial_peers) + "]")
     cfg = _load(config, tuple(extra))
+    from .runtime import with_swarm_key
+
+    try:
+        cfg = with_swarm_key(cfg, Path(out))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     _setup_logging(verbose)
+    from .checkpoint import CheckpointError
     from .daemon import Node  # torch/hivemind imports: after argument errors are reported
 
     stop = threading.Event()
@@ -106,7 +125,7 @@ def node_start(config, initial_peers, out, overrides, node_id, listen, announce,
             code = PipelineNode(cfg, Path(out), stop).run()
         else:
             code = Node(cfg, Path(out), stop).run()
-    except (ConfigError, ConnectionError) as exc:
+    except (ConfigError, ConnectionError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 

@@ -64,7 +64,12 @@ class SwarmConfig(_Section):
     initial_peers: list[str] = []
     """Multiaddresses of any live node of the swarm to join (empty: start a new swarm)."""
     key: str | None = None
-    """Shared secret; messages without a valid signature are dropped. Env: LOCO_SWARM_KEY."""
+    """Shared secret: every message and DHT record is signed with it, others are dropped.
+    Env: LOCO_SWARM_KEY. None: a node that starts a new swarm makes one (kept under --out)
+    and prints a join token; ``loco swarm``/``loco run`` make one for their nodes."""
+    insecure: bool = False
+    """Run without a key: anyone who reaches a node's ports can read the model, change it
+    and impersonate peers. Must be asked for; every node logs a warning."""
     announce_ttl_s: float = Field(8.0, gt=0)
     """Seconds a membership record lives without refresh (a dead node vanishes after this)."""
     join_timeout_s: float = Field(120.0, gt=0)
@@ -215,6 +220,10 @@ class CollectiveConfig(_Section):
     """Leader: how long to wait for members' DONE reports."""
     max_attempts: int = Field(3, ge=1)
     """Attempts (with the survivors) before a round is skipped."""
+    max_norm_ratio: float = Field(10.0, ge=0)
+    """A contribution whose norm exceeds this many times the group's median (NoLoCo: the
+    partners') is left out of the average and its sender reported as a suspect; 0: off.
+    Non-finite contributions are always left out."""
 
 
 class LGrecoConfig(_Section):
@@ -266,6 +275,8 @@ class TrainConfig(_Section):
     """Inner steps between loss records."""
     checkpoint_every: int = Field(1, ge=1)
     """Outer rounds between checkpoints."""
+    keep_checkpoints: int = Field(1, ge=0)
+    """Previous checkpoints kept beside the current one (``node0.pt.1``, ...)."""
 
 
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
@@ -414,8 +425,10 @@ class Config(_Section):
     @field_validator("swarm")
     @classmethod
     def _key_from_env(cls, swarm: SwarmConfig) -> SwarmConfig:
-        if swarm.key is None and os.environ.get("LOCO_SWARM_KEY"):
+        if swarm.key is None and os.environ.get("LOCO_SWARM_KEY") and not swarm.insecure:
             return swarm.model_copy(update={"key": os.environ["LOCO_SWARM_KEY"]})
+        if swarm.key and swarm.insecure:
+            raise ValueError("swarm.insecure = true with a swarm.key: choose one")
         return swarm
 
 
@@ -495,5 +508,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(data, source)
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
+def config_to_dict(cfg: Config, redact: bool = False) -> dict[str, Any]:
+    """``redact``: the swarm key is left out (the resolved config a node writes to --out
+    must not hand the key to whoever reads its output folder)."""
+    data = cfg.model_dump(mode="json")
+    if redact and data["swarm"]["key"]:
+        data["swarm"]["key"] = "<redacted>"
+    return data

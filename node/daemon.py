@@ -25,7 +25,13 @@ import torch
 from loco import OuterAlgorithm, RoundReport, Swarm
 
 from .build import build_algorithm, open_swarm
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    NonFiniteState,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from .config import Config, config_to_dict
 from .metrics import MetricsWriter
 from .runtime import default_node_id, write_json_atomic
@@ -47,13 +53,14 @@ class Node:
         self._records: ThreadPoolExecutor | None = None
         self.swarm: Swarm | None = None
         self.outer: OuterAlgorithm | None = None
+        self._may_checkpoint = False  # until the checkpoint in --out (if any) is loaded
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.cfg
         if cfg.node.threads:
             torch.set_num_threads(cfg.node.threads)
-        write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
+        write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self.trainer = Trainer(cfg, self.id)
@@ -65,34 +72,53 @@ class Node:
     def _announce_self(self) -> None:
         maddrs = self.swarm.multiaddrs
         info = {"id": self.id, "maddrs": maddrs, "endpoint": self.swarm.endpoint, "pid": os.getpid()}
+        token = self.swarm.join_token if self.swarm.key else None
+        if token:
+            info["join"] = token
         write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
         print(f"loco node {self.id}", flush=True)
         for m in maddrs:
             print(f"  dht: {m}", flush=True)
         print(f"  zmq: {self.swarm.endpoint}", flush=True)
+        if token:  # the key is in it: printed for the operator, like a password
+            print(f"  join: loco node start --join {token}", flush=True)
 
     def _on_event(self, kind: str, fields: dict[str, Any]) -> None:
         self.metrics.write(kind, step=self.trainer.step, **fields)
 
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> bool:
+        """Load the checkpoint in ``--out`` if there is one. One that cannot be loaded, or
+        was written by another configuration, is a CheckpointError, and nothing is written
+        over it afterwards (``_may_checkpoint`` stays False)."""
+        for tmp in remove_stale_temp_files(self.ckpt_path):
+            log.info("removed %s, left by a process killed while writing it", tmp.name)
         state = load_checkpoint(self.ckpt_path)
         if state is None:
+            self._may_checkpoint = True
             return False
         saved, runs = state.get("algorithm", "diloco"), self.cfg.optim.algorithm
         if saved != runs:
-            raise RuntimeError(f"checkpoint {self.ckpt_path} was written by algorithm {saved!r}, this node runs "
-                               f"{runs!r}: use another --out or remove the checkpoint")
-        self.trainer.load_state_dict(state["trainer"])
-        self.outer.load_state_dict(state)
+            raise CheckpointError(f"checkpoint {self.ckpt_path} was written by algorithm {saved!r}, this node runs "
+                                  f"{runs!r}; it was left as it is: use another --out or move it away")
+        try:
+            self.trainer.load_state_dict(state["trainer"])
+            self.outer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # another model shape, a missing part
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {self.ckpt_path} does not fit this configuration ({first}); it was "
+                                  f"left as it is: use another --out or move it away") from None
+        self._may_checkpoint = True
         log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.outer.round, self.trainer.step)
         return True
 
     def _checkpoint(self) -> None:
+        if not self._may_checkpoint:  # the checkpoint in --out was not loaded: never write over it
+            return
         state = {"trainer": self.trainer.state_dict(), **self.outer.state_dict(), "node": self.id}
         try:
-            save_checkpoint(self.ckpt_path, state)
-        except OSError as exc:  # full disk: keep the previous checkpoint and keep training
+            save_checkpoint(self.ckpt_path, state, keep=self.cfg.train.keep_checkpoints)
+        except (OSError, NonFiniteState) as exc:  # full disk, NaN: keep the previous checkpoint, keep training
             log.error("checkpoint to %s failed (%s); the previous checkpoint is kept", self.ckpt_path, exc)
             self.metrics.write("checkpoint_failed", round=self.outer.round, error=str(exc))
 

@@ -54,6 +54,7 @@ from loco.optim import DiLoCo, NoLoCo
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
 from loco.protocols.membership import PeerInfo
+from loco.protocols.messages import PP_ASSIGN, PP_BWD, PP_DROP, PP_FINAL, PP_FWD, PP_PLAN, PP_STATE
 from loco.protocols.pipeline.probe import LinkProber
 from loco.protocols.pipeline.schedule import (
     PipeNode,
@@ -65,8 +66,9 @@ from loco.protocols.pipeline.schedule import (
 )
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.wire import Message
+from loco.token import make_token
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, NonFiniteState, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
@@ -80,8 +82,8 @@ from .sync import GossipCommunicator, SwarmCommunicator
 
 log = logging.getLogger(__name__)
 
-PLAN, FWD, BWD, DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
-FINAL, ASSIGN, HANDOFF = "PP_FINAL", "PP_ASSIGN", "PP_STATE"
+PLAN, FWD, BWD, DROP = PP_PLAN, PP_FWD, PP_BWD, PP_DROP
+FINAL, ASSIGN, HANDOFF = PP_FINAL, PP_ASSIGN, PP_STATE
 _QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN, HANDOFF)
 
 
@@ -235,6 +237,7 @@ class PipelineNode:
         self.placements: list[Message] = []  # auto_assign's placement (ASSIGN)
         self.plans: dict[int, Message] = {}
         self.handoffs: list[Message] = []  # stage state sent to this node as it joins (HANDOFF)
+        self._unreadable_checkpoint = False  # its file is then never written over
         # a member takes part in the iterations' plans; a node that starts into a running
         # swarm (or was left out of a plan) is not one until a plan admits it
         self.member = False
@@ -254,8 +257,11 @@ class PipelineNode:
         cfg = self.cfg
         if cfg.node.threads:
             torch.set_num_threads(cfg.node.threads)
-        write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg))
+        write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
+        if cfg.swarm.insecure:
+            log.warning("swarm %r runs WITHOUT a key: anyone who reaches %s can read the model, change it and "
+                        "impersonate peers", cfg.swarm.run_id, cfg.node.listen_host)
         self.transport = open_transport(cfg, self.id, self.started)
         for kind in _QUEUED:
             self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
@@ -291,7 +297,8 @@ class PipelineNode:
         wait = max(c.matchmaking_timeout_s, self.p.iteration_timeout_s + 10)
         timeouts = CollectiveTimeouts(wait, max(c.join_timeout_s, wait + 10), c.allreduce_timeout_s,
                                       c.decision_timeout_s, c.max_attempts)
-        self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, stop=self.stop)
+        self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, stop=self.stop,
+                                         max_norm_ratio=cfg.collective.max_norm_ratio)
         # GPU tensors reach the collective through reused pinned host buffers
         self.staging = HostStaging(self.device) if self.device.type == "cuda" else None
         if self.p.sync == "diloco":
@@ -362,6 +369,8 @@ class PipelineNode:
             self._setup()
             info = {"id": self.id, "maddrs": self.membership.maddrs, "endpoint": self.transport.endpoint,
                     "pid": os.getpid()}
+            if self.cfg.swarm.key:
+                info["join"] = make_token(self.cfg.swarm.key, self.membership.maddrs)
             write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
             print(f"loco pipeline node {self.id} (stage {self.stage})", flush=True)
             self._measure_compute()
@@ -555,8 +564,10 @@ class PipelineNode:
         path = self.ckpt_path
         try:
             state = load_checkpoint(path)
-        except (OSError, ValueError, RuntimeError) as exc:
-            log.warning("checkpoint %s unreadable (%s); stage %d starts from the seed", path, exc, self.stage)
+        except (OSError, CheckpointError) as exc:
+            log.warning("%s; stage %d starts from the seed, and this node will not write over that file", exc,
+                        self.stage)
+            self._unreadable_checkpoint = True
             return "seed"
         saved = (state or {}).get("stage_state")
         if saved is None or state["pipeline"] != {"stage": self.stage, "stages": self.p.stages}:
@@ -611,8 +622,12 @@ class PipelineNode:
         return True
 
     def _eval_paths(self, roster: list[PeerInfo]) -> list[list[str]]:
-        """Validation goes through every stage in order: one replica each (smallest id)."""
-        nodes = [self.id] + [min(p.id for p in roster if p.stage == s) for s in range(1, self.p.stages)]
+        """Validation goes through every stage in order: one replica each (smallest id).
+        None while a stage has no live replica (its nodes finished or died first)."""
+        replicas = [[p.id for p in roster if p.stage == s] for s in range(1, self.p.stages)]
+        if not all(replicas):
+            return []
+        nodes = [self.id] + [min(ids) for ids in replicas]
         return [[*nodes, self.id] for _ in self.val]
 
     def _broadcast(self, kind: str, it: int, meta: dict[str, Any], roster: list[PeerInfo]) -> None:
@@ -1047,8 +1062,10 @@ class PipelineNode:
 
     def _final_checkpoint(self) -> None:
         try:
+            if self._unreadable_checkpoint:
+                raise OSError(f"{self.ckpt_path} could not be read at the start and is kept as it was")
             save_checkpoint(self.ckpt_path, self._checkpoint_state())
-        except OSError as exc:
+        except (OSError, NonFiniteState) as exc:
             log.error("final checkpoint failed: %s", exc)
             self.metrics.write("checkpoint_failed", error=str(exc))
         self.metrics.write("stop", step=self.it, round=self.it, bytes_sent=self.transport.bytes_sent,

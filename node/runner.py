@@ -21,7 +21,16 @@ from .config import config_to_dict
 from .experiment import Experiment, Fault, Variant, node_config
 from .metrics import MetricsWriter, read_metrics
 from .report import write_report
-from .swarm import LocalNode, node_command, node_devices, reap_groups, spawn, stop_all, wait_for_file
+from .swarm import (
+    LocalNode,
+    launch_env,
+    node_command,
+    node_devices,
+    reap_groups,
+    spawn,
+    stop_all,
+    wait_for_file,
+)
 
 console = Console(highlight=False)
 
@@ -37,6 +46,7 @@ class VariantRun:
         self.faults = MetricsWriter(out / "metrics" / "faults.jsonl", "runner")
         self.pending = sorted(exp.fault, key=lambda f: (f.at_s if f.at_s is not None else 1e18))
         self.resume_at: list[tuple[float, int]] = []  # (time, node) for SIGCONT after a pause
+        self.env = launch_env(node_config(exp, variant, 0, self.epoch).swarm)  # restarts keep the key
 
     def _config_path(self, i: int) -> Path:
         cfg = node_config(self.exp, self.variant, i, self.epoch)
@@ -56,7 +66,8 @@ class VariantRun:
         node_id = f"node{i}"
         (self.out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
         cmd = node_command(node_id, self.out, str(self._config_path(i)), [], peer)
-        self.nodes[i] = LocalNode(node_id, spawn(cmd, self.out / "logs" / f"{node_id}.log"), self.out / "logs")
+        self.nodes[i] = LocalNode(node_id, spawn(cmd, self.out / "logs" / f"{node_id}.log", self.env),
+                                  self.out / "logs")
 
     def _live_peer(self, exclude: int) -> str | None:
         for i, n in self.nodes.items():

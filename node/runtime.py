@@ -14,8 +14,9 @@ from typing import Any
 from loco.protocols.membership import Membership
 from loco.protocols.shaper import Cut, LinkProfile, Shaper
 from loco.protocols.transport import Transport
+from loco.token import new_key
 
-from .config import Config, LinkConfig, NetworkConfig, parse_bandwidth
+from .config import Config, ConfigError, LinkConfig, NetworkConfig, parse_bandwidth
 from .reaper import Reaper, descendants
 
 
@@ -59,20 +60,44 @@ def open_membership(cfg: Config, node_id: str) -> tuple[Membership, Reaper]:
     """The node's DHT membership, and a reaper that ends its DHT helpers if the node dies."""
     return watched_membership(cfg.swarm.run_id, node_id, cfg.swarm.initial_peers, cfg.node.listen_host,
                               cfg.node.dht_port, cfg.node.announce_host, cfg.swarm.announce_ttl_s,
-                              cfg.swarm.bootstrap_timeout_s)
+                              cfg.swarm.bootstrap_timeout_s, cfg.swarm.key.encode() if cfg.swarm.key else None)
 
 
 def watched_membership(run_id: str, node_id: str, initial_peers: list[str], listen_host: str, dht_port: int,
-                       announce_host: str | None, ttl_s: float,
-                       bootstrap_timeout_s: float = 0.0) -> tuple[Membership, Reaper]:
+                       announce_host: str | None, ttl_s: float, bootstrap_timeout_s: float = 0.0,
+                       key: bytes | None = None) -> tuple[Membership, Reaper]:
     """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
     process dies without closing it."""
     membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s,
-                            bootstrap_timeout_s)
+                            bootstrap_timeout_s, key)
     reaper = Reaper()
     if membership.pid:
         reaper.watch([membership.pid, *descendants(membership.pid)])
     return membership, reaper
+
+
+def with_swarm_key(cfg: Config, out: Path) -> Config:
+    """``cfg`` with the swarm key this node uses: the configured one (or LOCO_SWARM_KEY);
+    for a node that starts a new swarm, the one it made the first time it ran with this
+    ``--out`` (kept in ``identity/swarm.key``, readable by its owner only), so that a
+    restart with the same command leads the same swarm. ConfigError for a node that joins
+    without the key."""
+    s = cfg.swarm
+    if s.key or s.insecure:
+        return cfg
+    if s.initial_peers:
+        raise ConfigError("joining a swarm needs its key: start with --join TOKEN (printed by a member as "
+                          "'join:'), or set swarm.key (env LOCO_SWARM_KEY), or swarm.insecure = true on every node")
+    path = out / "identity" / "swarm.key"
+    if path.exists():
+        key = path.read_text().strip()
+    else:
+        key = new_key()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+    return cfg.model_copy(update={"swarm": s.model_copy(update={"key": key})})
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

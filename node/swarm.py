@@ -20,7 +20,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config
+from loco.token import new_key
+
+from .config import Config, SwarmConfig
 from .metrics import read_metrics
 
 # logs and CI are not terminals: keep lines and the summary table unwrapped there
@@ -48,11 +50,21 @@ def node_command(node_id: str, out: Path, config: str | None, overrides: list[st
     return cmd
 
 
-def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
+def launch_env(swarm: SwarmConfig) -> dict[str, str]:
+    """The environment of the nodes a launcher starts: one fresh swarm key for them all
+    (in the environment, not on their command lines), unless the configuration has a key
+    or asks for an insecure swarm."""
+    env = dict(os.environ)
+    if not swarm.key and not swarm.insecure:
+        env["LOCO_SWARM_KEY"] = new_key()
+    return env
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
@@ -156,6 +168,7 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
 
     # explicit handlers: a launcher started in the background of a script inherits SIGINT
     # ignored, and Ctrl-C / SIGINT must still stop every node
+    env = launch_env(cfg.swarm)
     previous = signal.signal(signal.SIGTERM, on_term)
     previous_int = signal.signal(signal.SIGINT, on_term)
     try:
@@ -168,7 +181,7 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
                 peer = info["maddrs"][0]
             log_path = out / "logs" / f"{node_id}.log"
             own = [*overrides, f"node.device='{devices[i]}'"] if devices else overrides
-            proc = spawn(node_command(node_id, out, config_path, own, peer), log_path)
+            proc = spawn(node_command(node_id, out, config_path, own, peer), log_path, env)
             nodes.append(LocalNode(node_id, proc, log_path))
             if i == 0:
                 wait_for_file(out / "nodes" / "node0.json", proc, timeout_s=180)

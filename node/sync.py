@@ -13,6 +13,27 @@ from loco.protocols.gossip import ExchangeResult, GroupExchange, random_groups
 from loco.protocols.membership import PeerInfo
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """No NaN or Inf anywhere: one reduction per tensor (a sum overflows only when a value
+    is near float32's limit, which is then looked at element by element)."""
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def outliers(mine: Sequence[torch.Tensor], theirs: dict[str, Sequence[torch.Tensor]], ratio: float) -> set[str]:
+    """Partners whose vector is non-finite, or whose norm exceeds ``ratio`` times the
+    lower median norm of everyone's (this node's included): a gossip exchange has no
+    leader to judge, so each member judges what it received."""
+    bad = {pid for pid, ts in theirs.items() if not all_finite(ts)}
+    if ratio <= 0:
+        return bad
+    norms = {pid: float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts])))
+             for pid, ts in theirs.items() if pid not in bad}
+    values = sorted([*norms.values(), float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(t.float()) for t in mine])))])
+    median = values[(len(values) - 1) // 2]
+    return bad | ({pid for pid, n in norms.items() if n > ratio * median} if median > 0 else set())
+
+
 class SwarmCommunicator:
     """Adapts protocols' GroupAllReduce to optim's Communicator; keeps the last round's
     outcome so the daemon can resynchronize and report it."""
@@ -32,6 +53,9 @@ class SwarmCommunicator:
         self.last = result
         if result.status != "ok":
             return ReduceResult(None, 1, (), result)
+        if not all_finite(result.tensors):  # never reached by the collective's checks; never applied either
+            result.status, result.reason = "skipped", "the average is not finite"
+            return ReduceResult(None, 1, (), result)
         return ReduceResult(result.tensors, len(result.group), result.group, result)
 
 
@@ -41,7 +65,8 @@ class GossipCommunicator:
     member that heard from the same partners gets the same mean, bit for bit)."""
 
     def __init__(self, exchange: GroupExchange, me: str, live_peers: Callable[[], list[PeerInfo]],
-                 group_size: int, timeout_s: float, seed: int, peer_round: Callable[[], int]):
+                 group_size: int, timeout_s: float, seed: int, peer_round: Callable[[], int],
+                 max_norm_ratio: float = 10.0):
         self.exchange = exchange
         self.me = me
         self.live_peers = live_peers
@@ -49,7 +74,9 @@ class GossipCommunicator:
         self.timeout_s = timeout_s
         self.seed = seed
         self.peer_round = peer_round
+        self.max_norm_ratio = max_norm_ratio
         self.last: ExchangeResult | None = None
+        self.suspects: list[str] = []
 
     def group_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
         now = self.peer_round()
@@ -65,6 +92,11 @@ class GossipCommunicator:
         if not result.received:
             return ReduceResult(None, 1, (), result)
         inputs = {pid: [t.reshape(-1) for t in ts] for pid, ts in result.received.items()}
+        self.suspects = sorted(outliers(tensors, inputs, self.max_norm_ratio))
+        for pid in self.suspects:  # left out of the mean, like a partner that never answered
+            del inputs[pid]
+        if not inputs:
+            return ReduceResult(None, 1, (), result)
         inputs[self.me] = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
         order = sorted(inputs)
         means = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from .config import Config
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import check_precision, resolve_device
 from .model import VOCAB, build_model, unique_parameters
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -44,6 +47,7 @@ class Trainer:
             lr=o.inner_lr, betas=o.betas,
         )
         self.step = 0
+        self._last_loss = 0.0
         self.tokens = 0
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -72,8 +76,12 @@ class Trainer:
         self.step += 1
         self.tokens += x.numel()
         value = loss.detach().item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss is {value} at step {self.step}")
+        if not math.isfinite(value) and math.isfinite(self._last_loss):
+            # not fatal: the outer algorithm restores the last synchronized state at the
+            # round's end (a replica must not crash, nor offer NaN to the swarm)
+            log.warning("training loss is %s at step %d; the weights are restored at the round's end", value,
+                        self.step)
+        self._last_loss = value
         return value
 
     @torch.no_grad()

@@ -46,12 +46,13 @@ import torch
 from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of, unflatten
 from .membership import PeerInfo
+from .messages import AVG, DECISION, DONE, JOIN, PART, ROSTER
 from .transport import Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
 
-JOIN, ROSTER, PART, AVG, DONE, DECISION = "JOIN", "ROSTER", "PART", "AVG", "DONE", "DECISION"
+MIN_JUDGED_NUMEL = 64  # norms of fewer values are too noisy to call one an outlier
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class RoundResult:
     leader_endpoint: str = ""
     reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    suspects: list[str] = field(default_factory=list)  # members excluded as outliers
 
 
 def split_bounds(numel: int, parts: int) -> list[int]:
@@ -107,7 +109,10 @@ class GroupAllReduce:
         compressor: Compressor | None = None,
         stop: threading.Event | None = None,
         chunk_bytes: int = 4 << 20,
+        max_norm_ratio: float = 10.0,
     ):
+        """``max_norm_ratio``: a contribution whose norm exceeds this many times the group's
+        median is excluded from the round and its sender reported as a suspect (0: off)."""
         self.transport = transport
         self.me = transport.node_id
         self.live_peers = live_peers
@@ -115,6 +120,8 @@ class GroupAllReduce:
         self.compressor = compressor or Compressor("none")
         self.stop = stop
         self.chunk_bytes = chunk_bytes
+        self.max_norm_ratio = max_norm_ratio
+        self.suspects: list[str] = []  # the last round's excluded outliers (this node's view)
         self._finished_round = -1
         self._out: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -136,6 +143,7 @@ class GroupAllReduce:
         ``lag``: how many rounds behind ``peer_round`` a peer may be announced and still be
         expected (CO2, which has no barrier between rounds, needs 2)."""
         self.transport.mailbox.prune(round)
+        self.suspects = []
         start = time.monotonic()
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
@@ -191,29 +199,39 @@ class GroupAllReduce:
         if len(members) == 1 and expected:
             return RoundResult("skipped", round, leader=self.me, reason="no peer joined in time")
         roster = sorted(members, key=lambda m: m.id)
+        in_group = True  # False once the others rejected this node's own contribution
+        reported: set[str] = set()
         for attempt in range(t.max_attempts):
             if attempt == 0:
                 for m in roster:
                     if m.id != self.me:
                         self._send(m.endpoint, ROSTER, round, 0, self._roster_meta("member", roster))
-            flat, missing = self._exchange(round, attempt, tensors, roster)
+            flat, missing = self._exchange(round, attempt, tensors, roster) if in_group else (None, [])
+            reported.update(self.suspects)
             others = [m for m in roster if m.id != self.me]
             dones = self._wait_for(DONE, round, attempt, [m.id for m in others], time.monotonic() + t.decision_s)
+            for d in dones.values():
+                reported.update(d.meta.get("suspect", []))
             responders = [m for m in roster if m.id == self.me or m.id in dones]
             if not missing and all(d.meta.get("ok") for d in dones.values()):
                 for m in responders:
                     if m.id != self.me:
                         self._send(m.endpoint, DECISION, round, attempt, {"decision": "commit"})
-                return RoundResult("ok", round, unflatten(flat, tensors),
-                                   tuple(m.id for m in responders), attempt + 1, self.me,
-                                   self.transport.endpoint)
+                group = tuple(m.id for m in responders)
+                if not in_group:  # the others averaged without this node: it adopts their state
+                    source = next(m for m in responders if m.id != self.me)
+                    return RoundResult("resync", round, group=group, attempts=attempt + 1, leader=source.id,
+                                       leader_endpoint=source.endpoint, suspects=sorted(reported),
+                                       reason="excluded: the group rejected this node's contribution")
+                return RoundResult("ok", round, unflatten(flat, tensors), group, attempt + 1, self.me,
+                                   self.transport.endpoint, suspects=sorted(reported))
             if attempt + 1 < t.max_attempts and len(roster) > 1:
-                # drop members that did not report and owners whose part someone lacks
-                # (dead, or sent garbage): the survivors' inputs are intact, redo with them
+                # drop members that did not report and owners whose part someone lacks (dead,
+                # sent garbage, or sent an outlier): the survivors' inputs are intact, redo with
+                # them. The leader too, if the others rejected its part: it then only coordinates.
                 suspects = set(missing)
                 for d in dones.values():
-                    suspects.update(str(x) for x in d.meta.get("missing", []))
-                suspects.discard(self.me)
+                    suspects.update(d.meta.get("missing", []))
                 survivors = [m for m in responders if m.id not in suspects]
                 if len(survivors) < 2:
                     break  # alone: averaging with nobody would only make this replica diverge
@@ -225,13 +243,14 @@ class GroupAllReduce:
                         self._send(m.endpoint, DECISION, round, attempt,
                                    self._roster_meta("retry", survivors, decision="retry"))
                 for m in responders:
-                    if m not in survivors:
+                    if m not in survivors and m.id != self.me:
                         self._send(m.endpoint, DECISION, round, attempt, {"decision": "excluded"})
+                in_group = any(m.id == self.me for m in survivors)
                 roster = survivors
         for m in roster:  # the attempt the followers are waiting on
             if m.id != self.me:
                 self._send(m.endpoint, DECISION, round, attempt, {"decision": "abort"})
-        return RoundResult("skipped", round, leader=self.me, attempts=attempt + 1,
+        return RoundResult("skipped", round, leader=self.me, attempts=attempt + 1, suspects=sorted(reported),
                            reason="aborted: no complete group")
 
     # ---------------------------------------------------------------- follower
@@ -254,20 +273,22 @@ class GroupAllReduce:
             self.transport.name_peer(m.endpoint, m.id)
         for attempt in range(t.max_attempts):
             flat, missing = self._exchange(round, attempt, tensors, roster)
-            self._send(leader_endpoint, DONE, round, attempt, {"ok": not missing, "missing": missing})
+            self._send(leader_endpoint, DONE, round, attempt, {"ok": not missing, "missing": missing,
+                                                               "suspect": self.suspects})
             decision = self._wait_for(DECISION, round, attempt, [leader],
                                       time.monotonic() + t.decision_s + t.allreduce_s).get(leader)
             verdict = decision.meta.get("decision") if decision else None
             if verdict == "commit" and not missing:
                 return RoundResult("ok", round, unflatten(flat, tensors),
-                                   tuple(m.id for m in roster), attempt + 1, leader, leader_endpoint)
+                                   tuple(m.id for m in roster), attempt + 1, leader, leader_endpoint,
+                                   suspects=self.suspects)
             if verdict == "retry":
                 new = self._parse_roster(decision)
                 if new is not None and any(m.id == self.me for m in new):
                     roster = new
                     continue
             reason = "no decision from leader" if decision is None else f"leader decided {verdict}"
-            return RoundResult("skipped", attempts=attempt + 1, reason=reason, **skipped)
+            return RoundResult("skipped", attempts=attempt + 1, reason=reason, suspects=self.suspects, **skipped)
         return RoundResult("skipped", attempts=t.max_attempts, reason="out of attempts", **skipped)
 
     # ------------------------------------------------------------- data phase
@@ -304,8 +325,9 @@ class GroupAllReduce:
         else:
             torch.mul(own, my_weight, out=mine)
         failed: set[str] = set()  # members whose part did not arrive intact
+        suspects: set[str] = set()  # members whose contribution is an outlier (self included)
         for lo, hi in self._chunks(mine.numel()):
-            total = my_weight
+            got: list[tuple[str, torch.Tensor, float]] = []
             for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
                 if m.id == self.me or m.id in failed:
                     continue
@@ -316,10 +338,24 @@ class GroupAllReduce:
                 if part is None:
                     failed.add(m.id)
                     continue
-                w = float(msg.meta.get("weight", 1.0))
+                got.append((m.id, part, float(msg.meta.get("weight", 1.0))))
+            outliers = self._outliers([(self.me, own[lo:hi], my_weight), *got])
+            if outliers:
+                log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median); "
+                            "excluded", round, sorted(outliers), self.max_norm_ratio)
+                suspects |= outliers
+                failed |= outliers - {self.me}
+            total = my_weight
+            for sender, part, w in got:
+                if sender in outliers:
+                    continue
                 mine[lo:hi].add_(part, alpha=w)
                 total += w  # per chunk: a member that died mid-send counts where it arrived
-            mine[lo:hi].div_(total)
+            if total > 0:
+                mine[lo:hi].div_(total)
+            else:  # only zero-weight contributions (a replica that just restored itself)
+                mine[lo:hi].copy_(own[lo:hi])
+        self.suspects = sorted({*self.suspects, *suspects})
         # Phase 2: all-gather. My averaged part goes to everyone; theirs land in `out`.
         # A member that failed phase 1 is not waited for again (it is most likely dead);
         # the others get a fresh deadline, since they may have waited for it too.
@@ -343,10 +379,28 @@ class GroupAllReduce:
                 continue
             out[bounds[j] + lo:bounds[j] + hi].copy_(piece)
             expected.discard((msg.sender, lo))
-        missing = sorted(failed | {sender for sender, _ in expected})
+        # an outlier of my own: report myself, so that the group goes on without my values
+        missing = sorted(failed | {sender for sender, _ in expected} | (suspects & {self.me}))
         if missing:
             return None, missing
         return out, []
+
+    def _outliers(self, contributions: list[tuple[str, torch.Tensor, float]]) -> set[str]:
+        """Senders whose contribution's norm exceeds ``max_norm_ratio`` times the group's
+        (lower) median norm. With two members that is the larger one, if it is that much
+        larger: no honest pair of replicas differs so much, and one of them is then left
+        out rather than both averaging poison. Zero-weight contributions (a replica that
+        just restored itself) count for nothing and are not judged."""
+        if self.max_norm_ratio <= 0 or contributions[0][1].numel() < MIN_JUDGED_NUMEL:
+            return set()
+        norms = [(sender, float(torch.linalg.vector_norm(t))) for sender, t, w in contributions if w > 0]
+        if len(norms) < 2:
+            return set()
+        values = sorted(n for _, n in norms)
+        median = values[(len(values) - 1) // 2]
+        if median == 0:  # e.g. rows of an embedding only some replicas' batches touched
+            return set()
+        return {sender for sender, n in norms if n > self.max_norm_ratio * median}
 
     @property
     def _chunk_numel(self) -> int:

@@ -35,12 +35,12 @@ import torch
 
 from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of, unflatten
+from .messages import GOSSIP
 from .transport import Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
 
-GOSSIP = "GOSSIP"
 
 
 def random_groups(ids: Sequence[str], round: int, size: int, seed: int = 0) -> list[list[str]]:

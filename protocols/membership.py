@@ -70,6 +70,7 @@ class Membership:
         announce_host: str | None = None,
         ttl_s: float = 10.0,
         bootstrap_timeout_s: float = 0.0,
+        key: bytes | None = None,
     ):
         """``bootstrap_timeout_s``: how long to keep trying to start the DHT node and reach
         ``initial_peers`` (0: one attempt). A busy peer's p2pd can refuse the first
@@ -77,6 +78,10 @@ class Membership:
         as a failed start: retrying until the deadline is what lets a restart rejoin."""
         import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
         from hivemind.utils import get_dht_time
+
+        from .dht_records import SwarmKeyValidator  # imports hivemind too
+
+        validators = [SwarmKeyValidator(key)] if key else []
 
         self.run_id = run_id
         self.node_id = node_id
@@ -94,6 +99,7 @@ class Membership:
                     announce_maddrs=announce,
                     start=True,
                     wait_timeout=60,
+                    record_validators=validators,
                 )
                 break
             except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure

@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
+from .messages import STATE
 from .transport import Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
 
-STATE_REQ, STATE = "STATE_REQ", "STATE"
+STATE_REQ = f"{STATE}_REQ"
 
 
 def tensors_hash(tensors: list[torch.Tensor]) -> str:

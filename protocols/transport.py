@@ -303,11 +303,17 @@ class Transport:
         # grow this process without bound
         self._router.setsockopt(zmq.RCVHWM, 1000)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        if port:
-            self._router.bind(f"tcp://{listen_host}:{port}")
-            bound = port
-        else:
-            bound = self._router.bind_to_random_port(f"tcp://{listen_host}")
+        try:
+            if port:
+                self._router.bind(f"tcp://{listen_host}:{port}")
+                bound = port
+            else:
+                bound = self._router.bind_to_random_port(f"tcp://{listen_host}")
+        except zmq.ZMQError as exc:
+            self._router.close(linger=0)
+            self._ctx.term()
+            raise ConnectionError(f"cannot listen on tcp://{listen_host}:{port or '*'} ({exc}): pick another port "
+                                  f"(node.port / --port; 0 takes any free one)") from None
         self.port = bound
         self.endpoint = f"tcp://{advertise_host or listen_host}:{bound}"
         # least recently used first: reply endpoints come from requests, so their number is

@@ -29,8 +29,9 @@ CHUNK = 1 << 20  # floats: 4 MiB messages
 def receiver(bind: str, count: int, repeats: int) -> None:
     from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
+    from scripts.bench_messages import BENCH_SCHEMAS
 
-    t = Transport("recv", listen_host=bind, port=PORT)
+    t = Transport("recv", listen_host=bind, port=PORT, schemas=BENCH_SCHEMAS)
     for rep in range(repeats):
         sender = None
         for _ in range(count):
@@ -48,9 +49,10 @@ def sender(bind: str, target: str, count: int, repeats: int, bandwidth: str | No
     from loco.protocols.shaper import Shaper
     from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
+    from scripts.bench_messages import BENCH_SCHEMAS
 
     shaper = Shaper(uplink_bps=parse_bandwidth(bandwidth)) if bandwidth else None
-    t = Transport("send", listen_host=bind, shaper=shaper)
+    t = Transport("send", listen_host=bind, shaper=shaper, schemas=BENCH_SCHEMAS)
     data = torch.randn(CHUNK)
     times = []
     for rep in range(repeats):

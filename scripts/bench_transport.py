@@ -2,7 +2,9 @@
 
 Two processes on 127.0.0.1. The sender pushes ``count`` messages of ``size`` float32
 elements; the receiver answers once it has all of them; the time is from the first send
-to that answer. Both sides use copy=False. Prints a table with the ratio loco / raw.
+to that answer. Both sides use copy=False. Prints a table with the ratio loco / raw, for
+loco without a key and with one (every message signed and verified: the cost of
+authentication).
 
     python scripts/bench_transport.py [--sizes 262144,4194304,26214400] [--megabytes 800] [--repeats 3]
 """
@@ -19,11 +21,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _loco_receiver(conn, count: int, repeats: int) -> None:
+def _transport(name: str, key: bytes | None):
+    """A loco transport that also accepts this benchmark's two message kinds."""
     from loco.protocols.transport import Transport
+    from scripts.bench_messages import BENCH_SCHEMAS
+
+    return Transport(name, key=key, schemas=BENCH_SCHEMAS)
+
+
+def _loco_receiver(conn, count: int, repeats: int, key: bytes | None) -> None:
     from loco.protocols.wire import Message
 
-    t = Transport("recv")
+    t = _transport("recv", key)
     conn.send(t.endpoint)
     for rep in range(repeats):
         got = t.mailbox.take("DATA", rep, 0, None, time.monotonic() + 600, want=1)
@@ -35,13 +44,12 @@ def _loco_receiver(conn, count: int, repeats: int) -> None:
     t.close()
 
 
-def _loco_sender(endpoint: str, size: int, count: int, repeats: int) -> list[float]:
+def _loco_sender(endpoint: str, size: int, count: int, repeats: int, key: bytes | None) -> list[float]:
     import torch
 
-    from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
 
-    t = Transport("send")
+    t = _transport("send", key)
     data = torch.randn(size)
     times = []
     for rep in range(repeats):
@@ -92,15 +100,18 @@ def _raw_sender(endpoint: str, size: int, count: int, repeats: int) -> list[floa
 
 
 def run_pair(kind: str, size: int, count: int, repeats: int) -> float:
+    """``kind``: raw, loco (insecure: no key), or loco+key (every message signed and checked)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    target = _loco_receiver if kind == "loco" else _raw_receiver
-    proc = ctx.Process(target=target, args=(child, count, repeats))
+    key = b"bench-key" if kind == "loco+key" else None
+    loco = kind.startswith("loco")
+    proc = ctx.Process(target=_loco_receiver if loco else _raw_receiver,
+                       args=(child, count, repeats, key) if loco else (child, count, repeats))
     proc.start()
     try:
         endpoint = parent.recv()
-        sender = _loco_sender if kind == "loco" else _raw_sender
-        times = sender(endpoint, size, count, repeats)
+        times = (_loco_sender(endpoint, size, count, repeats, key) if loco
+                 else _raw_sender(endpoint, size, count, repeats))
         parent.send("done")
     finally:
         proc.join(timeout=60)
@@ -116,15 +127,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     print(f"{'message':>10} {'count':>6} {'raw s':>8} {'raw GB/s':>9} {'loco s':>8} {'loco GB/s':>10} "
-          f"{'loco/raw':>9}")
+          f"{'loco/raw':>9} {'keyed s':>8} {'keyed/raw':>10}")
     for size in (int(s) for s in args.sizes.split(",")):
         nbytes = size * 4
         count = max(1, int(args.megabytes * 1e6 / nbytes))
         raw = run_pair("raw", size, count, args.repeats)
         loco = run_pair("loco", size, count, args.repeats)
+        keyed = run_pair("loco+key", size, count, args.repeats)
         total = nbytes * count / 1e9
         print(f"{nbytes / 1e6:>8.1f}MB {count:>6} {raw:>8.3f} {total / raw:>9.2f} {loco:>8.3f} "
-              f"{total / loco:>10.2f} {raw / loco:>9.2f}")
+              f"{total / loco:>10.2f} {raw / loco:>9.2f} {keyed:>8.3f} {raw / keyed:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -265,3 +265,46 @@ def test_state_server_answers_now_and_later(peers):
     t.join(timeout=30)
     assert later["s"] is not None and later["s"].round == 5
     assert torch.equal(later["s"].tensors[1], torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("poisoner", [0, 2], ids=["leader", "follower"])
+@pytest.mark.parametrize("poison", ["x1e6", "const1e3", "nan", "inf"])
+def test_a_poisoned_contribution_is_excluded_and_the_others_commit_without_it(peers, poisoner, poison):
+    """p0 leads (smallest id). The two honest members average each other only; the poisoner
+    is told it was excluded (its weights stay as they were: it resynchronizes next round)."""
+    p = peers(3)
+    torch.manual_seed(1)
+    inputs = [[torch.randn(300) * 0.01, torch.randn(40) * 0.01] for _ in range(3)]
+    bad = {"x1e6": lambda t: t * 1e6, "const1e3": lambda t: torch.full_like(t, 1e3),
+           "nan": lambda t: t.masked_fill(torch.arange(t.numel()) % 7 == 0, float("nan")),
+           "inf": lambda t: t.masked_fill(torch.arange(t.numel()) == 3, float("inf"))}[poison]
+    inputs[poisoner] = [bad(t) for t in inputs[poisoner]]
+    results = p.run(inputs)
+    honest = [i for i in range(3) if i != poisoner]
+    for i in honest:
+        r = results[i]
+        assert r.status == "ok" and r.group == tuple(f"p{j}" for j in honest), (i, r.reason)
+        for k in range(2):
+            expected = torch.stack([inputs[j][k] for j in honest]).mean(0)
+            torch.testing.assert_close(r.tensors[k], expected)
+            assert torch.isfinite(r.tensors[k]).all()
+    # a follower is told it was excluded; a leader coordinates the retry without itself, then
+    # adopts the state of a member that averaged (its own inputs were rejected)
+    if poisoner == 0:
+        assert results[0].status == "resync" and results[0].leader_endpoint == p.transports[1].endpoint
+    else:
+        assert results[poisoner].status == "skipped"
+    if poison in ("x1e6", "const1e3"):  # finite poison is judged by its norm, and named
+        assert f"p{poisoner}" in results[0].suspects
+
+
+def test_a_zero_weight_member_is_averaged_with_weight_zero_and_not_judged(peers):
+    p = peers(3)
+    torch.manual_seed(2)
+    inputs = [[torch.randn(200)] for _ in range(3)]
+    inputs[1] = [torch.zeros(200)]  # a replica that just restored its last synchronized state
+    results = p.run(inputs, weights=[1.0, 0.0, 1.0])
+    expected = (inputs[0][0] + inputs[2][0]) / 2
+    for r in results.values():
+        assert r.status == "ok" and not r.suspects
+        torch.testing.assert_close(r.tensors[0], expected)

@@ -92,5 +92,42 @@ def test_checkpoint_is_atomic_and_a_full_disk_keeps_the_previous_one(tmp_path, m
     monkeypatch.undo()
     state = ckpt.load_checkpoint(path)
     assert state["round"] == 1 and torch.equal(state["w"], torch.ones(3))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["n.pt"]  # no temp file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["n.pt"]  # no temp file left behind (nor a .1: keep=1 rotates only when a write succeeds)
     assert ckpt.load_checkpoint(tmp_path / "none.pt") is None
+
+
+def test_previous_checkpoints_are_kept_and_nan_is_never_written(tmp_path):
+    path = tmp_path / "n.pt"
+    for r in range(4):
+        ckpt.save_checkpoint(path, {"round": r, "w": torch.full((3,), float(r))}, keep=2)
+    assert ckpt.load_checkpoint(path)["round"] == 3
+    assert [ckpt.load_checkpoint(ckpt.previous(path, n))["round"] for n in (1, 2)] == [2, 1]
+    assert not ckpt.previous(path, 3).exists()
+    before = path.read_bytes()
+    with pytest.raises(ckpt.NonFiniteState, match=r"outer.anchor\[1\]"):
+        ckpt.save_checkpoint(path, {"outer": {"anchor": [torch.ones(2), torch.tensor([1.0, float("nan")])]}})
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", "truncated"])
+def test_an_unreadable_checkpoint_is_a_one_line_error_and_stays_as_it_is(tmp_path, content):
+    path = tmp_path / "n.pt"
+    if content == "truncated":
+        ckpt.save_checkpoint(path, {"round": 1, "w": torch.ones(1000)})
+        content = path.read_bytes()[:500]
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match=r"n\.pt cannot be read") as err:
+        ckpt.load_checkpoint(path)
+    assert "\n" not in str(err.value)
+    assert path.read_bytes() == content
+
+
+def test_temp_files_of_a_killed_writer_are_removed(tmp_path):
+    path = tmp_path / "n.pt"
+    ckpt.save_checkpoint(path, {"round": 1})
+    stale = [tmp_path / "n.pt.abc123.tmp", tmp_path / "n.pt.x.tmp"]
+    for s in stale:
+        s.write_bytes(b"partial")
+    (tmp_path / "other.pt.y.tmp").write_bytes(b"another node's")
+    assert ckpt.remove_stale_temp_files(path) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.pt", "other.pt.y.tmp"]

@@ -41,7 +41,7 @@ def _hashes_by_round(out: Path, nodes: list[str]) -> dict[int, dict[str, str]]:
 def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = None):
     args = ["node", "start", "--out", str(out), "--node-id", node, *_sets(*extra)]
     if peer:
-        args += ["--initial-peer", peer]
+        args += ["--join", peer]
     return procs.loco(*args, log=node)
 
 
@@ -106,7 +106,7 @@ def test_killed_node_does_not_stop_the_others(procs, tmp_path):
     out = tmp_path / "run"
     extra = ("train.rounds=6", "swarm.wait_for_peers=2")
     p0 = _start_node(procs, out, "node0", *extra)
-    peer = _ready(out, "node0")["maddrs"][0]
+    peer = _ready(out, "node0")["join"]
     p1 = _start_node(procs, out, "node1", *extra, peer=peer)
     p2 = _start_node(procs, out, "node2", *extra, peer=peer)
     assert "dht: /ip4/127.0.0.1/tcp/" in procs.log("node0") and "zmq: tcp://127.0.0.1:" in procs.log("node0")
@@ -138,7 +138,7 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
     out = tmp_path / "run"
     extra = ("train.rounds=0", "swarm.wait_for_peers=1")  # run until stopped
     p0 = _start_node(procs, out, "node0", *extra)
-    peer = _ready(out, "node0")["maddrs"][0]
+    peer = _ready(out, "node0")["join"]
     p1 = _start_node(procs, out, "node1", *extra, peer=peer)
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node1")), 240, "node1 to finish round 1")
     p1.send_signal(signal.SIGTERM)
@@ -169,7 +169,9 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
 
 
 def test_unreachable_initial_peer_is_a_clear_error(procs, tmp_path):
-    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWAKJn9Ck2kVwPUXscWHyxGgFvq5jRnk3M18aRja12bKp7"
+    from loco.token import make_token
+
+    dead = make_token("k", ["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWAKJn9Ck2kVwPUXscWHyxGgFvq5jRnk3M18aRja12bKp7"])
     # (a few seconds of retries: an unreachable peer stays unreachable)
     p = _start_node(procs, tmp_path / "run", "node9", "swarm.bootstrap_timeout_s=3", peer=dead)
     assert _wait_exit(p, 180, "node9", procs) != 0
@@ -190,3 +192,60 @@ def test_the_fixture_reaps_a_launchers_nodes(procs, tmp_path):
     procs.reap()
     for pid in pids:
         wait_until(lambda pid=pid: group_members(pid) == [], 30, f"node {pid} and its helpers to be gone")
+
+
+def test_a_checkpoint_that_does_not_fit_or_cannot_be_read_is_never_written_over(procs, tmp_path):
+    out = tmp_path / "run"
+    first = _start_node(procs, out, "node0", "train.rounds=1")
+    assert _wait_exit(first, 240, "node0", procs) == 0
+    path = out / "checkpoints" / "node0.pt"
+    trained = path.read_bytes()
+    stale = path.with_name("node0.pt.k1ll3d.tmp")  # a writer SIGKILLed mid-write
+    stale.write_bytes(b"partial")
+    cases = [("co2", ["optim.algorithm=co2"], "was written by algorithm 'diloco'"),
+             ("shape", ["model.n_embd=32"], "does not fit this configuration"),
+             ("garbage", [], "cannot be read")]
+    for name, extra, message in cases:
+        if name == "garbage":
+            trained = b"\x80\x02not a checkpoint"
+            path.write_bytes(trained)
+        p = _start_node(procs, out, "node0", "train.rounds=2", *extra)
+        assert _wait_exit(p, 240, name, procs) != 0
+        log = procs.log("node0")
+        assert message in log and "Traceback" not in log, log[-2000:]
+        assert path.read_bytes() == trained, f"{name}: the checkpoint was written over"
+    assert not stale.exists()
+
+
+def test_poison_is_never_applied_and_a_replica_that_hits_nan_restores_itself(procs, tmp_path):
+    """node0 (the leader: smallest id) sends every contribution x1e6; node2's own weights go
+    NaN once, mid-round. The honest replicas exclude node0's parts each round and keep
+    training; node2 restores its last synchronized state and rejoins; nobody crashes, and
+    no checkpoint ever holds NaN."""
+    from loco.node.checkpoint import load_checkpoint, non_finite_entries
+
+    out = tmp_path / "run"
+    rounds = "train.rounds=6"
+    common = ["node", "start", "--out", str(out), *_sets(rounds, "swarm.join_timeout_s=60")]
+    faulty = "tests/loops/faulty_node.py"
+    p0 = procs.python(faulty, "x1e6", *common, "--node-id", "node0", "--set", "swarm.wait_for_peers=2", log="node0")
+    peer = _ready(out, "node0")["join"]
+    p1 = _start_node(procs, out, "node1", rounds, peer=peer)
+    p2 = procs.python(faulty, "local_nan:20", *common, "--node-id", "node2", "--join", peer, log="node2")
+    for name, p in (("node1", p1), ("node2", p2), ("node0", p0)):
+        assert _wait_exit(p, 420, name, procs) == 0, procs.log(name)[-3000:]
+    honest = _outer(out, "node1")
+    start = next(r for r in read_records(out / "metrics" / "node1.jsonl") if r["event"] == "start")
+    assert honest[-1]["val_loss"] < start["val_loss"] - 0.3, honest  # it trained
+    ok = [r for r in honest if r["status"] == "ok" and r["group_size"] >= 2]
+    assert len(ok) >= 3, honest
+    assert any("node0" in r.get("suspects", []) for r in honest), honest
+    for r in honest:
+        assert r["val_loss"] < start["val_loss"] + 0.5, r  # never a poisoned update
+    records2 = read_records(out / "metrics" / "node2.jsonl")
+    assert any(r["event"] == "restored" for r in records2), records2
+    assert _outer(out, "node2")[-1]["val_loss"] < start["val_loss"] - 0.3
+    for n in ("node0", "node1", "node2"):
+        state = load_checkpoint(out / "checkpoints" / f"{n}.pt", map_location="cpu")
+        assert not non_finite_entries(state), n
+        assert "Traceback" not in procs.log(n), procs.log(n)[-3000:]

@@ -109,7 +109,7 @@ def test_killed_node_leaves_the_rest_training(procs, tmp_path, algorithm):
     extra = ("train.rounds=7", "swarm.wait_for_peers=2", f"optim.algorithm='{algorithm}'",
              "optim.noloco.exchange_timeout_s=10", "model.n_layer=2")
     p0 = _start_node(procs, out, "node0", *extra)
-    peer = _ready(out, "node0")["maddrs"][0]
+    peer = _ready(out, "node0")["join"]
     p1 = _start_node(procs, out, "node1", *extra, peer=peer)
     p2 = _start_node(procs, out, "node2", *extra, peer=peer)
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node2")), 240, "node2 to finish round 1")

@@ -116,7 +116,7 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     extra = (*PIPE, "train.rounds=0", "train.max_time_s=90", "swarm.wait_for_peers=5", "pipeline.skip=0.0",
              "pipeline.paths='random'")
     started = {"node0": _start_node(procs, out, "node0", *extra)}
-    peer = _ready(out, "node0")["maddrs"][0]
+    peer = _ready(out, "node0")["join"]
     for i in range(1, 6):
         started[f"node{i}"] = _start_node(procs, out, f"node{i}", *extra, peer=peer)
     wait_until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), 300, "node0 to reach iteration 4")

@@ -4,7 +4,7 @@ Any PyTorch training loop joins a swarm with a ``Swarm`` and one outer algorithm
 ``step()`` it calls after every inner optimizer step (README: "Use loco from your own
 training loop")::
 
-    with loco.Swarm(run_id="exp1", initial_peers=peers) as swarm:
+    with loco.Swarm(run_id="exp1", join=token) as swarm:  # token: another member's swarm.join_token
         with loco.DiLoCo(model, opt, swarm, inner_steps=500, compression="int4") as outer:
             for x, y in loader:
                 loss_fn(model(x), y).backward()
@@ -19,6 +19,7 @@ and the math are ``loco.node``, ``loco.protocols`` and ``loco.optim``.)
 - outer_step.py  ``DiLoCo``, ``CO2``, ``NoLoCo``: a round ends in one outer step
 - inner_sync.py  ``StreamingDiLoCo``, ``DDP``: they synchronize inside a round
 - report.py      ``RoundReport``: what a round did (status, bytes, times, weights hash)
+- token.py       join tokens: the swarm key and a member's address, as one string
 """
 
 from __future__ import annotations

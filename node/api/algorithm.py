@@ -19,6 +19,7 @@ import torch
 
 from loco.node.config import CollectiveConfig, CompressionConfig
 from loco.node.staging import StagedCommunicator
+from loco.node.sync import all_finite
 from loco.protocols.codecs import Compressor, codec_family
 from loco.protocols.codecs.lgreco import make_plan, plan_digest
 from loco.protocols.collective import CollectiveTimeouts
@@ -257,12 +258,38 @@ class OuterAlgorithm:
         """The collective round id: the outer round, or (DDP, Streaming) the swarm-wide step."""
         return self.round * self.inner_steps + self.round_step if self.fine_grained else self.round
 
+    def _restore_if_diverged(self) -> bool:
+        """A replica whose own weights went non-finite (a bad batch, a learning-rate spike)
+        goes back to its last synchronized state, with a fresh inner optimizer state, instead
+        of crashing or offering NaN to the swarm; it then contributes with weight 0 to the
+        round at hand (its pseudo-gradient is zero), so the group's average is not damped."""
+        if all_finite(self.params):
+            return False
+        snap = self.snapshot
+        if snap is None:
+            raise FloatingPointError("the weights are not finite and there is no synchronized state to restore")
+        if self.inner_optimizer is not None:
+            for p in self.params:
+                self.inner_optimizer.state.pop(p, None)
+        self._load_synchronized(snap.tensors, snap.meta, self.swarm.endpoint)
+        log.warning("round %d: the weights went non-finite; restored the last synchronized state (round %d)",
+                    self.round, snap.round)
+        self._event("restored", round=self.round, from_round=snap.round, reason="non-finite weights")
+        self._contribute_nothing()
+        return True
+
+    def _contribute_nothing(self) -> None:
+        """The next sync carries weight 0 (the collective algorithms; others have no weights)."""
+
     def _end_round(self, finished: int, final: bool) -> RoundReport | None:
         t_end = time.monotonic()
+        restored = self._restore_if_diverged()
         out = self._sync_round(final)
         if out is None:
             return None
         status, group, reason, extra = out
+        if restored:
+            extra["restored"] = True
         comm_s = self._inner_comm_s + (time.monotonic() - t_end)
         compute_s = t_end - self._clock - self._inner_comm_s
         t0 = time.monotonic()
@@ -336,18 +363,24 @@ class OuterAlgorithm:
         if snap is None:
             self._event("resync_failed", round=self.round, source=endpoint, reason=reason)
             return False
+        if not all_finite(snap.tensors):
+            self._event("resync_failed", round=self.round, source=endpoint, reason="the state holds NaN/Inf")
+            return False
         if snap.meta.get("algorithm", self.name) != self.name:
             self._event("resync_failed", round=self.round, source=endpoint,
                         reason=f"peer runs {snap.meta.get('algorithm')!r}, this process {self.name!r}")
             return False
-        try:
+        try:  # the meta is the peer's word: every field is checked before anything changes
+            new_round = int(snap.meta.get("round", snap.round))
+            new_step = int(snap.meta.get("round_step", 0))
+            if not (0 <= new_step <= self.inner_steps and new_round >= 0):
+                raise ValueError(f"round {new_round}, step {new_step} are impossible")
             self._load_synchronized(snap.tensors, snap.meta, endpoint)
-        except ValueError as exc:  # a peer with another model: refuse, keep training
-            self._event("resync_failed", round=self.round, source=endpoint, reason=str(exc))
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # another model, a bad meta
+            self._event("resync_failed", round=self.round, source=endpoint, reason=str(exc)[:300])
             return False
         old = self.round
-        self.round = int(snap.meta.get("round", snap.round))
-        self.round_step = int(snap.meta.get("round_step", 0))
+        self.round, self.round_step = new_round, new_step
         self._event("resync", round=self.round, from_round=old, source=endpoint, reason=reason,
                     weights_hash=self.weights_hash())
         log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)

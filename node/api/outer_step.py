@@ -16,19 +16,20 @@ from loco.optim import NoLoCo as NoLoCoMath
 from loco.optim import OuterStepResult, ReduceResult
 from loco.protocols.collective import GroupAllReduce, RoundResult
 from loco.protocols.gossip import GroupExchange
+from loco.protocols.messages import CO2_RESULT
 from loco.protocols.state_sync import StateServer, fetch_state
 
 from .algorithm import OuterAlgorithm, collective_timeouts
 
 log = logging.getLogger(__name__)
 
-CO2_RESULT = "CO2_RESULT"  # recent CO2 reduce results, for replicas that adopted a peer's state
 
 
 class CollectiveAlgorithm(OuterAlgorithm):
     """An algorithm that averages through the group all-reduce (DiLoCo, CO2, Streaming, DDP)."""
 
     peer_lag: int = 1
+    _zero_weight: bool = False  # the next outer step contributes with weight 0 (just restored)
 
     def _peer_round(self, sync_id: int) -> int:
         """The round members of reduce ``sync_id`` announce in the DHT while it runs."""
@@ -36,8 +37,13 @@ class CollectiveAlgorithm(OuterAlgorithm):
 
     def _communicator(self, state_hash: Callable[[], str]) -> SwarmCommunicator:
         self.collective = GroupAllReduce(self.swarm.transport, self.swarm.peers, collective_timeouts(self.timeouts),
-                                         self.compressor, self.stop_event)
-        return SwarmCommunicator(self.collective, state_hash, peer_round=self._peer_round, lag=self.peer_lag)
+                                         self.compressor, self.stop_event, max_norm_ratio=self.timeouts.max_norm_ratio)
+        self.swarm_comm = SwarmCommunicator(self.collective, state_hash, peer_round=self._peer_round,
+                                            lag=self.peer_lag)
+        return self.swarm_comm
+
+    def _contribute_nothing(self) -> None:
+        self._zero_weight = True  # read by the next outer step (_outer_round)
 
     def _launch_hash(self) -> str:
         # the hash is fixed by the training thread before a reduce starts, because CO2 and
@@ -52,11 +58,19 @@ class CollectiveAlgorithm(OuterAlgorithm):
         t0 = time.monotonic()
         self._hash_at_launch = self.snapshot.digest if self.snapshot is not None else ""  # (hashed in the background)
         hash_wait_s = time.monotonic() - t0
-        result = self.math.outer_step(self._sync_id())
+        self.swarm_comm.weight = 0.0 if self._zero_weight else 1.0
+        self._zero_weight = False
+        try:
+            result = self.math.outer_step(self._sync_id())
+        finally:
+            self.swarm_comm.weight = 1.0
         extra = self._outer_metrics(result)
         extra["hash_wait_s"] = hash_wait_s
         detail = result.reduce.detail if result.reduce is not None else None
         last = detail if isinstance(detail, RoundResult) else None
+        if last is not None and last.suspects:
+            extra["suspects"] = last.suspects
+            self._event("suspects", round=self.round, suspects=last.suspects)
         if not result.applied and self.stop_event.is_set():
             # stopping: this round did not happen here. Keep round and step as they are, so
             # peers never see us "ahead" and a restart redoes just this outer step.
@@ -228,7 +242,8 @@ class NoLoCo(OuterAlgorithm):
         self.gossip = GroupExchange(self.swarm.transport, self.compressor, self.stop_event,
                                     live=lambda: [p.id for p in self.swarm.peers()])
         self.gossip_comm = GossipCommunicator(self.gossip, self.swarm.id, self.swarm.peers, self.group_size,
-                                              self.exchange_timeout_s, self.seed, peer_round=lambda: self.round)
+                                              self.exchange_timeout_s, self.seed, peer_round=lambda: self.round,
+                                              max_norm_ratio=self.timeouts.max_norm_ratio)
         self.comm = self._staged(self.gossip_comm)
         self.math = NoLoCoMath(self.params, self.comm, self.alpha, self.beta, self.gamma)
 
@@ -239,6 +254,9 @@ class NoLoCo(OuterAlgorithm):
         x = self.gossip_comm.last
         extra: dict[str, Any] = {}
         self._maybe_plan(result, extra)
+        if self.gossip_comm.suspects:
+            extra["suspects"] = self.gossip_comm.suspects
+            self._event("suspects", round=self.round, suspects=self.gossip_comm.suspects)
         extra |= {"partners": result.extra["partners"], "drift": result.extra["drift"],
                  "sent_to": x.sent_to if x else [], "exchange_s": x.wait_s if x else 0.0}
         if not result.applied and self.stop_event.is_set():

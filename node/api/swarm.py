@@ -14,6 +14,8 @@ from loco.node.runtime import build_shaper, node_seed, watched_membership
 from loco.protocols.membership import PeerInfo
 from loco.protocols.transport import Transport
 
+from .token import make_token, new_key, parse_token
+
 log = logging.getLogger(__name__)
 
 
@@ -21,8 +23,13 @@ class Swarm:
     """Joins (or starts) the swarm ``run_id``: starts a DHT node (its own process and p2pd,
     as hivemind does) bootstrapped from ``initial_peers`` and binds one ZeroMQ socket.
 
-    ``key``: a shared secret; every message is signed with it and unsigned or wrongly
-    signed ones are dropped. ``bootstrap_timeout_s``: how long to keep trying to reach
+    Secure by default. A process that starts a new swarm (no ``initial_peers``, no ``join``)
+    makes a random ``key``; ``join_token`` is then what other processes pass as ``join=``
+    to become members. Every message and every DHT record is signed with the key; unsigned
+    or wrongly signed ones are dropped. ``key``: the swarm's shared secret, when you
+    distribute it yourself. ``insecure=True``: no key at all (anyone who reaches a port can
+    read and change the model); it must be asked for, and is logged.
+    ``bootstrap_timeout_s``: how long to keep trying to reach
     ``initial_peers`` (a busy peer can refuse a (re)starting process's first attempts). ``network``: emulated bandwidth, latency, loss and cuts for
     what this process sends (``loco.Network``; the same fields as the ``[network]`` config
     section). ``stop``: an event that, once set, makes every wait on peers give up (the
@@ -38,6 +45,8 @@ class Swarm:
         initial_peers: Sequence[str] = (),
         key: str | bytes | None = None,
         *,
+        join: str | Sequence[str] | None = None,
+        insecure: bool = False,
         node_id: str | None = None,
         listen_host: str = "127.0.0.1",
         announce_host: str | None = None,
@@ -55,13 +64,15 @@ class Swarm:
         self.stop_event = stop or threading.Event()
         self.initial_peers = list(initial_peers)
         self.round = 0
-        key_bytes = key.encode() if isinstance(key, str) else key
+        key = self._resolve_key(key, join, insecure, listen_host)
+        self.key = key
+        key_bytes = key.encode() if key else None
         shaper = build_shaper(network or NetworkConfig(), seed=node_seed(self.id), started=time.time())
         self.transport = Transport(self.id, listen_host, port, announce_host, key_bytes, shaper=shaper)
         try:
             self.membership, self._reaper = watched_membership(run_id, self.id, self.initial_peers, listen_host,
                                                                dht_port, announce_host, announce_ttl_s,
-                                                               bootstrap_timeout_s)
+                                                               bootstrap_timeout_s, key=key_bytes)
         except BaseException:
             self.transport.close(flush_s=0)
             raise
@@ -69,6 +80,41 @@ class Swarm:
         self._closed = False
         self.membership.start_refresh(self._info)
         self._announced = self.round
+
+    def _resolve_key(self, key: str | bytes | None, join: str | Sequence[str] | None, insecure: bool,
+                     listen_host: str) -> str | None:
+        """The swarm key to use (None: insecure), and the peers a join token names."""
+        if isinstance(key, bytes):
+            key = key.decode()
+        for token in [join] if isinstance(join, str) else list(join or []):
+            token_key, peers = parse_token(token)
+            if key and key != token_key:
+                raise ValueError("the join tokens name different swarm keys (or differ from key=)")
+            key = token_key
+            self.initial_peers += [p for p in peers if p not in self.initial_peers]
+        if key and insecure:
+            raise ValueError("insecure=True with a swarm key: choose one")
+        if insecure:
+            loud = listen_host not in ("127.0.0.1", "localhost", "::1")
+            (log.error if loud else log.warning)(
+                "swarm %r runs WITHOUT a key: anyone who reaches %s can read the model, change it and "
+                "impersonate peers%s", self.run_id, listen_host,
+                " (and this node listens beyond loopback)" if loud else "")
+            return None
+        if not key:
+            if self.initial_peers:
+                raise ValueError("joining a swarm needs its key: pass join=TOKEN (the join_token its first process "
+                                 "printed), or key=, or insecure=True on every process")
+            key = new_key()  # a new swarm: its first process makes the key
+        return key
+
+    @property
+    def join_token(self) -> str:
+        """What another process passes as ``join=`` to join this swarm (treat it like a
+        password; None for an insecure swarm, where the multiaddresses suffice)."""
+        if self.key is None:
+            raise ValueError("an insecure swarm has no join token: pass multiaddrs as initial_peers")
+        return make_token(self.key, self.multiaddrs)
 
     def _info(self) -> PeerInfo:
         return PeerInfo(self.id, self.transport.endpoint, self.round)

@@ -13,10 +13,11 @@ import time
 
 import torch
 
+from ..messages import PP_PING, PP_PONG
 from ..transport import Transport
 from ..wire import Message
 
-PING, PONG = "PP_PING", "PP_PONG"
+PING, PONG = PP_PING, PP_PONG
 
 
 class LinkProber:

@@ -55,7 +55,7 @@ def main() -> None:
     threads0, children0, sockets0 = {t.ident for t in threading.enumerate()}, children(), sockets()
     rounds, failed = 0, False
     try:
-        with loco.Swarm(run_id="plain-loop", initial_peers=[args.join]) as swarm, \
+        with loco.Swarm(run_id="plain-loop", join=args.join) as swarm, \
                 loco.DiLoCo(model, opt, swarm, inner_steps=10) as outer:
             for step in range(1000):
                 x = torch.randn(32, 16)

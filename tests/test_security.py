@@ -1,0 +1,54 @@
+"""Secure by default: join tokens, signed DHT records, insecure only when asked for. Real
+hivemind DHT nodes and ZeroMQ sockets in one process."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import loco
+from loco.protocols.membership import Membership, PeerInfo
+from loco.token import make_token, parse_token
+from tests.conftest import wait_until
+
+
+def test_a_join_token_round_trips_and_a_damaged_one_is_named():
+    token = make_token("s3cret", ["/ip4/127.0.0.1/tcp/1/p2p/X"])
+    assert parse_token(token) == ("s3cret", ["/ip4/127.0.0.1/tcp/1/p2p/X"])
+    with pytest.raises(ValueError, match="damaged"):
+        parse_token(token[:-5])
+    with pytest.raises(ValueError, match="not a loco join token"):
+        parse_token("/ip4/127.0.0.1/tcp/1/p2p/X")
+
+
+def test_a_new_swarm_makes_a_key_and_only_the_token_joins_it(caplog):
+    with loco.Swarm(run_id="sec", node_id="a") as first:
+        assert first.key and first.join_token.startswith("loco1.")
+        with pytest.raises(ValueError, match="needs its key"):
+            loco.Swarm(run_id="sec", initial_peers=first.multiaddrs)
+        with loco.Swarm(run_id="sec", node_id="b", join=first.join_token) as second:
+            assert second.key == first.key
+            wait_until(lambda: [p.id for p in first.peers()] == ["b"], 60, "b in a's view")
+    with caplog.at_level(logging.WARNING), loco.Swarm(run_id="open", insecure=True) as open_swarm:
+        assert open_swarm.key is None
+    assert any("WITHOUT a key" in r.getMessage() for r in caplog.records)
+
+
+def test_dht_records_without_the_swarm_key_are_ignored():
+    """Members see each other; a keyless process and one with another key can write to the
+    same DHT (they reach it), but no member ever takes their records for peers."""
+    a = Membership("sec", "a", key=b"k", ttl_s=30)
+    others = []
+    try:
+        for node_id, key in (("b", b"k"), ("outsider", None), ("forger", b"other")):
+            m = Membership("sec", node_id, initial_peers=a.maddrs, key=key, ttl_s=30)
+            others.append(m)
+            m.announce(PeerInfo(node_id, f"tcp://127.0.0.1:{len(others)}", round=10**6))
+        wait_until(lambda: "b" in [p.id for p in a.peers()], 60, "b in a's view")
+        for _ in range(3):  # repeated lookups: the fake records never get in
+            assert [p.id for p in a.peers()] == ["b"]
+            assert "outsider" not in [p.id for p in others[0].peers()]
+    finally:
+        for m in [*others, a]:
+            m.shutdown()
