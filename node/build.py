@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,11 +20,11 @@ ALGORITHMS: dict[str, type[OuterAlgorithm]] = {
 }
 
 
-def open_swarm(cfg: Config, node_id: str, stop: threading.Event) -> Swarm:
+def open_swarm(cfg: Config, node_id: str, stop: threading.Event, identity: Path | None = None) -> Swarm:
     n, s = cfg.node, cfg.swarm
     return Swarm(s.run_id, s.initial_peers, s.key, insecure=s.insecure, node_id=node_id, listen_host=n.listen_host,
                  announce_host=n.announce_host, port=n.port, dht_port=n.dht_port, announce_ttl_s=s.announce_ttl_s,
-                 bootstrap_timeout_s=s.bootstrap_timeout_s, network=cfg.network, stop=stop)
+                 bootstrap_timeout_s=s.bootstrap_timeout_s, network=cfg.network, stop=stop, identity=identity)
 
 
 def _options(cfg: Config) -> dict[str, Any]:

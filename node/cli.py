@@ -185,7 +185,10 @@ def report(folder):
     """Rebuild FOLDER/report.md and its plots from the metrics alone."""
     from .report import write_report
 
-    click.echo(write_report(Path(folder)))
+    folder = Path(folder)
+    if not (folder / "experiment.json").exists() and not any(folder.glob("*/metrics/*.jsonl")):
+        raise click.ClickException(f"{folder} holds no experiment: no experiment.json and no */metrics/*.jsonl")
+    click.echo(write_report(folder))
 
 
 @main.command("eval-skips")

@@ -34,7 +34,7 @@ from .checkpoint import (
 )
 from .config import Config, config_to_dict
 from .metrics import MetricsWriter
-from .runtime import default_node_id, write_json_atomic
+from .runtime import NodeIdentity, default_node_id, write_json_atomic
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,29 @@ class Node:
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self.trainer = Trainer(cfg, self.id)
-        self.swarm = open_swarm(cfg, self.id, self.stop)
+        self.identity = NodeIdentity(self.out, self.id)
+        self.swarm = self._open_swarm(cfg)
         # joined after the checkpoint is loaded, so a restart compares its own round with the swarm's
         self.outer = build_algorithm(cfg, self.trainer.model, self.trainer.opt, self.swarm,
                                      on_event=self._on_event, join=False)
+
+    def _open_swarm(self, cfg: Config) -> Swarm:
+        """Join through the configured peers and the peers this node saw last time (a restart
+        with the same command finds the swarm again), on the same ports and with the same
+        DHT identity as before. A node that was given no peers and whose remembered ones are
+        all gone starts the swarm anew, as it first did."""
+        remembered = self.identity.apply(cfg)
+        try:
+            swarm = open_swarm(remembered, self.id, self.stop, self.identity.dht_key)
+        except ConnectionError:
+            if cfg.swarm.initial_peers or not remembered.swarm.initial_peers or self.stop.is_set():
+                raise
+            log.warning("none of the %d peers this node saw last time answers; starting the swarm anew",
+                        len(remembered.swarm.initial_peers))
+            self.identity.forget_peers()
+            swarm = open_swarm(self.identity.apply(cfg), self.id, self.stop, self.identity.dht_key)
+        self.identity.remember_ports(swarm.transport.port, swarm.multiaddrs)
+        return swarm
 
     def _announce_self(self) -> None:
         maddrs = self.swarm.multiaddrs
@@ -113,6 +132,7 @@ class Node:
         return True
 
     def _checkpoint(self) -> None:
+        self.identity.remember_peers(self.swarm.known_peers())
         if not self._may_checkpoint:  # the checkpoint in --out was not loaded: never write over it
             return
         state = {"trainer": self.trainer.state_dict(), **self.outer.state_dict(), "node": self.id}

@@ -54,16 +54,28 @@ def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         path = Path(cfg.path)
         if not path.exists():
             raise ConfigError(f"data.path: {path} does not exist")
-        if path.suffix == ".npy":
-            train, val = _split_array(np.load(path, mmap_mode="r"), cfg.val_fraction)
-        elif path.suffix == ".bin":
-            train, val = _split_array(np.memmap(path, dtype=np.uint16, mode="r"), cfg.val_fraction)
+        if path.suffix in (".npy", ".bin"):
+            train, val = _split_array(_token_array(path), cfg.val_fraction)
         elif path.is_dir():
             train, val = _read_files(path, [p for p in path.rglob("*") if p.is_file()], cfg)
         else:
             train, val = _split_array(np.frombuffer(path.read_bytes()[: cfg.max_bytes], dtype=np.uint8),
                                       cfg.val_fraction)
     return train, val
+
+
+def _token_array(path: Path) -> np.ndarray:
+    """A .npy array of token ids, or a .bin file of uint16 token ids; ConfigError (one line,
+    naming the file) for anything else."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False) if path.suffix == ".npy" else \
+            np.memmap(path, dtype=np.uint16, mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise ConfigError(f"data.path: {path} is not a token array ({str(exc).splitlines()[0][:120]}); "
+                          f".npy: a 1-D integer array, .bin: uint16 token ids") from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ConfigError(f"data.path: {path} holds a {arr.ndim}-D {arr.dtype} array, not 1-D integer token ids")
+    return arr
 
 
 def check_corpus(train: np.ndarray, val: np.ndarray, block_size: int, vocab: int) -> None:

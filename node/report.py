@@ -52,7 +52,7 @@ def summarize_variant(folder: Path) -> VariantSummary:
             s.algorithm = start.get("algorithm", s.algorithm)
     faults_path = folder / "metrics" / "faults.jsonl"
     if faults_path.exists():
-        s.faults = sum(1 for r in read_metrics(faults_path) if r.get("action") != "resume")
+        s.faults = sum(1 for r in read_metrics(faults_path) if r.get("action") != "resume" and r.get("fired", True))
     lasts = [recs[-1] for recs in per_node.values() if recs]
     if not lasts:
         return s

@@ -142,6 +142,11 @@ class VariantRun:
                     finished = True
                     break
                 time.sleep(0.5)
+            for f in self.pending:  # scheduled past the end of the run: say so, never silently
+                self.faults.write("fault", action=f.action, target=f"node{f.node}", elapsed_s=time.time() - self.epoch,
+                                  fired=False, note="not fired: the run ended before " + (
+                                      f"{f.at_s:.0f} s" if f.at_s is not None else f"round {f.at_round}"))
+                console.print(f"  [{self.variant.name}] fault {f.action} node{f.node} never fired: the run ended first")
         finally:
             for _, i in self.resume_at:  # never leave a stopped process behind
                 os.killpg(self.nodes[i].proc.pid, signal.SIGCONT)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from loco.token import new_key
 
 from .config import Config, ConfigError, LinkConfig, NetworkConfig, parse_bandwidth
 from .reaper import Reaper, descendants
+
+log = logging.getLogger(__name__)
 
 
 def default_node_id(out: Path) -> str:
@@ -65,11 +69,12 @@ def open_membership(cfg: Config, node_id: str) -> tuple[Membership, Reaper]:
 
 def watched_membership(run_id: str, node_id: str, initial_peers: list[str], listen_host: str, dht_port: int,
                        announce_host: str | None, ttl_s: float, bootstrap_timeout_s: float = 0.0,
-                       key: bytes | None = None) -> tuple[Membership, Reaper]:
+                       key: bytes | None = None, identity_path: str | None = None,
+                       stop: threading.Event | None = None) -> tuple[Membership, Reaper]:
     """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
     process dies without closing it."""
     membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s,
-                            bootstrap_timeout_s, key)
+                            bootstrap_timeout_s, key, identity_path, stop)
     reaper = Reaper()
     if membership.pid:
         reaper.watch([membership.pid, *descendants(membership.pid)])
@@ -100,7 +105,67 @@ def with_swarm_key(cfg: Config, out: Path) -> Config:
     return cfg.model_copy(update={"swarm": s.model_copy(update={"key": key})})
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+class NodeIdentity:
+    """What a node keeps in ``OUT/identity/NODE_ID`` (several nodes may share one ``--out``) so that a restart with the same command is the
+    same node to the swarm: its DHT private key (so its peer id), the ports it listened on
+    (so its multiaddress), and the DHT addresses of the peers it last saw (so it finds the
+    swarm again when the peer it first joined through is gone)."""
+
+    def __init__(self, out: Path, node_id: str):
+        self.dir = out / "identity" / node_id
+
+    @property
+    def dht_key(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return self.dir / "dht.key"
+
+    def _read(self, name: str) -> Any:
+        path = self.dir / name
+        try:
+            return json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            log.warning("ignoring an unreadable %s", path)
+            return None
+
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` with the remembered ports (where the config leaves them to the OS and they
+        are free) and the remembered peers added to its initial peers."""
+        ports = self._read("ports.json") or {}
+        node = {}
+        for field, host in (("port", cfg.node.listen_host), ("dht_port", cfg.node.listen_host)):
+            old = ports.get(field)
+            if getattr(cfg.node, field) == 0 and isinstance(old, int) and _port_free(host, old):
+                node[field] = old
+        peers = [p for p in self._read("peers.json") or [] if isinstance(p, str)]
+        extra = [p for p in peers if p not in cfg.swarm.initial_peers]
+        return cfg.model_copy(update={
+            "node": cfg.node.model_copy(update=node),
+            "swarm": cfg.swarm.model_copy(update={"initial_peers": [*cfg.swarm.initial_peers, *extra]}),
+        })
+
+    def remember_ports(self, port: int, dht_maddrs: list[str]) -> None:
+        dht = next((int(m.split("/tcp/")[1].split("/")[0]) for m in dht_maddrs if "/tcp/" in m), 0)
+        write_json_atomic(self.dir / "ports.json", {"port": port, "dht_port": dht})
+
+    def remember_peers(self, maddrs: list[str]) -> None:
+        if maddrs and maddrs != self._read("peers.json"):
+            write_json_atomic(self.dir / "peers.json", maddrs)
+
+    def forget_peers(self) -> None:
+        (self.dir / "peers.json").unlink(missing_ok=True)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))

@@ -45,7 +45,7 @@ import torch
 
 from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of, unflatten
-from .membership import PeerInfo
+from .membership import PeerInfo, ViewUnknown
 from .messages import AVG, DECISION, DONE, JOIN, PART, ROSTER
 from .transport import Transport
 from .wire import Message
@@ -122,6 +122,8 @@ class GroupAllReduce:
         self.chunk_bytes = chunk_bytes
         self.max_norm_ratio = max_norm_ratio
         self.suspects: list[str] = []  # the last round's excluded outliers (this node's view)
+        self._silent_leaders: dict[str, int] = {}  # leader id -> last round it is passed over
+        self.pass_over_rounds = 2
         self._finished_round = -1
         self._out: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -147,14 +149,26 @@ class GroupAllReduce:
         start = time.monotonic()
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
-        live = self.live_peers()
+        try:
+            live = self.live_peers()
+        except ViewUnknown as exc:
+            # who is live is unknown: averaging with nobody would commit a solo round as
+            # "ok" while the members this node trained with may be alive
+            self._finish(round)
+            self.compressor.discard()
+            return RoundResult("skipped", round, reason=f"membership unknown ({exc})",
+                               timings={"total_s": time.monotonic() - start})
         for p in live:
             self.transport.name_peer(p.endpoint, p.id)
         # a peer that announced the previous round is most likely finishing it (its DHT record
         # lags by up to a refresh): expect it too, or a leader that runs ahead would average
         # alone and every short round would end in a resync
         peers = [p for p in live if announced - lag <= p.round <= announced and p.id != self.me]
-        leader = min([self.me, *(p.id for p in peers)])
+        # a leader that sent no roster lately (stopped, or across a partition) is passed
+        # over for a few rounds: the members that can reach each other elect their own
+        silent = {p for p, until in self._silent_leaders.items() if until >= round}
+        leader = min([self.me, *(p.id for p in peers if p.id not in silent)])
+        peers = [p for p in peers if p.id not in silent]
         try:
             if leader == self.me:
                 result = self._lead(round, tensors, weight, state_hash, peers)
@@ -175,9 +189,15 @@ class GroupAllReduce:
 
     def _wait_for(self, kind: str, round: int, attempt: int, senders: list[str], deadline: float) -> dict[str, Message]:
         """Messages from ``senders``, not waiting for those that leave the DHT meanwhile."""
-        return self.transport.mailbox.take_from_live(
-            kind, round, attempt, senders, deadline, lambda: [p.id for p in self.live_peers()], self.stop,
-            self.check_s)
+
+        def live() -> list[str]:
+            try:
+                return [p.id for p in self.live_peers()]
+            except ViewUnknown:  # unknown is not gone: keep waiting for everyone
+                return list(senders)
+
+        return self.transport.mailbox.take_from_live(kind, round, attempt, senders, deadline, live, self.stop,
+                                                     self.check_s)
 
     # ------------------------------------------------------------------ leader
     def _lead(self, round, tensors, weight, state_hash, peers) -> RoundResult:
@@ -262,6 +282,7 @@ class GroupAllReduce:
         })
         reply = self._wait_for(ROSTER, round, 0, [leader], time.monotonic() + t.join_s).get(leader)
         if reply is None:
+            self._silent_leaders[leader] = round + self.pass_over_rounds
             return RoundResult("skipped", reason="no roster from leader", **skipped)
         status = reply.meta.get("status")
         if status in ("resync", "closed"):

@@ -31,6 +31,8 @@ class PeerInfo:
     left: bool = False
     # measured links to other nodes: {peer id: [one-way latency s, bandwidth bytes/s]}
     links: dict[str, list[float]] = field(default_factory=dict, compare=False, hash=False)
+    # the node's DHT multiaddresses: what a restarting peer bootstraps from
+    dht: tuple[str, ...] = field(default=(), compare=False)
 
 
 def _as_links(value: object) -> dict[str, list[float]]:
@@ -51,10 +53,15 @@ def _as_peer(node_id: str, value: object) -> PeerInfo | None:
             id=node_id, endpoint=str(value["endpoint"]), round=int(value.get("round", 0)),
             stage=int(value.get("stage", 0)), throughput=float(value.get("throughput", 0.0)),
             left=bool(value.get("left", False)), links=_as_links(value.get("links")),
+            dht=tuple(str(m) for m in value.get("dht", ()) if isinstance(m, str))[:8],
         )
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring a malformed membership record for %r: %r", node_id, value)
         return None
+
+
+class ViewUnknown(ConnectionError):
+    """The DHT lookup failed: who is live is unknown (not: nobody is)."""
 
 
 class Membership:
@@ -71,11 +78,16 @@ class Membership:
         ttl_s: float = 10.0,
         bootstrap_timeout_s: float = 0.0,
         key: bytes | None = None,
+        identity_path: str | None = None,
+        stop: threading.Event | None = None,
     ):
         """``bootstrap_timeout_s``: how long to keep trying to start the DHT node and reach
         ``initial_peers`` (0: one attempt). A busy peer's p2pd can refuse the first
         connections of a node that (re)starts beside it, and hivemind reports that at once
-        as a failed start: retrying until the deadline is what lets a restart rejoin."""
+        as a failed start: retrying until the deadline is what lets a restart rejoin.
+        ``identity_path``: the DHT node's private key, made there on first use and reused:
+        its peer id, hence its multiaddress, stays the same across restarts. ``stop``:
+        set, it ends the retries at once."""
         import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
         from hivemind.utils import get_dht_time
 
@@ -100,6 +112,7 @@ class Membership:
                     start=True,
                     wait_timeout=60,
                     record_validators=validators,
+                    identity_path=identity_path,
                 )
                 break
             except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure
@@ -110,7 +123,11 @@ class Membership:
                                           f"({attempt} attempts): {exc}") from None
                 log.warning("DHT start, attempt %d: could not reach %s (%s); retrying for %.0fs more",
                             attempt, where, str(exc).splitlines()[-1] if str(exc) else exc, left)
-                time.sleep(min(1.0, left))  # a backoff between attempts, bounded by the deadline
+                # a backoff between attempts, bounded by the deadline; a stop request ends it
+                if stop is not None and stop.wait(min(1.0, left)):
+                    raise ConnectionError(f"stopped while reaching {where}") from None
+                if stop is None:
+                    time.sleep(min(1.0, left))
         self._info: PeerInfo | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,13 +162,20 @@ class Membership:
         self._thread = threading.Thread(target=loop, name="loco-membership", daemon=True)
         self._thread.start()
 
-    def peers(self, include_self: bool = False) -> list[PeerInfo]:
-        """Live peers, sorted by id. Expired records and nodes that left are excluded."""
+    def peers(self, include_self: bool = False, strict: bool = False) -> list[PeerInfo]:
+        """Live peers, sorted by id. Expired records and nodes that left are excluded.
+
+        A lookup that fails, or that does not even find this node's own record (it is
+        refreshed every ttl/3, so a working lookup always sees it), says nothing about who
+        is live: ``strict`` raises ViewUnknown then; otherwise the result is empty."""
         try:
             found = self.dht.get(self._key, latest=True)
         except Exception as exc:
             log.warning("membership lookup failed: %s", exc)
             found = None
+        if strict and self._info is not None and not self._info.left and (
+                found is None or not isinstance(found.value, dict) or self.node_id not in found.value):
+            raise ViewUnknown("the DHT lookup failed or missed this node's own record")
         out: dict[str, PeerInfo] = {}
         if found is not None and isinstance(found.value, dict):
             now = self._get_time()
@@ -168,14 +192,15 @@ class Membership:
             out.pop(self.node_id, None)
         return [out[k] for k in sorted(out)]
 
-    def wait_for_peers(self, count: int, timeout_s: float) -> list[PeerInfo]:
-        """Wait until at least ``count`` other live peers are visible (or the timeout)."""
+    def wait_for_peers(self, count: int, timeout_s: float, stop: threading.Event | None = None) -> list[PeerInfo]:
+        """Wait until at least ``count`` other live peers are visible (or the timeout, or
+        ``stop``)."""
         deadline = time.monotonic() + timeout_s
         while True:
             found = self.peers()
-            if len(found) >= count or time.monotonic() >= deadline:
+            if len(found) >= count or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return found
-            self._stop.wait(0.2)  # DHT has no change notification: poll it, with a deadline
+            (stop or self._stop).wait(0.2)  # DHT has no change notification: poll it, with a deadline
 
     def leave(self) -> None:
         """Tell the swarm this node is gone, then stop refreshing."""

@@ -11,7 +11,7 @@ import torch
 
 from loco.protocols.codecs import Compressor
 from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
-from loco.protocols.membership import PeerInfo
+from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
@@ -25,12 +25,15 @@ class Peers:
         self.transports = [Transport(f"p{i}") for i in range(n)]
         self.round = round
         self.alive = {t.node_id for t in self.transports}
+        self.unknown: set[str] = set()  # members whose DHT lookups fail
         self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, Compressor(codec, **codec_options),
                                            chunk_bytes=chunk_bytes)
                             for t in self.transports]
 
     def _view(self, me: str):
         def live() -> list[PeerInfo]:
+            if me in self.unknown:
+                raise ViewUnknown("lookup failed")
             return [PeerInfo(t.node_id, t.endpoint, self.round) for t in self.transports
                     if t.node_id != me and t.node_id in self.alive]
         return live
@@ -308,3 +311,27 @@ def test_a_zero_weight_member_is_averaged_with_weight_zero_and_not_judged(peers)
     for r in results.values():
         assert r.status == "ok" and not r.suspects
         torch.testing.assert_close(r.tensors[0], expected)
+
+
+def test_an_unknown_view_skips_the_round_instead_of_averaging_alone(peers):
+    """A failed DHT lookup says nothing about who is live: no member commits a solo round."""
+    quick = CollectiveTimeouts(matchmaking_s=2, join_s=3, allreduce_s=3, decision_s=3)
+    p = peers(2, timeouts=quick)
+    p.unknown = {"p0", "p1"}
+    results = p.run(_inputs(2))
+    for r in results.values():
+        assert r.status == "skipped" and "membership unknown" in r.reason and r.tensors is None
+
+
+def test_members_pass_over_a_leader_that_sent_no_roster(peers):
+    """p0 leads by id but does not answer (stopped, or across a partition): after one round
+    without a roster, p1 and p2 elect p1 and average together."""
+    quick = CollectiveTimeouts(matchmaking_s=2, join_s=2, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=quick)
+    inputs = _inputs(3)
+    first = p.run(inputs, members=[1, 2])
+    assert all(r.status == "skipped" and r.reason == "no roster from leader" for r in first.values())
+    p.round = 1
+    second = p.run(inputs, members=[1, 2])
+    for r in second.values():
+        assert r.status == "ok" and r.group == ("p1", "p2") and r.leader == "p1"

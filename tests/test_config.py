@@ -94,3 +94,14 @@ def test_cli_options_are_frozen():
     assert start == {"config", "tokens", "initial_peers", "out", "overrides", "node_id", "listen", "announce", "port",
                      "dht_port", "verbose"}
     assert {p.name for p in main.commands["swarm"].params} == {"nodes", "config", "out", "overrides"}
+
+
+def test_operator_errors_are_one_line(tmp_path):
+    """A damaged join token, a join without the key, a report of an empty folder."""
+    result = CliRunner().invoke(main, ["node", "start", "--join", "loco1.bm90IGEgdG9rZW4", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "damaged" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["node", "start", "--initial-peer", "/ip4/127.0.0.1/tcp/9/p2p/X",
+                                       "--out", str(tmp_path)], env={"LOCO_SWARM_KEY": ""})
+    assert result.exit_code != 0 and "joining a swarm needs its key" in result.output
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code != 0 and "holds no experiment" in result.output

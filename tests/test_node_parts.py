@@ -62,6 +62,13 @@ def test_user_data_formats(tmp_path):
     assert len(train) == 9000
     with pytest.raises(ConfigError, match="does not exist"):
         load_corpus(DataConfig(path=str(tmp_path / "nope")))
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")  # not a whole number of uint16
+    (tmp_path / "junk.npy").write_bytes(b"garbage, not numpy")
+    np.save(tmp_path / "floats.npy", np.zeros((4, 4), dtype=np.float32))
+    for name in ("odd.bin", "junk.npy", "floats.npy"):
+        with pytest.raises(ConfigError, match=rf"{name}.*(not a token array|not 1-D integer)") as err:
+            load_corpus(DataConfig(path=str(tmp_path / name)))
+        assert "\n" not in str(err.value)
 
 
 def test_samplers_differ_per_node_and_resume_exactly():

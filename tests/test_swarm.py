@@ -125,9 +125,12 @@ def test_killed_node_does_not_stop_the_others(procs, tmp_path):
     assert len([r for r, h in hashes.items() if r >= 2 and len(h) == 2]) >= 3
 
 
-def _round_with_all(out: Path, nodes: list[str]) -> int | None:
-    """A round in which every node took part in the same group and holds the same weights."""
+def _round_with_all(out: Path, nodes: list[str], after: int = -1) -> int | None:
+    """A round (after ``after``) in which every node took part in the same group and holds
+    the same weights."""
     for rnd, hashes in sorted(_hashes_by_round(out, nodes).items()):
+        if rnd <= after:
+            continue
         groups = {r["group_size"] for n in nodes for r in _outer(out, n) if r["round"] == rnd}
         if set(hashes) == set(nodes) and len(set(hashes.values())) == 1 and groups == {len(nodes)}:
             return rnd
@@ -157,15 +160,31 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
     assert late["round"] >= 4
     nodes = ["node0", "node1", "node2"]
     wait_until(lambda: _round_with_all(out, nodes), 300, "a round averaged by all three nodes")
-    for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
-        proc.send_signal(signal.SIGTERM)
-        assert _wait_exit(proc, 120, name, procs) == 0
     node0_after = {r["next_round"]: r for r in _outer(out, "node0")}
     source = node0_after[late["round"]]
     assert late["weights_hash"] == source["weights_hash"]  # starts from the swarm's weights
     first = next(r for r in read_records(out / "metrics" / "node0.jsonl") if r["event"] == "start")
     assert late["val_loss"] < first["val_loss"] - 0.3  # not an untrained model
     assert abs(late["val_loss"] - source["val_loss"]) < 1e-6
+
+    # the first node dies; node1 restarts with its own command, whose token names node0's
+    # (dead) address: it finds the swarm through the peers it saw last time
+    addr = _ready(out, "node0")["maddrs"]
+    before = max(r["round"] for n in nodes for r in _outer(out, n))
+    os.kill(p0.pid, signal.SIGKILL)
+    p0.wait(timeout=30)
+    p1.send_signal(signal.SIGTERM)
+    assert _wait_exit(p1, 120, "node1", procs) == 0
+    (out / "nodes" / "node0.json").unlink()
+    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    # then node0 restarts with its own command (no token, no peer): same multiaddress, and it
+    # rejoins the swarm it led instead of starting a new one
+    p0 = _start_node(procs, out, "node0", *extra)
+    assert _ready(out, "node0")["maddrs"] == addr
+    wait_until(lambda: _round_with_all(out, nodes, after=before), 300, "a round of all three after the restarts")
+    for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
+        proc.send_signal(signal.SIGTERM)
+        assert _wait_exit(proc, 120, name, procs) == 0
 
 
 def test_unreachable_initial_peer_is_a_clear_error(procs, tmp_path):

@@ -387,14 +387,18 @@ class OuterAlgorithm:
         return True
 
     def _catch_up(self) -> bool:
-        """If live peers are further ahead than ``catch_up_slack``, adopt the state of the
-        furthest one (smallest id among them)."""
+        """If live peers are further ahead than ``catch_up_slack``, adopt the state of one
+        of them. The round followed is the highest that at least two peers have reached
+        (one, in a swarm of two): a lone peer far ahead — broken, or lying — is not
+        followed; the source is the peer closest above that round (smallest id among
+        equals)."""
         peers = self.swarm.peers()
         if not peers:
             return False
-        best = max(p.round for p in peers)
+        rounds = sorted((p.round for p in peers), reverse=True)
+        best = rounds[1] if len(rounds) >= 2 else rounds[0]
         if best <= self.round + self.catch_up_slack:
             return False
-        source = min((p for p in peers if p.round == best), key=lambda p: p.id)
+        source = min((p for p in peers if p.round >= best), key=lambda p: (p.round, p.id))
         first_id = best * self.inner_steps if self.fine_grained else best
         return self._resync_from(source.endpoint, first_id, f"peers at round {best}")

@@ -36,7 +36,8 @@ class CollectiveAlgorithm(OuterAlgorithm):
         return sync_id
 
     def _communicator(self, state_hash: Callable[[], str]) -> SwarmCommunicator:
-        self.collective = GroupAllReduce(self.swarm.transport, self.swarm.peers, collective_timeouts(self.timeouts),
+        self.collective = GroupAllReduce(self.swarm.transport, lambda: self.swarm.peers(strict=True),
+                                         collective_timeouts(self.timeouts),
                                          self.compressor, self.stop_event, max_norm_ratio=self.timeouts.max_norm_ratio)
         self.swarm_comm = SwarmCommunicator(self.collective, state_hash, peer_round=self._peer_round,
                                             lag=self.peer_lag)

@@ -8,6 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from loco.node.config import NetworkConfig
 from loco.node.runtime import build_shaper, node_seed, watched_membership
@@ -33,7 +34,9 @@ class Swarm:
     ``initial_peers`` (a busy peer can refuse a (re)starting process's first attempts). ``network``: emulated bandwidth, latency, loss and cuts for
     what this process sends (``loco.Network``; the same fields as the ``[network]`` config
     section). ``stop``: an event that, once set, makes every wait on peers give up (the
-    daemon sets it from its signal handler; the library installs none).
+    daemon sets it from its signal handler; the library installs none). ``identity``: a
+    file for this process's DHT private key (made on first use): with it and a fixed
+    ``dht_port`` the multiaddress stays the same across restarts.
 
     One outer algorithm uses a swarm at a time: it announces this process's round in the
     DHT. ``close()`` (or leaving the ``with`` block) tells the swarm this process left,
@@ -56,6 +59,7 @@ class Swarm:
         bootstrap_timeout_s: float = 60.0,
         network: NetworkConfig | None = None,
         stop: threading.Event | None = None,
+        identity: str | Path | None = None,
     ):
         if listen_host in ("0.0.0.0", "::") and not announce_host:
             raise ValueError("listen_host is a wildcard; pass announce_host, the address peers reach this one at")
@@ -70,12 +74,14 @@ class Swarm:
         shaper = build_shaper(network or NetworkConfig(), seed=node_seed(self.id), started=time.time())
         self.transport = Transport(self.id, listen_host, port, announce_host, key_bytes, shaper=shaper)
         try:
-            self.membership, self._reaper = watched_membership(run_id, self.id, self.initial_peers, listen_host,
-                                                               dht_port, announce_host, announce_ttl_s,
-                                                               bootstrap_timeout_s, key=key_bytes)
+            self.membership, self._reaper = watched_membership(
+                run_id, self.id, self.initial_peers, listen_host, dht_port, announce_host, announce_ttl_s,
+                bootstrap_timeout_s, key=key_bytes, identity_path=str(identity) if identity else None,
+                stop=self.stop_event)
         except BaseException:
             self.transport.close(flush_s=0)
             raise
+        self._maddrs = tuple(self.membership.maddrs)
         self._announced = -1
         self._closed = False
         self.membership.start_refresh(self._info)
@@ -117,7 +123,12 @@ class Swarm:
         return make_token(self.key, self.multiaddrs)
 
     def _info(self) -> PeerInfo:
-        return PeerInfo(self.id, self.transport.endpoint, self.round)
+        return PeerInfo(self.id, self.transport.endpoint, self.round, dht=self._maddrs)
+
+    def known_peers(self) -> list[str]:
+        """DHT multiaddresses of the live peers now: what a restart of this process can
+        bootstrap from when the peer it first joined through is gone."""
+        return [m for p in self.peers() for m in p.dht]
 
     # ------------------------------------------------------------------ public
     @property
@@ -139,13 +150,15 @@ class Swarm:
     def bytes_recv(self) -> int:
         return self.transport.bytes_recv
 
-    def peers(self) -> list[PeerInfo]:
-        """Live peers (not this process), sorted by id, as the DHT shows them now."""
-        return self.membership.peers()
+    def peers(self, strict: bool = False) -> list[PeerInfo]:
+        """Live peers (not this process), sorted by id, as the DHT shows them now.
+        ``strict``: a failed lookup raises ``ViewUnknown`` instead of showing nobody."""
+        return self.membership.peers(strict=strict)
 
     def wait_for_peers(self, count: int, timeout_s: float) -> list[PeerInfo]:
-        """Wait until ``count`` other peers are visible, or ``timeout_s``; returns those seen."""
-        return self.membership.wait_for_peers(count, timeout_s)
+        """Wait until ``count`` other peers are visible, ``timeout_s``, or the stop event;
+        returns those seen."""
+        return self.membership.wait_for_peers(count, timeout_s, self.stop_event)
 
     def announce_round(self, round: int) -> None:
         """Tell the DHT this process is at ``round`` (its outer algorithm calls this)."""
