@@ -167,11 +167,12 @@ class GroupAllReduce:
         # a leader that sent no roster lately (stopped, or across a partition) is passed
         # over for a few rounds: the members that can reach each other elect their own
         silent = {p for p, until in self._silent_leaders.items() if until >= round}
-        leader = min([self.me, *(p.id for p in peers if p.id not in silent)])
+        visible = bool(peers)
         peers = [p for p in peers if p.id not in silent]
+        leader = min([self.me, *(p.id for p in peers)])
         try:
             if leader == self.me:
-                result = self._lead(round, tensors, weight, state_hash, peers)
+                result = self._lead(round, tensors, weight, state_hash, peers, visible)
             else:
                 endpoint = next(p.endpoint for p in peers if p.id == leader)
                 result = self._follow(round, tensors, weight, state_hash, leader, endpoint)
@@ -200,7 +201,10 @@ class GroupAllReduce:
                                                      self.check_s)
 
     # ------------------------------------------------------------------ leader
-    def _lead(self, round, tensors, weight, state_hash, peers) -> RoundResult:
+    def _lead(self, round, tensors, weight, state_hash, peers, visible: bool) -> RoundResult:
+        """``peers``: whom to wait for; ``visible``: whether any peer is at this round at all
+        (passed-over ones included): then a round with nobody else is skipped, never
+        committed alone."""
         t = self.timeouts
         expected = [p.id for p in peers]
         joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s)
@@ -216,7 +220,7 @@ class GroupAllReduce:
                 continue
             members.append(Member(sender, m.meta["endpoint"], float(m.meta.get("weight", 1.0))))
             self.transport.name_peer(m.meta["endpoint"], sender)
-        if len(members) == 1 and expected:
+        if len(members) == 1 and (expected or visible):
             return RoundResult("skipped", round, leader=self.me, reason="no peer joined in time")
         roster = sorted(members, key=lambda m: m.id)
         in_group = True  # False once the others rejected this node's own contribution
