@@ -127,13 +127,13 @@ class NodeIdentity:
             log.warning("ignoring an unreadable %s", path)
             return None
 
-    def apply(self, cfg: Config) -> Config:
-        """``cfg`` with the remembered ports (where the config leaves them to the OS and they
-        are free) and the remembered peers added to its initial peers."""
-        ports = self._read("ports.json") or {}
+    def apply(self, cfg: Config, ports: bool = True) -> Config:
+        """``cfg`` with the remembered peers added to its initial peers and (``ports``) the
+        remembered ports, where the config leaves them to the OS and they are free."""
+        remembered = (self._read("ports.json") or {}) if ports else {}
         node = {}
         for field, host in (("port", cfg.node.listen_host), ("dht_port", cfg.node.listen_host)):
-            old = ports.get(field)
+            old = remembered.get(field)
             if getattr(cfg.node, field) == 0 and isinstance(old, int) and _port_free(host, old):
                 node[field] = old
         peers = [p for p in self._read("peers.json") or [] if isinstance(p, str)]
