@@ -480,6 +480,7 @@ class GroupAllReduce:
         # NaN/Inf anywhere makes the sum non-finite; one read pass, no temporary mask
         if not torch.isfinite(t.sum()):
             log.warning("%s from %s holds NaN/Inf; ignored", msg.kind, msg.sender)
+            self.suspects = sorted({*self.suspects, msg.sender})
             return None
         return t
 
