@@ -75,26 +75,16 @@ class Node:
         with the same command finds the swarm again), on the same ports and with the same
         DHT identity as before. A node that was given no peers and whose remembered ones are
         all gone starts the swarm anew, as it first did."""
-        with_peers = self.identity.apply(cfg, ports=False)
-        plans = [("the ports it had", self.identity.apply(cfg)), ("other ports", with_peers)]
-        if plans[0][1].node == with_peers.node:
-            plans = plans[1:]
-        else:  # its old ports first, briefly: a busy machine can keep them unusable for a while
-            s = plans[0][1].swarm
-            short = s.model_copy(update={"bootstrap_timeout_s": min(10.0, s.bootstrap_timeout_s)})
-            plans[0] = (plans[0][0], plans[0][1].model_copy(update={"swarm": short}))
-        if with_peers.swarm.initial_peers and not cfg.swarm.initial_peers:
-            plans.append(("no peers: it starts the swarm anew, as it first did", cfg))
-        for i, (_, plan) in enumerate(plans):
-            try:
-                swarm = open_swarm(plan, self.id, self.stop, self.identity.dht_key)
-                break
-            except ConnectionError as exc:
-                if i + 1 == len(plans) or self.stop.is_set():
-                    raise
-                log.warning("could not join the swarm (%s); trying %s", str(exc)[:200], plans[i + 1][0])
-        if plan is cfg and with_peers.swarm.initial_peers:  # the peers it remembered are gone
+        remembered = self.identity.apply(cfg)
+        try:
+            swarm = open_swarm(remembered, self.id, self.stop, self.identity.dht_key)
+        except ConnectionError:
+            if cfg.swarm.initial_peers or not remembered.swarm.initial_peers or self.stop.is_set():
+                raise
+            log.warning("none of the %d peers this node saw last time answers; starting the swarm anew",
+                        len(remembered.swarm.initial_peers))
             self.identity.forget_peers()
+            swarm = open_swarm(self.identity.apply(cfg), self.id, self.stop, self.identity.dht_key)
         self.identity.remember_ports(swarm.transport.port, swarm.multiaddrs)
         return swarm
 
