@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -188,14 +188,20 @@ class GroupAllReduce:
         result.timings["decode_s"] = self.compressor.decode_s - dec0
         return result
 
-    def _wait_for(self, kind: str, round: int, attempt: int, senders: list[str], deadline: float) -> dict[str, Message]:
-        """Messages from ``senders``, not waiting for those that leave the DHT meanwhile."""
+    def _wait_for(self, kind: str, round: int, attempt: int, senders: list[str], deadline: float,
+                  moved_on: Callable[[], Iterable[str]] | None = None) -> dict[str, Message]:
+        """Messages from ``senders``, not waiting for those that leave the DHT meanwhile (nor
+        for those in ``moved_on()``: peers known to be past this round)."""
 
         def live() -> list[str]:
             try:
-                return [p.id for p in self.live_peers()]
+                ids = [p.id for p in self.live_peers()]
             except ViewUnknown:  # unknown is not gone: keep waiting for everyone
-                return list(senders)
+                ids = list(senders)
+            if moved_on is not None:
+                past = set(moved_on())
+                ids = [i for i in ids if i not in past]
+            return ids
 
         return self.transport.mailbox.take_from_live(kind, round, attempt, senders, deadline, live, self.stop,
                                                      self.check_s)
@@ -207,7 +213,10 @@ class GroupAllReduce:
         committed alone."""
         t = self.timeouts
         expected = [p.id for p in peers]
-        joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s)
+        # a peer that sent a JOIN for a later round is past this one (this leader fell
+        # behind it): it will never join here, so it is not waited for
+        joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s,
+                               moved_on=lambda: self.transport.mailbox.ahead(JOIN, round))
         # nodes the DHT did not show yet may have joined too: take them as well
         for m in self.transport.mailbox.drain(JOIN, round):
             joins.setdefault(m.sender, m)
@@ -221,6 +230,11 @@ class GroupAllReduce:
             members.append(Member(sender, m.meta["endpoint"], float(m.meta.get("weight", 1.0))))
             self.transport.name_peer(m.meta["endpoint"], sender)
         if len(members) == 1 and (expected or visible):
+            ahead = self.transport.mailbox.ahead(JOIN, round)
+            if ahead:  # left behind: the peers are at later rounds, waiting on this node to lead them
+                first = max(ahead.values(), key=lambda m: (m.round, m.sender))
+                return RoundResult("resync", round, leader=first.sender, leader_endpoint=first.meta["endpoint"],
+                                   reason=f"behind: {first.sender} is at round {first.round}")
             return RoundResult("skipped", round, leader=self.me, reason="no peer joined in time")
         roster = sorted(members, key=lambda m: m.id)
         in_group = True  # False once the others rejected this node's own contribution

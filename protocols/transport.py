@@ -249,6 +249,20 @@ class Mailbox:
             self._release(msgs)
             return msgs
 
+    def ahead(self, kind: str, round: int) -> dict[str, Message]:
+        """The latest message of ``kind`` each sender filed for a round after ``round``, left
+        in place: who has moved past ``round`` (a leader behind its followers sees their
+        JOINs for later rounds here)."""
+        latest: dict[str, Message] = {}
+        with self._cond:
+            for (k, r, _), msgs in self._items.items():
+                if k != kind or r <= round:
+                    continue
+                for m in msgs:
+                    if m.sender not in latest or m.round > latest[m.sender].round:
+                        latest[m.sender] = m
+        return latest
+
     def prune(self, before_round: int) -> None:
         """Drop messages of finished rounds (late parts of a timed-out peer, for example)."""
         with self._cond:

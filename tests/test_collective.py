@@ -335,3 +335,31 @@ def test_members_pass_over_a_leader_that_sent_no_roster(peers):
     second = p.run(inputs, members=[1, 2])
     for r in second.values():
         assert r.status == "ok" and r.group == ("p1", "p2") and r.leader == "p1"
+
+
+def test_a_leader_behind_its_followers_resyncs_at_once_and_then_leads_their_round(peers):
+    # DDP and Streaming DiLoCo count reduces in steps: a replica that fell a few steps behind
+    # while its peers announce the same round in the DHT. If it is the leader, the others'
+    # JOINs for their (later) step wait in its mailbox; it must not wait matchmaking_s for
+    # JOINs that will never come, once per step it is behind.
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow)
+    inputs = _inputs(3)
+    results = {}
+
+    def follow(i):
+        results[i] = p.collectives[i].all_reduce(3, inputs[i], 1.0, "h", peer_round=0)
+
+    followers = [threading.Thread(target=follow, args=(i,)) for i in (1, 2)]
+    for t in followers:
+        t.start()
+    behind = p.collectives[0].all_reduce(0, inputs[0], 1.0, "h", peer_round=0)
+    assert behind.status == "resync" and behind.leader in ("p1", "p2"), behind
+    assert behind.leader_endpoint == p.transports[int(behind.leader[1])].endpoint
+    assert behind.timings["total_s"] < 30  # not matchmaking_s (60)
+    # having adopted their state, it leads the round they are waiting in
+    results[0] = p.collectives[0].all_reduce(3, inputs[0], 1.0, "h", peer_round=0)
+    for t in followers:
+        t.join(timeout=60)
+    assert [results[i].status for i in range(3)] == ["ok"] * 3, results
+    assert results[0].group == ("p0", "p1", "p2")
