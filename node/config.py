@@ -274,7 +274,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     """Inner steps between loss records."""
     checkpoint_every: int = Field(1, ge=1)
-    """Outer rounds between checkpoints."""
+    """Outer rounds between checkpoints (in pipeline mode: iterations)."""
     keep_checkpoints: int = Field(1, ge=0)
     """Previous checkpoints kept beside the current one (``node0.pt.1``, ...)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 import torch
 import torch.nn as nn
@@ -93,6 +93,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+def unique_parameters(model: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Parameters in a fixed order, each once (tied weights appear once)."""
-    return list(dict.fromkeys(model.parameters()))
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    return list(dict.fromkeys(params))

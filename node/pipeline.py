@@ -238,6 +238,7 @@ class PipelineNode:
         self.plans: dict[int, Message] = {}
         self.handoffs: list[Message] = []  # stage state sent to this node as it joins (HANDOFF)
         self._unreadable_checkpoint = False  # its file is then never written over
+        self._saved_it = -1  # the iteration count of the last checkpoint written
         # a member takes part in the iterations' plans; a node that starts into a running
         # swarm (or was left out of a plan) is not one until a plan admits it
         self.member = False
@@ -936,9 +937,10 @@ class PipelineNode:
                 self.val_loss = sum(work.val_losses) / len(work.val_losses)
             if work.last:
                 self._final_eval(work.number)
-            self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,
-                         self.transport.bytes_sent - bytes0)
             self.it += 1
+            checkpoint_s = 0.0 if work.last else self._periodic_checkpoint()  # (the last: at shutdown)
+            self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,  # (iter_s
+                         self.transport.bytes_sent - bytes0, checkpoint_s)  # includes the checkpoint's seconds)
             if self.it == 1:  # past iteration 0 now: a node that starts later joins, not plans
                 self.membership.announce(self._peer_info())
             if work.last:
@@ -986,7 +988,7 @@ class PipelineNode:
             self._pull(final, timeout=0.5)
 
     def _record(self, work: _Iteration, status: str, group: int, iter_s: float, compute_s: float,
-                comm_s: float, round_bytes: int) -> None:
+                comm_s: float, round_bytes: int, checkpoint_s: float) -> None:
         loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
         self.tokens += len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size
         extra: dict[str, Any] = {}
@@ -998,6 +1000,7 @@ class PipelineNode:
             "outer", round=work.number, step=work.number + 1, status=status, loss=loss, val_loss=self.val_loss,
             group_size=group, stage=self.stage, visited=sorted(work.visited), lost=len([k for k in work.abandoned if not k[1]]),
             elapsed_s=time.time() - self.started, iter_s=iter_s, compute_s=compute_s, comm_s=comm_s,
+            checkpoint_s=checkpoint_s,
             bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv, round_bytes=round_bytes,
             tokens=self.tokens,
             weights_hash=tensors_hash(self.model.params), **extra,
@@ -1060,14 +1063,29 @@ class PipelineNode:
                 "model": self.model.state_dict(), "iteration": self.it,
                 "stage_state": {"tensors": tensors, "meta": meta}, "model_config": self.cfg.model.model_dump()}
 
-    def _final_checkpoint(self) -> None:
+    def _save(self) -> None:
+        """Write the checkpoint (the previous ``train.keep_checkpoints`` kept beside it); a
+        failure is logged and recorded, never raised: training goes on."""
         try:
             if self._unreadable_checkpoint:
                 raise OSError(f"{self.ckpt_path} could not be read at the start and is kept as it was")
-            save_checkpoint(self.ckpt_path, self._checkpoint_state())
+            save_checkpoint(self.ckpt_path, self._checkpoint_state(), keep=self.cfg.train.keep_checkpoints)
+            self._saved_it = self.it
         except (OSError, NonFiniteState) as exc:
-            log.error("final checkpoint failed: %s", exc)
-            self.metrics.write("checkpoint_failed", error=str(exc))
+            log.error("checkpoint failed: %s", exc)
+            self.metrics.write("checkpoint_failed", round=self.it, error=str(exc))
+
+    def _periodic_checkpoint(self) -> float:
+        """Every ``train.checkpoint_every`` iterations; returns the seconds it took."""
+        if self.it % self.cfg.train.checkpoint_every:
+            return 0.0
+        t0 = time.monotonic()
+        self._save()
+        return time.monotonic() - t0
+
+    def _final_checkpoint(self) -> None:
+        if self._saved_it != self.it:  # (not again what the last periodic one wrote)
+            self._save()
         self.metrics.write("stop", step=self.it, round=self.it, bytes_sent=self.transport.bytes_sent,
                            bytes_recv=self.transport.bytes_recv, dropped=dict(self.transport.dropped),
                            sent_by_kind=dict(self.transport.sent_by_kind), sent_to=dict(self.transport.sent_to))

@@ -127,10 +127,10 @@ class NodeIdentity:
             log.warning("ignoring an unreadable %s", path)
             return None
 
-    def apply(self, cfg: Config, ports: bool = True) -> Config:
-        """``cfg`` with the remembered peers added to its initial peers and (``ports``) the
-        remembered ports, where the config leaves them to the OS and they are free."""
-        remembered = (self._read("ports.json") or {}) if ports else {}
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` with the remembered peers added to its initial peers and the remembered
+        ports, where the config leaves them to the OS and they are free."""
+        remembered = self._read("ports.json") or {}
         node = {}
         for field, host in (("port", cfg.node.listen_host), ("dht_port", cfg.node.listen_host)):
             old = remembered.get(field)

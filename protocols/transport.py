@@ -116,7 +116,6 @@ class Mailbox:
         self.max_messages_per_sender = max_messages_per_sender
         self.ttl_s = ttl_s
         self._held: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # sender -> [messages, bytes]
-        self._arrived: dict[int, float] = {}  # id(msg) -> monotonic arrival
         self._last_sweep = time.monotonic()
 
     @staticmethod
@@ -133,7 +132,7 @@ class Mailbox:
                         f"(limits {self.max_messages_per_sender}, {self.max_bytes_per_sender})")
             held[0] += 1
             held[1] += size
-            self._arrived[id(msg)] = time.monotonic()
+            msg.received = time.monotonic()
             self._items[(msg.kind, msg.round, msg.attempt)].append(msg)
             if time.monotonic() - self._last_sweep > self.ttl_s / 4:
                 self._expire()
@@ -143,7 +142,6 @@ class Mailbox:
     def _release(self, msgs: Iterable[Message]) -> None:
         """Caller holds the lock: ``msgs`` left the mailbox."""
         for m in msgs:
-            self._arrived.pop(id(m), None)
             held = self._held.get(m.sender)
             if held is not None:
                 held[0] -= 1
@@ -154,10 +152,10 @@ class Mailbox:
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s
         for key in list(self._items):
-            old = [m for m in self._items[key] if self._arrived.get(id(m), 0.0) < cutoff]
+            old = [m for m in self._items[key] if m.received < cutoff]
             if old:
                 self._release(old)
-                self._items[key] = [m for m in self._items[key] if self._arrived.get(id(m), 0.0) >= cutoff]
+                self._items[key] = [m for m in self._items[key] if m.received >= cutoff]
             if not self._items[key]:
                 del self._items[key]
         self._last_sweep = time.monotonic()

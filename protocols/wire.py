@@ -101,6 +101,7 @@ class Message:
     seq: int = 0
     time: float = 0.0
     to: str = ""  # the endpoint it was sent to: signed, so a message for one node is void at another
+    received: float = 0.0  # local, never sent: time.monotonic() when a mailbox filed it
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -109,12 +109,34 @@ class Procs:
 
 
 @pytest.fixture
-def procs(tmp_path):
+def procs(tmp_path, request):
     p = Procs(tmp_path)
+    request.node.loco_logs = tmp_path  # read by pytest_runtest_makereport if the test fails
     try:
         yield p
     finally:
         p.reap()
+
+
+def _log_tails(root: Path, chars: int = 2000) -> str:
+    """The end of every log under ``root`` (the processes' and a launcher's nodes')."""
+    parts = []
+    for path in sorted(root.rglob("*.log"))[:16]:
+        text = path.read_text(errors="replace")
+        parts.append(f"--- {path.relative_to(root)} (last {min(chars, len(text))} of {len(text)} chars)\n"
+                     f"{text[-chars:]}")
+    return "\n".join(parts)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed swarm test reports what its processes logged: a timeout otherwise says only
+    where the test was waiting, not why the swarm never got there."""
+    outcome = yield
+    report = outcome.get_result()
+    root = getattr(item, "loco_logs", None)
+    if report.when == "call" and report.failed and root is not None:
+        report.sections.append(("loco process logs", _log_tails(root)))
 
 
 def pytest_addoption(parser):

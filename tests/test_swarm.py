@@ -127,21 +127,29 @@ def test_killed_node_does_not_stop_the_others(procs, tmp_path):
 
 def _round_with_all(out: Path, nodes: list[str], after: int = -1) -> int | None:
     """A round (after ``after``) in which every node took part in the same group and holds
-    the same weights."""
-    for rnd, hashes in sorted(_hashes_by_round(out, nodes).items()):
-        if rnd <= after:
-            continue
-        groups = {r["group_size"] for n in nodes for r in _outer(out, n) if r["round"] == rnd}
-        if set(hashes) == set(nodes) and len(set(hashes.values())) == 1 and groups == {len(nodes)}:
+    the same weights (round 0 is one: compare with None)."""
+    outer = {n: {r["round"]: r for r in _outer(out, n)} for n in nodes}
+    for rnd in sorted(set().union(*outer.values())):
+        recs = [outer[n].get(rnd) for n in nodes]
+        if rnd > after and all(r and r["status"] == "ok" and r["group_size"] == len(nodes) for r in recs) \
+                and len({r["weights_hash"] for r in recs}) == 1:
             return rnd
     return None
 
 
+UNTIL_STOPPED = ("train.rounds=0", "swarm.wait_for_peers=1")
+
+
+def _first_node(procs, out: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A swarm's first node, and the join token the others start with."""
+    p0 = _start_node(procs, out, "node0", *extra)
+    return p0, _ready(out, "node0")["join"]
+
+
 def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path):
     out = tmp_path / "run"
-    extra = ("train.rounds=0", "swarm.wait_for_peers=1")  # run until stopped
-    p0 = _start_node(procs, out, "node0", *extra)
-    peer = _ready(out, "node0")["join"]
+    extra = UNTIL_STOPPED
+    p0, peer = _first_node(procs, out, *extra)
     p1 = _start_node(procs, out, "node1", *extra, peer=peer)
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node1")), 240, "node1 to finish round 1")
     p1.send_signal(signal.SIGTERM)
@@ -159,14 +167,26 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
                                     if r["event"] == "start"), None), 180, "node2 to start")
     assert late["round"] >= 4
     nodes = ["node0", "node1", "node2"]
-    wait_until(lambda: _round_with_all(out, nodes), 300, "a round averaged by all three nodes")
+    wait_until(lambda: _round_with_all(out, nodes) is not None, 300, "a round averaged by all three nodes")
     node0_after = {r["next_round"]: r for r in _outer(out, "node0")}
     source = node0_after[late["round"]]
     assert late["weights_hash"] == source["weights_hash"]  # starts from the swarm's weights
     first = next(r for r in read_records(out / "metrics" / "node0.jsonl") if r["event"] == "start")
     assert late["val_loss"] < first["val_loss"] - 0.3  # not an untrained model
     assert abs(late["val_loss"] - source["val_loss"]) < 1e-6
+    for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
+        proc.send_signal(signal.SIGTERM)
+        assert _wait_exit(proc, 120, name, procs) == 0
 
+
+def test_restarts_rejoin_through_the_peers_last_seen_when_the_first_peer_is_gone(procs, tmp_path):
+    out = tmp_path / "run"
+    extra = UNTIL_STOPPED
+    p0, peer = _first_node(procs, out, *extra)
+    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    nodes = ["node0", "node1", "node2"]
+    wait_until(lambda: _round_with_all(out, nodes) is not None, 300, "a round averaged by all three nodes")
     # the first node dies; node1 restarts with its own command, whose token names node0's
     # (dead) address: it finds the swarm through the peers it saw last time
     addr = _ready(out, "node0")["maddrs"]
@@ -181,7 +201,7 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
     # rejoins the swarm it led instead of starting a new one
     p0 = _start_node(procs, out, "node0", *extra)
     assert _ready(out, "node0")["maddrs"] == addr
-    wait_until(lambda: _round_with_all(out, nodes, after=before), 300, "a round of all three after the restarts")
+    wait_until(lambda: _round_with_all(out, nodes, after=before) is not None, 300, "a round of all three after the restarts")
     for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
         proc.send_signal(signal.SIGTERM)
         assert _wait_exit(proc, 120, name, procs) == 0

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from loco.node.config import CollectiveConfig, CompressionConfig
+from loco.node.model import unique_parameters
 from loco.node.staging import StagedCommunicator
 from loco.node.sync import all_finite
 from loco.protocols.codecs import Compressor, codec_family
@@ -25,6 +26,7 @@ from loco.protocols.codecs.lgreco import make_plan, plan_digest
 from loco.protocols.collective import CollectiveTimeouts
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 
+from .catch_up import state_to_adopt
 from .report import RoundReport
 from .swarm import Swarm
 
@@ -32,12 +34,6 @@ log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[RoundReport], None]
 EventCallback = Callable[[str, dict[str, Any]], None]
-
-
-def unique_parameters(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Parameters in a fixed order, each once (tied weights appear once)."""
-    params = model.parameters() if isinstance(model, torch.nn.Module) else model
-    return list(dict.fromkeys(params))
 
 
 def as_compression(compression: str | CompressionConfig) -> CompressionConfig:
@@ -387,18 +383,13 @@ class OuterAlgorithm:
         return True
 
     def _catch_up(self) -> bool:
-        """If live peers are further ahead than ``catch_up_slack``, adopt the state of one
-        of them. The round followed is the highest that at least two peers have reached
-        (one, in a swarm of two): a lone peer far ahead — broken, or lying — is not
-        followed; the source is the peer closest above that round (smallest id among
-        equals)."""
-        peers = self.swarm.peers()
-        if not peers:
+        """Adopt the state of the swarm where this node is not with it (see
+        ``state_to_adopt``: further ahead than ``catch_up_slack``, or this node alone far
+        ahead of a group that will not follow it)."""
+        target = state_to_adopt(self.round, self.swarm.peers(), self.catch_up_slack)
+        if target is None:
             return False
-        rounds = sorted((p.round for p in peers), reverse=True)
-        best = rounds[1] if len(rounds) >= 2 else rounds[0]
-        if best <= self.round + self.catch_up_slack:
-            return False
-        source = min((p for p in peers if p.round >= best), key=lambda p: (p.round, p.id))
+        best, source = target
         first_id = best * self.inner_steps if self.fine_grained else best
-        return self._resync_from(source.endpoint, first_id, f"peers at round {best}")
+        how = "ahead" if best > self.round else "behind, this node alone ahead of them"
+        return self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})")

@@ -51,7 +51,7 @@ class CollectiveAlgorithm(OuterAlgorithm):
         # Streaming DiLoCo run the reduce on a background thread while the state moves on
         return self._hash_at_launch
 
-    def _outer_round(self, final: bool) -> tuple[OuterStepResult | None, tuple[str, int, str, dict[str, Any]] | None]:
+    def _outer_round(self) -> tuple[OuterStepResult | None, tuple[str, int, str, dict[str, Any]] | None]:
         """Catch up, run the outer step, and classify a result that is not a plain success.
         Returns (result, outcome): outcome set when the round ended otherwise."""
         if self._catch_up():
@@ -112,7 +112,7 @@ class DiLoCo(CollectiveAlgorithm):
                                state_device)
 
     def _sync_round(self, final: bool):
-        result, outcome = self._outer_round(final)
+        result, outcome = self._outer_round()
         return outcome
 
 
@@ -180,7 +180,7 @@ class CO2(CollectiveAlgorithm):
 
     def _sync_round(self, final: bool):
         sent0 = self.swarm.bytes_sent
-        result, outcome = self._outer_round(final)
+        result, outcome = self._outer_round()
         if outcome is None:
             return None
         status, group, reason, extra = outcome
