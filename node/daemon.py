@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class Node:
         self.swarm: Swarm | None = None
         self.outer: OuterAlgorithm | None = None
         self._may_checkpoint = False  # until the checkpoint in --out (if any) is loaded
+        self._saved: dict[str, Any] | None = None  # that checkpoint, read before joining
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -64,6 +66,8 @@ class Node:
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self.trainer = Trainer(cfg, self.id)
+        # a checkpoint that cannot be resumed is an error before this node joins anything
+        self._saved = self._read_checkpoint()
         self.identity = NodeIdentity(self.out, self.id)
         self.swarm = self._open_swarm(cfg)
         # joined after the checkpoint is loaded, so a restart compares its own round with the swarm's
@@ -106,30 +110,37 @@ class Node:
         self.metrics.write(kind, step=self.trainer.step, **fields)
 
     # ------------------------------------------------------------ checkpoints
-    def _resume(self) -> bool:
-        """Load the checkpoint in ``--out`` if there is one. One that cannot be loaded, or
-        was written by another configuration, is a CheckpointError, and nothing is written
-        over it afterwards (``_may_checkpoint`` stays False)."""
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint in ``--out`` (None if there is none), its trainer state loaded. One
+        that cannot be read, or was written by another configuration, is a CheckpointError,
+        and nothing is written over it afterwards (``_may_checkpoint`` stays False)."""
         for tmp in remove_stale_temp_files(self.ckpt_path):
             log.info("removed %s, left by a process killed while writing it", tmp.name)
         state = load_checkpoint(self.ckpt_path)
         if state is None:
-            self._may_checkpoint = True
-            return False
+            return None
         saved, runs = state.get("algorithm", "diloco"), self.cfg.optim.algorithm
         if saved != runs:
             raise CheckpointError(f"checkpoint {self.ckpt_path} was written by algorithm {saved!r}, this node runs "
                                   f"{runs!r}; it was left as it is: use another --out or move it away")
+        self._fitting(lambda: self.trainer.load_state_dict(state["trainer"]))
+        return state
+
+    def _fitting(self, load: Callable[[], None]) -> None:
         try:
-            self.trainer.load_state_dict(state["trainer"])
-            self.outer.load_state_dict(state)
+            load()
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # another model shape, a missing part
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint {self.ckpt_path} does not fit this configuration ({first}); it was "
                                   f"left as it is: use another --out or move it away") from None
+
+    def _resume(self) -> bool:
+        """Resume the outer algorithm from the checkpoint read at setup, if there was one."""
+        if self._saved is not None:
+            self._fitting(lambda: self.outer.load_state_dict(self._saved))
+            log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.outer.round, self.trainer.step)
         self._may_checkpoint = True
-        log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.outer.round, self.trainer.step)
-        return True
+        return self._saved is not None
 
     def _checkpoint(self) -> None:
         self.identity.remember_peers(self.swarm.known_peers())

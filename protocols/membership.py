@@ -129,6 +129,7 @@ class Membership:
                 if stop is None:
                     time.sleep(min(1.0, left))
         self._info: PeerInfo | None = None
+        self.departed: list[str] = []  # endpoints of the nodes the last lookup showed as gone (left)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -177,15 +178,19 @@ class Membership:
                 found is None or not isinstance(found.value, dict) or self.node_id not in found.value):
             raise ViewUnknown("the DHT lookup failed or missed this node's own record")
         out: dict[str, PeerInfo] = {}
+        departed: list[str] = []
         if found is not None and isinstance(found.value, dict):
             now = self._get_time()
             for node_id, item in found.value.items():
                 value = getattr(item, "value", None)
                 expires = getattr(item, "expiration_time", 0)
                 peer = _as_peer(str(node_id), value)
+                if peer is not None and peer.left and peer.id != self.node_id:
+                    departed.append(peer.endpoint)
                 if peer is None or peer.left or expires < now:
                     continue
                 out[peer.id] = peer
+            self.departed = departed
         if include_self and self._info is not None:
             out[self.node_id] = self._info
         elif not include_self:

@@ -432,6 +432,12 @@ class Transport:
             with lock:
                 self._send_now(sock, endpoint, frames, kind)
 
+    @property
+    def open_peer_sockets(self) -> int:
+        """Sockets open to peers now (at most ``max_peer_sockets``; least recently used go first)."""
+        with self._peers_lock:
+            return len(self._peers)
+
     def forget_peer(self, endpoint: str) -> None:
         """Close the socket to a peer that left: frees anything queued for it."""
         with self._peers_lock:

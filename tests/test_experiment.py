@@ -128,7 +128,7 @@ at_round = 2
 
 [[variant]]
 name = "diloco"
-""").replace("max_tokens = 30720", "rounds = 0, max_tokens = 307200")  # (the others must still be
+""").replace("max_tokens = 30720", "rounds = 0, max_tokens = 204800")  # (the others must still be
     # training when node1 is back: its restart (a new process: imports, data, DHT) takes 10-20 s on a busy machine)
     path = tmp_path / "restart.toml"
     path.write_text(text)

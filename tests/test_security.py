@@ -9,6 +9,7 @@ import pytest
 
 import loco
 from loco.protocols.membership import Membership, PeerInfo
+from loco.protocols.wire import Message
 from loco.token import make_token, parse_token
 from tests.conftest import wait_until
 
@@ -52,3 +53,15 @@ def test_dht_records_without_the_swarm_key_are_ignored():
     finally:
         for m in [*others, a]:
             m.shutdown()
+
+
+def test_the_socket_to_a_peer_that_left_is_closed():
+    with loco.Swarm(run_id="bye", node_id="a") as a:
+        b = loco.Swarm(run_id="bye", node_id="b", join=a.join_token)
+        try:
+            wait_until(lambda: [p.id for p in a.peers()] == ["b"], 60, "b in a's view")
+            assert a.transport.send(b.endpoint, Message("GOSSIP", round=0))
+            assert a.transport.open_peer_sockets == 1
+        finally:
+            b.close()  # writes left=True in the DHT
+        wait_until(lambda: not a.peers() and a.transport.open_peer_sockets == 0, 60, "a to close its socket to b")

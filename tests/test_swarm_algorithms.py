@@ -31,14 +31,17 @@ def _swarm(procs, out: Path, nodes: int, *extra: str, timeout_s: float = 420) ->
     return names
 
 
-def test_streaming_diloco_swarm_syncs_each_fragment_once_per_round(procs, tmp_path):
+def test_streaming_diloco_swarm_syncs_each_4bit_fragment_once_per_round(procs, tmp_path):
+    """Streaming DiLoCo with its 4-bit outer gradients: fragments go through the int4 codec."""
     out = tmp_path / "run"
     H, P = 8, 2
     nodes = _swarm(procs, out, 3, "train.rounds=5", "model.n_layer=2", "optim.algorithm='streaming_diloco'",
-                   f"optim.inner_steps={H}", f"optim.streaming.fragments={P}", "optim.streaming.overlap=1")
+                   f"optim.inner_steps={H}", f"optim.streaming.fragments={P}", "optim.streaming.overlap=1",
+                   "compression.codec='int4'")
     for n in nodes:
         outer = _outer(out, n)
         assert all(r["status"] == "ok" and r["group_size"] == 3 for r in outer), outer
+        assert all(r["encode_s"] > 0 for r in outer[1:])
         # fragment 1 sends at step 4 (offset H/P), fragment 0 at step 8 and lands τ=1 step
         # later, in the next round: after round 0, each round applies both once; the last
         # round also lands the fragment 0 it sent at its last step (drained at the end)

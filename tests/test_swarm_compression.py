@@ -10,7 +10,7 @@ from tests.test_swarm_algorithms import _records, _swarm
 
 pytestmark = pytest.mark.swarm
 
-NODES = ["node0", "node1", "node2"]
+NODES = ["node0", "node1"]  # two: each node process costs ~7 s of CPU to start (torch, hivemind, a DHT)
 
 
 def _final(out) -> tuple[float, int]:
@@ -28,7 +28,7 @@ def test_diloco_with_int4_and_topk_trains_close_to_uncompressed(procs, tmp_path)
     results = {}
     for name, extra in runs.items():
         out = tmp_path / name
-        _swarm(procs, out, 3, "train.rounds=5", *extra)
+        _swarm(procs, out, len(NODES), "train.rounds=5", *extra)
         results[name] = _final(out)
         for n in NODES:
             assert all(r["status"] == "ok" for r in _outer(out, n))
@@ -44,7 +44,7 @@ def test_diloco_with_int4_and_topk_trains_close_to_uncompressed(procs, tmp_path)
 
 def test_lgreco_plans_agree_and_save_bytes(procs, tmp_path):
     out = tmp_path / "lgreco"
-    _swarm(procs, out, 3, "train.rounds=5", "compression.codec='topk'", "compression.density=0.05",
+    _swarm(procs, out, len(NODES), "train.rounds=5", "compression.codec='topk'", "compression.density=0.05",
            "compression.lgreco.enabled=true", "compression.lgreco.every_rounds=1",
            "compression.lgreco.warmup_rounds=1")
     plans: dict[int, set[str]] = {}
@@ -59,15 +59,3 @@ def test_lgreco_plans_agree_and_save_bytes(procs, tmp_path):
     for rnd, hashes in _hashes_by_round(out, NODES).items():
         assert len(set(hashes.values())) == 1, (rnd, hashes)
 
-
-def test_streaming_diloco_with_4bit_fragments(procs, tmp_path):
-    """Streaming DiLoCo's 4-bit outer gradients: fragments go through the int4 codec."""
-    out = tmp_path / "streaming-int4"
-    _swarm(procs, out, 3, "train.rounds=4", "model.n_layer=2", "optim.algorithm='streaming_diloco'",
-           "optim.streaming.fragments=2", "optim.streaming.overlap=1", "compression.codec='int4'")
-    for n in NODES:
-        outer = _outer(out, n)
-        assert all(r["status"] == "ok" for r in outer), outer
-        assert all(r["encode_s"] > 0 for r in outer[1:])
-    for rnd, hashes in _hashes_by_round(out, NODES).items():
-        assert len(set(hashes.values())) == 1, (rnd, hashes)

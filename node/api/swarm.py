@@ -153,7 +153,11 @@ class Swarm:
     def peers(self, strict: bool = False) -> list[PeerInfo]:
         """Live peers (not this process), sorted by id, as the DHT shows them now.
         ``strict``: a failed lookup raises ``ViewUnknown`` instead of showing nobody."""
-        return self.membership.peers(strict=strict)
+        live = self.membership.peers(strict=strict)
+        for endpoint in self.membership.departed:  # their sockets (and what is queued on them) go
+            if endpoint not in {p.endpoint for p in live}:  # (unless another node took the port)
+                self.transport.forget_peer(endpoint)
+        return live
 
     def wait_for_peers(self, count: int, timeout_s: float) -> list[PeerInfo]:
         """Wait until ``count`` other peers are visible, ``timeout_s``, or the stop event;
