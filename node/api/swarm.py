@@ -154,9 +154,10 @@ class Swarm:
         """Live peers (not this process), sorted by id, as the DHT shows them now.
         ``strict``: a failed lookup raises ``ViewUnknown`` instead of showing nobody."""
         live = self.membership.peers(strict=strict)
-        for endpoint in self.membership.departed:  # their sockets (and what is queued on them) go
-            if endpoint not in {p.endpoint for p in live}:  # (unless another node took the port)
-                self.transport.forget_peer(endpoint)
+        # the sockets of nodes that left (and what is queued on them) go, unless another
+        # live node took the port
+        for endpoint in set(self.membership.departed) - {p.endpoint for p in live}:
+            self.transport.forget_peer(endpoint)
         return live
 
     def wait_for_peers(self, count: int, timeout_s: float) -> list[PeerInfo]:
