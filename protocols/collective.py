@@ -98,6 +98,10 @@ def split_bounds(numel: int, parts: int) -> list[int]:
     return bounds
 
 
+HELD_UP_ROUNDS = 2
+"""How many rounds behind the usual window a live peer may be and still be waited for."""
+
+
 class GroupAllReduce:
     """Averages lists of tensors with whichever live peers are at the same round."""
 
@@ -162,12 +166,18 @@ class GroupAllReduce:
             self.transport.name_peer(p.endpoint, p.id)
         # a peer that announced the previous round is most likely finishing it (its DHT record
         # lags by up to a refresh): expect it too, or a leader that runs ahead would average
-        # alone and every short round would end in a resync
-        peers = [p for p in live if announced - lag <= p.round <= announced and p.id != self.me]
+        # alone and every short round would end in a resync. So is a member held up a few
+        # rounds more (told "closed", it adopts this node's state and joins); one further
+        # behind is catching up from older state (a restart, a late join): not waited for
+        peers = [p for p in live if announced - lag - HELD_UP_ROUNDS <= p.round <= announced and p.id != self.me]
         # a leader that sent no roster lately (stopped, or across a partition) is passed
         # over for a few rounds: the members that can reach each other elect their own
         silent = {p for p, until in self._silent_leaders.items() if until >= round}
-        visible = bool(peers)
+        # with no peer at this round but live peers that have trained elsewhere (past it:
+        # this node fell behind; before it: this node ran ahead of the members it trained
+        # with), it skips the round (its caller catches up or rejoins them) instead of
+        # committing it alone as "ok". A joiner still starting (round 0) does not count.
+        visible = bool(peers) or any(p.id != self.me and p.round > 0 for p in live)
         peers = [p for p in peers if p.id not in silent]
         leader = min([self.me, *(p.id for p in peers)])
         try:

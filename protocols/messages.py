@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 JOIN, ROSTER, PART, AVG, DONE, DECISION = "JOIN", "ROSTER", "PART", "AVG", "DONE", "DECISION"
 GOSSIP = "GOSSIP"
 STATE, CO2_RESULT = "STATE", "CO2_RESULT"  # served snapshots; requests are f"{kind}_REQ"
+STATE_DIGEST = "STATE_DIGEST"  # a served snapshot's hash alone (a second peer vouching for a state)
 PP_PLAN, PP_FWD, PP_BWD, PP_DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
 PP_FINAL, PP_ASSIGN, PP_STATE = "PP_FINAL", "PP_ASSIGN", "PP_STATE"
 PP_PING, PP_PONG = "PP_PING", "PP_PONG"
@@ -91,6 +92,18 @@ class StateReply(TypedDict):
 
 
 @with_config(_STRICT)
+class DigestRequest(TypedDict):
+    round: int
+    endpoint: str
+
+
+@with_config(_STRICT)
+class DigestReply(TypedDict):
+    round: int
+    hash: str  # "": this node published no snapshot of that round (or no longer remembers it)
+
+
+@with_config(_STRICT)
 class PipelineWork(TypedDict):
     mb: pydantic.NonNegativeInt
     hop: pydantic.NonNegativeInt
@@ -147,6 +160,7 @@ SCHEMAS: dict[str, type] = {
     GOSSIP: Gossip,
     STATE: StateReply, f"{STATE}_REQ": StateRequest,
     CO2_RESULT: StateReply, f"{CO2_RESULT}_REQ": StateRequest,
+    STATE_DIGEST: DigestReply, f"{STATE_DIGEST}_REQ": DigestRequest,
     PP_PLAN: PipelinePlan, PP_FWD: PipelineWork, PP_BWD: PipelineWork, PP_DROP: PipelineDrop,
     PP_FINAL: PipelineFinal, PP_ASSIGN: PipelineAssign, PP_STATE: PipelineState,
     PP_PING: Ping, PP_PONG: Empty,

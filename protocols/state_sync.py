@@ -7,6 +7,12 @@ the round and a hash of the tensors. Any peer may ask for it::
     requester --STATE_REQ(min_round, endpoint, request_id)--> server
     server    --STATE(round, hash, meta; tensors)--> requester
 
+and a second peer can vouch for what the first one served (its hash of the same round, from
+the digests it remembers of the snapshots it published)::
+
+    requester --STATE_DIGEST_REQ(round, endpoint, request_id)--> witness
+    witness   --STATE_DIGEST(round, hash or "")--> requester
+
 The server answers from its I/O thread. A request for a round the server has not reached
 yet is parked and answered when that snapshot is published (so a node that missed round r
 can ask the leader for round r+1 before the leader has finished applying it), or dropped
@@ -30,13 +36,14 @@ from typing import Any
 
 import torch
 
-from .messages import STATE
+from .messages import STATE, STATE_DIGEST
 from .transport import Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
 
 STATE_REQ = f"{STATE}_REQ"
+DIGESTS_KEPT = 256  # rounds whose hash a state server can still vouch for (a few strings each)
 
 
 def tensors_hash(tensors: list[torch.Tensor]) -> str:
@@ -109,11 +116,14 @@ class StateServer:
         self._snapshots: list[Snapshot] = []
         self._pending: list[tuple[float, Message]] = []
         self._lock = threading.Lock()
+        self._digests: dict[int, str] = {}  # round -> hash of the snapshot published at it
         # one thread per server hashes its snapshots: BLAKE2b releases the GIL, so a
         # model-sized hash (about a second per 700 MB) runs beside training instead of
         # between two rounds. Owned here, so close() leaves no thread behind.
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-hash")
         transport.on(f"{kind}_REQ", self._on_request)
+        if kind == STATE:
+            transport.on(f"{STATE_DIGEST}_REQ", self._on_digest_request)
 
     @property
     def _snapshot(self) -> Snapshot | None:
@@ -126,6 +136,10 @@ class StateServer:
         # one fresh host copy each (.cpu() of a GPU tensor is already one: no second clone)
         snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta), prefix=prefix,
                         hasher=self._hasher)
+        if snap._pending is None:
+            self._remember(round, snap.digest)
+        else:  # (when the background hash is done)
+            snap._pending.add_done_callback(lambda f: f.exception() is None and self._remember(round, f.result()[1]))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()
@@ -136,9 +150,23 @@ class StateServer:
             self._reply(m, snap)
         return snap
 
+    def _remember(self, round: int, digest: str) -> None:
+        with self._lock:
+            self._digests[round] = digest
+            while len(self._digests) > DIGESTS_KEPT:
+                del self._digests[min(self._digests)]
+
+    def _on_digest_request(self, msg: Message) -> None:
+        with self._lock:
+            digest = self._digests.get(msg.meta["round"], "")
+        self.transport.send(msg.meta["endpoint"], Message(
+            STATE_DIGEST, round=-1, attempt=msg.attempt, meta={"round": msg.meta["round"], "hash": digest}))
+
     def close(self) -> None:
         """Stop answering and end the hashing thread (after the hash in progress)."""
         self.transport.on(f"{self.kind}_REQ", lambda msg: None)
+        if self.kind == STATE:
+            self.transport.on(f"{STATE_DIGEST}_REQ", lambda msg: None)
         self._hasher.shutdown(wait=True)
 
     def _on_request(self, msg: Message) -> None:
@@ -201,3 +229,34 @@ def fetch_state(
         return None
     # received tensors are views over zmq frames: clone so they outlive the message
     return Snapshot(rnd, [t.clone() for t in reply.tensors], meta, digest)
+
+
+def witness_digests(transport: Transport, endpoints: list[str], round: int, timeout_s: float = 10.0,
+                    stop: threading.Event | None = None) -> dict[str, str]:
+    """Ask each of ``endpoints`` for its hash of the snapshot it published at ``round``.
+    Returns {endpoint: hash} for those that answered in time ("" from one that published
+    none at that round, or no longer remembers it)."""
+    asked = {}
+    for endpoint in endpoints:
+        request_id = next(_request_ids)
+        asked[request_id] = endpoint
+        transport.send(endpoint, Message(f"{STATE_DIGEST}_REQ", attempt=request_id,
+                                         meta={"round": round, "endpoint": transport.endpoint}))
+    answers: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    for request_id, endpoint in asked.items():
+        reply = transport.recv(STATE_DIGEST, -1, request_id, timeout_s=max(0.0, deadline - time.monotonic()),
+                               stop=stop)
+        if reply is not None and reply.meta["round"] == round:
+            answers[endpoint] = reply.meta["hash"]
+    return answers
+
+
+def vouched(digest: str, witnesses: dict[str, str]) -> bool:
+    """Whether a state with hash ``digest`` may be adopted, given what witnesses (other
+    peers) hold at the same round: yes if one holds the same state, or if none holds any
+    state of that round (nothing to compare with: a swarm of two, peers that moved on);
+    no if every witness that holds one holds another (a source serving a state nobody
+    else has)."""
+    held = [h for h in witnesses.values() if h]
+    return not held or digest in held

@@ -323,6 +323,19 @@ def test_an_unknown_view_skips_the_round_instead_of_averaging_alone(peers):
         assert r.status == "skipped" and "membership unknown" in r.reason and r.tensors is None
 
 
+@pytest.mark.parametrize("peer_round", [5, 0])
+def test_a_node_alone_at_its_round_skips_it_while_other_peers_are_alive(peers, peer_round):
+    """Alone at its round, with its live peers past it (it fell behind: its caller catches
+    up) or before it (it ran ahead of them: it rejoins them): committing the round by itself
+    as "ok" would split the swarm's weights."""
+    p = peers(2)
+    p.collectives[0].live_peers = lambda: [PeerInfo("p1", p.transports[1].endpoint, peer_round)]
+    result = p.collectives[0].all_reduce(3, _inputs(1)[0])
+    assert result.status == "skipped" and result.tensors is None, result
+    p.collectives[0].live_peers = lambda: []  # nobody else at all: alone by right
+    assert p.collectives[0].all_reduce(4, _inputs(1)[0]).status == "ok"
+
+
 def test_members_pass_over_a_leader_that_sent_no_roster(peers):
     """p0 leads by id but does not answer (stopped, or across a partition): after one round
     without a roster, p1 and p2 elect p1 and average together."""

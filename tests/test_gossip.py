@@ -12,9 +12,10 @@ import torch
 from loco.node.sync import GossipCommunicator
 from loco.protocols.gossip import GOSSIP, GroupExchange, random_groups
 from loco.protocols.membership import PeerInfo
-from loco.protocols.state_sync import StateServer, fetch_state
+from loco.protocols.state_sync import StateServer, fetch_state, tensors_hash, vouched, witness_digests
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -180,3 +181,27 @@ def test_compressed_exchange_delivers_what_the_sender_decoded():
     finally:
         a.close()
         b.close()
+
+
+def test_a_state_served_by_one_peer_is_checked_against_what_a_second_holds():
+    """A source serving a state of its own (a liar, or a replica left alone) is not followed
+    when another peer holds a different state at that round; one that holds the same state
+    vouches for it; a peer without that round has nothing to say."""
+    source, witness, other, joiner = (Transport(f"w{i}") for i in range(4))
+    try:
+        servers = [StateServer(t) for t in (source, witness, other)]
+        honest = [torch.arange(6, dtype=torch.float32)]
+        servers[0].publish(7, [torch.full((6,), 1e6)], {})  # the source's state of round 7: poisoned
+        servers[1].publish(7, honest, {})
+        servers[2].publish(9, honest, {})  # (this one has moved on: round 7 is not among its snapshots)
+        snap = fetch_state(joiner, source.endpoint, 7, timeout_s=10)
+        answers = wait_until(lambda: (a := witness_digests(joiner, [witness.endpoint, other.endpoint], 7)) and
+                             a[witness.endpoint] and a, 30, "the witness's hash")  # (hashed in the background)
+        assert answers == {witness.endpoint: tensors_hash(honest), other.endpoint: ""}
+        assert not vouched(snap.digest, answers)
+        assert vouched(tensors_hash(honest), answers)
+        assert vouched(snap.digest, {other.endpoint: ""}) and vouched(snap.digest, {})  # nobody to compare with
+        assert witness_digests(joiner, ["tcp://127.0.0.1:1"], 7, timeout_s=0.5) == {}  # no answer: no word
+    finally:
+        for t in (source, witness, other, joiner):
+            t.close()

@@ -113,16 +113,23 @@ def _routes(out, rounds) -> dict[int, list[list[str]]]:
 
 def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(procs, tmp_path):
     out = tmp_path / "run"
-    # every path visits every stage, in random valid orders (swaps included). A time budget,
-    # not a number of iterations: they take ~0.2 s here, and the restarted node needs its
-    # DHT, link probes and the hand-off before it can take part
-    extra = (*PIPE, "train.rounds=0", "train.max_time_s=90", "swarm.wait_for_peers=5", "pipeline.skip=0.0",
-             "pipeline.paths='random'")
+    # every path visits every stage, in random valid orders (swaps included). No budget: the
+    # test stops the nodes (SIGTERM) once each fault has played out, however long the
+    # restarted node takes for its imports, DHT, link probes and hand-off on a busy machine
+    extra = (*PIPE, "train.rounds=0", "swarm.wait_for_peers=5", "pipeline.skip=0.0", "pipeline.paths='random'")
     started = {"node0": _start_node(procs, out, "node0", *extra)}
     peer = _ready(out, "node0")["join"]
     for i in range(1, 6):
         started[f"node{i}"] = _start_node(procs, out, f"node{i}", *extra, peer=peer)
-    wait_until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), 300, "node0 to reach iteration 4")
+
+    def until(predicate, what: str) -> None:  # (a node that exits early fails the wait at once)
+        def check():
+            dead = {n: p.returncode for n, p in started.items() if p.poll() is not None}
+            assert not dead, f"{dead} exited while waiting for {what}"
+            return predicate()
+        wait_until(check, 240, what)
+
+    until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), "node0 to reach iteration 4")
     # 1. kill the stage-1 replica the latest paths go through (the scheduler may use one)
     used = [n for o in ("node0", "node3") for r in _outer(out, o)[-2:] for path in r.get("routes", []) for n in path]
     victim = next(n for n in ("node1", "node4") if n in used)
@@ -136,29 +143,32 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
         recent = [r for r in _outer(out, "node0") if r["round"] > killed_at][-3:]
         return len(recent) == 3 and all(r["lost"] == 0 and victim not in sum(r.get("routes", []), []) for r in recent)
 
-    wait_until(rerouted, 300, f"paths to route around {victim}")
+    until(rerouted, f"paths to route around {victim}")
     # 2. restart it under the same id (a new process, a new endpoint): it joins the running
     # pipeline with the stage state the survivor hands it
     started[victim] = _start_node(procs, out, victim, *extra, peer=peer)
-    wait_until(lambda: len(_records(out, victim, "join")) == 2 and len(_outer(out, victim)) >= killed_at + 6, 300,
-               f"{victim} to rejoin and train")
+    until(lambda: len(_records(out, victim, "join")) == 2 and len(_outer(out, victim)) >= killed_at + 6,
+          f"{victim} to rejoin and train")
     # 3. kill the leader (node0, the smallest stage-0 id): node3 plans from then on
     proc = started.pop("node0")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    leader_killed_at = _outer(out, "node0")[-1]["round"] + 1
+    until(lambda: len(_outer(out, "node3")) >= leader_killed_at + 8, "node3 to lead eight iterations")
+    for p in started.values():  # 4. stop: each node ends the iteration it is in, saves and leaves
+        os.kill(p.pid, signal.SIGTERM)
     for n, p in started.items():
-        assert _wait_exit(p, 420, n, procs) == 0, procs.log(n)[-3000:]
+        assert _wait_exit(p, 180, n, procs) == 0, procs.log(n)[-3000:]
     lead = _outer(out, "node3")
     rounds = len(lead)
     assert [r["round"] for r in lead] == list(range(rounds))
     first = next(r["val_loss"] for r in lead if math.isfinite(r["val_loss"]))
     assert lead[-1]["val_loss"] < first - 0.3
-    assert all(_outer(out, n)[-1]["round"] == rounds - 1 for n in started)
-    leader_killed_at = _outer(out, "node0")[-1]["round"] + 1
-    assert leader_killed_at < rounds - 5
-    # after the takeover, node3 starts every microbatch and none is lost
-    tail = lead[-5:]
-    assert all(r["lost"] == 0 and len(r["routes"]) == 4 for r in tail)
+    assert all(_outer(out, n)[-1]["round"] >= rounds - 2 for n in started)  # (stopped within an iteration)
+    # after the takeover, node3 starts every microbatch and none is lost (the last
+    # iterations may be cut short by the stop)
+    tail = [r for r in lead if leader_killed_at + 2 <= r["round"] < rounds - 2]
+    assert len(tail) >= 3 and all(r["lost"] == 0 and len(r["routes"]) == 4 for r in tail), tail
 
     # the replica's absence: stage 1 ran on the survivor alone
     joins = _records(out, victim, "join")
@@ -172,14 +182,15 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     assert gone and all(victim not in path for r in away if r > gone[0] for path in away[r])
     assert all(survivor in path for r in gone for path in away[r])
     assert sum(len(r["visited"]) for r in _outer(out, survivor) if killed_at < r["round"] < j) > 0
-    # its return: it trains every remaining iteration, bit-identical to the survivor from
+    # its return: it trains every iteration from then on, bit-identical to the survivor from
     # its first one (a replica that started from the seed would not be), and paths use it
     back = [r for r in _outer(out, victim) if r["round"] >= j]
-    assert [r["round"] for r in back] == list(range(j, rounds))
+    assert [r["round"] for r in back] == list(range(j, j + len(back))) and back[-1]["round"] >= rounds - 2
     by_round = {r["round"]: r for r in _outer(out, survivor)}
     assert joined["weights_hash"] == by_round[j - 1]["weights_hash"]
     for r in back:
-        assert r["status"] == "ok" and r["weights_hash"] == by_round[r["round"]]["weights_hash"], r["round"]
+        if r["round"] < rounds - 2:  # (the last ones may be cut short by the stop)
+            assert r["status"] == "ok" and r["weights_hash"] == by_round[r["round"]]["weights_hash"], r["round"]
     assert any(victim in path for paths in _routes(out, range(j, rounds)).values() for path in paths)
     assert all(r["lost"] == 0 for n in ("node0", "node3") for r in _outer(out, n) if j <= r["round"] < leader_killed_at - 1)
     orders = {tuple(p) for n in ("node0", "node3") for r in _outer(out, n) for p in r.get("paths", [])}

@@ -24,7 +24,14 @@ from loco.node.sync import all_finite
 from loco.protocols.codecs import Compressor, codec_family
 from loco.protocols.codecs.lgreco import make_plan, plan_digest
 from loco.protocols.collective import CollectiveTimeouts
-from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
+from loco.protocols.state_sync import (
+    Snapshot,
+    StateServer,
+    fetch_state,
+    tensors_hash,
+    vouched,
+    witness_digests,
+)
 
 from .catch_up import state_to_adopt
 from .report import RoundReport
@@ -56,6 +63,11 @@ class OuterAlgorithm:
     between rounds makes one round normal for CO2, two for NoLoCo)."""
     fine_grained: ClassVar[bool] = False
     """Sync ids count inner steps (DDP, Streaming) instead of rounds."""
+    replicas_identical: ClassVar[bool] = True
+    """Members of a round hold the same state after it (all but NoLoCo): a state served by
+    one peer is then checked against what other peers hold at the same round."""
+    witnesses: ClassVar[int] = 2
+    """How many other peers are asked to vouch for a state before it is adopted."""
 
     def __init__(
         self,
@@ -366,6 +378,12 @@ class OuterAlgorithm:
             self._event("resync_failed", round=self.round, source=endpoint,
                         reason=f"peer runs {snap.meta.get('algorithm')!r}, this process {self.name!r}")
             return False
+        if not self._vouched_for(snap, endpoint):
+            self._event("resync_failed", round=self.round, source=endpoint,
+                        reason=f"other peers hold another state at round {snap.round}: not adopted")
+            log.warning("the state %s served for round %d is not the one other peers hold; not adopted",
+                        endpoint, snap.round)
+            return False
         try:  # the meta is the peer's word: every field is checked before anything changes
             new_round = int(snap.meta.get("round", snap.round))
             new_step = int(snap.meta.get("round_step", 0))
@@ -381,6 +399,20 @@ class OuterAlgorithm:
                     weights_hash=self.weights_hash())
         log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)
         return True
+
+    def _vouched_for(self, snap: Snapshot, source: str) -> bool:
+        """Another peer holds the same state at that round, or none holds one to compare
+        (see ``vouched``): a lone source cannot make this process adopt a state of its own."""
+        if not self.replicas_identical:
+            return True
+        mine = self.swarm.endpoint
+        others = sorted((p for p in self.swarm.peers() if p.endpoint not in (source, mine)),
+                        key=lambda p: (-p.round, p.id))[:self.witnesses]
+        if not others:
+            return True
+        answers = witness_digests(self.swarm.transport, [p.endpoint for p in others], snap.round,
+                                  timeout_s=min(3.0, self.join_timeout_s), stop=self.stop_event)
+        return vouched(snap.digest, answers)
 
     def _catch_up(self) -> bool:
         """Adopt the state of the swarm where this node is not with it (see

@@ -92,20 +92,28 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         if self.math.in_flight_step is not None:
             self._fragment_bytes0.setdefault(self.math.in_flight_step, before)
         self._events += events
-        resynced = False
         for e in events:
             detail = e.reduce.detail if e.reduce is not None else None
             if isinstance(detail, RoundResult) and detail.status == "resync":
-                self._resync_from(detail.leader_endpoint, s + 1, detail.reason)
-                resynced = True
+                # the state right after the sync this replica missed: the leader published it
+                # when that sync landed. (Asking for one after this step instead had the
+                # leader park the request until its next sync, which was waiting for this
+                # replica: a 30 s deadlock at every sync.)
+                self._resync_from(detail.leader_endpoint, e.send_step + 1, detail.reason)
                 break
-        if events and not resynced and not self.math.in_flight:
+        # publish after a resync too: the next fragment's JOIN carries the published state's
+        # hash, and a stale one (from before the resync) had the leader order a resync at
+        # every sync, for good (a replica that once fell behind never averaged again)
+        if events and not self.math.in_flight:
             self._publish()
         self._inner_comm_s += time.monotonic() - t0
 
     def _sync_round(self, final: bool):
         if self.round_step >= self.inner_steps or final:  # (a resync inside the round has moved us on)
             self.round, self.round_step = self.round + 1, 0
+        if not final and self._catch_up():  # left behind: its fragment syncs found nobody at its step
+            self._events = []
+            return "resync", 0, "behind the swarm", {}
         if final:  # the last fragment in flight lands in the final weights
             before = self.swarm.bytes_sent
             self._events += self._count_sync_bytes(self.math.drain(), before)
@@ -218,6 +226,8 @@ class DDP(CollectiveAlgorithm):
         if self.round_step >= self.inner_steps or final:
             self.round, self.round_step = self.round + 1, 0
         syncs, self._syncs = self._syncs, {"ok": 0, "failed": 0}
+        if not final and self._catch_up():  # left behind: its steps' averages found nobody
+            return "resync", 0, "behind the swarm", {}
         status, reason = _inner_status(syncs["ok"], syncs["failed"], "steps")
         return status, self.math.last_group_size, reason, {}
 

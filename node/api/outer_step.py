@@ -231,6 +231,7 @@ class NoLoCo(OuterAlgorithm):
 
     name = "noloco"
     catch_up_slack = 2
+    replicas_identical = False
 
     def __init__(self, model, inner_optimizer, swarm, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7,
                  group_size: int = 2, exchange_timeout_s: float = 30.0, **kwargs: Any):
