@@ -875,14 +875,15 @@ class PipelineNode:
         o = self.cfg.optim
         return o.inner_lr * min(1.0, (it + 1) / o.warmup_steps) if o.warmup_steps else o.inner_lr
 
-    def _step(self, work: _Iteration) -> tuple[str, int]:
-        """Average or apply the iteration's gradients; returns (status, replicas in sync)."""
+    def _step(self, work: _Iteration) -> tuple[str, int, str]:
+        """Average or apply the iteration's gradients; returns (status, replicas in sync, why
+        the sync did not happen: "" when it did)."""
         params = self.model.params
         self._expect_replicas(work)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         count = float(len(work.visited))
         group = 1
-        status = "ok"
+        status, reason = "ok", ""
         if self.p.sync == "every_step":
             flat = [*grads, torch.tensor([count], dtype=torch.float32, device=self.device)]
             slot = 0
@@ -891,6 +892,7 @@ class PipelineNode:
             result = self.collective.all_reduce(work.number, flat, 1.0, tensors_hash(params))
             if result.status != "ok":
                 status, count = "skipped", 0.0  # apply nothing rather than step apart from the others
+                reason = f"{result.status}: {result.reason}"
             else:
                 group = len(result.group)
                 means = result.tensors if self.staging is None else self.staging.to_device(slot, result.tensors)
@@ -911,7 +913,7 @@ class PipelineNode:
             result = self.outer.outer_step(work.number)
             group = result.group_size
             status = "ok" if result.applied else "skipped"
-        return status, group
+        return status, group, reason
 
     # --------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -928,7 +930,7 @@ class PipelineNode:
             plan_s = time.monotonic() - t0
             compute, waited = self._run_tasks(work)
             t1 = time.monotonic()
-            status, group = self._step(work)
+            status, group, reason = self._step(work)
             for joiner, source in work.joins.items():
                 if source == self.id:
                     self._hand_off(work, joiner)
@@ -940,7 +942,7 @@ class PipelineNode:
             self.it += 1
             checkpoint_s = 0.0 if work.last else self._periodic_checkpoint()  # (the last: at shutdown)
             self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,  # (iter_s
-                         self.transport.bytes_sent - bytes0, checkpoint_s)  # includes the checkpoint's seconds)
+                         self.transport.bytes_sent - bytes0, checkpoint_s, reason)  # includes the checkpoint's seconds)
             if self.it == 1:  # past iteration 0 now: a node that starts later joins, not plans
                 self.membership.announce(self._peer_info())
             if work.last:
@@ -988,7 +990,7 @@ class PipelineNode:
             self._pull(final, timeout=0.5)
 
     def _record(self, work: _Iteration, status: str, group: int, iter_s: float, compute_s: float,
-                comm_s: float, round_bytes: int, checkpoint_s: float) -> None:
+                comm_s: float, round_bytes: int, checkpoint_s: float, reason: str = "") -> None:
         loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
         self.tokens += len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size
         extra: dict[str, Any] = {}
@@ -997,7 +999,8 @@ class PipelineNode:
             extra["routes"] = mine
             extra["paths"] = [[work.stages.get(n, -1) for n in path] for path in mine]
         self.metrics.write(
-            "outer", round=work.number, step=work.number + 1, status=status, loss=loss, val_loss=self.val_loss,
+            "outer", round=work.number, step=work.number + 1, status=status, reason=reason, loss=loss,
+            val_loss=self.val_loss,
             group_size=group, stage=self.stage, visited=sorted(work.visited), lost=len([k for k in work.abandoned if not k[1]]),
             elapsed_s=time.time() - self.started, iter_s=iter_s, compute_s=compute_s, comm_s=comm_s,
             checkpoint_s=checkpoint_s,
