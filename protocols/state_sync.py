@@ -96,6 +96,14 @@ class Snapshot:
     def digest(self) -> str:
         return self._wait()[1]
 
+    def when_hashed(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(digest)`` once the digest is known: now, or from the hashing
+        thread when its pass is done (not at all if that pass failed)."""
+        if self._pending is None:
+            callback(self.digest)
+        else:
+            self._pending.add_done_callback(lambda f: f.exception() is None and callback(f.result()[1]))
+
     @property
     def prefix_digest(self) -> str:
         return self._wait()[0]
@@ -136,10 +144,7 @@ class StateServer:
         # one fresh host copy each (.cpu() of a GPU tensor is already one: no second clone)
         snap = Snapshot(round, [t.detach().to("cpu", copy=True) for t in tensors], dict(meta), prefix=prefix,
                         hasher=self._hasher)
-        if snap._pending is None:
-            self._remember(round, snap.digest)
-        else:  # (when the background hash is done)
-            snap._pending.add_done_callback(lambda f: f.exception() is None and self._remember(round, f.result()[1]))
+        snap.when_hashed(lambda digest: self._remember(round, digest))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()
