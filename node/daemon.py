@@ -81,14 +81,14 @@ class Node:
         all gone starts the swarm anew, as it first did."""
         remembered = self.identity.apply(cfg)
         try:
-            swarm = open_swarm(remembered, self.id, self.stop, self.identity.dht_key)
+            swarm = open_swarm(remembered, self.id, self.stop, self.identity.dir)
         except ConnectionError:
             if cfg.swarm.initial_peers or not remembered.swarm.initial_peers or self.stop.is_set():
                 raise
             log.warning("none of the %d peers this node saw last time answers; starting the swarm anew",
                         len(remembered.swarm.initial_peers))
             self.identity.forget_peers()
-            swarm = open_swarm(self.identity.apply(cfg), self.id, self.stop, self.identity.dht_key)
+            swarm = open_swarm(self.identity.apply(cfg), self.id, self.stop, self.identity.dir)
         self.identity.remember_ports(swarm.transport.port, swarm.multiaddrs)
         return swarm
 

@@ -267,7 +267,7 @@ class PipelineNode:
         for kind in _QUEUED:
             self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
         self.prober = LinkProber(self.transport)
-        self.membership, self.reaper = open_membership(cfg, self.id)
+        self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
         train, val = load_corpus(cfg.data)
         check_corpus(train, val, cfg.model.block_size, VOCAB)
         self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))

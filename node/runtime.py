@@ -60,21 +60,26 @@ def open_transport(cfg: Config, node_id: str, started: float) -> Transport:
                      shaper=build_shaper(cfg.network, seed=node_seed(node_id), started=started))
 
 
-def open_membership(cfg: Config, node_id: str) -> tuple[Membership, Reaper]:
+def open_membership(cfg: Config, node_id: str, transport: Transport) -> tuple[Membership, Reaper]:
     """The node's DHT membership, and a reaper that ends its DHT helpers if the node dies."""
     return watched_membership(cfg.swarm.run_id, node_id, cfg.swarm.initial_peers, cfg.node.listen_host,
                               cfg.node.dht_port, cfg.node.announce_host, cfg.swarm.announce_ttl_s,
-                              cfg.swarm.bootstrap_timeout_s, cfg.swarm.key.encode() if cfg.swarm.key else None)
+                              cfg.swarm.bootstrap_timeout_s, cfg.swarm.key.encode() if cfg.swarm.key else None,
+                              transport=transport)
 
 
 def watched_membership(run_id: str, node_id: str, initial_peers: list[str], listen_host: str, dht_port: int,
                        announce_host: str | None, ttl_s: float, bootstrap_timeout_s: float = 0.0,
                        key: bytes | None = None, identity_path: str | None = None,
-                       stop: threading.Event | None = None) -> tuple[Membership, Reaper]:
+                       stop: threading.Event | None = None,
+                       transport: Transport | None = None) -> tuple[Membership, Reaper]:
     """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
-    process dies without closing it."""
+    process dies without closing it. Given the node's ``transport``, it signs records with
+    the same node key and shares the transport's bindings of node ids to keys."""
     membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s,
-                            bootstrap_timeout_s, key, identity_path, stop)
+                            bootstrap_timeout_s, key, identity_path, stop,
+                            node_key=transport.node_key if transport else None,
+                            pins=transport.pins if transport else None)
     reaper = Reaper()
     if membership.pid:
         reaper.watch([membership.pid, *descendants(membership.pid)])
@@ -107,17 +112,14 @@ def with_swarm_key(cfg: Config, out: Path) -> Config:
 
 class NodeIdentity:
     """What a node keeps in ``OUT/identity/NODE_ID`` (several nodes may share one ``--out``) so that a restart with the same command is the
-    same node to the swarm: its DHT private key (so its peer id), the ports it listened on
+    same node to the swarm: its private keys (``dht.key``: its DHT peer id; ``node.key``: the
+key its messages and records are signed with), the ports it listened on
     (so its multiaddress), and the DHT addresses of the peers it last saw (so it finds the
     swarm again when the peer it first joined through is gone)."""
 
     def __init__(self, out: Path, node_id: str):
         self.dir = out / "identity" / node_id
 
-    @property
-    def dht_key(self) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return self.dir / "dht.key"
 
     def _read(self, name: str) -> Any:
         path = self.dir / name

@@ -1,7 +1,9 @@
 """Swarm membership through a real hivemind DHT.
 
 Each node stores one record under ``<run_id>.peers`` with its node id as the subkey:
-``{endpoint, round, stage, throughput, left, links}`` and an expiry of ``ttl_s``. A background
+``{endpoint, round, stage, throughput, left, links, dht}`` and an expiry of ``ttl_s``; in a
+keyed swarm also the node's public key and its signature of the record (``pub``, ``sig``), so
+a member can write only its own record (protocols/identity.py). A background
 thread refreshes it every ``ttl_s / 3``, so a node that dies (even by SIGKILL) vanishes from
 everyone's view within ``ttl_s`` seconds, and one that leaves cleanly writes ``left=True``
 so the others drop it at once. Nothing else in loco needs a fixed peer list.
@@ -15,6 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from .identity import IdentityPins, NodeKey, verify
+from .transport import DropLog
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,21 @@ def _as_peer(node_id: str, value: object) -> PeerInfo | None:
         return None
 
 
+def _canonical(value: Any) -> Any:
+    """``value`` as the DHT gives it back, whatever it was stored as (tuples come back as
+    lists; maps in any order): what a record's signature covers."""
+    if isinstance(value, dict):
+        return [[str(k), _canonical(v)] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _record_bytes(key: str, node_id: str, value: dict, expires: float) -> bytes:
+    unsigned = {k: v for k, v in value.items() if k != "sig"}
+    return b"loco-record-v1" + msgpack.packb([key, node_id, float(expires), _canonical(unsigned)], use_bin_type=True)
+
+
 class ViewUnknown(ConnectionError):
     """The DHT lookup failed: who is live is unknown (not: nobody is)."""
 
@@ -80,6 +103,8 @@ class Membership:
         key: bytes | None = None,
         identity_path: str | None = None,
         stop: threading.Event | None = None,
+        node_key: NodeKey | None = None,
+        pins: IdentityPins | None = None,
     ):
         """``bootstrap_timeout_s``: how long to keep trying to start the DHT node and reach
         ``initial_peers`` (0: one attempt). A busy peer's p2pd can refuse the first
@@ -87,7 +112,9 @@ class Membership:
         as a failed start: retrying until the deadline is what lets a restart rejoin.
         ``identity_path``: the DHT node's private key, made there on first use and reused:
         its peer id, hence its multiaddress, stays the same across restarts. ``stop``:
-        set, it ends the retries at once."""
+        set, it ends the retries at once. ``node_key``, ``pins``: with a swarm ``key``, this
+        node signs its record with ``node_key`` and believes a record only if it is signed
+        by the key ``pins`` binds its node id to (share them with the transport)."""
         import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
         from hivemind.utils import get_dht_time
 
@@ -98,6 +125,9 @@ class Membership:
         self.run_id = run_id
         self.node_id = node_id
         self.ttl_s = ttl_s
+        self.node_key = (node_key or NodeKey.generate()) if key else None
+        self.pins = pins or IdentityPins()
+        self.ignored = DropLog(what="membership record")  # records not believed, by reason
         self._key = f"{run_id}.peers"
         self._get_time = get_dht_time
         host_maddrs = [f"/ip4/{listen_host}/tcp/{port}"]
@@ -144,10 +174,13 @@ class Membership:
 
     def announce(self, info: PeerInfo) -> bool:
         self._info = info
-        value = {k: v for k, v in asdict(info).items() if k != "id"}
+        value: dict[str, Any] = {k: v for k, v in asdict(info).items() if k != "id"}
+        expires = self._get_time() + self.ttl_s
+        if self.node_key is not None:
+            value["pub"] = self.node_key.public
+            value["sig"] = self.node_key.sign(_record_bytes(self._key, self.node_id, value, expires))
         try:
-            return bool(self.dht.store(self._key, value, self._get_time() + self.ttl_s,
-                                       subkey=self.node_id))
+            return bool(self.dht.store(self._key, value, expires, subkey=self.node_id))
         except Exception as exc:  # the DHT process may be gone during shutdown
             log.warning("membership announce failed: %s", exc)
             return False
@@ -184,10 +217,12 @@ class Membership:
             for node_id, item in found.value.items():
                 value = getattr(item, "value", None)
                 expires = getattr(item, "expiration_time", 0)
+                if expires < now or not self._believed(str(node_id), value, expires):
+                    continue
                 peer = _as_peer(str(node_id), value)
                 if peer is not None and peer.left and peer.id != self.node_id:
                     departed.append(peer.endpoint)
-                if peer is None or peer.left or expires < now:
+                if peer is None or peer.left:
                     continue
                 out[peer.id] = peer
             self.departed = departed
@@ -196,6 +231,25 @@ class Membership:
         elif not include_self:
             out.pop(self.node_id, None)
         return [out[k] for k in sorted(out)]
+
+    def _believed(self, node_id: str, value: object, expires: float) -> bool:
+        """Whether a record is its node's own: signed by the key that node id is bound to.
+        A signed ``left`` record frees the id. Insecure swarms (no node key) believe all."""
+        if self.node_key is None or node_id == self.node_id:
+            return True
+        pub = value.get("pub") if isinstance(value, dict) else None
+        sig = value.get("sig") if isinstance(value, dict) else None
+        if not (isinstance(pub, bytes) and isinstance(sig, bytes)
+                and verify(pub, sig, _record_bytes(self._key, node_id, value, expires))):
+            self.ignored.drop("UnsignedRecord", f"the record for {node_id[:64]!r} is not signed by the key it names")
+            return False
+        problem = self.pins.check(node_id, pub)
+        if problem:
+            self.ignored.drop("ForeignRecord", f"a record for {node_id[:64]!r} by another key: {problem}")
+            return False
+        if value.get("left"):
+            self.pins.release(node_id, pub)
+        return True
 
     def wait_for_peers(self, count: int, timeout_s: float, stop: threading.Event | None = None) -> list[PeerInfo]:
         """Wait until at least ``count`` other live peers are visible (or the timeout, or

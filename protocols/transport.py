@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
+from .identity import IdentityPins, NodeKey
 from .messages import MetaError, MetaValidator
 from .shaper import Shaper
 from .wire import DEFAULT_MAX_MESSAGE_BYTES, Message, WireError, decode, encode, message_nbytes
@@ -61,11 +62,13 @@ class ReplayGuard:
             return f"timestamp {msg.time!r} outside the {self.window_s:.0f}s replay window"
         if msg.time < self.not_before:
             return "sent before this process started (a replay from an earlier run)"
-        last = self._last_seq.get(msg.session, (-1, 0.0))[0]
+        # per sender and session: a member that reuses another's session id cannot void its messages
+        session = f"{msg.sender}\0{msg.session}"
+        last = self._last_seq.get(session, (-1, 0.0))[0]
         if msg.seq <= last:
             return f"replayed or reordered message (seq {msg.seq} <= {last})"
-        self._last_seq.pop(msg.session, None)  # re-inserted last: the dict is oldest first
-        self._last_seq[msg.session] = (msg.seq, now)
+        self._last_seq.pop(session, None)  # re-inserted last: the dict is oldest first
+        self._last_seq[session] = (msg.seq, now)
         if len(self._last_seq) > self.max_sessions:
             del self._last_seq[next(iter(self._last_seq))]
         if time.monotonic() > self._next_sweep:
@@ -78,8 +81,9 @@ class DropLog:
     """Counts dropped messages by reason and logs them without flooding the log: the
     first of each reason at once, then one summary line per reason every ``every_s``."""
 
-    def __init__(self, every_s: float = 10.0):
+    def __init__(self, every_s: float = 10.0, what: str = "message"):
         self.every_s = every_s
+        self.what = what
         self.counts: dict[str, int] = defaultdict(int)
         self._logged: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
@@ -94,9 +98,9 @@ class DropLog:
                 return
             self._logged[reason] = (now, count)
         if last is None:
-            log.warning("dropped a message (%s): %s", reason, detail[:300])
+            log.warning("dropped a %s (%s): %s", self.what, reason, detail[:300])
         else:
-            log.warning("dropped %d more message(s) (%s) in %.0fs; latest: %s", count - last[1], reason,
+            log.warning("dropped %d more %s(s) (%s) in %.0fs; latest: %s", count - last[1], self.what, reason,
                         now - last[0], detail[:300])
 
 
@@ -285,9 +289,16 @@ class Transport:
         schemas: dict[str, type] | None = None,
         max_peer_sockets: int = 512,
         clock_skew_s: float = 2.0,
+        node_key: NodeKey | None = None,
+        pins: IdentityPins | None = None,
     ):
+        """``key``: the swarm key (None: insecure, nothing is signed). ``node_key``: this
+        node's own signing key (a fresh one if not given; it matters only with a swarm key).
+        ``pins``: which key each node id is bound to, shared with the membership."""
         self.node_id = node_id
         self.key = key
+        self.node_key = node_key or NodeKey.generate()
+        self.pins = pins or IdentityPins()
         self.max_message_bytes = max_message_bytes
         self.send_timeout_s = send_timeout_s
         self.max_peer_sockets = max_peer_sockets
@@ -387,7 +398,7 @@ class Transport:
                 self._seq += 1
                 msg.seq = self._seq
             msg.time = time.time()
-            frames = encode(msg, self.key)
+            frames = encode(msg, self.key, self.node_key)
             if self.shaper is not None:
                 deliver = self.shaper.schedule(self._names.get(endpoint, endpoint), message_nbytes(frames))
                 if deliver is None:
@@ -500,6 +511,13 @@ class Transport:
         except Exception as exc:  # a decoder bug must cost one message, not the node
             self.drops.drop("DecodeError", f"{type(exc).__name__}: {exc}")
             return
+        if self.key:
+            # before the replay check: a message from a member posing as another must not
+            # touch the replay state of the one it poses as
+            problem = "it names no sender key" if not msg.pub else self.pins.check(msg.sender, msg.pub)
+            if problem:
+                self.drops.drop("Impersonation", f"{msg.kind[:64]} claiming to be from {msg.sender[:64]}: {problem}")
+                return
         problem = self._replay.check(msg)
         if problem:
             self.drops.drop("Replay", f"{msg.kind[:64]} from {msg.sender[:64]}: {problem}")

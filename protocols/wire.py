@@ -2,11 +2,14 @@
 
 Frame layout (this docstring is the one place it is written down)::
 
-    frame 0    signature  32-byte keyed BLAKE3 of frames 1..n when the swarm has a key,
-                          or an empty frame when it has none
+    frame 0    signature  when the swarm has a key: the 32-byte keyed BLAKE3 of frames
+                          1..n (the swarm's MAC), then the sender's 64-byte Ed25519
+                          signature of that MAC; an empty frame when it has none
     frame 1    header     b"LOCO" | u8 version | msgpack map:
                             kind     str    message type (JOIN, PART, STATE, ...)
                             sender   str    node id of the sender
+                            pub      bytes  the sender's Ed25519 public key (32 bytes;
+                                            empty without a swarm key)
                             session  str    random per-process id (replay protection)
                             seq      int    per-session counter, strictly increasing
                             time     float  sender's wall clock (replay window)
@@ -20,8 +23,10 @@ Frame layout (this docstring is the one place it is written down)::
                           sent without copying (zero-copy on both ends for large buffers)
 
 A ROUTER socket prepends the peer's routing identity on receipt; the transport strips
-it before calling :func:`decode`. The signature covers the header and every buffer, so a
-buffer cannot be swapped or truncated without detection. Decoding never trusts the
+it before calling :func:`decode`. The MAC covers the header and every buffer, so a
+buffer cannot be swapped or truncated without detection, and the sender's signature of the
+MAC binds all of it to the key named in ``pub`` (which node ids that key may speak for is
+the transport's business: protocols/identity.py). Decoding never trusts the
 header: every declared size is checked against the frames that actually arrived.
 """
 
@@ -39,9 +44,12 @@ import blake3
 import msgpack
 import torch
 
+from .identity import PUBLIC_KEY_BYTES, NodeKey, verify
+from .identity import SIGNATURE_BYTES as NODE_SIGNATURE_BYTES
+
 MAGIC = b"LOCO"
-VERSION = 2  # 2: the header names its destination (`to`); signatures are keyed BLAKE3
-SIGNATURE_BYTES = 32
+VERSION = 3  # 3: the sender signs with its own key (`pub`); 2: the header names its destination (`to`)
+SIGNATURE_BYTES = 32  # the swarm MAC
 DEFAULT_MAX_MESSAGE_BYTES = 2 << 30  # 2 GiB: larger than any model part we send
 MAX_TENSORS = 65_536  # buffers in one message (a state transfer sends one per parameter)
 MAX_DIMS = 16
@@ -101,6 +109,7 @@ class Message:
     seq: int = 0
     time: float = 0.0
     to: str = ""  # the endpoint it was sent to: signed, so a message for one node is void at another
+    pub: bytes = b""  # the sender's public key, set by decode only when its signature checked out
     received: float = 0.0  # local, never sent: time.monotonic() when a mailbox filed it
 
 
@@ -130,8 +139,12 @@ def _sign(key: bytes, frames: list[memoryview | bytes]) -> bytes:
     return h.digest(SIGNATURE_BYTES)
 
 
-def encode(msg: Message, key: bytes | None = None) -> list[bytes | memoryview]:
-    """Serialize ``msg`` into the frame list documented in this module's docstring."""
+_NODE_SIGNING_CONTEXT = b"loco-message-v3"
+
+
+def encode(msg: Message, key: bytes | None = None, signer: NodeKey | None = None) -> list[bytes | memoryview]:
+    """Serialize ``msg`` into the frame list documented in this module's docstring; with a
+    swarm ``key``, ``signer`` (the sender's own key) signs it too."""
     specs = []
     buffers: list[memoryview] = []
     for t in msg.tensors:
@@ -143,6 +156,7 @@ def encode(msg: Message, key: bytes | None = None) -> list[bytes | memoryview]:
         {
             "kind": msg.kind,
             "sender": msg.sender,
+            "pub": signer.public if key and signer else b"",
             "session": msg.session,
             "seq": msg.seq,
             "time": msg.time or time.time(),
@@ -155,7 +169,11 @@ def encode(msg: Message, key: bytes | None = None) -> list[bytes | memoryview]:
         use_bin_type=True,
     )
     body: list[bytes | memoryview] = [header, *buffers]
-    signature = _sign(key, body) if key else b""
+    signature = b""
+    if key:
+        signature = _sign(key, body)
+        if signer is not None:
+            signature += signer.sign(_NODE_SIGNING_CONTEXT + signature)
     return [signature, *body]
 
 
@@ -176,6 +194,7 @@ def _str_upto(n: int) -> Any:
 
 _HEADER_FIELDS = {
     "kind": _str_upto(64), "sender": _str_upto(256), "session": _str_upto(64),
+    "pub": lambda v: type(v) is bytes and len(v) in (0, PUBLIC_KEY_BYTES),
     "seq": _int_in(0, 2**63 - 1), "round": _int_in(-1, 2**62), "attempt": _int_in(-1, 2**62),
     "time": lambda v: type(v) in (int, float) and math.isfinite(v),
     "to": _str_upto(512),
@@ -237,13 +256,21 @@ def decode(
         raise OversizedMessage(f"{total} bytes exceeds this node's limit of {max_bytes}")
     signature, body = bufs[0], bufs[1:]
     if key:
-        if len(signature) != SIGNATURE_BYTES:
+        if len(signature) not in (SIGNATURE_BYTES, SIGNATURE_BYTES + NODE_SIGNATURE_BYTES):
             raise BadSignature("message is unsigned but this swarm requires a key")
-        if not hmac.compare_digest(bytes(signature), _sign(key, body)):
+        mac = bytes(signature[:SIGNATURE_BYTES])
+        if not hmac.compare_digest(mac, _sign(key, body)):
             raise BadSignature("signature does not match this swarm's key")
     elif len(signature):
         raise BadSignature("message is signed but this node has no swarm key")
     header = _parse_header(body[0])
+    pub = header["pub"]
+    if key and (len(signature) > SIGNATURE_BYTES or pub):
+        # only a message the MAC vouches for gets here, so this costs outsiders nothing
+        if not verify(pub, bytes(signature[SIGNATURE_BYTES:]), _NODE_SIGNING_CONTEXT + mac):
+            raise BadSignature(f"the sender's own signature does not match the key it names ({bytes(pub).hex()[:16]})")
+    elif pub:
+        raise BadSignature("message names a sender key but this node has no swarm key")
     specs = header["tensors"]
     payload = body[1:]
     if len(payload) < len(specs):
@@ -270,6 +297,7 @@ def decode(
         kind=header["kind"], sender=header["sender"], round=header["round"],
         attempt=header["attempt"], meta=header["meta"], tensors=tensors,
         session=header["session"], seq=header["seq"], time=float(header["time"]), to=header["to"],
+        pub=pub,
     )
 
 

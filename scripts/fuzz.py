@@ -60,7 +60,7 @@ def valid_messages(endpoint: str) -> list[Message]:
 
 
 def _header(msg: Message, to: str, seq: int) -> dict[str, Any]:
-    return {"kind": msg.kind, "sender": "fuzz", "session": f"fuzz{seq}", "seq": seq, "time": time.time(),
+    return {"kind": msg.kind, "sender": "fuzz", "pub": b"", "session": f"fuzz{seq}", "seq": seq, "time": time.time(),
             "round": msg.round, "attempt": msg.attempt, "to": to, "meta": dict(msg.meta),
             "tensors": [["float32", list(t.shape)] for t in msg.tensors]}
 

@@ -65,3 +65,26 @@ def test_the_socket_to_a_peer_that_left_is_closed():
         finally:
             b.close()  # writes left=True in the DHT
         wait_until(lambda: not a.peers() and a.transport.open_peer_sockets == 0, 60, "a to close its socket to b")
+
+
+def test_a_member_cannot_write_another_members_record():
+    """Records are signed by their node's own key: a key holder that writes a record under a
+    live member's id (its own key), or an unsigned one, is not believed."""
+    a = Membership("own", "a", key=b"k", ttl_s=30)
+    b = Membership("own", "b", initial_peers=a.maddrs, key=b"k", ttl_s=30)
+    forger = Membership("own", "b", initial_peers=a.maddrs, key=b"k", ttl_s=30)  # same id, another key
+    try:
+        b.announce(PeerInfo("b", "tcp://127.0.0.1:2", round=1))
+        wait_until(lambda: [(p.id, p.endpoint) for p in a.peers()] == [("b", "tcp://127.0.0.1:2")], 60, "b in a's view")
+        forger.announce(PeerInfo("b", "tcp://evil:1", round=10**6))
+        forger.dht.store("own.peers", {"endpoint": "tcp://evil:2", "round": 10**6}, forger._get_time() + 30,
+                         subkey="c")  # swarm-signed, but by no node key
+        wait_until(lambda: a.peers() is not None and a.ignored.counts["ForeignRecord"] >= 1
+                   and a.ignored.counts["UnsignedRecord"] >= 1, 60, "the forged records to reach a")
+        for _ in range(3):
+            assert all("evil" not in p.endpoint and p.round < 10**6 for p in a.peers())
+        b.announce(PeerInfo("b", "tcp://127.0.0.1:2", round=2))  # the real b writes again: seen again
+        wait_until(lambda: [(p.id, p.round) for p in a.peers()] == [("b", 2)], 60, "b's own record again")
+    finally:
+        for m in (forger, b, a):
+            m.shutdown()

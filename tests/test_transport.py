@@ -8,6 +8,7 @@ import pytest
 import torch
 import zmq
 
+from loco.protocols.identity import NodeKey
 from loco.protocols.wire import Message, encode
 
 from .transports import open_transport
@@ -147,12 +148,12 @@ def test_a_message_for_another_node_is_void_here():
     another member of the same swarm."""
     a, b, c = (open_transport(n, key=b"k") for n in "abc")
     try:
-        frames = encode(Message("HELLO", sender="a", session="s", seq=1, round=0, to=b.endpoint), b"k")
+        frames = encode(Message("HELLO", sender="a", session="s", seq=1, round=0, to=b.endpoint), b"k", a.node_key)
         raw = raw_socket(c.endpoint)
         try:
             raw.send_multipart(frames)
             raw.send_multipart(encode(Message("AFTER", sender="a", session="s", seq=2, round=0, to=c.endpoint),
-                                      b"k"))
+                                      b"k", a.node_key))
             assert c.recv("AFTER", 0, timeout_s=30) is not None
         finally:
             raw.close()
@@ -236,3 +237,47 @@ def test_dropped_messages_are_logged_at_a_bounded_rate(pair, caplog):
         raw.close()
     assert b.dropped["TruncatedMessage"] + b.dropped["VersionMismatch"] == 500
     assert len(caplog.records) <= 2
+
+
+def test_a_member_cannot_speak_as_another_live_member():
+    """Every member holds the swarm key; only ``a`` holds a's own key. Once ``b`` has heard
+    from ``a``, a message claiming to be from ``a`` under any other key (or none) is dropped,
+    and it does not touch a's replay state (its session and seq are a's)."""
+    a, b = open_transport("a", key=b"k"), open_transport("b", key=b"k")
+    insider = NodeKey.generate()
+    raw = raw_socket(b.endpoint)
+    try:
+        assert a.send(b.endpoint, Message("HELLO", round=0))
+        assert b.recv("HELLO", 0, timeout_s=30).pub == a.node_key.public
+        forged = Message("PART", sender="a", session=a.session, seq=10**9, round=0, to=b.endpoint)
+        raw.send_multipart(encode(forged, b"k", insider))  # signed by the insider's own key
+        raw.send_multipart(encode(forged, b"k"))  # MAC only: names no key
+        assert a.send(b.endpoint, Message("AFTER", round=0))
+        assert b.recv("AFTER", 0, timeout_s=30) is not None  # a's next seq is not a replay
+        assert b.recv("PART", 0, timeout_s=0) is None
+        assert b.dropped["Impersonation"] == 2
+        # the insider speaks freely under its own name
+        raw.send_multipart(encode(Message("HELLO", sender="x", session="x", seq=1, round=1, to=b.endpoint),
+                                  b"k", insider))
+        assert b.recv("HELLO", 1, timeout_s=30).sender == "x"
+    finally:
+        raw.close()
+        a.close()
+        b.close()
+
+
+def test_a_node_id_is_free_again_once_its_key_is_stale():
+    """A process that restarts without its old key can take its id back, but only after its
+    predecessor has gone unheard for the pins' ``stale_s``."""
+    from loco.protocols.identity import IdentityPins
+
+    pins = IdentityPins(stale_s=0.2)
+    old, new = NodeKey.generate(), NodeKey.generate()
+    assert pins.check("a", old.public) is None
+    assert "bound to key" in pins.check("a", new.public)
+    time.sleep(0.3)  # the condition under test is elapsed time itself
+    assert pins.check("a", new.public) is None and pins.bound("a") == new.public
+    pins.release("a", old.public)  # a stale key's "left" does not free the new binding
+    assert pins.bound("a") == new.public
+    pins.release("a", new.public)
+    assert pins.bound("a") is None

@@ -168,3 +168,27 @@ def test_unsigned_message_rejected_when_key_required():
 def test_signed_message_rejected_without_key():
     with pytest.raises(BadSignature, match="no swarm key"):
         decode(_frames(KEY), None)
+
+
+def test_the_sender_key_signs_the_whole_message():
+    """With a swarm key the sender also signs with its own key: decode hands back the key it
+    verified; a signature by another key, a swapped key, or a key without a signature fail."""
+    from loco.protocols.identity import NodeKey
+
+    mine, other = NodeKey.generate(), NodeKey.generate()
+    msg = Message("X", sender="a", tensors=[torch.randn(8)])
+    assert decode(_writable(encode(msg, KEY, mine)), KEY).pub == mine.public
+    assert decode(_writable(encode(msg, KEY)), KEY).pub == b""  # MAC only: the transport refuses it
+    signed = _writable(encode(msg, KEY, mine))
+    forged = _writable(encode(msg, KEY, other))
+    forged[0][32:] = signed[0][32:]  # mine's signature under other's key: MAC differs anyway
+    with pytest.raises(BadSignature):
+        decode(forged, KEY)
+    stripped = _writable(encode(msg, KEY, mine))
+    del stripped[0][32:]  # names mine's key, carries no signature
+    with pytest.raises(BadSignature, match="own signature"):
+        decode(stripped, KEY)
+    wrong = _writable(encode(msg, KEY, mine))
+    wrong[0][40] ^= 0xFF
+    with pytest.raises(BadSignature, match="own signature"):
+        decode(wrong, KEY)

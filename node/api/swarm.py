@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loco.node.config import NetworkConfig
 from loco.node.runtime import build_shaper, node_seed, watched_membership
+from loco.protocols.identity import NodeKey
 from loco.protocols.membership import PeerInfo
 from loco.protocols.transport import Transport
 
@@ -35,8 +36,10 @@ class Swarm:
     what this process sends (``loco.Network``; the same fields as the ``[network]`` config
     section). ``stop``: an event that, once set, makes every wait on peers give up (the
     daemon sets it from its signal handler; the library installs none). ``identity``: a
-    file for this process's DHT private key (made on first use): with it and a fixed
-    ``dht_port`` the multiaddress stays the same across restarts.
+    folder for this process's private keys, made on first use (``dht.key``: its DHT peer
+    id, so with a fixed ``dht_port`` the multiaddress stays the same across restarts;
+    ``node.key``: the key it signs its messages and records with, so peers know it as the
+    same member after a restart). Without it each process makes new ones.
 
     One outer algorithm uses a swarm at a time: it announces this process's round in the
     DHT. ``close()`` (or leaving the ``with`` block) tells the swarm this process left,
@@ -72,12 +75,17 @@ class Swarm:
         self.key = key
         key_bytes = key.encode() if key else None
         shaper = build_shaper(network or NetworkConfig(), seed=node_seed(self.id), started=time.time())
-        self.transport = Transport(self.id, listen_host, port, announce_host, key_bytes, shaper=shaper)
+        folder = Path(identity) if identity else None
+        node_key = NodeKey.load_or_create(folder / "node.key") if folder else None
+        self.transport = Transport(self.id, listen_host, port, announce_host, key_bytes, shaper=shaper,
+                                   node_key=node_key)
         try:
+            if folder:
+                folder.mkdir(parents=True, exist_ok=True)
             self.membership, self._reaper = watched_membership(
                 run_id, self.id, self.initial_peers, listen_host, dht_port, announce_host, announce_ttl_s,
-                bootstrap_timeout_s, key=key_bytes, identity_path=str(identity) if identity else None,
-                stop=self.stop_event)
+                bootstrap_timeout_s, key=key_bytes, identity_path=str(folder / "dht.key") if folder else None,
+                stop=self.stop_event, transport=self.transport)
         except BaseException:
             self.transport.close(flush_s=0)
             raise
