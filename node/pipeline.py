@@ -53,7 +53,7 @@ import torch
 from loco.optim import DiLoCo, NoLoCo
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
-from loco.protocols.membership import PeerInfo
+from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.messages import PP_ASSIGN, PP_BWD, PP_DROP, PP_FINAL, PP_FWD, PP_PLAN, PP_STATE
 from loco.protocols.pipeline.probe import LinkProber
 from loco.protocols.pipeline.schedule import (
@@ -318,16 +318,25 @@ class PipelineNode:
 
     def _stage_peers(self) -> list[PeerInfo]:
         """The replicas this iteration's sync expects, less those that left the DHT since
-        (the collective stops waiting for them)."""
-        live = {(p.id, p.endpoint) for p in self.membership.peers()}
+        (the collective stops waiting for them). A failed lookup says nobody left."""
+        try:
+            live = {(p.id, p.endpoint) for p in self.membership.peers(strict=True)}
+        except ViewUnknown:
+            return list(self._group)
         return [p for p in self._group if (p.id, p.endpoint) in live]
 
     def _expect_replicas(self, work: _Iteration) -> None:
-        """The stage's replicas this iteration's sync waits for: those in the plan. (Their DHT
-        records lag behind iterations shorter than a refresh, so the DHT cannot say.)"""
-        live = {p.id for p in self.membership.peers()}
-        self._group = [PeerInfo(n, work.endpoints[n], work.number, s) for n, s in work.stages.items()
-                       if s == self.stage and n != self.id and n in live]
+        """The stage's replicas this iteration's sync waits for: those in the plan that the
+        DHT still shows (their records lag behind iterations shorter than a refresh, so the
+        DHT cannot say more). A failed lookup removes nobody: otherwise each replica would
+        average alone and skip the iteration's sync."""
+        planned = [PeerInfo(n, work.endpoints[n], work.number, s) for n, s in work.stages.items()
+                   if s == self.stage and n != self.id]
+        try:
+            live = {p.id for p in self.membership.peers(strict=True)}
+        except ViewUnknown:
+            live = {p.id for p in planned}
+        self._group = [p for p in planned if p.id in live]
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(self.id, self.transport.endpoint, self.it if self.member else -1, self.stage,

@@ -4,6 +4,7 @@
 - messages.py    every message kind and the schema of its meta, checked before delivery
 - transport.py   ZeroMQ ROUTER/DEALER transport, I/O thread, mailbox with deadlines, byte counts
 - membership.py  swarm membership through a real hivemind DHT (announce, refresh, expire, leave)
+- identity.py    per-node Ed25519 keys, and the binding of node ids to keys (trust on first use)
 - dht_records.py DHT records signed with the swarm key (others' are ignored)
 - collective.py  group all-reduce: leader matchmaking, reduce-scatter/all-gather, commit/retry
 - gossip.py      NoLoCo's exchange within a small random group: seeded pairing, declines, deadline

@@ -89,6 +89,28 @@ class RoundResult:
     suspects: list[str] = field(default_factory=list)  # members excluded as outliers
 
 
+class PassOver:
+    """Peers that did not answer lately (stopped, or across a partition while the DHT still
+    shows them): not waited for during a pass-over of ``first`` rounds that doubles, up to
+    ``cap``, each time they stay silent, and ends as soon as they are heard from. A long
+    partition then costs each side a timeout now and then, not one every round."""
+
+    def __init__(self, first: int = 2, cap: int = 64):
+        self.first, self.cap = first, cap
+        self._until: dict[str, tuple[int, int]] = {}  # node -> (last round passed over, span)
+
+    def silent(self, node: str, round: int) -> None:
+        span = min(self.cap, 2 * self._until[node][1]) if node in self._until else self.first
+        self._until[node] = (round + span, span)
+
+    def heard(self, node: str) -> None:
+        self._until.pop(node, None)
+
+    def passed_over(self, node: str, round: int) -> bool:
+        entry = self._until.get(node)
+        return entry is not None and entry[0] >= round
+
+
 def split_bounds(numel: int, parts: int) -> list[int]:
     """Boundaries of ``parts`` near-equal contiguous slices of a ``numel`` vector."""
     base, extra = divmod(numel, parts)
@@ -126,8 +148,8 @@ class GroupAllReduce:
         self.chunk_bytes = chunk_bytes
         self.max_norm_ratio = max_norm_ratio
         self.suspects: list[str] = []  # the last round's excluded outliers (this node's view)
-        self._silent_leaders: dict[str, int] = {}  # leader id -> last round it is passed over
-        self.pass_over_rounds = 2
+        self._silent_leaders = PassOver()  # leaders that sent no roster
+        self._silent_followers = PassOver()  # expected peers whose JOIN did not come
         self._finished_round = -1
         self._out: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -172,7 +194,7 @@ class GroupAllReduce:
         peers = [p for p in live if announced - lag - HELD_UP_ROUNDS <= p.round <= announced and p.id != self.me]
         # a leader that sent no roster lately (stopped, or across a partition) is passed
         # over for a few rounds: the members that can reach each other elect their own
-        silent = {p for p, until in self._silent_leaders.items() if until >= round}
+        silent = {p.id for p in peers if self._silent_leaders.passed_over(p.id, round)}
         # with no peer at this round but live peers that have trained elsewhere (past it:
         # this node fell behind; before it: this node ran ahead of the members it trained
         # with), it skips the round (its caller catches up or rejoins them) instead of
@@ -185,7 +207,7 @@ class GroupAllReduce:
                 result = self._lead(round, tensors, weight, state_hash, peers, visible)
             else:
                 endpoint = next(p.endpoint for p in peers if p.id == leader)
-                result = self._follow(round, tensors, weight, state_hash, leader, endpoint)
+                result = self._follow(round, tensors, weight, state_hash, leader, endpoint, announced + lag - 1)
         finally:
             self._finish(round)
         # error feedback remembers what was dropped only if the round's values were used
@@ -222,11 +244,16 @@ class GroupAllReduce:
         (passed-over ones included): then a round with nobody else is skipped, never
         committed alone."""
         t = self.timeouts
-        expected = [p.id for p in peers]
+        # a peer whose JOIN did not come last time (stopped, or across a partition: the DHT
+        # still shows it) is not waited for during a pass-over that doubles while it stays
+        # silent; its JOIN is still taken if it comes, and any JOIN from it ends the pass-over
+        expected = [p.id for p in peers if not self._silent_followers.passed_over(p.id, round)]
         # a peer that sent a JOIN for a later round is past this one (this leader fell
         # behind it): it will never join here, so it is not waited for
         joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s,
                                moved_on=lambda: self.transport.mailbox.ahead(JOIN, round))
+        for node in set(expected) - joins.keys() - self.transport.mailbox.ahead(JOIN, round).keys():
+            self._silent_followers.silent(node, round)
         # nodes the DHT did not show yet may have joined too: take them as well
         for m in self.transport.mailbox.drain(JOIN, round):
             joins.setdefault(m.sender, m)
@@ -261,7 +288,9 @@ class GroupAllReduce:
             for d in dones.values():
                 reported.update(d.meta.get("suspect", []))
             responders = [m for m in roster if m.id == self.me or m.id in dones]
-            if not missing and all(d.meta.get("ok") for d in dones.values()):
+            # a round of several members that only the leader saw through is not committed:
+            # the leader would hold an average nobody else applied, an "ok" round alone
+            if not missing and all(d.meta.get("ok") for d in dones.values()) and (len(responders) > 1 or len(roster) == 1):
                 for m in responders:
                     if m.id != self.me:
                         self._send(m.endpoint, DECISION, round, attempt, {"decision": "commit"})
@@ -302,16 +331,28 @@ class GroupAllReduce:
                            reason="aborted: no complete group")
 
     # ---------------------------------------------------------------- follower
-    def _follow(self, round, tensors, weight, state_hash, leader, leader_endpoint) -> RoundResult:
+    def _follow(self, round, tensors, weight, state_hash, leader, leader_endpoint, latest: int) -> RoundResult:
+        """``latest``: the furthest round a leader still working on this round may announce."""
         t = self.timeouts
         skipped = dict(round=round, leader=leader, leader_endpoint=leader_endpoint)
         self._send(leader_endpoint, JOIN, round, 0, {
             "state_hash": state_hash, "weight": weight, "endpoint": self.transport.endpoint,
         })
-        reply = self._wait_for(ROSTER, round, 0, [leader], time.monotonic() + t.join_s).get(leader)
+
+        def leader_moved_on() -> list[str]:
+            # a leader that announces a later round closed this one without this node (it
+            # cannot reach it: a partition, a lost JOIN): no roster is coming, stop waiting
+            try:
+                return [p.id for p in self.live_peers() if p.id == leader and p.round > latest]
+            except ViewUnknown:
+                return []
+
+        reply = self._wait_for(ROSTER, round, 0, [leader], time.monotonic() + t.join_s,
+                               moved_on=leader_moved_on).get(leader)
         if reply is None:
-            self._silent_leaders[leader] = round + self.pass_over_rounds
+            self._silent_leaders.silent(leader, round)
             return RoundResult("skipped", reason="no roster from leader", **skipped)
+        self._silent_leaders.heard(leader)
         status = reply.meta.get("status")
         if status in ("resync", "closed"):
             return RoundResult("resync", reason=f"leader says {status}", **skipped)
@@ -534,6 +575,7 @@ class GroupAllReduce:
         if not isinstance(endpoint, str):
             log.warning("JOIN from %s without an endpoint; ignored", msg.sender)
             return
+        self._silent_followers.heard(msg.sender)  # it reaches this node: wait for it again
         with self._lock:
             late = msg.round <= self._finished_round
             if not late:

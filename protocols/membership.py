@@ -160,6 +160,8 @@ class Membership:
                     time.sleep(min(1.0, left))
         self._info: PeerInfo | None = None
         self.departed: list[str] = []  # endpoints of the nodes the last lookup showed as gone (left)
+        self._valid_until: dict[str, float] = {}  # node id -> latest expiry a lookup showed for its record
+        self._view_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -199,9 +201,12 @@ class Membership:
     def peers(self, include_self: bool = False, strict: bool = False) -> list[PeerInfo]:
         """Live peers, sorted by id. Expired records and nodes that left are excluded.
 
-        A lookup that fails, or that does not even find this node's own record (it is
-        refreshed every ttl/3, so a working lookup always sees it), says nothing about who
-        is live: ``strict`` raises ViewUnknown then; otherwise the result is empty."""
+        A lookup that fails, that does not even find this node's own record (it is
+        refreshed every ttl/3, so a working lookup always sees it), or that misses a record
+        an earlier lookup showed valid until later (records do not vanish before they
+        expire; a DHT node that stopped answering can make a lookup partial) says nothing
+        about who is live: ``strict`` raises ViewUnknown then; otherwise the result is
+        what was found."""
         try:
             found = self.dht.get(self._key, latest=True)
         except Exception as exc:
@@ -212,20 +217,35 @@ class Membership:
             raise ViewUnknown("the DHT lookup failed or missed this node's own record")
         out: dict[str, PeerInfo] = {}
         departed: list[str] = []
+        missed: list[str] = []
         if found is not None and isinstance(found.value, dict):
             now = self._get_time()
+            seen: set[str] = set()
+            expiry: dict[str, float] = {}
             for node_id, item in found.value.items():
                 value = getattr(item, "value", None)
                 expires = getattr(item, "expiration_time", 0)
                 if expires < now or not self._believed(str(node_id), value, expires):
                     continue
                 peer = _as_peer(str(node_id), value)
+                seen.add(str(node_id))
                 if peer is not None and peer.left and peer.id != self.node_id:
                     departed.append(peer.endpoint)
                 if peer is None or peer.left:
                     continue
                 out[peer.id] = peer
+                expiry[peer.id] = expires
             self.departed = departed
+            with self._view_lock:  # lookups run on several threads (training, collective waits)
+                for node_id in seen - out.keys():
+                    self._valid_until.pop(node_id, None)
+                for peer in out.values():
+                    self._valid_until[peer.id] = max(expiry[peer.id], self._valid_until.get(peer.id, 0.0))
+                # 1 s of slack: a record written just before it would expire may be in flight
+                missed = sorted(n for n, until in self._valid_until.items() if n not in seen and until > now + 1.0)
+                self._valid_until = {n: u for n, u in self._valid_until.items() if u > now}
+        if strict and missed:
+            raise ViewUnknown(f"the DHT lookup missed records still valid: {missed[:8]}")
         if include_self and self._info is not None:
             out[self.node_id] = self._info
         elif not include_self:

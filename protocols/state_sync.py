@@ -200,13 +200,19 @@ _request_ids = itertools.count(1)
 def fetch_state(
     transport: Transport, endpoint: str, min_round: int = 0, timeout_s: float = 60.0,
     stop: threading.Event | None = None, alive: Callable[[], bool] | None = None,
-    check_every_s: float = 2.0, kind: str = STATE,
+    check_every_s: float = 2.0, kind: str = STATE, probe_s: float | None = None,
 ) -> Snapshot | None:
     """Ask the node at ``endpoint`` for its snapshot of round >= ``min_round``.
 
     Returns None if no valid answer came before the deadline, or as soon as ``alive()``
     says the source is gone (checked every ``check_every_s``); a reply whose tensors do not
-    match its declared hash is rejected (and logged), never used."""
+    match its declared hash is rejected (and logged), never used. ``probe_s``: first ask
+    for a small answer (its digest) and give up if none comes within that time: a source
+    that the DHT shows but this node cannot reach (a partition) costs seconds, not the
+    whole timeout a large state may need."""
+    if probe_s is not None and endpoint not in witness_digests(transport, [endpoint], min_round, probe_s, stop):
+        log.warning("state source %s did not answer within %.0fs; not asking it for its state", endpoint, probe_s)
+        return None
     request_id = next(_request_ids)
     transport.send(endpoint, Message(f"{kind}_REQ", attempt=request_id, meta={
         "min_round": min_round, "endpoint": transport.endpoint,
@@ -241,12 +247,7 @@ def witness_digests(transport: Transport, endpoints: list[str], round: int, time
     """Ask each of ``endpoints`` for its hash of the snapshot it published at ``round``.
     Returns {endpoint: hash} for those that answered in time ("" from one that published
     none at that round, or no longer remembers it)."""
-    asked = {}
-    for endpoint in endpoints:
-        request_id = next(_request_ids)
-        asked[request_id] = endpoint
-        transport.send(endpoint, Message(f"{STATE_DIGEST}_REQ", attempt=request_id,
-                                         meta={"round": round, "endpoint": transport.endpoint}))
+    asked = {send_probe(transport, endpoint, round): endpoint for endpoint in endpoints}
     answers: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     for request_id, endpoint in asked.items():
@@ -255,6 +256,20 @@ def witness_digests(transport: Transport, endpoints: list[str], round: int, time
         if reply is not None and reply.meta["round"] == round:
             answers[endpoint] = reply.meta["hash"]
     return answers
+
+
+def send_probe(transport: Transport, endpoint: str, round: int) -> int:
+    """Ask ``endpoint`` for its digest of ``round`` without waiting (a small request any state
+    server answers at once); returns the request id for :func:`probe_answered`."""
+    request_id = next(_request_ids)
+    transport.send(endpoint, Message(f"{STATE_DIGEST}_REQ", attempt=request_id,
+                                     meta={"round": round, "endpoint": transport.endpoint}))
+    return request_id
+
+
+def probe_answered(transport: Transport, request_id: int) -> bool:
+    """Whether the answer to probe ``request_id`` has arrived (does not wait)."""
+    return transport.recv(STATE_DIGEST, -1, request_id, timeout_s=0) is not None
 
 
 def vouched(digest: str, witnesses: dict[str, str]) -> bool:

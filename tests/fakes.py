@@ -28,10 +28,18 @@ class ThreadGroup:
         self._inputs: dict[int, dict[int, list[torch.Tensor]]] = {}
         self._results: dict[int, list[torch.Tensor]] = {}
         self._readers: dict[int, int] = {}
+        self._done: set[int] = set()
         self._cond = threading.Condition()
 
     def member(self, rank: int) -> _Member:
         return _Member(self, rank)
+
+    def wait_done(self, round: int) -> None:
+        """Until every member has the result of ``round``: a replica closed before its last
+        reduce ran would leave the others waiting for it."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: round in self._done, timeout=self.timeout_s):
+                raise TimeoutError(f"round {round} is not done")
 
 
 class _Member:
@@ -54,6 +62,8 @@ class _Member:
             g._readers[round] = g._readers.get(round, 0) + 1
             if g._readers[round] == g.n:  # everyone has it: forget the round
                 del g._inputs[round], g._results[round], g._readers[round]
+                g._done.add(round)
+                g._cond.notify_all()
         return ReduceResult([t.clone() for t in out], g.n)
 
 

@@ -48,7 +48,8 @@ def _reference(n: int, rounds: int, eta: float, beta: float, clip: float) -> lis
     return x
 
 
-def _run(n: int, rounds: int, make_comm, background: bool, train_jitter_s: float = 0.0, **kw) -> list[CO2]:
+def _run(n: int, rounds: int, make_comm, background: bool, train_jitter_s: float = 0.0,
+         group: ThreadGroup | None = None, **kw) -> list[CO2]:
     replicas = [_params() for _ in range(n)]
     opts = [CO2(replicas[i], make_comm(i), staleness="fixed", penalty=1.0, background=background, **kw)
             for i in range(n)]
@@ -75,6 +76,8 @@ def _run(n: int, rounds: int, make_comm, background: bool, train_jitter_s: float
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a replica is still running after 120 s"
     assert not errors, errors
+    if group is not None:
+        group.wait_done(rounds - 1)  # every replica's last reduce ran: closing cancels one not started
     for o in opts:
         o.close()
     return opts
@@ -84,7 +87,7 @@ def _run(n: int, rounds: int, make_comm, background: bool, train_jitter_s: float
 def test_outer_step_matches_formula_step_by_step(background):
     n, rounds, eta, beta = 3, 6, 1.0, 0.5
     group = ThreadGroup(n)
-    opts = _run(n, rounds, group.member, background, outer_lr=eta, momentum=beta, clip=0.0)
+    opts = _run(n, rounds, group.member, background, group=group, outer_lr=eta, momentum=beta, clip=0.0)
     want = _reference(n, rounds, eta, beta, clip=0.0)
     for o in opts:
         for a, b in zip(o.anchor, want, strict=True):
@@ -98,7 +101,7 @@ def test_race_free_handoff_with_random_delays_on_both_sides():
     n, rounds = 3, 40
     group = ThreadGroup(n)
     opts = _run(n, rounds, lambda i: DelayedComm(group.member(i), seed=i, max_delay_s=0.01), True,
-                train_jitter_s=0.01, outer_lr=0.9, momentum=0.2, clip=0.5)
+                train_jitter_s=0.01, group=group, outer_lr=0.9, momentum=0.2, clip=0.5)
     want = _reference(n, rounds, 0.9, 0.2, clip=0.5)
     for o in opts:
         for a, b in zip(o.anchor, want, strict=True):

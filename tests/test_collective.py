@@ -5,6 +5,7 @@ Membership comes from a static list here (the DHT is exercised by the swarm test
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ class Peers:
         self.round = round
         self.alive = {t.node_id for t in self.transports}
         self.unknown: set[str] = set()  # members whose DHT lookups fail
+        self.announced: dict[str, int] = {}  # members whose DHT record shows another round
         self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, Compressor(codec, **codec_options),
                                            chunk_bytes=chunk_bytes)
                             for t in self.transports]
@@ -34,7 +36,7 @@ class Peers:
         def live() -> list[PeerInfo]:
             if me in self.unknown:
                 raise ViewUnknown("lookup failed")
-            return [PeerInfo(t.node_id, t.endpoint, self.round) for t in self.transports
+            return [PeerInfo(t.node_id, t.endpoint, self.announced.get(t.node_id, self.round)) for t in self.transports
                     if t.node_id != me and t.node_id in self.alive]
         return live
 
@@ -221,6 +223,18 @@ def test_a_leader_that_leaves_the_swarm_is_not_waited_for(peers):
     assert result.timings["total_s"] < 30  # gave up once the DHT dropped it, not at join_s (60)
 
 
+def test_a_follower_stops_waiting_for_a_leader_that_moved_on_without_it(peers):
+    """Across a partition the DHT still shows the leader, but its JOIN never arrives: once the
+    leader announces a later round it has closed this one, and no roster is coming."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(2, timeouts=slow)
+    timer = threading.Timer(0.5, p.announced.__setitem__, args=("p0", 1))  # p0 never runs, then moves on
+    timer.start()
+    result = p.collectives[1].all_reduce(0, [torch.ones(3)], 1.0, "h")
+    assert result.status == "skipped" and result.reason == "no roster from leader"
+    assert result.timings["total_s"] < 30  # gave up once p0 announced round 1, not at join_s (60)
+
+
 def test_a_follower_that_leaves_the_swarm_is_not_waited_for(peers):
     slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
     p = peers(3, timeouts=slow)
@@ -376,3 +390,36 @@ def test_a_leader_behind_its_followers_resyncs_at_once_and_then_leads_their_roun
         t.join(timeout=60)
     assert [results[i].status for i in range(3)] == ["ok"] * 3, results
     assert results[0].group == ("p0", "p1", "p2")
+
+
+def test_a_state_source_that_does_not_answer_the_probe_costs_the_probe_only():
+    """Across a partition the DHT shows a source this node cannot reach: the fetch gives up
+    after the small probe request, not after the timeout a large state may need."""
+    t = Transport("fetcher")
+    try:
+        start = time.monotonic()
+        assert fetch_state(t, "tcp://127.0.0.1:9", 0, timeout_s=60, probe_s=0.5) is None  # nobody listens
+        assert time.monotonic() - start < 30
+    finally:
+        t.close()
+
+
+def test_a_leader_stops_waiting_for_a_follower_that_never_joins_until_it_does(peers):
+    """p2 is in the DHT view but its JOINs never arrive (across a partition): p0 waits the
+    matchmaking timeout once, then averages with p1 at once for a while; the round p2 joins
+    again, it is waited for again."""
+    quick = CollectiveTimeouts(matchmaking_s=3, join_s=20, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=quick)
+    inputs = _inputs(3)
+    first = p.run(inputs, members=[0, 1])
+    assert first[0].status == "ok" and first[0].group == ("p0", "p1")
+    p.round = 1
+    second = p.run(inputs, members=[0, 1])
+    assert second[0].status == "ok" and second[0].group == ("p0", "p1")
+    assert second[0].timings["total_s"] < first[0].timings["total_s"]  # not the matchmaking timeout again
+    p.round = 2
+    third = p.run(inputs)  # p2 is back: its JOIN (in time, or late and told "closed") ends the pass-over
+    assert third[0].status == "ok" and third[2].status in ("ok", "resync"), third
+    p.round = 3
+    fourth = p.run(inputs)
+    assert all(r.status == "ok" and r.group == ("p0", "p1", "p2") for r in fourth.values()), fourth

@@ -88,3 +88,30 @@ def test_a_member_cannot_write_another_members_record():
     finally:
         for m in (forger, b, a):
             m.shutdown()
+
+
+def test_a_lookup_that_misses_a_record_still_valid_is_unknown_not_empty():
+    """A DHT node that stopped answering can make a lookup partial: a peer whose record was
+    seen valid until later, missing from the next lookup, means "unknown", not "gone"."""
+    from loco.protocols.membership import ViewUnknown
+
+    a = Membership("partial", "a", key=b"k", ttl_s=30)
+    b = Membership("partial", "b", initial_peers=a.maddrs, key=b"k", ttl_s=30)
+    try:
+        a.announce(PeerInfo("a", "tcp://127.0.0.1:1"))
+        b.announce(PeerInfo("b", "tcp://127.0.0.1:2"))
+        wait_until(lambda: [p.id for p in a.peers(strict=True)] == ["b"], 60, "b in a's view")
+        real_get = a.dht.get
+
+        def partial(key, latest=False):
+            found = real_get(key, latest=latest)
+            del found.value["b"]
+            return found
+
+        a.dht.get = partial
+        with pytest.raises(ViewUnknown, match="missed records still valid"):
+            a.peers(strict=True)
+        assert a.peers() == []  # not strict: what was found
+    finally:
+        for m in (b, a):
+            m.shutdown()

@@ -24,10 +24,13 @@ from loco.node.sync import all_finite
 from loco.protocols.codecs import Compressor, codec_family
 from loco.protocols.codecs.lgreco import make_plan, plan_digest
 from loco.protocols.collective import CollectiveTimeouts
+from loco.protocols.membership import PeerInfo
 from loco.protocols.state_sync import (
     Snapshot,
     StateServer,
     fetch_state,
+    probe_answered,
+    send_probe,
     tensors_hash,
     vouched,
     witness_digests,
@@ -68,6 +71,10 @@ class OuterAlgorithm:
     one peer is then checked against what other peers hold at the same round."""
     witnesses: ClassVar[int] = 2
     """How many other peers are asked to vouch for a state before it is adopted."""
+    probe_s: ClassVar[float] = 5.0
+    """Catching up, how long a source may take to answer a small request before it is
+    taken as unreachable (the full state may then take up to ``join_timeout_s``); also how
+    often an unreachable source is probed again, in the background."""
 
     def __init__(
         self,
@@ -106,6 +113,8 @@ class OuterAlgorithm:
         self.round_step = 0  # inner steps done in the current round
         self.steps = 0  # inner steps counted since the start of training
         self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0, "partial": 0}
+        # sources whose state could not be fetched: endpoint -> (probe request id, when sent)
+        self._failed_sources: dict[str, tuple[int, float]] = {}
         self.last_report: RoundReport | None = None
         self.snapshot: Snapshot | None = None
         z = self.compression
@@ -364,10 +373,10 @@ class OuterAlgorithm:
     def _source_alive(self, endpoint: str) -> Callable[[], bool]:
         return lambda: any(p.endpoint == endpoint for p in self.swarm.peers())
 
-    def _resync_from(self, endpoint: str, min_round: int, reason: str) -> bool:
+    def _resync_from(self, endpoint: str, min_round: int, reason: str, probe_s: float | None = None) -> bool:
         """Adopt the state of the peer at ``endpoint`` (round >= ``min_round``)."""
         snap = fetch_state(self.swarm.transport, endpoint, min_round, self.join_timeout_s, self.stop_event,
-                           alive=self._source_alive(endpoint))
+                           alive=self._source_alive(endpoint), probe_s=probe_s)
         if snap is None:
             self._event("resync_failed", round=self.round, source=endpoint, reason=reason)
             return False
@@ -418,10 +427,30 @@ class OuterAlgorithm:
         """Adopt the state of the swarm where this node is not with it (see
         ``state_to_adopt``: further ahead than ``catch_up_slack``, or this node alone far
         ahead of a group that will not follow it)."""
-        target = state_to_adopt(self.round, self.swarm.peers(), self.catch_up_slack)
+        target = state_to_adopt(self.round, self._reachable_peers(), self.catch_up_slack)
         if target is None:
             return False
         best, source = target
         first_id = best * self.inner_steps if self.fine_grained else best
         how = "ahead" if best > self.round else "behind, this node alone ahead of them"
-        return self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})")
+        if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
+            return True
+        transport = self.swarm.transport
+        self._failed_sources[source.endpoint] = (send_probe(transport, source.endpoint, self.round), time.monotonic())
+        return False
+
+    def _reachable_peers(self) -> list[PeerInfo]:
+        """Live peers, less the sources that failed to serve their state and have not answered
+        a probe since. Across a partition the DHT still shows the other side, whose state
+        cannot be fetched: this node trains with its own side meanwhile, probing the others
+        in the background (never waiting on them), and catches up once one answers."""
+        peers = self.swarm.peers()
+        now = time.monotonic()
+        transport = self.swarm.transport
+        live = {p.endpoint for p in peers}
+        for endpoint, (request_id, sent) in list(self._failed_sources.items()):
+            if endpoint not in live or probe_answered(transport, request_id):
+                del self._failed_sources[endpoint]
+            elif now - sent > self.probe_s:
+                self._failed_sources[endpoint] = (send_probe(transport, endpoint, self.round), now)
+        return [p for p in peers if p.endpoint not in self._failed_sources]
