@@ -136,9 +136,15 @@ class GroupAllReduce:
         stop: threading.Event | None = None,
         chunk_bytes: int = 4 << 20,
         max_norm_ratio: float = 10.0,
+        departed: Callable[[], Iterable[str]] | None = None,
+        absent_grace_s: float = 60.0,
     ):
         """``max_norm_ratio``: a contribution whose norm exceeds this many times the group's
-        median is excluded from the round and its sender reported as a suspect (0: off)."""
+        median is excluded from the round and its sender reported as a suspect (0: off).
+        ``departed``: endpoints of the peers that left cleanly (the DHT's ``left`` records).
+        ``absent_grace_s``: how long a member this node averaged with, or saw live, counts
+        as maybe-alive after it drops out of view without leaving: a view emptied by a
+        lookup that went partial after a long stall looks like everyone died."""
         self.transport = transport
         self.me = transport.node_id
         self.live_peers = live_peers
@@ -148,6 +154,9 @@ class GroupAllReduce:
         self.chunk_bytes = chunk_bytes
         self.max_norm_ratio = max_norm_ratio
         self.suspects: list[str] = []  # the last round's excluded outliers (this node's view)
+        self.departed = departed or (lambda: ())
+        self.absent_grace_s = absent_grace_s
+        self._last_seen: dict[str, float] = {}  # peer endpoint -> monotonic time it was last in view
         self._silent_leaders = PassOver()  # leaders that sent no roster
         self._silent_followers = PassOver()  # expected peers whose JOIN did not come
         self._finished_round = -1
@@ -199,7 +208,8 @@ class GroupAllReduce:
         # this node fell behind; before it: this node ran ahead of the members it trained
         # with), it skips the round (its caller catches up or rejoins them) instead of
         # committing it alone as "ok". A joiner still starting (round 0) does not count.
-        visible = bool(peers) or any(p.id != self.me and p.round > 0 for p in live)
+        recent = self._recently_seen(live)
+        visible = bool(peers) or any(p.id != self.me and p.round > 0 for p in live) or recent
         peers = [p for p in peers if p.id not in silent]
         leader = min([self.me, *(p.id for p in peers)])
         try:
@@ -219,6 +229,19 @@ class GroupAllReduce:
         result.timings["encode_s"] = self.compressor.encode_s - enc0
         result.timings["decode_s"] = self.compressor.decode_s - dec0
         return result
+
+    def _recently_seen(self, live: list[PeerInfo]) -> bool:
+        """Whether a peer that was in view lately is out of it without having left: then a
+        round with nobody else is skipped, not committed alone (it may be alive, unseen)."""
+        now = time.monotonic()
+        for p in live:
+            if p.id != self.me:
+                self._last_seen[p.endpoint] = now
+        for endpoint in self.departed():
+            self._last_seen.pop(endpoint, None)
+        self._last_seen = {e: t for e, t in self._last_seen.items() if now - t <= self.absent_grace_s}
+        shown = {p.endpoint for p in live}
+        return any(e not in shown for e in self._last_seen)
 
     def _wait_for(self, kind: str, round: int, attempt: int, senders: list[str], deadline: float,
                   moved_on: Callable[[], Iterable[str]] | None = None) -> dict[str, Message]:
@@ -252,11 +275,11 @@ class GroupAllReduce:
         # behind it): it will never join here, so it is not waited for
         joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s,
                                moved_on=lambda: self.transport.mailbox.ahead(JOIN, round))
-        for node in set(expected) - joins.keys() - self.transport.mailbox.ahead(JOIN, round).keys():
-            self._silent_followers.silent(node, round)
         # nodes the DHT did not show yet may have joined too: take them as well
         for m in self.transport.mailbox.drain(JOIN, round):
             joins.setdefault(m.sender, m)
+        for node in set(expected) - joins.keys() - self.transport.mailbox.ahead(JOIN, round).keys():
+            self._silent_followers.silent(node, round)
         members = [Member(self.me, self.transport.endpoint, weight)]
         for sender, m in sorted(joins.items()):
             if m.meta.get("state_hash") != state_hash:

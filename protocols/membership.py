@@ -148,16 +148,16 @@ class Membership:
             except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure
                 where = f"initial peers {list(initial_peers or [])}" if initial_peers else f"{host_maddrs}"
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 and attempt >= 2:  # one retry at least: a first attempt on a busy machine can outlast the deadline
                     raise ConnectionError(f"could not start the DHT node or reach {where} "
                                           f"({attempt} attempts): {exc}") from None
                 log.warning("DHT start, attempt %d: could not reach %s (%s); retrying for %.0fs more",
                             attempt, where, str(exc).splitlines()[-1] if str(exc) else exc, left)
                 # a backoff between attempts, bounded by the deadline; a stop request ends it
-                if stop is not None and stop.wait(min(1.0, left)):
+                if stop is not None and stop.wait(min(1.0, max(left, 0.0))):
                     raise ConnectionError(f"stopped while reaching {where}") from None
                 if stop is None:
-                    time.sleep(min(1.0, left))
+                    time.sleep(min(1.0, max(left, 0.0)))
         self._info: PeerInfo | None = None
         self.departed: list[str] = []  # endpoints of the nodes the last lookup showed as gone (left)
         self._valid_until: dict[str, float] = {}  # node id -> latest expiry a lookup showed for its record

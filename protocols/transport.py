@@ -518,13 +518,13 @@ class Transport:
             if problem:
                 self.drops.drop("Impersonation", f"{msg.kind[:64]} claiming to be from {msg.sender[:64]}: {problem}")
                 return
-        problem = self._replay.check(msg)
-        if problem:
-            self.drops.drop("Replay", f"{msg.kind[:64]} from {msg.sender[:64]}: {problem}")
-            return
         if msg.to != self.endpoint:
             self.drops.drop("WrongDestination", f"{msg.kind[:64]} from {msg.sender[:64]} is addressed to "
                             f"{msg.to[:100]!r}, this node is {self.endpoint}")
+            return
+        problem = self._replay.check(msg)
+        if problem:
+            self.drops.drop("Replay", f"{msg.kind[:64]} from {msg.sender[:64]}: {problem}")
             return
         try:
             self._meta.check(msg.kind, msg.meta)

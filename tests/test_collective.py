@@ -346,7 +346,8 @@ def test_a_node_alone_at_its_round_skips_it_while_other_peers_are_alive(peers, p
     p.collectives[0].live_peers = lambda: [PeerInfo("p1", p.transports[1].endpoint, peer_round)]
     result = p.collectives[0].all_reduce(3, _inputs(1)[0])
     assert result.status == "skipped" and result.tensors is None, result
-    p.collectives[0].live_peers = lambda: []  # nobody else at all: alone by right
+    p.collectives[0].live_peers = lambda: []  # nobody else at all, and p1 left: alone by right
+    p.collectives[0].departed = lambda: [p.transports[1].endpoint]
     assert p.collectives[0].all_reduce(4, _inputs(1)[0]).status == "ok"
 
 
@@ -423,3 +424,20 @@ def test_a_leader_stops_waiting_for_a_follower_that_never_joins_until_it_does(pe
     p.round = 3
     fourth = p.run(inputs)
     assert all(r.status == "ok" and r.group == ("p0", "p1", "p2") for r in fourth.values()), fourth
+
+
+def test_a_peer_that_drops_out_of_view_without_leaving_is_not_averaged_without(peers):
+    """A lookup that went partial after a long stall can show nobody: a member seen lately
+    that did not leave may be alive, so the round is skipped, not committed alone."""
+    p = peers(2, timeouts=CollectiveTimeouts(matchmaking_s=1, join_s=2, allreduce_s=5, decision_s=5))
+    inputs = _inputs(2)
+    first = p.run(inputs)
+    assert all(r.status == "ok" and len(r.group) == 2 for r in first.values())
+    p.round = 1
+    p.alive.discard("p1")  # out of p0's view, no "left" record
+    alone = p.collectives[0].all_reduce(1, inputs[0], 1.0, "h")
+    assert alone.status == "skipped", alone
+    p.collectives[0].departed = lambda: [p.transports[1].endpoint]  # now it left: p0 trains alone
+    p.round = 2
+    solo = p.collectives[0].all_reduce(2, inputs[0], 1.0, "h")
+    assert solo.status == "ok" and solo.group == ("p0",), solo

@@ -89,7 +89,7 @@ def test_co2_hides_a_slow_link_behind_computation(procs, tmp_path):
     # a round (~10 ms a step here) must outlast the shaped reduce (0.3-1.2 s: it includes waiting
     # for the last peer to launch) with room to spare; with 40 steps both took ~0.4 s and the
     # reduce sometimes won, blocking training (CI failed on it)
-    nodes = _swarm(procs, out, 3, "train.rounds=6", "optim.algorithm='co2'", "optim.inner_steps=160",
+    nodes = _swarm(procs, out, 2, "train.rounds=6", "optim.algorithm='co2'", "optim.inner_steps=160",
                    "network.bandwidth='20mbit'", "network.latency_ms=20")
     for n in nodes:
         outer = _outer(out, n)

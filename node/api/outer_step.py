@@ -38,7 +38,8 @@ class CollectiveAlgorithm(OuterAlgorithm):
     def _communicator(self, state_hash: Callable[[], str]) -> SwarmCommunicator:
         self.collective = GroupAllReduce(self.swarm.transport, lambda: self.swarm.peers(strict=True),
                                          collective_timeouts(self.timeouts),
-                                         self.compressor, self.stop_event, max_norm_ratio=self.timeouts.max_norm_ratio)
+                                         self.compressor, self.stop_event, max_norm_ratio=self.timeouts.max_norm_ratio,
+                                         departed=lambda: self.swarm.membership.departed)
         self.swarm_comm = SwarmCommunicator(self.collective, state_hash, peer_round=self._peer_round,
                                             lag=self.peer_lag)
         return self.swarm_comm
