@@ -95,20 +95,29 @@ class PassOver:
     ``cap``, each time they stay silent, and ends as soon as they are heard from. A long
     partition then costs each side a timeout now and then, not one every round."""
 
-    def __init__(self, first: int = 2, cap: int = 64):
-        self.first, self.cap = first, cap
-        self._until: dict[str, tuple[int, int]] = {}  # node -> (last round passed over, span)
+    def __init__(self, heard_at: Callable[[str], float] = lambda node: 0.0, first: int = 2, cap: int = 64):
+        """``heard_at(node)``: when any message from ``node`` last arrived (time.monotonic):
+        one that arrives after the node was found silent ends its pass-over (a node behind
+        fetches state from the leader before it joins a round again)."""
+        self.heard_at, self.first, self.cap = heard_at, first, cap
+        # node -> (last round passed over, span, when it was found silent)
+        self._until: dict[str, tuple[int, int, float]] = {}
 
     def silent(self, node: str, round: int) -> None:
         span = min(self.cap, 2 * self._until[node][1]) if node in self._until else self.first
-        self._until[node] = (round + span, span)
+        self._until[node] = (round + span, span, time.monotonic())
 
     def heard(self, node: str) -> None:
         self._until.pop(node, None)
 
     def passed_over(self, node: str, round: int) -> bool:
         entry = self._until.get(node)
-        return entry is not None and entry[0] >= round
+        if entry is None or entry[0] < round:
+            return False
+        if self.heard_at(node) > entry[2]:
+            self.heard(node)
+            return False
+        return True
 
 
 def split_bounds(numel: int, parts: int) -> list[int]:
@@ -157,8 +166,9 @@ class GroupAllReduce:
         self.departed = departed or (lambda: ())
         self.absent_grace_s = absent_grace_s
         self._last_seen: dict[str, float] = {}  # peer endpoint -> monotonic time it was last in view
-        self._silent_leaders = PassOver()  # leaders that sent no roster
-        self._silent_followers = PassOver()  # expected peers whose JOIN did not come
+        heard_at = lambda node: transport.last_heard.get(node, 0.0)  # noqa: E731
+        self._silent_leaders = PassOver(heard_at)  # leaders that sent no roster
+        self._silent_followers = PassOver(heard_at)  # expected peers whose JOIN did not come
         self._finished_round = -1
         self._out: torch.Tensor | None = None
         self._lock = threading.Lock()

@@ -299,6 +299,9 @@ class Transport:
         self.key = key
         self.node_key = node_key or NodeKey.generate()
         self.pins = pins or IdentityPins()
+        # sender id -> time.monotonic() of its last accepted message: a peer that reaches
+        # this node is not one to pass over (protocols/collective.py)
+        self.last_heard: dict[str, float] = {}
         self.max_message_bytes = max_message_bytes
         self.send_timeout_s = send_timeout_s
         self.max_peer_sockets = max_peer_sockets
@@ -531,6 +534,10 @@ class Transport:
         except MetaError as exc:
             self.drops.drop(exc.reason, f"from {msg.sender[:64]}: {exc}")
             return
+        self.last_heard.pop(msg.sender, None)  # re-inserted last: the dict is oldest first
+        self.last_heard[msg.sender] = time.monotonic()
+        if len(self.last_heard) > 65_536:
+            del self.last_heard[next(iter(self.last_heard))]
         handler = self._handlers.get(msg.kind)
         if handler is None:
             self.file(msg)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loco.protocols.codecs import Compressor
-from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, split_bounds
+from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, PassOver, split_bounds
 from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from loco.protocols.transport import Transport
@@ -441,3 +441,15 @@ def test_a_peer_that_drops_out_of_view_without_leaving_is_not_averaged_without(p
     p.round = 2
     solo = p.collectives[0].all_reduce(2, inputs[0], 1.0, "h")
     assert solo.status == "ok" and solo.group == ("p0",), solo
+
+
+def test_a_pass_over_doubles_while_silent_and_ends_when_the_peer_is_heard_from():
+    heard: dict[str, float] = {}
+    skip = PassOver(lambda node: heard.get(node, 0.0))
+    skip.silent("x", 10)
+    assert [skip.passed_over("x", r) for r in (11, 12, 13)] == [True, True, False]
+    skip.silent("x", 13)  # silent again: twice as long
+    assert [skip.passed_over("x", r) for r in (17, 18)] == [True, False]
+    assert not skip.passed_over("y", 14)
+    heard["x"] = time.monotonic() + 1.0  # any message from x after it was found silent
+    assert not skip.passed_over("x", 14)
