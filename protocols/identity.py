@@ -16,6 +16,7 @@ import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -80,8 +81,9 @@ def verify(public: bytes, signature: bytes, data: bytes) -> bool:
 class IdentityPins:
     """Node id -> the public key this process has bound it to. Thread-safe; bounded."""
 
-    def __init__(self, stale_s: float = 60.0, max_ids: int = 65_536):
+    def __init__(self, stale_s: float = 60.0, max_ids: int = 65_536, clock: Callable[[], float] = time.monotonic):
         self.stale_s = stale_s
+        self.clock = clock
         self.max_ids = max_ids
         self._pins: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
@@ -89,7 +91,7 @@ class IdentityPins:
     def check(self, node_id: str, public: bytes) -> str | None:
         """None if ``public`` may speak for ``node_id`` (binding it if the id is free or its
         key has gone stale), else the reason it may not."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             pinned = self._pins.get(node_id)
             if pinned is not None and pinned[0] != public and now - pinned[1] <= self.stale_s:

@@ -105,9 +105,8 @@ def analyse(folder: Path, cut_s: float) -> dict:
         split += sum(len(h) > 1 for size, h in groups.items() if size > len(everyone) // 2)
     out["split_rounds"] = split
     out["rounds"] = {n: len(_outer(rs)) for n, rs in nodes.items()}
-    vals = [r["val_loss"] for rs in nodes.values() for r in _outer(rs) if r.get("val_loss") is not None]
     out["final_val_loss"] = {n: next((r["val_loss"] for r in reversed(_outer(rs)) if r.get("val_loss") is not None),
-                                     None) for n, rs in nodes.items()} if vals else {}
+                                     None) for n, rs in nodes.items()}
     return out
 
 
