@@ -47,7 +47,7 @@ from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of, unflatten
 from .membership import PeerInfo, ViewUnknown
 from .messages import AVG, DECISION, DONE, JOIN, PART, ROSTER
-from .transport import Transport
+from .transport import AbsenceWatch, Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
@@ -449,14 +449,16 @@ class GroupAllReduce:
             torch.mul(own, my_weight, out=mine)
         failed: set[str] = set()  # members whose part did not arrive intact
         suspects: set[str] = set()  # members whose contribution is an outlier (self included)
+        # a member that dies mid-round is not waited for past its DHT record's expiry
+        watch = AbsenceWatch(lambda: [p.id for p in self.live_peers()])
         for lo, hi in self._chunks(mine.numel()):
             got: list[tuple[str, torch.Tensor, float]] = []
             for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
                 if m.id == self.me or m.id in failed:
                     continue
-                msg = self.transport.mailbox.take_first(
+                msg, _ = self.transport.mailbox.take_first_from_live(
                     PART, round, attempt, lambda x, s=m.id, c=lo: x.sender == s and x.meta.get("offset") == c,
-                    deadline, stop=self.stop)
+                    deadline, lambda s=m.id: {s}, watch, stop=self.stop, check_s=self.check_s)
                 part = None if msg is None else self._decode(msg, me, bounds[me] + lo, hi - lo, layout)
                 if part is None:
                     failed.add(m.id)
@@ -488,9 +490,13 @@ class GroupAllReduce:
                     for lo, _ in self._chunks(bounds[j + 1] - bounds[j])}
         index = {m.id: j for j, m in enumerate(roster)}
         while expected:
-            msg = self.transport.mailbox.take_first(
+            msg, gone = self.transport.mailbox.take_first_from_live(
                 AVG, round, attempt, lambda x, want=expected: (x.sender, x.meta.get("offset")) in want,
-                deadline, stop=self.stop)
+                deadline, lambda want=expected: {s for s, _ in want}, watch, stop=self.stop, check_s=self.check_s)
+            if gone:  # left the swarm: their parts are missing, the others' may still come
+                failed |= gone
+                expected = {(s, c) for s, c in expected if s not in gone}
+                continue
             if msg is None:
                 break
             j, lo = index[msg.sender], msg.meta["offset"]

@@ -104,6 +104,26 @@ class DropLog:
                         now - last[0], detail[:300])
 
 
+class AbsenceWatch:
+    """Which awaited peers have left: absent from the DHT view (``live()``, the ids in it)
+    at two checks in a row. Twice, so that one failed lookup (an empty view) does not count
+    as everyone leaving; ``live()`` may raise ``ConnectionError`` for a view that is
+    unknown, which counts as everyone present."""
+
+    def __init__(self, live: Callable[[], Iterable[str]]):
+        self.live = live
+        self._absent_before: set[str] = set()
+
+    def gone(self, awaited: set[str]) -> set[str]:
+        try:
+            absent = awaited - set(self.live())
+        except ConnectionError:
+            absent = set()
+        gone = absent & self._absent_before
+        self._absent_before = absent
+        return gone
+
+
 class Mailbox:
     """Messages waiting for the training thread, keyed by (kind, round, attempt).
 
@@ -203,26 +223,42 @@ class Mailbox:
         self, kind: str, round: int, attempt: int, senders: Iterable[str], deadline: float,
         live: Callable[[], Iterable[str]], stop: threading.Event | None = None, check_s: float = 1.0,
     ) -> dict[str, Message]:
-        """:meth:`take`, but it stops waiting for a sender once ``live()`` (the ids in the
-        DHT view) has left it out twice in a row, read every ``check_s``: a peer that died
-        costs its record's expiry, not the whole deadline. Twice, so that one failed lookup
-        (an empty view) does not count as everyone leaving."""
+        """:meth:`take`, but it stops waiting for a sender that has left the DHT view (see
+        :class:`AbsenceWatch`), read every ``check_s``: a peer that died costs its record's
+        expiry, not the whole deadline."""
         waiting = set(senders)
         got: dict[str, Message] = {}
-        absent_before: set[str] = set()
+        watch = AbsenceWatch(live)
         while True:
             step = min(deadline, time.monotonic() + check_s)
             got.update(self.take(kind, round, attempt, waiting - got.keys(), step, stop=stop))
             if waiting <= got.keys() or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return got
-            absent = waiting - got.keys() - set(live())
-            gone = absent & absent_before
+            gone = watch.gone(waiting - got.keys())
             if gone:
                 log.info("%s of round %d: %s left the swarm; not waiting for them", kind, round, sorted(gone))
                 waiting -= gone
                 if waiting <= got.keys():
                     return got
-            absent_before = absent
+
+    def take_first_from_live(
+        self, kind: str, round: int, attempt: int, match: Callable[[Message], bool], deadline: float,
+        awaited: Callable[[], set[str]], watch: AbsenceWatch, stop: threading.Event | None = None,
+        check_s: float = 1.0,
+    ) -> tuple[Message | None, set[str]]:
+        """:meth:`take_first`, but every ``check_s`` it asks ``watch`` which of the senders
+        still ``awaited()`` have left the swarm, and returns (None, those) as soon as any has:
+        the caller stops waiting for them. (msg, set()) when a message came; (None, set())
+        at the deadline."""
+        while True:
+            step = min(deadline, time.monotonic() + check_s)
+            msg = self.take_first(kind, round, attempt, match, step, stop=stop)
+            if msg is not None or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return msg, set()
+            gone = watch.gone(awaited())
+            if gone:
+                log.info("%s of round %d: %s left the swarm; not waiting for them", kind, round, sorted(gone))
+                return None, gone
 
     def take_first(
         self, kind: str, round: int, attempt: int, match: Callable[[Message], bool], deadline: float,

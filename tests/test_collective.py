@@ -172,6 +172,33 @@ def test_member_that_dies_mid_round_is_dropped_and_the_round_is_redone(peers):
     torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
 
 
+def test_member_that_dies_mid_round_and_leaves_the_view_is_not_waited_for_until_the_deadline(peers):
+    """Its parts never come; once the DHT view no longer shows it, the others stop waiting
+    for them and redo the round without it, instead of waiting the whole data phase out."""
+    p = peers(3, timeouts=CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=60, decision_s=60,
+                                             max_attempts=3))
+    for c in p.collectives:
+        c.check_s = 0.2
+    inputs = _inputs(3)
+    victim = p.transports[2]
+
+    def join_then_die():
+        victim.send(p.transports[0].endpoint, Message(JOIN, round=0, meta={
+            "state_hash": "h", "weight": 1.0, "endpoint": victim.endpoint}))
+        assert victim.recv(ROSTER, 0, sender="p0", timeout_s=30) is not None
+        victim.close()
+        p.alive.discard("p2")  # its DHT record expires
+
+    killer = threading.Thread(target=join_then_die)
+    killer.start()
+    results = p.run(inputs, members=[0, 1])
+    killer.join(timeout=30)
+    for i in (0, 1):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i].reason
+        assert results[i].timings["total_s"] < 30, results[i].timings  # not the 60 s data-phase deadline
+    torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
+
+
 def test_member_sending_nan_is_excluded_and_the_rest_agree(peers):
     p = peers(3)
     inputs = _inputs(3)
