@@ -148,19 +148,22 @@ def test_peer_that_never_joins_costs_the_matchmaking_timeout_only(peers):
     assert torch.equal(results[0].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
 
 
+def _join_then_die(p: Peers, i: int, leaves_view: bool = False) -> None:
+    """Peer ``i`` behaves like a member until it has the roster, then disappears (and, with
+    ``leaves_view``, its DHT record expires)."""
+    victim = p.transports[i]
+    victim.send(p.transports[0].endpoint, Message(JOIN, round=0, meta={
+        "state_hash": "h", "weight": 1.0, "endpoint": victim.endpoint}))
+    assert victim.recv(ROSTER, 0, sender="p0", timeout_s=30) is not None
+    victim.close()
+    if leaves_view:
+        p.alive.discard(victim.node_id)
+
+
 def test_member_that_dies_mid_round_is_dropped_and_the_round_is_redone(peers):
     p = peers(3)
     inputs = _inputs(3)
-    victim = p.transports[2]
-
-    def join_then_die():
-        # behaves like a member until it has the roster, then disappears
-        victim.send(p.transports[0].endpoint, Message(JOIN, round=0, meta={
-            "state_hash": "h", "weight": 1.0, "endpoint": victim.endpoint}))
-        assert victim.recv(ROSTER, 0, sender="p0", timeout_s=30) is not None
-        victim.close()
-
-    killer = threading.Thread(target=join_then_die)
+    killer = threading.Thread(target=_join_then_die, args=(p, 2))
     killer.start()
     results = p.run(inputs, members=[0, 1])
     killer.join(timeout=30)
@@ -180,16 +183,7 @@ def test_member_that_dies_mid_round_and_leaves_the_view_is_not_waited_for_until_
     for c in p.collectives:
         c.check_s = 0.2
     inputs = _inputs(3)
-    victim = p.transports[2]
-
-    def join_then_die():
-        victim.send(p.transports[0].endpoint, Message(JOIN, round=0, meta={
-            "state_hash": "h", "weight": 1.0, "endpoint": victim.endpoint}))
-        assert victim.recv(ROSTER, 0, sender="p0", timeout_s=30) is not None
-        victim.close()
-        p.alive.discard("p2")  # its DHT record expires
-
-    killer = threading.Thread(target=join_then_die)
+    killer = threading.Thread(target=_join_then_die, args=(p, 2, True))
     killer.start()
     results = p.run(inputs, members=[0, 1])
     killer.join(timeout=30)
