@@ -75,7 +75,7 @@ from .devices import resolve_device
 from .metrics import MetricsWriter
 from .model import VOCAB
 from .optstate import adam_step, adam_tensors, load_adam
-from .runtime import default_node_id, open_membership, open_transport, write_json_atomic
+from .runtime import NodeIdentity, default_node_id, open_membership, open_transport, write_json_atomic
 from .stages import StageModel
 from .staging import HostStaging, StagedCommunicator
 from .sync import GossipCommunicator, SwarmCommunicator
@@ -263,7 +263,8 @@ class PipelineNode:
         if cfg.swarm.insecure:
             log.warning("swarm %r runs WITHOUT a key: anyone who reaches %s can read the model, change it and "
                         "impersonate peers", cfg.swarm.run_id, cfg.node.listen_host)
-        self.transport = open_transport(cfg, self.id, self.started)
+        identity = NodeIdentity(self.out, self.id).dir  # the same node key across restarts
+        self.transport = open_transport(cfg, self.id, self.started, identity)
         for kind in _QUEUED:
             self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
         self.prober = LinkProber(self.transport)
@@ -369,8 +370,10 @@ class PipelineNode:
 
     def _measure_links(self) -> None:
         peers = {p.id: p.endpoint for p in self.membership.peers()}
+        t0 = time.monotonic()
         measured = self.prober.measure(peers, self._activation_bytes())
         self.links = {peer: [lat, bw] for peer, (lat, bw) in measured.items()}
+        log.info("measured the links to %d of %d peers in %.1fs", len(measured), len(peers), time.monotonic() - t0)
         self.membership.announce(self._peer_info())
 
     # ------------------------------------------------------------------ run

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from loco.protocols.identity import NodeKey
 from loco.protocols.membership import Membership
 from loco.protocols.shaper import Cut, LinkProfile, Shaper
 from loco.protocols.transport import Transport
@@ -53,11 +54,14 @@ def build_shaper(net: NetworkConfig, seed: int, started: float) -> Shaper:
     )
 
 
-def open_transport(cfg: Config, node_id: str, started: float) -> Transport:
-    """The node's ZeroMQ endpoint, signed with the swarm key, shaped by its network profile."""
+def open_transport(cfg: Config, node_id: str, started: float, identity: Path | None = None) -> Transport:
+    """The node's ZeroMQ endpoint, signed with the swarm key and (``identity``: the folder
+    that keeps it) the node's own key, shaped by its network profile. A restart signs with
+    the same key: its peers, which bound its id to that key, keep believing it."""
     key = cfg.swarm.key.encode() if cfg.swarm.key else None
+    node_key = NodeKey.load_or_create(identity / "node.key") if identity is not None else None
     return Transport(node_id, cfg.node.listen_host, cfg.node.port, cfg.node.announce_host, key,
-                     shaper=build_shaper(cfg.network, seed=node_seed(node_id), started=started))
+                     shaper=build_shaper(cfg.network, seed=node_seed(node_id), started=started), node_key=node_key)
 
 
 def open_membership(cfg: Config, node_id: str, transport: Transport) -> tuple[Membership, Reaper]:

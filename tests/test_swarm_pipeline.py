@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import REPO, wait_until
-from tests.test_swarm import _outer, _ready, _sets, _start_node, _wait_exit
+from tests.test_swarm import _outer, _ready, _sets, _staged_node, _start_node, _wait_exit
 from tests.test_swarm_algorithms import _records
 
 pytestmark = pytest.mark.swarm
@@ -121,6 +121,8 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     peer = _ready(out, "node0")["join"]
     for i in range(1, 6):
         started[f"node{i}"] = _start_node(procs, out, f"node{i}", *extra, peer=peer)
+    # the stage-1 replica killed below restarts (which one the paths use is known then)
+    restarts = {n: _staged_node(procs, out, n, *extra, peer=peer) for n in ("node1", "node4")}
 
     def until(predicate, what: str) -> None:  # (a node that exits early fails the wait at once)
         def check():
@@ -146,7 +148,7 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     until(rerouted, f"paths to route around {victim}")
     # 2. restart it under the same id (a new process, a new endpoint): it joins the running
     # pipeline with the stage state the survivor hands it
-    started[victim] = _start_node(procs, out, victim, *extra, peer=peer)
+    started[victim] = restarts[victim].go()
     until(lambda: len(_records(out, victim, "join")) == 2 and len(_outer(out, victim)) >= killed_at + 6,
           f"{victim} to rejoin and train")
     # 3. kill the leader (node0, the smallest stage-0 id): node3 plans from then on
@@ -170,6 +172,9 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     tail = [r for r in lead if leader_killed_at + 2 <= r["round"] < rounds - 2]
     assert len(tail) >= 3 and all(r["lost"] == 0 and len(r["routes"]) == 4 for r in tail), tail
 
+    # the restarted replica signs with the key its peers bound its id to: all of them answer
+    # its link probes (with a fresh key they would ignore it as an impersonator for a minute)
+    assert len(_records(out, victim, "start")[-1]["links"]) == 5, _records(out, victim, "start")
     # the replica's absence: stage 1 ran on the survivor alone
     joins = _records(out, victim, "join")
     assert joins[0]["source"] == "seed" and joins[0]["round"] == 0  # the first run, at the start
