@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,18 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
+@dataclass
+class Staged:
+    """A process started ahead, waiting for its go file."""
+
+    proc: subprocess.Popen
+    go_file: Path
+
+    def go(self) -> subprocess.Popen:
+        self.go_file.touch()
+        return self.proc
+
+
 class Procs:
     """Starts `loco` CLI processes in their own sessions and kills their groups at the end."""
 
@@ -86,6 +99,15 @@ class Procs:
         f.close()
         self.procs.append(p)
         return p
+
+    def staged(self, *args: str, log: str) -> Staged:
+        """``python ARGS...`` started now, its imports done, but run only once ``go()`` is
+        called (tests/loops/staged.py says why)."""
+        go = self.tmp / f"{log}.{len(self.procs)}.go"
+        return Staged(self.python("-m", "tests.loops.staged", str(go), *args, log=log), go)
+
+    def staged_loco(self, *args: str, log: str) -> Staged:
+        return self.staged("-m", "loco.node.cli", *args, log=log)
 
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"

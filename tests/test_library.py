@@ -59,12 +59,12 @@ def test_a_plain_loop_trains_with_each_algorithm_and_a_late_joiner_starts_from_t
     addr = _join_address(procs, "a")
     b = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "200", "--until", str(done), "--join", addr, "--seed", "2",
                      "--report", str(reports["b"]), log="b")
+    c = procs.staged(*LOGGED, *ONE_THREAD, *common, "--steps", "50", "--join", addr, "--seed", "3",
+                     "--report", str(reports["c"]), log="c")
     # the late joiner starts once the swarm is a few rounds in (NoLoCo adopts a peer's state
     # only when it is more than two rounds behind)
     wait_until(lambda: len(read_records(reports["a"])) >= 4, 180, "a's fourth round")
-    c = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "50", "--join", addr, "--seed", "3", "--report", str(reports["c"]),
-                     log="c")
-    _finish(c, procs, "c")
+    _finish(c.go(), procs, "c")
     done.touch()
     _finish(a, procs, "a")
     _finish(b, procs, "b")
@@ -91,15 +91,16 @@ def test_a_killed_loop_restarted_from_its_checkpoint_resumes_and_rejoins(procs, 
     addr = _join_address(procs, "a")
     b = procs.python(PLAIN, *ONE_THREAD, *common, "--join", addr, "--seed", "2", "--checkpoint", str(ckpt),
                      "--report", str(reports["b"]), log="b")
+    # (--steps counts from the checkpoint's step: b2 trains until it has averaged 3 rounds
+    # with a; before those it may catch up, or skip a round the swarm had already closed)
+    b2 = procs.staged(PLAIN, *ONE_THREAD, "--inner-steps", "10", "--steps", "0", "--until", str(tmp_path / "done2"),
+                      "--join", addr, "--seed", "2", "--checkpoint", str(ckpt), "--report", str(reports["b2"]),
+                      log="b2")
     wait_until(lambda: len(read_records(reports["b"])) >= 2, 180, "b's second round")
     os.killpg(b.pid, signal.SIGKILL)
     b.wait(timeout=30)
     saved_round = len(read_records(reports["b"]))  # at least the rounds it reported were saved
-    # (--steps counts from the checkpoint's step: b2 trains until it has averaged 3 rounds
-    # with a; before those it may catch up, or skip a round the swarm had already closed)
-    b2 = procs.python(PLAIN, *ONE_THREAD, "--inner-steps", "10", "--steps", "0", "--until", str(tmp_path / "done2"),
-                      "--join", addr, "--seed", "2", "--checkpoint", str(ckpt), "--report", str(reports["b2"]),
-                      log="b2")
+    b2 = b2.go()
     wait_until(lambda: sum(r["status"] == "ok" and r["group_size"] >= 2 for r in read_records(reports["b2"])) >= 3,
                240, "b2's third round averaged with a")
     (tmp_path / "done2").touch()

@@ -45,6 +45,14 @@ def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = Non
     return procs.loco(*args, log=node)
 
 
+def _staged_node(procs, out: Path, node: str, *extra: str, peer: str | None = None):
+    """``_start_node``, started now but run at ``.go()`` (a restart, a late joiner)."""
+    args = ["node", "start", "--out", str(out), "--node-id", node, *_sets(*extra)]
+    if peer:
+        args += ["--join", peer]
+    return procs.staged_loco(*args, log=node)
+
+
 def _ready(out: Path, node: str) -> dict:
     path = out / "nodes" / f"{node}.json"
     return wait_until(lambda: path.exists() and json.loads(path.read_text()), 180, f"{node} to start")
@@ -151,18 +159,19 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
     extra = UNTIL_STOPPED
     p0, peer = _first_node(procs, out, *extra)
     p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    restart, late = (_staged_node(procs, out, n, *extra, peer=peer) for n in ("node1", "node2"))
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node1")), 240, "node1 to finish round 1")
     p1.send_signal(signal.SIGTERM)
     assert _wait_exit(p1, 120, "node1", procs) == 0
     stop = [r for r in read_records(out / "metrics" / "node1.jsonl") if r["event"] == "stop"][-1]
-    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    p1 = restart.go()
     starts = wait_until(lambda: [r for r in read_records(out / "metrics" / "node1.jsonl")
                                  if r["event"] == "start"][1:], 180, "node1 to restart")
     assert starts[0]["resumed"] is True
     assert starts[0]["step"] == stop["step"]  # continues from the checkpointed step
     # a node that was never part of the swarm joins late
     wait_until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), 300, "node0 to reach round 4")
-    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    p2 = late.go()
     late = wait_until(lambda: next((r for r in read_records(out / "metrics" / "node2.jsonl")
                                     if r["event"] == "start"), None), 180, "node2 to start")
     assert late["round"] >= 4
@@ -185,6 +194,7 @@ def test_restarts_rejoin_through_the_peers_last_seen_when_the_first_peer_is_gone
     p0, peer = _first_node(procs, out, *extra)
     p1 = _start_node(procs, out, "node1", *extra, peer=peer)
     p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    restart1, restart0 = _staged_node(procs, out, "node1", *extra, peer=peer), _staged_node(procs, out, "node0", *extra)
     nodes = ["node0", "node1", "node2"]
     wait_until(lambda: _round_with_all(out, nodes) is not None, 300, "a round averaged by all three nodes")
     # the first node dies; node1 restarts with its own command, whose token names node0's
@@ -196,10 +206,10 @@ def test_restarts_rejoin_through_the_peers_last_seen_when_the_first_peer_is_gone
     p1.send_signal(signal.SIGTERM)
     assert _wait_exit(p1, 120, "node1", procs) == 0
     (out / "nodes" / "node0.json").unlink()
-    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    p1 = restart1.go()
     # then node0 restarts with its own command (no token, no peer): same multiaddress, and it
     # rejoins the swarm it led instead of starting a new one
-    p0 = _start_node(procs, out, "node0", *extra)
+    p0 = restart0.go()
     assert _ready(out, "node0")["maddrs"] == addr
     wait_until(lambda: _round_with_all(out, nodes, after=before) is not None, 300, "a round of all three after the restarts")
     for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
@@ -236,19 +246,20 @@ def test_the_fixture_reaps_a_launchers_nodes(procs, tmp_path):
 def test_a_checkpoint_that_does_not_fit_or_cannot_be_read_is_never_written_over(procs, tmp_path):
     out = tmp_path / "run"
     first = _start_node(procs, out, "node0", "train.rounds=1")
+    cases = [("co2", ["optim.algorithm=co2"], "was written by algorithm 'diloco'"),
+             ("shape", ["model.n_embd=32"], "does not fit this configuration"),
+             ("garbage", [], "cannot be read")]
+    starts = {name: _staged_node(procs, out, "node0", "train.rounds=2", *extra) for name, extra, _ in cases}
     assert _wait_exit(first, 240, "node0", procs) == 0
     path = out / "checkpoints" / "node0.pt"
     trained = path.read_bytes()
     stale = path.with_name("node0.pt.k1ll3d.tmp")  # a writer SIGKILLed mid-write
     stale.write_bytes(b"partial")
-    cases = [("co2", ["optim.algorithm=co2"], "was written by algorithm 'diloco'"),
-             ("shape", ["model.n_embd=32"], "does not fit this configuration"),
-             ("garbage", [], "cannot be read")]
-    for name, extra, message in cases:
+    for name, _, message in cases:
         if name == "garbage":
             trained = b"\x80\x02not a checkpoint"
             path.write_bytes(trained)
-        p = _start_node(procs, out, "node0", "train.rounds=2", *extra)
+        p = starts[name].go()
         assert _wait_exit(p, 240, name, procs) != 0
         log = procs.log("node0")
         assert message in log and "Traceback" not in log, log[-2000:]
