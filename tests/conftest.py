@@ -184,6 +184,10 @@ def configured_device() -> str:
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # the real swarms first (minutes each, seconds for the rest): with `--dist worksteal`
+    # the two workers then end together on short tests instead of one of them finishing a
+    # long swarm alone
+    items.sort(key=lambda item: "swarm" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here); run on a GPU machine: pytest -m cuda")
