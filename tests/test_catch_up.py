@@ -28,3 +28,36 @@ def _peers(**rounds: int) -> list[PeerInfo]:
 def test_the_state_a_node_adopts(own, rounds, slack, want):
     got = state_to_adopt(own, _peers(**rounds), slack)
     assert (got if got is None else (got[0], got[1].id)) == want
+
+
+def test_an_unreachable_source_is_back_once_it_answers_a_probe_or_anything_from_it_arrives():
+    """Real transports: ``a`` could not fetch the states of ``b`` and ``c`` (a partition).
+    ``b`` serves state (it answers probes once the link is back); ``c`` serves none but
+    sends ``a`` a message of its own. Both are catch-up candidates again, without waiting
+    out a probe period; a source nobody answers for stays left out."""
+    from loco.node.api.unreachable import UnreachableSources
+    from loco.protocols.state_sync import StateServer, send_probe
+    from loco.protocols.transport import Transport
+    from tests.conftest import wait_until
+
+    a, b, c, e = (Transport(n) for n in "abce")
+    server = StateServer(b)
+    try:
+        peers = [PeerInfo("b", b.endpoint, 5), PeerInfo("c", c.endpoint, 5), PeerInfo("d", "tcp://127.0.0.1:9", 5)]
+        sources = UnreachableSources(a, every_s=0.2)
+        for p in peers:
+            sources.mark(p, round=4)
+        assert "c" not in [p.id for p in sources.reachable(peers, 4)]  # it answers nothing
+        send_probe(c, a.endpoint, 0)  # anything from c: a probe of its own, as across a heal
+        wait_until(lambda: [p.id for p in sources.reachable(peers, 4)] == ["b", "c"], 20, "b and c to be back")
+        # one that never answers is probed again every every_s (when reachable() is asked,
+        # once a round), and stays left out
+        probes: list[int] = []
+        e.on("STATE_DIGEST_REQ", lambda msg: probes.append(msg.attempt))
+        silent = PeerInfo("e", e.endpoint, 5)
+        sources.mark(silent, 4)
+        wait_until(lambda: sources.reachable([silent], 4) == [] and len(set(probes)) >= 3, 20, "probes again")
+    finally:
+        server.close()
+        for t in (a, b, c, e):
+            t.close()

@@ -29,8 +29,6 @@ from loco.protocols.state_sync import (
     Snapshot,
     StateServer,
     fetch_state,
-    probe_answered,
-    send_probe,
     tensors_hash,
     vouched,
     witness_digests,
@@ -39,6 +37,7 @@ from loco.protocols.state_sync import (
 from .catch_up import state_to_adopt
 from .report import RoundReport
 from .swarm import Swarm
+from .unreachable import UnreachableSources
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,7 @@ class OuterAlgorithm:
     """How many other peers are asked to vouch for a state before it is adopted."""
     probe_s: ClassVar[float] = 5.0
     """Catching up, how long a source may take to answer a small request before it is
-    taken as unreachable (the full state may then take up to ``join_timeout_s``); also how
-    often an unreachable source is probed again, in the background."""
+    taken as unreachable (the full state may then take up to ``join_timeout_s``)."""
 
     def __init__(
         self,
@@ -113,8 +111,7 @@ class OuterAlgorithm:
         self.round_step = 0  # inner steps done in the current round
         self.steps = 0  # inner steps counted since the start of training
         self.outcomes: dict[str, int] = {"ok": 0, "skipped": 0, "resync": 0, "partial": 0}
-        # sources whose state could not be fetched: endpoint -> (probe request id, when sent)
-        self._failed_sources: dict[str, tuple[int, float]] = {}
+        self._unreachable = UnreachableSources(swarm.transport)  # sources whose state could not be fetched
         self.last_report: RoundReport | None = None
         self.snapshot: Snapshot | None = None
         z = self.compression
@@ -435,22 +432,10 @@ class OuterAlgorithm:
         how = "ahead" if best > self.round else "behind, this node alone ahead of them"
         if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
             return True
-        transport = self.swarm.transport
-        self._failed_sources[source.endpoint] = (send_probe(transport, source.endpoint, self.round), time.monotonic())
+        self._unreachable.mark(source, self.round)
         return False
 
     def _reachable_peers(self) -> list[PeerInfo]:
-        """Live peers, less the sources that failed to serve their state and have not answered
-        a probe since. Across a partition the DHT still shows the other side, whose state
-        cannot be fetched: this node trains with its own side meanwhile, probing the others
-        in the background (never waiting on them), and catches up once one answers."""
-        peers = self.swarm.peers()
-        now = time.monotonic()
-        transport = self.swarm.transport
-        live = {p.endpoint for p in peers}
-        for endpoint, (request_id, sent) in list(self._failed_sources.items()):
-            if endpoint not in live or probe_answered(transport, request_id):
-                del self._failed_sources[endpoint]
-            elif now - sent > self.probe_s:
-                self._failed_sources[endpoint] = (send_probe(transport, endpoint, self.round), now)
-        return [p for p in peers if p.endpoint not in self._failed_sources]
+        """Live peers, less the sources that failed to serve their state and have not been
+        heard from since (see ``UnreachableSources``)."""
+        return self._unreachable.reachable(self.swarm.peers(), self.round)
