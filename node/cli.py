@@ -65,6 +65,9 @@ def node() -> None:
 @click.option("--initial-peer", "initial_peers", multiple=True, metavar="MULTIADDR",
               help="DHT multiaddress of a live node (with swarm.key set, or an insecure swarm); repeatable. "
                    "No --join and no --initial-peer: start a new swarm.")
+@click.option("--join-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Join through the node whose info file this is (OUT/nodes/<id>.json), waiting until it "
+                   "exists: a script can start every node at once. Its join token (key and address) is used.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/node", show_default=True,
               help="Output folder: metrics, checkpoints, resolved config. Reusing it resumes the node.")
 @set_option
@@ -74,7 +77,8 @@ def node() -> None:
 @click.option("--port", type=int, help="ZeroMQ port (node.port; 0 = OS picks).")
 @click.option("--dht-port", type=int, help="DHT port (node.dht_port; 0 = OS picks).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def node_start(config, tokens, initial_peers, out, overrides, node_id, listen, announce, port, dht_port, verbose):
+def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id, listen, announce, port, dht_port,
+               verbose):
     """Start a node: join (or start) a swarm, train for the configured budget, exit 0.
 
     With no --join it starts a new swarm (with a new random key, kept under --out) and
@@ -86,23 +90,26 @@ def node_start(config, tokens, initial_peers, out, overrides, node_id, listen, a
                        ("node.port", port), ("node.dht_port", dht_port)):
         if value is not None:
             extra.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
-    initial_peers = list(initial_peers)
-    for token in tokens:
-        try:
-            key, peers = parse_token(token)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--join") from None
-        extra.append(f"swarm.key={key!r}")
-        initial_peers += peers
-    if initial_peers:
-        extra.append("swarm.initial_peers=[" + ",".join(repr(p) for p in initial_peers) + "]")
-    cfg = _load(config, tuple(extra))
+    def joined(tokens: list[str], more_peers: list[str]) -> tuple[str, ...]:
+        """The overrides, with the key and the addresses of the tokens and --initial-peer."""
+        peers, keyed = [*initial_peers, *more_peers], []
+        for token in tokens:
+            try:
+                key, found = parse_token(token)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--join/--join-file") from None
+            keyed.append(f"swarm.key={key!r}")
+            peers += found
+        return (*extra, *keyed, *(["swarm.initial_peers=[" + ",".join(repr(p) for p in peers) + "]"] if peers else []))
+
     from .runtime import with_swarm_key
 
-    try:
-        cfg = with_swarm_key(cfg, Path(out))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = _load(config, joined(list(tokens), []))
+    if not join_file:
+        try:
+            cfg = with_swarm_key(cfg, Path(out))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
     _setup_logging(verbose)
     from .checkpoint import CheckpointError
     from .daemon import Node  # torch/hivemind imports: after argument errors are reported
@@ -118,16 +125,46 @@ def node_start(config, tokens, initial_peers, out, overrides, node_id, listen, a
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    def through_join_file(cfg):
+        """The config that joins through --join-file's node, once its file is there."""
+        found = _wait_for_join_file(Path(join_file), stop, cfg.swarm.join_timeout_s)
+        if found is None:
+            raise ConnectionError(f"stopped while waiting for --join-file {join_file}")
+        return with_swarm_key(_load(config, joined([*tokens, *found[0]], found[1])), Path(out))
+
     try:
         if cfg.pipeline.stages >= 2:
             from .pipeline import PipelineNode
 
-            code = PipelineNode(cfg, Path(out), stop).run()
-        else:
-            code = Node(cfg, Path(out), stop).run()
+            code = PipelineNode(through_join_file(cfg) if join_file else cfg, Path(out), stop).run()
+        else:  # its model, data and checkpoint load while the node it joins through starts
+            code = Node(cfg, Path(out), stop, before_join=through_join_file if join_file else None).run()
     except (ConfigError, ConnectionError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
+
+
+def _wait_for_join_file(path: Path, stop: threading.Event, timeout_s: float) -> tuple[list[str], list[str]] | None:
+    """([join token], []) from a node's info file once the file exists, or ([], its DHT
+    addresses) for a node of an insecure swarm (None: stopped meanwhile). A node writes it
+    when its DHT and socket are up; there is no event to wait on across processes: polled."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.wait(0.1):
+        if path.exists():
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise click.ClickException(f"--join-file {path}: not a node's info file ({exc})") from None
+            if isinstance(info, dict) and isinstance(info.get("join"), str):
+                return [info["join"]], []
+            maddrs = info.get("maddrs") if isinstance(info, dict) else None
+            if isinstance(maddrs, list) and maddrs and all(isinstance(m, str) for m in maddrs):
+                return [], maddrs
+            raise click.ClickException(f"--join-file {path}: it has neither a join token nor DHT addresses")
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"--join-file {path} did not appear within swarm.join_timeout_s="
+                                       f"{timeout_s:.0f}s (did the node that writes it start?)")
+    return None
 
 
 @main.command()

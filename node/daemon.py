@@ -42,8 +42,13 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, cfg: Config, out: Path, stop: threading.Event | None = None):
+    def __init__(self, cfg: Config, out: Path, stop: threading.Event | None = None,
+                 before_join: Callable[[Config], Config] | None = None):
+        """``before_join``: called with the config once the model, the data and the
+        checkpoint are loaded, just before joining; returns the config to join with (the
+        CLI's ``--join-file`` waits there for the address of the node to join through)."""
         self.cfg = cfg
+        self.before_join = before_join
         self.out = out
         self.stop = stop or threading.Event()
         self.id = cfg.node.id or default_node_id(out)
@@ -68,6 +73,9 @@ class Node:
         self.trainer = Trainer(cfg, self.id)
         # a checkpoint that cannot be resumed is an error before this node joins anything
         self._saved = self._read_checkpoint()
+        if self.before_join is not None:
+            self.cfg = cfg = self.before_join(cfg)
+            write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.identity = NodeIdentity(self.out, self.id)
         self.swarm = self._open_swarm(cfg)
         # joined after the checkpoint is loaded, so a restart compares its own round with the swarm's

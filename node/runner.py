@@ -62,10 +62,10 @@ class VariantRun:
         path.write_text(json.dumps(data, indent=2))
         return path
 
-    def _start(self, i: int, peer: str | None) -> None:
+    def _start(self, i: int, peer: str | None, join_file: Path | None = None) -> None:
         node_id = f"node{i}"
         (self.out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
-        cmd = node_command(node_id, self.out, str(self._config_path(i)), [], peer)
+        cmd = node_command(node_id, self.out, str(self._config_path(i)), [], peer, join_file)
         self.nodes[i] = LocalNode(node_id, spawn(cmd, self.out / "logs" / f"{node_id}.log", self.env),
                                   self.out / "logs")
 
@@ -124,9 +124,10 @@ class VariantRun:
         finished = False
         try:
             self._start(0, None)
-            peer = wait_for_file(self.out / "nodes" / "node0.json", self.nodes[0].proc, 180)["maddrs"][0]
-            for i in range(1, self.n):
-                self._start(i, peer)
+            first = self.out / "nodes" / "node0.json"
+            for i in range(1, self.n):  # they join through node0's file once it is up
+                self._start(i, None, first)
+            wait_for_file(first, self.nodes[0].proc, 180)
             deadline = time.time() + self.exp.experiment.timeout_s
             while time.time() < deadline:
                 for f in [f for f in self.pending if self._due(f)]:

@@ -39,7 +39,7 @@ class LocalNode:
 
 
 def node_command(node_id: str, out: Path, config: str | None, overrides: list[str],
-                 initial_peer: str | None) -> list[str]:
+                 initial_peer: str | None, join_file: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "loco.node.cli", "node", "start", "--out", str(out), "--node-id", node_id]
     if config:
         cmd += ["--config", config]
@@ -47,6 +47,8 @@ def node_command(node_id: str, out: Path, config: str | None, overrides: list[st
         cmd += ["--set", item]
     if initial_peer:
         cmd += ["--initial-peer", initial_peer]
+    if join_file is not None:
+        cmd += ["--join-file", str(join_file)]
     return cmd
 
 
@@ -172,20 +174,18 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
     previous = signal.signal(signal.SIGTERM, on_term)
     previous_int = signal.signal(signal.SIGINT, on_term)
     try:
+        # all at once: the others load torch, the model and the data while node0 starts the
+        # swarm, and join through the file node0 writes once its DHT is up
+        first = out / "nodes" / "node0.json"
         for i in range(n):
             node_id = f"node{i}"
             (out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
-            peer = None
-            if i > 0:
-                info = json.loads((out / "nodes" / "node0.json").read_text())
-                peer = info["maddrs"][0]
             log_path = out / "logs" / f"{node_id}.log"
             own = [*overrides, f"node.device='{devices[i]}'"] if devices else overrides
-            proc = spawn(node_command(node_id, out, config_path, own, peer), log_path, env)
-            nodes.append(LocalNode(node_id, proc, log_path))
-            if i == 0:
-                wait_for_file(out / "nodes" / "node0.json", proc, timeout_s=180)
-                console.print(f"swarm started by node0; logs and metrics in {out}")
+            cmd = node_command(node_id, out, config_path, own, None, first if i > 0 else None)
+            nodes.append(LocalNode(node_id, spawn(cmd, log_path, env), log_path))
+        wait_for_file(first, nodes[0].proc, timeout_s=180)
+        console.print(f"swarm started by node0; logs and metrics in {out}")
         while any(x.proc.poll() is None for x in nodes):
             _show_progress(nodes, out / "metrics")
             time.sleep(1.0)

@@ -299,3 +299,27 @@ def test_poison_is_never_applied_and_a_replica_that_hits_nan_restores_itself(pro
         state = load_checkpoint(out / "checkpoints" / f"{n}.pt", map_location="cpu")
         assert not non_finite_entries(state), n
         assert "Traceback" not in procs.log(n), procs.log(n)[-3000:]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "did not appear within swarm.join_timeout_s=2s"),
+    ("{not json", "not a node's info file"),
+    ('{"pid": 1}', "neither a join token nor DHT addresses"),
+])
+def test_join_file_that_never_comes_or_is_not_a_nodes_info_is_a_clear_error(tmp_path, content, message):
+    from click.testing import CliRunner
+
+    from loco.node.cli import main
+
+    info = tmp_path / "node0.json"
+    if content is not None:
+        info.write_text(content)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:  # (in this process: `node start` installs its stop handlers)
+        result = CliRunner().invoke(main, ["node", "start", "--out", str(tmp_path / "run"), "--node-id", "node1",
+                                           "--join-file", str(info), *_sets("swarm.join_timeout_s=2")])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "run" / "checkpoints" / "node1.pt").exists()  # it never trained
