@@ -30,11 +30,12 @@ def test_the_state_a_node_adopts(own, rounds, slack, want):
     assert (got if got is None else (got[0], got[1].id)) == want
 
 
-def test_an_unreachable_source_is_back_once_it_answers_a_probe_or_anything_from_it_arrives():
+def test_an_unreachable_source_is_back_once_it_answers_a_probe_but_not_for_sending_alone():
     """Real transports: ``a`` could not fetch the states of ``b`` and ``c`` (a partition).
-    ``b`` serves state (it answers probes once the link is back); ``c`` serves none but
-    sends ``a`` a message of its own. Both are catch-up candidates again, without waiting
-    out a probe period; a source nobody answers for stays left out."""
+    ``b`` serves state (it answers probes once the link is back): it is a catch-up
+    candidate again at once. ``c`` serves none but sends ``a`` a message of its own: a link
+    that works one way is not enough, it stays left out; so does a source nobody answers
+    for, probed again in the background."""
     from loco.node.api.unreachable import UnreachableSources
     from loco.protocols.state_sync import StateServer, send_probe
     from loco.protocols.transport import Transport
@@ -48,8 +49,10 @@ def test_an_unreachable_source_is_back_once_it_answers_a_probe_or_anything_from_
         for p in peers:
             sources.mark(p, round=4)
         assert "c" not in [p.id for p in sources.reachable(peers, 4)]  # it answers nothing
-        send_probe(c, a.endpoint, 0)  # anything from c: a probe of its own, as across a heal
-        wait_until(lambda: [p.id for p in sources.reachable(peers, 4)] == ["b", "c"], 20, "b and c to be back")
+        send_probe(c, a.endpoint, 0)  # c -> a works (c's probe reaches a); a -> c's state does not
+        wait_until(lambda: [p.id for p in sources.reachable(peers, 4)] == ["b"], 20, "b to be back")
+        wait_until(lambda: a.last_heard.get("c"), 20, "c's message to arrive")
+        assert [p.id for p in sources.reachable(peers, 4)] == ["b"]
         # one that never answers is probed again every every_s (when reachable() is asked,
         # once a round), and stays left out
         probes: list[int] = []

@@ -12,8 +12,6 @@ from loco.protocols.transport import Transport
 
 @dataclass
 class _Probing:
-    node: str
-    since: float  # monotonic time the fetch failed
     sent: float  # when the last probe left
     requests: list[int] = field(default_factory=list)  # the probes not yet known answered
 
@@ -22,9 +20,9 @@ class UnreachableSources:
     """Across a partition the DHT still shows the other side, whose state cannot be
     fetched: such a source is left out of the catch-up candidates (this node trains with its
     own side meanwhile, never waiting on the other) and probed in the background every
-    ``every_s``. It is back as soon as it answers any probe or this node hears anything
-    from it (its own probes, a JOIN), so a healed partition merges within a round or two
-    of short rounds rather than after a probe period."""
+    ``every_s``. It is back as soon as it answers any of its last ``keep`` probes (an
+    answer is a round trip: hearing from it is not enough, a link may work one way only), so
+    a healed partition merges within a round or two of short rounds."""
 
     def __init__(self, transport: Transport, every_s: float = 1.0, keep: int = 8):
         self.transport = transport
@@ -34,15 +32,14 @@ class UnreachableSources:
 
     def mark(self, peer: PeerInfo, round: int) -> None:
         now = time.monotonic()
-        self._probing[peer.endpoint] = _Probing(peer.id, now, now, [send_probe(self.transport, peer.endpoint, round)])
+        self._probing[peer.endpoint] = _Probing(now, [send_probe(self.transport, peer.endpoint, round)])
 
     def reachable(self, peers: list[PeerInfo], round: int) -> list[PeerInfo]:
         """``peers`` less the sources still unreachable; probes those that are due."""
         now = time.monotonic()
         live = {p.endpoint for p in peers}
         for endpoint, probing in list(self._probing.items()):
-            heard = self.transport.last_heard.get(probing.node, 0.0) > probing.since
-            if endpoint not in live or heard or any(probe_answered(self.transport, r) for r in probing.requests):
+            if endpoint not in live or any(probe_answered(self.transport, r) for r in probing.requests):
                 del self._probing[endpoint]
             elif now - probing.sent > self.every_s:
                 probing.requests = [*probing.requests[-(self.keep - 1):], send_probe(self.transport, endpoint, round)]
