@@ -38,10 +38,14 @@ def _hashes_by_round(out: Path, nodes: list[str]) -> dict[int, dict[str, str]]:
     return by_round
 
 
-def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = None):
+def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = None, via_node0: bool = False):
+    """A node process; ``peer``: the token it joins with; ``via_node0``: it joins through
+    node0's info file instead, started at once (its imports overlap node0's start)."""
     args = ["node", "start", "--out", str(out), "--node-id", node, *_sets(*extra)]
     if peer:
         args += ["--join", peer]
+    if via_node0:
+        args += ["--join-file", str(out / "nodes" / "node0.json")]
     return procs.loco(*args, log=node)
 
 
@@ -114,9 +118,9 @@ def test_killed_node_does_not_stop_the_others(procs, tmp_path):
     out = tmp_path / "run"
     extra = ("train.rounds=6", "swarm.wait_for_peers=2")
     p0 = _start_node(procs, out, "node0", *extra)
-    peer = _ready(out, "node0")["join"]
-    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
-    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    p1 = _start_node(procs, out, "node1", *extra, via_node0=True)
+    p2 = _start_node(procs, out, "node2", *extra, via_node0=True)
+    _ready(out, "node0")
     assert "dht: /ip4/127.0.0.1/tcp/" in procs.log("node0") and "zmq: tcp://127.0.0.1:" in procs.log("node0")
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node2")), 240, "node2 to finish round 1")
     os.kill(p2.pid, signal.SIGKILL)  # mid-round: it is training round 2 or averaging it
@@ -148,17 +152,12 @@ def _round_with_all(out: Path, nodes: list[str], after: int = -1) -> int | None:
 UNTIL_STOPPED = ("train.rounds=0", "swarm.wait_for_peers=1")
 
 
-def _first_node(procs, out: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """A swarm's first node, and the join token the others start with."""
-    p0 = _start_node(procs, out, "node0", *extra)
-    return p0, _ready(out, "node0")["join"]
-
-
 def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path):
     out = tmp_path / "run"
     extra = UNTIL_STOPPED
-    p0, peer = _first_node(procs, out, *extra)
-    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
+    p0 = _start_node(procs, out, "node0", *extra)
+    p1 = _start_node(procs, out, "node1", *extra, via_node0=True)
+    peer = _ready(out, "node0")["join"]
     restart, late = (_staged_node(procs, out, n, *extra, peer=peer) for n in ("node1", "node2"))
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node1")), 240, "node1 to finish round 1")
     p1.send_signal(signal.SIGTERM)
@@ -191,9 +190,10 @@ def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path
 def test_restarts_rejoin_through_the_peers_last_seen_when_the_first_peer_is_gone(procs, tmp_path):
     out = tmp_path / "run"
     extra = UNTIL_STOPPED
-    p0, peer = _first_node(procs, out, *extra)
-    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
-    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    p0 = _start_node(procs, out, "node0", *extra)
+    p1 = _start_node(procs, out, "node1", *extra, via_node0=True)
+    p2 = _start_node(procs, out, "node2", *extra, via_node0=True)
+    peer = _ready(out, "node0")["join"]
     restart1, restart0 = _staged_node(procs, out, "node1", *extra, peer=peer), _staged_node(procs, out, "node0", *extra)
     nodes = ["node0", "node1", "node2"]
     wait_until(lambda: _round_with_all(out, nodes) is not None, 300, "a round averaged by all three nodes")

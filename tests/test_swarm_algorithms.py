@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import configured_device, read_records, wait_until
-from tests.test_swarm import _hashes_by_round, _outer, _ready, _sets, _start_node, _wait_exit
+from tests.test_swarm import _hashes_by_round, _outer, _sets, _start_node, _wait_exit
 
 pytestmark = pytest.mark.swarm
 
@@ -112,9 +112,8 @@ def test_killed_node_leaves_the_rest_training(procs, tmp_path, algorithm):
     extra = ("train.rounds=7", "swarm.wait_for_peers=2", f"optim.algorithm='{algorithm}'",
              "optim.noloco.exchange_timeout_s=10", "model.n_layer=2")
     p0 = _start_node(procs, out, "node0", *extra)
-    peer = _ready(out, "node0")["join"]
-    p1 = _start_node(procs, out, "node1", *extra, peer=peer)
-    p2 = _start_node(procs, out, "node2", *extra, peer=peer)
+    p1 = _start_node(procs, out, "node1", *extra, via_node0=True)
+    p2 = _start_node(procs, out, "node2", *extra, via_node0=True)
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node2")), 240, "node2 to finish round 1")
     os.kill(p2.pid, signal.SIGKILL)
     p2.wait(timeout=30)

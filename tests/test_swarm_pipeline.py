@@ -118,9 +118,9 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     # restarted node takes for its imports, DHT, link probes and hand-off on a busy machine
     extra = (*PIPE, "train.rounds=0", "swarm.wait_for_peers=5", "pipeline.skip=0.0", "pipeline.paths='random'")
     started = {"node0": _start_node(procs, out, "node0", *extra)}
-    peer = _ready(out, "node0")["join"]
     for i in range(1, 6):
-        started[f"node{i}"] = _start_node(procs, out, f"node{i}", *extra, peer=peer)
+        started[f"node{i}"] = _start_node(procs, out, f"node{i}", *extra, via_node0=True)
+    peer = _ready(out, "node0")["join"]
     # the stage-1 replica killed below restarts (which one the paths use is known then)
     restarts = {n: _staged_node(procs, out, n, *extra, peer=peer) for n in ("node1", "node4")}
 
