@@ -38,23 +38,24 @@ def _hashes_by_round(out: Path, nodes: list[str]) -> dict[int, dict[str, str]]:
     return by_round
 
 
-def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = None, via_node0: bool = False):
-    """A node process; ``peer``: the token it joins with; ``via_node0``: it joins through
-    node0's info file instead, started at once (its imports overlap node0's start)."""
+def _node_args(out: Path, node: str, *extra: str, peer: str | None = None, via_node0: bool = False) -> list[str]:
+    """``node start`` arguments; ``peer``: the token it joins with; ``via_node0``: it joins
+    through node0's info file instead, started at once (its imports overlap node0's start)."""
     args = ["node", "start", "--out", str(out), "--node-id", node, *_sets(*extra)]
     if peer:
         args += ["--join", peer]
     if via_node0:
         args += ["--join-file", str(out / "nodes" / "node0.json")]
-    return procs.loco(*args, log=node)
+    return args
+
+
+def _start_node(procs, out: Path, node: str, *extra: str, peer: str | None = None, via_node0: bool = False):
+    return procs.loco(*_node_args(out, node, *extra, peer=peer, via_node0=via_node0), log=node)
 
 
 def _staged_node(procs, out: Path, node: str, *extra: str, peer: str | None = None):
     """``_start_node``, started now but run at ``.go()`` (a restart, a late joiner)."""
-    args = ["node", "start", "--out", str(out), "--node-id", node, *_sets(*extra)]
-    if peer:
-        args += ["--join", peer]
-    return procs.staged_loco(*args, log=node)
+    return procs.staged_loco(*_node_args(out, node, *extra, peer=peer), log=node)
 
 
 def _ready(out: Path, node: str) -> dict:

@@ -436,6 +436,6 @@ class OuterAlgorithm:
         return False
 
     def _reachable_peers(self) -> list[PeerInfo]:
-        """Live peers, less the sources that failed to serve their state and have not been
-        heard from since (see ``UnreachableSources``)."""
+        """Live peers, less the sources that failed to serve their state and have not answered
+        a probe since (see ``UnreachableSources``)."""
         return self._unreachable.reachable(self.swarm.peers(), self.round)
