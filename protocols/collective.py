@@ -24,7 +24,14 @@ apply the same result or all skip the round. Only the leader's decision counts, 
 local reading of the DHT, so members cannot disagree on who is in.
 
 The leader is the smallest node id among live peers announced at this round (everyone
-can compute it). If the leader dies, followers get no roster or no decision by their
+can compute it). Views differ while records propagate, so a few rules keep a wrong guess
+from stalling anyone for a whole timeout: a leader stops waiting for an expected peer once
+its record shows a later round (it averaged this round elsewhere); a node that adopted a
+peer's state runs no earlier round, so it tells the live peers (SKIP: leaders stop
+expecting it) and answers a JOIN for one with ROSTER(status=absent) (the joiner elects
+the next smallest id); a node that follows another leader answers a JOIN with
+ROSTER(status=redirect, its leader), always a smaller id, so joiners whose views differ
+still end up in one group. If the leader dies, followers get no roster or no decision by their
 deadline and skip the round (weights unchanged everywhere, so still consistent); its DHT
 record expires and the next smallest id leads the next round. Any member that still ends
 up inconsistent is caught by the state-hash check at the next JOIN and resynchronized.
@@ -46,7 +53,7 @@ import torch
 from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of, unflatten
 from .membership import PeerInfo, ViewUnknown
-from .messages import AVG, DECISION, DONE, JOIN, PART, ROSTER
+from .messages import AVG, DECISION, DONE, JOIN, PART, ROSTER, SKIP
 from .transport import AbsenceWatch, Transport
 from .wire import Message
 
@@ -173,7 +180,11 @@ class GroupAllReduce:
         self._out: torch.Tensor | None = None
         self._lock = threading.Lock()
         self.check_s = 1.0  # how often a wait on peers looks at the DHT for those that left
+        self._absent_below = 0  # this node runs no round before this one (it adopted a state)
+        self._peers_absent: dict[str, int] = {}  # peer id -> the first round it runs (its SKIP)
+        self._following: tuple[int, str, str] | None = None  # (round, leader id, endpoint) while a follower
         transport.on(JOIN, self._on_join)
+        transport.on(SKIP, self._on_skip)
 
     # ------------------------------------------------------------ entry point
     def all_reduce(
@@ -220,15 +231,36 @@ class GroupAllReduce:
         # committing it alone as "ok". A joiner still starting (round 0) does not count.
         recent = self._recently_seen(live)
         visible = bool(peers) or any(p.id != self.me and p.round > 0 for p in live) or recent
-        peers = [p for p in peers if p.id not in silent]
+        absent = self._absent_at(round)
+        peers = [p for p in peers if p.id not in silent and p.id not in absent]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("round %d (announced %d): live %s, passed over %s, absent %s", round, announced,
+                      sorted((p.id, p.round) for p in live), sorted(silent), sorted(absent))
         leader = min([self.me, *(p.id for p in peers)])
+        endpoint = next((p.endpoint for p in peers if p.id == leader), "")
+        tried: set[str] = set()
         try:
-            if leader == self.me:
-                result = self._lead(round, tensors, weight, state_hash, peers, visible)
-            else:
-                endpoint = next(p.endpoint for p in peers if p.id == leader)
-                result = self._follow(round, tensors, weight, state_hash, leader, endpoint, announced + lag - 1)
+            while True:
+                if leader == self.me:
+                    self._set_following(None)
+                    result = self._lead(round, tensors, weight, state_hash, peers, visible, announced)
+                    break
+                self._set_following((round, leader, endpoint))
+                followed = self._follow(round, tensors, weight, state_hash, leader, endpoint, announced + lag - 1)
+                if isinstance(followed, RoundResult):
+                    result = followed
+                    break
+                # the leader is not in this round (None), or follows a smaller id: go there
+                # (each id is tried once: a redirect can neither loop nor go on forever)
+                tried.add(leader)
+                peers = [p for p in peers if p.id not in tried]
+                if followed is not None and followed[0] < leader and followed[0] not in tried:
+                    leader, endpoint = followed
+                else:
+                    leader = min([self.me, *(p.id for p in peers)])
+                    endpoint = next((p.endpoint for p in peers if p.id == leader), "")
         finally:
+            self._set_following(None)
             self._finish(round)
         # error feedback remembers what was dropped only if the round's values were used
         if result.status == "ok":
@@ -260,35 +292,52 @@ class GroupAllReduce:
 
         def live() -> list[str]:
             try:
-                ids = [p.id for p in self.live_peers()]
+                return [p.id for p in self.live_peers()]
             except ViewUnknown:  # unknown is not gone: keep waiting for everyone
-                ids = list(senders)
-            if moved_on is not None:
-                past = set(moved_on())
-                ids = [i for i in ids if i not in past]
-            return ids
+                return list(senders)
 
         return self.transport.mailbox.take_from_live(kind, round, attempt, senders, deadline, live, self.stop,
-                                                     self.check_s)
+                                                     self.check_s, moved_on)
 
     # ------------------------------------------------------------------ leader
-    def _lead(self, round, tensors, weight, state_hash, peers, visible: bool) -> RoundResult:
+    def _past(self, announced: int) -> set[str]:
+        """Peers whose DHT record shows a round past ``announced``: whatever their algorithm,
+        a member announces at most ``announced`` while its sync of this round can still run,
+        so these averaged this round elsewhere (a leader another view elected) or skipped it."""
+        try:
+            return {p.id for p in self.live_peers() if p.round > announced}
+        except ViewUnknown:
+            return set()
+
+    def _absent_at(self, round: int) -> set[str]:
+        """Peers that said (SKIP) they run no round before a later one."""
+        with self._lock:
+            return {node for node, first in self._peers_absent.items() if first > round}
+
+    def _lead(self, round, tensors, weight, state_hash, peers, visible: bool, announced: int) -> RoundResult:
         """``peers``: whom to wait for; ``visible``: whether any peer is at this round at all
         (passed-over ones included): then a round with nobody else is skipped, never
-        committed alone."""
+        committed alone; ``announced``: the round members of this one show in the DHT."""
         t = self.timeouts
         # a peer whose JOIN did not come last time (stopped, or across a partition: the DHT
         # still shows it) is not waited for during a pass-over that doubles while it stays
         # silent; its JOIN is still taken if it comes, and any JOIN from it ends the pass-over
         expected = [p.id for p in peers if not self._silent_followers.passed_over(p.id, round)]
-        # a peer that sent a JOIN for a later round is past this one (this leader fell
-        # behind it): it will never join here, so it is not waited for
-        joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s,
-                               moved_on=lambda: self.transport.mailbox.ahead(JOIN, round))
+        # a peer that sent a JOIN for a later round, or whose DHT record moved past this
+        # round, is done with it (this leader fell behind it, or views that differed elected
+        # another leader it followed): it will never join here, so it is not waited for.
+        # Waiting on would hold up the rounds of every peer that expects this node next.
+        moved_on: set[str] = set()
+
+        def past() -> set[str]:
+            moved_on.update(self._past(announced) | self._absent_at(round))
+            return moved_on | self.transport.mailbox.ahead(JOIN, round).keys()
+
+        joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s, moved_on=past)
         # nodes the DHT did not show yet may have joined too: take them as well
         for m in self.transport.mailbox.drain(JOIN, round):
             joins.setdefault(m.sender, m)
-        for node in set(expected) - joins.keys() - self.transport.mailbox.ahead(JOIN, round).keys():
+        for node in set(expected) - joins.keys() - moved_on - self.transport.mailbox.ahead(JOIN, round).keys():
             self._silent_followers.silent(node, round)
         members = [Member(self.me, self.transport.endpoint, weight)]
         for sender, m in sorted(joins.items()):
@@ -364,8 +413,11 @@ class GroupAllReduce:
                            reason="aborted: no complete group")
 
     # ---------------------------------------------------------------- follower
-    def _follow(self, round, tensors, weight, state_hash, leader, leader_endpoint, latest: int) -> RoundResult:
-        """``latest``: the furthest round a leader still working on this round may announce."""
+    def _follow(self, round, tensors, weight, state_hash, leader, leader_endpoint,
+                latest: int) -> RoundResult | tuple[str, str] | None:
+        """``latest``: the furthest round a leader still working on this round may announce.
+        None: the leader is not in this round (it adopted a later state): elect another;
+        (id, endpoint): the leader follows that one this round."""
         t = self.timeouts
         skipped = dict(round=round, leader=leader, leader_endpoint=leader_endpoint)
         self._send(leader_endpoint, JOIN, round, 0, {
@@ -375,6 +427,8 @@ class GroupAllReduce:
         def leader_moved_on() -> list[str]:
             # a leader that announces a later round closed this one without this node (it
             # cannot reach it: a partition, a lost JOIN): no roster is coming, stop waiting
+            if leader in self._absent_at(round):
+                return [leader]
             try:
                 return [p.id for p in self.live_peers() if p.id == leader and p.round > latest]
             except ViewUnknown:
@@ -387,6 +441,11 @@ class GroupAllReduce:
             return RoundResult("skipped", reason="no roster from leader", **skipped)
         self._silent_leaders.heard(leader)
         status = reply.meta.get("status")
+        if status == "absent":
+            return None
+        if status == "redirect":
+            target, endpoint = reply.meta.get("leader"), reply.meta.get("endpoint")
+            return (target, endpoint) if isinstance(target, str) and isinstance(endpoint, str) else None
         if status in ("resync", "closed"):
             return RoundResult("resync", reason=f"leader says {status}", **skipped)
         roster = self._parse_roster(reply)
@@ -617,10 +676,47 @@ class GroupAllReduce:
         self._silent_followers.heard(msg.sender)  # it reaches this node: wait for it again
         with self._lock:
             late = msg.round <= self._finished_round
-            if not late:
+            absent = not late and msg.round < self._absent_below
+            following = self._following if self._following is not None and self._following[0] == msg.round else None
+            if not (late or absent or following):
                 self.transport.file(msg)
-        if late:
-            self._send(endpoint, ROSTER, msg.round, 0, {"status": "closed"})
+        if late or absent:
+            self._send(endpoint, ROSTER, msg.round, 0, {"status": "closed" if late else "absent"})
+        elif following:
+            self._send(endpoint, ROSTER, msg.round, 0, self._redirect(following))
+
+    @staticmethod
+    def _redirect(following: tuple[int, str, str]) -> dict:
+        return {"status": "redirect", "leader": following[1], "endpoint": following[2]}
+
+    def _set_following(self, following: tuple[int, str, str] | None) -> None:
+        """While this node follows a leader, JOINs sent to it for that round (its view made
+        it the leader of someone else's) are redirected there, the filed ones at once."""
+        with self._lock:
+            self._following = following
+            filed = self.transport.mailbox.drain(JOIN, following[0]) if following is not None else []
+        for m in filed:
+            self._send(m.meta["endpoint"], ROSTER, m.round, 0, self._redirect(following))
+
+    def _on_skip(self, msg: Message) -> None:
+        """I/O thread: a peer runs no round before ``msg.round`` (it adopted a later state)."""
+        with self._lock:
+            self._peers_absent[msg.sender] = max(msg.round, self._peers_absent.get(msg.sender, 0))
+            if len(self._peers_absent) > 4096:  # senders are authenticated peers; still, bound it
+                self._peers_absent.pop(next(iter(self._peers_absent)))
+
+    def skip_to(self, round: int, peers: Iterable[str]) -> None:
+        """This node adopted a peer's state and runs no round before ``round``: a JOIN for
+        one (filed, or still to come) is answered "absent", and the endpoints in ``peers``
+        are told, so that no leader waits for this node in one of them."""
+        with self._lock:
+            self._absent_below = max(self._absent_below, round)
+            filed = self.transport.mailbox.drain_before(JOIN, round)
+        for m in filed:
+            status = "closed" if m.round <= self._finished_round else "absent"
+            self._send(m.meta["endpoint"], ROSTER, m.round, 0, {"status": status})
+        for endpoint in peers:
+            self._send(endpoint, SKIP, round, 0, {})
 
     def _finish(self, round: int) -> None:
         with self._lock:

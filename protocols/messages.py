@@ -21,6 +21,7 @@ from typing_extensions import TypedDict
 
 # ------------------------------------------------------------------ kind names
 JOIN, ROSTER, PART, AVG, DONE, DECISION = "JOIN", "ROSTER", "PART", "AVG", "DONE", "DECISION"
+SKIP = "SKIP"  # header round: the first sync the sender runs (it adopted a state past the others)
 GOSSIP = "GOSSIP"
 STATE, CO2_RESULT = "STATE", "CO2_RESULT"  # served snapshots; requests are f"{kind}_REQ"
 STATE_DIGEST = "STATE_DIGEST"  # a served snapshot's hash alone (a second peer vouching for a state)
@@ -45,6 +46,8 @@ class Join(TypedDict):
 class Roster(TypedDict):
     status: str
     members: NotRequired[list[Member]]
+    leader: NotRequired[str]  # status "redirect": the leader the sender follows this round
+    endpoint: NotRequired[str]
 
 
 @with_config(_STRICT)
@@ -156,7 +159,7 @@ class Empty(TypedDict):
 
 
 SCHEMAS: dict[str, type] = {
-    JOIN: Join, ROSTER: Roster, PART: Part, AVG: Part, DONE: Done, DECISION: Decision,
+    JOIN: Join, ROSTER: Roster, PART: Part, AVG: Part, DONE: Done, DECISION: Decision, SKIP: Empty,
     GOSSIP: Gossip,
     STATE: StateReply, f"{STATE}_REQ": StateRequest,
     CO2_RESULT: StateReply, f"{CO2_RESULT}_REQ": StateRequest,

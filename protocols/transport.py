@@ -222,10 +222,12 @@ class Mailbox:
     def take_from_live(
         self, kind: str, round: int, attempt: int, senders: Iterable[str], deadline: float,
         live: Callable[[], Iterable[str]], stop: threading.Event | None = None, check_s: float = 1.0,
+        moved_on: Callable[[], Iterable[str]] | None = None,
     ) -> dict[str, Message]:
         """:meth:`take`, but it stops waiting for a sender that has left the DHT view (see
         :class:`AbsenceWatch`), read every ``check_s``: a peer that died costs its record's
-        expiry, not the whole deadline."""
+        expiry, not the whole deadline. Nor for one in ``moved_on()`` (read as often): known
+        to be past this wait, which needs no second look."""
         waiting = set(senders)
         got: dict[str, Message] = {}
         watch = AbsenceWatch(live)
@@ -234,6 +236,12 @@ class Mailbox:
             got.update(self.take(kind, round, attempt, waiting - got.keys(), step, stop=stop))
             if waiting <= got.keys() or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return got
+            past = (waiting - got.keys()) & set(moved_on() if moved_on else ())
+            if past:
+                log.info("%s of round %d: %s moved past it; not waiting for them", kind, round, sorted(past))
+                waiting -= past
+                if waiting <= got.keys():
+                    return got
             gone = watch.gone(waiting - got.keys())
             if gone:
                 log.info("%s of round %d: %s left the swarm; not waiting for them", kind, round, sorted(gone))
@@ -284,6 +292,14 @@ class Mailbox:
     def drain(self, kind: str, round: int, attempt: int = 0) -> list[Message]:
         with self._cond:
             msgs = self._items.pop((kind, round, attempt), [])
+            self._release(msgs)
+            return msgs
+
+    def drain_before(self, kind: str, round: int) -> list[Message]:
+        """Every message of ``kind`` filed for a round before ``round``."""
+        with self._cond:
+            keys = [k for k in self._items if k[0] == kind and k[1] < round]
+            msgs = [m for k in keys for m in self._items.pop(k)]
             self._release(msgs)
             return msgs
 

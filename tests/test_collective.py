@@ -28,6 +28,7 @@ class Peers:
         self.alive = {t.node_id for t in self.transports}
         self.unknown: set[str] = set()  # members whose DHT lookups fail
         self.announced: dict[str, int] = {}  # members whose DHT record shows another round
+        self.hidden: dict[str, set[str]] = {}  # member -> peers its DHT view does not show yet
         self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, Compressor(codec, **codec_options),
                                            chunk_bytes=chunk_bytes)
                             for t in self.transports]
@@ -37,7 +38,7 @@ class Peers:
             if me in self.unknown:
                 raise ViewUnknown("lookup failed")
             return [PeerInfo(t.node_id, t.endpoint, self.announced.get(t.node_id, self.round)) for t in self.transports
-                    if t.node_id != me and t.node_id in self.alive]
+                    if t.node_id != me and t.node_id in self.alive and t.node_id not in self.hidden.get(me, ())]
         return live
 
     def run(self, inputs, members=None, hashes=None, weights=None):
@@ -254,6 +255,65 @@ def test_a_follower_stops_waiting_for_a_leader_that_moved_on_without_it(peers):
     result = p.collectives[1].all_reduce(0, [torch.ones(3)], 1.0, "h")
     assert result.status == "skipped" and result.reason == "no roster from leader"
     assert result.timings["total_s"] < 30  # gave up once p0 announced round 1, not at join_s (60)
+
+
+def test_a_leader_stops_waiting_for_a_follower_that_moved_on_and_waits_for_it_next_round(peers):
+    """Views that differ elect different leaders: a late joiner leads a round expecting p1,
+    which averaged it with another leader. Once p1's record shows a later round it is done
+    with this one: the leader stops waiting (the peers expecting it next would be held up
+    for the whole matchmaking timeout), and p1 is not passed over the next round."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(2, timeouts=slow)
+    timer = threading.Timer(0.5, p.announced.__setitem__, args=("p1", 1))  # p1 never joins, then moves on
+    timer.start()
+    inputs = _inputs(2)
+    result = p.collectives[0].all_reduce(0, inputs[0], 1.0, "h")
+    timer.join()
+    assert result.status == "skipped" and result.reason == "no peer joined in time", result
+    assert result.timings["total_s"] < 30, result.timings  # not the matchmaking timeout (60)
+    p.round, p.announced = 1, {}
+    late = threading.Timer(0.5, lambda: p.collectives[1].all_reduce(1, inputs[1], 1.0, "h"))
+    late.start()  # p1 joins round 1 a little after p0 started leading it
+    together = p.collectives[0].all_reduce(1, inputs[0], 1.0, "h")
+    late.join()
+    assert together.status == "ok" and together.group == ("p0", "p1"), together
+
+
+def test_a_peer_that_adopted_a_later_state_is_not_elected_nor_waited_for(peers):
+    """p0 adopted a peer's state at round 1: it runs no round 0. Asked to lead round 0, it
+    answers "absent" and p1 leads instead; told by its SKIP, a leader expecting it stops
+    waiting. Either way not after a whole timeout (60 s here)."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow)
+    inputs = _inputs(3)
+    p.collectives[0].skip_to(1, [])  # no notice sent: p1 and p2 still elect p0 and JOIN it
+    results = p.run(inputs, members=[1, 2])
+    for i in (1, 2):
+        assert results[i].status == "ok" and results[i].group == ("p1", "p2"), results[i]
+        assert results[i].timings["total_s"] < 30, results[i].timings
+    torch.testing.assert_close(results[1].tensors[0], (inputs[1][0] + inputs[2][0]) / 2)
+
+    q = peers(3, timeouts=slow)
+    q.collectives[1].skip_to(1, [q.transports[0].endpoint, q.transports[2].endpoint])  # p0 leads, expecting p1
+    results = q.run(inputs, members=[0, 2])
+    for i in (0, 2):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p2"), results[i]
+        assert results[i].timings["total_s"] < 30, results[i].timings
+
+
+def test_views_that_elect_different_leaders_still_make_one_group(peers):
+    """p2's view does not show p0 yet, so p2 elects p1; p1 sees p0 and follows it; p0 leads
+    and waits for both. p1 redirects p2's JOIN to its own leader, and the three average
+    together at once (without it: p0 waits for p2, p2 for p1, p1 for p0, until a timeout)."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow)
+    p.hidden = {"p2": {"p0"}}
+    inputs = _inputs(3)
+    results = p.run(inputs)
+    for i in range(3):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p1", "p2"), results[i]
+        assert results[i].timings["total_s"] < 30, results[i].timings
+    torch.testing.assert_close(results[2].tensors[0], sum(x[0] for x in inputs) / 3)
 
 
 def test_a_follower_that_leaves_the_swarm_is_not_waited_for(peers):

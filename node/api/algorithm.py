@@ -165,6 +165,9 @@ class OuterAlgorithm:
     def _can_publish(self) -> bool:
         return True
 
+    def _adopted(self) -> None:
+        """Called once a peer's state is adopted (round and step set to its position)."""
+
     def _staged(self, comm):
         """GPU tensors leave and enter through reused pinned host buffers."""
         return StagedCommunicator(comm, self.device) if self.device.type == "cuda" else comm
@@ -401,6 +404,7 @@ class OuterAlgorithm:
             return False
         old = self.round
         self.round, self.round_step = new_round, new_step
+        self._adopted()
         self._event("resync", round=self.round, from_round=old, source=endpoint, reason=reason,
                     weights_hash=self.weights_hash())
         log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)

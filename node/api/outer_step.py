@@ -47,6 +47,11 @@ class CollectiveAlgorithm(OuterAlgorithm):
     def _contribute_nothing(self) -> None:
         self._zero_weight = True  # read by the next outer step (_outer_round)
 
+    def _adopted(self) -> None:
+        # this process runs no earlier sync now: peers that expect it in one (their view
+        # shows its announced round, which for CO2 also fits the round before) must not wait
+        self.collective.skip_to(self._sync_id(), [p.endpoint for p in self.swarm.peers()])
+
     def _launch_hash(self) -> str:
         # the hash is fixed by the training thread before a reduce starts, because CO2 and
         # Streaming DiLoCo run the reduce on a background thread while the state moves on
