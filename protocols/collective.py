@@ -50,17 +50,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import CodecError, Compressor, Layout
-from .flat import flat_of, unflatten
+from .codecs import Compressor
+from .data_phase import DataPhase, Member
+from .flat import unflatten
+from .join_desk import JoinDesk
 from .membership import PeerInfo, ViewUnknown
-from .messages import AVG, DECISION, DONE, JOIN, PART, ROSTER, SKIP
-from .transport import AbsenceWatch, Transport
+from .messages import DECISION, DONE, JOIN, ROSTER
+from .transport import Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
-
-MIN_JUDGED_NUMEL = 64  # norms of fewer values are too noisy to call one an outlier
-
 
 @dataclass(frozen=True)
 class CollectiveTimeouts:
@@ -71,13 +70,6 @@ class CollectiveTimeouts:
     allreduce_s: float = 60.0
     decision_s: float = 30.0
     max_attempts: int = 3
-
-
-@dataclass(frozen=True)
-class Member:
-    id: str
-    endpoint: str
-    weight: float = 1.0
 
 
 @dataclass
@@ -127,15 +119,6 @@ class PassOver:
         return True
 
 
-def split_bounds(numel: int, parts: int) -> list[int]:
-    """Boundaries of ``parts`` near-equal contiguous slices of a ``numel`` vector."""
-    base, extra = divmod(numel, parts)
-    bounds = [0]
-    for j in range(parts):
-        bounds.append(bounds[-1] + base + (1 if j < extra else 0))
-    return bounds
-
-
 HELD_UP_ROUNDS = 2
 """How many rounds behind the usual window a live peer may be and still be waited for."""
 
@@ -167,24 +150,17 @@ class GroupAllReduce:
         self.timeouts = timeouts or CollectiveTimeouts()
         self.compressor = compressor or Compressor("none")
         self.stop = stop
-        self.chunk_bytes = chunk_bytes
-        self.max_norm_ratio = max_norm_ratio
         self.suspects: list[str] = []  # the last round's excluded outliers (this node's view)
+        self.data = DataPhase(transport, self.compressor, live_peers, self.timeouts.allreduce_s, stop, chunk_bytes,
+                              max_norm_ratio)
         self.departed = departed or (lambda: ())
         self.absent_grace_s = absent_grace_s
         self._last_seen: dict[str, float] = {}  # peer endpoint -> monotonic time it was last in view
         heard_at = lambda node: transport.last_heard.get(node, 0.0)  # noqa: E731
         self._silent_leaders = PassOver(heard_at)  # leaders that sent no roster
         self._silent_followers = PassOver(heard_at)  # expected peers whose JOIN did not come
-        self._finished_round = -1
-        self._out: torch.Tensor | None = None
-        self._lock = threading.Lock()
-        self.check_s = 1.0  # how often a wait on peers looks at the DHT for those that left
-        self._absent_below = 0  # this node runs no round before this one (it adopted a state)
-        self._peers_absent: dict[str, int] = {}  # peer id -> the first round it runs (its SKIP)
-        self._following: tuple[int, str, str] | None = None  # (round, leader id, endpoint) while a follower
-        transport.on(JOIN, self._on_join)
-        transport.on(SKIP, self._on_skip)
+        self.check_s = 1.0
+        self.desk = JoinDesk(transport, self._silent_followers.heard)
 
     # ------------------------------------------------------------ entry point
     def all_reduce(
@@ -202,6 +178,7 @@ class GroupAllReduce:
         expected (CO2, which has no barrier between rounds, needs 2)."""
         self.transport.mailbox.prune(round)
         self.suspects = []
+        self.data.suspects = set()
         start = time.monotonic()
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
@@ -210,7 +187,7 @@ class GroupAllReduce:
         except ViewUnknown as exc:
             # who is live is unknown: averaging with nobody would commit a solo round as
             # "ok" while the members this node trained with may be alive
-            self._finish(round)
+            self.desk.finish(round)
             self.compressor.discard()
             return RoundResult("skipped", round, reason=f"membership unknown ({exc})",
                                timings={"total_s": time.monotonic() - start})
@@ -231,7 +208,7 @@ class GroupAllReduce:
         # committing it alone as "ok". A joiner still starting (round 0) does not count.
         recent = self._recently_seen(live)
         visible = bool(peers) or any(p.id != self.me and p.round > 0 for p in live) or recent
-        absent = self._absent_at(round)
+        absent = self.desk.absent_at(round)
         peers = [p for p in peers if p.id not in silent and p.id not in absent]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("round %d (announced %d): live %s, passed over %s, absent %s", round, announced,
@@ -242,10 +219,10 @@ class GroupAllReduce:
         try:
             while True:
                 if leader == self.me:
-                    self._set_following(None)
+                    self.desk.set_following(None)
                     result = self._lead(round, tensors, weight, state_hash, peers, visible, announced)
                     break
-                self._set_following((round, leader, endpoint))
+                self.desk.set_following((round, leader, endpoint))
                 followed = self._follow(round, tensors, weight, state_hash, leader, endpoint, announced + lag - 1)
                 if isinstance(followed, RoundResult):
                     result = followed
@@ -260,8 +237,8 @@ class GroupAllReduce:
                     leader = min([self.me, *(p.id for p in peers)])
                     endpoint = next((p.endpoint for p in peers if p.id == leader), "")
         finally:
-            self._set_following(None)
-            self._finish(round)
+            self.desk.set_following(None)
+            self.desk.finish(round)
         # error feedback remembers what was dropped only if the round's values were used
         if result.status == "ok":
             self.compressor.commit()
@@ -309,11 +286,6 @@ class GroupAllReduce:
         except ViewUnknown:
             return set()
 
-    def _absent_at(self, round: int) -> set[str]:
-        """Peers that said (SKIP) they run no round before a later one."""
-        with self._lock:
-            return {node for node, first in self._peers_absent.items() if first > round}
-
     def _lead(self, round, tensors, weight, state_hash, peers, visible: bool, announced: int) -> RoundResult:
         """``peers``: whom to wait for; ``visible``: whether any peer is at this round at all
         (passed-over ones included): then a round with nobody else is skipped, never
@@ -330,7 +302,7 @@ class GroupAllReduce:
         moved_on: set[str] = set()
 
         def past() -> set[str]:
-            moved_on.update(self._past(announced) | self._absent_at(round))
+            moved_on.update(self._past(announced) | self.desk.absent_at(round))
             return moved_on | self.transport.mailbox.ahead(JOIN, round).keys()
 
         joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s, moved_on=past)
@@ -427,7 +399,7 @@ class GroupAllReduce:
         def leader_moved_on() -> list[str]:
             # a leader that announces a later round closed this one without this node (it
             # cannot reach it: a partition, a lost JOIN): no roster is coming, stop waiting
-            if leader in self._absent_at(round):
+            if leader in self.desk.absent_at(round):
                 return [leader]
             try:
                 return [p.id for p in self.live_peers() if p.id == leader and p.round > latest]
@@ -473,179 +445,20 @@ class GroupAllReduce:
             return RoundResult("skipped", attempts=attempt + 1, reason=reason, suspects=self.suspects, **skipped)
         return RoundResult("skipped", attempts=t.max_attempts, reason="out of attempts", **skipped)
 
-    # ------------------------------------------------------------- data phase
-    def _output(self, numel: int) -> torch.Tensor:
-        """The result buffer, reused across rounds: allocating (and page-faulting) a fresh
-        model-sized buffer every round costs more than the arithmetic."""
-        if self._out is None or self._out.numel() != numel:
-            self._out = torch.empty(numel, dtype=torch.float32)
-        return self._out
+    @property
+    def check_s(self) -> float:
+        """How often a wait on peers looks at the DHT for those that left or moved on."""
+        return self._check_s
+
+    @check_s.setter
+    def check_s(self, seconds: float) -> None:
+        self._check_s = self.data.check_s = seconds
 
     def _exchange(self, round, attempt, tensors, roster: list[Member]):
-        """Phases 1 and 2. Returns (flat averaged vector or None, owners whose part is missing).
-
-        Parts travel in chunks of at most ``chunk_bytes``: the owner adds chunk c while
-        chunk c+1 is on the wire, and ZeroMQ's receive buffers stay small enough for the
-        allocator to reuse them (one 100 MB message per round costs fresh pages every time).
-        Chunks go out zero-copy, as views of ``flat`` and of the output buffer; neither is
-        written again before every member has reported the round done (or was dropped)."""
-        flat = flat_of(tensors)
-        layout = Layout.of(tensors)
-        n = len(roster)
-        me = next(i for i, m in enumerate(roster) if m.id == self.me)
-        bounds = split_bounds(flat.numel(), n)
-        deadline = time.monotonic() + self.timeouts.allreduce_s
-        my_weight = roster[me].weight
-        # Phase 1: reduce-scatter. Every other member gets the part it owns, chunk by chunk,
-        # interleaved across members so that all owners can start adding at once.
-        self._send_parts(round, attempt, flat, bounds, roster, me, layout, {"weight": my_weight})
-        out = self._output(flat.numel())
-        mine = out[bounds[me]:bounds[me + 1]]
-        own = flat[bounds[me]:bounds[me + 1]]
-        if my_weight == 1.0:
-            mine.copy_(own)
-        else:
-            torch.mul(own, my_weight, out=mine)
-        failed: set[str] = set()  # members whose part did not arrive intact
-        suspects: set[str] = set()  # members whose contribution is an outlier (self included)
-        # a member that dies mid-round is not waited for past its DHT record's expiry
-        watch = AbsenceWatch(lambda: [p.id for p in self.live_peers()])
-        for lo, hi in self._chunks(mine.numel()):
-            got: list[tuple[str, torch.Tensor, float]] = []
-            for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
-                if m.id == self.me or m.id in failed:
-                    continue
-                msg, _ = self.transport.mailbox.take_first_from_live(
-                    PART, round, attempt, lambda x, s=m.id, c=lo: x.sender == s and x.meta.get("offset") == c,
-                    deadline, lambda s=m.id: {s}, watch, stop=self.stop, check_s=self.check_s)
-                part = None if msg is None else self._decode(msg, me, bounds[me] + lo, hi - lo, layout)
-                if part is None:
-                    failed.add(m.id)
-                    continue
-                got.append((m.id, part, float(msg.meta.get("weight", 1.0))))
-            outliers = self._outliers([(self.me, own[lo:hi], my_weight), *got])
-            if outliers:
-                log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median); "
-                            "excluded", round, sorted(outliers), self.max_norm_ratio)
-                suspects |= outliers
-                failed |= outliers - {self.me}
-            total = my_weight
-            for sender, part, w in got:
-                if sender in outliers:
-                    continue
-                mine[lo:hi].add_(part, alpha=w)
-                total += w  # per chunk: a member that died mid-send counts where it arrived
-            if total > 0:
-                mine[lo:hi].div_(total)
-            else:  # only zero-weight contributions (a replica that just restored itself)
-                mine[lo:hi].copy_(own[lo:hi])
-        self.suspects = sorted({*self.suspects, *suspects})
-        # Phase 2: all-gather. My averaged part goes to everyone; theirs land in `out`.
-        # A member that failed phase 1 is not waited for again (it is most likely dead);
-        # the others get a fresh deadline, since they may have waited for it too.
-        self._send_average(round, attempt, out, bounds, roster, me, layout)
-        deadline = time.monotonic() + self.timeouts.allreduce_s
-        expected = {(m.id, lo) for j, m in enumerate(roster) if j != me and m.id not in failed
-                    for lo, _ in self._chunks(bounds[j + 1] - bounds[j])}
-        index = {m.id: j for j, m in enumerate(roster)}
-        while expected:
-            msg, gone = self.transport.mailbox.take_first_from_live(
-                AVG, round, attempt, lambda x, want=expected: (x.sender, x.meta.get("offset")) in want,
-                deadline, lambda want=expected: {s for s, _ in want}, watch, stop=self.stop, check_s=self.check_s)
-            if gone:  # left the swarm: their parts are missing, the others' may still come
-                failed |= gone
-                expected = {(s, c) for s, c in expected if s not in gone}
-                continue
-            if msg is None:
-                break
-            j, lo = index[msg.sender], msg.meta["offset"]
-            hi = min(lo + self._chunk_numel, bounds[j + 1] - bounds[j])
-            piece = self._decode(msg, j, bounds[j] + lo, hi - lo, layout)
-            if piece is None:  # a bad chunk spoils its owner's whole part
-                failed.add(msg.sender)
-                expected = {(s, c) for s, c in expected if s != msg.sender}
-                continue
-            out[bounds[j] + lo:bounds[j] + hi].copy_(piece)
-            expected.discard((msg.sender, lo))
-        # an outlier of my own: report myself, so that the group goes on without my values
-        missing = sorted(failed | {sender for sender, _ in expected} | (suspects & {self.me}))
-        if missing:
-            return None, missing
-        return out, []
-
-    def _outliers(self, contributions: list[tuple[str, torch.Tensor, float]]) -> set[str]:
-        """Senders whose contribution's norm exceeds ``max_norm_ratio`` times the group's
-        (lower) median norm. With two members that is the larger one, if it is that much
-        larger: no honest pair of replicas differs so much, and one of them is then left
-        out rather than both averaging poison. Zero-weight contributions (a replica that
-        just restored itself) count for nothing and are not judged."""
-        if self.max_norm_ratio <= 0 or contributions[0][1].numel() < MIN_JUDGED_NUMEL:
-            return set()
-        norms = [(sender, float(torch.linalg.vector_norm(t))) for sender, t, w in contributions if w > 0]
-        if len(norms) < 2:
-            return set()
-        values = sorted(n for _, n in norms)
-        median = values[(len(values) - 1) // 2]
-        if median == 0:  # e.g. rows of an embedding only some replicas' batches touched
-            return set()
-        return {sender for sender, n in norms if n > self.max_norm_ratio * median}
-
-    @property
-    def _chunk_numel(self) -> int:
-        return max(1, self.chunk_bytes // 4)
-
-    def _chunks(self, numel: int) -> list[tuple[int, int]]:
-        step = self._chunk_numel
-        return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)] or [(0, 0)]
-
-    def _send_parts(self, round, attempt, flat, bounds, roster, me, layout, extra):
-        """Phase 1: part j of my vector to its owner j, chunk by chunk, interleaved across
-        owners so that all of them can start adding at once. Compressed on the way (stream
-        "part": this node's own contribution, with its own error feedback)."""
-        streams = [(m, j) for j, m in enumerate(roster) if j != me]
-        longest = max((len(self._chunks(bounds[j + 1] - bounds[j])) for _, j in streams), default=0)
-        for c in range(longest):
-            for m, j in streams:
-                chunks = self._chunks(bounds[j + 1] - bounds[j])
-                if c >= len(chunks):
-                    continue
-                lo, hi = chunks[c]
-                start = bounds[j] + lo
-                payload, meta, _ = self.compressor.encode("part", flat[start:bounds[j] + hi], start, layout)
-                self._send(m.endpoint, PART, round, attempt, {"part": j, "offset": lo, "codec": meta, **extra},
-                           payload)
-
-    def _send_average(self, round, attempt, out, bounds, roster, me, layout):
-        """Phase 2: my averaged part to every member. Each chunk is encoded once (stream
-        "avg") and this node keeps exactly what the others will decode, so that every
-        member ends with the same bits whatever the codec."""
-        for lo, hi in self._chunks(bounds[me + 1] - bounds[me]):
-            start = bounds[me] + lo
-            view = out[start:bounds[me] + hi]
-            payload, meta, decoded = self.compressor.encode("avg", view, start, layout)
-            if self.compressor.lossy:
-                payload = [t.clone() for t in payload]  # they must not alias `view`, rewritten next
-                view.copy_(decoded)
-            for j, m in enumerate(roster):
-                if j != me:
-                    self._send(m.endpoint, AVG, round, attempt, {"part": me, "offset": lo, "codec": meta}, payload)
-
-    def _decode(self, msg: Message, part: int, start: int, numel: int, layout: Layout) -> torch.Tensor | None:
-        if msg.meta.get("part") != part:
-            log.warning("%s from %s: part %r, expected %d; ignored", msg.kind, msg.sender,
-                        msg.meta.get("part"), part)
-            return None
-        try:
-            t = self.compressor.decode(msg.tensors, msg.meta.get("codec", {}), start, numel, layout)
-        except CodecError as exc:
-            log.warning("%s from %s rejected: %s", msg.kind, msg.sender, exc)
-            return None
-        # NaN/Inf anywhere makes the sum non-finite; one read pass, no temporary mask
-        if not torch.isfinite(t.sum()):
-            log.warning("%s from %s holds NaN/Inf; ignored", msg.kind, msg.sender)
-            self.suspects = sorted({*self.suspects, msg.sender})
-            return None
-        return t
+        """Phases 1 and 2 (see ``DataPhase.exchange``); the round's suspects so far."""
+        out = self.data.exchange(round, attempt, tensors, roster)
+        self.suspects = sorted(self.data.suspects)
+        return out
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
@@ -662,66 +475,12 @@ class GroupAllReduce:
             return None
         return members or None
 
+    def skip_to(self, round: int, peers: Iterable[str]) -> None:
+        """This node adopted a peer's state and runs no round before ``round`` (see
+        ``JoinDesk.skip_to``)."""
+        self.desk.skip_to(round, peers)
+
     def _send(self, endpoint: str, kind: str, round: int, attempt: int, meta: dict,
               tensors: list[torch.Tensor] | None = None) -> None:
         self.transport.send(endpoint, Message(kind, round=round, attempt=attempt, meta=meta,
                                               tensors=tensors or []))
-
-    def _on_join(self, msg: Message) -> None:
-        """I/O thread: a JOIN for a round this node already finished is answered at once."""
-        endpoint = msg.meta.get("endpoint")
-        if not isinstance(endpoint, str):
-            log.warning("JOIN from %s without an endpoint; ignored", msg.sender)
-            return
-        self._silent_followers.heard(msg.sender)  # it reaches this node: wait for it again
-        with self._lock:
-            late = msg.round <= self._finished_round
-            absent = not late and msg.round < self._absent_below
-            following = self._following if self._following is not None and self._following[0] == msg.round else None
-            if not (late or absent or following):
-                self.transport.file(msg)
-        if late or absent:
-            self._send(endpoint, ROSTER, msg.round, 0, {"status": "closed" if late else "absent"})
-        elif following:
-            self._send(endpoint, ROSTER, msg.round, 0, self._redirect(following))
-
-    @staticmethod
-    def _redirect(following: tuple[int, str, str]) -> dict:
-        return {"status": "redirect", "leader": following[1], "endpoint": following[2]}
-
-    def _set_following(self, following: tuple[int, str, str] | None) -> None:
-        """While this node follows a leader, JOINs sent to it for that round (its view made
-        it the leader of someone else's) are redirected there, the filed ones at once."""
-        with self._lock:
-            self._following = following
-            filed = self.transport.mailbox.drain(JOIN, following[0]) if following is not None else []
-        for m in filed:
-            self._send(m.meta["endpoint"], ROSTER, m.round, 0, self._redirect(following))
-
-    def _on_skip(self, msg: Message) -> None:
-        """I/O thread: a peer runs no round before ``msg.round`` (it adopted a later state)."""
-        with self._lock:
-            self._peers_absent[msg.sender] = max(msg.round, self._peers_absent.get(msg.sender, 0))
-            if len(self._peers_absent) > 4096:  # senders are authenticated peers; still, bound it
-                self._peers_absent.pop(next(iter(self._peers_absent)))
-
-    def skip_to(self, round: int, peers: Iterable[str]) -> None:
-        """This node adopted a peer's state and runs no round before ``round``: a JOIN for
-        one (filed, or still to come) is answered "absent", and the endpoints in ``peers``
-        are told, so that no leader waits for this node in one of them."""
-        with self._lock:
-            self._absent_below = max(self._absent_below, round)
-            filed = self.transport.mailbox.drain_before(JOIN, round)
-        for m in filed:
-            status = "closed" if m.round <= self._finished_round else "absent"
-            self._send(m.meta["endpoint"], ROSTER, m.round, 0, {"status": status})
-        for endpoint in peers:
-            self._send(endpoint, SKIP, round, 0, {})
-
-    def _finish(self, round: int) -> None:
-        with self._lock:
-            self._finished_round = max(self._finished_round, round)
-            leftovers = [m for r in range(max(0, round - 1), round + 1)
-                         for m in self.transport.mailbox.drain(JOIN, r)]
-        for m in leftovers:
-            self._send(m.meta["endpoint"], ROSTER, m.round, 0, {"status": "closed"})

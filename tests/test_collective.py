@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from loco.protocols.codecs import Compressor
-from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, PassOver, split_bounds
+from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, PassOver
+from loco.protocols.data_phase import split_bounds
 from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from loco.protocols.transport import Transport
