@@ -26,7 +26,8 @@ local reading of the DHT, so members cannot disagree on who is in.
 The leader is the smallest node id among live peers announced at this round (everyone
 can compute it). Views differ while records propagate, so a few rules keep a wrong guess
 from stalling anyone for a whole timeout: a leader stops waiting for an expected peer once
-its record shows a later round (it averaged this round elsewhere); a node that adopted a
+its record shows a later round, or it answers the leader's ASK with PAST (it averaged
+this round elsewhere: records show rounds, not the syncs inside one); a node that adopted a
 peer's state runs no earlier round, so it tells the live peers (SKIP: leaders stop
 expecting it) and answers a JOIN for one with ROSTER(status=absent) (the joiner elects
 the next smallest id); a node that follows another leader answers a JOIN with
@@ -55,7 +56,7 @@ from .data_phase import DataPhase, Member
 from .flat import unflatten
 from .join_desk import JoinDesk
 from .membership import PeerInfo, ViewUnknown
-from .messages import DECISION, DONE, JOIN, ROSTER
+from .messages import ASK, DECISION, DONE, JOIN, PAST, ROSTER
 from .transport import Transport
 from .wire import Message
 
@@ -299,10 +300,16 @@ class GroupAllReduce:
         # round, is done with it (this leader fell behind it, or views that differed elected
         # another leader it followed): it will never join here, so it is not waited for.
         # Waiting on would hold up the rounds of every peer that expects this node next.
+        # DHT records show rounds, not the syncs inside one (DDP, Streaming), and lag: so
+        # every check also asks the members still awaited, and those past it answer.
         moved_on: set[str] = set()
+        endpoints = {p.id: p.endpoint for p in peers}
 
         def past() -> set[str]:
             moved_on.update(self._past(announced) | self.desk.absent_at(round))
+            moved_on.update(m.sender for m in self.transport.mailbox.drain(PAST, round))
+            for node in set(expected) - moved_on:
+                self._send(endpoints[node], ASK, round, 0, {"endpoint": self.transport.endpoint})
             return moved_on | self.transport.mailbox.ahead(JOIN, round).keys()
 
         joins = self._wait_for(JOIN, round, 0, expected, time.monotonic() + t.matchmaking_s, moved_on=past)

@@ -1,7 +1,8 @@
 """A node's front desk for JOINs of rounds it does not lead (see :mod:`.collective`): it
 answers at once those for rounds it finished ("closed"), for rounds before a state it
-adopted ("absent"), and for the round it follows another leader in ("redirect"); and it
-keeps what peers said about the rounds they skip."""
+adopted ("absent"), and for the round it follows another leader in ("redirect"); it tells
+a leader that asks (ASK) whether this node is past the round that leader waits for it in
+(PAST); and it keeps what peers said about the rounds they skip."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 
-from .messages import JOIN, ROSTER, SKIP
+from .messages import ASK, JOIN, PAST, ROSTER, SKIP
 from .transport import Transport
 from .wire import Message
 
@@ -28,6 +29,7 @@ class JoinDesk:
         self._lock = threading.Lock()
         transport.on(JOIN, self.on_join)
         transport.on(SKIP, self.on_skip)
+        transport.on(ASK, self.on_ask)
 
     def absent_at(self, round: int) -> set[str]:
         """Peers that said (SKIP) they run no round before a later one."""
@@ -65,6 +67,17 @@ class JoinDesk:
             filed = self.transport.mailbox.drain(JOIN, following[0]) if following is not None else []
         for m in filed:
             self._send(m.meta["endpoint"], m.round, self._redirect(following))
+
+    def on_ask(self, msg: Message) -> None:
+        """I/O thread: a leader waits for this node's JOIN of ``msg.round``. If this node
+        finished that round, skips it, or follows another leader in it, no JOIN is coming:
+        PAST says so (otherwise no answer: the JOIN may still come)."""
+        with self._lock:
+            f = self._following
+            past = (msg.round <= self._finished_round or msg.round < self._absent_below
+                    or (f is not None and f[0] == msg.round and f[1] != msg.sender))
+        if past:
+            self.transport.send(msg.meta["endpoint"], Message(PAST, round=msg.round, attempt=0, meta={}))
 
     def on_skip(self, msg: Message) -> None:
         """I/O thread: a peer runs no round before ``msg.round`` (it adopted a later state)."""

@@ -22,6 +22,7 @@ from typing_extensions import TypedDict
 # ------------------------------------------------------------------ kind names
 JOIN, ROSTER, PART, AVG, DONE, DECISION = "JOIN", "ROSTER", "PART", "AVG", "DONE", "DECISION"
 SKIP = "SKIP"  # header round: the first sync the sender runs (it adopted a state past the others)
+ASK, PAST = "ASK", "PAST"  # a leader asks a member it waits for; the member answers if it is past that round
 GOSSIP = "GOSSIP"
 STATE, CO2_RESULT = "STATE", "CO2_RESULT"  # served snapshots; requests are f"{kind}_REQ"
 STATE_DIGEST = "STATE_DIGEST"  # a served snapshot's hash alone (a second peer vouching for a state)
@@ -158,8 +159,14 @@ class Empty(TypedDict):
     pass
 
 
+@with_config(_STRICT)
+class Ask(TypedDict):
+    endpoint: str
+
+
 SCHEMAS: dict[str, type] = {
     JOIN: Join, ROSTER: Roster, PART: Part, AVG: Part, DONE: Done, DECISION: Decision, SKIP: Empty,
+    ASK: Ask, PAST: Empty,
     GOSSIP: Gossip,
     STATE: StateReply, f"{STATE}_REQ": StateRequest,
     CO2_RESULT: StateReply, f"{CO2_RESULT}_REQ": StateRequest,

@@ -317,6 +317,22 @@ def test_views_that_elect_different_leaders_still_make_one_group(peers):
     torch.testing.assert_close(results[2].tensors[0], sum(x[0] for x in inputs) / 3)
 
 
+def test_a_leader_asks_a_member_it_waits_for_and_stops_once_it_is_past_the_round(peers):
+    """p1 averaged sync 0 without p0 (p0's record was not visible yet), and its record still
+    shows the round that sync is in (records show rounds, not the syncs inside one: DDP,
+    Streaming). p0 leads sync 0 expecting it: asked, p1 answers that it is past it."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(2, timeouts=slow)
+    inputs = _inputs(2)
+    p.alive = {"p1"}
+    solo = p.collectives[1].all_reduce(0, inputs[1], 1.0, "h")
+    assert solo.status == "ok" and solo.group == ("p1",), solo
+    p.alive = {"p0", "p1"}
+    late = p.collectives[0].all_reduce(0, inputs[0], 1.0, "h")
+    assert late.status == "skipped" and late.reason == "no peer joined in time", late
+    assert late.timings["total_s"] < 30, late.timings  # not the matchmaking timeout (60)
+
+
 def test_a_follower_that_leaves_the_swarm_is_not_waited_for(peers):
     slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
     p = peers(3, timeouts=slow)

@@ -165,8 +165,9 @@ class OuterAlgorithm:
     def _can_publish(self) -> bool:
         return True
 
-    def _adopted(self) -> None:
-        """Called once a peer's state is adopted (round and step set to its position)."""
+    def _skip_syncs_to(self, sync_id: int) -> None:
+        """This process is adopting (or adopted) a peer's state at ``sync_id``: it runs none of
+        the syncs that state already holds. Called before the fetch and after adopting."""
 
     def _staged(self, comm):
         """GPU tensors leave and enter through reused pinned host buffers."""
@@ -404,7 +405,7 @@ class OuterAlgorithm:
             return False
         old = self.round
         self.round, self.round_step = new_round, new_step
-        self._adopted()
+        self._skip_syncs_to(self._sync_id())
         self._event("resync", round=self.round, from_round=old, source=endpoint, reason=reason,
                     weights_hash=self.weights_hash())
         log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)
@@ -434,6 +435,7 @@ class OuterAlgorithm:
         best, source = target
         first_id = best * self.inner_steps if self.fine_grained else best
         how = "ahead" if best > self.round else "behind, this node alone ahead of them"
+        self._skip_syncs_to(first_id)  # (a catch-up that fails costs this node those rounds)
         if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
             return True
         self._unreachable.mark(source, self.round)

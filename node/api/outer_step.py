@@ -47,10 +47,13 @@ class CollectiveAlgorithm(OuterAlgorithm):
     def _contribute_nothing(self) -> None:
         self._zero_weight = True  # read by the next outer step (_outer_round)
 
-    def _adopted(self) -> None:
-        # this process runs no earlier sync now: peers that expect it in one (their view
-        # shows its announced round, which for CO2 also fits the round before) must not wait
-        self.collective.skip_to(self._sync_id(), [p.endpoint for p in self.swarm.peers()])
+    def _skip_syncs_to(self, sync_id: int) -> None:
+        # peers that expect this process in one of those syncs (their view shows its
+        # announced round, which for CO2 also fits the round before) must not wait for it,
+        # nor follow it there. A snapshot at a step (DDP, Streaming) holds that step's sync;
+        # one at a round (DiLoCo, CO2) is where that round's sync starts.
+        first = sync_id + 1 if self.fine_grained else sync_id
+        self.collective.skip_to(first, [p.endpoint for p in self.swarm.peers()])
 
     def _launch_hash(self) -> str:
         # the hash is fixed by the training thread before a reduce starts, because CO2 and
