@@ -21,6 +21,7 @@ from .config import config_to_dict
 from .experiment import Experiment, Fault, Variant, node_config
 from .metrics import MetricsWriter, read_metrics
 from .report import write_report
+from .runtime import write_json_atomic
 from .swarm import (
     LocalNode,
     launch_env,
@@ -46,6 +47,11 @@ class VariantRun:
         self.faults = MetricsWriter(out / "metrics" / "faults.jsonl", "runner")
         self.pending = sorted(exp.fault, key=lambda f: (f.at_s if f.at_s is not None else 1e18))
         self.resume_at: list[tuple[float, int]] = []  # (time, node) for SIGCONT after a pause
+        # node -> the join file its restart waits on: a restart is started as soon as the node
+        # is down, loads its model, data and checkpoint, and joins when the fault fires (a
+        # fresh process takes 10-20 s to import and load on a busy machine, by when the
+        # others may have finished)
+        self.staged: dict[int, Path] = {}
         self.env = launch_env(node_config(exp, variant, 0, self.epoch).swarm)  # restarts keep the key
 
     def _config_path(self, i: int) -> Path:
@@ -81,10 +87,21 @@ class VariantRun:
         return path.exists() and any(r.get("event") == "outer" and r.get("round", -1) >= rnd
                                      for r in read_metrics(path))
 
+    def _stage_restarts(self) -> None:
+        for f in self.pending:
+            node = self.nodes.get(f.node)
+            if f.action != "restart" or node is None or node.proc.poll() is None:
+                continue
+            self.staged.pop(f.node, None)  # (a staged restart that gave up waiting is staged again)
+            join = self.out / "nodes" / f"node{f.node}.restart.json"
+            join.unlink(missing_ok=True)
+            self._start(f.node, None, join)
+            self.staged[f.node] = join
+
     def _due(self, f: Fault) -> bool:
         if f.action == "restart":
             node = self.nodes.get(f.node)
-            if node is not None and node.proc.poll() is None:
+            if node is not None and node.proc.poll() is None and f.node not in self.staged:
                 return False  # still running (or still shutting down after a stop): wait for it
         if f.at_s is not None:
             return time.time() - self.epoch >= f.at_s
@@ -100,10 +117,17 @@ class VariantRun:
             record["peer"] = f"node{f.peer}"
             record["duration_s"] = f.duration_s  # applied by both nodes' shapers from their config
         elif f.action == "restart":
-            if alive:
+            staged = self.staged.pop(f.node, None)
+            peer = self._live_peer(exclude=f.node)
+            if staged is not None and alive and peer is not None:
+                write_json_atomic(staged, {"maddrs": [peer]})  # it joins now
+            elif staged is not None:  # nobody to join through: it starts the swarm anew
+                stop_all([node], grace_s=30)
+                self._start(f.node, None)
+            elif alive:
                 record["note"] = "node was running; not restarted"
             else:
-                self._start(f.node, self._live_peer(exclude=f.node))
+                self._start(f.node, peer)
         elif not alive:
             record["note"] = "node was not running"
         elif f.action == "kill":
@@ -130,6 +154,7 @@ class VariantRun:
             wait_for_file(first, self.nodes[0].proc, 180)
             deadline = time.time() + self.exp.experiment.timeout_s
             while time.time() < deadline:
+                self._stage_restarts()
                 for f in [f for f in self.pending if self._due(f)]:
                     self.pending.remove(f)
                     self._apply(f)

@@ -124,12 +124,13 @@ at_round = 1
 [[fault]]
 action = "restart"
 node = 1
-at_round = 2
+at_round = 4
 
 [[variant]]
 name = "diloco"
-""").replace("max_tokens = 30720", "rounds = 0, max_tokens = 204800")  # (the others must still be
-    # training when node1 is back: its restart (a new process: imports, data, DHT) takes 10-20 s on a busy machine)
+""").replace("max_tokens = 30720", "rounds = 0, max_tokens = 256000")  # (the others must still be
+    # training when node1 is back: its restart process starts once it is down and loads
+    # (imports, data, checkpoint: 10-20 s on a busy machine) while the others train 50 rounds)
     path = tmp_path / "restart.toml"
     path.write_text(text)
     out = tmp_path / "out"
