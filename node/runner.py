@@ -121,12 +121,11 @@ class VariantRun:
             peer = self._live_peer(exclude=f.node)
             if staged is not None and alive and peer is not None:
                 write_json_atomic(staged, {"maddrs": [peer]})  # it joins now
-            elif staged is not None:  # nobody to join through: it starts the swarm anew
-                stop_all([node], grace_s=30)
-                self._start(f.node, None)
-            elif alive:
+            elif staged is None and alive:
                 record["note"] = "node was running; not restarted"
-            else:
+            else:  # down, or staged with nobody to join through (it starts the swarm anew)
+                if staged is not None:
+                    stop_all([node], grace_s=30)
                 self._start(f.node, peer)
         elif not alive:
             record["note"] = "node was not running"

@@ -482,6 +482,10 @@ class GroupAllReduce:
             return None
         return members or None
 
+    def away(self, round: int) -> None:
+        """Fetching a peer's state at ``round`` (0: done; see ``JoinDesk.away``)."""
+        self.desk.away(round)
+
     def skip_to(self, round: int, peers: Iterable[str]) -> None:
         """This node adopted a peer's state and runs no round before ``round`` (see
         ``JoinDesk.skip_to``)."""

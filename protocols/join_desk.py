@@ -26,6 +26,7 @@ class JoinDesk:
         self._absent_below = 0  # this node runs no round before this one (it adopted a state)
         self._peers_absent: dict[str, int] = {}  # peer id -> the first round it runs (its SKIP)
         self._following: tuple[int, str, str] | None = None  # (round, leader id, endpoint) while a follower
+        self._away_below = 0  # while fetching a state to adopt: no round before this one here
         self._lock = threading.Lock()
         transport.on(JOIN, self.on_join)
         transport.on(SKIP, self.on_skip)
@@ -46,7 +47,7 @@ class JoinDesk:
         self.heard(msg.sender)  # it reaches this node: wait for it again
         with self._lock:
             late = msg.round <= self._finished_round
-            absent = not late and msg.round < self._absent_below
+            absent = not late and msg.round < max(self._absent_below, self._away_below)
             following = self._following if self._following is not None and self._following[0] == msg.round else None
             if not (late or absent or following):
                 self.transport.file(msg)
@@ -98,6 +99,18 @@ class JoinDesk:
             self._send(m.meta["endpoint"], m.round, {"status": status})
         for endpoint in peers:
             self.transport.send(endpoint, Message(SKIP, round=round, attempt=0, meta={}))
+
+    def away(self, round: int) -> None:
+        """While this node fetches a peer's state at ``round`` to adopt it (0: done), a JOIN
+        for an earlier round is answered "absent": a peer that elected it leader must not wait
+        on it meanwhile. Unlike ``skip_to`` it tells nobody and lasts only as long as the
+        fetch: a fetch that fails leaves this node in its rounds."""
+        with self._lock:
+            self._away_below = round
+            filed = self.transport.mailbox.drain_before(JOIN, round) if round else []
+        for m in filed:
+            status = "closed" if m.round <= self._finished_round else "absent"
+            self._send(m.meta["endpoint"], m.round, {"status": status})
 
     def finish(self, round: int) -> None:
         """This node is done with ``round``: a JOIN for it or an earlier one is answered "closed"."""

@@ -302,6 +302,21 @@ def test_a_peer_that_adopted_a_later_state_is_not_elected_nor_waited_for(peers):
         assert results[i].timings["total_s"] < 30, results[i].timings
 
 
+def test_a_node_fetching_a_state_is_not_waited_for_and_leads_again_if_the_fetch_fails(peers):
+    """While p0 fetches a peer's state at round 1 (whose snapshot may wait on round 0), a JOIN
+    for round 0 gets "absent" and p1 leads it; the fetch failed, so p0 is in round 1 again."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow)
+    inputs = _inputs(3)
+    p.collectives[0].away(1)
+    first = p.run(inputs, members=[1, 2])
+    assert all(r.status == "ok" and r.group == ("p1", "p2") for r in first.values()), first
+    p.collectives[0].away(0)
+    p.round = 1
+    second = p.run(inputs)
+    assert all(r.status == "ok" and r.group == ("p0", "p1", "p2") for r in second.values()), second
+
+
 def test_views_that_elect_different_leaders_still_make_one_group(peers):
     """p2's view does not show p0 yet, so p2 elects p1; p1 sees p0 and follows it; p0 leads
     and waits for both. p1 redirects p2's JOIN to its own leader, and the three average

@@ -166,8 +166,11 @@ class OuterAlgorithm:
         return True
 
     def _skip_syncs_to(self, sync_id: int) -> None:
-        """This process is adopting (or adopted) a peer's state at ``sync_id``: it runs none of
-        the syncs that state already holds. Called before the fetch and after adopting."""
+        """This process adopted a peer's state at ``sync_id``: it runs none of the syncs that
+        state already holds."""
+
+    def _fetching(self, sync_id: int | None) -> None:
+        """This process is fetching a peer's state at ``sync_id`` (None: the fetch ended)."""
 
     def _staged(self, comm):
         """GPU tensors leave and enter through reused pinned host buffers."""
@@ -435,9 +438,12 @@ class OuterAlgorithm:
         best, source = target
         first_id = best * self.inner_steps if self.fine_grained else best
         how = "ahead" if best > self.round else "behind, this node alone ahead of them"
-        self._skip_syncs_to(first_id)  # (a catch-up that fails costs this node those rounds)
-        if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
-            return True
+        self._fetching(first_id)
+        try:
+            if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
+                return True
+        finally:
+            self._fetching(None)
         self._unreachable.mark(source, self.round)
         return False
 

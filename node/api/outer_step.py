@@ -52,8 +52,15 @@ class CollectiveAlgorithm(OuterAlgorithm):
         # announced round, which for CO2 also fits the round before) must not wait for it,
         # nor follow it there. A snapshot at a step (DDP, Streaming) holds that step's sync;
         # one at a round (DiLoCo, CO2) is where that round's sync starts.
-        first = sync_id + 1 if self.fine_grained else sync_id
-        self.collective.skip_to(first, [p.endpoint for p in self.swarm.peers()])
+        self.collective.skip_to(self._first_after(sync_id), [p.endpoint for p in self.swarm.peers()])
+
+    def _fetching(self, sync_id: int | None) -> None:
+        # a peer that elected this process leader of a sync the fetched state will hold must
+        # not wait on it meanwhile (its snapshot may wait on that sync: a deadlock)
+        self.collective.away(0 if sync_id is None else self._first_after(sync_id))
+
+    def _first_after(self, sync_id: int) -> int:
+        return sync_id + 1 if self.fine_grained else sync_id
 
     def _launch_hash(self) -> str:
         # the hash is fixed by the training thread before a reduce starts, because CO2 and
