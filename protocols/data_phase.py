@@ -5,6 +5,7 @@ averaged parts, chunk by chunk, with outlier and NaN checks on what arrives."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ class DataPhase:
     """One member's side of the data phases, reusing its output buffer across rounds."""
 
     def __init__(self, transport: Transport, compressor: Compressor, live_peers: Callable[[], list[PeerInfo]],
-                 allreduce_s: float, stop, chunk_bytes: int, max_norm_ratio: float):
+                 allreduce_s: float, stop: threading.Event | None, chunk_bytes: int,
+                 max_norm_ratio: float):
         self.transport = transport
         self.me = transport.node_id
         self.compressor = compressor

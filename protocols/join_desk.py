@@ -93,10 +93,7 @@ class JoinDesk:
         are told, so that no leader waits for this node in one of them."""
         with self._lock:
             self._absent_below = max(self._absent_below, round)
-            filed = self.transport.mailbox.drain_before(JOIN, round)
-        for m in filed:
-            status = "closed" if m.round <= self._finished_round else "absent"
-            self._send(m.meta["endpoint"], m.round, {"status": status})
+        self._turn_away_before(round)
         for endpoint in peers:
             self.transport.send(endpoint, Message(SKIP, round=round, attempt=0, meta={}))
 
@@ -107,7 +104,12 @@ class JoinDesk:
         fetch: a fetch that fails leaves this node in its rounds."""
         with self._lock:
             self._away_below = round
-            filed = self.transport.mailbox.drain_before(JOIN, round) if round else []
+        self._turn_away_before(round)
+
+    def _turn_away_before(self, round: int) -> None:
+        """Answer the JOINs filed for rounds before ``round``: this node leads none of them."""
+        with self._lock:
+            filed = self.transport.mailbox.drain_before(JOIN, round)
         for m in filed:
             status = "closed" if m.round <= self._finished_round else "absent"
             self._send(m.meta["endpoint"], m.round, {"status": status})
