@@ -430,6 +430,7 @@ class GroupAllReduce:
         roster = self._parse_roster(reply)
         if roster is None:
             return RoundResult("skipped", reason="malformed roster", **skipped)
+        self.desk.grouped(round, leader)
         for m in roster:
             self.transport.name_peer(m.endpoint, m.id)
         for attempt in range(t.max_attempts):

@@ -26,6 +26,7 @@ class JoinDesk:
         self._absent_below = 0  # this node runs no round before this one (it adopted a state)
         self._peers_absent: dict[str, int] = {}  # peer id -> the first round it runs (its SKIP)
         self._following: tuple[int, str, str] | None = None  # (round, leader id, endpoint) while a follower
+        self._grouped: tuple[int, str] | None = None  # (round, leader id) once that leader's roster has this node
         self._away_below = 0  # while fetching a state to adopt: no round before this one here
         self._lock = threading.Lock()
         transport.on(JOIN, self.on_join)
@@ -65,18 +66,25 @@ class JoinDesk:
         it the leader of someone else's) are redirected there, the filed ones at once."""
         with self._lock:
             self._following = following
+            self._grouped = None
             filed = self.transport.mailbox.drain(JOIN, following[0]) if following is not None else []
         for m in filed:
             self._send(m.meta["endpoint"], m.round, self._redirect(following))
 
+    def grouped(self, round: int, leader: str) -> None:
+        """This node is in the group ``leader`` formed for ``round`` (its roster came)."""
+        with self._lock:
+            self._grouped = (round, leader)
+
     def on_ask(self, msg: Message) -> None:
         """I/O thread: a leader waits for this node's JOIN of ``msg.round``. If this node
-        finished that round, skips it, or follows another leader in it, no JOIN is coming:
-        PAST says so (otherwise no answer: the JOIN may still come)."""
+        finished that round, skips it, or is in another leader's group for it, no JOIN is
+        coming: PAST says so (otherwise no answer: the JOIN may still come). Following another
+        leader is not enough: that one may answer "absent", and this node then elects again."""
         with self._lock:
-            f = self._following
+            g = self._grouped
             past = (msg.round <= self._finished_round or msg.round < self._absent_below
-                    or (f is not None and f[0] == msg.round and f[1] != msg.sender))
+                    or (g is not None and g[0] == msg.round and g[1] != msg.sender))
         if past:
             self.transport.send(msg.meta["endpoint"], Message(PAST, round=msg.round, attempt=0, meta={}))
 

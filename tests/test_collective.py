@@ -14,6 +14,7 @@ from loco.protocols.codecs import Compressor
 from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, PassOver
 from loco.protocols.data_phase import split_bounds
 from loco.protocols.membership import PeerInfo, ViewUnknown
+from loco.protocols.messages import ASK, PAST
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
@@ -315,6 +316,24 @@ def test_a_node_fetching_a_state_is_not_waited_for_and_leads_again_if_the_fetch_
     p.round = 1
     second = p.run(inputs)
     assert all(r.status == "ok" and r.group == ("p0", "p1", "p2") for r in second.values()), second
+
+
+def test_a_follower_tells_an_asking_leader_it_is_past_the_round_only_once_in_another_group(peers):
+    """p2 follows p0 in round 0 but p0 may still answer "absent" (then p2 elects p1): asked by
+    p1 meanwhile, p2 must not say it is past round 0. Once p0's roster has it, it says so."""
+    p = peers(3)
+    asker, desk = p.transports[1], p.collectives[2].desk
+    p2 = p.transports[2].endpoint
+    desk.set_following((0, "p0", p.transports[0].endpoint))
+    asker.send(p2, Message(ASK, round=0, attempt=0, meta={"endpoint": asker.endpoint}))
+    # a JOIN to a follower is redirected; it comes back after any answer to the ASK before it
+    asker.send(p2, Message(JOIN, round=0, attempt=0, meta={"endpoint": asker.endpoint, "state_hash": "", "weight": 1.0}))
+    redirect = asker.recv(ROSTER, 0, sender="p2", timeout_s=30)
+    assert redirect is not None and redirect.meta["status"] == "redirect", redirect
+    assert asker.mailbox.drain(PAST, 0) == []
+    desk.grouped(0, "p0")
+    asker.send(p2, Message(ASK, round=0, attempt=0, meta={"endpoint": asker.endpoint}))
+    assert asker.recv(PAST, 0, sender="p2", timeout_s=30) is not None
 
 
 def test_views_that_elect_different_leaders_still_make_one_group(peers):
