@@ -217,6 +217,9 @@ class GroupAllReduce:
         leader = min([self.me, *(p.id for p in peers)])
         endpoint = next((p.endpoint for p in peers if p.id == leader), "")
         tried: set[str] = set()
+        not_in_round: set[str] = set()  # leaders that answered "absent"
+        came_from: dict[str, tuple[str, str]] = {}  # leader -> the node that redirected this one to it
+        asked_again: set[str] = set()
         try:
             while True:
                 if leader == self.me:
@@ -231,9 +234,19 @@ class GroupAllReduce:
                 # the leader is not in this round (None), or follows a smaller id: go there
                 # (each id is tried once: a redirect can neither loop nor go on forever)
                 tried.add(leader)
+                if followed is None:
+                    not_in_round.add(leader)
                 peers = [p for p in peers if p.id not in tried]
+                # a node that redirected here follows a leader that is not in this round: told
+                # the same, it leads (or redirects to its next choice), so ask it once more.
+                # Electing past it split the round: this node led alone, it waited for this one
+                back = came_from.get(leader) if followed is None else (leader, endpoint)
                 if followed is not None and followed[0] < leader and followed[0] not in tried:
+                    came_from[followed[0]] = (leader, endpoint)
                     leader, endpoint = followed
+                elif back is not None and back[0] not in asked_again and (followed is None or followed[0] in not_in_round):
+                    asked_again.add(back[0])
+                    leader, endpoint = back
                 else:
                     leader = min([self.me, *(p.id for p in peers)])
                     endpoint = next((p.endpoint for p in peers if p.id == leader), "")

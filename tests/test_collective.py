@@ -15,6 +15,7 @@ from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAll
 from loco.protocols.data_phase import split_bounds
 from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.messages import ASK, PAST
+from loco.protocols.shaper import LinkProfile, Shaper
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
@@ -24,8 +25,8 @@ FAST = CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=5, decision_s
 
 class Peers:
     def __init__(self, n: int, timeouts: CollectiveTimeouts = FAST, round: int = 0, chunk_bytes: int = 4 << 20,
-                 codec: str = "none", **codec_options):
-        self.transports = [Transport(f"p{i}") for i in range(n)]
+                 codec: str = "none", shapers: dict[int, Shaper] | None = None, **codec_options):
+        self.transports = [Transport(f"p{i}", shaper=(shapers or {}).get(i)) for i in range(n)]
         self.round = round
         self.alive = {t.node_id for t in self.transports}
         self.unknown: set[str] = set()  # members whose DHT lookups fail
@@ -316,6 +317,21 @@ def test_a_node_fetching_a_state_is_not_waited_for_and_leads_again_if_the_fetch_
     p.round = 1
     second = p.run(inputs)
     assert all(r.status == "ok" and r.group == ("p0", "p1", "p2") for r in second.values()), second
+
+
+def test_a_node_redirected_to_a_leader_that_is_not_in_the_round_asks_the_redirecting_one_again(peers):
+    """p0 adopted a later state and answers "absent", a second late (its link is slow). p1
+    follows it meanwhile; p2 (whose view does not show p0) elects p1 and is redirected to p0.
+    Told "absent", p2 goes back to p1, which leads by then: one group, not two alone."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow, shapers={0: Shaper(default=LinkProfile(latency_s=1.0))})
+    p.hidden = {"p2": {"p0"}}
+    p.collectives[0].skip_to(1, [])
+    inputs = _inputs(3)
+    results = p.run(inputs, members=[1, 2])
+    for i in (1, 2):
+        assert results[i].status == "ok" and results[i].group == ("p1", "p2"), results[i]
+        assert results[i].timings["total_s"] < 30, results[i].timings
 
 
 def test_a_follower_tells_an_asking_leader_it_is_past_the_round_only_once_in_another_group(peers):

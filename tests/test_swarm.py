@@ -142,52 +142,40 @@ def _round_with_all(out: Path, nodes: list[str], after: int = -1) -> int | None:
 UNTIL_STOPPED = ("train.rounds=0", "swarm.wait_for_peers=1")
 
 
-def test_restart_resumes_and_late_joiner_starts_from_swarm_state(procs, tmp_path):
+def test_restarts_resume_a_late_joiner_starts_from_swarm_state_and_all_rejoin_when_the_first_peer_is_gone(
+        procs, tmp_path):
     out = tmp_path / "run"
     extra = UNTIL_STOPPED
     p0 = _start_node(procs, out, "node0", *extra)
     p1 = _start_node(procs, out, "node1", *extra, via_node0=True)
     peer = _ready(out, "node0")["join"]
-    restart, late = (_staged_node(procs, out, n, *extra, peer=peer) for n in ("node1", "node2"))
+    restart1, late, again1 = (_staged_node(procs, out, n, *extra, peer=peer) for n in ("node1", "node2", "node1"))
+    restart0 = _staged_node(procs, out, "node0", *extra)  # its own command: no token
+    # 1. a restart resumes from its checkpoint
     wait_until(lambda: any(r["round"] >= 1 for r in _outer(out, "node1")), 240, "node1 to finish round 1")
     p1.send_signal(signal.SIGTERM)
     assert _wait_exit(p1, 120, "node1", procs) == 0
     stop = [r for r in read_records(out / "metrics" / "node1.jsonl") if r["event"] == "stop"][-1]
-    p1 = restart.go()
+    p1 = restart1.go()
     starts = wait_until(lambda: [r for r in read_records(out / "metrics" / "node1.jsonl")
                                  if r["event"] == "start"][1:], 180, "node1 to restart")
     assert starts[0]["resumed"] is True
     assert starts[0]["step"] == stop["step"]  # continues from the checkpointed step
-    # a node that was never part of the swarm joins late
+    # 2. a node that was never part of the swarm joins late, from the swarm's state
     wait_until(lambda: any(r["round"] >= 4 for r in _outer(out, "node0")), 300, "node0 to reach round 4")
     p2 = late.go()
-    late = wait_until(lambda: next((r for r in read_records(out / "metrics" / "node2.jsonl")
-                                    if r["event"] == "start"), None), 180, "node2 to start")
-    assert late["round"] >= 4
+    joined = wait_until(lambda: next((r for r in read_records(out / "metrics" / "node2.jsonl")
+                                      if r["event"] == "start"), None), 180, "node2 to start")
+    assert joined["round"] >= 4
     nodes = ["node0", "node1", "node2"]
     wait_until(lambda: _round_with_all(out, nodes) is not None, 300, "a round averaged by all three nodes")
     node0_after = {r["next_round"]: r for r in _outer(out, "node0")}
-    source = node0_after[late["round"]]
-    assert late["weights_hash"] == source["weights_hash"]  # starts from the swarm's weights
+    source = node0_after[joined["round"]]
+    assert joined["weights_hash"] == source["weights_hash"]  # starts from the swarm's weights
     first = next(r for r in read_records(out / "metrics" / "node0.jsonl") if r["event"] == "start")
-    assert late["val_loss"] < first["val_loss"] - 0.3  # not an untrained model
-    assert abs(late["val_loss"] - source["val_loss"]) < 1e-6
-    for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
-        proc.send_signal(signal.SIGTERM)
-        assert _wait_exit(proc, 120, name, procs) == 0
-
-
-def test_restarts_rejoin_through_the_peers_last_seen_when_the_first_peer_is_gone(procs, tmp_path):
-    out = tmp_path / "run"
-    extra = UNTIL_STOPPED
-    p0 = _start_node(procs, out, "node0", *extra)
-    p1 = _start_node(procs, out, "node1", *extra, via_node0=True)
-    p2 = _start_node(procs, out, "node2", *extra, via_node0=True)
-    peer = _ready(out, "node0")["join"]
-    restart1, restart0 = _staged_node(procs, out, "node1", *extra, peer=peer), _staged_node(procs, out, "node0", *extra)
-    nodes = ["node0", "node1", "node2"]
-    wait_until(lambda: _round_with_all(out, nodes) is not None, 300, "a round averaged by all three nodes")
-    # the first node dies; node1 restarts with its own command, whose token names node0's
+    assert joined["val_loss"] < first["val_loss"] - 0.3  # not an untrained model
+    assert abs(joined["val_loss"] - source["val_loss"]) < 1e-6
+    # 3. the first node dies; node1 restarts with its own command, whose token names node0's
     # (dead) address: it finds the swarm through the peers it saw last time
     addr = _ready(out, "node0")["maddrs"]
     before = max(r["round"] for n in nodes for r in _outer(out, n))
@@ -196,12 +184,13 @@ def test_restarts_rejoin_through_the_peers_last_seen_when_the_first_peer_is_gone
     p1.send_signal(signal.SIGTERM)
     assert _wait_exit(p1, 120, "node1", procs) == 0
     (out / "nodes" / "node0.json").unlink()
-    p1 = restart1.go()
+    p1 = again1.go()
     # then node0 restarts with its own command (no token, no peer): same multiaddress, and it
     # rejoins the swarm it led instead of starting a new one
     p0 = restart0.go()
     assert _ready(out, "node0")["maddrs"] == addr
-    wait_until(lambda: _round_with_all(out, nodes, after=before) is not None, 300, "a round of all three after the restarts")
+    wait_until(lambda: _round_with_all(out, nodes, after=before) is not None, 300,
+               "a round of all three after the restarts")
     for name, proc in (("node2", p2), ("node1", p1), ("node0", p0)):
         proc.send_signal(signal.SIGTERM)
         assert _wait_exit(proc, 120, name, procs) == 0

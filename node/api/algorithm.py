@@ -379,8 +379,12 @@ class OuterAlgorithm:
 
     def _resync_from(self, endpoint: str, min_round: int, reason: str, probe_s: float | None = None) -> bool:
         """Adopt the state of the peer at ``endpoint`` (round >= ``min_round``)."""
-        snap = fetch_state(self.swarm.transport, endpoint, min_round, self.join_timeout_s, self.stop_event,
-                           alive=self._source_alive(endpoint), probe_s=probe_s)
+        self._fetching(min_round)
+        try:
+            snap = fetch_state(self.swarm.transport, endpoint, min_round, self.join_timeout_s, self.stop_event,
+                               alive=self._source_alive(endpoint), probe_s=probe_s)
+        finally:
+            self._fetching(None)
         if snap is None:
             self._event("resync_failed", round=self.round, source=endpoint, reason=reason)
             return False
@@ -438,12 +442,8 @@ class OuterAlgorithm:
         best, source = target
         first_id = best * self.inner_steps if self.fine_grained else best
         how = "ahead" if best > self.round else "behind, this node alone ahead of them"
-        self._fetching(first_id)
-        try:
-            if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
-                return True
-        finally:
-            self._fetching(None)
+        if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
+            return True
         self._unreachable.mark(source, self.round)
         return False
 

@@ -158,6 +158,13 @@ class DDP(CollectiveAlgorithm):
     def _peer_round(self, sync_id: int) -> int:
         return self.round
 
+    def _first_after(self, sync_id: int) -> int:
+        # a DDP snapshot is published after a step's update, at the id of the next step: it
+        # holds the syncs before ``sync_id``, not that one. (Skipping it too had peers stop
+        # expecting a joiner at the very step it was about to run: it came late to every
+        # step, fetched the state again, and never caught up.)
+        return sync_id
+
     def _outer_steps(self) -> int:
         return 0
 

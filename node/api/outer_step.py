@@ -50,8 +50,7 @@ class CollectiveAlgorithm(OuterAlgorithm):
     def _skip_syncs_to(self, sync_id: int) -> None:
         # peers that expect this process in one of those syncs (their view shows its
         # announced round, which for CO2 also fits the round before) must not wait for it,
-        # nor follow it there. A snapshot at a step (DDP, Streaming) holds that step's sync;
-        # one at a round (DiLoCo, CO2) is where that round's sync starts.
+        # nor follow it there (``_first_after``: the first sync the adopted state lacks).
         self.collective.skip_to(self._first_after(sync_id), [p.endpoint for p in self.swarm.peers()])
 
     def _fetching(self, sync_id: int | None) -> None:
@@ -60,6 +59,9 @@ class CollectiveAlgorithm(OuterAlgorithm):
         self.collective.away(0 if sync_id is None else self._first_after(sync_id))
 
     def _first_after(self, sync_id: int) -> int:
+        """The first sync a state published at ``sync_id`` lacks: a Streaming snapshot at a
+        step holds that step's sync; one at a round (DiLoCo, CO2) is where that round's sync
+        starts."""
         return sync_id + 1 if self.fine_grained else sync_id
 
     def _launch_hash(self) -> str:
