@@ -83,17 +83,17 @@ class StagedCommunicator:
     def __getattr__(self, name: str):  # last, lag, state_hash, ...: the wrapped communicator's
         return getattr(self.inner, name)
 
-    def _staged(self, call, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def _staged(self, call, tensors: Sequence[torch.Tensor], round: int, **kw) -> ReduceResult:
         if not any(t.device.type == "cuda" for t in tensors):
-            return call(tensors, round)
+            return call(tensors, round, **kw)
         slot, host = self.staging.to_host(tensors)
-        result = call(host, round)
+        result = call(host, round, **kw)
         if result.tensors is not None:
             result.tensors = self.staging.to_device(slot, result.tensors)
         return result
 
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
-        return self._staged(self.inner.all_reduce_mean, tensors, round)
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
+        return self._staged(self.inner.all_reduce_mean, tensors, round, span=span)
 
     def group_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
         return self._staged(self.inner.group_mean, tensors, round)

@@ -47,9 +47,10 @@ class SwarmCommunicator:
         self.lag = lag
         self.last: RoundResult | None = None
 
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
         peer_round = self.peer_round(round) if self.peer_round else None
-        result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash(), peer_round, self.lag)
+        result = self.collective.all_reduce(round, tensors, self.weight, self.state_hash(), peer_round, self.lag,
+                                            span=span)
         self.last = result
         if result.status != "ok":
             return ReduceResult(None, 1, (), result)

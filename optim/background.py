@@ -39,12 +39,12 @@ class BackgroundReducer:
     def in_flight(self) -> PendingReduce | None:
         return self._pending
 
-    def start(self, tensors: Sequence[torch.Tensor], round: int) -> PendingReduce:
+    def start(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> PendingReduce:
         if self._pending is not None:
             raise RuntimeError(f"reduce of round {self._pending.round} still in flight; wait for it first")
         pending = PendingReduce(round)
 
-        pending._future = self._pool.submit(self.comm.all_reduce_mean, tensors, round)
+        pending._future = self._pool.submit(self.comm.all_reduce_mean, tensors, round, span)
         self._pending = pending
         return pending
 

@@ -27,9 +27,11 @@ class ReduceResult:
 
 
 class Communicator(Protocol):
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
         """Average ``tensors`` over this round's group. Every member that gets a result
-        gets the same float32 values, bit for bit."""
+        gets the same float32 values, bit for bit. ``span``: how many sync periods the
+        contribution covers (a replica whose last syncs failed offers the change since its
+        last applied one); a collective that screens outliers allows it that much more."""
         ...
 
 

@@ -54,6 +54,7 @@ class DiLoCo:
             a.copy_(p.detach())
         self.buf = [torch.zeros_like(a) for a in self.anchor]
         self.outer_steps = 0
+        self.span = 1  # rounds Δ covers: one more for each outer step that found no group
         # Δ lives in one flat buffer reused every round: the collective sends it as it is,
         # without a concatenation copy, and no model-sized allocation happens per round
         self._delta = flat()
@@ -82,6 +83,7 @@ class DiLoCo:
         nesterov_sgd_step(self.anchor, self.buf, delta, self.outer_lr, self.momentum, self.nesterov,
                           first=self.outer_steps == 0)
         self.outer_steps += 1
+        self.span = 1
         self.reset_params()
 
     @torch.no_grad()
@@ -94,8 +96,9 @@ class DiLoCo:
         norm = float(self._delta.norm())
         # one view per layer of the flat Δ buffer: the communicator sees the layer shapes
         # (compression works per layer) and can still send the buffer without a copy
-        result = self.comm.all_reduce_mean(self._delta_views, round)
-        if result.tensors is None:
+        result = self.comm.all_reduce_mean(self._delta_views, round, span=self.span)
+        if result.tensors is None:  # θ trains on from here: the next Δ spans this round too
+            self.span += 1
             return OuterStepResult(False, result.group_size, norm, result)
         self.apply(as_layers(result.tensors, self.anchor))
         return OuterStepResult(True, result.group_size, norm, result)
@@ -117,6 +120,7 @@ class DiLoCo:
                 raise ValueError(f"shape mismatch: local {tuple(dst.shape)}, received {tuple(src.shape)}")
             dst.copy_(src)
         self.outer_steps = outer_steps
+        self.span = 1
         if reset_params:
             self.reset_params()
 

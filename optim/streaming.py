@@ -109,6 +109,7 @@ class StreamingDiLoCo:
         self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]
         self.buf = [torch.zeros_like(a) for a in self.anchor]
         self.fragment_steps = [0] * len(fragments)  # outer steps applied, per fragment
+        self.spans = [1] * len(fragments)  # sync periods each fragment's next Δ covers
         device = self.anchor[0].device if self.anchor else "cpu"
         self._send = []  # one flat Δ buffer per fragment, reused every sync
         for f in fragments:
@@ -153,9 +154,9 @@ class StreamingDiLoCo:
         for d, a, q in zip(delta, anchor, params, strict=True):
             torch.sub(a, q.detach().to(torch.float32), out=d)
         if self._reducer is not None:
-            handle = self._reducer.start(delta, step)
+            handle = self._reducer.start(delta, step, span=self.spans[p])
         else:
-            handle = _Done(self.comm.all_reduce_mean(delta, step), step)
+            handle = _Done(self.comm.all_reduce_mean(delta, step, span=self.spans[p]), step)
         self._in_flight = (p, step, handle)
 
     @torch.no_grad()
@@ -168,12 +169,14 @@ class StreamingDiLoCo:
         blocked = time.monotonic() - t0
         event = FragmentEvent(p, step, False, result.group_size, self._send[p].numel(), result, blocked)
         if result.tensors is None:
+            self.spans[p] += 1
             return event  # nothing changes; the next Δ_p spans both periods
         anchor, buf, params, _ = self._views(p)
         mean = as_layers(result.tensors, anchor)
         nesterov_sgd_step(anchor, buf, mean, self.outer_lr, self.momentum, self.nesterov,
                           first=self.fragment_steps[p] == 0)
         self.fragment_steps[p] += 1
+        self.spans[p] = 1
         for q, a in zip(params, anchor, strict=True):
             if self.overlap > 0 and self.mix > 0:
                 q.mul_(self.mix).add_(a.to(q.dtype), alpha=1 - self.mix)
@@ -220,6 +223,7 @@ class StreamingDiLoCo:
         if len(fragment_steps) != len(self.fragments):
             raise ValueError(f"expected {len(self.fragments)} fragment step counts, got {len(fragment_steps)}")
         self.fragment_steps = [int(x) for x in fragment_steps]
+        self.spans = [1] * len(self.fragments)
         if reset_params:
             self.reset_params()
 

@@ -166,7 +166,7 @@ class GroupAllReduce:
     # ------------------------------------------------------------ entry point
     def all_reduce(
         self, round: int, tensors: Sequence[torch.Tensor], weight: float = 1.0, state_hash: str = "",
-        peer_round: int | None = None, lag: int = 1,
+        peer_round: int | None = None, lag: int = 1, span: int = 1,
     ) -> RoundResult:
         """Average ``tensors`` (any shapes, any float dtype) over this round's group.
 
@@ -176,8 +176,10 @@ class GroupAllReduce:
         ``peer_round``: the round peers announce in the DHT when it differs from the
         collective's round id (DDP averages every step but announces once per H steps).
         ``lag``: how many rounds behind ``peer_round`` a peer may be announced and still be
-        expected (CO2, which has no barrier between rounds, needs 2)."""
+        expected (CO2, which has no barrier between rounds, needs 2). ``span``: how many sync
+        periods the input covers (see ``DataPhase.exchange``)."""
         self.transport.mailbox.prune(round)
+        self.data.span = max(1, int(span))
         self.suspects = []
         self.data.suspects = set()
         start = time.monotonic()

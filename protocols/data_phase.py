@@ -22,6 +22,7 @@ from .wire import Message
 log = logging.getLogger(__name__)
 
 MIN_JUDGED_NUMEL = 64  # norms of fewer values are too noisy to call one an outlier
+MAX_SPAN_CREDIT = 64  # a contribution is allowed at most this many periods' worth of norm
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class DataPhase:
         self.max_norm_ratio = max_norm_ratio
         self.check_s = 1.0  # how often a wait on parts looks at the DHT for members that left
         self.suspects: set[str] = set()
+        self.span = 1  # sync periods this node's input to the round at hand covers (see _outliers)
         self._out: torch.Tensor | None = None
 
     def _output(self, numel: int) -> torch.Tensor:
@@ -83,7 +85,7 @@ class DataPhase:
         my_weight = roster[me].weight
         # Phase 1: reduce-scatter. Every other member gets the part it owns, chunk by chunk,
         # interleaved across members so that all owners can start adding at once.
-        self._send_parts(round, attempt, flat, bounds, roster, me, layout, {"weight": my_weight})
+        self._send_parts(round, attempt, flat, bounds, roster, me, layout, {"weight": my_weight, "span": self.span})
         out = self._output(flat.numel())
         mine = out[bounds[me]:bounds[me + 1]]
         own = flat[bounds[me]:bounds[me + 1]]
@@ -96,7 +98,7 @@ class DataPhase:
         # a member that dies mid-round is not waited for past its DHT record's expiry
         watch = AbsenceWatch(lambda: [p.id for p in self.live_peers()])
         for lo, hi in self._chunks(mine.numel()):
-            got: list[tuple[str, torch.Tensor, float]] = []
+            got: list[tuple[str, torch.Tensor, float, int]] = []
             for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
                 if m.id == self.me or m.id in failed:
                     continue
@@ -107,15 +109,15 @@ class DataPhase:
                 if part is None:
                     failed.add(m.id)
                     continue
-                got.append((m.id, part, float(msg.meta.get("weight", 1.0))))
-            outliers = self._outliers([(self.me, own[lo:hi], my_weight), *got])
+                got.append((m.id, part, float(msg.meta.get("weight", 1.0)), int(msg.meta.get("span", 1))))
+            outliers = self._outliers([(self.me, own[lo:hi], my_weight, self.span), *got])
             if outliers:
                 log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median); "
                             "excluded", round, sorted(outliers), self.max_norm_ratio)
                 suspects |= outliers
                 failed |= outliers - {self.me}
             total = my_weight
-            for sender, part, w in got:
+            for sender, part, w, _ in got:
                 if sender in outliers:
                     continue
                 mine[lo:hi].add_(part, alpha=w)
@@ -158,22 +160,28 @@ class DataPhase:
             return None, missing
         return out, []
 
-    def _outliers(self, contributions: list[tuple[str, torch.Tensor, float]]) -> set[str]:
+    def _outliers(self, contributions: list[tuple[str, torch.Tensor, float, int]]) -> set[str]:
         """Senders whose contribution's norm exceeds ``max_norm_ratio`` times the group's
-        (lower) median norm. With two members that is the larger one, if it is that much
-        larger: no honest pair of replicas differs so much, and one of them is then left
-        out rather than both averaging poison. Zero-weight contributions (a replica that
-        just restored itself) count for nothing and are not judged."""
+        (lower) median norm, times its span. With two members that is the larger one, if it
+        is that much larger: no honest pair of replicas differs so much, and one of them is
+        then left out rather than both averaging poison. Zero-weight contributions (a
+        replica that just restored itself) count for nothing and are not judged.
+
+        The span (sync periods the contribution covers, as its sender says, at most
+        ``MAX_SPAN_CREDIT``): a replica whose last syncs found no group offers all the
+        change since its last applied one. Judged as one period's, it was excluded as
+        poison at every sync for good, and never averaged with the others again."""
         if self.max_norm_ratio <= 0 or contributions[0][1].numel() < MIN_JUDGED_NUMEL:
             return set()
-        norms = [(sender, float(torch.linalg.vector_norm(t))) for sender, t, w in contributions if w > 0]
+        norms = [(sender, float(torch.linalg.vector_norm(t)), min(max(span, 1), MAX_SPAN_CREDIT))
+                 for sender, t, w, span in contributions if w > 0]
         if len(norms) < 2:
             return set()
-        values = sorted(n for _, n in norms)
+        values = sorted(n for _, n, _ in norms)
         median = values[(len(values) - 1) // 2]
         if median == 0:  # e.g. rows of an embedding only some replicas' batches touched
             return set()
-        return {sender for sender, n in norms if n > self.max_norm_ratio * median}
+        return {sender for sender, n, span in norms if n > self.max_norm_ratio * median * span}
 
     @property
     def _chunk_numel(self) -> int:

@@ -57,6 +57,7 @@ class Part(TypedDict):
     offset: pydantic.NonNegativeInt
     codec: dict[str, Any]
     weight: NotRequired[pydantic.NonNegativeFloat]
+    span: NotRequired[pydantic.PositiveInt]  # sync periods the contribution covers
 
 
 @with_config(_STRICT)

@@ -13,7 +13,7 @@ from loco.optim.communicator import ReduceResult
 class SoloComm:
     """A group of one: the mean is the input."""
 
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
         return ReduceResult([t.clone().float() for t in tensors], 1)
 
 
@@ -47,7 +47,7 @@ class _Member:
         self.group = group
         self.rank = rank
 
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
         g = self.group
         with g._cond:
             g._inputs.setdefault(round, {})[self.rank] = [t.clone().float() for t in tensors]
@@ -70,8 +70,22 @@ class _Member:
 class FailingComm:
     """A round that never completes."""
 
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
         return ReduceResult(None, 1)
+
+
+class ScriptedComm:
+    """A group of one whose rounds in ``fail`` never complete; records the span each call claims."""
+
+    def __init__(self, fail: set[int]):
+        self.fail = fail
+        self.spans: dict[int, int] = {}
+
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
+        self.spans[round] = span
+        if round in self.fail:
+            return ReduceResult(None, 1)
+        return ReduceResult([t.clone().float() for t in tensors], 1)
 
 
 class GroupedThreads:
@@ -119,7 +133,7 @@ class DelayedComm:
         self.rng = random.Random(seed)
         self.max_delay_s = max_delay_s
 
-    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
         import time
 
         time.sleep(self.rng.uniform(0, self.max_delay_s))

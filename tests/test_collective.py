@@ -44,13 +44,14 @@ class Peers:
                     if t.node_id != me and t.node_id in self.alive and t.node_id not in self.hidden.get(me, ())]
         return live
 
-    def run(self, inputs, members=None, hashes=None, weights=None):
+    def run(self, inputs, members=None, hashes=None, weights=None, spans=None):
         members = range(len(self.transports)) if members is None else members
         results = {}
 
         def go(i):
             results[i] = self.collectives[i].all_reduce(
-                self.round, inputs[i], weights[i] if weights else 1.0, hashes[i] if hashes else "h")
+                self.round, inputs[i], weights[i] if weights else 1.0, hashes[i] if hashes else "h",
+                span=spans[i] if spans else 1)
 
         threads = [threading.Thread(target=go, args=(i,)) for i in members]
         for t in threads:
@@ -461,6 +462,23 @@ def test_a_poisoned_contribution_is_excluded_and_the_others_commit_without_it(pe
         assert results[poisoner].status == "skipped"
     named = results[1 if poisoner == 0 else 0].suspects  # an honest member's view
     assert f"p{poisoner}" in named
+
+
+def test_a_contribution_over_several_periods_is_judged_by_its_span_and_a_claimed_span_has_a_cap(peers):
+    """p1's last syncs found no group: its input covers 16 periods and is 14x p0's. Judged as
+    one period's it is excluded (and was, at every sync, for good); by its span, it is not.
+    A poisoner cannot hide x1e6 behind a huge claimed span."""
+    torch.manual_seed(3)
+    base = torch.randn(300) * 0.01
+    drift = [[base], [base.flip(0) * 14]]
+    alone = peers(2).run(drift)
+    assert all(r.status != "ok" for r in alone.values()) and "p1" in alone[0].suspects, alone
+    together = peers(2).run(drift, spans=[1, 16])
+    for r in together.values():
+        assert r.status == "ok" and r.group == ("p0", "p1") and not r.suspects, r
+        torch.testing.assert_close(r.tensors[0], (drift[0][0] + drift[1][0]) / 2)
+    poison = peers(3).run([[base], [base.flip(0)], [base * 1e6]], spans=[1, 1, 10**9])
+    assert poison[0].status == "ok" and poison[0].group == ("p0", "p1") and "p2" in poison[0].suspects, poison[0]
 
 
 def test_a_zero_weight_member_is_averaged_with_weight_zero_and_not_judged(peers):

@@ -7,7 +7,7 @@ import threading
 import torch
 
 from loco.optim import DiLoCo
-from tests.fakes import FailingComm, SoloComm, ThreadGroup
+from tests.fakes import FailingComm, ScriptedComm, SoloComm, ThreadGroup
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -112,6 +112,20 @@ def test_incomplete_round_changes_nothing():
     assert torch.equal(diloco.buf[0], torch.zeros(4))
     assert torch.equal(p.detach(), torch.full((4,), 3.0))  # θ keeps its local progress
     assert diloco.outer_steps == 0
+
+
+def test_a_delta_after_failed_rounds_claims_their_span_and_an_adopted_state_starts_anew():
+    p = torch.nn.Parameter(torch.ones(4))
+    comm = ScriptedComm(fail={1, 2})
+    diloco = DiLoCo([p], comm)
+    for r in range(5):
+        diloco.outer_step(r)
+    assert comm.spans == {0: 1, 1: 1, 2: 2, 3: 3, 4: 1}  # round 3's Δ covers rounds 1-3
+    comm.fail = {5}
+    diloco.outer_step(5)
+    diloco.load_synchronized(diloco.synchronized_tensors(), 6)  # a peer's state: its Δ starts now
+    diloco.outer_step(6)
+    assert comm.spans[6] == 1
 
 
 def test_state_dict_round_trip_keeps_local_params():

@@ -8,7 +8,7 @@ from loco.node.config import ModelConfig
 from loco.node.model import build_model
 from loco.optim import DiLoCo, StreamingDiLoCo, strided_fragments
 from loco.optim.streaming import schedule
-from tests.fakes import SoloComm
+from tests.fakes import ScriptedComm, SoloComm
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
@@ -47,6 +47,16 @@ def test_strided_fragments_cover_everything_and_balance_peak_bytes():
         assert blocks == {p, p + 2}
     sizes = [sum(numels[i] for i in f) for f in frags]
     assert max(sizes) <= 0.6 * sum(numels)  # peak bytes per sync about 1/P of the model
+
+
+def test_a_fragment_whose_sync_failed_claims_both_periods_next_time_the_others_one():
+    H = 4  # two fragments: 1 sends at steps 2, 6, 10; 0 at 4, 8, 12
+    comm = ScriptedComm(fail={2})
+    stream = StreamingDiLoCo(_params(), comm, [[0, 1], [2]], H, overlap=1)
+    for s in range(1, 3 * H + 1):
+        stream.after_inner_step(s)
+    stream.drain()
+    assert comm.spans == {2: 1, 4: 1, 6: 2, 8: 1, 10: 1, 12: 1}
 
 
 def test_one_fragment_no_overlap_equals_diloco():
