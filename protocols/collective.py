@@ -32,7 +32,7 @@ peer's state runs no earlier round, so it tells the live peers (SKIP: leaders st
 expecting it) and answers a JOIN for one with ROSTER(status=absent) (the joiner elects
 the next smallest id); a node that follows another leader answers a JOIN with
 ROSTER(status=redirect, its leader), always a smaller id, so joiners whose views differ
-still end up in one group. If the leader dies, followers get no roster or no decision by their
+still end up in one group (:mod:`.election`: whom a joiner asks next). If the leader dies, followers get no roster or no decision by their
 deadline and skip the round (weights unchanged everywhere, so still consistent); its DHT
 record expires and the next smallest id leads the next round. Any member that still ends
 up inconsistent is caught by the state-hash check at the next JOIN and resynchronized.
@@ -53,6 +53,7 @@ import torch
 
 from .codecs import Compressor
 from .data_phase import DataPhase, Member
+from .election import Election, Redirect
 from .flat import unflatten
 from .join_desk import JoinDesk
 from .membership import PeerInfo, ViewUnknown
@@ -119,6 +120,9 @@ class PassOver:
             return False
         return True
 
+
+REASK_PAUSE_S = 0.05
+"""How long a node waits before asking a follower again that redirected it to an absent leader."""
 
 HELD_UP_ROUNDS = 2
 """How many rounds behind the usual window a live peer may be and still be waited for."""
@@ -216,42 +220,22 @@ class GroupAllReduce:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("round %d (announced %d): live %s, passed over %s, absent %s", round, announced,
                       sorted((p.id, p.round) for p in live), sorted(silent), sorted(absent))
-        leader = min([self.me, *(p.id for p in peers)])
-        endpoint = next((p.endpoint for p in peers if p.id == leader), "")
-        tried: set[str] = set()
-        not_in_round: set[str] = set()  # leaders that answered "absent"
-        came_from: dict[str, tuple[str, str]] = {}  # leader -> the node that redirected this one to it
-        asked_again: set[str] = set()
+        election = Election(self.me, peers, time.monotonic() + self.timeouts.join_s)
         try:
             while True:
+                leader, endpoint = election.leader, election.endpoint
                 if leader == self.me:
                     self.desk.set_following(None)
-                    result = self._lead(round, tensors, weight, state_hash, peers, visible, announced)
+                    result = self._lead(round, tensors, weight, state_hash, election.peers, visible, announced)
                     break
                 self.desk.set_following((round, leader, endpoint))
                 followed = self._follow(round, tensors, weight, state_hash, leader, endpoint, announced + lag - 1)
                 if isinstance(followed, RoundResult):
                     result = followed
                     break
-                # the leader is not in this round (None), or follows a smaller id: go there
-                # (each id is tried once: a redirect can neither loop nor go on forever)
-                tried.add(leader)
-                if followed is None:
-                    not_in_round.add(leader)
-                peers = [p for p in peers if p.id not in tried]
-                # a node that redirected here follows a leader that is not in this round: told
-                # the same, it leads (or redirects to its next choice), so ask it once more.
-                # Electing past it split the round: this node led alone, it waited for this one
-                back = came_from.get(leader) if followed is None else (leader, endpoint)
-                if followed is not None and followed[0] < leader and followed[0] not in tried:
-                    came_from[followed[0]] = (leader, endpoint)
-                    leader, endpoint = followed
-                elif back is not None and back[0] not in asked_again and (followed is None or followed[0] in not_in_round):
-                    asked_again.add(back[0])
-                    leader, endpoint = back
-                else:
-                    leader = min([self.me, *(p.id for p in peers)])
-                    endpoint = next((p.endpoint for p in peers if p.id == leader), "")
+                # the leader is not in this round (None), or follows another: ask the next
+                if election.next(followed, time.monotonic()):
+                    self._pause(REASK_PAUSE_S)
         finally:
             self.desk.set_following(None)
             self.desk.finish(round)
@@ -408,10 +392,10 @@ class GroupAllReduce:
 
     # ---------------------------------------------------------------- follower
     def _follow(self, round, tensors, weight, state_hash, leader, leader_endpoint,
-                latest: int) -> RoundResult | tuple[str, str] | None:
+                latest: int) -> RoundResult | Redirect | None:
         """``latest``: the furthest round a leader still working on this round may announce.
         None: the leader is not in this round (it adopted a later state): elect another;
-        (id, endpoint): the leader follows that one this round."""
+        a Redirect: the leader follows that one this round."""
         t = self.timeouts
         skipped = dict(round=round, leader=leader, leader_endpoint=leader_endpoint)
         self._send(leader_endpoint, JOIN, round, 0, {
@@ -439,7 +423,9 @@ class GroupAllReduce:
             return None
         if status == "redirect":
             target, endpoint = reply.meta.get("leader"), reply.meta.get("endpoint")
-            return (target, endpoint) if isinstance(target, str) and isinstance(endpoint, str) else None
+            if not (isinstance(target, str) and isinstance(endpoint, str)):
+                return None
+            return Redirect(target, endpoint, reply.meta.get("grouped") is True)
         if status in ("resync", "closed"):
             return RoundResult("resync", reason=f"leader says {status}", **skipped)
         roster = self._parse_roster(reply)
@@ -497,6 +483,12 @@ class GroupAllReduce:
             log.warning("malformed roster from %s: %r", msg.sender, msg.meta)
             return None
         return members or None
+
+    def _pause(self, seconds: float) -> None:
+        if self.stop is not None:
+            self.stop.wait(seconds)
+        else:
+            time.sleep(seconds)
 
     def away(self, round: int) -> None:
         """Fetching a peer's state at ``round`` (0: done; see ``JoinDesk.away``)."""

@@ -50,16 +50,18 @@ class JoinDesk:
             late = msg.round <= self._finished_round
             absent = not late and msg.round < max(self._absent_below, self._away_below)
             following = self._following if self._following is not None and self._following[0] == msg.round else None
+            redirect = self._redirect(following) if following else None
             if not (late or absent or following):
                 self.transport.file(msg)
         if late or absent:
             self._send(endpoint, msg.round, {"status": "closed" if late else "absent"})
-        elif following:
-            self._send(endpoint, msg.round, self._redirect(following))
+        elif redirect:
+            self._send(endpoint, msg.round, redirect)
 
-    @staticmethod
-    def _redirect(following: tuple[int, str, str]) -> dict:
-        return {"status": "redirect", "leader": following[1], "endpoint": following[2]}
+    def _redirect(self, following: tuple[int, str, str]) -> dict:
+        """(With the lock held.)"""
+        grouped = self._grouped == following[:2]
+        return {"status": "redirect", "leader": following[1], "endpoint": following[2], "grouped": grouped}
 
     def set_following(self, following: tuple[int, str, str] | None) -> None:
         """While this node follows a leader, JOINs sent to it for that round (its view made
@@ -68,8 +70,9 @@ class JoinDesk:
             self._following = following
             self._grouped = None
             filed = self.transport.mailbox.drain(JOIN, following[0]) if following is not None else []
+            redirect = self._redirect(following) if following is not None else None
         for m in filed:
-            self._send(m.meta["endpoint"], m.round, self._redirect(following))
+            self._send(m.meta["endpoint"], m.round, redirect)
 
     def grouped(self, round: int, leader: str) -> None:
         """This node is in the group ``leader`` formed for ``round`` (its roster came)."""

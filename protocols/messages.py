@@ -49,6 +49,7 @@ class Roster(TypedDict):
     members: NotRequired[list[Member]]
     leader: NotRequired[str]  # status "redirect": the leader the sender follows this round
     endpoint: NotRequired[str]
+    grouped: NotRequired[bool]  # status "redirect": that leader's roster has the sender
 
 
 @with_config(_STRICT)

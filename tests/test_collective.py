@@ -13,6 +13,7 @@ import torch
 from loco.protocols.codecs import Compressor
 from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, PassOver
 from loco.protocols.data_phase import split_bounds
+from loco.protocols.election import Election, Redirect
 from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.messages import ASK, PAST
 from loco.protocols.shaper import LinkProfile, Shaper
@@ -83,6 +84,37 @@ def peers():
 def _inputs(n, shapes=((5, 3), (7,), (2, 2, 2))):
     torch.manual_seed(0)
     return [[torch.randn(s) for s in shapes] for _ in range(n)]
+
+
+def _view(*ids: str) -> list[PeerInfo]:
+    return [PeerInfo(i, f"tcp://{i}", 0) for i in ids]
+
+
+def test_election_asks_a_follower_again_while_it_redirects_to_a_leader_known_absent():
+    e = Election("p3", _view("p0", "p1", "p2"), patience_until=100.0)
+    assert e.leader == "p0"
+    assert e.next(None, now=0.0) is False and e.leader == "p1"  # p0: absent
+    # p1 still follows p0 (it has not heard): ask it again, after a moment, until patience runs out
+    assert e.next(Redirect("p0", "tcp://p0"), now=1.0) is True and e.leader == "p1"
+    assert e.next(Redirect("p0", "tcp://p0"), now=2.0) is True and e.leader == "p1"
+    assert e.next(Redirect("p0", "tcp://p0"), now=100.0) is False and e.leader == "p2"
+
+
+def test_election_goes_back_to_the_follower_that_redirected_it_to_an_absent_leader():
+    e = Election("p2", _view("p1"), patience_until=100.0)  # this view does not show p0
+    assert e.leader == "p1"
+    assert e.next(Redirect("p0", "tcp://p0"), now=0.0) is False and (e.leader, e.endpoint) == ("p0", "tcp://p0")
+    assert e.next(None, now=0.0) is False and e.leader == "p1"  # absent: back to p1, which will lead
+    assert e.next(None, now=0.0) is False and e.leader == "p2"  # p1 absent too: this node leads
+
+
+def test_election_looks_once_more_at_an_absent_leader_whose_roster_has_the_follower():
+    e = Election("p2", _view("p0", "p1"), patience_until=100.0)
+    assert e.next(None, now=0.0) is False and e.leader == "p1"  # p0 away a moment: absent
+    assert e.next(Redirect("p0", "tcp://p0", grouped=True), now=0.0) is False and e.leader == "p0"
+    assert e.next(None, now=0.0) is False and e.leader == "p1"
+    # a second vouching redirect for the same leader is not followed again (no loop)
+    assert e.next(Redirect("p0", "tcp://p0", grouped=True), now=0.0) is True and e.leader == "p1"
 
 
 def test_split_bounds_cover_everything():
