@@ -32,8 +32,9 @@ peer's state runs no earlier round, so it tells the live peers (SKIP: leaders st
 expecting it) and answers a JOIN for one with ROSTER(status=absent) (the joiner elects
 the next smallest id); a node that follows another leader answers a JOIN with
 ROSTER(status=redirect, its leader), always a smaller id, so joiners whose views differ
-still end up in one group (:mod:`.election`: whom a joiner asks next). If the leader dies, followers get no roster or no decision by their
-deadline and skip the round (weights unchanged everywhere, so still consistent); its DHT
+still end up in one group (:mod:`.election`: whom a joiner asks next). If the leader dies,
+followers get no roster or no decision by their deadline and skip the round (weights
+unchanged everywhere, so still consistent); its DHT
 record expires and the next smallest id leads the next round. Any member that still ends
 up inconsistent is caught by the state-hash check at the next JOIN and resynchronized.
 
