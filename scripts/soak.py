@@ -69,6 +69,15 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
+def _describe(pid: int) -> str:
+    """``pid`` and its command line (shortened), for naming what a kill left behind."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = "(gone)"
+    return f"{pid} {cmd[:100]}"
+
+
 class Swarm:
     def __init__(self, out: Path, nodes: int, extra: list[str]):
         self.out, self.n = out, nodes
@@ -151,6 +160,7 @@ def storm(args: argparse.Namespace) -> dict:
             left = _group_alive(old.pid)
             if left:
                 orphans += len(left)
+                print(f"  left in node{i}'s group 15 s after the kill: {[_describe(p) for p in left]}", flush=True)
                 os.killpg(old.pid, signal.SIGKILL)
             swarm.start(i)
             print(f"kill {k + 1}/{args.kills}: node{i}", flush=True)
