@@ -201,6 +201,8 @@ class GroupAllReduce:
                                timings={"total_s": time.monotonic() - start})
         for p in live:
             self.transport.name_peer(p.endpoint, p.id)
+        # the processes this round is with: one whose record later shows another start died
+        self.data.sessions = {p.id: p.session for p in live}
         # a peer that announced the previous round is most likely finishing it (its DHT record
         # lags by up to a refresh): expect it too, or a leader that runs ahead would average
         # alone and every short round would end in a resync. So is a member held up a few
@@ -268,14 +270,12 @@ class GroupAllReduce:
         """Messages from ``senders``, not waiting for those that leave the DHT meanwhile (nor
         for those in ``moved_on()``: peers known to be past this round)."""
 
-        def live() -> list[str]:
-            try:
-                return [p.id for p in self.live_peers()]
-            except ViewUnknown:  # unknown is not gone: keep waiting for everyone
-                return list(senders)
+        def live() -> list[tuple[str, str]]:
+            # (a ViewUnknown is a ConnectionError: the watch then keeps waiting for everyone)
+            return [(p.id, p.session) for p in self.live_peers()]
 
         return self.transport.mailbox.take_from_live(kind, round, attempt, senders, deadline, live, self.stop,
-                                                     self.check_s, moved_on)
+                                                     self.check_s, moved_on, self.data.sessions)
 
     # ------------------------------------------------------------------ leader
     def _past(self, announced: int) -> set[str]:

@@ -58,6 +58,7 @@ class DataPhase:
         self.check_s = 1.0  # how often a wait on parts looks at the DHT for members that left
         self.suspects: set[str] = set()
         self.span = 1  # sync periods this node's input to the round at hand covers (see _outliers)
+        self.sessions: dict[str, str] = {}  # the round's peers' sessions at its start (see AbsenceWatch)
         self._out: torch.Tensor | None = None
 
     def _output(self, numel: int) -> torch.Tensor:
@@ -96,7 +97,7 @@ class DataPhase:
         failed: set[str] = set()  # members whose part did not arrive intact
         suspects: set[str] = set()  # members whose contribution is an outlier (self included)
         # a member that dies mid-round is not waited for past its DHT record's expiry
-        watch = AbsenceWatch(lambda: [p.id for p in self.live_peers()])
+        watch = AbsenceWatch(lambda: [(p.id, p.session) for p in self.live_peers()], self.sessions)
         for lo, hi in self._chunks(mine.numel()):
             got: list[tuple[str, torch.Tensor, float, int]] = []
             for m in roster:  # roster order, not arrival order: the owner's sum is reproducible

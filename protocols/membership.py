@@ -41,6 +41,9 @@ class PeerInfo:
     links: dict[str, list[float]] = field(default_factory=dict, compare=False, hash=False)
     # the node's DHT multiaddresses: what a restarting peer bootstraps from
     dht: tuple[str, ...] = field(default=(), compare=False)
+    # which start of the node this is (its transport's session): a record with another one
+    # means the process a round waits for has died and come back under the same id
+    session: str = field(default="", compare=False)
 
 
 def _as_links(value: object) -> dict[str, list[float]]:
@@ -62,6 +65,7 @@ def _as_peer(node_id: str, value: object) -> PeerInfo | None:
             stage=int(value.get("stage", 0)), throughput=float(value.get("throughput", 0.0)),
             left=bool(value.get("left", False)), links=_as_links(value.get("links")),
             dht=tuple(str(m) for m in value.get("dht", ()) if isinstance(m, str))[:8],
+            session=str(value.get("session", ""))[:64],
         )
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring a malformed membership record for %r: %r", node_id, value)

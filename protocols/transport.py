@@ -105,21 +105,30 @@ class DropLog:
 
 
 class AbsenceWatch:
-    """Which awaited peers have left: absent from the DHT view (``live()``, the ids in it)
-    at two checks in a row. Twice, so that one failed lookup (an empty view) does not count
-    as everyone leaving; ``live()`` may raise ``ConnectionError`` for a view that is
-    unknown, which counts as everyone present."""
+    """Which awaited peers have left: absent from the DHT view (``live()``: the ids in it, or
+    (id, session) pairs) at two checks in a row, or shown with another session than in
+    ``sessions`` (those the wait started with; else those of the first check): the process
+    died and a new one took its id, so what the old one owed is never coming. Twice, so that
+    one failed lookup (an empty view) does not count as everyone leaving; ``live()`` may
+    raise ``ConnectionError`` for a view that is unknown, which counts as everyone present."""
 
-    def __init__(self, live: Callable[[], Iterable[str]]):
+    def __init__(self, live: Callable[[], Iterable[str | tuple[str, str]]], sessions: dict[str, str] | None = None):
         self.live = live
         self._absent_before: set[str] = set()
+        self._sessions: dict[str, str] = dict(sessions or {})  # id -> the session awaited
 
     def gone(self, awaited: set[str]) -> set[str]:
         try:
-            absent = awaited - set(self.live())
+            seen = dict((e, "") if isinstance(e, str) else e for e in self.live())
         except ConnectionError:
-            absent = set()
-        gone = absent & self._absent_before
+            seen = {node: self._sessions.get(node, "") for node in awaited}
+        restarted = set()
+        for node in awaited & seen.keys():
+            first = self._sessions.setdefault(node, seen[node])
+            if first and seen[node] and seen[node] != first:
+                restarted.add(node)
+        absent = awaited - seen.keys()
+        gone = (absent & self._absent_before) | restarted
         self._absent_before = absent
         return gone
 
@@ -221,16 +230,17 @@ class Mailbox:
 
     def take_from_live(
         self, kind: str, round: int, attempt: int, senders: Iterable[str], deadline: float,
-        live: Callable[[], Iterable[str]], stop: threading.Event | None = None, check_s: float = 1.0,
-        moved_on: Callable[[], Iterable[str]] | None = None,
+        live: Callable[[], Iterable[str | tuple[str, str]]], stop: threading.Event | None = None,
+        check_s: float = 1.0, moved_on: Callable[[], Iterable[str]] | None = None,
+        sessions: dict[str, str] | None = None,
     ) -> dict[str, Message]:
         """:meth:`take`, but it stops waiting for a sender that has left the DHT view (see
         :class:`AbsenceWatch`), read every ``check_s``: a peer that died costs its record's
         expiry, not the whole deadline. Nor for one in ``moved_on()`` (read as often): known
-        to be past this wait, which needs no second look."""
+        to be past this wait, which needs no second look. ``sessions``: see AbsenceWatch."""
         waiting = set(senders)
         got: dict[str, Message] = {}
-        watch = AbsenceWatch(live)
+        watch = AbsenceWatch(live, sessions)
         while True:
             step = min(deadline, time.monotonic() + check_s)
             got.update(self.take(kind, round, attempt, waiting - got.keys(), step, stop=stop))

@@ -33,6 +33,7 @@ class Peers:
         self.unknown: set[str] = set()  # members whose DHT lookups fail
         self.announced: dict[str, int] = {}  # members whose DHT record shows another round
         self.hidden: dict[str, set[str]] = {}  # member -> peers its DHT view does not show yet
+        self.sessions: dict[str, str] = {}  # member -> the session its DHT record shows
         self.collectives = [GroupAllReduce(t, self._view(t.node_id), timeouts, Compressor(codec, **codec_options),
                                            chunk_bytes=chunk_bytes)
                             for t in self.transports]
@@ -41,7 +42,8 @@ class Peers:
         def live() -> list[PeerInfo]:
             if me in self.unknown:
                 raise ViewUnknown("lookup failed")
-            return [PeerInfo(t.node_id, t.endpoint, self.announced.get(t.node_id, self.round)) for t in self.transports
+            return [PeerInfo(t.node_id, t.endpoint, self.announced.get(t.node_id, self.round),
+                             session=self.sessions.get(t.node_id, "")) for t in self.transports
                     if t.node_id != me and t.node_id in self.alive and t.node_id not in self.hidden.get(me, ())]
         return live
 
@@ -185,9 +187,10 @@ def test_peer_that_never_joins_costs_the_matchmaking_timeout_only(peers):
     assert torch.equal(results[0].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
 
 
-def _join_then_die(p: Peers, i: int, leaves_view: bool = False) -> None:
+def _join_then_die(p: Peers, i: int, leaves_view: bool = False, restarts: bool = False) -> None:
     """Peer ``i`` behaves like a member until it has the roster, then disappears (and, with
-    ``leaves_view``, its DHT record expires)."""
+    ``leaves_view``, its DHT record expires; with ``restarts``, a new process takes its id
+    and record at once)."""
     victim = p.transports[i]
     victim.send(p.transports[0].endpoint, Message(JOIN, round=0, meta={
         "state_hash": "h", "weight": 1.0, "endpoint": victim.endpoint}))
@@ -195,6 +198,9 @@ def _join_then_die(p: Peers, i: int, leaves_view: bool = False) -> None:
     victim.close()
     if leaves_view:
         p.alive.discard(victim.node_id)
+    if restarts:
+        time.sleep(1.0)  # (the others' watches see the first session before the new record)
+        p.sessions[victim.node_id] = "second start"
 
 
 def test_member_that_dies_mid_round_is_dropped_and_the_round_is_redone(peers):
@@ -228,6 +234,24 @@ def test_member_that_dies_mid_round_and_leaves_the_view_is_not_waited_for_until_
         assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i].reason
         assert results[i].timings["total_s"] < 30, results[i].timings  # not the 60 s data-phase deadline
     torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
+
+
+def test_member_that_dies_mid_round_and_restarts_under_its_id_is_not_waited_for_until_the_deadline(peers):
+    """Its record never lapses (a new process announces the same id), but it shows another
+    session: the process the round waits for is gone, its parts never come."""
+    p = peers(3, timeouts=CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=60, decision_s=60,
+                                             max_attempts=3))
+    p.sessions = {t.node_id: "first start" for t in p.transports}
+    for c in p.collectives:
+        c.check_s = 0.2
+    inputs = _inputs(3)
+    killer = threading.Thread(target=_join_then_die, args=(p, 2, False, True))
+    killer.start()
+    results = p.run(inputs, members=[0, 1])
+    killer.join(timeout=30)
+    for i in (0, 1):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i].reason
+        assert results[i].timings["total_s"] < 30, results[i].timings  # not the 60 s data-phase deadline
 
 
 def test_member_sending_nan_is_excluded_and_the_rest_agree(peers):

@@ -131,7 +131,7 @@ class Swarm:
         return make_token(self.key, self.multiaddrs)
 
     def _info(self) -> PeerInfo:
-        return PeerInfo(self.id, self.transport.endpoint, self.round, dht=self._maddrs)
+        return PeerInfo(self.id, self.transport.endpoint, self.round, dht=self._maddrs, session=self.transport.session)
 
     def known_peers(self) -> list[str]:
         """DHT multiaddresses of the live peers now: what a restart of this process can
