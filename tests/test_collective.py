@@ -218,40 +218,36 @@ def test_member_that_dies_mid_round_is_dropped_and_the_round_is_redone(peers):
     torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
 
 
-def test_member_that_dies_mid_round_and_leaves_the_view_is_not_waited_for_until_the_deadline(peers):
-    """Its parts never come; once the DHT view no longer shows it, the others stop waiting
-    for them and redo the round without it, instead of waiting the whole data phase out."""
-    p = peers(3, timeouts=CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=60, decision_s=60,
-                                             max_attempts=3))
-    for c in p.collectives:
-        c.check_s = 0.2
-    inputs = _inputs(3)
-    killer = threading.Thread(target=_join_then_die, args=(p, 2, True))
-    killer.start()
-    results = p.run(inputs, members=[0, 1])
-    killer.join(timeout=30)
-    for i in (0, 1):
-        assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i].reason
-        assert results[i].timings["total_s"] < 30, results[i].timings  # not the 60 s data-phase deadline
-    torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
-
-
-def test_member_that_dies_mid_round_and_restarts_under_its_id_is_not_waited_for_until_the_deadline(peers):
-    """Its record never lapses (a new process announces the same id), but it shows another
-    session: the process the round waits for is gone, its parts never come."""
+def _p2_dies_after_the_roster(peers, leaves_view: bool, restarts: bool) -> tuple[list, dict]:
+    """p0 and p1 average round 0 with p2, which dies once it has the roster (see
+    ``_join_then_die``); the data phase's deadline is 60 s, the checks every 0.2 s."""
     p = peers(3, timeouts=CollectiveTimeouts(matchmaking_s=10, join_s=20, allreduce_s=60, decision_s=60,
                                              max_attempts=3))
     p.sessions = {t.node_id: "first start" for t in p.transports}
     for c in p.collectives:
         c.check_s = 0.2
     inputs = _inputs(3)
-    killer = threading.Thread(target=_join_then_die, args=(p, 2, False, True))
+    killer = threading.Thread(target=_join_then_die, args=(p, 2, leaves_view, restarts))
     killer.start()
     results = p.run(inputs, members=[0, 1])
     killer.join(timeout=30)
     for i in (0, 1):
         assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i].reason
         assert results[i].timings["total_s"] < 30, results[i].timings  # not the 60 s data-phase deadline
+    return inputs, results
+
+
+def test_member_that_dies_mid_round_and_leaves_the_view_is_not_waited_for_until_the_deadline(peers):
+    """Its parts never come; once the DHT view no longer shows it, the others stop waiting
+    for them and redo the round without it, instead of waiting the whole data phase out."""
+    inputs, results = _p2_dies_after_the_roster(peers, leaves_view=True, restarts=False)
+    torch.testing.assert_close(results[0].tensors[1], (inputs[0][1] + inputs[1][1]) / 2)
+
+
+def test_member_that_dies_mid_round_and_restarts_under_its_id_is_not_waited_for_until_the_deadline(peers):
+    """Its record never lapses (a new process announces the same id), but it shows another
+    session: the process the round waits for is gone, its parts never come."""
+    _p2_dies_after_the_roster(peers, leaves_view=False, restarts=True)
 
 
 def test_member_sending_nan_is_excluded_and_the_rest_agree(peers):
