@@ -184,9 +184,7 @@ class GroupAllReduce:
         expected (CO2, which has no barrier between rounds, needs 2). ``span``: how many sync
         periods the input covers (see ``DataPhase.exchange``)."""
         self.transport.mailbox.prune(round)
-        self.data.span = max(1, int(span))
         self.suspects = []
-        self.data.suspects = set()
         start = time.monotonic()
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
@@ -201,8 +199,7 @@ class GroupAllReduce:
                                timings={"total_s": time.monotonic() - start})
         for p in live:
             self.transport.name_peer(p.endpoint, p.id)
-        # the processes this round is with: one whose record later shows another start died
-        self.data.sessions = {p.id: p.session for p in live}
+        self.data.begin(span, {p.id: p.session for p in live})
         # a peer that announced the previous round is most likely finishing it (its DHT record
         # lags by up to a refresh): expect it too, or a leader that runs ahead would average
         # alone and every short round would end in a resync. So is a member held up a few

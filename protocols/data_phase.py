@@ -57,9 +57,17 @@ class DataPhase:
         self.max_norm_ratio = max_norm_ratio
         self.check_s = 1.0  # how often a wait on parts looks at the DHT for members that left
         self.suspects: set[str] = set()
-        self.span = 1  # sync periods this node's input to the round at hand covers (see _outliers)
-        self.sessions: dict[str, str] = {}  # the round's peers' sessions at its start (see AbsenceWatch)
+        self.span = 1  # the round at hand's (see begin)
+        self.sessions: dict[str, str] = {}
         self._out: torch.Tensor | None = None
+
+    def begin(self, span: int, sessions: dict[str, str]) -> None:
+        """A new round: this node's input covers ``span`` sync periods (see ``_outliers``);
+        ``sessions``: its peers' sessions at the round's start (a member whose record later
+        shows another one died and came back: see AbsenceWatch)."""
+        self.span = max(1, int(span))
+        self.sessions = sessions
+        self.suspects = set()
 
     def _output(self, numel: int) -> torch.Tensor:
         """The result buffer, reused across rounds: allocating (and page-faulting) a fresh
