@@ -198,8 +198,7 @@ def _join_then_die(p: Peers, i: int, leaves_view: bool = False, restarts: bool =
     victim.close()
     if leaves_view:
         p.alive.discard(victim.node_id)
-    if restarts:
-        time.sleep(1.0)  # (the others' watches see the first session before the new record)
+    if restarts:  # (after the roster: the round started with the first session)
         p.sessions[victim.node_id] = "second start"
 
 
