@@ -20,7 +20,7 @@ from loco.protocols.transport import Transport
 from loco.token import new_key
 
 from .config import Config, ConfigError, LinkConfig, NetworkConfig, parse_bandwidth
-from .reaper import Reaper, descendants
+from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,16 @@ def watched_membership(run_id: str, node_id: str, initial_peers: list[str], list
     """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
     process dies without closing it. Given the node's ``transport``, it signs records with
     the same node key and shares the transport's bindings of node ids to keys."""
-    membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s,
-                            bootstrap_timeout_s, key, identity_path, stop,
-                            node_key=transport.node_key if transport else None,
-                            pins=transport.pins if transport else None)
-    reaper = Reaper()
-    if membership.pid:
-        reaper.watch([membership.pid, *descendants(membership.pid)])
+    reaper = Reaper()  # first: a node killed during the DHT's bootstrap leaves no orphan either
+    try:
+        membership = Membership(run_id, node_id, initial_peers, listen_host, dht_port, announce_host, ttl_s,
+                                bootstrap_timeout_s, key, identity_path, stop,
+                                node_key=transport.node_key if transport else None,
+                                pins=transport.pins if transport else None,
+                                on_process=lambda pid: reaper.watch([pid]))
+    except BaseException:
+        reaper.close()
+        raise
     return membership, reaper
 
 

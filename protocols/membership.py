@@ -109,6 +109,7 @@ class Membership:
         stop: threading.Event | None = None,
         node_key: NodeKey | None = None,
         pins: IdentityPins | None = None,
+        on_process: Callable[[int], None] | None = None,
     ):
         """``bootstrap_timeout_s``: how long to keep trying to start the DHT node and reach
         ``initial_peers`` (0: one attempt). A busy peer's p2pd can refuse the first
@@ -118,7 +119,10 @@ class Membership:
         its peer id, hence its multiaddress, stays the same across restarts. ``stop``:
         set, it ends the retries at once. ``node_key``, ``pins``: with a swarm ``key``, this
         node signs its record with ``node_key`` and believes a record only if it is signed
-        by the key ``pins`` binds its node id to (share them with the transport)."""
+        by the key ``pins`` binds its node id to (share them with the transport).
+        ``on_process``: called with the pid of each DHT process as soon as it is forked,
+        before its bootstrap (which can take seconds), so that whoever must end it if this
+        process dies knows of it from the start."""
         import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
         from hivemind.utils import get_dht_time
 
@@ -143,13 +147,18 @@ class Membership:
                     initial_peers=list(initial_peers or []),
                     host_maddrs=host_maddrs,
                     announce_maddrs=announce,
-                    start=True,
+                    start=False,
                     wait_timeout=60,
                     record_validators=validators,
                     identity_path=identity_path,
                 )
+                self.dht.run_in_background(await_ready=False)
+                if on_process is not None and self.dht.pid:
+                    on_process(self.dht.pid)
+                self.dht.wait_until_ready(timeout=max(60.0, deadline - time.monotonic()))
                 break
             except Exception as exc:  # hivemind reports a dead bootstrap peer as a daemon start failure
+                self._end_failed_start()
                 where = f"initial peers {list(initial_peers or [])}" if initial_peers else f"{host_maddrs}"
                 left = deadline - time.monotonic()
                 if left <= 0 and attempt >= 2:  # one retry at least: a first attempt on a busy machine can outlast the deadline
@@ -168,6 +177,13 @@ class Membership:
         self._view_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _end_failed_start(self) -> None:
+        """A start that failed ends its own process; one that timed out is still running."""
+        dht = getattr(self, "dht", None)
+        if dht is not None and dht.is_alive():
+            dht.terminate()
+            dht.join(5)
 
     @property
     def maddrs(self) -> list[str]:
