@@ -83,10 +83,13 @@ class JoinDesk:
         """I/O thread: a leader waits for this node's JOIN of ``msg.round``. If this node
         finished that round, skips it, or is in another leader's group for it, no JOIN is
         coming: PAST says so (otherwise no answer: the JOIN may still come). Following another
-        leader is not enough: that one may answer "absent", and this node then elects again."""
+        leader is not enough: that one may answer "absent", and this node then elects again.
+        Fetching a later state is (``away``): the snapshot it waits for may wait on this very
+        round, and the asking leader on this node's JOIN; if the fetch fails, this node finds
+        the round closed and goes on."""
         with self._lock:
             g = self._grouped
-            past = (msg.round <= self._finished_round or msg.round < self._absent_below
+            past = (msg.round <= self._finished_round or msg.round < max(self._absent_below, self._away_below)
                     or (g is not None and g[0] == msg.round and g[1] != msg.sender))
         if past:
             self.transport.send(msg.meta["endpoint"], Message(PAST, round=msg.round, attempt=0, meta={}))

@@ -371,6 +371,21 @@ def test_a_node_fetching_a_state_is_not_waited_for_and_leads_again_if_the_fetch_
     assert all(r.status == "ok" and r.group == ("p0", "p1", "p2") for r in second.values()), second
 
 
+def test_a_leader_that_waits_for_a_node_fetching_a_later_state_is_told_it_is_past_the_round(peers):
+    """p2 fetches a peer's state at round 1, whose snapshot waits on round 0, which p0 leads
+    expecting p2 (its record shows the round). Asked, p2 answers that it is past round 0:
+    p0 and p1 average at once instead of waiting out the matchmaking deadline while p2
+    waits for their snapshot (a late Streaming joiner stalled the swarm 30 s this way)."""
+    slow = CollectiveTimeouts(matchmaking_s=60, join_s=60, allreduce_s=5, decision_s=5)
+    p = peers(3, timeouts=slow)
+    inputs = _inputs(3)
+    p.collectives[2].away(1)
+    results = p.run(inputs, members=[0, 1])
+    for i in (0, 1):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i]
+        assert results[i].timings["total_s"] < 30, results[i].timings
+
+
 def test_a_node_redirected_to_a_leader_that_is_not_in_the_round_asks_the_redirecting_one_again(peers):
     """p0 adopted a later state and answers "absent", a second late (its link is slow). p1
     follows it meanwhile; p2 (whose view does not show p0) elects p1 and is redirected to p0.

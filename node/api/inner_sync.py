@@ -118,6 +118,8 @@ class StreamingDiLoCo(CollectiveAlgorithm):
             before = self.swarm.bytes_sent
             self._events += self._count_sync_bytes(self.math.drain(), before)
         events, self._events = self._events, []
+        if not events and not final:  # every sync of the round was in a state adopted from a peer (a late join)
+            return "resync", 0, "the adopted state holds this round's syncs", {}
         ok = sum(e.applied for e in events)
         status, reason = _inner_status(ok, len(events) - ok, "fragment syncs")
         group = max((e.group_size for e in events), default=1)
