@@ -8,17 +8,17 @@ closed the pipe, or this process was handed to another parent: a forked child of
 may still hold the pipe open) the reaper kills every listed process that still has the
 same start time (so a recycled pid is never hit), and their descendants (p2pd), then exits.
 
-Run as: python -m loco.node.reaper  (the node does it; not meant for users)
+Run as: python -m loco.node.reaper NODE_PID  (the node does it; not meant for users)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 POLL_S = 0.25  # how often the reaper checks that the node is still its parent
@@ -58,7 +58,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loco.node.reaper"], stdin=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "loco.node.reaper", str(os.getpid())], stdin=subprocess.PIPE, text=True,
             start_new_session=False,
         )
 
@@ -85,28 +85,47 @@ class Reaper:
             self.proc.wait()
 
 
-def _read_watched(watched: list[tuple[int, str]]) -> None:
-    for line in sys.stdin:  # returns at EOF (the node closed the pipe) or at the node's END
-        if line.strip() == END:
-            return
-        pid, st = line.split()
-        watched.append((int(pid), st))
+def _read_lines(fd: int, buffer: bytearray, wait_s: float) -> tuple[list[str], bool]:
+    """Complete lines readable from ``fd`` within ``wait_s``, and whether the pipe ended."""
+    lines, ended = [], False
+    while select.select([fd], [], [], wait_s)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            ended = True
+            break
+        buffer += chunk
+        wait_s = 0.0  # what is already there, then back to the caller
+    while b"\n" in buffer:
+        line, _, rest = bytes(buffer).partition(b"\n")
+        buffer[:] = rest
+        lines.append(line.decode())
+    return lines, ended
 
 
 def main() -> None:
     # a terminal's Ctrl-C reaches the whole foreground group: outlive the node, don't die first
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the node shuts down, closes the pipe, we exit
-    node = os.getppid()
+    # the node's pid comes as an argument: under load the node can die before this process
+    # has started, and os.getppid() would then already be the new parent's
+    node = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
+    fd, buffer = sys.stdin.fileno(), bytearray()
     watched: list[tuple[int, str]] = []
-    reader = threading.Thread(target=_read_watched, args=(watched,), daemon=True)
-    reader.start()
-    # EOF alone is not enough: the DHT process, forked after us, holds the pipe's write end
-    while reader.is_alive() and os.getppid() == node:
-        reader.join(POLL_S)
+    # EOF alone is not enough: the DHT process, forked after this one, holds the pipe open
+    done = False
+    while not done:
+        alive = os.getppid() == node
+        lines, ended = _read_lines(fd, buffer, POLL_S if alive else 0.0)  # (a dead node: what it wrote)
+        for line in lines:
+            if line.strip() == END:
+                done = True
+            elif line.strip():
+                pid, st = line.split()
+                watched.append((int(pid), st))
+        done = done or ended or not alive
     # the helpers' descendants (p2pd) are listed before any is killed: killing a parent
     # first would hand its children to init, out of reach of ``descendants``
-    doomed = [(pid, st) for pid, st in list(watched) if start_time(pid) == st]
+    doomed = [(pid, st) for pid, st in watched if start_time(pid) == st]
     doomed += [(kid, st) for pid, _ in list(doomed) for kid in descendants(pid)
                if (st := start_time(kid)) is not None]
     for pid, st in doomed:
