@@ -71,7 +71,7 @@ class Reaper:
             self.proc.stdin.flush()
 
     def close(self) -> None:
-        """Normal shutdown: the helpers are already gone; the reaper exits on EOF."""
+        """Normal shutdown: the helpers are already gone; the reaper exits on the END line."""
         if self.proc.stdin:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.write(END + "\n")
@@ -108,7 +108,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the node shuts down, closes the pipe, we exit
     # the node's pid comes as an argument: under load the node can die before this process
     # has started, and os.getppid() would then already be the new parent's
-    node = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
+    node = int(sys.argv[1])
     fd, buffer = sys.stdin.fileno(), bytearray()
     watched: list[tuple[int, str]] = []
     # EOF alone is not enough: the DHT process, forked after this one, holds the pipe open
@@ -116,10 +116,10 @@ def main() -> None:
     while not done:
         alive = os.getppid() == node
         lines, ended = _read_lines(fd, buffer, POLL_S if alive else 0.0)  # (a dead node: what it wrote)
-        for line in lines:
-            if line.strip() == END:
+        for line in map(str.strip, lines):
+            if line == END:
                 done = True
-            elif line.strip():
+            elif line:
                 pid, st = line.split()
                 watched.append((int(pid), st))
         done = done or ended or not alive
