@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import FAST, read_records, wait_until
+from tests.conftest import FAST, group_members, read_records, wait_until
 
 pytestmark = pytest.mark.swarm
 
@@ -47,24 +47,32 @@ def _agreeing_rounds(a: list[dict], b: list[dict]) -> list[int]:
 
 
 @pytest.mark.parametrize("algorithm", ["diloco", "streaming_diloco", "noloco", "co2", "ddp"])
-def test_a_plain_loop_trains_with_each_algorithm_and_a_late_joiner_starts_from_the_swarm(procs, tmp_path,
-                                                                                          algorithm):
-    done = tmp_path / "done"  # a and b train until the late joiner has finished
+def test_a_plain_loop_trains_with_each_algorithm_a_late_joiner_starts_from_the_swarm_and_its_kill_stops_no_one(
+        procs, tmp_path, algorithm):
+    done = tmp_path / "done"  # a and b train until the late joiner is dead and they went on
     # (DDP averages every step: shorter rounds keep it quick)
     inner = "5" if algorithm == "ddp" else "10"
     common = ["--algorithm", algorithm, "--inner-steps", inner]
     reports = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "c")}
-    a = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "200", "--until", str(done), "--peers", "1", "--seed", "1",
+    a = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "400", "--until", str(done), "--peers", "1", "--seed", "1",
                      "--report", str(reports["a"]), log="a")
     addr = _join_address(procs, "a")
-    b = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "200", "--until", str(done), "--join", addr, "--seed", "2",
+    b = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "400", "--until", str(done), "--join", addr, "--seed", "2",
                      "--report", str(reports["b"]), log="b")
-    c = procs.staged(*LOGGED, *ONE_THREAD, *common, "--steps", "50", "--join", addr, "--seed", "3",
+    c = procs.staged(*LOGGED, *ONE_THREAD, *common, "--steps", "400", "--join", addr, "--seed", "3",
                      "--report", str(reports["c"]), log="c")
     # the late joiner starts once the swarm is a few rounds in (NoLoCo adopts a peer's state
     # only when it is more than two rounds behind)
     wait_until(lambda: len(read_records(reports["a"])) >= 4, 180, "a's fourth round")
-    _finish(c.go(), procs, "c")
+    c = c.go()
+    wait_until(lambda: len(read_records(reports["c"])) >= 4, 240, "c's fourth round")
+    # then it dies mid-round (the kill of its process alone: its reaper ends its DHT and p2pd)
+    os.kill(c.pid, signal.SIGKILL)
+    c.wait(timeout=30)
+    wait_until(lambda: group_members(c.pid) == [], 60, "c's DHT process, p2pd and reaper to end")
+    killed_at = {n: len(read_records(reports[n])) for n in ("a", "b")}
+    wait_until(lambda: all(len(read_records(reports[n])) >= killed_at[n] + 4 for n in ("a", "b")), 240,
+               "a and b to train four rounds past the kill")
     done.touch()
     _finish(a, procs, "a")
     _finish(b, procs, "b")
@@ -74,13 +82,18 @@ def test_a_plain_loop_trains_with_each_algorithm_and_a_late_joiner_starts_from_t
     # the late joiner took the swarm's round (and state) instead of starting at round 0
     assert rc[0]["round"] >= 3, rc
     assert rc[0]["val_loss"] < 0.95 * ra[0]["val_loss"], (rc[0], ra[0])
-    if algorithm == "noloco":  # replicas differ by design; they still pair up
-        assert any(r["group_size"] >= 2 for r in ra), ra
+    after_a, after_b = ra[killed_at["a"]:], rb[killed_at["b"]:]
+    if algorithm == "noloco":  # replicas differ by design; they still pair up, before and after
+        assert any(r["group_size"] >= 2 for r in ra[:killed_at["a"]]), ra
+        assert any(r["group_size"] == 2 for r in after_a), after_a
     else:
         assert len(_agreeing_rounds(ra, rb)) >= 3, (ra, rb)
         # the joiner averaged with the swarm (a Streaming joiner once resynced at every sync
         # for good, training alone), and with the same weights as each of them
         assert _agreeing_rounds(ra, rc) + _agreeing_rounds(rb, rc), (ra, rb, rc)
+        # and the two that are left average on, together (the round c died in may hold its part)
+        together = _agreeing_rounds(after_a, after_b)
+        assert together and [r for r in after_a if r["round"] == together[-1]][0]["group_size"] == 2, (after_a, after_b)
 
 
 def test_a_killed_loop_restarted_from_its_checkpoint_resumes_and_rejoins(procs, tmp_path):
