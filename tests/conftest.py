@@ -181,13 +181,31 @@ def configured_device() -> str:
     return "cpu"
 
 
+def _swarms_first_on_every_worker(items: list, workers: int) -> list:
+    """The real swarms (a minute each, seconds for the rest) spread over the chunks that
+    ``--dist worksteal`` first hands the workers (contiguous: the first N // workers items to
+    the first worker, and so on), each chunk starting with its swarms. Every worker then
+    starts on long tests and ends on short ones, which an idle worker steals from the others'
+    ends, instead of one worker running the last swarm alone."""
+    swarms = [item for item in items if "swarm" in item.keywords]
+    rest = [item for item in items if "swarm" not in item.keywords]
+    sizes, left = [], len(items)
+    for i in range(workers):  # what worksteal's first schedule sends each idle worker
+        sizes.append(left // (workers - i))
+        left -= sizes[-1]
+    ordered = []
+    for i, size in enumerate(sizes):
+        chunk = swarms[i::workers][:size]
+        ordered += chunk + rest[:size - len(chunk)]
+        rest = rest[size - len(chunk):]
+    ordered += [item for item in swarms if item not in ordered] + rest  # (more swarms than a chunk holds)
+    return ordered
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # the real swarms first (minutes each, seconds for the rest): with `--dist worksteal`
-    # the two workers then end together on short tests instead of one of them finishing a
-    # long swarm alone
-    items.sort(key=lambda item: "swarm" not in item.keywords)
+    items[:] = _swarms_first_on_every_worker(items, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here); run on a GPU machine: pytest -m cuda")
