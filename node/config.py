@@ -84,9 +84,33 @@ class SwarmConfig(_Section):
     cuda:(i // nodes_per_gpu) mod GPUs)."""
 
 
+# Built-in GPT shapes a user can ask for by name; explicit model.* keys override them.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # about 0.45M parameters (byte vocabulary): tests, demos, a laptop
+    "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 128},
+    # about 10.8M parameters with the byte vocabulary (nanoGPT's character-level shape)
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
+    # GPT-2 small: 124M parameters with GPT-2's vocabulary of 50257
+    "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257},
+}
+
+# Keys only the built-in GPT reads: set beside model.factory they would be ignored.
+_BUILTIN_ONLY = ("preset", "n_layer", "n_head", "n_embd", "dropout", "vocab_size")
+
+
 class ModelConfig(_Section):
     factory: str | None = None
-    """'module:callable' returning an nn.Module(idx[B,T]) -> logits[B,T,V]; None: built-in GPT."""
+    """'module:callable' called with ``kwargs``, returning an nn.Module (see README, Models:
+    what it may return); None: the built-in GPT."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for ``factory`` (TOML table ``[model.kwargs]``)."""
+    computes_loss: bool = False
+    """The model computes its own loss: the trainer calls ``model(idx, labels=idx)`` and
+    takes the loss it returns (it shifts the labels itself, as HuggingFace causal LMs do)."""
+    preset: Literal["tiny", "small", "gpt2-124m"] | None = None
+    """Built-in GPT shape by name (README, Models); model.* keys set beside it win."""
+    vocab_size: int = Field(256, ge=2)
+    """Vocabulary of the built-in GPT (256: bytes). A factory's model brings its own."""
     n_layer: int = Field(2, ge=1)
     """Transformer blocks of the built-in GPT."""
     n_head: int = Field(4, ge=1)
@@ -94,14 +118,35 @@ class ModelConfig(_Section):
     n_embd: int = Field(128, ge=8)
     """Embedding width."""
     block_size: int = Field(128, ge=8)
-    """Context length in bytes (tokens)."""
+    """Context length in tokens (a factory's model may set its own ``block_size`` attribute)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout probability."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            return {**MODEL_PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @model_validator(mode="after")
+    def _factory_keys(self) -> ModelConfig:
+        if not self.factory:
+            if self.kwargs:
+                raise ValueError("model.kwargs are passed to model.factory, which is unset")
+            if self.computes_loss:
+                raise ValueError("model.computes_loss needs model.factory (the built-in GPT returns logits)")
+            return self
+        ignored = [k for k in _BUILTIN_ONLY if getattr(self, k) != type(self).model_fields[k].default]
+        if ignored:
+            raise ValueError(f"{', '.join('model.' + k for k in ignored)} shape(s) the built-in GPT; "
+                             f"with model.factory set, pass them in model.kwargs")
         return self
 
 

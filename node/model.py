@@ -1,8 +1,9 @@
-"""The built-in model (a small byte-level GPT) and loading a user's model factory."""
+"""The built-in model (a GPT, byte-level by default) and loading a user's model factory."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Collection, Iterable
 
@@ -11,8 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, ModelConfig
-
-VOCAB = 256  # bytes
 
 
 class Block(nn.Module):
@@ -38,16 +37,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer over bytes. forward(idx[B, T]) -> logits[B, T, 256]."""
+    """Decoder-only transformer. forward(idx[B, T]) -> logits[B, T, vocab_size]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.block_size = cfg.block_size
-        self.tok = nn.Embedding(VOCAB, cfg.n_embd)
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, VOCAB, bias=False)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.head.weight = self.tok.weight  # weight tying
         self.apply(self._init)
         for name, p in self.named_parameters():
@@ -77,7 +76,9 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The built-in GPT, or ``cfg.factory`` ('module:callable') called with no arguments."""
+    """The built-in GPT, or ``cfg.factory`` ('module:callable') called with ``cfg.kwargs``.
+    ConfigError (one line naming the key) for a factory that cannot be loaded, rejects its
+    kwargs, fails, or returns something that is not an nn.Module."""
     if not cfg.factory:
         return GPT(cfg)
     module_name, sep, attr = cfg.factory.partition(":")
@@ -87,7 +88,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model.factory: cannot load {cfg.factory!r}: {exc}") from exc
-    model = factory()
+    try:
+        inspect.signature(factory).bind(**cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs: {cfg.factory} does not accept {dict(cfg.kwargs)!r} ({exc})") from None
+    except ValueError:  # no signature to check (a builtin): the call below tells
+        pass
+    try:
+        model = factory(**cfg.kwargs)
+    except (ImportError, OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConfigError(f"model.factory: {cfg.factory}(**model.kwargs) failed: {type(exc).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory: {cfg.factory!r} returned {type(model).__name__}, not nn.Module")
     return model

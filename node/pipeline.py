@@ -73,7 +73,6 @@ from .config import Config, ConfigError, config_to_dict
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
 from .metrics import MetricsWriter
-from .model import VOCAB
 from .optstate import adam_step, adam_tensors, load_adam
 from .runtime import NodeIdentity, default_node_id, open_membership, open_transport, write_json_atomic
 from .stages import StageModel
@@ -270,7 +269,7 @@ class PipelineNode:
         self.prober = LinkProber(self.transport)
         self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
         train, val = load_corpus(cfg.data)
-        check_corpus(train, val, cfg.model.block_size, VOCAB)
+        check_corpus(train, val, cfg.model.block_size, cfg.model.vocab_size)
         self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))
         self.val = validation_batches(val, cfg.model.block_size, cfg.data.batch_size, cfg.data.val_batches,
                                       cfg.train.seed)

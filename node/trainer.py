@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import check_precision, resolve_device
-from .model import VOCAB, build_model, unique_parameters
+from .lm_output import ModelOutputError, lm_loss, vocab_size_of
+from .model import build_model, unique_parameters
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,12 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         self.params = unique_parameters(self.model)
         self.block_size = getattr(self.model, "block_size", cfg.model.block_size)
+        try:
+            self.vocab_size = vocab_size_of(self.model)
+        except ModelOutputError as exc:
+            raise ConfigError(f"model: {exc}") from None
         train, val = load_corpus(cfg.data)
-        check_corpus(train, val, self.block_size, VOCAB)
+        check_corpus(train, val, self.block_size, self.vocab_size)
         seed = node_seed(cfg.train.seed, node_id)
         self.sampler = Sampler(train, self.block_size, cfg.data.batch_size, seed)
         self.val = validation_batches(val, self.block_size, cfg.data.batch_size, cfg.data.val_batches,
@@ -46,11 +50,23 @@ class Trainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.inner_lr, betas=o.betas,
         )
+        self._check_output()
         self.step = 0
         self._last_loss = 0.0
         self.tokens = 0
         random.seed(seed)
         np.random.seed(seed % 2**32)
+
+    @torch.no_grad()
+    def _check_output(self) -> None:
+        """One validation window through the model: a forward that breaks the output
+        contract (README, Models) is a one-line ConfigError now, not a crash mid-round."""
+        x, y = self.val[0]
+        try:
+            with self.autocast:
+                lm_loss(self.model, x[:1].to(self.device), y[:1].to(self.device), self.cfg.model.computes_loss)
+        except ModelOutputError as exc:
+            raise ConfigError(f"model: {exc}") from None
 
     def _lr(self) -> float:
         warm = self.cfg.optim.warmup_steps
@@ -65,8 +81,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
         with self.autocast:
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            loss = lm_loss(self.model, x, y, self.cfg.model.computes_loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if sync is None or sync():
@@ -90,8 +105,8 @@ class Trainer:
         losses = []
         for x, y in self.val:
             with self.autocast:
-                logits = self.model(x.to(self.device)).float()
-            losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.device).reshape(-1))))
+                loss = lm_loss(self.model, x.to(self.device), y.to(self.device), self.cfg.model.computes_loss)
+            losses.append(float(loss))
         return sum(losses) / len(losses)
 
     def state_dict(self) -> dict[str, Any]:

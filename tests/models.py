@@ -1,23 +1,50 @@
-"""A user-style model factory for tests of model.factory."""
+"""User-style model factories for tests of model.factory and the output contract."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+import torch.nn.functional as F
 
 
 class TinyLM(torch.nn.Module):
-    def __init__(self) -> None:
+    """``returns``: what forward hands back: the logits tensor, a tuple (logits, extra), an
+    object with .logits, or the loss it computes itself from ``labels``."""
+
+    def __init__(self, vocab: int = 256, width: int = 16, returns: str = "tensor") -> None:
         super().__init__()
-        self.emb = torch.nn.Embedding(256, 16)
-        self.out = torch.nn.Linear(16, 256)
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.out = torch.nn.Linear(width, vocab)
+        self.returns = returns
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.out(self.emb(idx))
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.out(self.emb(idx))
+        if self.returns == "tuple":
+            return logits, None
+        if self.returns == "object":
+            return SimpleNamespace(logits=logits)
+        if self.returns == "loss":
+            assert labels is not None, "computes_loss: the trainer passes labels"
+            # the HuggingFace convention: the model shifts the labels itself
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+            return SimpleNamespace(loss=loss, logits=logits)
+        if self.returns == "none":  # a forward that forgot to return
+            return None
+        if self.returns == "dict":
+            return {"logits": logits}
+        return logits
 
 
-def tiny_lm() -> torch.nn.Module:
-    return TinyLM()
+def tiny_lm(vocab: int = 256, width: int = 16, returns: str = "tensor") -> torch.nn.Module:
+    return TinyLM(vocab, width, returns)
 
 
 def not_a_model() -> object:
     return object()
+
+
+def needs_a_file(path: str) -> torch.nn.Module:
+    with open(path) as f:  # OSError for a missing file: the factory failing
+        f.read()
+    return TinyLM()
