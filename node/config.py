@@ -152,11 +152,15 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = None
-    """Text file, folder of text files, or .npy/.bin token array; None: the Python stdlib."""
+    """Text file, folder of text files (read as bytes), or a token file (.bin, .npy:
+    memory-mapped, see README, Data); None: the Python standard library's source."""
+    token_dtype: Literal["uint16", "uint32"] | None = None
+    """Id width of a .bin token file; None: its sidecar's dtype, else uint16."""
     val_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of files (by path hash) held out for validation."""
     max_bytes: int = Field(8_000_000, gt=0)
-    """Upper bound on corpus bytes loaded (keeps start-up fast)."""
+    """Upper bound on text corpus bytes read (keeps start-up fast); token files are
+    memory-mapped whole."""
     batch_size: int = Field(16, ge=1)
     """Sequences per inner step."""
     val_batches: int = Field(4, ge=1)

@@ -1,5 +1,6 @@
 """Training data: the default corpus (the Python standard library's own source), user text
-or token files, a deterministic train/validation split, and per-node sampling streams."""
+or token files (memory-mapped: node/token_files.py), a deterministic train/validation
+split, and per-node sampling streams."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .token_files import open_tokens, sidecar_of, token_range
 
 
 def _is_val(rel_path: str, val_fraction: float) -> bool:
@@ -55,7 +57,7 @@ def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         if not path.exists():
             raise ConfigError(f"data.path: {path} does not exist")
         if path.suffix in (".npy", ".bin"):
-            train, val = _split_array(_token_array(path), cfg.val_fraction)
+            train, val = _split_array(open_tokens(path, cfg.token_dtype).tokens, cfg.val_fraction)
         elif path.is_dir():
             train, val = _read_files(path, [p for p in path.rglob("*") if p.is_file()], cfg)
         else:
@@ -64,26 +66,25 @@ def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return train, val
 
 
-def _token_array(path: Path) -> np.ndarray:
-    """A .npy array of token ids, or a .bin file of uint16 token ids; ConfigError (one line,
-    naming the file) for anything else."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False) if path.suffix == ".npy" else \
-            np.memmap(path, dtype=np.uint16, mode="r")
-    except (ValueError, OSError, EOFError) as exc:
-        raise ConfigError(f"data.path: {path} is not a token array ({str(exc).splitlines()[0][:120]}); "
-                          f".npy: a 1-D integer array, .bin: uint16 token ids") from None
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ConfigError(f"data.path: {path} holds a {arr.ndim}-D {arr.dtype} array, not 1-D integer token ids")
-    return arr
-
-
-def check_corpus(train: np.ndarray, val: np.ndarray, block_size: int, vocab: int) -> None:
+def check_corpus(train: np.ndarray, val: np.ndarray, block_size: int, vocab: int, cfg: DataConfig) -> None:
+    """Both splits hold a window, and every id is inside the model's vocabulary: a token
+    file's sidecar ``vocab_size`` answers for its ids; without one they are scanned a chunk
+    at a time (bounded memory on a memory-mapped file)."""
     for name, arr in (("train", train), ("validation", val)):
         if len(arr) < block_size + 2:
             raise ConfigError(f"data: the {name} split has {len(arr)} tokens, fewer than block_size+2")
-    if int(train.max()) >= vocab:
-        raise ConfigError(f"data: token id {int(train.max())} is outside the model's vocabulary of {vocab}")
+    path = Path(cfg.path) if cfg.path else None
+    recorded = open_tokens(path, cfg.token_dtype).vocab_size if path and path.suffix == ".bin" else None
+    if recorded is not None:
+        if recorded > vocab:
+            raise ConfigError(f"data: {sidecar_of(path)} records a vocabulary of {recorded}, larger than the "
+                              f"model's vocabulary of {vocab}")
+        return
+    lo, hi = min(token_range(train)[0], token_range(val)[0]), max(token_range(train)[1], token_range(val)[1])
+    if lo < 0:
+        raise ConfigError(f"data: token id {lo} is negative")
+    if hi >= vocab:
+        raise ConfigError(f"data: token id {hi} is outside the model's vocabulary of {vocab}")
 
 
 class Sampler:

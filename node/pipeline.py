@@ -269,7 +269,7 @@ class PipelineNode:
         self.prober = LinkProber(self.transport)
         self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
         train, val = load_corpus(cfg.data)
-        check_corpus(train, val, cfg.model.block_size, cfg.model.vocab_size)
+        check_corpus(train, val, cfg.model.block_size, cfg.model.vocab_size, cfg.data)
         self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))
         self.val = validation_batches(val, cfg.model.block_size, cfg.data.batch_size, cfg.data.val_batches,
                                       cfg.train.seed)

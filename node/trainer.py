@@ -38,7 +38,7 @@ class Trainer:
         except ModelOutputError as exc:
             raise ConfigError(f"model: {exc}") from None
         train, val = load_corpus(cfg.data)
-        check_corpus(train, val, self.block_size, self.vocab_size)
+        check_corpus(train, val, self.block_size, self.vocab_size, cfg.data)
         seed = node_seed(cfg.train.seed, node_id)
         self.sampler = Sampler(train, self.block_size, cfg.data.batch_size, seed)
         self.val = validation_batches(val, self.block_size, cfg.data.batch_size, cfg.data.val_batches,

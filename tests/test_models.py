@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loco.node.config import ConfigError, DataConfig, ModelConfig, build_config
+from loco.node.config import ConfigError, ModelConfig, build_config
 from loco.node.lm_output import ModelOutputError, logits_of, loss_of, vocab_size_of
 from loco.node.model import GPT, build_model, unique_parameters
 from loco.node.trainer import Trainer
