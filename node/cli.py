@@ -254,5 +254,27 @@ def eval_skips(folder):
     Console().print(table)
 
 
+@main.command()
+@click.argument("corpus", required=False, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default="data/tokens", show_default=True,
+              help="Folder for tokens.bin, its sidecar tokens.json and tokenizer.json.")
+@click.option("--vocab-size", type=click.IntRange(257, 1 << 24), default=8192, show_default=True,
+              help="Vocabulary of the byte-level BPE tokenizer trained on CORPUS.")
+@click.option("--max-bytes", type=click.IntRange(1), default=8_000_000, show_default=True,
+              help="Text read from CORPUS (files in sorted order).")
+def tokenize(corpus, out, vocab_size, max_bytes):
+    """Train a byte-level BPE tokenizer on CORPUS (a text file or folder; default: the Python
+    standard library's source) and write it tokenized, for data.path = OUT/tokens.bin."""
+    from .tokenize import tokenize_corpus
+
+    try:
+        made = tokenize_corpus(Path(corpus) if corpus else None, Path(out), vocab_size, max_bytes)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{made.documents} documents -> {made.token_count:,} tokens (vocabulary {made.vocab_size}): "
+               f"{made.tokens}, tokenizer {made.tokenizer}")
+    click.echo(f"train on it: --set data.path={made.tokens} --set model.vocab_size={made.vocab_size}")
+
+
 if __name__ == "__main__":
     main()

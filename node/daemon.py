@@ -7,7 +7,7 @@ Output folder layout (shared by every node of a local swarm)::
     OUT/config/<node>.json        resolved configuration
     OUT/nodes/<node>.json         how to reach the node (DHT multiaddrs, ZeroMQ endpoint, pid)
     OUT/metrics/<node>.jsonl      metrics (schema: README.md, "Metrics")
-    OUT/checkpoints/<node>.pt     latest checkpoint (atomic)
+    OUT/checkpoints/<node>.safetensors   latest checkpoint (atomic; node/checkpoint.py)
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from .build import build_algorithm, open_swarm
 from .checkpoint import (
     CheckpointError,
     NonFiniteState,
-    load_checkpoint,
+    checkpoint_file,
+    load_latest,
     remove_stale_temp_files,
     save_checkpoint,
 )
@@ -53,7 +54,7 @@ class Node:
         self.stop = stop or threading.Event()
         self.id = cfg.node.id or default_node_id(out)
         self.started = time.time()
-        self.ckpt_path = out / "checkpoints" / f"{self.id}.pt"
+        self.ckpt_path = checkpoint_file(out / "checkpoints", self.id)
         # built by _setup, in this order; shutdown closes what exists, in reverse
         self.metrics: MetricsWriter | None = None
         self._records: ThreadPoolExecutor | None = None
@@ -61,6 +62,7 @@ class Node:
         self.outer: OuterAlgorithm | None = None
         self._may_checkpoint = False  # until the checkpoint in --out (if any) is loaded
         self._saved: dict[str, Any] | None = None  # that checkpoint, read before joining
+        self._saved_from = self.ckpt_path  # its file (an older one where the newest could not be read)
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -119,34 +121,36 @@ class Node:
 
     # ------------------------------------------------------------ checkpoints
     def _read_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint in ``--out`` (None if there is none), its trainer state loaded. One
-        that cannot be read, or was written by another configuration, is a CheckpointError,
-        and nothing is written over it afterwards (``_may_checkpoint`` stays False)."""
+        """The newest readable checkpoint in ``--out`` (None if there is none), its trainer
+        state loaded. An unreadable one is moved aside and the previous one used
+        (``load_latest``). One written by another configuration is a CheckpointError, and
+        nothing is written over it afterwards (``_may_checkpoint`` stays False)."""
         for tmp in remove_stale_temp_files(self.ckpt_path):
             log.info("removed %s, left by a process killed while writing it", tmp.name)
-        state = load_checkpoint(self.ckpt_path)
+        state, used = load_latest(self.ckpt_path)
         if state is None:
             return None
         saved, runs = state.get("algorithm", "diloco"), self.cfg.optim.algorithm
         if saved != runs:
-            raise CheckpointError(f"checkpoint {self.ckpt_path} was written by algorithm {saved!r}, this node runs "
+            raise CheckpointError(f"checkpoint {used} was written by algorithm {saved!r}, this node runs "
                                   f"{runs!r}; it was left as it is: use another --out or move it away")
-        self._fitting(lambda: self.trainer.load_state_dict(state["trainer"]))
+        self._fitting(used, lambda: self.trainer.load_state_dict(state["trainer"]))
+        self._saved_from = used
         return state
 
-    def _fitting(self, load: Callable[[], None]) -> None:
+    def _fitting(self, used: Path, load: Callable[[], None]) -> None:
         try:
             load()
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # another model shape, a missing part
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint {self.ckpt_path} does not fit this configuration ({first}); it was "
+            raise CheckpointError(f"checkpoint {used} does not fit this configuration ({first}); it was "
                                   f"left as it is: use another --out or move it away") from None
 
     def _resume(self) -> bool:
         """Resume the outer algorithm from the checkpoint read at setup, if there was one."""
         if self._saved is not None:
-            self._fitting(lambda: self.outer.load_state_dict(self._saved))
-            log.info("resumed from %s at round %d, step %d", self.ckpt_path, self.outer.round, self.trainer.step)
+            self._fitting(self._saved_from, lambda: self.outer.load_state_dict(self._saved))
+            log.info("resumed from %s at round %d, step %d", self._saved_from, self.outer.round, self.trainer.step)
         self._may_checkpoint = True
         return self._saved is not None
 

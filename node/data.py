@@ -78,7 +78,7 @@ def check_corpus(train: np.ndarray, val: np.ndarray, block_size: int, vocab: int
     if recorded is not None:
         if recorded > vocab:
             raise ConfigError(f"data: {sidecar_of(path)} records a vocabulary of {recorded}, larger than the "
-                              f"model's vocabulary of {vocab}")
+                              f"model's vocabulary of {vocab} (model.vocab_size for the built-in GPT)")
         return
     lo, hi = min(token_range(train)[0], token_range(val)[0]), max(token_range(train)[1], token_range(val)[1])
     if lo < 0:

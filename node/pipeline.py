@@ -68,7 +68,7 @@ from loco.protocols.state_sync import tensors_hash
 from loco.protocols.wire import Message
 from loco.token import make_token
 
-from .checkpoint import CheckpointError, NonFiniteState, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, NonFiniteState, checkpoint_file, load_latest, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
@@ -575,7 +575,7 @@ class PipelineNode:
         holds this stage, else the seed's weights. Returns which."""
         path = self.ckpt_path
         try:
-            state = load_checkpoint(path)
+            state, _ = load_latest(path)
         except (OSError, CheckpointError) as exc:
             log.warning("%s; stage %d starts from the seed, and this node will not write over that file", exc,
                         self.stage)
@@ -1067,7 +1067,7 @@ class PipelineNode:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.out / "checkpoints" / f"{self.id}.pt"
+        return checkpoint_file(self.out / "checkpoints", self.id)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         """The stage's weights for ``loco eval-skips`` and its whole state for a restart

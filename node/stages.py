@@ -104,13 +104,13 @@ def skip_evaluation(out: Path) -> list[dict[str, Any]]:
     """Validation loss of a pipeline run's model (OUT: its output folder) with every set of
     stages other than 0 left out, up to all but one of them: one row per set, the whole
     model first. Each stage's weights come from its replica with the smallest id."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import SUFFIX, load_checkpoint
     from .config import build_config
     from .data import load_corpus, validation_batches
 
     per_stage: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
     stages = 0
-    for path in sorted((out / "checkpoints").glob("*.pt")):
+    for path in sorted((out / "checkpoints").glob(f"*{SUFFIX}")):
         state = load_checkpoint(path)
         info = (state or {}).get("pipeline")
         if not info:

@@ -69,8 +69,8 @@ def run(scenario: str, fault_node: int, fault: str | None, nodes: int, rounds: i
         named += sum(1 for r in outer if f"node{fault_node}" in r.get("suspects", []))
     from loco.node.checkpoint import load_checkpoint, non_finite_entries
 
-    nan_ckpts = sum(bool(non_finite_entries(load_checkpoint(out / "checkpoints" / f"node{i}.pt")))
-                    for i in range(nodes) if (out / "checkpoints" / f"node{i}.pt").exists())
+    nan_ckpts = sum(bool(non_finite_entries(load_checkpoint(out / "checkpoints" / f"node{i}.safetensors")))
+                    for i in range(nodes) if (out / "checkpoints" / f"node{i}.safetensors").exists())
     return {"scenario": scenario, "exit": codes, "final_val": sum(finals) / len(finals), "grouped": grouped,
             "named": named, "nan_checkpoints": nan_ckpts, "wall_s": time.monotonic() - start, "out": str(out)}
 

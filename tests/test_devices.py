@@ -100,9 +100,9 @@ def test_checkpoints_load_whatever_device_they_were_saved_on(tmp_path):
         a.train_step()
     path = tmp_path / "a.pt"
     save_checkpoint(path, {"trainer": a.state_dict()})
-    # map_location decides where tensors land, whatever device wrote them: here a function
-    # that keeps them where they were saved (what torch.load does without one), and "cpu"
-    for where in (lambda storage, _loc: storage, "cpu"):
+    # map_location decides where tensors land, whatever device wrote them (the file holds
+    # host copies): the host, or the device the loading trainer runs on
+    for where in ("cpu", resolve_device(cfg.node.device)):
         b = Trainer(cfg, "b")
         b.load_state_dict(load_checkpoint(path, map_location=where)["trainer"])
         for p, q in zip(a.params, b.params, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_checkpoint_is_atomic_and_a_full_disk_keeps_the_previous_one(tmp_path, m
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ckpt.save_checkpoint(path, {"round": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
@@ -127,6 +128,56 @@ def test_an_unreadable_checkpoint_is_a_one_line_error_and_stays_as_it_is(tmp_pat
         ckpt.load_checkpoint(path)
     assert "\n" not in str(err.value)
     assert path.read_bytes() == content
+
+
+def test_a_truncated_latest_checkpoint_is_moved_aside_and_the_previous_one_used(tmp_path, caplog):
+    path = ckpt.checkpoint_file(tmp_path, "n")
+    for r in range(3):
+        ckpt.save_checkpoint(path, {"round": r, "w": torch.full((3,), float(r))}, keep=2)
+    torn = path.read_bytes()[:-40]
+    path.write_bytes(torn)
+    with caplog.at_level("WARNING", logger="loco.node.checkpoint"):
+        state, used = ckpt.load_latest(path)
+    assert state["round"] == 1 and used == ckpt.previous(path, 1)
+    aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == torn  # kept, not written over
+    assert "cannot be read" in caplog.text and "resuming from n.safetensors.1" in caplog.text
+    for p in (ckpt.previous(path, 1), ckpt.previous(path, 2)):
+        p.write_bytes(b"junk")
+    assert ckpt.load_latest(path) == (None, None)  # nothing readable: the node starts from the swarm
+
+
+def test_checkpoints_open_with_safetensors_alone_and_never_unpickle(tmp_path):
+    from safetensors import safe_open
+
+    model = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8))
+    state = {"trainer": {"model": model.state_dict(), "rng": {"numpy": np.random.get_state()}}, "round": 4,
+             "outcomes": {"ok": 3}, "betas": (0.9, 0.95), "ids": {0: "a", 1: None}}
+    path = ckpt.checkpoint_file(tmp_path, "n")
+    ckpt.save_checkpoint(path, state)
+    with safe_open(str(path), framework="pt") as f:
+        assert torch.equal(f.get_tensor("trainer.model.tok.weight"), model.tok.weight)
+        assert f.metadata()["format"] == "2"
+    back = ckpt.load_checkpoint(path)
+    assert back["round"] == 4 and back["betas"] == (0.9, 0.95) and back["ids"] == {0: "a", 1: None}
+    assert back["trainer"]["rng"]["numpy"][1].dtype == np.uint32
+    np.random.set_state(back["trainer"]["rng"]["numpy"])  # usable as it was
+    model.load_state_dict(back["trainer"]["model"])
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    legacy = path.with_suffix(".pt")  # a format-1 checkpoint is read through torch.load(weights_only=True)
+    torch.save({"format": 1, "round": 2, "w": torch.ones(2), "x": Payload()}, legacy)
+    path.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"n.pt holds objects other than tensors .* not loaded"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+    torch.save({"format": 1, "round": 2, "rng": np.random.get_state()}, legacy)  # an honest old one: migrated
+    assert ckpt.load_checkpoint(path)["round"] == 2
 
 
 def test_temp_files_of_a_killed_writer_are_removed(tmp_path):

@@ -112,7 +112,7 @@ def test_a_sole_replica_restarts_from_its_final_checkpoint_or_else_from_the_seed
     trained = tensors_hash(node._state_tensors())
     save_checkpoint(node.ckpt_path, node._checkpoint_state())
     again = _stage_node(tmp_path, "a")  # the same id and folder: its restart
-    assert again._resume_own() == "checkpoint a.pt"
+    assert again._resume_own() == "checkpoint a.safetensors"
     assert tensors_hash(again._state_tensors()) == trained
     other = _stage_node(tmp_path, "a", stage=2)  # restarted on another stage: not its checkpoint
     seed = tensors_hash(other._state_tensors())

@@ -95,7 +95,7 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
         assert outer[-1]["bytes_sent"] > 0 and outer[-1]["bytes_recv"] > 0
         assert records[-1]["event"] == "stop"  # clean shutdown: checkpoint written, DHT left
         assert records[-1]["dropped"] == {}  # signed messages all verified
-        assert (out / "checkpoints" / f"{n}.pt").exists()
+        assert (out / "checkpoints" / f"{n}.safetensors").exists()
         written = json.loads((out / "config" / f"{n}.json").read_text())
         assert written["train"]["rounds"] == 0 and written["swarm"]["key"] == "<redacted>"
         assert group_members(pid) == []  # no orphan: DHT process, p2pd and reaper are gone
@@ -200,28 +200,33 @@ def test_the_fixture_reaps_a_launchers_nodes(procs, tmp_path):
         wait_until(lambda pid=pid: group_members(pid) == [], 30, f"node {pid} and its helpers to be gone")
 
 
-def test_a_checkpoint_that_does_not_fit_or_cannot_be_read_is_never_written_over(procs, tmp_path):
+def test_a_checkpoint_that_does_not_fit_is_never_written_over_and_a_torn_one_falls_back(procs, tmp_path):
     out = tmp_path / "run"
     first = _start_node(procs, out, "node0", "train.rounds=1")
     cases = [("co2", ["optim.algorithm=co2"], "was written by algorithm 'diloco'"),
-             ("shape", ["model.n_embd=32"], "does not fit this configuration"),
-             ("garbage", [], "cannot be read")]
+             ("shape", ["model.n_embd=32"], "does not fit this configuration")]
     starts = {name: _staged_node(procs, out, "node0", "train.rounds=2", *extra) for name, extra, _ in cases}
+    torn_start = _staged_node(procs, out, "node0", "train.rounds=2")
     assert _wait_exit(first, 240, "node0", procs) == 0
-    path = out / "checkpoints" / "node0.pt"
+    path = out / "checkpoints" / "node0.safetensors"
     trained = path.read_bytes()
-    stale = path.with_name("node0.pt.k1ll3d.tmp")  # a writer SIGKILLed mid-write
+    stale = path.with_name("node0.safetensors.k1ll3d.tmp")  # a writer SIGKILLed mid-write
     stale.write_bytes(b"partial")
     for name, _, message in cases:
-        if name == "garbage":
-            trained = b"\x80\x02not a checkpoint"
-            path.write_bytes(trained)
         p = starts[name].go()
         assert _wait_exit(p, 240, name, procs) != 0
         log = procs.log("node0")
         assert message in log and "Traceback" not in log, log[-2000:]
         assert path.read_bytes() == trained, f"{name}: the checkpoint was written over"
     assert not stale.exists()
+    torn = trained[: len(trained) // 2]  # a disk that lost the end of the newest file
+    path.write_bytes(torn)
+    assert _wait_exit(torn_start.go(), 240, "torn", procs) == 0
+    log = procs.log("node0")
+    assert "cannot be read" in log and "resuming from node0.safetensors.1" in log, log[-3000:]
+    aside = list(path.parent.glob("node0.safetensors.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == torn  # kept for a look, never written over
+    assert "Traceback" not in log
 
 
 def test_poison_is_never_applied_and_a_replica_that_hits_nan_restores_itself(procs, tmp_path):
@@ -254,7 +259,7 @@ def test_poison_is_never_applied_and_a_replica_that_hits_nan_restores_itself(pro
     assert any(r["event"] == "restored" for r in records2), records2
     assert _outer(out, "node2")[-1]["val_loss"] < start["val_loss"] - 0.3
     for n in ("node0", "node1", "node2"):
-        state = load_checkpoint(out / "checkpoints" / f"{n}.pt", map_location="cpu")
+        state = load_checkpoint(out / "checkpoints" / f"{n}.safetensors", map_location="cpu")
         assert not non_finite_entries(state), n
         assert "Traceback" not in procs.log(n), procs.log(n)[-3000:]
 
@@ -280,4 +285,4 @@ def test_join_file_that_never_comes_or_is_not_a_nodes_info_is_a_clear_error(tmp_
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert result.exit_code == 1 and message in result.output, result.output
-    assert not (tmp_path / "run" / "checkpoints" / "node1.pt").exists()  # it never trained
+    assert not (tmp_path / "run" / "checkpoints" / "node1.safetensors").exists()  # it never trained

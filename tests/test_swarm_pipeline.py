@@ -67,7 +67,7 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
             ra, rb = recs[a][it], recs[b][it]
             assert ra["weights_hash"] == rb["weights_hash"] and ra["group_size"] == 2, (it, s)
     # saved every iteration (train.checkpoint_every = 1), the one before kept (keep_checkpoints = 1)
-    assert all((out / "checkpoints" / f"{n}.pt.1").exists() for n in nodes)
+    assert all((out / "checkpoints" / f"{n}.safetensors.1").exists() for n in nodes)
     assert all(r["checkpoint_s"] > 0 for n in nodes for r in recs[n][:-1])
     # the checkpoints make the whole model again: its loss is the leader's final validation
     ev = subprocess.run([sys.executable, "-m", "loco.node.cli", "eval-skips", str(out)], cwd=REPO,
