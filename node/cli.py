@@ -276,5 +276,22 @@ def tokenize(corpus, out, vocab_size, max_bytes):
     click.echo(f"train on it: --set data.path={made.tokens} --set model.vocab_size={made.vocab_size}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the model (config.json, model.safetensors, loco_export.json).")
+def export(run_dir, out):
+    """Write RUN_DIR's trained weights (its furthest checkpoint) as a model folder that loads
+    without loco: the built-in GPT as a HuggingFace GPT-2 model, a HuggingFace model with
+    save_pretrained, any other model as model.safetensors."""
+    from .export import export_run
+
+    try:
+        made = export_run(Path(run_dir), Path(out))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"exported {made.node}'s weights at round {made.round} ({made.kind}) to {made.out}")
+
+
 if __name__ == "__main__":
     main()

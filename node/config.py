@@ -86,9 +86,9 @@ class SwarmConfig(_Section):
 
 # Built-in GPT shapes a user can ask for by name; explicit model.* keys override them.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
-    # about 0.45M parameters (byte vocabulary): tests, demos, a laptop
+    # 0.45M parameters (byte vocabulary): tests, demos, a laptop
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 128},
-    # about 10.8M parameters with the byte vocabulary (nanoGPT's character-level shape)
+    # 10.8M parameters with the byte vocabulary (nanoGPT's character-level shape)
     "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
     # GPT-2 small: 124M parameters with GPT-2's vocabulary of 50257
     "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257},
@@ -457,6 +457,11 @@ class Config(_Section):
         p = self.pipeline
         if p.stages < 2:
             return self
+        unused = [key for key in _UNUSED_BY_PIPELINES if _get(self, key) != _get(_DEFAULTS, key)]
+        if unused:
+            raise ValueError(f"pipeline.stages = {p.stages} does not use {', '.join(unused)}: a pipeline's replicas "
+                             f"synchronize through pipeline.sync and pipeline.sync_every, uncompressed, in fp32; "
+                             f"pipeline.eval_every sets its records")
         if self.model.factory:
             raise ValueError("pipeline.stages needs the built-in GPT (model.factory must be unset)")
         if self.model.n_layer < p.stages:
@@ -479,6 +484,23 @@ class Config(_Section):
         if swarm.key and swarm.insecure:
             raise ValueError("swarm.insecure = true with a swarm.key: choose one")
         return swarm
+
+
+# What pipeline mode (node/pipeline.py) has no use for: set to anything but its default
+# beside pipeline.stages >= 2, it is an error rather than silently ignored.
+_UNUSED_BY_PIPELINES = (
+    "optim.algorithm", "optim.inner_steps", "optim.outer_state_device", "optim.streaming", "optim.co2",
+    "train.max_tokens", "train.precision", "train.log_every", "compression",
+)
+
+
+def _get(cfg: BaseModel, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+_DEFAULTS = Config()
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

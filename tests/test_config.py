@@ -54,6 +54,11 @@ def test_bad_values_name_the_key(override, message):
       "optim.streaming.overlap=5"], "streaming.overlap (5) must be below"),
     (["optim.algorithm='streaming_diloco'", "optim.inner_steps=2", "optim.streaming.fragments=3"],
      "must not exceed inner_steps"),
+    # a pipeline would silently ignore these: each is named
+    (["pipeline.stages=2", "compression.codec='int8'", "optim.algorithm='noloco'", "train.precision='bf16'"],
+     "pipeline.stages = 2 does not use optim.algorithm, train.precision, compression:"),
+    (["pipeline.stages=2", "train.max_tokens=1000", "optim.inner_steps=5", "train.log_every=3"],
+     "does not use optim.inner_steps, train.max_tokens, train.log_every:"),
 ])
 def test_combinations_that_cannot_work_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -145,3 +145,11 @@ name = "diloco"
     assert any(r["status"] == "ok" and r["group_size"] == 3 for r in after)  # back in the group
     faults = read_records(out / "diloco" / "metrics" / "faults.jsonl")
     assert [f["action"] for f in faults] == ["stop", "restart"]
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_validates(path):
+    """load_experiment builds every node's config of every variant: a key a shipped
+    experiment sets that its mode rejects (pipeline mode's unused keys) fails here."""
+    exp = load_experiment(path)
+    assert exp.variant and exp.experiment.nodes >= 1

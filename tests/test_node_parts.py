@@ -24,17 +24,6 @@ def test_builtin_gpt_shapes_and_tied_weights():
     assert len(params) == len({id(p) for p in params}) < len(list(model.state_dict()))
 
 
-def test_model_factory_and_its_errors():
-    model = build_model(ModelConfig(factory="tests.models:tiny_lm"))
-    assert model(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 256)
-    with pytest.raises(ConfigError, match="expected 'module:callable'"):
-        build_model(ModelConfig(factory="tests.models"))
-    with pytest.raises(ConfigError, match="cannot load"):
-        build_model(ModelConfig(factory="tests.models:missing"))
-    with pytest.raises(ConfigError, match="not nn.Module"):
-        build_model(ModelConfig(factory="tests.models:not_a_model"))
-
-
 def test_default_corpus_is_stdlib_source_split_by_file():
     train, val = load_corpus(DataConfig(max_bytes=400_000))
     assert len(train) > 300_000 and len(val) > 10_000

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.swarm
 
 
 def _sets(*items: str) -> list[str]:
-    out = []
-    for item in [*FAST, *items]:
-        out += ["--set", item]
-    return out
+    """FAST, then ``items``; a pipeline (pipeline.stages set) leaves out the keys it rejects."""
+    pipeline = any(i.startswith("pipeline.stages=") for i in items)
+    fast = [f for f in FAST if not (pipeline and f.split("=")[0] in ("optim.inner_steps", "train.log_every"))]
+    return [arg for item in [*fast, *items] for arg in ("--set", item)]
 
 
 def _outer(out: Path, node: str) -> list[dict]:
