@@ -152,10 +152,13 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = None
-    """Text file, folder of text files (read as bytes), or a token file (.bin, .npy:
-    memory-mapped, see README, Data); None: the Python standard library's source."""
+    """Text file, folder of text files (read as bytes), a token file (.bin, .npy:
+    memory-mapped), or a HuggingFace datasets folder (README, Data); None: the Python
+    standard library's source."""
     token_dtype: Literal["uint16", "uint32"] | None = None
     """Id width of a .bin token file; None: its sidecar's dtype, else uint16."""
+    text_column: str = "text"
+    """A HuggingFace datasets folder without an ``input_ids`` column: the column of text."""
     val_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of files (by path hash) held out for validation."""
     max_bytes: int = Field(8_000_000, gt=0)

@@ -203,15 +203,17 @@ class Node:
 
     def _loop(self) -> None:
         while self._budget_left():
-            loss = self.trainer.train_step(self.outer.sync_gradients)
+            # the loss stays on the device except where it is recorded: no host sync per step
+            self.trainer.train_step(self.outer.sync_gradients, read_loss=False)
             if self.trainer.step % self.cfg.train.log_every == 0:
-                self.metrics.write("train", step=self.trainer.step, round=self.outer.round, loss=loss)
+                self.metrics.write("train", step=self.trainer.step, round=self.outer.round,
+                                   loss=self.trainer.last_loss())
             if self.stop.is_set():  # stopping: no more rounds
                 return
             report = self.outer.step(final=self._last_step())
             if report is None:
                 continue
-            self._record_round(report, loss)
+            self._record_round(report, self.trainer.last_loss())
             if self.outer.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
             self.outer.restart_clock()  # evaluation and checkpoint are not the next round's compute

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .hf_datasets import is_datasets_folder, load_datasets_folder
 from .token_files import open_tokens, sidecar_of, token_range
 
 
@@ -58,6 +59,8 @@ def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
             raise ConfigError(f"data.path: {path} does not exist")
         if path.suffix in (".npy", ".bin"):
             train, val = _split_array(open_tokens(path, cfg.token_dtype).tokens, cfg.val_fraction)
+        elif is_datasets_folder(path):
+            train, val = load_datasets_folder(path, cfg)
         elif path.is_dir():
             train, val = _read_files(path, [p for p in path.rglob("*") if p.is_file()], cfg)
         else:

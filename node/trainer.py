@@ -53,6 +53,7 @@ class Trainer:
         self._check_output()
         self.step = 0
         self._last_loss = 0.0
+        self._loss: torch.Tensor | None = None
         self.tokens = 0
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -72,9 +73,11 @@ class Trainer:
         warm = self.cfg.optim.warmup_steps
         return self.cfg.optim.inner_lr * min(1.0, (self.step + 1) / warm) if warm else self.cfg.optim.inner_lr
 
-    def train_step(self, sync: Callable[[], bool] | None = None) -> float:
+    def train_step(self, sync: Callable[[], bool] | None = None, read_loss: bool = True) -> float | None:
         """One inner step. ``sync`` runs between backward and the update (DDP's gradient
-        average); if it returns False the update is skipped."""
+        average); if it returns False the update is skipped. ``read_loss=False``: return
+        None and leave the loss on the device (reading it waits for the device: the daemon
+        reads it with ``last_loss()`` only when it records it)."""
         self.model.train()
         x, y = self.sampler.next_batch()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -90,7 +93,12 @@ class Trainer:
             self.opt.step()
         self.step += 1
         self.tokens += x.numel()
-        value = loss.detach().item()
+        self._loss = loss.detach()
+        return self.last_loss() if read_loss else None
+
+    def last_loss(self) -> float:
+        """The loss of the last inner step (a host sync on a GPU)."""
+        value = float(self._loss) if self._loss is not None else float("nan")
         if not math.isfinite(value) and math.isfinite(self._last_loss):
             # not fatal: the outer algorithm restores the last synchronized state at the
             # round's end (a replica must not crash, nor offer NaN to the swarm)

@@ -1,6 +1,6 @@
-"""Real swarms training models other than the byte-level default: a HuggingFace GPT-2 on a
-50257-token vocabulary, and the built-in GPT on a corpus `loco tokenize` made; each run
-exported and loaded back with transformers alone."""
+"""A real swarm training a model other than the byte-level default: a HuggingFace GPT-2 (its
+vocabulary of 50257) on a corpus `loco tokenize` made, exported and loaded back with
+transformers alone."""
 
 from __future__ import annotations
 
@@ -64,10 +64,26 @@ def _val_loss_of_export(model_dir: Path, run: Path) -> float:
     return sum(losses) / len(losses)
 
 
-def test_a_huggingface_gpt2_on_a_50257_token_vocabulary_trains_exports_and_loads_without_loco(procs, tmp_path):
-    ids = (np.arange(300_000, dtype=np.int64) * 40_503) % 50_257  # every id up to GPT-2's last
-    np.save(tmp_path / "tokens.npy", ids.astype(np.uint16))
-    config = tmp_path / "hf.toml"
+def test_a_huggingface_gpt2_trains_on_a_loco_tokenized_corpus_exports_and_loads_without_loco(procs, tmp_path):
+    from tokenizers import Tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted((REPO / "node").glob("*.py")):  # a small real corpus: loco's own source
+        (corpus / path.name).write_bytes(path.read_bytes())
+    tokens = tmp_path / "tok"
+    said = _cli("tokenize", str(corpus), "--out", str(tokens), "--vocab-size", "600")
+    meta = json.loads((tokens / "tokens.json").read_text())
+    assert meta == {"dtype": "uint16", "vocab_size": 600, "tokenizer": "tokenizer.json"}
+    assert "model.vocab_size=600" in said
+    ids = np.fromfile(tokens / "tokens.bin", dtype=np.uint16)
+    tok = Tokenizer.from_file(str(tokens / "tokenizer.json"))  # the sidecar's tokenizer gives the same ids
+    first = sorted(corpus.iterdir())[0].read_text()
+    encoded = tok.encode(first).ids
+    assert ids[: len(encoded)].tolist() == encoded and tok.decode(encoded) == first
+    assert int(ids[len(encoded)]) == tok.token_to_id("<|endoftext|>")
+
+    config = tmp_path / "hf.toml"  # GPT-2's vocabulary of 50257 over the 600 ids the corpus uses
     config.write_text(f"""
 [model]
 factory = "loco.hf:causal_lm"
@@ -82,41 +98,14 @@ n_layer = 2
 n_head = 2
 
 [data]
-path = "{tmp_path / 'tokens.npy'}"
+path = "{tokens / 'tokens.bin'}"
 """)
     out = tmp_path / "run"
     _swarm(procs, out, config, "train.rounds=3", "data.batch_size=4")
-    model_dir = tmp_path / "model"
-    assert "(huggingface)" in _cli("export", str(out), "--out", str(model_dir))
-    last = _outer(out, "node0")[-1]
-    assert _val_loss_of_export(model_dir, out) == pytest.approx(last["val_loss"], rel=1e-5)
-    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 50257
-
-
-def test_a_corpus_tokenized_by_loco_trains_the_builtin_gpt_which_exports_as_gpt2(procs, tmp_path):
-    from tokenizers import Tokenizer
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sorted((REPO / "node").glob("*.py")):  # a small real corpus: loco's own source
-        (corpus / path.name).write_bytes(path.read_bytes())
-    tokens = tmp_path / "tok"
-    said = _cli("tokenize", str(corpus), "--out", str(tokens), "--vocab-size", "600")
-    meta = json.loads((tokens / "tokens.json").read_text())
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 600 and meta["tokenizer"] == "tokenizer.json"
-    ids = np.fromfile(tokens / "tokens.bin", dtype=np.uint16)
-    tok = Tokenizer.from_file(str(tokens / "tokenizer.json"))  # the sidecar's tokenizer gives the same ids
-    first = sorted(corpus.iterdir())[0].read_text()
-    assert ids[: len(tok.encode(first).ids)].tolist() == tok.encode(first).ids
-    assert tok.decode(ids[: len(tok.encode(first).ids)].tolist()) == first
-    assert "model.vocab_size=600" in said
-    config = tmp_path / "bpe.toml"
-    config.write_text(f'[data]\npath = "{tokens / "tokens.bin"}"\n[model]\nvocab_size = 600\n')
-    out = tmp_path / "run"
-    _swarm(procs, out, config, *(s for s in FAST if s.startswith("model.")), "train.rounds=3")
     start = next(r for r in read_records(out / "metrics" / "node0.jsonl") if r["event"] == "start")
     last = _outer(out, "node0")[-1]
     assert last["val_loss"] < start["val_loss"] - 0.3  # it learnt
     model_dir = tmp_path / "model"
-    assert "(gpt2)" in _cli("export", str(out), "--out", str(model_dir))
+    assert "(huggingface)" in _cli("export", str(out), "--out", str(model_dir))
+    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 50257
     assert _val_loss_of_export(model_dir, out) == pytest.approx(last["val_loss"], rel=1e-5)
