@@ -303,6 +303,10 @@ class OuterAlgorithm:
         """The next sync carries weight 0 (the collective algorithms; others have no weights)."""
 
     def _end_round(self, finished: int, final: bool) -> RoundReport | None:
+        if self.device.type == "cuda":
+            # the caller's inner steps may still be queued on the device (a loop that never
+            # reads its loss): compute ends when they have run, not when they were queued
+            torch.cuda.synchronize(self.device)
         t_end = time.monotonic()
         restored = self._restore_if_diverged()
         out = self._sync_round(final)
