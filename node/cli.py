@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,10 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.
 @click.version_option(_version(), prog_name="loco")
 def main() -> None:
     """loco: low-communication decentralized training (DiLoCo family) over ZeroMQ and a hivemind DHT."""
+    # model.factory = "mymodels:build" names a module beside the user, as `python -m` would
+    # find it (a console script's path does not hold the working directory)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 @main.group()

@@ -10,7 +10,7 @@ causal LMs do. The vocabulary is the size of the model's input embedding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,34 +22,32 @@ class ModelOutputError(TypeError):
     """The model returned something the contract does not cover (the message says what)."""
 
 
-def _first(output: Any, attr: str) -> Any:
+def _tensor_in(output: Any, attr: str, fits: Callable[[torch.Tensor], bool], expected: str) -> torch.Tensor:
+    """The tensor the forward returned as itself, first in a tuple, or under ``attr``
+    (attribute or key); ModelOutputError unless ``fits`` it."""
     if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
-    if value is None:
-        raise ModelOutputError(f"the model returned {type(output).__name__}: expected a tensor, a tuple whose "
-                               f"first item is one, or an object or mapping with .{attr}")
+        value = output
+    elif isinstance(output, (tuple, list)) and output:
+        value = output[0]
+    else:
+        value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
+        if value is None:
+            raise ModelOutputError(f"the model returned {type(output).__name__}: expected a tensor, a tuple whose "
+                                   f"first item is one, or an object or mapping with .{attr}")
+    if not isinstance(value, torch.Tensor) or not fits(value):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ModelOutputError(f"the model's {attr} is {shape}, expected {expected}")
     return value
 
 
 def logits_of(output: Any) -> torch.Tensor:
     """Logits [B, T, V] from whatever the forward returned."""
-    logits = _first(output, "logits")
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelOutputError(f"the model's logits are {shape}, expected a [batch, time, vocab] tensor")
-    return logits
+    return _tensor_in(output, "logits", lambda t: t.dim() == 3, "a [batch, time, vocab] tensor")
 
 
 def loss_of(output: Any) -> torch.Tensor:
     """The scalar loss a model computed itself (``model.computes_loss``)."""
-    loss = _first(output, "loss")
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ModelOutputError(f"the model's loss is {shape}, expected a scalar tensor")
-    return loss.reshape(())
+    return _tensor_in(output, "loss", lambda t: t.numel() == 1, "a scalar tensor").reshape(())
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, computes_loss: bool) -> torch.Tensor:

@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_model import plain_loop  # noqa: E402 (this folder: the same plain loop for any model)
+
 from loco.node.config import build_config  # noqa: E402
-from loco.node.data import Sampler, load_corpus, node_seed  # noqa: E402
 from loco.node.metrics import read_metrics  # noqa: E402
 from loco.node.model import GPT  # noqa: E402
 from loco.node.staging import HostStaging  # noqa: E402
@@ -44,36 +44,6 @@ from loco.optim.outer import nesterov_sgd_step  # noqa: E402
 # the parts of a round outside the inner steps, as the outer records report them
 BETWEEN = ("wait_s", "hash_wait_s", "serve_s", "publish_s", "eval_s", "weights_hash_s")
 MODEL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
-
-
-def plain_loop(cfg, steps: int, warmup: int) -> float:
-    """tokens/s of the textbook loop: forward, loss, backward, clip, AdamW step."""
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    model = GPT(cfg.model).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    train, _ = load_corpus(cfg.data)
-    sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(0, "plain"))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        x, y = sampler.next_batch()
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with amp:
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    del model, opt
-    torch.cuda.empty_cache()
-    return steps * cfg.data.batch_size * cfg.model.block_size / dt
 
 
 def _sets(items: dict) -> list[str]:
@@ -168,7 +138,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for precision in () if a.only_swarm else ("bf16", "fp32"):
-            cfg = build_config({"model": MODEL, "data": {"batch_size": 16}, "train": {"precision": precision}})
+            cfg = build_config({"model": MODEL, "data": {"batch_size": 16}, "train": {"precision": precision},
+                                "node": {"device": "cuda"}})
             before = plain_loop(cfg, a.steps, warmup=5)
             daemon = daemon_tokens_per_s(tmp, precision, a.steps)
             after = plain_loop(cfg, a.steps, warmup=5)

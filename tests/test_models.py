@@ -74,7 +74,7 @@ def test_output_adapter_takes_tensors_tuples_objects_and_mappings():
         assert float(loss_of(out)) == 1.5
     with pytest.raises(ModelOutputError, match="returned str"):
         logits_of("nope")
-    with pytest.raises(ModelOutputError, match=r"logits are \(2, 7\)"):
+    with pytest.raises(ModelOutputError, match=r"logits is \(2, 7\)"):
         logits_of(torch.randn(2, 7))
     with pytest.raises(ModelOutputError, match="loss is"):
         loss_of(torch.randn(4))
@@ -107,3 +107,24 @@ def test_data_outside_the_models_vocabulary_and_a_broken_forward_are_one_line_er
     assert "\n" not in str(err.value)
     big = _trainer(tmp_path, {"preset": "tiny", "vocab_size": 70_000, "n_embd": 16, "n_head": 2}, vocab=70_000)
     assert big.vocab_size == 70_000
+
+
+def test_the_daemon_stops_at_start_with_one_line_that_names_the_key(tmp_path):
+    import signal
+
+    from click.testing import CliRunner
+
+    from loco.node.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:  # (in this process: `node start` installs its stop handlers)
+        result = CliRunner().invoke(main, ["node", "start", "--out", str(tmp_path / "run"), "--set",
+                                           "swarm.insecure=true", "--set", "model.factory=tests.models:tiny_lm",
+                                           "--set", 'model.kwargs={colour="red"}'])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: model.kwargs: tests.models:tiny_lm does not "
+                                                             "accept {'colour': 'red'}"), result.output
+    assert "Traceback" not in result.output
