@@ -90,7 +90,10 @@ class _Packer:
                 t.untyped_storage().data_ptr() if t.numel() else id(t))
         name = self._names.get(same)
         if name is None:
-            name = self._names[same] = where or "tensor"
+            name, n = where or "tensor", 1
+            while name in self.tensors:  # two paths that print alike ({"a": {"b": x}} and {"a.b": y})
+                name, n = f"{where}#{n}", n + 1
+            self._names[same] = name
             self.tensors[name] = t
         return name
 
@@ -132,7 +135,8 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "$t" in obj:
         return tensors[obj["$t"]]
     if "$np" in obj:
-        return tensors[obj["$np"]].numpy().astype(np.dtype(obj["dtype"]))
+        t = tensors[obj["$np"]]
+        return None if t is None else t.numpy().astype(np.dtype(obj["dtype"]))
     if "$tu" in obj:
         return tuple(_unpack(v, tensors) for v in obj["$tu"])
     return {k: _unpack(v, tensors) for k, v in obj["$d"]}
@@ -199,6 +203,29 @@ def _read(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors and json raise several types for torn or foreign files
+        raise _unreadable(path, exc) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, not a state")
+    return state
+
+
+class _NoTensors(dict):
+    def __missing__(self, name: str) -> None:
+        return None
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """The state at ``path`` with every tensor left out (None): its round, step and
+    settings, read from the file's header alone (cheap for a multi-GB checkpoint)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != str(FORMAT):
+            raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT}")
+        state = _unpack(json.loads(meta["state"]), _NoTensors())
+    except CheckpointError:
+        raise
+    except Exception as exc:  # as in _read
         raise _unreadable(path, exc) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, not a state")

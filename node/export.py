@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file, save_model
 
-from .checkpoint import SUFFIX, CheckpointError, load_checkpoint
+from .checkpoint import SUFFIX, CheckpointError, checkpoint_summary, load_checkpoint
 from .config import Config, ConfigError, ModelConfig, build_config
 from .model import GPT, build_model
 
@@ -44,18 +44,25 @@ def _node_config(run: Path, node: str) -> Config:
     return build_config(json.loads(path.read_text()), f"{node}'s config")
 
 
-def _checkpoints(run: Path) -> list[tuple[str, dict[str, Any]]]:
+def _checkpoints(run: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(node, file, state without its tensors) of every checkpoint of the run."""
     folder = run / "checkpoints"
     found = []
     for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []:
         try:
-            state = load_checkpoint(path)
+            found.append((path.name[: -len(SUFFIX)], path, checkpoint_summary(path)))
         except CheckpointError as exc:
             raise ConfigError(f"export: {exc}") from None
-        found.append((path.name[: -len(SUFFIX)], state))
     if not found:
         raise ConfigError(f"export: {folder} holds no checkpoints ({'*' + SUFFIX}); is {run} a run's --out?")
     return found
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"export: {exc}") from None
 
 
 def _gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -83,28 +90,29 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def _model_of(run: Path, found: list[tuple[str, dict[str, Any]]]) -> tuple[torch.nn.Module, Config, str, int]:
-    pipeline = [(n, s) for n, s in found if "pipeline" in s]
+def _model_of(run: Path, found: list[tuple[str, Path, dict[str, Any]]]) -> tuple[torch.nn.Module, Config, str, int]:
+    """Only the checkpoints used are read whole: one, or one per pipeline stage."""
+    pipeline = [(n, p, s) for n, p, s in found if s.get("pipeline")]
     if pipeline:
         from .stages import assemble
 
-        per_stage: dict[int, tuple[str, dict[str, Any]]] = {}
-        for node, state in pipeline:
-            per_stage.setdefault(int(state["pipeline"]["stage"]), (node, state))
-        stages = int(pipeline[0][1]["pipeline"]["stages"])
+        per_stage: dict[int, tuple[str, Path, dict[str, Any]]] = {}
+        for entry in pipeline:
+            per_stage.setdefault(int(entry[2]["pipeline"]["stage"]), entry)
+        stages = int(pipeline[0][2]["pipeline"]["stages"])
         missing = sorted(set(range(stages)) - set(per_stage))
         if missing:
             raise ConfigError(f"export: no checkpoint of pipeline stage(s) {missing} in {run / 'checkpoints'}")
         node = per_stage[0][0]
         cfg = _node_config(run, node)
-        model = assemble(cfg.model, [per_stage[s][1]["model"] for s in range(stages)])
-        return model, cfg, node, min(int(s["iteration"]) for _, s in per_stage.values())
-    node, state = min(found, key=lambda item: (-int(item[1].get("round", 0)), item[0]))
+        model = assemble(cfg.model, [_load(per_stage[s][1])["model"] for s in range(stages)])
+        return model, cfg, node, min(int(e[2]["iteration"]) for e in per_stage.values())
+    node, path, summary = min(found, key=lambda item: (-int(item[2].get("round", 0)), item[0]))
     cfg = _node_config(run, node)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    model.load_state_dict(state["trainer"]["model"])
-    return model, cfg, node, int(state.get("round", 0))
+    model.load_state_dict(_load(path)["trainer"]["model"])
+    return model, cfg, node, int(summary.get("round", 0))
 
 
 def export_run(run: Path, out: Path) -> Exported:

@@ -141,7 +141,8 @@ def test_checkpoints_open_with_safetensors_alone_and_never_unpickle(tmp_path):
 
     model = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8))
     state = {"trainer": {"model": model.state_dict(), "rng": {"numpy": np.random.get_state()}}, "round": 4,
-             "outcomes": {"ok": 3}, "betas": (0.9, 0.95), "ids": {0: "a", 1: None}}
+             "outcomes": {"ok": 3}, "betas": (0.9, 0.95), "ids": {0: "a", 1: None},
+             "a": {"b": torch.ones(2)}, "a.b": torch.zeros(2)}  # two paths that print alike
     path = ckpt.checkpoint_file(tmp_path, "n")
     ckpt.save_checkpoint(path, state)
     with safe_open(str(path), framework="pt") as f:
@@ -149,6 +150,7 @@ def test_checkpoints_open_with_safetensors_alone_and_never_unpickle(tmp_path):
         assert f.metadata()["format"] == "2"
     back = ckpt.load_checkpoint(path)
     assert back["round"] == 4 and back["betas"] == (0.9, 0.95) and back["ids"] == {0: "a", 1: None}
+    assert torch.equal(back["a"]["b"], torch.ones(2)) and torch.equal(back["a.b"], torch.zeros(2))
     assert back["trainer"]["rng"]["numpy"][1].dtype == np.uint32
     np.random.set_state(back["trainer"]["rng"]["numpy"])  # usable as it was
     model.load_state_dict(back["trainer"]["model"])

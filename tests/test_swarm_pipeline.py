@@ -76,6 +76,13 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
     rows = json.loads((out / "skip_eval.json").read_text())
     assert rows[0]["skipped_stages"] == [] and rows[0]["val_loss"] == pytest.approx(last, abs=1e-4)
     assert [r["skipped_stages"] for r in rows[1:]] == [[1], [2]]
+    # and `loco export` puts the stages together as one GPT-2 that transformers loads alone
+    from loco.node.export import export_run
+    from tests.test_swarm_models import _val_loss_of_export
+
+    made = export_run(out, tmp_path / "model")
+    assert made.kind == "gpt2" and made.node in [n for n in nodes if stage[n] == 0]
+    assert _val_loss_of_export(tmp_path / "model", out) == pytest.approx(last, abs=1e-4)
 
 
 def test_stage_replicas_kept_close_by_noloco_gossip(procs, tmp_path):
