@@ -47,8 +47,21 @@ def _split_array(arr: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.n
     return arr[:cut], arr[cut:]
 
 
+def _keys_apply(cfg: DataConfig, path: Path | None) -> None:
+    """A data key set for a kind of data.path it does not act on is an error, not ignored."""
+    where = f"data.path {path}" if path else "the default corpus"
+    token_file = path is not None and path.suffix in (".npy", ".bin")
+    if cfg.token_dtype and not (path is not None and path.suffix == ".bin"):
+        raise ConfigError(f"data.token_dtype applies to a .bin token file, not to {where}")
+    if cfg.text_column != "text" and not (path is not None and is_datasets_folder(path)):
+        raise ConfigError(f"data.text_column applies to a HuggingFace datasets folder, not to {where}")
+    if token_file and cfg.max_bytes != DataConfig.model_fields["max_bytes"].default:
+        raise ConfigError(f"data.max_bytes limits text corpora and datasets folders; {where} is memory-mapped whole")
+
+
 def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) arrays of token ids (bytes, or the user's token array)."""
+    _keys_apply(cfg, Path(cfg.path) if cfg.path else None)
     if cfg.path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]

@@ -68,7 +68,7 @@ def test_a_token_file_far_larger_than_max_bytes_is_mapped_not_read(tmp_path):
         block = (np.arange(1 << 22, dtype=np.uint32) % 50_000).astype(np.uint16).tobytes()
         for _ in range(size // len(block)):
             f.write(block)
-    cfg = DataConfig(path=str(path), max_bytes=1_000_000)
+    cfg = DataConfig(path=str(path))  # data.max_bytes (8 MB) is far below its 256 MB
     before = _rss_anon_bytes()
     train, val = load_corpus(cfg)
     check_corpus(train, val, 64, 50_257, cfg)  # no sidecar: every id is scanned
@@ -77,3 +77,16 @@ def test_a_token_file_far_larger_than_max_bytes_is_mapped_not_read(tmp_path):
         sampler.next_batch()
     assert len(train) + len(val) == size // 2
     assert _rss_anon_bytes() - before < size // 8  # reading it would cost `size` bytes
+
+
+def test_data_keys_that_would_be_ignored_are_errors(tmp_path):
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    np.save(tmp_path / "t.npy", np.arange(1000))
+    (tmp_path / "a.txt").write_text("hello " * 100)
+    cases = [({"path": str(tmp_path / "t.npy"), "token_dtype": "uint32"}, "data.token_dtype applies to a .bin"),
+             ({"token_dtype": "uint16"}, "data.token_dtype applies to a .bin token file, not to the default corpus"),
+             ({"path": str(tmp_path / "a.txt"), "text_column": "body"}, "data.text_column applies to a HuggingFace"),
+             ({"path": str(tmp_path / "t.bin"), "max_bytes": 1000}, "data.max_bytes limits text corpora .* memory-mapped whole")]
+    for fields, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_corpus(DataConfig(**fields))
