@@ -96,7 +96,8 @@ def check_corpus(train: np.ndarray, val: np.ndarray, block_size: int, vocab: int
             raise ConfigError(f"data: {sidecar_of(path)} records a vocabulary of {recorded}, larger than the "
                               f"model's vocabulary of {vocab} (model.vocab_size for the built-in GPT)")
         return
-    lo, hi = min(token_range(train)[0], token_range(val)[0]), max(token_range(train)[1], token_range(val)[1])
+    (train_lo, train_hi), (val_lo, val_hi) = token_range(train), token_range(val)  # one pass over each
+    lo, hi = min(train_lo, val_lo), max(train_hi, val_hi)
     if lo < 0:
         raise ConfigError(f"data: token id {lo} is negative")
     if hi >= vocab:

@@ -51,7 +51,7 @@ def load_datasets_folder(path: Path, cfg: DataConfig) -> tuple[np.ndarray, np.nd
                           f"package: pip install 'loco[datasets]'") from None
     try:
         ds = load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001 (datasets raises many types for a broken folder)
+    except Exception as exc:  # datasets raises many types for a broken folder
         raise ConfigError(f"data.path: {path} is not a readable datasets folder ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     if isinstance(ds, DatasetDict):
