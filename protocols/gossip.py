@@ -65,19 +65,36 @@ class ExchangeResult:
     silent: list[str] = field(default_factory=list)
     sent_to: list[str] = field(default_factory=list)
     wait_s: float = 0.0
+    adopted: list[str] = field(default_factory=list)  # chose this node without being chosen
+
+
+@dataclass
+class _OpenRound:
+    """The round whose exchange is running, as the I/O thread needs it to answer at once."""
+
+    round: int
+    partners: dict[str, str]  # chosen by this node: id -> endpoint
+    adopted: dict[str, str]  # nodes that chose this one without being chosen: id -> endpoint
+    meta: dict
+    frames: list[torch.Tensor]
 
 
 class GroupExchange:
     def __init__(self, transport: Transport, compressor: Compressor | None = None,
-                 stop: threading.Event | None = None, live: Callable[[], Iterable[str]] | None = None):
+                 stop: threading.Event | None = None, live: Callable[[], Iterable[str]] | None = None,
+                 max_adopted: int = 2):
         """``live``: ids of the nodes in the DHT view; a partner that leaves it is not waited
-        for (without it, a dead partner costs the whole timeout)."""
+        for (without it, a dead partner costs the whole timeout). ``max_adopted``: how many
+        nodes that chose this one without being chosen it answers with its data per round
+        (past that, they get a decline): what a node sends stays O(group size)."""
         self.transport = transport
         self.live = live
         self.me = transport.node_id
         self.compressor = compressor or Compressor("none")
         self.stop = stop
+        self.max_adopted = max_adopted
         self._finished_round = -1
+        self._open: _OpenRound | None = None
         self._lock = threading.Lock()
         transport.on(GOSSIP, self._on_gossip)
 
@@ -85,40 +102,78 @@ class GroupExchange:
                  timeout_s: float) -> ExchangeResult:
         """Send ``tensors`` to every partner (id -> endpoint) and collect theirs (float32,
         shaped like ``tensors``). Returns after every partner answered or declined, or at
-        the deadline. Compressed once for all partners (stream "gossip")."""
+        the deadline. Compressed once for all partners (stream "gossip").
+
+        A node that chose this one without being chosen (its view of the roster differs) is
+        adopted: answered at once with this node's data, and its data joins the mean, so
+        that differing views cost no exchange and nobody waits on a node that waits on
+        another (up to ``max_adopted`` a round; more get a decline)."""
         self.transport.mailbox.prune(round)
         result = ExchangeResult()
         group = sorted([self.me, *partners])
         layout = Layout.of(tensors)
         frames, codec_meta, _ = self.compressor.encode("gossip", flat_of(tensors), 0, layout)
-        for pid, endpoint in sorted(partners.items()):
+        meta = {"endpoint": self.transport.endpoint, "group": group, "codec": codec_meta, "numel": layout.total}
+        with self._lock:
+            opened = self._open = _OpenRound(round, dict(partners), {}, meta, frames)
+            early = self.transport.mailbox.drain(GOSSIP, round)  # sent before this node got here
+            answers: dict[str, Message] = {}
+            refused = []
+            for m in early:
+                if m.sender in partners or m.meta.get("decline") or self._admit(opened, m):
+                    answers.setdefault(m.sender, m)
+                else:
+                    refused.append(m)
+            adopted_early = dict(opened.adopted)
+        for m in refused:
+            self._decline(m)
+        for pid, endpoint in sorted({**partners, **adopted_early}.items()):
             self.transport.name_peer(endpoint, pid)
-            self.transport.send(endpoint, Message(GOSSIP, round=round, meta={
-                "endpoint": self.transport.endpoint, "group": group, "codec": codec_meta,
-                "numel": layout.total}, tensors=frames))
+            self.transport.send(endpoint, Message(GOSSIP, round=round, meta=meta, tensors=frames))
             result.sent_to.append(pid)
         start = time.monotonic()
         deadline = start + timeout_s
         live = self.live if self.live is not None else lambda: partners
-        answers = self.transport.mailbox.take_from_live(GOSSIP, round, 0, partners, deadline, live, self.stop)
         waiting = set(partners) - answers.keys()
+        answers.update(self.transport.mailbox.take_from_live(GOSSIP, round, 0, waiting, deadline, live, self.stop))
+        with self._lock:
+            self._finished_round = max(self._finished_round, round)
+            self._open = None
+            leftovers = self.transport.mailbox.drain(GOSSIP, round)
+            adopted = dict(opened.adopted)
+        for m in leftovers:  # the data of nodes adopted meanwhile; anything else is declined
+            if m.sender in adopted and m.sender not in answers and not m.meta.get("decline"):
+                answers[m.sender] = m
+            elif m.sender not in answers:
+                self._decline(m)
+        result.sent_to += sorted(adopted.keys() - adopted_early.keys())
         for _, msg in sorted(answers.items()):
             if msg.meta.get("decline"):
-                result.declined.append(msg.sender)
+                if msg.sender in partners:
+                    result.declined.append(msg.sender)
                 continue
             decoded = self._decode(msg, layout, tensors)
             if decoded is None:
                 result.silent.append(msg.sender)  # unusable: treated like no answer
             else:
                 result.received[msg.sender] = decoded
-        result.silent += sorted(waiting)
+        result.silent += sorted(set(partners) - answers.keys())
+        result.adopted = sorted(adopted)
         result.wait_s = time.monotonic() - start
         if result.received:  # a partner used what we sent: keep the error feedback's remainder
             self.compressor.commit()
         else:
             self.compressor.discard()
-        self._finish(round)
         return result
+
+    def skip_to(self, round: int) -> None:
+        """This node adopted a peer's state and runs no exchange before ``round``: data for
+        an earlier round is declined at once, so nobody waits on it."""
+        with self._lock:
+            self._finished_round = max(self._finished_round, round - 1)
+            leftovers = self.transport.mailbox.drain_before(GOSSIP, round)
+        for m in leftovers:
+            self._decline(m)
 
     def _decode(self, msg: Message, layout: Layout, like: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         if msg.meta.get("numel") != layout.total:
@@ -141,19 +196,39 @@ class GroupExchange:
         if isinstance(endpoint, str) and not msg.meta.get("decline"):
             self.transport.send(endpoint, Message(GOSSIP, round=msg.round, meta={"decline": True}))
 
+    def _admit(self, opened: _OpenRound, msg: Message) -> bool:
+        """Caller holds the lock: adopt ``msg``'s sender into the open round, unless this
+        node already adopted ``max_adopted`` others. True: adopted (now or before)."""
+        if msg.sender in opened.adopted:
+            return True
+        endpoint = msg.meta.get("endpoint")
+        if not isinstance(endpoint, str) or len(opened.adopted) >= self.max_adopted:
+            return False
+        opened.adopted[msg.sender] = endpoint
+        return True
+
     def _on_gossip(self, msg: Message) -> None:
-        """I/O thread: data for a round this node has finished is declined at once."""
+        """I/O thread: data for a round this node has finished is declined at once; data for
+        the round it is exchanging, from a node it did not choose, is answered at once
+        (adopted) or declined; anything else waits in the mailbox for the exchange."""
+        answer = None
         with self._lock:
+            opened = self._open
             late = msg.round <= self._finished_round
-            if not late:
+            if late:
+                pass
+            elif (opened is not None and msg.round == opened.round and msg.sender not in opened.partners
+                  and not msg.meta.get("decline")):
+                known = msg.sender in opened.adopted
+                late = not self._admit(opened, msg)
+                if not late:
+                    self.transport.file(msg)
+                    answer = None if known else opened
+            else:
                 self.transport.file(msg)
         if late:
             self._decline(msg)
-
-    def _finish(self, round: int) -> None:
-        """Whoever sent data this round without being waited for gets a decline."""
-        with self._lock:
-            self._finished_round = max(self._finished_round, round)
-            leftovers = self.transport.mailbox.drain(GOSSIP, round)
-        for m in leftovers:
-            self._decline(m)
+        elif answer is not None:
+            endpoint = answer.adopted[msg.sender]
+            self.transport.name_peer(endpoint, msg.sender)
+            self.transport.send(endpoint, Message(GOSSIP, round=answer.round, meta=answer.meta, tensors=answer.frames))

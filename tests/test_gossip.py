@@ -65,18 +65,68 @@ def test_pair_exchange_swaps_tensors(nodes):
     assert ts[0].sent_by_kind[GOSSIP] == 1 and dict(ts[0].sent_to) == {"g1": 1}
 
 
-def test_node_that_did_not_pick_us_declines_at_once(nodes):
+def test_a_node_that_did_not_pick_us_answers_at_once_with_its_data(nodes):
     ts, ex = nodes
-    x = torch.ones(3)
-    # g0 thinks it is paired with g2; g2 is paired with g3
+    x, y, z = torch.ones(3), torch.full((3,), 2.0), torch.full((3,), 3.0)
+    # views differ: g0 thinks it is paired with g2; g2 is paired with g3. g2 adopts g0.
     res = _run({
         0: lambda: ex[0].exchange(0, {"g2": ts[2].endpoint}, [x], 30),
-        2: lambda: ex[2].exchange(0, {"g3": ts[3].endpoint}, [x], 30),
-        3: lambda: ex[3].exchange(0, {"g2": ts[2].endpoint}, [x], 30),
+        2: lambda: ex[2].exchange(0, {"g3": ts[3].endpoint}, [y], 30),
+        3: lambda: ex[3].exchange(0, {"g2": ts[2].endpoint}, [z], 30),
     })
-    assert res[0].declined == ["g2"] and not res[0].received
+    assert list(res[0].received) == ["g2"] and torch.equal(res[0].received["g2"][0], y)
     assert res[0].wait_s < 15  # not the 30 s deadline
-    assert "g3" in res[2].received and "g2" in res[3].received
+    assert sorted(res[2].received) == ["g0", "g3"] and res[2].adopted == ["g0"]
+    assert sorted(res[2].sent_to) == ["g0", "g3"]
+    assert list(res[3].received) == ["g2"]
+
+
+def test_a_cycle_of_choices_ends_at_once_with_every_node_paired(nodes):
+    # g0 chose g1, g1 chose g2, g2 chose g3, g3 chose g0: each waits on a node that waits
+    # on another. Adoption answers every one at once; nobody waits for the deadline.
+    ts, ex = nodes
+    start = time.monotonic()
+    res = _run({i: (lambda i=i: ex[i].exchange(0, {f"g{(i + 1) % 4}": ts[(i + 1) % 4].endpoint},
+                                               [torch.full((2,), float(i))], 60)) for i in range(4)})
+    assert time.monotonic() - start < 30
+    for i in range(4):
+        # the one it chose answers at once: with its data (adopting it), or with a decline
+        # if it had finished already (the one that chose this node then was adopted here)
+        assert set(res[i].received) <= {f"g{(i + 1) % 4}", f"g{(i - 1) % 4}"}
+        assert not res[i].silent and res[i].wait_s < 30
+        for sender, (got,) in res[i].received.items():
+            assert torch.equal(got, torch.full((2,), float(sender[1:])))
+
+
+def test_past_its_adoption_limit_a_node_declines_at_once():
+    ts = [Transport(f"g{i}") for i in range(4)]
+    try:  # g2's exchange stays open, waiting on g3 (which runs no exchange), while g0 and g1 pick it
+        ex = [GroupExchange(ts[0]), GroupExchange(ts[1]), GroupExchange(ts[2], max_adopted=1)]
+        opened = threading.Event()
+        ts[3].on(GOSSIP, lambda m: opened.set())
+        results = {}
+        worker = threading.Thread(target=lambda: results.update(
+            g2=ex[2].exchange(0, {"g3": ts[3].endpoint}, [torch.ones(2)], 60)))
+        worker.start()
+        assert opened.wait(10)
+        first = ex[0].exchange(0, {"g2": ts[2].endpoint}, [torch.ones(2)], 30)
+        second = ex[1].exchange(0, {"g2": ts[2].endpoint}, [torch.ones(2)], 30)
+        ts[3].send(ts[2].endpoint, Message(GOSSIP, round=0, meta={"decline": True}))  # now g2's round ends
+        worker.join(30)
+        assert results["g2"].declined == ["g3"]
+        assert list(first.received) == ["g2"]  # adopted
+        assert second.declined == ["g2"] and second.wait_s < 15  # over the limit: declined, not kept waiting
+        assert list(results["g2"].received) == ["g0"]
+    finally:
+        for t in ts:
+            t.close()
+
+
+def test_a_node_that_skipped_rounds_declines_their_data_at_once(nodes):
+    ts, ex = nodes
+    ex[1].skip_to(7)  # g1 adopted a state at round 7: it runs no exchange before it
+    res = ex[0].exchange(6, {"g1": ts[1].endpoint}, [torch.ones(2)], 30)
+    assert res.declined == ["g1"] and res.wait_s < 15
 
 
 def test_data_for_a_finished_round_is_declined_at_once(nodes):

@@ -267,6 +267,11 @@ class NoLoCo(OuterAlgorithm):
         self.comm = self._staged(self.gossip_comm)
         self.math = NoLoCoMath(self.params, self.comm, self.alpha, self.beta, self.gamma)
 
+    def _skip_syncs_to(self, sync_id: int) -> None:
+        # partners that chose this process for an exchange the adopted state already holds
+        # get a decline at once instead of waiting for it
+        self.gossip.skip_to(sync_id)
+
     def _sync_round(self, final: bool):
         if self._catch_up():
             return "resync", 0, "behind the swarm", {}
@@ -278,7 +283,8 @@ class NoLoCo(OuterAlgorithm):
             extra["suspects"] = self.gossip_comm.suspects
             self._event("suspects", round=self.round, suspects=self.gossip_comm.suspects)
         extra |= {"partners": result.extra["partners"], "drift": result.extra["drift"],
-                 "sent_to": x.sent_to if x else [], "exchange_s": x.wait_s if x else 0.0}
+                 "sent_to": x.sent_to if x else [], "adopted": x.adopted if x else [],
+                 "exchange_s": x.wait_s if x else 0.0}
         if not result.applied and self.stop_event.is_set():
             return None
         self.round_step = 0
