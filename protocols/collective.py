@@ -166,6 +166,7 @@ class GroupAllReduce:
         self._silent_leaders = PassOver(heard_at)  # leaders that sent no roster
         self._silent_followers = PassOver(heard_at)  # expected peers whose JOIN did not come
         self.check_s = 1.0
+        self._data_start, self._data_s = 0.0, 0.0  # the round at hand's (see all_reduce's timings)
         self.desk = JoinDesk(transport, self._silent_followers.heard)
 
     # ------------------------------------------------------------ entry point
@@ -186,6 +187,7 @@ class GroupAllReduce:
         self.transport.mailbox.prune(round)
         self.suspects = []
         start = time.monotonic()
+        self._data_start, self._data_s = 0.0, 0.0
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
         try:
@@ -244,7 +246,13 @@ class GroupAllReduce:
             self.compressor.commit()
         else:
             self.compressor.discard()
-        result.timings["total_s"] = time.monotonic() - start
+        total = result.timings["total_s"] = time.monotonic() - start
+        # where the round's time went: matchmaking (until the first part is sent), the data
+        # phases (every attempt), and the rest (the commit step, retries' decisions)
+        match = (self._data_start - start) if self._data_start else total
+        result.timings["matchmaking_s"] = match
+        result.timings["data_s"] = self._data_s
+        result.timings["commit_s"] = max(0.0, total - match - self._data_s)
         result.timings["encode_s"] = self.compressor.encode_s - enc0
         result.timings["decode_s"] = self.compressor.decode_s - dec0
         return result
@@ -463,7 +471,10 @@ class GroupAllReduce:
 
     def _exchange(self, round, attempt, tensors, roster: list[Member]):
         """Phases 1 and 2 (see ``DataPhase.exchange``); the round's suspects so far."""
+        began = time.monotonic()
+        self._data_start = self._data_start or began
         out = self.data.exchange(round, attempt, tensors, roster)
+        self._data_s += time.monotonic() - began
         self.suspects = sorted(self.data.suspects)
         return out
 

@@ -131,6 +131,9 @@ def test_average_is_exact_and_bit_identical_on_every_member(peers, n):
     results = p.run(inputs)
     for r in results.values():
         assert r.status == "ok" and r.group == tuple(f"p{i}" for i in range(n))
+        parts = [r.timings[k] for k in ("matchmaking_s", "data_s", "commit_s")]
+        assert min(parts) >= 0 and sum(parts) == pytest.approx(r.timings["total_s"])  # the parts add up
+        assert r.timings["data_s"] > 0
     for k in range(len(inputs[0])):
         expected = torch.stack([inputs[i][k] for i in range(n)]).mean(0)
         for i in range(n):

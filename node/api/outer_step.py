@@ -87,6 +87,8 @@ class CollectiveAlgorithm(OuterAlgorithm):
         extra["hash_wait_s"] = hash_wait_s
         detail = result.reduce.detail if result.reduce is not None else None
         last = detail if isinstance(detail, RoundResult) else None
+        if last is not None:  # where the (last) all-reduce's time went; see GroupAllReduce.all_reduce
+            extra |= {k: last.timings[k] for k in ("matchmaking_s", "data_s", "commit_s") if k in last.timings}
         if last is not None and last.suspects:
             extra["suspects"] = last.suspects
             self._event("suspects", round=self.round, suspects=last.suspects)
