@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 NODES ?= 4
 
-.PHONY: setup demo test lint fuzz soak clean
+.PHONY: setup demo test lint fuzz soak scale clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: setup  ## lint + the full test suite (unit, in-process peers, real multi-p
 
 fuzz: setup  ## 10^5 hostile frames against decode and a real transport: 0 crashes, bounded RSS and log
 	$(BIN)/python scripts/fuzz.py --frames 100000
+
+scale: setup  ## swarms of 16 node processes (DiLoCo agrees on every round, NoLoCo's exchanges happen): ~10 min
+	$(BIN)/pytest -m scale tests/test_scale.py
 
 soak: setup  ## a kill storm: 50 SIGKILL + restart cycles in a 4-node swarm, against a fault-free run
 	$(BIN)/python scripts/soak.py --nodes 4 --kills 50

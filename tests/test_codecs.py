@@ -89,6 +89,22 @@ def test_roundtrip_within_documented_bounds(case, dtype):
         assert float(ref[~kept].abs().max()) <= float(ref[kept].abs().min())
 
 
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("numel", [1024, 1000, 7])
+def test_quantized_encode_knows_bit_for_bit_what_the_receiver_decodes(bits, numel):
+    from loco.protocols.codecs.quantize import BlockQuantCodec
+
+    codec = BlockQuantCodec(bits, block=256)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(bits)) * 3
+    x[:256] = 0  # an all-zero block (scale 0) beside ordinary ones
+    x[300:310] = -1e-9  # rounds to −0.0 before the offset is added: the receiver gets +0.0
+    tensors, meta, decoded = codec.encode_decoded(x)
+    # bytes, not values: torch.equal calls −0.0 and +0.0 equal, a weights hash does not
+    assert torch.equal(decoded.view(torch.int32), codec.decode(tensors, meta, numel).view(torch.int32))
+    plain, plain_meta = codec.encode(x)
+    assert plain_meta == meta and all(torch.equal(a, b) for a, b in zip(plain, tensors, strict=True))
+
+
 def test_powersgd_recovers_low_rank_and_never_exceeds_the_input_norm():
     g = torch.Generator().manual_seed(1)
     low = torch.randn(64, 3, generator=g) @ torch.randn(3, 48, generator=g)

@@ -7,7 +7,9 @@ the product of the others, as many rows as the piece holds; only low-rank codecs
 Byte counts in the metrics are taken at the socket by the transport; ``wire_bytes`` is
 the exact payload size, for planning (L-GreCo) and for the tests.
 
-A new codec is one small file: a class with these members, registered in __init__.py.
+A new codec is one small file: a class with these members, registered in __init__.py. It
+may also offer ``encode_decoded(x, shape) -> (tensors, meta, decoded)``, where ``decoded``
+is exactly what ``decode`` would rebuild: error feedback then skips decoding its own output.
 """
 
 from __future__ import annotations

@@ -138,8 +138,13 @@ class Compressor:
         hi = lo + x.numel()
         fed, staged = x, None
         if self.error_feedback:
+            # x + residual goes straight into the work buffer, whose slice then becomes the new
+            # residual in place: no fresh model-sized temporaries (their page faults cost more
+            # than the arithmetic). A wire tensor that is a view of it (a codec's dense
+            # fallback) is copied below, before the buffer is rewritten.
             committed, work = self._buffers(stream, layout.total)
-            fed, staged = x + committed[lo:hi], work[lo:hi]
+            staged = work[lo:hi]
+            fed = torch.add(x, committed[lo:hi], out=staged)
         wire: list[torch.Tensor] = []
         metas: list[list[Any]] = []
         decoded = torch.empty_like(fed)
@@ -149,13 +154,19 @@ class Compressor:
             part = fed[p.lo - lo:p.hi - lo]
             if getattr(codec, "needs_rows", False):
                 tensors, meta = codec.encode(part, p.shape, key=(stream, p.lo))
+                decoded[p.lo - lo:p.hi - lo] = codec.decode(tensors, meta, p.hi - p.lo, p.shape)
+            elif hasattr(codec, "encode_decoded"):  # the codec knows what it sent: no second pass
+                tensors, meta, decoded[p.lo - lo:p.hi - lo] = codec.encode_decoded(part, p.shape)
             else:
                 tensors, meta = codec.encode(part, p.shape)
-            decoded[p.lo - lo:p.hi - lo] = codec.decode(tensors, meta, p.hi - p.lo, p.shape)
+                decoded[p.lo - lo:p.hi - lo] = codec.decode(tensors, meta, p.hi - p.lo, p.shape)
+            if staged is not None:
+                base = staged.untyped_storage().data_ptr()
+                tensors = [t.clone() if t.untyped_storage().data_ptr() == base else t for t in tensors]
             wire += tensors
             metas.append([len(tensors), level, meta])
         if staged is not None:
-            torch.sub(fed, decoded, out=staged)
+            staged.sub_(decoded)
             self._touched.append((stream, lo, hi))
         self.encode_s += time.perf_counter() - t0
         return wire, {"pieces": metas, "span": [lo, hi - lo]}, decoded

@@ -72,17 +72,33 @@ class BlockQuantCodec:
         return math.ceil(numel / self.block), math.ceil(numel * self.bits / 8)
 
     def encode(self, x: torch.Tensor, shape: tuple[int, int] = (0, 0)) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        tensors, meta, _ = self.encode_decoded(x, shape)
+        return tensors, meta
+
+    def encode_decoded(self, x: torch.Tensor, shape: tuple[int, int] = (0, 0)
+                       ) -> tuple[list[torch.Tensor], dict[str, Any], torch.Tensor]:
+        """:meth:`encode`, plus what :meth:`decode` will rebuild from it, bit for bit (the
+        same products q·scale), without unpacking and checking the codes again: error
+        feedback needs it for every piece, and a second pass over the data halved encoding."""
         n = x.numel()
-        blocks, nbytes = self._sizes(n)
-        padded = torch.zeros(blocks * self.block, dtype=torch.float32)
-        padded[:n] = x
-        grid = padded.view(blocks, self.block)
-        scale = grid.abs().amax(dim=1) / self.qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(grid / safe[:, None]).clamp_(-self.qmax, self.qmax)
-        q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).reshape(-1)[:n]
-        codes = (q + self.qmax + 1).to(torch.uint8)  # 1 .. 2·qmax+1: 0 is never a valid code
-        return [_pack(codes, self.bits), scale], {"block": self.block}
+        blocks, _ = self._sizes(n)
+        if n == blocks * self.block:  # whole blocks (most layers): no padded copy
+            grid = x.reshape(blocks, self.block)
+        else:
+            grid = torch.zeros(blocks * self.block, dtype=torch.float32)
+            grid[:n] = x
+            grid = grid.view(blocks, self.block)
+        scale = grid.abs().amax(dim=1).div_(self.qmax)
+        every_block = bool((scale > 0).all())
+        safe = scale if every_block else torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.div(grid, safe[:, None]).round_().clamp_(-self.qmax, self.qmax)
+        if not every_block:  # all-zero (or non-finite) blocks send code 0 (value 0)
+            q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
+        codes = q.add_(self.qmax + 1).reshape(-1)[:n].to(torch.uint8)  # 1 .. 2·qmax+1: 0 is never valid
+        # back to exactly the receiver's q (codes − offset): a −0.0 from rounding becomes +0.0
+        # there, and replicas compare their weights' bytes
+        decoded = torch.mul(q.sub_(self.qmax + 1), scale[:, None]).reshape(-1)[:n]
+        return [_pack(codes, self.bits), scale], {"block": self.block}, decoded
 
     def decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], numel: int,
                shape: tuple[int, int] = (0, 0)) -> torch.Tensor:
