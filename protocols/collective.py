@@ -125,6 +125,9 @@ class PassOver:
 REASK_PAUSE_S = 0.05
 """How long a node waits before asking a follower again that redirected it to an absent leader."""
 
+LOOKUP_RETRY_PAUSES_S = (0.2, 0.5)
+"""Pauses before asking the DHT again when the lookup at a round's start was incomplete."""
+
 HELD_UP_ROUNDS = 2
 """How many rounds behind the usual window a live peer may be and still be waited for."""
 
@@ -191,7 +194,7 @@ class GroupAllReduce:
         enc0, dec0 = self.compressor.encode_s, self.compressor.decode_s
         announced = round if peer_round is None else peer_round
         try:
-            live = self.live_peers()
+            live = self._lookup_with_retries()
         except ViewUnknown as exc:
             # who is live is unknown: averaging with nobody would commit a solo round as
             # "ok" while the members this node trained with may be alive
@@ -256,6 +259,19 @@ class GroupAllReduce:
         result.timings["encode_s"] = self.compressor.encode_s - enc0
         result.timings["decode_s"] = self.compressor.decode_s - dec0
         return result
+
+    def _lookup_with_retries(self) -> list[PeerInfo]:
+        """The live peers at a round's start. A lookup that came back partial (one DHT node
+        slow to answer on a busy machine: seen with 16 nodes on 2 cores) is asked again
+        after a pause before the round is given up as ``membership unknown``: a skipped
+        round costs every member its round, a second lookup a fraction of a second."""
+        for pause in LOOKUP_RETRY_PAUSES_S:
+            try:
+                return self.live_peers()
+            except ViewUnknown as exc:
+                log.info("membership lookup incomplete (%s); asking again in %.2fs", exc, pause)
+                self._pause(pause)
+        return self.live_peers()
 
     def _recently_seen(self, live: list[PeerInfo]) -> bool:
         """Whether a peer that was in view lately is out of it without having left: then a

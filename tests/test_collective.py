@@ -572,6 +572,28 @@ def test_an_unknown_view_skips_the_round_instead_of_averaging_alone(peers):
         assert r.status == "skipped" and "membership unknown" in r.reason and r.tensors is None
 
 
+def test_a_lookup_incomplete_once_is_asked_again_before_the_round_is_given_up(peers):
+    """A partial DHT lookup at a round's start (a slow DHT node on a busy machine) is asked
+    again; only a view that stays unknown skips the round."""
+    p = peers(2)
+    views = {i: p.collectives[i].live_peers for i in range(2)}
+    failures = {0: 1, 1: 2}  # p0's first lookup fails, p1's first two
+
+    def flaky(i):
+        def live():
+            if failures[i] > 0:
+                failures[i] -= 1
+                raise ViewUnknown("the DHT lookup missed records still valid: ['p9']")
+            return views[i]()
+        return live
+
+    for i in range(2):
+        p.collectives[i].live_peers = flaky(i)
+    results = p.run(_inputs(2))
+    assert all(r.status == "ok" and len(r.group) == 2 for r in results.values()), results
+    assert failures == {0: 0, 1: 0}
+
+
 @pytest.mark.parametrize("peer_round", [5, 0])
 def test_a_node_alone_at_its_round_skips_it_while_other_peers_are_alive(peers, peer_round):
     """Alone at its round, with its live peers past it (it fell behind: its caller catches

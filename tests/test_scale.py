@@ -16,7 +16,8 @@ NODES = 16
 
 def _swarm(procs, out, *extra: str) -> list[str]:
     p = procs.loco("swarm", "--nodes", str(NODES), "--out", str(out), *_sets(
-        "train.rounds=3", "data.val_batches=1", "train.checkpoint_every=10", *extra), log="swarm")
+        "train.rounds=3", "data.val_batches=1", "train.checkpoint_every=10", "swarm.announce_ttl_s=8", *extra),
+        log="swarm")
     assert _wait_exit(p, 1100, "swarm", procs) == 0, procs.log("swarm")[-3000:]
     return [f"node{i}" for i in range(NODES)]
 
