@@ -118,7 +118,7 @@ class ModelConfig(_Section):
     n_embd: int = Field(128, ge=8)
     """Embedding width."""
     block_size: int = Field(128, ge=8)
-    """Context length in tokens (a factory's model may set its own ``block_size`` attribute)."""
+    """Context length in tokens. A factory's model with its own ``block_size`` attribute sets it; this key, if set, must agree."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout probability."""
 

@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
+    def _block_size(self, cfg: Config) -> int:
+        """The context length: the model's own ``block_size`` attribute when it has one (a
+        factory's model knows its context), else ``model.block_size``. A value set for
+        ``model.block_size`` that the model contradicts is an error, never silently ignored."""
+        own = getattr(self.model, "block_size", None)
+        if not isinstance(own, int) or isinstance(own, bool):
+            return cfg.model.block_size
+        if "block_size" in cfg.model.model_fields_set and own != cfg.model.block_size:
+            raise ConfigError(f"model.block_size = {cfg.model.block_size}, but the model built by model.factory "
+                              f"has block_size = {own}: leave model.block_size out or make them agree")
+        return own
+
     def __init__(self, cfg: Config, node_id: str):
         self.cfg = cfg
         self.device = resolve_device(cfg.node.device)
@@ -32,7 +44,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same init on every node: round 0 starts in sync
         self.model = build_model(cfg.model).to(self.device)
         self.params = unique_parameters(self.model)
-        self.block_size = getattr(self.model, "block_size", cfg.model.block_size)
+        self.block_size = self._block_size(cfg)
         try:
             self.vocab_size = vocab_size_of(self.model)
         except ModelOutputError as exc:

@@ -40,6 +40,13 @@ def tiny_lm(vocab: int = 256, width: int = 16, returns: str = "tensor") -> torch
     return TinyLM(vocab, width, returns)
 
 
+def tiny_lm_with_context(context: int = 32) -> torch.nn.Module:
+    """A model that declares its own context length (``block_size``), as nanoGPT-style ones do."""
+    model = TinyLM()
+    model.block_size = context
+    return model
+
+
 def not_a_model() -> object:
     return object()
 

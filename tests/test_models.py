@@ -109,6 +109,18 @@ def test_data_outside_the_models_vocabulary_and_a_broken_forward_are_one_line_er
     assert big.vocab_size == 70_000
 
 
+def test_a_models_own_context_length_is_used_and_a_contradicting_key_is_an_error(tmp_path):
+    np.save(tmp_path / "tokens.npy", (np.arange(20_000) % 256).astype(np.uint16))
+    data = {"path": str(tmp_path / "tokens.npy"), "batch_size": 4, "val_batches": 1}
+    model = {"factory": "tests.models:tiny_lm_with_context", "kwargs": {"context": 32}}
+    trainer = Trainer(build_config({"model": model, "data": data}), "node0")
+    assert trainer.block_size == 32 and trainer.sampler.next_batch()[0].shape[-1] == 32
+    assert Trainer(build_config({"model": {**model, "block_size": 32}, "data": data}), "node0").block_size == 32
+    with pytest.raises(ConfigError, match=r"^model.block_size = 16, but the model built by model.factory has "
+                                          r"block_size = 32"):
+        Trainer(build_config({"model": {**model, "block_size": 16}, "data": data}), "node0")
+
+
 def test_the_daemon_stops_at_start_with_one_line_that_names_the_key(tmp_path):
     import signal
 
