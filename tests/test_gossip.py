@@ -68,12 +68,14 @@ def test_pair_exchange_swaps_tensors(nodes):
 def test_a_node_that_did_not_pick_us_answers_at_once_with_its_data(nodes):
     ts, ex = nodes
     x, y, z = torch.ones(3), torch.full((3,), 2.0), torch.full((3,), 3.0)
-    # views differ: g0 thinks it is paired with g2; g2 is paired with g3. g2 adopts g0.
-    res = _run({
-        0: lambda: ex[0].exchange(0, {"g2": ts[2].endpoint}, [x], 30),
-        2: lambda: ex[2].exchange(0, {"g3": ts[3].endpoint}, [y], 30),
-        3: lambda: ex[3].exchange(0, {"g2": ts[2].endpoint}, [z], 30),
-    })
+    # views differ: g0 thinks it is paired with g2; g2 is paired with g3. g2 adopts g0. (g3
+    # starts only after g0 is done: g2, waiting on g3, cannot have finished before g0's data came)
+    res = {}
+    g2 = threading.Thread(target=lambda: res.update({2: ex[2].exchange(0, {"g3": ts[3].endpoint}, [y], 30)}))
+    g2.start()
+    res[0] = ex[0].exchange(0, {"g2": ts[2].endpoint}, [x], 30)
+    res[3] = ex[3].exchange(0, {"g2": ts[2].endpoint}, [z], 30)
+    g2.join(30)
     assert list(res[0].received) == ["g2"] and torch.equal(res[0].received["g2"][0], y)
     assert res[0].wait_s < 15  # not the 30 s deadline
     assert sorted(res[2].received) == ["g0", "g3"] and res[2].adopted == ["g0"]
