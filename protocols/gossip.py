@@ -12,14 +12,16 @@ One exchange, as a member sees it::
     wait for each partner's GOSSIP, or its decline, or the deadline
 
 A node whose roster differs (a peer that just joined or died, a DHT view that lags) may
-send to someone who did not pick it. That node declines at once (``GOSSIP`` with
-``decline``: when its own exchange for the round ends, or immediately if the round is
-already over here), so the sender does not wait out the deadline for nothing. A partner
-that never answers costs at most the deadline; the caller then averages with whoever
-did answer, or steps alone.
+send to someone who did not pick it. That node answers at once: with its own data, taking
+the sender into its group for the round (adopted; at most ``max_adopted`` a round), or with
+a decline (``GOSSIP`` with ``decline``) when it is past its adoption limit or already done
+with the round (finished it, or skipped it by adopting a peer's state). Nobody waits on a
+node that waits on another, so differing views cost no stall. A partner that never answers
+(it died) costs at most the deadline, less once it leaves the DHT view; the caller then
+averages with whoever did answer, or steps alone.
 
-Messages go only to the chosen partners: a node's traffic in a round is O(group size),
-whatever the swarm size.
+Messages go to the chosen partners and to at most ``max_adopted`` nodes that chose this
+one: a node's traffic in a round is O(group size), whatever the swarm size.
 """
 
 from __future__ import annotations
