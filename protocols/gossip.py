@@ -122,7 +122,7 @@ class GroupExchange:
             answers: dict[str, Message] = {}
             refused = []
             for m in early:
-                if m.sender in partners or m.meta.get("decline") or self._admit(opened, m):
+                if m.sender in partners or (not m.meta.get("decline") and self._admit(opened, m)):
                     answers.setdefault(m.sender, m)
                 else:
                     refused.append(m)

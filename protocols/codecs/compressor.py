@@ -145,6 +145,7 @@ class Compressor:
             committed, work = self._buffers(stream, layout.total)
             staged = work[lo:hi]
             fed = torch.add(x, committed[lo:hi], out=staged)
+        aliased = staged.untyped_storage().data_ptr() if staged is not None else None
         wire: list[torch.Tensor] = []
         metas: list[list[Any]] = []
         decoded = torch.empty_like(fed)
@@ -160,9 +161,8 @@ class Compressor:
             else:
                 tensors, meta = codec.encode(part, p.shape)
                 decoded[p.lo - lo:p.hi - lo] = codec.decode(tensors, meta, p.hi - p.lo, p.shape)
-            if staged is not None:
-                base = staged.untyped_storage().data_ptr()
-                tensors = [t.clone() if t.untyped_storage().data_ptr() == base else t for t in tensors]
+            if aliased is not None:
+                tensors = [t.clone() if t.untyped_storage().data_ptr() == aliased else t for t in tensors]
             wire += tensors
             metas.append([len(tensors), level, meta])
         if staged is not None:
