@@ -136,19 +136,27 @@ class AbsenceWatch:
 class Mailbox:
     """Messages waiting for the training thread, keyed by (kind, round, attempt).
 
-    Bounded, because peers decide what arrives: a sender may hold at most
-    ``max_bytes_per_sender`` and ``max_messages_per_sender`` here at a time (what does not
-    fit is refused), and a message nobody took within ``ttl_s`` (a kind no wait asks for,
-    a round far ahead) expires."""
+    Bounded, because peers decide what arrives and the training thread may be slow to read
+    (busy in its inner steps): a sender may hold at most ``max_bytes_per_sender`` and
+    ``max_messages_per_sender`` here at a time, all senders together at most
+    ``max_total_bytes``; what does not fit is refused (dropped and counted as
+    ``MailboxFull``: every protocol above copes with a lost message by its deadlines), so a
+    slow consumer costs messages, never unbounded memory. A message nobody took within
+    ``ttl_s`` (a kind no wait asks for, a round far ahead) expires."""
 
     def __init__(self, max_bytes_per_sender: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_messages_per_sender: int = 4096, ttl_s: float = 900.0) -> None:
+                 max_messages_per_sender: int = 4096, ttl_s: float = 900.0,
+                 max_total_bytes: int | None = None) -> None:
         self._items: dict[MailKey, list[Message]] = defaultdict(list)
         self._cond = threading.Condition()
         self.max_bytes_per_sender = max_bytes_per_sender
         self.max_messages_per_sender = max_messages_per_sender
+        # default: room for four senders' worth at once (an all-reduce's parts from every
+        # member together are about one model; a state transfer is one model)
+        self.max_total_bytes = 4 * max_bytes_per_sender if max_total_bytes is None else max_total_bytes
         self.ttl_s = ttl_s
         self._held: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # sender -> [messages, bytes]
+        self._total_bytes = 0
         self._last_sweep = time.monotonic()
 
     @staticmethod
@@ -159,12 +167,16 @@ class Mailbox:
         """File ``msg``; returns why it was refused (None: filed)."""
         size = self._size(msg)
         with self._cond:
+            if self._total_bytes + size > self.max_total_bytes:
+                return (f"{self._total_bytes} bytes unread from all senders; {size} more would pass "
+                        f"the mailbox's limit of {self.max_total_bytes}")
             held = self._held[msg.sender]
             if held[0] >= self.max_messages_per_sender or held[1] + size > self.max_bytes_per_sender:
                 return (f"{msg.sender[:64]} already holds {held[0]} messages, {held[1]} bytes unread "
                         f"(limits {self.max_messages_per_sender}, {self.max_bytes_per_sender})")
             held[0] += 1
             held[1] += size
+            self._total_bytes += size
             msg.received = time.monotonic()
             self._items[(msg.kind, msg.round, msg.attempt)].append(msg)
             if time.monotonic() - self._last_sweep > self.ttl_s / 4:
@@ -177,8 +189,10 @@ class Mailbox:
         for m in msgs:
             held = self._held.get(m.sender)
             if held is not None:
+                size = self._size(m)
                 held[0] -= 1
-                held[1] -= self._size(m)
+                held[1] -= size
+                self._total_bytes -= size
                 if held[0] <= 0:
                     del self._held[m.sender]
 
@@ -345,6 +359,7 @@ class Transport:
         advertise_host: str | None = None,
         key: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_mailbox_bytes: int | None = None,
         send_timeout_s: float = 30.0,
         replay_window_s: float = 300.0,
         shaper: Shaper | None = None,
@@ -356,7 +371,9 @@ class Transport:
     ):
         """``key``: the swarm key (None: insecure, nothing is signed). ``node_key``: this
         node's own signing key (a fresh one if not given; it matters only with a swarm key).
-        ``pins``: which key each node id is bound to, shared with the membership."""
+        ``pins``: which key each node id is bound to, shared with the membership.
+        ``max_mailbox_bytes``: unread bytes held for the training thread from all senders
+        together (default four times ``max_message_bytes``); see :class:`Mailbox`."""
         self.node_id = node_id
         self.key = key
         self.node_key = node_key or NodeKey.generate()
@@ -368,7 +385,7 @@ class Transport:
         self.send_timeout_s = send_timeout_s
         self.max_peer_sockets = max_peer_sockets
         self.session = secrets.token_hex(8)
-        self.mailbox = Mailbox(max_bytes_per_sender=max_message_bytes)
+        self.mailbox = Mailbox(max_bytes_per_sender=max_message_bytes, max_total_bytes=max_mailbox_bytes)
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.drops = DropLog()

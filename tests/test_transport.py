@@ -198,6 +198,54 @@ def test_a_sender_cannot_fill_the_mailbox():
         b.close()
 
 
+def test_a_slow_consumer_holds_bounded_memory_from_many_senders():
+    """Back-pressure on a node that does not read: each sender fits under its own limit, but
+    together they stop at the mailbox's total; the rest is refused and counted, and reading
+    makes room again."""
+    senders = [open_transport(f"s{i}") for i in range(4)]
+    b = open_transport("b", max_message_bytes=40_000, max_mailbox_bytes=100_000)
+    try:
+        for i in range(8):  # 4 senders x 8 x 4 kB = 128 kB offered, 32 kB each: under the per-sender limit
+            for s in senders:
+                s.send(b.endpoint, Message("X", round=i, tensors=[torch.zeros(1000)]))
+        for s in senders:
+            s.send(b.endpoint, Message("AFTER", round=0))
+        for s in senders:
+            assert b.mailbox.take("AFTER", 0, 0, [s.node_id], time.monotonic() + 30)
+        held, nbytes = b.mailbox.held()
+        assert nbytes <= 100_000 and held == 25 and b.dropped["MailboxFull"] == 7
+        assert len(b.mailbox.drain("X", 0)) == 4  # reading frees room
+        senders[0].send(b.endpoint, Message("X", round=99, tensors=[torch.zeros(1000)]))
+        assert b.recv("X", 99, timeout_s=30) is not None
+    finally:
+        for t in (*senders, b):
+            t.close()
+
+
+def test_a_message_served_on_the_io_thread_and_one_filed_for_the_consumer_are_identical():
+    """The two ways a message reaches its reader (a handler on the I/O thread, the mailbox
+    read by the training thread) see the same bytes, signed or not."""
+    for key in (None, b"k" * 32):
+        a, b = open_transport("a", key=key), open_transport("b", key=key)
+        served = []
+        b.on("PING", served.append)
+        try:
+            tensors = [torch.randn(70_000), torch.arange(100, dtype=torch.int64), torch.randn(3, 5).half()]
+            assert a.send(b.endpoint, Message("PING", round=3, meta={"x": 7}, tensors=tensors))
+            assert a.send(b.endpoint, Message("X", round=3, meta={"x": 7}, tensors=tensors))
+            filed = b.recv("X", 3, timeout_s=30)
+            # one connection, one I/O thread: PING was served before X was filed
+            assert filed is not None and len(served) == 1
+            for got in (served[0], filed):
+                assert got.meta == {"x": 7} and got.sender == "a" and len(got.tensors) == 3
+                for sent, recv in zip(tensors, got.tensors, strict=True):
+                    assert recv.dtype == sent.dtype and recv.shape == sent.shape
+                    assert recv.numpy().tobytes() == sent.numpy().tobytes()
+        finally:
+            a.close()
+            b.close()
+
+
 def test_unread_messages_expire():
     a, b = open_transport("a"), open_transport("b")
     b.mailbox.ttl_s = 0.2
