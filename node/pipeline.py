@@ -932,7 +932,7 @@ class PipelineNode:
             if not self.member and not self._join():
                 return
             t0 = time.monotonic()
-            bytes0 = self.transport.bytes_sent
+            bytes0 = self.transport.bytes_queued
             work = self._wait_plan(self.it)
             if work is None:
                 continue  # stopped (the loop ends) or left out of the plan (join again)
@@ -953,7 +953,7 @@ class PipelineNode:
             self.it += 1
             checkpoint_s = 0.0 if work.last else self._periodic_checkpoint()  # (the last: at shutdown)
             self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,  # (iter_s
-                         self.transport.bytes_sent - bytes0, checkpoint_s, reason)  # includes the checkpoint's seconds)
+                         self.transport.bytes_queued - bytes0, checkpoint_s, reason)  # includes the checkpoint's seconds)
             if self.it == 1:  # past iteration 0 now: a node that starts later joins, not plans
                 self.membership.announce(self._peer_info())
             if work.last:

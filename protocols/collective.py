@@ -59,7 +59,7 @@ from .flat import unflatten
 from .join_desk import JoinDesk
 from .membership import PeerInfo, ViewUnknown
 from .messages import ASK, DECISION, DONE, JOIN, PAST, ROSTER
-from .transport import Transport
+from .transport import ABSENCE_CHECK_S, Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class GroupAllReduce:
         heard_at = lambda node: transport.last_heard.get(node, 0.0)  # noqa: E731
         self._silent_leaders = PassOver(heard_at)  # leaders that sent no roster
         self._silent_followers = PassOver(heard_at)  # expected peers whose JOIN did not come
-        self.check_s = 1.0
+        self.check_s = ABSENCE_CHECK_S
         self._data_start, self._data_s = 0.0, 0.0  # the round at hand's (see all_reduce's timings)
         self.desk = JoinDesk(transport, self._silent_followers.heard)
 

@@ -16,7 +16,7 @@ from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of
 from .membership import PeerInfo
 from .messages import AVG, PART
-from .transport import AbsenceWatch, Transport
+from .transport import ABSENCE_CHECK_S, AbsenceWatch, Transport
 from .wire import Message
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class DataPhase:
         self.stop = stop
         self.chunk_bytes = chunk_bytes
         self.max_norm_ratio = max_norm_ratio
-        self.check_s = 1.0  # how often a wait on parts looks at the DHT for members that left
+        self.check_s = ABSENCE_CHECK_S  # how often a wait on parts looks at the DHT for members that left
         self.suspects: set[str] = set()
         self.span = 1  # the round at hand's (see begin)
         self.sessions: dict[str, str] = {}

@@ -13,7 +13,11 @@ has a lock, because ZeroMQ sockets are not thread-safe and a message interleaved
 another would be corrupt.
 
 Bytes are counted here, where frames leave and enter the socket: the figures in the
-metrics are measured, not estimated.
+metrics are measured, not estimated. Under network emulation a message waits in the
+shaper's queue before it reaches the socket, so ``bytes_sent`` lags what the protocols
+sent by up to the emulated transfer time; ``bytes_queued`` counts each message when it is
+handed to the transport (it includes messages the emulated link then loses), which is what
+a round's own traffic is measured with.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], None]
 MailKey = tuple[str, int, int]  # (kind, round, attempt)
+
+# how often a wait on peers looks at the DHT view for peers that left (AbsenceWatch needs two
+# looks in a row): a dead peer costs its record's expiry plus one to two of these
+ABSENCE_CHECK_S = 1.0
 
 
 class ReplayGuard:
@@ -245,7 +253,7 @@ class Mailbox:
     def take_from_live(
         self, kind: str, round: int, attempt: int, senders: Iterable[str], deadline: float,
         live: Callable[[], Iterable[str | tuple[str, str]]], stop: threading.Event | None = None,
-        check_s: float = 1.0, moved_on: Callable[[], Iterable[str]] | None = None,
+        check_s: float = ABSENCE_CHECK_S, moved_on: Callable[[], Iterable[str]] | None = None,
         sessions: dict[str, str] | None = None,
     ) -> dict[str, Message]:
         """:meth:`take`, but it stops waiting for a sender that has left the DHT view (see
@@ -276,7 +284,7 @@ class Mailbox:
     def take_first_from_live(
         self, kind: str, round: int, attempt: int, match: Callable[[Message], bool], deadline: float,
         awaited: Callable[[], set[str]], watch: AbsenceWatch, stop: threading.Event | None = None,
-        check_s: float = 1.0,
+        check_s: float = ABSENCE_CHECK_S,
     ) -> tuple[Message | None, set[str]]:
         """:meth:`take_first`, but every ``check_s`` it asks ``watch`` which of the senders
         still ``awaited()`` have left the swarm, and returns (None, those) as soon as any has:
@@ -386,7 +394,8 @@ class Transport:
         self.max_peer_sockets = max_peer_sockets
         self.session = secrets.token_hex(8)
         self.mailbox = Mailbox(max_bytes_per_sender=max_message_bytes, max_total_bytes=max_mailbox_bytes)
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # at the socket
+        self.bytes_queued = 0  # when handed to send(): equal to bytes_sent without emulation
         self.bytes_recv = 0
         self.drops = DropLog()
         self.dropped = self.drops.counts  # reason -> messages dropped
@@ -482,19 +491,25 @@ class Transport:
             msg.time = time.time()
             frames = encode(msg, self.key, self.node_key)
             if self.shaper is not None:
-                deliver = self.shaper.schedule(self._names.get(endpoint, endpoint), message_nbytes(frames))
+                nbytes = message_nbytes(frames)
+                deliver = self.shaper.schedule(self._names.get(endpoint, endpoint), nbytes)
+                later = deliver is not None and deliver > time.monotonic()
+                if deliver is None or later:
+                    with self._count_lock:
+                        self.bytes_queued += nbytes
                 if deliver is None:
                     return True  # lost on the emulated link: the sender cannot tell
-                if deliver > time.monotonic():
+                if later:
                     with self._delayed_cond:
                         heapq.heappush(self._delayed, (deliver, next(self._delay_order), endpoint, frames,
                                                        msg.kind))
                         self._delayed_cond.notify()
                     return True
-            return self._send_now(sock, endpoint, frames, msg.kind)
+            return self._send_now(sock, endpoint, frames, msg.kind, queued=True)
 
-    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str) -> bool:
-        """Hand frames to the socket (caller holds the socket's lock) and count the bytes."""
+    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str, queued: bool = False) -> bool:
+        """Hand frames to the socket (caller holds the socket's lock) and count the bytes
+        (``queued``: straight from send(), so they count as queued too)."""
         try:
             sock.send_multipart(frames, copy=False)
         except zmq.Again:
@@ -504,7 +519,10 @@ class Transport:
             log.warning("send %s to %s failed: %s", kind, endpoint, exc)
             return False
         with self._count_lock:
-            self.bytes_sent += message_nbytes(frames)
+            nbytes = message_nbytes(frames)
+            self.bytes_sent += nbytes
+            if queued:
+                self.bytes_queued += nbytes
             self.sent_by_kind[kind] += 1
             self.sent_to[self._names.get(endpoint, endpoint)] += 1
         return True

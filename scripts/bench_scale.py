@@ -134,6 +134,8 @@ def main() -> None:
     for n in (int(x) for x in args.nodes.split(",")):
         for algorithm in args.algorithms.split(","):
             out = args.out / f"{algorithm}-{n}"
+            if out.exists():  # its nodes would resume from the checkpoints there: not a fresh measurement
+                sys.exit(f"{out} exists (an earlier run): give --out a new folder")
             code = run_swarm(out, n, algorithm, args)
             s = summarize(out, n, args.timeout_s)
             print(f"{algorithm:>9} {n:>5} {code:>4} " + " ".join(

@@ -82,6 +82,27 @@ def test_real_transfer_takes_bytes_over_bandwidth_plus_latency():
         b.close()
 
 
+def test_bytes_are_counted_when_queued_and_again_when_they_reach_the_socket():
+    """Under emulation a message waits in the shaper: ``bytes_queued`` has it at once (what
+    a round's traffic is measured with), ``bytes_sent`` once it reaches the socket; a message
+    the emulated link loses was sent by the node, so it is queued but never on the socket."""
+    a = open_transport("a", shaper=Shaper(LinkProfile(latency_s=0.5)))
+    b = open_transport("b")
+    try:
+        a.send(b.endpoint, Message("BIG", round=0, tensors=[torch.zeros(250_000)]))
+        assert a.bytes_queued > 1_000_000 and a.bytes_sent == 0  # still held back by the latency
+        assert b.recv("BIG", 0, timeout_s=30) is not None
+        assert a.bytes_sent == a.bytes_queued == b.bytes_recv
+        a.shaper.cuts.append(Cut("b", 0, float("inf")))
+        a.name_peer(b.endpoint, "b")
+        queued = a.bytes_queued
+        a.send(b.endpoint, Message("BIG", round=1, tensors=[torch.zeros(1000)]))
+        assert a.bytes_queued > queued and a.bytes_sent == queued
+    finally:
+        a.close()
+        b.close()
+
+
 def test_collective_copes_with_a_lossy_member():
     n = 3
     transports = [Transport("p0"), Transport("p1"),

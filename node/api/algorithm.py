@@ -226,7 +226,7 @@ class OuterAlgorithm:
         """Start the round clock now: time the caller spends between rounds (evaluation, its
         own checkpoint) is then not counted as the next round's compute."""
         self._clock = time.monotonic()
-        self._round_bytes0 = self.swarm.bytes_sent
+        self._round_bytes0 = self.swarm.bytes_queued
         self._codec0 = (self.compressor.encode_s, self.compressor.decode_s)
         self._inner_comm_s = 0.0
 
@@ -320,7 +320,7 @@ class OuterAlgorithm:
         t0 = time.monotonic()
         published = self._publish()
         publish_s = time.monotonic() - t0
-        extra.setdefault("sync_bytes", [self.swarm.bytes_sent - self._round_bytes0])
+        extra.setdefault("sync_bytes", [self.swarm.bytes_queued - self._round_bytes0])
         extra["encode_s"] = self.compressor.encode_s - self._codec0[0]
         extra["decode_s"] = self.compressor.decode_s - self._codec0[1]
         n = len(self._weights())
@@ -335,7 +335,7 @@ class OuterAlgorithm:
         self.outcomes[status] = self.outcomes.get(status, 0) + 1
         report = RoundReport(finished, self.round, status, reason, group, compute_s, comm_s, publish_s,
                              self.swarm.bytes_sent, self.swarm.bytes_recv,
-                             self.swarm.bytes_sent - self._round_bytes0, sync_bytes, extra, weights_hash)
+                             self.swarm.bytes_queued - self._round_bytes0, sync_bytes, extra, weights_hash)
         self.last_report = report
         self.restart_clock()
         if self.on_round is not None:

@@ -78,7 +78,7 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         """Bytes sent since each fragment left (``before``: if it left in this very call);
         while a fragment is in flight, only its own traffic goes out."""
         for e in events:
-            e.sync_bytes = self.swarm.bytes_sent - self._fragment_bytes0.pop(e.send_step, before)
+            e.sync_bytes = self.swarm.bytes_queued - self._fragment_bytes0.pop(e.send_step, before)
         return events
 
     def _after_inner_step(self) -> None:
@@ -87,7 +87,7 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         t0 = time.monotonic()
         s = self.round * self.inner_steps + self.round_step
         self._hash_at_launch = self.snapshot.digest if self.snapshot is not None else ""
-        before = self.swarm.bytes_sent
+        before = self.swarm.bytes_queued
         events = self._count_sync_bytes(self.math.after_inner_step(s), before)
         if self.math.in_flight_step is not None:
             self._fragment_bytes0.setdefault(self.math.in_flight_step, before)
@@ -115,7 +115,7 @@ class StreamingDiLoCo(CollectiveAlgorithm):
             self._events = []
             return "resync", 0, "behind the swarm", {}
         if final:  # the last fragment in flight lands in the final weights
-            before = self.swarm.bytes_sent
+            before = self.swarm.bytes_queued
             self._events += self._count_sync_bytes(self.math.drain(), before)
         events, self._events = self._events, []
         if not events and not final:  # every sync of the round was in a state adopted from a peer (a late join)

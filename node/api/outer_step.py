@@ -199,7 +199,7 @@ class CO2(CollectiveAlgorithm):
         return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)), members)
 
     def _sync_round(self, final: bool):
-        sent0 = self.swarm.bytes_sent
+        sent0 = self.swarm.bytes_queued
         result, outcome = self._outer_round()
         if outcome is None:
             return None
@@ -208,11 +208,11 @@ class CO2(CollectiveAlgorithm):
         sync_bytes = [sent0 - self._round_bytes0]
         if final and status != "resync":
             # the last round: its reduce would land in a round that never comes; apply it now
-            s1 = self.swarm.bytes_sent
+            s1 = self.swarm.bytes_queued
             flushed = self.math.flush()
             extra["flushed"] = bool(flushed is not None and flushed.applied)
             if extra["flushed"]:
-                sync_bytes.append(self.swarm.bytes_sent - s1)
+                sync_bytes.append(self.swarm.bytes_queued - s1)
         extra["sync_bytes"] = sync_bytes
         if status == "skipped" and result is not None and result.reduce is None:
             return "ok", 0, "first round: nothing to apply yet", extra

@@ -155,6 +155,12 @@ class Swarm:
         return self.transport.bytes_sent
 
     @property
+    def bytes_queued(self) -> int:
+        """Data-plane bytes handed to the transport so far: ``bytes_sent`` plus what an
+        emulated network still holds back (equal without network emulation)."""
+        return self.transport.bytes_queued
+
+    @property
     def bytes_recv(self) -> int:
         return self.transport.bytes_recv
 
