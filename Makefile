@@ -27,7 +27,7 @@ test: setup  ## lint + the full test suite (unit, in-process peers, real multi-p
 fuzz: setup  ## 10^5 hostile frames against decode and a real transport: 0 crashes, bounded RSS and log
 	$(BIN)/python scripts/fuzz.py --frames 100000
 
-scale: setup  ## swarms of 16 node processes (DiLoCo agrees on every round, NoLoCo's exchanges happen): ~10 min
+scale: setup  ## swarms of 16 node processes (DiLoCo agrees, NoLoCo exchanges) and the simulator against real 4/8-node swarms: ~7 min
 	$(BIN)/pytest -m scale tests/test_scale.py
 
 soak: setup  ## a kill storm: 50 SIGKILL + restart cycles in a 4-node swarm, against a fault-free run

@@ -426,16 +426,17 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for algorithm, style in (("diloco", "-"), ("noloco", "--")):
         for rate, color in zip(sorted({x["failures"] for x in rows}), ("C0", "C1", "C3"), strict=False):
-            pts = sorted((x["nodes"], x["comm_s"], x["mb_round"]) for x in rows
+            pts = sorted((x["nodes"], x["comm_s"], x["mb_round"], 100 * x["ok"]) for x in rows
                          if x["algorithm"] == algorithm and x["failures"] == rate)
             label = f"{algorithm}, {rate:.0%} fail/round"
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, marker="o", label=label)
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, color=color, marker="o", label=label)
+            for k, ax in enumerate(axes, start=1):
+                ax.plot([p[0] for p in pts], [p[k] for p in pts], style, color=color, marker="o", label=label)
     axes[0].set(xscale="log", yscale="log", xlabel="peers", ylabel="blocked on sync per round, s (median)")
     axes[1].set(xscale="log", xlabel="peers", ylabel="MB sent per peer per round (median)")
+    axes[2].set(xscale="log", xlabel="peers", ylabel="% of surviving node-rounds that averaged")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
