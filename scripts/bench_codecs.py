@@ -5,7 +5,13 @@ the same run, plus the bytes each puts on the wire.
 The data is a model-like vector: ``--layers`` matrices of ``--width`` x ``--width`` and a
 bias each. GB/s counts the float32 input (4 bytes per element) per second.
 
-    python scripts/bench_codecs.py [--width 1024] [--layers 12] [--repeats 3] [--threads 0]
+    python scripts/bench_codecs.py [--width 1024] [--layers 12] [--repeats 3] [--threads 0] [--device cuda]
+
+With ``--device cuda`` the vector, the error-feedback buffers and the encoding live on the
+GPU and encode's time includes copying the wire tensors to host memory (what the transport
+sends); decode runs on the CPU, as a receiver's does. Baselines then: a device-to-device
+copy of the vector and a copy of it to host memory (what sending it uncompressed costs).
+Quantizers and fp16/bf16 run on a GPU; the other codecs are skipped there.
 """
 
 from __future__ import annotations
@@ -41,28 +47,40 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [s for _ in range(args.layers) for s in ((args.width, args.width), (args.width,))]
     layout = Layout(shapes)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(layout.total, generator=g) * 1e-3
+    host = torch.randn(layout.total, generator=g) * 1e-3
+    x = host.to(device)
     gb = 4 * layout.total / 1e9
     chunks = [(lo, min(lo + CHUNK, layout.total)) for lo in range(0, layout.total, CHUNK)]
-    dst = torch.empty_like(x)
-    copy_s = _best(lambda: dst.copy_(x), args.repeats)
+    dst = torch.empty_like(host)
+    if device.type == "cuda":
+        on_device = torch.empty_like(x)
+        copy_s = _best(lambda: (on_device.copy_(x), torch.cuda.synchronize()), args.repeats)
+        to_host_s = _best(lambda: dst.copy_(x), args.repeats)
+        base = f"device copy {gb / copy_s:.1f} GB/s, copy to host {gb / to_host_s:.1f} GB/s ({torch.cuda.get_device_name()})"
+    else:
+        copy_s = _best(lambda: dst.copy_(x), args.repeats)
+        base = f"tensor copy {gb / copy_s:.2f} GB/s"
     print(f"{layout.total / 1e6:.1f}M float32 ({gb * 1e3:.0f} MB) in {len(shapes)} tensors, "
-          f"{len(chunks)} chunks of {CHUNK * 4 >> 20} MiB, torch threads {torch.get_num_threads()}")
-    print(f"baseline: tensor copy {gb / copy_s:.2f} GB/s\n")
+          f"{len(chunks)} chunks of {CHUNK * 4 >> 20} MiB, torch threads {torch.get_num_threads()}, {device}")
+    print(f"baseline: {base}\n")
     head = f"{'codec':9} {'wire MB':>8} {'ratio':>6} {'encode GB/s':>12} {'decode GB/s':>12} " \
            f"{'enc/copy':>9} {'dec/copy':>9} {'rel. error':>10}"
     print(head)
     print("-" * len(head))
     for name in CODECS:
+        if device.type != "cpu" and name not in ("none", "fp16", "bf16", "int8", "int4", "int2"):
+            continue
         comp = Compressor(name, **OPTIONS.get(name, {}))
         enc_s, dec_s, wire_bytes = _measure(comp, x, dst, layout, chunks, args.repeats)
-        err = float((dst - x).norm() / x.norm())
+        err = float((dst - host).norm() / host.norm())
         print(f"{name:9} {wire_bytes / 1e6:8.1f} {4 * layout.total / wire_bytes:5.1f}x {gb / enc_s:12.2f} "
               f"{gb / dec_s:12.2f} {copy_s / enc_s:9.3f} {copy_s / dec_s:9.3f} {err:10.2e}")
 

@@ -12,6 +12,7 @@ from loco.node.config import build_config
 from loco.node.staging import StagedCommunicator
 from loco.node.trainer import Trainer
 from loco.optim import DiLoCo
+from loco.protocols.codecs import Compressor, Layout
 from tests.conftest import read_records
 from tests.test_devices import SMALL, _Mean
 from tests.test_swarm import _outer, _sets, _wait_exit
@@ -89,3 +90,25 @@ def test_two_nodes_on_the_gpu(procs, tmp_path):
     assert [r["weights_hash"] for r in a] == [r["weights_hash"] for r in b]
     assert a[-1]["val_loss"] < next(r for r in read_records(out / "metrics" / "node0.jsonl")
                                     if r["event"] == "start")["val_loss"]
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2"])
+def test_quantizers_with_error_feedback_put_the_same_bits_on_the_wire_from_the_gpu(codec):
+    """Encoding on the GPU (residuals kept there) sends exactly what encoding on the CPU
+    sends, round after round, ragged blocks and exact zeros included."""
+    layout = Layout([(300, 257), (1000,), (64, 64)])  # pieces that are not whole blocks
+    g = torch.Generator().manual_seed(1)
+    cpu, gpu = Compressor(codec), Compressor(codec)
+    for rnd in range(3):
+        x = torch.randn(layout.total, generator=g) * 10.0 ** -rnd
+        x[1000:1300] = 0.0  # a block of zeros sends code 0's value, not NaN
+        lo, hi = 5000, layout.total - 7  # a slice across layers
+        w_cpu, m_cpu, d_cpu = cpu.encode("s", x[lo:hi], lo, layout)
+        w_gpu, m_gpu, d_gpu = gpu.encode("s", x[lo:hi].cuda(), lo, layout)
+        assert m_cpu == m_gpu and d_gpu.is_cuda
+        assert all(t.device.type == "cpu" for t in w_gpu)
+        for a, b in zip(w_cpu, w_gpu, strict=True):
+            assert a.dtype == b.dtype and a.numpy().tobytes() == b.numpy().tobytes()
+        assert torch.equal(d_cpu, d_gpu.cpu())
+        cpu.commit()
+        gpu.commit()

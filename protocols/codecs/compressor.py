@@ -15,6 +15,10 @@ new remainder. New remainders are staged until the caller says the values it sen
 used (``commit``: the round completed) or not (``discard``: a retried or aborted round
 re-encodes the same input, which must see the old residual, not add it twice). The
 residual is part of the checkpoint (``state_dict``).
+
+Device: the input may live on a GPU. The residual, the work buffer and the decoded values
+then stay there, and only the wire tensors (a fraction of the input for a quantizer) are
+copied to host memory for the transport: the same bits as an encoding on the CPU.
 """
 
 from __future__ import annotations
@@ -108,11 +112,14 @@ class Compressor:
     def _pieces(self, layout: Layout, lo: int, hi: int) -> list[Piece]:
         return layout.pieces(lo, hi, whole_rows=getattr(self.base, "needs_rows", False))
 
-    def _buffers(self, stream: str, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _buffers(self, stream: str, total: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         r = self._residual.get(stream)
         if r is None or r.numel() != total:  # a new vector size: nothing carried over
-            r = self._residual[stream] = torch.zeros(total, dtype=torch.float32)
-            self._work[stream] = torch.zeros(total, dtype=torch.float32)
+            r = self._residual[stream] = torch.zeros(total, dtype=torch.float32, device=device)
+            self._work[stream] = torch.zeros(total, dtype=torch.float32, device=device)
+        elif r.device != device:  # the caller moved (e.g. a checkpoint loaded on the CPU)
+            r = self._residual[stream] = r.to(device)
+            self._work[stream] = self._work[stream].to(device)
         return r, self._work[stream]
 
     def commit(self) -> None:
@@ -134,7 +141,7 @@ class Compressor:
         x = as_float32(x)
         if not self.lossy:
             self.encode_s += time.perf_counter() - t0
-            return [x], {"pieces": [[1, None, {}]], "span": [lo, x.numel()]}, x
+            return [x.cpu()], {"pieces": [[1, None, {}]], "span": [lo, x.numel()]}, x
         hi = lo + x.numel()
         fed, staged = x, None
         if self.error_feedback:
@@ -142,7 +149,7 @@ class Compressor:
             # residual in place: no fresh model-sized temporaries (their page faults cost more
             # than the arithmetic). A wire tensor that is a view of it (a codec's dense
             # fallback) is copied below, before the buffer is rewritten.
-            committed, work = self._buffers(stream, layout.total)
+            committed, work = self._buffers(stream, layout.total, x.device)
             staged = work[lo:hi]
             fed = torch.add(x, committed[lo:hi], out=staged)
         aliased = staged.untyped_storage().data_ptr() if staged is not None else None
@@ -163,11 +170,18 @@ class Compressor:
                 decoded[p.lo - lo:p.hi - lo] = codec.decode(tensors, meta, p.hi - p.lo, p.shape)
             if aliased is not None:
                 tensors = [t.clone() if t.untyped_storage().data_ptr() == aliased else t for t in tensors]
+            if fed.device.type == "cuda":  # to page-locked host memory, all copies in flight at once
+                tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                           for t in tensors]
+            elif fed.device.type != "cpu":
+                tensors = [t.cpu() for t in tensors]
             wire += tensors
             metas.append([len(tensors), level, meta])
         if staged is not None:
             staged.sub_(decoded)
             self._touched.append((stream, lo, hi))
+        if fed.device.type == "cuda":
+            torch.cuda.current_stream(fed.device).synchronize()  # the host copies of the wire tensors
         self.encode_s += time.perf_counter() - t0
         return wire, {"pieces": metas, "span": [lo, hi - lo]}, decoded
 

@@ -31,17 +31,17 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         per = 8 // bits
         pad = (-codes.numel()) % per
         if pad:
-            codes = torch.cat([codes, torch.zeros(pad, dtype=torch.uint8)])
+            codes = torch.cat([codes, codes.new_zeros(pad)])
         grid = codes.view(-1, per)
         packed = grid[:, 0].clone()
         for i in range(1, per):
             packed |= grid[:, i] << (bits * i)
         return packed
-    stream = ((codes[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1).reshape(-1)
+    stream = ((codes[:, None] >> torch.arange(bits, dtype=torch.uint8, device=codes.device)) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
-        stream = torch.cat([stream, torch.zeros(pad, dtype=torch.uint8)])
-    return (stream.view(-1, 8) * _WEIGHTS).sum(1, dtype=torch.uint8)
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    return (stream.view(-1, 8) * _WEIGHTS.to(codes.device)).sum(1, dtype=torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -85,11 +85,15 @@ class BlockQuantCodec:
         if n == blocks * self.block:  # whole blocks (most layers): no padded copy
             grid = x.reshape(blocks, self.block)
         else:
-            grid = torch.zeros(blocks * self.block, dtype=torch.float32)
+            grid = x.new_zeros(blocks * self.block)
             grid[:n] = x
             grid = grid.view(blocks, self.block)
-        scale = grid.abs().amax(dim=1).div_(self.qmax)
-        every_block = bool((scale > 0).all())
+        # divided by a tensor, not a Python number: CUDA divides by a number through its
+        # reciprocal (other bits than the CPU's true division, and qmax = 127 or 7 has no
+        # exact reciprocal); tensor by tensor is true division on both
+        scale = grid.abs().amax(dim=1).div_(grid.new_full((), self.qmax))
+        # on a GPU the branch-free form (the same bits) spares a host sync per piece
+        every_block = x.device.type == "cpu" and bool((scale > 0).all())
         safe = scale if every_block else torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.div(grid, safe[:, None]).round_().clamp_(-self.qmax, self.qmax)
         if not every_block:  # all-zero (or non-finite) blocks send code 0 (value 0)
