@@ -143,7 +143,12 @@ class Compressor:
             self.encode_s += time.perf_counter() - t0
             return [x.cpu()], {"pieces": [[1, None, {}]], "span": [lo, x.numel()]}, x
         hi = lo + x.numel()
-        fed, staged = x, None
+        pieces = self._pieces(layout, lo, hi)
+        levels = [self.level_of(p.layer) for p in pieces]
+        codecs = [self.codec_at(level) for level in levels]
+        # one kernel per piece does the feedback, the encoding and the new remainder (GPU)
+        fused = all(getattr(c, "fusable", None) is not None and c.fusable(x) for c in codecs)
+        fed, staged, committed = x, None, None
         if self.error_feedback:
             # x + residual goes straight into the work buffer, whose slice then becomes the new
             # residual in place: no fresh model-sized temporaries (their page faults cost more
@@ -151,16 +156,19 @@ class Compressor:
             # fallback) is copied below, before the buffer is rewritten.
             committed, work = self._buffers(stream, layout.total, x.device)
             staged = work[lo:hi]
-            fed = torch.add(x, committed[lo:hi], out=staged)
+            if not fused:
+                fed = torch.add(x, committed[lo:hi], out=staged)
         aliased = staged.untyped_storage().data_ptr() if staged is not None else None
         wire: list[torch.Tensor] = []
         metas: list[list[Any]] = []
         decoded = torch.empty_like(fed)
-        for p in self._pieces(layout, lo, hi):
-            level = self.level_of(p.layer)
-            codec = self.codec_at(level)
+        for p, level, codec in zip(pieces, levels, codecs, strict=True):
             part = fed[p.lo - lo:p.hi - lo]
-            if getattr(codec, "needs_rows", False):
+            if fused:
+                tensors, meta = codec.encode_fused(
+                    part, None if committed is None else committed[p.lo:p.hi],
+                    None if staged is None else staged[p.lo - lo:p.hi - lo], decoded[p.lo - lo:p.hi - lo])
+            elif getattr(codec, "needs_rows", False):
                 tensors, meta = codec.encode(part, p.shape, key=(stream, p.lo))
                 decoded[p.lo - lo:p.hi - lo] = codec.decode(tensors, meta, p.hi - p.lo, p.shape)
             elif hasattr(codec, "encode_decoded"):  # the codec knows what it sent: no second pass
@@ -178,7 +186,8 @@ class Compressor:
             wire += tensors
             metas.append([len(tensors), level, meta])
         if staged is not None:
-            staged.sub_(decoded)
+            if not fused:
+                staged.sub_(decoded)
             self._touched.append((stream, lo, hi))
         if fed.device.type == "cuda":
             torch.cuda.current_stream(fed.device).synchronize()  # the host copies of the wire tensors

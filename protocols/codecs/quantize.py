@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import quantize_cuda
 from .base import CodecError, expect
 
 _BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -103,6 +104,17 @@ class BlockQuantCodec:
         # there, and replicas compare their weights' bytes
         decoded = torch.mul(q.sub_(self.qmax + 1), scale[:, None]).reshape(-1)[:n]
         return [_pack(codes, self.bits), scale], {"block": self.block}, decoded
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`encode_fused` can encode ``x`` (see :mod:`.quantize_cuda`)."""
+        return quantize_cuda.available(x, self.bits, self.block)
+
+    def encode_fused(self, x: torch.Tensor, residual: torch.Tensor | None, work: torch.Tensor | None,
+                     decoded: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """:meth:`encode_decoded` of ``x + residual`` in one GPU kernel, the same bits: the
+        decoded values go to ``decoded``, the new remainder (x + residual − decoded) to ``work``."""
+        packed, scale = quantize_cuda.encode(x, residual, work, decoded, self.bits, self.block)
+        return [packed, scale], {"block": self.block}
 
     def decode(self, tensors: list[torch.Tensor], meta: dict[str, Any], numel: int,
                shape: tuple[int, int] = (0, 0)) -> torch.Tensor:
