@@ -22,7 +22,7 @@ demo: setup  ## a local swarm of $(NODES) node processes training the built-in G
 
 test: setup  ## lint + the full test suite (unit, in-process peers, real multi-process swarms)
 	$(BIN)/ruff check node protocols optim scripts tests examples
-	$(BIN)/pytest -n 2 --dist worksteal  # two workers, balanced to the end (the swarm tests run first)
+	$(BIN)/pytest -n 3 --dist worksteal  # three workers (the swarm tests wait on their processes: two left a core idle), balanced to the end
 
 fuzz: setup  ## 10^5 hostile frames against decode and a real transport: 0 crashes, bounded RSS and log
 	$(BIN)/python scripts/fuzz.py --frames 100000

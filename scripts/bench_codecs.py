@@ -6,6 +6,7 @@ The data is a model-like vector: ``--layers`` matrices of ``--width`` x ``--widt
 bias each. GB/s counts the float32 input (4 bytes per element) per second.
 
     python scripts/bench_codecs.py [--width 1024] [--layers 12] [--repeats 3] [--threads 0] [--device cuda]
+        [--chunk-mib 4]
 
 With ``--device cuda`` the vector, the error-feedback buffers and the encoding live on the
 GPU and encode's time includes copying the wire tensors to host memory (what the transport
@@ -29,7 +30,7 @@ from loco.protocols.codecs import CODECS, Compressor, Layout  # noqa: E402
 
 OPTIONS = {"int8": {"block": 256}, "int4": {"block": 256}, "int2": {"block": 256}, "topk": {"density": 0.01},
            "powersgd": {"rank": 4}}
-CHUNK = 1 << 20  # the collective's chunk: 4 MiB of float32
+CHUNK_MIB = 4  # the collective's default chunk (collective chunk_bytes)
 
 
 def _best(fn, repeats: int) -> float:
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chunk-mib", type=int, default=CHUNK_MIB, help="encode in slices of this many MiB")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -58,7 +60,8 @@ def main() -> None:
     host = torch.randn(layout.total, generator=g) * 1e-3
     x = host.to(device)
     gb = 4 * layout.total / 1e9
-    chunks = [(lo, min(lo + CHUNK, layout.total)) for lo in range(0, layout.total, CHUNK)]
+    chunk = args.chunk_mib << 18  # float32 elements
+    chunks = [(lo, min(lo + chunk, layout.total)) for lo in range(0, layout.total, chunk)]
     dst = torch.empty_like(host)
     if device.type == "cuda":
         on_device = torch.empty_like(x)
@@ -69,7 +72,7 @@ def main() -> None:
         copy_s = _best(lambda: dst.copy_(x), args.repeats)
         base = f"tensor copy {gb / copy_s:.2f} GB/s"
     print(f"{layout.total / 1e6:.1f}M float32 ({gb * 1e3:.0f} MB) in {len(shapes)} tensors, "
-          f"{len(chunks)} chunks of {CHUNK * 4 >> 20} MiB, torch threads {torch.get_num_threads()}, {device}")
+          f"{len(chunks)} chunks of {args.chunk_mib} MiB, torch threads {torch.get_num_threads()}, {device}")
     print(f"baseline: {base}\n")
     head = f"{'codec':9} {'wire MB':>8} {'ratio':>6} {'encode GB/s':>12} {'decode GB/s':>12} " \
            f"{'enc/copy':>9} {'dec/copy':>9} {'rel. error':>10}"

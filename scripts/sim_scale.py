@@ -18,7 +18,10 @@ and exchange timeout, and ``random_groups`` itself draws the gossip groups):
   gossip       each node draws groups from the roster of live peers (seeded by the round),
                sends its vector to its partners and waits for theirs; a partner that died
                costs the wait until its record expires and is noticed (or the timeout), then
-               the node steps alone.
+               the node steps alone. One roster for all: real nodes leave out peers already
+               past the round, so their views differ and they re-pair through adoption; the
+               waits that costs are not modeled (docs/BENCHMARKS.md: NoLoCo's blocked time
+               is underestimated by 20-55% at 4-16 real nodes).
 
 Network model (the same as loco's in-transport shaper): every message is serialized on its
 sender's uplink in order (``start = max(now, uplink busy)``, ``bytes·8/bandwidth``) and
@@ -269,7 +272,7 @@ def _gossip_round(sw: Swarm, r: int) -> list[RoundRecord]:
     before = net.sent.copy()
     ready, death, noticed = sw.local(r)
     go = ready + s.dht_s  # the roster comes from a membership lookup
-    seen_at = float(np.median(go))  # one roster for all: adoption absorbs differing views
+    seen_at = float(np.median(go))  # one roster for all (see the module docstring)
     view = [i for i in range(n) if noticed[i] > seen_at]
     slot_of = {sw.names[i]: i for i in view}
     end = go.copy()

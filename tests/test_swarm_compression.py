@@ -30,7 +30,7 @@ def test_diloco_with_int4_and_topk_trains_close_to_uncompressed_and_lgreco_plans
     results = {}
     for name, extra in runs.items():
         out = tmp_path / name
-        _swarm(procs, out, len(NODES), "train.rounds=5", *extra)
+        _swarm(procs, out, len(NODES), "train.rounds=4", *extra)
         results[name] = _final(out)
         for n in NODES:
             assert all(r["status"] == "ok" for r in _outer(out, n))
