@@ -18,10 +18,10 @@ and exchange timeout, and ``random_groups`` itself draws the gossip groups):
   gossip       each node draws groups from the roster of live peers (seeded by the round),
                sends its vector to its partners and waits for theirs; a partner that died
                costs the wait until its record expires and is noticed (or the timeout), then
-               the node steps alone. One roster for all: real nodes leave out peers already
-               past the round, so their views differ and they re-pair through adoption; the
-               waits that costs are not modeled (docs/BENCHMARKS.md: NoLoCo's blocked time
-               is underestimated by 20-55% at 4-16 real nodes).
+               the node steps alone. Each node draws from its own view when it reaches the
+               exchange, leaving out peers already past the round, as the real roster does;
+               a node chosen by one it did not choose answers with its data (adopts it, at
+               most ``max_adopted``) or declines.
 
 Network model (the same as loco's in-transport shaper): every message is serialized on its
 sender's uplink in order (``start = max(now, uplink busy)``, ``bytes·8/bandwidth``) and
@@ -48,6 +48,9 @@ globe, stragglers) from 4 to 1,000 peers with 0%, 1% and 5% of peers failing per
 from __future__ import annotations
 
 import argparse
+import heapq
+import inspect
+import itertools
 import json
 import math
 import statistics
@@ -62,10 +65,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loco.node.config import NoLoCoConfig, SwarmConfig  # noqa: E402
 from loco.protocols.collective import CollectiveTimeouts  # noqa: E402
-from loco.protocols.gossip import random_groups  # noqa: E402
+from loco.protocols.gossip import GroupExchange, random_groups  # noqa: E402
 from loco.protocols.transport import ABSENCE_CHECK_S  # noqa: E402
 
-CONTROL_BYTES = 400  # JOIN, ROSTER, DONE, COMMIT: a header and a small meta dict
+CONTROL_BYTES = 400  # JOIN, ROSTER, DONE, COMMIT, a decline: a header and a small meta dict
+MAX_ADOPTED = inspect.signature(GroupExchange.__init__).parameters["max_adopted"].default
 INF = math.inf
 
 
@@ -267,32 +271,99 @@ def _allreduce_round(sw: Swarm, r: int) -> list[RoundRecord]:
 
 
 def _gossip_round(sw: Swarm, r: int) -> list[RoundRecord]:
+    """One round of gossip, event by event: each node draws its group from its own view when
+    it reaches the exchange (peers already past the round are left out, as a real node's
+    roster leaves out records showing a later round), so views differ; a node chosen by one
+    it did not choose answers with its data and takes it in (at most ``max_adopted``), or
+    declines when past that or done with the round."""
     s, net = sw.s, sw.net
     n = s.nodes
     before = net.sent.copy()
     ready, death, noticed = sw.local(r)
     go = ready + s.dht_s  # the roster comes from a membership lookup
-    seen_at = float(np.median(go))  # one roster for all (see the module docstring)
-    view = [i for i in range(n) if noticed[i] > seen_at]
-    slot_of = {sw.names[i]: i for i in view}
-    end = go.copy()
-    status = np.array(["alone"] * n, dtype=object)
-    group = np.ones(n, dtype=int)
-    arrive: dict[tuple[int, int], float] = {}
-    for names in random_groups([sw.names[i] for i in view], r, s.group_size, s.seed):
-        slots = [slot_of[x] for x in names]
-        for i in slots:
-            partners = np.array([p for p in slots if p != i])
-            got = net.send(i, partners, s.payload_bytes, go[i], death[i]) if death[i] > go[i] else \
-                np.full(len(partners), INF)
-            arrive.update({(int(p), i): a for p, a in zip(partners, got, strict=True)})
-        for i in slots:
-            waits = [arrive[(i, p)] if not math.isinf(arrive[(i, p)])
-                     else min(noticed[p], go[i] + s.exchange_timeout_s) for p in slots if p != i]
-            end[i] = max(go[i], *waits)
-            heard = sum(not math.isinf(arrive[(i, p)]) for p in slots if p != i)
-            if heard:
-                status[i], group[i] = "ok", heard + 1
+    end = np.full(n, INF)
+    state = ["computing"] * n
+    partners: list[set[int]] = [set() for _ in range(n)]
+    answered: list[set[int]] = [set() for _ in range(n)]  # data, decline, or gone
+    heard: list[set[int]] = [set() for _ in range(n)]  # data averaged in
+    adopted = [0] * n
+    filed: list[list[int]] = [[] for _ in range(n)]  # data that came while still computing
+    slot_of = {name: i for i, name in enumerate(sw.names)}
+    events: list[tuple[float, int, str, int, int]] = []
+    order = itertools.count()
+
+    def push(t: float, kind: str, src: int, dst: int) -> None:
+        heapq.heappush(events, (t, next(order), kind, src, dst))
+
+    def send_data(src: int, dst: int, t: float) -> None:
+        at = net.send(src, np.array([dst]), s.payload_bytes, t, death[src])[0]
+        if not math.isinf(at):
+            push(at, "data", src, dst)
+
+    def decline(src: int, dst: int, t: float) -> None:
+        at = net.send(src, np.array([dst]), CONTROL_BYTES, t, death[src])[0]
+        if not math.isinf(at):
+            push(at, "decline", src, dst)
+
+    def finish_if_done(i: int, t: float) -> None:
+        if state[i] == "exchanging" and partners[i] <= answered[i]:
+            state[i], end[i] = "done", t
+
+    def take_in(i: int, src: int, t: float) -> None:
+        """``i`` (exchanging) got data from ``src``, which it did not choose."""
+        if src in partners[i]:
+            return
+        if adopted[i] >= MAX_ADOPTED:
+            decline(i, src, t)
+            return
+        adopted[i] += 1
+        partners[i].add(src)
+        answered[i].add(src)
+        heard[i].add(src)
+        send_data(i, src, t)
+
+    for i in range(n):
+        if death[i] > go[i]:
+            push(go[i], "go", i, i)
+    while events:
+        t, _, kind, src, dst = heapq.heappop(events)
+        if death[dst] <= t:
+            continue
+        if kind == "go":
+            view = [j for j in range(n) if j == dst or (state[j] != "done" and noticed[j] > t)]
+            group = next(g for g in random_groups([sw.names[j] for j in view], r, s.group_size, s.seed)
+                         if sw.names[dst] in g)
+            partners[dst] = {slot_of[x] for x in group} - {dst}
+            state[dst] = "exchanging"
+            for p in sorted(partners[dst]):
+                send_data(dst, p, t)
+                push(min(noticed[p], t + s.exchange_timeout_s), "giveup", p, dst)
+            for q in filed[dst]:
+                if q in partners[dst]:
+                    answered[dst].add(q)
+                    heard[dst].add(q)
+                else:
+                    take_in(dst, q, t)
+            finish_if_done(dst, t)
+        elif kind == "data":
+            if state[dst] == "computing":
+                filed[dst].append(src)
+            elif state[dst] == "exchanging" and src in partners[dst]:
+                answered[dst].add(src)
+                heard[dst].add(src)
+                finish_if_done(dst, t)
+            elif state[dst] == "exchanging":
+                take_in(dst, src, t)
+            elif src not in partners[dst]:  # done with the round: an immediate decline
+                decline(dst, src, t)
+        elif kind in ("decline", "giveup") and state[dst] == "exchanging":
+            answered[dst].add(src)
+            finish_if_done(dst, t)
+    for i in range(n):
+        if math.isinf(end[i]):  # nobody answered and nothing to give up on (died mid-round)
+            end[i] = max(go[i], min(death[i], go[i] + s.exchange_timeout_s))
+    status = np.array(["ok" if heard[i] else "alone" for i in range(n)], dtype=object)
+    group = np.array([1 + len(heard[i]) for i in range(n)])
     return _finish_round(sw, r, ready, end, death, status, group, before, 1)
 
 
@@ -384,7 +455,7 @@ def validate(run: Path, bandwidth_bps: float, latency_s: float) -> dict[str, flo
 
 # ------------------------------------------------------------------------ sweep
 def wan_setting(nodes: int, failure_rate: float, rounds: int, seed: int, payload_bytes: float,
-                compute_s: float) -> Setting:
+                compute_s: float, exchange_timeout_s: float | None = None) -> Setting:
     """Peers at random places on the globe (one-way latency = great-circle distance at 2/3 c
     with 1.5x route stretch, plus 2 ms), uplinks log-uniform in 100 Mbit/s .. 1 Gbit/s,
     compute per round ``compute_s`` times a per-node speed (lognormal, sigma 0.1) and a
@@ -398,20 +469,22 @@ def wan_setting(nodes: int, failure_rate: float, rounds: int, seed: int, payload
     uplink = 10 ** rng.uniform(8, 9, nodes)
     speed = rng.lognormal(0, 0.1, nodes)
     jitter = rng.lognormal(0, 0.03, (nodes, rounds))
-    return Setting(nodes=nodes, rounds=rounds, payload_bytes=payload_bytes, uplink_bps=uplink, latency_s=latency,
-                   compute_s=lambda i, r: compute_s * speed[i] * jitter[i, r], failure_rate=failure_rate,
-                   seed=seed)
+    s = Setting(nodes=nodes, rounds=rounds, payload_bytes=payload_bytes, uplink_bps=uplink, latency_s=latency,
+                compute_s=lambda i, r: compute_s * speed[i] * jitter[i, r], failure_rate=failure_rate, seed=seed)
+    if exchange_timeout_s is not None:
+        s.exchange_timeout_s = exchange_timeout_s
+    return s
 
 
 def sweep(sizes: list[int], rates: list[float], rounds: int, model_params: float, compute_s: float,
-          seed: int) -> list[dict]:
+          seed: int, exchange_timeout_s: float | None = None) -> list[dict]:
     rows = []
     for n in sizes:
         for rate in rates:
             for algorithm in ("diloco", "noloco"):
                 # int8 with per-block scales: ~1 byte per value; NoLoCo sends [phi, theta - phi]
                 payload = model_params * (2 if algorithm == "noloco" else 1)
-                setting = wan_setting(n, rate, rounds, seed, payload, compute_s)
+                setting = wan_setting(n, rate, rounds, seed, payload, compute_s, exchange_timeout_s)
                 rows.append({"algorithm": algorithm, "nodes": n, "failures": rate,
                              **summarize(simulate(setting, algorithm))})
                 print(_row(rows[-1]), flush=True)
@@ -458,6 +531,7 @@ def main() -> None:
     ap.add_argument("--model-params", type=float, default=100e6, help="sent as int8: ~1 byte per value")
     ap.add_argument("--compute-s", type=float, default=100.0, help="local work per round at speed 1")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exchange-timeout-s", type=float, help="NoLoCo's (default: loco's own)")
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     if args.validate:
@@ -475,7 +549,7 @@ def main() -> None:
               "rounds retried |")
         print("|---|---|---|---|---|---|---|---|---|")
         rows = sweep([int(x) for x in args.sizes.split(",")], [float(x) for x in args.failures.split(",")],
-                     args.rounds, args.model_params, args.compute_s, args.seed)
+                     args.rounds, args.model_params, args.compute_s, args.seed, args.exchange_timeout_s)
         if args.plot:
             plot(rows, args.plot)
 

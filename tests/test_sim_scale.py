@@ -103,5 +103,19 @@ def test_all_reduce_sends_two_vectors_per_node_at_any_size_gossip_one_per_partne
         rows = {a: sim.summarize(sim.simulate(sim.wan_setting(n, 0.0, 3, 0, V, 30.0), a), skip_first=False)
                 for a in ("diloco", "noloco")}
         assert rows["diloco"]["mb_round"] * 1e6 == pytest.approx(2 * (n - 1) / n * V, rel=0.01)
-        assert rows["noloco"]["mb_round"] * 1e6 == pytest.approx(V, rel=0.01)
-        assert rows["diloco"]["ok"] == 1.0 and rows["noloco"]["ok"] == 1.0
+        # its partner(s), and up to max_adopted nodes that chose it from another view
+        assert V <= rows["noloco"]["mb_round"] * 1e6 <= (2 + sim.MAX_ADOPTED) * V
+        # a slow node whose every choice is already done steps alone now and then
+        assert rows["diloco"]["ok"] == 1.0 and rows["noloco"]["ok"] >= 0.9
+
+
+def test_a_node_whose_view_lacks_a_finished_peer_is_adopted_by_another():
+    """Views differ: node 0 is done before the slow ones look, so they draw groups without it.
+    Whoever they choose that chose someone else answers with its data (adoption), so every
+    node averages with someone and nobody waits for the timeout."""
+    s = _setting(4)
+    s.compute_s = lambda i, r: (10.0, 10.0, 20.0, 20.0)[i]  # 0 and 1 finish long before 2 and 3
+    rec = {x.node: x for x in sim.simulate(s, "noloco")}
+    assert all(x.status == "ok" for x in rec.values())
+    assert max(x.comm_s for x in rec.values()) < s.exchange_timeout_s
+    assert sum(x.bytes_sent for x in rec.values()) >= 4 * V
