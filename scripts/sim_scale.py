@@ -38,6 +38,10 @@ Two uses:
   python scripts/sim_scale.py --validate runs/scale-X        # against real bench_scale runs
   python scripts/sim_scale.py --sweep [--plot docs/img/sim-scale.png]
 
+The sweep also runs a what-if that loco does not have: the all-reduce within random groups
+of 16 each round ("grouped", as hivemind's averager forms groups), to show what bounding
+the all-reduce's group would buy.
+
 ``--validate`` replays each real run's own per-node local work times (from its JSONL
 records) and start times through the simulator with the run's network (bandwidth, latency)
 and payload, and prints predicted vs measured per-round and communication time.
@@ -89,6 +93,7 @@ class Setting:
     failure_rate: float = 0.0  # probability that a node dies in a given round
     deaths: dict[tuple[int, int], float] = field(default_factory=dict)  # (slot, round) -> s after its start
     names: list[str] | None = None  # node ids (leader: the smallest; gossip groups are drawn from them)
+    allreduce_group: int = 16  # the "grouped" what-if's group size
     seed: int = 0
     dht_s: float = 0.01  # a membership lookup: 7 ms median with 4 DHT peers on 127.0.0.1
     restart_s: float = 10.0
@@ -216,58 +221,81 @@ def _data_phases(net: Network, members: np.ndarray, at: np.ndarray, death: np.nd
 
 
 def _allreduce_round(sw: Swarm, r: int) -> list[RoundRecord]:
-    s, net, t = sw.s, sw.net, sw.s.timeouts
-    n = s.nodes
-    before = net.sent.copy()
+    """One all-reduce round of the whole swarm (DiLoCo's group all-reduce)."""
+    return _allreduce_cohorts(sw, r, [np.arange(sw.s.nodes)])
+
+
+def _grouped_allreduce_round(sw: Swarm, r: int) -> list[RoundRecord]:
+    """What-if: the all-reduce within random groups of ``allreduce_group`` nodes each round
+    (drawn like the gossip's groups, as hivemind's averager forms groups), each group run
+    by the same protocol; not a loco algorithm (yet)."""
+    slot_of = {name: i for i, name in enumerate(sw.names)}
+    groups = random_groups(sw.names, r, sw.s.allreduce_group, sw.s.seed)
+    return _allreduce_cohorts(sw, r, [np.array(sorted(slot_of[x] for x in g)) for g in groups])
+
+
+def _allreduce_cohorts(sw: Swarm, r: int, cohorts: list[np.ndarray]) -> list[RoundRecord]:
+    s = sw.s
+    before = sw.net.sent.copy()
     ready, death, noticed = sw.local(r)
     go = ready + s.dht_s  # the round starts with a membership lookup
-    end = np.full(n, INF)
-    status = np.array(["skipped"] * n, dtype=object)
-    attempts, group = 1, np.zeros(n, dtype=int)
-    announced = np.flatnonzero(death > ready)
-    if len(announced):
-        leader = min(announced, key=lambda i: sw.names[i])
-        join_at = np.full(n, INF)
-        for i in announced:
-            join_at[i] = net.send(i, np.array([leader]), CONTROL_BYTES, go[i], death[i])[0]
-        waits = np.minimum(join_at, noticed)  # a peer that died is waited for until it is noticed
-        waits[leader] = go[leader]
-        roster_at = min(max(go[leader], waits.max()), go[leader] + t.matchmaking_s)
-        members = np.union1d(np.flatnonzero(join_at <= roster_at), [leader])
-        if death[leader] <= roster_at:  # followers hear nothing and skip once they notice
-            end[announced] = np.minimum(noticed[leader], go[announced] + t.join_s)
-        else:
-            late = np.setdiff1d(announced, members)  # joined after the deadline: told to wait for the next
-            end[late] = net.send(leader, late, CONTROL_BYTES, roster_at)
-            at = net.send(leader, members, CONTROL_BYTES, roster_at)
-            while True:
-                part = s.payload_bytes / len(members)
-                done, missing = _data_phases(net, members, at, death[members], noticed[members], part,
-                                             t.allreduce_s)
-                lead = np.flatnonzero(members == leader)[0]
-                alive = done < death[members]
-                done_at = np.array([net.send(members[k], np.array([leader]), CONTROL_BYTES, done[k], death[members[k]])[0]
-                                    if alive[k] and k != lead else (done[k] if k == lead else noticed[members[k]])
-                                    for k in range(len(members))])
-                decide = min(max(done_at.max(), done[lead]), done[lead] + t.decision_s)
-                if death[leader] <= decide:
-                    end[members] = np.minimum(noticed[leader], done + t.decision_s + t.allreduce_s)
-                    break
-                responders = members[alive]
-                told = net.send(leader, responders, CONTROL_BYTES, decide)
-                if not missing[alive].any():
-                    end[responders] = told
-                    status[responders] = "ok" if len(responders) > 1 else "alone"
-                    group[responders] = len(responders)
-                    break
-                if attempts >= t.max_attempts:
-                    end[responders] = told
-                    status[responders] = "aborted"
-                    break
-                attempts += 1
-                members, at = responders, told
+    end = np.full(s.nodes, INF)
+    status = np.array(["skipped"] * s.nodes, dtype=object)
+    group = np.zeros(s.nodes, dtype=int)
+    attempts = max(_allreduce_cohort(sw, cohort, ready, go, death, noticed, end, status, group)
+                   for cohort in cohorts)
     end = np.where(np.isinf(end), np.where(np.isfinite(death), np.maximum(death, ready), go), end)
     return _finish_round(sw, r, ready, end, death, status, group, before, attempts)
+
+
+def _allreduce_cohort(sw: Swarm, cohort: np.ndarray, ready: np.ndarray, go: np.ndarray, death: np.ndarray,
+                      noticed: np.ndarray, end: np.ndarray, status: np.ndarray, group: np.ndarray) -> int:
+    """The protocol among the slots of ``cohort``: fills their ``end``, ``status`` and
+    ``group``; returns the attempts it took."""
+    s, net, t = sw.s, sw.net, sw.s.timeouts
+    attempts = 1
+    announced = cohort[death[cohort] > ready[cohort]]
+    if not len(announced):
+        return attempts
+    leader = min(announced, key=lambda i: sw.names[i])
+    join_at = np.full(s.nodes, INF)
+    for i in announced:
+        join_at[i] = net.send(i, np.array([leader]), CONTROL_BYTES, go[i], death[i])[0]
+    waits = np.minimum(join_at, noticed)  # a peer that died is waited for until it is noticed
+    waits[leader] = go[leader]
+    roster_at = min(max(go[leader], waits[cohort].max()), go[leader] + t.matchmaking_s)
+    members = np.union1d(cohort[join_at[cohort] <= roster_at], [leader])
+    if death[leader] <= roster_at:  # followers hear nothing and skip once they notice
+        end[announced] = np.minimum(noticed[leader], go[announced] + t.join_s)
+        return attempts
+    late = np.setdiff1d(announced, members)  # joined after the deadline: told to wait for the next
+    end[late] = net.send(leader, late, CONTROL_BYTES, roster_at)
+    at = net.send(leader, members, CONTROL_BYTES, roster_at)
+    while True:
+        part = s.payload_bytes / len(members)
+        done, missing = _data_phases(net, members, at, death[members], noticed[members], part, t.allreduce_s)
+        lead = np.flatnonzero(members == leader)[0]
+        alive = done < death[members]
+        done_at = np.array([net.send(members[k], np.array([leader]), CONTROL_BYTES, done[k], death[members[k]])[0]
+                            if alive[k] and k != lead else (done[k] if k == lead else noticed[members[k]])
+                            for k in range(len(members))])
+        decide = min(max(done_at.max(), done[lead]), done[lead] + t.decision_s)
+        if death[leader] <= decide:
+            end[members] = np.minimum(noticed[leader], done + t.decision_s + t.allreduce_s)
+            return attempts
+        responders = members[alive]
+        told = net.send(leader, responders, CONTROL_BYTES, decide)
+        if not missing[alive].any():
+            end[responders] = told
+            status[responders] = "ok" if len(responders) > 1 else "alone"
+            group[responders] = len(responders)
+            return attempts
+        if attempts >= t.max_attempts:
+            end[responders] = told
+            status[responders] = "aborted"
+            return attempts
+        attempts += 1
+        members, at = responders, told
 
 
 def _gossip_round(sw: Swarm, r: int) -> list[RoundRecord]:
@@ -381,9 +409,10 @@ def _finish_round(sw: Swarm, r: int, ready: np.ndarray, end: np.ndarray, death: 
 
 
 def simulate(setting: Setting, algorithm: str) -> list[RoundRecord]:
-    """Every node's record of every round. ``algorithm``: diloco (group all-reduce) or
-    noloco (gossip)."""
-    step = {"diloco": _allreduce_round, "noloco": _gossip_round}[algorithm]
+    """Every node's record of every round. ``algorithm``: diloco (the swarm's all-reduce),
+    noloco (gossip) or grouped (the all-reduce within random groups of ``allreduce_group``:
+    a what-if)."""
+    step = {"diloco": _allreduce_round, "noloco": _gossip_round, "grouped": _grouped_allreduce_round}[algorithm]
     sw = Swarm(setting)
     return [rec for r in range(setting.rounds) for rec in step(sw, r)]
 
@@ -481,7 +510,7 @@ def sweep(sizes: list[int], rates: list[float], rounds: int, model_params: float
     rows = []
     for n in sizes:
         for rate in rates:
-            for algorithm in ("diloco", "noloco"):
+            for algorithm in ("diloco", "noloco", "grouped"):
                 # int8 with per-block scales: ~1 byte per value; NoLoCo sends [phi, theta - phi]
                 payload = model_params * (2 if algorithm == "noloco" else 1)
                 setting = wan_setting(n, rate, rounds, seed, payload, compute_s, exchange_timeout_s)
@@ -503,7 +532,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for algorithm, style in (("diloco", "-"), ("noloco", "--")):
+    for algorithm, style in (("diloco", "-"), ("noloco", "--"), ("grouped", ":")):
         for rate, color in zip(sorted({x["failures"] for x in rows}), ("C0", "C1", "C3"), strict=False):
             pts = sorted((x["nodes"], x["comm_s"], x["mb_round"], 100 * x["ok"]) for x in rows
                          if x["algorithm"] == algorithm and x["failures"] == rate)

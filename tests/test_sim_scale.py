@@ -119,3 +119,18 @@ def test_a_node_whose_view_lacks_a_finished_peer_is_adopted_by_another():
     assert all(x.status == "ok" for x in rec.values())
     assert max(x.comm_s for x in rec.values()) < s.exchange_timeout_s
     assert sum(x.bytes_sent for x in rec.values()) >= 4 * V
+
+
+def test_the_grouped_all_reduce_is_the_all_reduce_within_each_group():
+    whole = _setting(8)
+    grouped = _setting(8)
+    grouped.allreduce_group = 8  # one group of everyone: the same round as DiLoCo's
+    a = [(x.node, x.end, x.bytes_sent) for x in sim.simulate(whole, "diloco")]
+    b = [(x.node, x.end, x.bytes_sent) for x in sim.simulate(grouped, "grouped")]
+    assert a == b
+    grouped = _setting(16)
+    grouped.allreduce_group = 4
+    recs = sim.simulate(grouped, "grouped")
+    assert all(x.status == "ok" and x.group == 4 for x in recs)
+    # two vectors' worth within a group of four, plus JOIN/DONE or ROSTER/COMMIT
+    assert all(abs(x.bytes_sent - 2 * 3 / 4 * V) <= 4 * 4 * sim.CONTROL_BYTES for x in recs)
