@@ -395,7 +395,7 @@ class Transport:
         self.session = secrets.token_hex(8)
         self.mailbox = Mailbox(max_bytes_per_sender=max_message_bytes, max_total_bytes=max_mailbox_bytes)
         self.bytes_sent = 0  # at the socket
-        self.bytes_queued = 0  # when handed to send(): equal to bytes_sent without emulation
+        self.bytes_queued = 0  # when handed to send(): bytes_sent plus what emulation holds or loses
         self.bytes_recv = 0
         self.drops = DropLog()
         self.dropped = self.drops.counts  # reason -> messages dropped
@@ -490,26 +490,23 @@ class Transport:
                 msg.seq = self._seq
             msg.time = time.time()
             frames = encode(msg, self.key, self.node_key)
+            nbytes = message_nbytes(frames)
+            with self._count_lock:
+                self.bytes_queued += nbytes
             if self.shaper is not None:
-                nbytes = message_nbytes(frames)
                 deliver = self.shaper.schedule(self._names.get(endpoint, endpoint), nbytes)
-                later = deliver is not None and deliver > time.monotonic()
-                if deliver is None or later:
-                    with self._count_lock:
-                        self.bytes_queued += nbytes
                 if deliver is None:
                     return True  # lost on the emulated link: the sender cannot tell
-                if later:
+                if deliver > time.monotonic():
                     with self._delayed_cond:
                         heapq.heappush(self._delayed, (deliver, next(self._delay_order), endpoint, frames,
                                                        msg.kind))
                         self._delayed_cond.notify()
                     return True
-            return self._send_now(sock, endpoint, frames, msg.kind, queued=True)
+            return self._send_now(sock, endpoint, frames, msg.kind)
 
-    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str, queued: bool = False) -> bool:
-        """Hand frames to the socket (caller holds the socket's lock) and count the bytes
-        (``queued``: straight from send(), so they count as queued too)."""
+    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str) -> bool:
+        """Hand frames to the socket (caller holds the socket's lock) and count the bytes."""
         try:
             sock.send_multipart(frames, copy=False)
         except zmq.Again:
@@ -519,10 +516,7 @@ class Transport:
             log.warning("send %s to %s failed: %s", kind, endpoint, exc)
             return False
         with self._count_lock:
-            nbytes = message_nbytes(frames)
-            self.bytes_sent += nbytes
-            if queued:
-                self.bytes_queued += nbytes
+            self.bytes_sent += message_nbytes(frames)
             self.sent_by_kind[kind] += 1
             self.sent_to[self._names.get(endpoint, endpoint)] += 1
         return True
