@@ -67,7 +67,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loco.node.config import NoLoCoConfig, SwarmConfig  # noqa: E402
+from loco.node.config import NoLoCoConfig, SwarmConfig, parse_bandwidth  # noqa: E402
 from loco.protocols.collective import CollectiveTimeouts  # noqa: E402
 from loco.protocols.gossip import GroupExchange, random_groups  # noqa: E402
 from loco.protocols.transport import ABSENCE_CHECK_S  # noqa: E402
@@ -433,14 +433,6 @@ def summarize(records: list[RoundRecord], skip_first: bool = True) -> dict[str, 
 
 
 # ------------------------------------------------------------------ validation
-def _bandwidth_bps(text: str) -> float:
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-    for unit, scale in units.items():
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * scale
-    return float(text)
-
-
 def replay(run: Path, bandwidth_bps: float, latency_s: float) -> tuple[Setting, list[dict], str]:
     """A Setting that replays a real run (one ``loco swarm`` output folder): each node's
     start and per-round local work from its records, the payload from its bytes per round.
@@ -568,7 +560,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for folder in args.validate:
             for run in sorted(p for p in folder.iterdir() if (p / "metrics").is_dir()):
-                v = validate(run, _bandwidth_bps(args.bandwidth), args.latency_ms / 1000)
+                v = validate(run, parse_bandwidth(args.bandwidth), args.latency_ms / 1000)
                 print(f"| {run.name} | {v['algorithm']} | {v['nodes']} | {v['real_round_s']:.2f} | "
                       f"{v['sim_round_s']:.2f} | {v['sim_round_s'] / v['real_round_s'] - 1:+.0%} | "
                       f"{v['real_comm_s']:.2f} | {v['sim_comm_s']:.2f} | {v['sim_comm_s'] / v['real_comm_s'] - 1:+.0%} |",
