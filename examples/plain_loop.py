@@ -113,7 +113,7 @@ def main() -> None:
                       f"val {val:.4f} sent {report.bytes_sent / 1e3:.0f} kB", flush=True)
                 if args.report:
                     append_json(args.report, {"round": report.round, "status": report.status,
-                                             "group_size": report.group_size, "val_loss": val,
+                                             "reason": report.reason, "group_size": report.group_size, "val_loss": val,
                                              "weights_hash": report.weights_hash})
 
 

@@ -891,29 +891,35 @@ class PipelineNode:
         the sync did not happen: "" when it did)."""
         params = self.model.params
         self._expect_replicas(work)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         count = float(len(work.visited))
+        for p in params:  # the gradient over this replica's microbatches, as a mean
+            if p.grad is not None and count > 0:
+                p.grad.div_(count)
+        ran = count > 0  # whether there is a gradient to apply
         group = 1
         status, reason = "ok", ""
         if self.p.sync == "every_step":
-            flat = [*grads, torch.tensor([count], dtype=torch.float32, device=self.device)]
+            # Each replica offers its mean gradient weighted by its microbatch count: the
+            # group's weighted average is then the mean over all the group's microbatches,
+            # and the outlier rule compares like with like (a replica that ran eight
+            # microbatches is not "8x larger" than one that ran one, so not poison). The last
+            # element is 1 where a replica ran any microbatch: its average is 0 only when none did.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = [*grads, torch.tensor([float(ran)], dtype=torch.float32, device=self.device)]
             slot = 0
             if self.staging is not None:
                 slot, flat = self.staging.to_host(flat)
-            result = self.collective.all_reduce(work.number, flat, 1.0, tensors_hash(params))
+            result = self.collective.all_reduce(work.number, flat, count, tensors_hash(params))
             if result.status != "ok":
-                status, count = "skipped", 0.0  # apply nothing rather than step apart from the others
+                status, ran = "skipped", False  # apply nothing rather than step apart from the others
                 reason = f"{result.status}: {result.reason}"
             else:
                 group = len(result.group)
                 means = result.tensors if self.staging is None else self.staging.to_device(slot, result.tensors)
-                count = float(means[-1]) * group
+                ran = float(means[-1]) > 0
                 for p, g in zip(params, means[:-1], strict=True):
-                    p.grad = (g * group).to(p.dtype).view_as(p)
-        if count > 0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(count)
+                    p.grad = g.to(p.dtype).view_as(p)
+        if ran:
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
             for g in self.opt.param_groups:

@@ -156,11 +156,16 @@ def test_close_after_a_user_exception_leaves_nothing_behind_and_the_peer_trains_
     # process by the first DHT handle, with their local unix sockets
     assert [c for c in left["children"] if not c.endswith("torch_shm_manager")] == [], left
     assert [t for t in left["threads"] if "mpfuture" not in t and "_serve" not in t] == [], left
+    # the peer trains on alone once the user has closed: every round it runs from here is ok.
+    # (While the user was joining, a few of the peer's rounds may skip: the peer runs a round
+    # every few milliseconds and the user chases it, resyncing; that is not what this tests.)
+    gone = len(read_records(report)) + 1  # the round in flight when the user closed may have waited for it
+    wait_until(lambda: len(read_records(report)) >= gone + 20, 120, "20 more rounds of the peer")
     done.touch()
     _finish(peer, procs, "peer")
     rounds = read_records(report)
     assert rounds[-1]["val_loss"] < 0.85 * rounds[0]["val_loss"], rounds
-    assert sum(r["status"] == "ok" for r in rounds) >= len(rounds) - 2, rounds
+    assert all(r["status"] == "ok" and r["group_size"] == 1 for r in rounds[gone:]), rounds[gone:]
 
 
 def test_the_huggingface_example_trains_and_its_members_agree(procs, tmp_path):

@@ -62,7 +62,11 @@ def main() -> None:
                 F.mse_loss(model(x), teacher(x)).backward()
                 opt.step()
                 opt.zero_grad()
-                rounds += outer.step() is not None
+                report = outer.step()
+                if report is not None:
+                    rounds += 1
+                    print(f"round {report.round}: {report.status} with {report.group_size} ({report.reason})",
+                          flush=True)
                 if step == args.fail_at:
                     raise RuntimeError("a bug in the user's loop")
     except RuntimeError:
