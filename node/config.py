@@ -324,7 +324,12 @@ class TrainConfig(_Section):
     """Inner steps' forward/backward: fp32, or bf16 autocast (weights, synchronized state and
     outer optimizer stay fp32). bf16 needs a GPU that supports it (or the CPU)."""
     log_every: int = Field(10, ge=1)
-    """Inner steps between loss records."""
+    """Inner steps between loss records (each the mean of those steps' losses, summed on the
+    device: the only host synchronization of the inner loop)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model for the inner steps: true, false, or "auto" (on a GPU, and
+    eager if compiling fails; not on the CPU, where compiling costs more of a short run
+    than it saves)."""
     checkpoint_every: int = Field(1, ge=1)
     """Outer rounds between checkpoints (in pipeline mode: iterations)."""
     keep_checkpoints: int = Field(1, ge=0)
@@ -493,7 +498,7 @@ class Config(_Section):
 # beside pipeline.stages >= 2, it is an error rather than silently ignored.
 _UNUSED_BY_PIPELINES = (
     "optim.algorithm", "optim.inner_steps", "optim.outer_state_device", "optim.streaming", "optim.co2",
-    "train.max_tokens", "train.precision", "train.log_every", "compression",
+    "train.max_tokens", "train.precision", "train.log_every", "train.compile", "compression",
 )
 
 

@@ -26,14 +26,8 @@ import torch
 from loco import OuterAlgorithm, RoundReport, Swarm
 
 from .build import build_algorithm, open_swarm
-from .checkpoint import (
-    CheckpointError,
-    NonFiniteState,
-    checkpoint_file,
-    load_latest,
-    remove_stale_temp_files,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
+from .checkpoint_writer import CheckpointWriter, host_copy
 from .config import Config, config_to_dict
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, write_json_atomic
@@ -58,6 +52,8 @@ class Node:
         # built by _setup, in this order; shutdown closes what exists, in reverse
         self.metrics: MetricsWriter | None = None
         self._records: ThreadPoolExecutor | None = None
+        self._writer: CheckpointWriter | None = None
+        self._round_start = time.monotonic()  # where the round's wall time (wall_s) starts
         self.swarm: Swarm | None = None
         self.outer: OuterAlgorithm | None = None
         self._may_checkpoint = False  # until the checkpoint in --out (if any) is loaded
@@ -72,6 +68,7 @@ class Node:
         write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
+        self._writer = CheckpointWriter(self.ckpt_path, cfg.train.keep_checkpoints, self._checkpoint_failed)
         self.trainer = Trainer(cfg, self.id)
         # a checkpoint that cannot be resumed is an error before this node joins anything
         self._saved = self._read_checkpoint()
@@ -155,15 +152,18 @@ class Node:
         return self._saved is not None
 
     def _checkpoint(self) -> None:
+        """Hands a host copy of the state to the background writer: training waits only
+        for the copy (``checkpoint_s`` in the round's record)."""
         self.identity.remember_peers(self.swarm.known_peers())
         if not self._may_checkpoint:  # the checkpoint in --out was not loaded: never write over it
             return
         state = {"trainer": self.trainer.state_dict(), **self.outer.state_dict(), "node": self.id}
-        try:
-            save_checkpoint(self.ckpt_path, state, keep=self.cfg.train.keep_checkpoints)
-        except (OSError, NonFiniteState) as exc:  # full disk, NaN: keep the previous checkpoint, keep training
-            log.error("checkpoint to %s failed (%s); the previous checkpoint is kept", self.ckpt_path, exc)
-            self.metrics.write("checkpoint_failed", round=self.outer.round, error=str(exc))
+        self._writer.submit(host_copy(state), self.outer.round)
+
+    def _checkpoint_failed(self, round: int, exc: BaseException) -> None:
+        # full disk, NaN: the previous checkpoint is kept, training goes on
+        log.error("checkpoint to %s failed (%s); the previous checkpoint is kept", self.ckpt_path, exc)
+        self.metrics.write("checkpoint_failed", round=round, error=str(exc))
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
@@ -177,7 +177,7 @@ class Node:
                                resumed=resumed, weights_hash=self.outer.weights_hash(),
                                endpoint=self.swarm.endpoint, algorithm=self.cfg.optim.algorithm,
                                device=str(self.trainer.device), tokens=self.trainer.tokens)
-            self.outer.restart_clock()
+            self._restart_round_clock()
             self._loop()
         finally:
             self._shutdown()
@@ -207,28 +207,40 @@ class Node:
             self.trainer.train_step(self.outer.sync_gradients, read_loss=False)
             if self.trainer.step % self.cfg.train.log_every == 0:
                 self.metrics.write("train", step=self.trainer.step, round=self.outer.round,
-                                   loss=self.trainer.last_loss())
+                                   loss=self.trainer.mean_loss())
             if self.stop.is_set():  # stopping: no more rounds
                 return
             report = self.outer.step(final=self._last_step())
             if report is None:
                 continue
-            self._record_round(report, self.trainer.last_loss())
+            loss = self.trainer.last_loss()
+            t0 = time.monotonic()
+            val = self.trainer.evaluate()
+            t1 = time.monotonic()
             if self.outer.round % self.cfg.train.checkpoint_every == 0:
                 self._checkpoint()
-            self.outer.restart_clock()  # evaluation and checkpoint are not the next round's compute
+            t2 = time.monotonic()
+            self._record_round(report, loss, val, {"eval_s": t1 - t0, "checkpoint_s": t2 - t1,
+                                                   "wall_s": t2 - self._round_start})
+            self._restart_round_clock()  # evaluation and checkpoint are this round's, not the next one's compute
 
-    def _record_round(self, report: RoundReport, loss: float) -> None:
+    def _restart_round_clock(self) -> None:
+        self.outer.restart_clock()
+        self._round_start = time.monotonic()
+
+    def _record_round(self, report: RoundReport, loss: float, val: float, times: dict[str, float]) -> None:
         """Writes the round's record. Its weights hash may come from the background hash of
         the snapshot just published, so the record is written by the ``loco-records``
-        thread once that hash is done; records keep their order."""
-        t0 = time.monotonic()
-        val = self.trainer.evaluate()
-        extra: dict[str, Any] = {"eval_s": time.monotonic() - t0}
+        thread once that hash is done; records keep their order. ``times``: eval_s,
+        checkpoint_s and the round's wall time, measured on its own: the parts (compute_s,
+        comm_s, publish_s, weights_hash_s, eval_s, checkpoint_s) add up to it, and
+        ``utilization`` is compute_s over it."""
+        extra: dict[str, Any] = dict(times, utilization=report.compute_s / times["wall_s"] if times["wall_s"] > 0
+                                     else 1.0)
         if self.trainer.device.type == "cuda":  # peak, for the outer_state_device trade-off
             extra["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.trainer.device) / 1e9
         fields = dict(time=time.time(), step=self.trainer.step, loss=loss, val_loss=val, tokens=self.trainer.tokens,
-                      elapsed_s=time.time() - self.started, **report.fields(), **extra)
+                      elapsed_s=time.time() - self.started, **(report.fields() | extra))
         line = (f"[{self.id}] round {report.round} {report.status:7s} step {self.trainer.step} loss {loss:.3f} "
                 f"val {val:.3f} group {report.group_size} sent {report.bytes_sent / 1e6:.1f} MB")
 
@@ -250,6 +262,8 @@ class Node:
             _attempt("final checkpoint", self._final_checkpoint)
         if self.swarm is not None:
             _attempt("swarm", self.swarm.close)
+        if self._writer is not None:
+            _attempt("checkpoint writer", self._writer.close)
         if self._records is not None:
             _attempt("records", lambda: self._records.shutdown(wait=True))
         if self.metrics is not None:
@@ -258,6 +272,7 @@ class Node:
     def _final_checkpoint(self) -> None:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"
         self._checkpoint()
+        self._writer.flush()  # written before "stop" is recorded
         t = self.swarm.transport
         self.metrics.write("stop", step=self.trainer.step, round=self.outer.round, outcomes=self.outer.outcomes,
                            bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv, dropped=dict(t.dropped),

@@ -114,12 +114,16 @@ class Sampler:
         self.gen = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: int64 [batch_size, block_size]; y is x shifted by one token."""
+    def next_windows(self) -> torch.Tensor:
+        """int64 [batch_size, block_size + 1]: the next batch's windows of tokens."""
         starts = torch.randint(0, len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.gen)
         rows = np.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
-        t = torch.from_numpy(rows)
         self.batches_drawn += 1
+        return torch.from_numpy(rows)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 [batch_size, block_size]; y is x shifted by one token."""
+        t = self.next_windows()
         return t[:, :-1], t[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
@@ -128,6 +132,62 @@ class Sampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
         self.batches_drawn = int(state["batches_drawn"])
+
+
+class BatchFeed:
+    """The sampler's batches as the inner steps use them, on the training device. On a GPU
+    the next batch is drawn and its copy queued while the device runs the current step
+    (``prefetch``), from reused pinned host buffers, so no step waits for the host: two
+    buffers, each reused only after its copy is done. On the CPU batches are drawn when
+    asked. The position checkpointed is the sampler's before any prefetched batch: a
+    resumed run draws that batch again."""
+
+    def __init__(self, sampler: Sampler, device: torch.device):
+        self.sampler = sampler
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._ready: torch.Tensor | None = None  # the prefetched batch's windows, on the device
+        self._before: dict[str, Any] | None = None  # the sampler's state before drawing it
+        self._pinned: list[torch.Tensor] = []
+        self._copied: list[Any] = []  # per pinned buffer: the CUDA event of its last copy
+        self._slot = 0
+
+    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self._pinned:
+            self._pinned = [torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True) for _ in range(2)]
+            self._copied = [None, None]
+        slot = self._slot
+        self._slot ^= 1
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # its previous copy, queued two steps ago, is done
+        self._pinned[slot].copy_(rows)
+        out = self._pinned[slot].to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[slot] = event
+        return out
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y of the next step, on the device."""
+        rows = self._ready
+        self._ready, self._before = None, None
+        if rows is None:
+            rows = self.sampler.next_windows()
+            rows = self._to_device(rows) if self._cuda else rows.to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
+    def prefetch(self) -> None:
+        """Draw the next batch now and queue its copy (GPU only)."""
+        if self._cuda and self._ready is None:
+            self._before = self.sampler.state_dict()
+            self._ready = self._to_device(self.sampler.next_windows())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._before if self._before is not None else self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._ready, self._before = None, None
 
 
 def validation_batches(val: np.ndarray, block_size: int, batch_size: int, count: int, seed: int):

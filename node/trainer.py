@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
+from .data import BatchFeed, Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import check_precision, resolve_device
 from .lm_output import ModelOutputError, lm_loss, vocab_size_of
 from .model import build_model, unique_parameters
@@ -58,14 +58,25 @@ class Trainer:
         o = cfg.optim
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
+        # fused: one kernel for the whole update on a GPU (the for-each default launches
+        # several per parameter group); the same math and the same state_dict
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.inner_lr, betas=o.betas,
+            lr=o.inner_lr, betas=o.betas, fused=self.device.type == "cuda",
         )
         self._check_output()
+        # the module the inner steps run: compiled, or the model itself. Everything else
+        # (state_dict, the outer algorithm, evaluation) uses ``self.model``: the compiled
+        # wrapper shares its parameters and would only add a prefix to their names
+        self.compiled = compile_wanted(cfg.train.compile, self.device)
+        self.step_model: torch.nn.Module = torch.compile(self.model) if self.compiled else self.model
+        self._compile_checked = not self.compiled
+        self.batches = BatchFeed(self.sampler, self.device)
         self.step = 0
         self._last_loss = 0.0
         self._loss: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None  # losses since the last mean_loss(), on the device
+        self._loss_count = 0
         self.tokens = 0
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -91,14 +102,13 @@ class Trainer:
         None and leave the loss on the device (reading it waits for the device: the daemon
         reads it with ``last_loss()`` only when it records it)."""
         self.model.train()
-        x, y = self.sampler.next_batch()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = self.batches.next()
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
-        with self.autocast:
-            loss = lm_loss(self.model, x, y, self.cfg.model.computes_loss)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._forward_backward(x, y)
+        # the next batch is drawn and its copy queued while the device works on this one
+        self.batches.prefetch()
         if sync is None or sync():
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -106,7 +116,39 @@ class Trainer:
         self.step += 1
         self.tokens += x.numel()
         self._loss = loss.detach()
+        self._loss_sum = self._loss.clone() if self._loss_sum is None else self._loss_sum.add_(self._loss)
+        self._loss_count += 1
         return self.last_loss() if read_loss else None
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._compile_checked:
+            with self.autocast:
+                loss = lm_loss(self.step_model, x, y, self.cfg.model.computes_loss)
+            loss.backward()
+            return loss
+        # the first compiled step: where torch.compile fails (no compiler, an op it cannot
+        # trace), "auto" trains eagerly instead; an explicit train.compile = true fails
+        self._compile_checked = True
+        try:
+            return self._forward_backward(x, y)
+        except Exception as exc:
+            if self.cfg.train.compile is True:
+                raise ConfigError(f"train.compile = true, but torch.compile failed: {type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from exc
+            log.warning("torch.compile failed (%s: %s); training without it (set train.compile = false to skip "
+                        "the attempt)", type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip()
+                        else "")
+            self.compiled, self.step_model = False, self.model
+            self.opt.zero_grad(set_to_none=True)
+            return self._forward_backward(x, y)
+
+    def mean_loss(self) -> float:
+        """Mean loss of the inner steps since the last call (one host sync); NaN if none."""
+        if self._loss_sum is None or not self._loss_count:
+            return float("nan")
+        value = float(self._loss_sum) / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        return value
 
     def last_loss(self) -> float:
         """The loss of the last inner step (a host sync on a GPU)."""
@@ -131,7 +173,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sampler": self.sampler.state_dict(),
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sampler": self.batches.state_dict(),
             "step": self.step, "tokens": self.tokens,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }
@@ -139,9 +181,18 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.batches.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
+
+
+def compile_wanted(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile``: true, false, or "auto" (on a GPU; not on the CPU, where compiling
+    costs a large share of a short run and the small models trained there gain little:
+    docs/BENCHMARKS.md has both measured)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)

@@ -140,3 +140,20 @@ def test_the_daemon_stops_at_start_with_one_line_that_names_the_key(tmp_path):
     assert result.output.strip().splitlines()[-1].startswith("Error: model.kwargs: tests.models:tiny_lm does not "
                                                              "accept {'colour': 'red'}"), result.output
     assert "Traceback" not in result.output
+
+
+def test_a_compiled_inner_loop_follows_the_eager_one(tmp_path):
+    """train.compile = true on the CPU: the same losses as eager (the compiled kernels
+    reorder float sums: up to a small tolerance) from the same weights and batches."""
+    pytest.importorskip("torch._inductor")
+    np.save(tmp_path / "tokens.npy", (np.arange(20_000) % 256).astype(np.uint16))
+    losses = {}
+    for compiled in (False, True):
+        cfg = build_config({"model": {"preset": "tiny", "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16},
+                            "data": {"path": str(tmp_path / "tokens.npy"), "batch_size": 4, "val_batches": 1},
+                            "optim": {"warmup_steps": 0}, "train": {"compile": compiled}})
+        trainer = Trainer(cfg, "node0")
+        assert trainer.compiled is compiled
+        losses[compiled] = [trainer.train_step() for _ in range(4)]
+        assert not any(k.startswith("_orig_mod") for k in trainer.state_dict()["model"])  # names as eager's
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses

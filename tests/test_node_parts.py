@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from loco.node import checkpoint as ckpt
+from loco.node.checkpoint_writer import CheckpointWriter, host_copy
 from loco.node.config import ConfigError, DataConfig, ModelConfig
 from loco.node.data import Sampler, load_corpus, node_seed
 from loco.node.model import GPT, build_model, unique_parameters
@@ -180,3 +186,65 @@ def test_temp_files_of_a_killed_writer_are_removed(tmp_path):
     (tmp_path / "other.pt.y.tmp").write_bytes(b"another node's")
     assert ckpt.remove_stale_temp_files(path) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.pt", "other.pt.y.tmp"]
+
+
+def test_background_checkpoints_hold_the_submitted_state_the_newest_wins_and_failures_are_reported(tmp_path, monkeypatch):
+    path = tmp_path / "n.safetensors"
+    failures = []
+    writer = CheckpointWriter(path, keep=1, on_error=lambda tag, exc: failures.append((tag, exc)))
+    w = torch.zeros(2_000_000)
+    for r in range(6):  # faster than the disk: waiting states are replaced by newer ones
+        w.fill_(r)
+        writer.submit(host_copy({"round": r, "w": w, "rng": (torch.tensor([r]), [r])}), tag=r)
+    w.fill_(-1)  # training goes on: what was submitted is a copy
+    writer.flush()
+    state = ckpt.load_checkpoint(path)
+    assert state["round"] == 5 and bool((state["w"] == 5).all()) and state["rng"][0].item() == 5
+    assert writer.written + writer.replaced == 6 and writer.written >= 2 and not failures
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    writer.submit(host_copy({"round": 6, "w": w}), tag=6)
+    writer.flush()
+    monkeypatch.undo()
+    assert [(tag, type(exc)) for tag, exc in failures] == [(6, OSError)]
+    assert ckpt.load_checkpoint(path)["round"] == 5  # the previous checkpoint stays
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit({"round": 7})
+
+
+_WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from loco.node.checkpoint_writer import CheckpointWriter, host_copy
+    writer = CheckpointWriter(Path(sys.argv[1]), keep=1, on_error=lambda tag, exc: None)
+    w = torch.zeros(8_000_000)
+    for r in range(10_000):
+        w.fill_(r)
+        writer.submit(host_copy({"round": r, "w": w}), tag=r)
+        writer.flush()
+""")
+
+
+def test_a_process_killed_while_its_checkpoint_is_written_leaves_a_whole_previous_one(tmp_path):
+    path = tmp_path / "n.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        # killed while a write is under way: a temp file beside two finished checkpoints
+        while not (path.with_name(path.name + ".1").exists() and list(tmp_path.glob("*.tmp"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer did not get going"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    state, used = ckpt.load_latest(path)
+    assert used == path  # the newest was whole: the rename is the last step of a write
+    r = state["round"]
+    assert r >= 1 and bool((state["w"] == r).all())  # one round's tensors, none of another's

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from loco.node.checkpoint import load_checkpoint
+from loco.protocols.state_sync import tensors_hash
 from tests.conftest import FAST, group_members, read_records, wait_until
 
 pytestmark = pytest.mark.swarm
@@ -90,6 +92,17 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
                         "group_size", "compute_s", "comm_s", "weights_hash"):
                 assert key in r
         assert all(r["status"] == "ok" and r["group_size"] == 3 for r in outer), outer
+        for r in outer:  # the parts of a round add up to its wall time, measured on its own
+            parts = sum(r.get(k, 0.0) for k in ("compute_s", "comm_s", "publish_s", "weights_hash_s", "eval_s",
+                                                "checkpoint_s"))
+            assert abs(parts - r["wall_s"]) <= 0.02 * r["wall_s"], r
+            assert r["utilization"] == pytest.approx(r["compute_s"] / r["wall_s"])
+        # checkpoints written in the background, the one from training and the final one,
+        # each hold one round's state: the synchronized weights of the round they follow
+        rounds = {r["next_round"]: r for r in records if r["event"] == "outer"}
+        for f in ("", ".1"):
+            state = load_checkpoint(out / "checkpoints" / f"{n}.safetensors{f}")
+            assert tensors_hash(state["outer"]["anchor"]) == rounds[state["round"]]["weights_hash"], f
         start = next(r for r in records if r["event"] == "start")
         assert outer[-1]["val_loss"] < start["val_loss"] - 0.3
         assert outer[-1]["bytes_sent"] > 0 and outer[-1]["bytes_recv"] > 0
@@ -234,7 +247,7 @@ def test_poison_is_never_applied_and_a_replica_that_hits_nan_restores_itself(pro
     NaN once, mid-round. The honest replicas exclude node0's parts each round and keep
     training; node2 restores its last synchronized state and rejoins; nobody crashes, and
     no checkpoint ever holds NaN."""
-    from loco.node.checkpoint import load_checkpoint, non_finite_entries
+    from loco.node.checkpoint import non_finite_entries
 
     out = tmp_path / "run"
     rounds = "train.rounds=6"

@@ -39,7 +39,8 @@ class RoundReport:
 
     @property
     def utilization(self) -> float:
-        wall = self.compute_s + self.comm_s
+        """compute_s over the round's wall time (compute, communication and publish)."""
+        wall = self.compute_s + self.comm_s + self.publish_s
         return self.compute_s / wall if wall > 0 else 1.0
 
     @property
