@@ -1,11 +1,12 @@
 """Checkpoints written off the training thread.
 
-The training thread pays only for a host copy of the state (``host_copy``: one
-device-to-host copy per tensor, a single wait for all of them); packing, writing, fsync and
-rotation run on the ``loco-checkpoint`` thread. A state submitted while an earlier one is
-still being written waits as the only pending one: a newer submit replaces it (the disk
-cannot keep up, so the newest state is the one worth having), and at most two host copies
-exist at a time. Writes stay atomic (``save_checkpoint``): a process killed mid-write
+The training thread pays only for a copy of the state that training will not modify
+(``private_copy``: on a GPU, a device-to-device copy); moving it to host memory, packing,
+writing, fsync and rotation run on the ``loco-checkpoint`` thread. A state submitted while an
+earlier one is still being written waits as the only pending one: a newer submit replaces
+it (the disk cannot keep up, so the newest state is the one worth having), and at most two
+copies exist at a time (on a GPU: up to two copies of the trainer's state in GPU memory
+until they reach the host). Writes stay atomic (``save_checkpoint``): a process killed mid-write
 leaves the previous checkpoint.
 """
 
@@ -24,19 +25,16 @@ from .checkpoint import NonFiniteState, save_checkpoint
 log = logging.getLogger(__name__)
 
 
-def host_copy(state: Any) -> Any:
-    """``state`` with every tensor copied to host memory the caller no longer touches
-    (containers rebuilt, other leaves shared: they are immutable or fresh). Device tensors
-    are copied asynchronously and waited for once."""
-    devices: set[torch.device] = set()
+def private_copy(state: Any) -> Any:
+    """On the training thread: ``state`` with every tensor copied where training no longer
+    touches it (containers rebuilt; other leaves shared: they are immutable or fresh). A
+    GPU tensor is copied on its device: a device-to-device copy costs milliseconds where a
+    copy to host memory would hold training up for the whole transfer; the writer thread
+    moves it to host memory later, beside the training stream."""
 
     def copy(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach()
-            if t.device.type == "cuda":
-                devices.add(t.device)
-                return t.to("cpu", non_blocking=True)  # into pinned memory: asynchronous
-            return t.clone()
+            return obj.detach().clone()
         if isinstance(obj, dict):
             return {k: copy(v) for k, v in obj.items()}
         if isinstance(obj, list):
@@ -45,10 +43,47 @@ def host_copy(state: Any) -> Any:
             return tuple(copy(v) for v in obj)
         return obj
 
-    out = copy(state)
-    for device in devices:
-        torch.cuda.synchronize(device)
+    return copy(state)
+
+
+def _on_host(state: Any, ready: Any) -> Any:
+    """On the writer thread: ``state`` with its GPU tensors copied to host memory on a side
+    stream (not behind the training stream's queued kernels), once the copies that made
+    them (``ready``, an event of the training stream) are done."""
+    streams: dict[torch.device, Any] = {}
+
+    def move(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cuda":
+                return obj
+            stream = streams.get(obj.device)
+            if stream is None:
+                stream = streams[obj.device] = torch.cuda.Stream(obj.device)
+                stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                return obj.to("cpu", non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: move(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [move(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(move(v) for v in obj)
+        return obj
+
+    out = move(state)
+    for stream in streams.values():
+        stream.synchronize()
     return out
+
+
+def _has_cuda_tensor(state: Any) -> bool:
+    if isinstance(state, torch.Tensor):
+        return state.device.type == "cuda"
+    if isinstance(state, dict):
+        return any(_has_cuda_tensor(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(_has_cuda_tensor(v) for v in state)
+    return False
 
 
 class CheckpointWriter:
@@ -71,8 +106,12 @@ class CheckpointWriter:
         self._thread.start()
 
     def submit(self, state: Any, tag: Any = None) -> None:
-        """Queue ``state`` (a host copy: see ``host_copy``) to be written; ``tag`` (e.g. its
-        round) is handed back to ``on_error``."""
+        """Queue ``state`` to be written: tensors nothing else modifies (``private_copy``),
+        on the host or on a GPU; ``tag`` (e.g. its round) is handed back to ``on_error``."""
+        ready = None
+        if _has_cuda_tensor(state):  # the copies queued so far on this thread's stream made them
+            ready = torch.cuda.Event()
+            ready.record()
         with self._cond:
             if self._closed:
                 raise RuntimeError("checkpoint writer is closed")
@@ -80,7 +119,7 @@ class CheckpointWriter:
                 self.replaced += 1
                 log.info("checkpoint of %s: the previous state was still waiting for the disk; writing the newer "
                          "one instead", self.path.name)
-            self._pending = (state, tag)
+            self._pending = (state, tag, ready)
             self._cond.notify_all()
 
     def flush(self) -> None:
@@ -101,8 +140,10 @@ class CheckpointWriter:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
                 if self._pending is None:
                     return  # closed, nothing left
-                (state, tag), self._pending, self._writing = self._pending, None, True
+                (state, tag, ready), self._pending, self._writing = self._pending, None, True
             try:
+                if ready is not None:
+                    state = _on_host(state, ready)
                 save_checkpoint(self.path, state, keep=self.keep)
                 self.written += 1
             except (OSError, NonFiniteState) as exc:

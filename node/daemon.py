@@ -27,7 +27,7 @@ from loco import OuterAlgorithm, RoundReport, Swarm
 
 from .build import build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
-from .checkpoint_writer import CheckpointWriter, host_copy
+from .checkpoint_writer import CheckpointWriter, private_copy
 from .config import Config, config_to_dict
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, write_json_atomic
@@ -152,13 +152,14 @@ class Node:
         return self._saved is not None
 
     def _checkpoint(self) -> None:
-        """Hands a host copy of the state to the background writer: training waits only
-        for the copy (``checkpoint_s`` in the round's record)."""
+        """Hands a copy of the state to the background writer: training waits only for the
+        copy (``checkpoint_s`` in the round's record)."""
         self.identity.remember_peers(self.swarm.known_peers())
         if not self._may_checkpoint:  # the checkpoint in --out was not loaded: never write over it
             return
-        state = {"trainer": self.trainer.state_dict(), **self.outer.state_dict(), "node": self.id}
-        self._writer.submit(host_copy(state), self.outer.round)
+        # the algorithm's state_dict is a copy already (its contract); the trainer's is live
+        state = {"trainer": private_copy(self.trainer.state_dict()), **self.outer.state_dict(), "node": self.id}
+        self._writer.submit(state, self.outer.round)
 
     def _checkpoint_failed(self, round: int, exc: BaseException) -> None:
         # full disk, NaN: the previous checkpoint is kept, training goes on

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loco.node.checkpoint import load_checkpoint, save_checkpoint
+from loco.node.checkpoint_writer import CheckpointWriter, private_copy
 from loco.node.config import build_config
 from loco.node.staging import StagedCommunicator
 from loco.node.trainer import Trainer
@@ -35,6 +36,31 @@ def test_trainer_runs_on_the_gpu_in_fp32_and_bf16():
         assert t.device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for p in t.params)
         assert all(abs(x) < 10 for x in losses)  # finite and sane (raises if not finite)
         assert all(not torch.equal(a, p) for a, p in zip(before, t.params, strict=True))
+
+
+def test_a_background_checkpoint_of_gpu_state_holds_the_state_at_submit_and_the_trainer_feeds_pinned_batches(
+        tmp_path):
+    t = Trainer(_cfg("cuda", compile=False), "g")
+    for _ in range(3):
+        t.train_step(read_loss=False)
+    assert t.batches.state_dict()["batches_drawn"] == 3  # the fourth batch, prefetched, is not counted
+    submitted = {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()}
+    writer = CheckpointWriter(tmp_path / "g.safetensors", keep=0, on_error=lambda tag, exc: pytest.fail(str(exc)))
+    writer.submit({"trainer": private_copy(t.state_dict()), "round": 3})
+    for _ in range(3):  # training goes on while the writer moves the copy to the host
+        t.train_step(read_loss=False)
+    writer.close()
+    saved = load_checkpoint(tmp_path / "g.safetensors")
+    assert saved["trainer"]["sampler"]["batches_drawn"] == 3
+    for k, v in submitted.items():
+        assert torch.equal(saved["trainer"]["model"][k], v), k
+    resumed = Trainer(_cfg("cuda", compile=False), "g")
+    resumed.load_state_dict(saved["trainer"])  # draws the prefetched batch again: the same stream
+    x, _ = resumed.batches.next()
+    t2 = Trainer(_cfg("cuda", compile=False), "g")
+    for _ in range(3):
+        t2.train_step(read_loss=False)
+    assert torch.equal(x, t2.batches.next()[0])
 
 
 def test_checkpoints_move_between_gpu_and_cpu(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loco.node import checkpoint as ckpt
-from loco.node.checkpoint_writer import CheckpointWriter, host_copy
+from loco.node.checkpoint_writer import CheckpointWriter, private_copy
 from loco.node.config import ConfigError, DataConfig, ModelConfig
 from loco.node.data import Sampler, load_corpus, node_seed
 from loco.node.model import GPT, build_model, unique_parameters
@@ -195,7 +195,7 @@ def test_background_checkpoints_hold_the_submitted_state_the_newest_wins_and_fai
     w = torch.zeros(2_000_000)
     for r in range(6):  # faster than the disk: waiting states are replaced by newer ones
         w.fill_(r)
-        writer.submit(host_copy({"round": r, "w": w, "rng": (torch.tensor([r]), [r])}), tag=r)
+        writer.submit(private_copy({"round": r, "w": w, "rng": (torch.tensor([r]), [r])}), tag=r)
     w.fill_(-1)  # training goes on: what was submitted is a copy
     writer.flush()
     state = ckpt.load_checkpoint(path)
@@ -206,7 +206,7 @@ def test_background_checkpoints_hold_the_submitted_state_the_newest_wins_and_fai
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", disk_full)
-    writer.submit(host_copy({"round": 6, "w": w}), tag=6)
+    writer.submit(private_copy({"round": 6, "w": w}), tag=6)
     writer.flush()
     monkeypatch.undo()
     assert [(tag, type(exc)) for tag, exc in failures] == [(6, OSError)]
@@ -219,12 +219,12 @@ def test_background_checkpoints_hold_the_submitted_state_the_newest_wins_and_fai
 _WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from loco.node.checkpoint_writer import CheckpointWriter, host_copy
+    from loco.node.checkpoint_writer import CheckpointWriter, private_copy
     writer = CheckpointWriter(Path(sys.argv[1]), keep=1, on_error=lambda tag, exc: None)
     w = torch.zeros(8_000_000)
     for r in range(10_000):
         w.fill_(r)
-        writer.submit(host_copy({"round": r, "w": w}), tag=r)
+        writer.submit(private_copy({"round": r, "w": w}), tag=r)
         writer.flush()
 """)
 

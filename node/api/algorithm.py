@@ -236,7 +236,9 @@ class OuterAlgorithm:
 
     def state_dict(self) -> dict[str, Any]:
         """Outer state, error-feedback residuals, round and step: with the caller's own
-        checkpoint of the model and inner optimizer, what a restart needs."""
+        checkpoint of the model and inner optimizer, what a restart needs. Its tensors are
+        copies (on the device the state lives on): a background writer may save them while
+        training goes on."""
         return {"algorithm": self.name, "outer": self._math_state(),
                 "compression": self.compressor.state_dict(), "round": self.round, "round_step": self.round_step,
                 "steps": self.steps, "outcomes": dict(self.outcomes)}

@@ -78,7 +78,7 @@ class PowerSGDCodec:
         return 4 * numel
 
     def state_dict(self) -> dict[str, Any]:
-        return {"q": dict(self._q)}
+        return {"q": {k: q.clone() for k, q in self._q.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._q = dict(state.get("q", {}))
