@@ -25,25 +25,26 @@ from .checkpoint import NonFiniteState, save_checkpoint
 log = logging.getLogger(__name__)
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (containers rebuilt, other leaves
+    shared: they are immutable or fresh)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def private_copy(state: Any) -> Any:
     """On the training thread: ``state`` with every tensor copied where training no longer
-    touches it (containers rebuilt; other leaves shared: they are immutable or fresh). A
-    GPU tensor is copied on its device: a device-to-device copy costs milliseconds where a
-    copy to host memory would hold training up for the whole transfer; the writer thread
-    moves it to host memory later, beside the training stream."""
-
-    def copy(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj.detach().clone()
-        if isinstance(obj, dict):
-            return {k: copy(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [copy(v) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(copy(v) for v in obj)
-        return obj
-
-    return copy(state)
+    touches it. A GPU tensor is copied on its device: a device-to-device copy costs
+    milliseconds where a copy to host memory would hold training up for the whole
+    transfer; the writer thread moves it to host memory later, beside the training stream."""
+    return _map_tensors(state, lambda t: t.detach().clone())
 
 
 def _on_host(state: Any, ready: Any) -> Any:
@@ -52,38 +53,26 @@ def _on_host(state: Any, ready: Any) -> Any:
     them (``ready``, an event of the training stream) are done."""
     streams: dict[torch.device, Any] = {}
 
-    def move(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            if obj.device.type != "cuda":
-                return obj
-            stream = streams.get(obj.device)
-            if stream is None:
-                stream = streams[obj.device] = torch.cuda.Stream(obj.device)
-                stream.wait_event(ready)
-            with torch.cuda.stream(stream):
-                return obj.to("cpu", non_blocking=True)
-        if isinstance(obj, dict):
-            return {k: move(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [move(v) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(move(v) for v in obj)
-        return obj
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t
+        stream = streams.get(t.device)
+        if stream is None:
+            stream = streams[t.device] = torch.cuda.Stream(t.device)
+            stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            return t.to("cpu", non_blocking=True)
 
-    out = move(state)
+    out = _map_tensors(state, move)
     for stream in streams.values():
         stream.synchronize()
     return out
 
 
 def _has_cuda_tensor(state: Any) -> bool:
-    if isinstance(state, torch.Tensor):
-        return state.device.type == "cuda"
-    if isinstance(state, dict):
-        return any(_has_cuda_tensor(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return any(_has_cuda_tensor(v) for v in state)
-    return False
+    found: list[bool] = []
+    _map_tensors(state, lambda t: found.append(t.device.type == "cuda"))
+    return any(found)
 
 
 class CheckpointWriter:
