@@ -146,13 +146,13 @@ class CO2:
             if self.clip:
                 m.clamp_(-self.clip, self.clip)
             a.add_(m, alpha=-self.outer_lr)
-            self.stats[i, 0] = self.outer_lr * float(m.norm())  # ‖x_{t+1} − x_t‖: next round's gap
+        # ‖x_{t+1} − x_t‖ per tensor: next round's gap
+        self.stats[:, 0] = self.outer_lr * torch.tensor(_norms(self.m), dtype=torch.float64)
         self.last_penalty = penalties
         self.outer_steps += 1
 
     def _penalties(self, g: Sequence[torch.Tensor]) -> list[float]:
-        norms = [float(gi.norm()) for gi in g]
-        self.stats[:, 1] += torch.tensor(norms, dtype=torch.float64)
+        self.stats[:, 1] += torch.tensor(_norms(g), dtype=torch.float64)
         if self.staleness == "fixed":
             return [self.penalty] * len(g)
         mean_g = self.stats[:, 1] / (self.outer_steps + 1)
@@ -206,3 +206,11 @@ class CO2:
         after a restart applies nothing (a peer's state, fetched on catch-up, replaces this)."""
         self.load_synchronized([*state["anchor"], *state["m"], state["stats"]], int(state["outer_steps"]),
                                reset_params=False)
+
+
+def _norms(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Each tensor's L2 norm, read with one host synchronization (on a GPU, a float() per
+    tensor would stall the device once per tensor: hundreds of times a round)."""
+    if not tensors:
+        return []
+    return torch.stack([torch.linalg.vector_norm(t) for t in tensors]).tolist()
