@@ -250,6 +250,7 @@ class PipelineNode:
         self.links: dict[str, list[float]] = {}
         self._schedules: dict[tuple, list[list[str]]] = {}
         self._group: list[PeerInfo] = []
+        self._seen_replicas: set[str] = set()  # replicas of this stage the DHT has shown this node
         self.tokens = 0  # trained by the microbatches this node started
 
     # ----------------------------------------------------------------- setup
@@ -318,25 +319,30 @@ class PipelineNode:
 
     def _stage_peers(self) -> list[PeerInfo]:
         """The replicas this iteration's sync expects, less those that left the DHT since
-        (the collective stops waiting for them). A failed lookup says nobody left."""
+        (the collective stops waiting for them). A failed lookup says nobody left; nor does
+        the absence of a replica the DHT never showed this node (see _expect_replicas)."""
         try:
             live = {(p.id, p.endpoint) for p in self.membership.peers(strict=True)}
         except ViewUnknown:
             return list(self._group)
-        return [p for p in self._group if (p.id, p.endpoint) in live]
+        return [p for p in self._group if (p.id, p.endpoint) in live or p.id not in self._seen_replicas]
 
     def _expect_replicas(self, work: _Iteration) -> None:
         """The stage's replicas this iteration's sync waits for: those in the plan that the
         DHT still shows (their records lag behind iterations shorter than a refresh, so the
-        DHT cannot say more). A failed lookup removes nobody: otherwise each replica would
-        average alone and skip the iteration's sync."""
+        DHT cannot say more), and those it has not shown this node yet: a replica that just
+        joined (iteration 0 of a fresh swarm) may be in the leader's view and the plan
+        before its record reaches this node, and a replica that averaged alone in the
+        meantime would step apart from it for good. A failed lookup removes nobody:
+        otherwise each replica would average alone and skip the iteration's sync."""
         planned = [PeerInfo(n, work.endpoints[n], work.number, s) for n, s in work.stages.items()
                    if s == self.stage and n != self.id]
         try:
             live = {p.id for p in self.membership.peers(strict=True)}
         except ViewUnknown:
             live = {p.id for p in planned}
-        self._group = [p for p in planned if p.id in live]
+        self._seen_replicas |= {p.id for p in planned} & live
+        self._group = [p for p in planned if p.id in live or p.id not in self._seen_replicas]
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(self.id, self.transport.endpoint, self.it if self.member else -1, self.stage,

@@ -132,12 +132,11 @@ class Trainer:
         try:
             return self._forward_backward(x, y)
         except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
             if self.cfg.train.compile is True:
-                raise ConfigError(f"train.compile = true, but torch.compile failed: {type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from exc
-            log.warning("torch.compile failed (%s: %s); training without it (set train.compile = false to skip "
-                        "the attempt)", type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip()
-                        else "")
+                raise ConfigError(f"train.compile = true, but torch.compile failed: {why}") from exc
+            log.warning("torch.compile failed (%s); training without it (set train.compile = false to skip the "
+                        "attempt)", why)
             self.compiled, self.step_model = False, self.model
             self.opt.zero_grad(set_to_none=True)
             return self._forward_backward(x, y)
