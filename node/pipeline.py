@@ -325,7 +325,7 @@ class PipelineNode:
             live = {(p.id, p.endpoint) for p in self.membership.peers(strict=True)}
         except ViewUnknown:
             return list(self._group)
-        return [p for p in self._group if (p.id, p.endpoint) in live or p.id not in self._seen_replicas]
+        return [p for p in self._group if self._may_be_live(p.id, (p.id, p.endpoint) in live)]
 
     def _expect_replicas(self, work: _Iteration) -> None:
         """The stage's replicas this iteration's sync waits for: those in the plan that the
@@ -342,7 +342,11 @@ class PipelineNode:
         except ViewUnknown:
             live = {p.id for p in planned}
         self._seen_replicas |= {p.id for p in planned} & live
-        self._group = [p for p in planned if p.id in live or p.id not in self._seen_replicas]
+        self._group = [p for p in planned if self._may_be_live(p.id, p.id in live)]
+
+    def _may_be_live(self, replica: str, in_view: bool) -> bool:
+        """A replica counts as live if the DHT shows it, or has never shown it to this node."""
+        return in_view or replica not in self._seen_replicas
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(self.id, self.transport.endpoint, self.it if self.member else -1, self.stage,

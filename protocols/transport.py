@@ -440,7 +440,7 @@ class Transport:
         # network emulation: messages wait in a heap until the shaper says they leave
         self.shaper = shaper if shaper is not None and shaper.active else None
         self._names: dict[str, str] = {}
-        self._delayed: list[tuple[float, int, str, list]] = []
+        self._delayed: list[tuple[float, int, str, list, str, int]] = []
         self._delayed_cond = threading.Condition()
         self._delay_order = itertools.count()
         if self.shaper is not None:
@@ -500,13 +500,14 @@ class Transport:
                 if deliver > time.monotonic():
                     with self._delayed_cond:
                         heapq.heappush(self._delayed, (deliver, next(self._delay_order), endpoint, frames,
-                                                       msg.kind))
+                                                       msg.kind, nbytes))
                         self._delayed_cond.notify()
                     return True
-            return self._send_now(sock, endpoint, frames, msg.kind)
+            return self._send_now(sock, endpoint, frames, msg.kind, nbytes)
 
-    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str) -> bool:
-        """Hand frames to the socket (caller holds the socket's lock) and count the bytes."""
+    def _send_now(self, sock: zmq.Socket, endpoint: str, frames: list, kind: str, nbytes: int) -> bool:
+        """Hand frames (``nbytes`` on the wire, as send() counted them) to the socket (caller
+        holds the socket's lock) and count the bytes."""
         try:
             sock.send_multipart(frames, copy=False)
         except zmq.Again:
@@ -516,7 +517,7 @@ class Transport:
             log.warning("send %s to %s failed: %s", kind, endpoint, exc)
             return False
         with self._count_lock:
-            self.bytes_sent += message_nbytes(frames)
+            self.bytes_sent += nbytes
             self.sent_by_kind[kind] += 1
             self.sent_to[self._names.get(endpoint, endpoint)] += 1
         return True
@@ -527,7 +528,7 @@ class Transport:
                 if not self._delayed:
                     self._delayed_cond.wait(0.1)
                     continue
-                due, _, endpoint, frames, kind = self._delayed[0]
+                due, _, endpoint, frames, kind, nbytes = self._delayed[0]
                 wait = due - time.monotonic()
                 if wait > 0:
                     self._delayed_cond.wait(min(wait, 0.1))
@@ -535,7 +536,7 @@ class Transport:
                 heapq.heappop(self._delayed)
             sock, lock = self._socket_for(endpoint)
             with lock:
-                self._send_now(sock, endpoint, frames, kind)
+                self._send_now(sock, endpoint, frames, kind, nbytes)
 
     @property
     def open_peer_sockets(self) -> int:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from loco.node.checkpoint_writer import CheckpointWriter, private_copy
 from loco.node.config import ConfigError, DataConfig, ModelConfig
 from loco.node.data import Sampler, load_corpus, node_seed
 from loco.node.model import GPT, build_model, unique_parameters
+from tests.conftest import wait_until
 
 
 def test_builtin_gpt_shapes_and_tied_weights():
@@ -233,11 +233,11 @@ def test_a_process_killed_while_its_checkpoint_is_written_leaves_a_whole_previou
     path = tmp_path / "n.safetensors"
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
         # killed while a write is under way: a temp file beside two finished checkpoints
-        while not (path.with_name(path.name + ".1").exists() and list(tmp_path.glob("*.tmp"))):
-            assert proc.poll() is None and time.monotonic() < deadline, "the writer did not get going"
-            time.sleep(0.01)
+        wait_until(lambda: proc.poll() is not None or (path.with_name(path.name + ".1").exists()
+                                                       and list(tmp_path.glob("*.tmp"))),
+                   120, "a write under way after two finished ones", interval_s=0.01)
+        assert proc.poll() is None, "the writer exited"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
