@@ -8,13 +8,17 @@ this run, on this card:
    batches from pinned memory, the same data sampler) in this process, then the same
    model inside a real `loco node start` daemon (its DHT, transport and membership
    threads running; train.compile at its default), read from its metrics (tokens /
-   compute time of the last round), then the plain loop again. Ratio = daemon /
-   mean(plain). The eager plain loop (no compile, for-each AdamW) is printed for reference.
+   compute time of the last round), interleaved ``--repeats`` times, then the plain loop
+   once more. Ratio = median(daemon) / median(plain). The eager plain loop (no compile,
+   for-each AdamW) is printed for reference.
 2. One DiLoCo outer round between 2 local nodes (one GPU each if there are two, else both
    on one): the time training is blocked per round (pseudo-gradient, device-to-host,
    all-reduce over ZeroMQ, host-to-device, outer step), with the outer state on the GPU
    and in pinned host memory (peak GPU memory of each), and CO2's blocked time for the
-   same model (the all-reduce runs during the next round).
+   same model (the all-reduce runs during the next round); DiLoCo and CO2 once more with no
+   checkpoint in the measured rounds, where CO2's wall time per round should not exceed
+   DiLoCo's. Every round record's parts add up to its ``wall_s``; ``utilization`` is
+   compute over wall time.
 3. The pieces of (2) alone: one device-to-host and host-to-device copy of the model
    through the reused pinned buffers, and the outer Nesterov step.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +76,7 @@ def base_sets(precision: str, steps: int, rounds: int) -> dict:
 
 
 def daemon_tokens_per_s(tmp: Path, precision: str, steps: int) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / f"daemon-{precision}"
     run_loco(["node", "start", "--node-id", "node0", *_sets(base_sets(precision, steps, 3))], out)
     rounds = [r for r in read_metrics(out / "metrics" / "node0.jsonl") if r["event"] == "outer"]
@@ -94,7 +100,9 @@ def outer_round(tmp: Path, name: str, extra: dict, steps: int, rounds: int) -> d
                          "publish_s": sum(r.get("publish_s", 0.0) for r in outer) / len(outer),
                          "reduce_s": [round(r.get("reduce_s", float("nan")), 3) for r in outer],
                          # where the time between two rounds' computation goes (README: Metrics)
-                         "between_s": {k: sum(r.get(k, 0.0) for r in outer) / len(outer) for k in BETWEEN}})
+                         "between_s": {k: sum(r.get(k, 0.0) for r in outer) / len(outer) for k in BETWEEN},
+                         "wall_s": sum(r["wall_s"] for r in outer) / len(outer),
+                         "utilization": sum(r["utilization"] for r in outer) / len(outer)})
     return {"name": name, "nodes": per_node}
 
 
@@ -132,6 +140,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--skip-swarm", action="store_true", help="only the single-process measurements")
     ap.add_argument("--only-swarm", action="store_true", help="only the outer-round measurements")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved daemon / plain-loop pairs per precision")
+    ap.add_argument("--precisions", default="bf16,fp32", help="comma-separated: bf16, fp32")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device")
@@ -139,32 +149,38 @@ def main() -> None:
     results: dict = {"card": card, "gpus": torch.cuda.device_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for precision in () if a.only_swarm else ("bf16", "fp32"):
+        for precision in () if a.only_swarm else a.precisions.split(","):
             cfg = build_config({"model": MODEL, "data": {"batch_size": 16}, "train": {"precision": precision},
                                 "node": {"device": "cuda"}})
             eager = plain_loop(cfg, a.steps, warmup=5)
-            before = plain_loop(cfg, a.steps, warmup=5, compiled=True)
-            daemon = daemon_tokens_per_s(tmp, precision, a.steps)
-            after = plain_loop(cfg, a.steps, warmup=5, compiled=True)
-            results[f"throughput_{precision}"] = {"plain_eager": eager, "plain_before": before, "daemon": daemon,
-                                                  "plain_after": after, "ratio": daemon / ((before + after) / 2)}
+            plain, daemon = [], []
+            for i in range(a.repeats):  # interleaved, so drifting clocks or heat touch both alike
+                plain.append(plain_loop(cfg, a.steps, warmup=5, compiled=True))
+                daemon.append(daemon_tokens_per_s(tmp / str(i), precision, a.steps))
+            plain.append(plain_loop(cfg, a.steps, warmup=5, compiled=True))
+            results[f"throughput_{precision}"] = {"plain_eager": eager, "plain": plain, "daemon": daemon,
+                                                  "ratio": statistics.median(daemon) / statistics.median(plain)}
         if not a.only_swarm:
             results["pieces"] = pieces(build_config({"model": MODEL}))
         if not a.skip_swarm:
             steps = max(10, a.steps // 2)
+            no_ckpt = {"train.checkpoint_every": 1000}  # only the final checkpoint, after the measured rounds
             results["rounds"] = [
                 outer_round(tmp, "diloco-state-gpu", {"optim.algorithm": "diloco"}, steps, 4),
                 outer_round(tmp, "diloco-state-cpu", {"optim.algorithm": "diloco", "optim.outer_state_device": "cpu"},
                             steps, 4),
                 outer_round(tmp, "co2", {"optim.algorithm": "co2"}, steps, 4),
+                outer_round(tmp, "diloco-no-ckpt", {"optim.algorithm": "diloco", **no_ckpt}, steps, 4),
+                outer_round(tmp, "co2-no-ckpt", {"optim.algorithm": "co2", **no_ckpt}, steps, 4),
             ]
     print(f"\n{card} x{results['gpus']}, torch {results['torch']}")
     print(f"{'inner steps':<20}{'eager tok/s':>13}{'compiled tok/s':>16}{'loco tok/s':>13}{'loco/compiled':>15}")
     for precision in [p for p in ("bf16", "fp32") if f"throughput_{p}" in results]:
         t = results[f"throughput_{precision}"]
-        plain = (t["plain_before"] + t["plain_after"]) / 2
-        print(f"{'GPT 86M, ' + precision:<20}{t['plain_eager']:>13,.0f}{plain:>16,.0f}{t['daemon']:>13,.0f}"
-              f"{t['ratio']:>15.3f}")
+        print(f"{'GPT 86M, ' + precision:<20}{t['plain_eager']:>13,.0f}{statistics.median(t['plain']):>16,.0f}"
+              f"{statistics.median(t['daemon']):>13,.0f}{t['ratio']:>15.3f}   (medians of "
+              f"{len(t['plain'])} plain: {', '.join(f'{v:,.0f}' for v in t['plain'])}; "
+              f"{len(t['daemon'])} daemon: {', '.join(f'{v:,.0f}' for v in t['daemon'])})")
     p = results.get("pieces")
     if p:
         print(f"\nmodel {p['params_m']:.1f}M params: device-to-host {p['d2h_s'] * 1e3:.1f} ms "
@@ -174,7 +190,8 @@ def main() -> None:
         for n in r["nodes"]:
             print(f"{r['name']:<20} {n['device']:<8} blocked {n['blocked_s']:.3f} s/round, compute "
                   f"{n['compute_s']:.2f} s/round, peak GPU mem {n['gpu_mem_gb']:.2f} GB, sync "
-                  f"{n['sync_mb']:.0f} MB, reduce s {n['reduce_s']}")
+                  f"{n['sync_mb']:.0f} MB, reduce s {n['reduce_s']}, wall {n['wall_s']:.3f} s/round, "
+                  f"utilization {n['utilization']:.3f}")
             print(" " * 21 + "between rounds (s): " + ", ".join(f"{k} {v:.3f}" for k, v in n["between_s"].items()))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
