@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from loco.protocols.host_copy import HostMover, ready_event
+
 from .checkpoint import NonFiniteState, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -47,32 +49,10 @@ def private_copy(state: Any) -> Any:
     return _map_tensors(state, lambda t: t.detach().clone())
 
 
-def _on_host(state: Any, ready: Any) -> Any:
-    """On the writer thread: ``state`` with its GPU tensors copied to host memory on a side
-    stream (not behind the training stream's queued kernels), once the copies that made
-    them (``ready``, an event of the training stream) are done. Into ordinary (pageable)
-    memory: pinning gigabytes for every checkpoint goes through the driver, where it can
-    hold up the training thread's kernel launches; in the background the slower copy costs
-    nothing."""
-    streams: dict[torch.device, Any] = {}
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "cuda":
-            return t
-        stream = streams.get(t.device)
-        if stream is None:
-            stream = streams[t.device] = torch.cuda.Stream(t.device)
-            stream.wait_event(ready)
-        with torch.cuda.stream(stream):
-            return t.to("cpu")  # waits for this side stream only
-
-    return _map_tensors(state, move)
-
-
-def _has_cuda_tensor(state: Any) -> bool:
-    found: list[bool] = []
-    _map_tensors(state, lambda t: found.append(t.device.type == "cuda"))
-    return any(found)
+def _tensors(state: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    _map_tensors(state, found.append)
+    return found
 
 
 class CheckpointWriter:
@@ -97,10 +77,7 @@ class CheckpointWriter:
     def submit(self, state: Any, tag: Any = None) -> None:
         """Queue ``state`` to be written: tensors nothing else modifies (``private_copy``),
         on the host or on a GPU; ``tag`` (e.g. its round) is handed back to ``on_error``."""
-        ready = None
-        if _has_cuda_tensor(state):  # the copies queued so far on this thread's stream made them
-            ready = torch.cuda.Event()
-            ready.record()
+        ready = ready_event(_tensors(state))  # the copies queued so far on this thread's stream made them
         with self._cond:
             if self._closed:
                 raise RuntimeError("checkpoint writer is closed")
@@ -131,8 +108,8 @@ class CheckpointWriter:
                     return  # closed, nothing left
                 (state, tag, ready), self._pending, self._writing = self._pending, None, True
             try:
-                if ready is not None:
-                    state = _on_host(state, ready)
+                if ready is not None:  # to host memory on a side stream (loco.protocols.host_copy)
+                    state = _map_tensors(state, HostMover(ready))
                 save_checkpoint(self.path, state, keep=self.keep)
                 self.written += 1
             except (OSError, NonFiniteState) as exc:

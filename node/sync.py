@@ -14,9 +14,17 @@ from loco.protocols.membership import PeerInfo
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """No NaN or Inf anywhere: one reduction per tensor (a sum overflows only when a value
-    is near float32's limit, which is then looked at element by element)."""
-    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+    """No NaN or Inf anywhere: one reduction per tensor, read with one host synchronization
+    per device (a sum overflows only when a value is near float32's limit: such a tensor is
+    then looked at element by element)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for ts in by_device.values():
+        sums_finite = torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float32) for t in ts])).tolist()
+        if not all(ok or bool(torch.isfinite(t).all()) for ok, t in zip(sums_finite, ts, strict=True)):
+            return False
+    return True
 
 
 def outliers(mine: Sequence[torch.Tensor], theirs: dict[str, Sequence[torch.Tensor]], ratio: float) -> set[str]:

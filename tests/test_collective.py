@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -470,6 +471,25 @@ def test_a_snapshot_hashes_its_leading_tensors_in_the_same_pass():
     assert snap.prefix_digest == tensors_hash(ts[:2]) and snap.digest == tensors_hash(ts)
     assert Snapshot(0, ts, {}).digest == tensors_hash(ts)
     assert Snapshot(0, ts, {}, digest="given").digest == "given"
+
+
+def test_a_snapshot_of_host_tensors_is_readable_while_its_hash_waits_in_line():
+    hasher = ThreadPoolExecutor(max_workers=1)
+    gate = threading.Event()
+    try:
+        hasher.submit(gate.wait, 30)  # the hashing thread is busy with an earlier snapshot
+        ts = [torch.randn(5), torch.randn(2, 3)]
+        snap = Snapshot(3, ts, {}, prefix=1, hasher=hasher)
+        assert snap.tensors is ts  # host tensors need no move: readable at once
+        seen: list[str] = []
+        snap.when_hashed(seen.append)
+        assert seen == []  # not hashed yet
+        gate.set()
+        assert snap.digest == tensors_hash(ts) and snap.prefix_digest == tensors_hash(ts[:1])
+        assert seen == [snap.digest]
+    finally:
+        gate.set()
+        hasher.shutdown(wait=True)
 
 
 def test_state_server_answers_now_and_later(peers):

@@ -4,6 +4,8 @@ with the reason shown). The swarm tests of the CPU suite run on the GPU with
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from loco.node.staging import StagedCommunicator
 from loco.node.trainer import Trainer
 from loco.optim import DiLoCo
 from loco.protocols.codecs import Compressor, Layout
+from loco.protocols.state_sync import Snapshot, tensors_hash
 from tests.conftest import read_records
 from tests.test_devices import SMALL, _Mean
 from tests.test_swarm import _outer, _sets, _wait_exit
@@ -61,6 +64,20 @@ def test_a_background_checkpoint_of_gpu_state_holds_the_state_at_submit_and_the_
     for _ in range(3):
         t2.train_step(read_loss=False)
     assert torch.equal(x, t2.batches.next()[0])
+
+
+def test_a_published_snapshot_of_gpu_state_reaches_the_host_as_it_was_at_publish():
+    hasher = ThreadPoolExecutor(max_workers=1)
+    try:
+        state = [torch.randn(1 << 20, device="cuda"), torch.randn(64, 64, device="cuda")]
+        expected = [t.cpu() for t in state]
+        snap = Snapshot(2, [t.clone() for t in state], {}, prefix=1, hasher=hasher)  # what StateServer.publish makes
+        for t in state:  # training goes on at once and modifies its state
+            t.mul_(3).add_(1)
+        assert all(t.device.type == "cpu" and torch.equal(t, e) for t, e in zip(snap.tensors, expected, strict=True))
+        assert snap.digest == tensors_hash(expected) and snap.prefix_digest == tensors_hash(expected[:1])
+    finally:
+        hasher.shutdown(wait=True)
 
 
 def test_checkpoints_move_between_gpu_and_cpu(tmp_path):
