@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,23 @@ class CheckpointWriter:
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
+
+
+class Cadence:
+    """When a periodic checkpoint is due: every ``every`` rounds, or (every = 0) at the end of
+    the first round at least ``interval_s`` after the previous checkpoint or the start.
+    By time by default: a large model's state (gigabytes) written every round would keep the
+    disk and the writer thread busy for nothing, while a restarted node catches up from its
+    peers anyway; the final checkpoint is written on every clean stop."""
+
+    def __init__(self, every: int, interval_s: float):
+        self.every, self.interval_s = every, interval_s
+        self._last = time.monotonic()
+
+    def due(self, round: int) -> bool:
+        if self.every:
+            return round % self.every == 0
+        if time.monotonic() - self._last < self.interval_s:
+            return False
+        self._last = time.monotonic()
+        return True

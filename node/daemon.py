@@ -27,7 +27,7 @@ from loco import OuterAlgorithm, RoundReport, Swarm
 
 from .build import build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
-from .checkpoint_writer import CheckpointWriter, private_copy
+from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, config_to_dict
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, write_json_atomic
@@ -69,6 +69,7 @@ class Node:
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self._writer = CheckpointWriter(self.ckpt_path, cfg.train.keep_checkpoints, self._checkpoint_failed)
+        self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
         self.trainer = Trainer(cfg, self.id)
         # a checkpoint that cannot be resumed is an error before this node joins anything
         self._saved = self._read_checkpoint()
@@ -218,7 +219,7 @@ class Node:
             t0 = time.monotonic()
             val = self.trainer.evaluate()
             t1 = time.monotonic()
-            if self.outer.round % self.cfg.train.checkpoint_every == 0:
+            if self._cadence.due(self.outer.round):
                 self._checkpoint()
             t2 = time.monotonic()
             self._record_round(report, loss, val, {"eval_s": t1 - t0, "checkpoint_s": t2 - t1,

@@ -69,6 +69,7 @@ from loco.protocols.wire import Message
 from loco.token import make_token
 
 from .checkpoint import CheckpointError, NonFiniteState, checkpoint_file, load_latest, save_checkpoint
+from .checkpoint_writer import Cadence
 from .config import Config, ConfigError, config_to_dict
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
@@ -238,6 +239,7 @@ class PipelineNode:
         self.handoffs: list[Message] = []  # stage state sent to this node as it joins (HANDOFF)
         self._unreadable_checkpoint = False  # its file is then never written over
         self._saved_it = -1  # the iteration count of the last checkpoint written
+        self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
         # a member takes part in the iterations' plans; a node that starts into a running
         # swarm (or was left out of a plan) is not one until a plan admits it
         self.member = False
@@ -1106,8 +1108,8 @@ class PipelineNode:
             self.metrics.write("checkpoint_failed", round=self.it, error=str(exc))
 
     def _periodic_checkpoint(self) -> float:
-        """Every ``train.checkpoint_every`` iterations; returns the seconds it took."""
-        if self.it % self.cfg.train.checkpoint_every:
+        """When ``train.checkpoint_every`` / ``checkpoint_interval_s`` say; returns the seconds it took."""
+        if not self._cadence.due(self.it):
             return 0.0
         t0 = time.monotonic()
         self._save()

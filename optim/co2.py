@@ -51,10 +51,10 @@ class CO2:
         self,
         params: Iterable[torch.Tensor],
         comm: Communicator,
-        outer_lr: float = 1.0,
+        outer_lr: float = 0.5,
         momentum: float = 0.0,
         clip: float = 1.0,
-        staleness: Staleness = "gap_aware",
+        staleness: Staleness = "fixed",
         penalty: float = 1.0,
         background: bool = True,
     ):

@@ -23,7 +23,7 @@ FAST = [
     "model.n_layer=1", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
     "data.batch_size=8", "data.max_bytes=1500000", "data.val_batches=2",
     "optim.inner_steps=8", "optim.warmup_steps=0", "optim.inner_lr=0.003",
-    "train.log_every=4", "node.threads=1",
+    "train.log_every=4", "node.threads=1", "train.checkpoint_every=1",
     "swarm.announce_ttl_s=4", "swarm.join_timeout_s=120",
     "collective.matchmaking_timeout_s=25", "collective.join_timeout_s=60",
     "collective.allreduce_timeout_s=20", "collective.decision_timeout_s=20",

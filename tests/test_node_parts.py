@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loco.node import checkpoint as ckpt
-from loco.node.checkpoint_writer import CheckpointWriter, private_copy
+from loco.node.checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from loco.node.config import ConfigError, DataConfig, ModelConfig
 from loco.node.data import Sampler, load_corpus, node_seed
 from loco.node.model import GPT, build_model, unique_parameters
@@ -248,3 +248,12 @@ def test_a_process_killed_while_its_checkpoint_is_written_leaves_a_whole_previou
     assert used == path  # the newest was whole: the rename is the last step of a write
     r = state["round"]
     assert r >= 1 and bool((state["w"] == r).all())  # one round's tensors, none of another's
+
+
+def test_checkpoint_cadence_by_rounds_and_by_time():
+    every_two = Cadence(every=2, interval_s=600)
+    assert [every_two.due(r) for r in range(1, 7)] == [False, True, False, True, False, True]
+    hourly = Cadence(every=0, interval_s=3600)  # by time: nothing due within the first hour
+    assert not any(hourly.due(r) for r in range(1, 50))
+    always = Cadence(every=0, interval_s=1e-9)  # an interval shorter than a round: due once the clock moves
+    wait_until(lambda: always.due(1), 5, "a checkpoint due")

@@ -19,6 +19,7 @@ and the math are ``loco.node``, ``loco.protocols`` and ``loco.optim``.)
 - outer_step.py  ``DiLoCo``, ``CO2``, ``NoLoCo``: a round ends in one outer step
 - inner_sync.py  ``StreamingDiLoCo``, ``DDP``: they synchronize inside a round
 - report.py      ``RoundReport``: what a round did (status, bytes, times, weights hash)
+- ranks.py       ``Ranks``, ``Follower``: one member made of several torch.distributed ranks
 - token.py       join tokens: the swarm key and a member's address, as one string
 - hf.py          ``loco.hf.causal_lm``: a HuggingFace causal LM as a model.factory (the hf extra)
 """
@@ -39,7 +40,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _PUBLIC = {
     "Swarm": ".swarm", "RoundReport": ".report", "OuterAlgorithm": ".algorithm",
     "DiLoCo": ".outer_step", "CO2": ".outer_step", "NoLoCo": ".outer_step",
-    "StreamingDiLoCo": ".inner_sync", "DDP": ".inner_sync",
+    "StreamingDiLoCo": ".inner_sync", "DDP": ".inner_sync", "Ranks": ".ranks", "Follower": ".ranks",
     "Compression": ("loco.node.config", "CompressionConfig"), "LGreCo": ("loco.node.config", "LGrecoConfig"),
     "Timeouts": ("loco.node.config", "CollectiveConfig"), "Network": ("loco.node.config", "NetworkConfig"),
     "Link": ("loco.node.config", "LinkConfig"),

@@ -35,6 +35,7 @@ from loco.protocols.state_sync import (
 )
 
 from .catch_up import state_to_adopt
+from .ranks import Follower, Ranks, news
 from .report import RoundReport
 from .swarm import Swarm
 from .unreachable import UnreachableSources
@@ -73,6 +74,15 @@ class OuterAlgorithm:
     probe_s: ClassVar[float] = 5.0
     """Catching up, how long a source may take to answer a small request before it is
     taken as unreachable (the full state may then take up to ``join_timeout_s``)."""
+    several_ranks: ClassVar[bool] = True
+    """Runs in a member of several processes (``ranks``): its syncs change only the weights,
+    which the leader broadcasts to the other ranks."""
+
+    def __new__(cls, *args: Any, ranks: Ranks | None = None, **kwargs: Any):
+        # every rank runs the same line; on a follower rank it makes the leader's stand-in
+        if ranks is not None and not ranks.leads:
+            return Follower(cls, *args, ranks=ranks, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -89,9 +99,17 @@ class OuterAlgorithm:
         seed: int = 0,
         on_round: RoundCallback | None = None,
         on_event: EventCallback | None = None,
+        ranks: Ranks | None = None,
     ):
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        if swarm is None:
+            raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
+        if ranks is not None and ranks.size > 1 and not self.several_ranks:
+            raise ValueError(f"{type(self).__name__} does not run in a member of several ranks yet")
+        # the other processes of this member (None: it is this process alone)
+        self.ranks = ranks if ranks is not None and ranks.size > 1 else None
+        self._weights_written = False  # since the last broadcast to the other ranks
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.params = unique_parameters(model)
         if not self.params:
@@ -198,14 +216,33 @@ class OuterAlgorithm:
         self.steps += 1
         self.round_step += 1
         self._after_inner_step()
-        if self.round_step < self.inner_steps and self.round == started and not final:
-            return None
-        return self._end_round(started, final)
+        report = None
+        if self.round_step >= self.inner_steps or self.round != started or final:
+            report = self._end_round(started, final)
+        self._tell_ranks(report)
+        return report
 
     def flush(self) -> None:
         """After the last step: land what is still in flight in the weights (CO2's last
         reduce, Streaming DiLoCo's last fragment). ``step(final=True)`` does the same and
         reports it with the round."""
+        self._flush()
+        self._weights_written = True
+        self._tell_ranks(None)
+
+    def _flush(self) -> None:
+        """What ``flush`` lands (the algorithms with something in flight)."""
+
+    def _tell_ranks(self, report: RoundReport | None) -> None:
+        """The other ranks of this member learn what this step did (``Follower``); the
+        weights go along when something wrote them."""
+        if self.ranks is None:
+            return
+        weights = self._weights_written or report is not None
+        self._weights_written = False
+        self.ranks.share(news(self, report, weights))
+        if weights:
+            self.ranks.share_tensors(self.params)
 
     def join(self) -> None:
         """Wait for peers (``wait_for_peers``, or one when the swarm was given initial peers),
@@ -220,6 +257,10 @@ class OuterAlgorithm:
             self._catch_up()
         self._publish()
         self._joined = True
+        if self.ranks is not None:
+            self.ranks.check_same_weights(self.params)
+            self._weights_written = True  # a state adopted from a peer, or the start: the same on every rank
+            self._tell_ranks(None)
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -295,6 +336,7 @@ class OuterAlgorithm:
             for p in self.params:
                 self.inner_optimizer.state.pop(p, None)
         self._load_synchronized(snap.tensors, snap.meta, self.swarm.endpoint)
+        self._weights_written = True
         log.warning("round %d: the weights went non-finite; restored the last synchronized state (round %d)",
                     self.round, snap.round)
         self._event("restored", round=self.round, from_round=snap.round, reason="non-finite weights")
@@ -418,6 +460,7 @@ class OuterAlgorithm:
             return False
         old = self.round
         self.round, self.round_step = new_round, new_step
+        self._weights_written = True
         self._skip_syncs_to(self._sync_id())
         self._event("resync", round=self.round, from_round=old, source=endpoint, reason=reason,
                     weights_hash=self.weights_hash())

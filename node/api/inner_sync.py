@@ -92,6 +92,8 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         if self.math.in_flight_step is not None:
             self._fragment_bytes0.setdefault(self.math.in_flight_step, before)
         self._events += events
+        if events:  # a fragment landed in the weights
+            self._weights_written = True
         for e in events:
             detail = e.reduce.detail if e.reduce is not None else None
             if isinstance(detail, RoundResult) and detail.status == "resync":
@@ -128,7 +130,7 @@ class StreamingDiLoCo(CollectiveAlgorithm):
             extra = {"fragments": [e.fragment for e in events], "sync_bytes": [e.sync_bytes for e in events]}
         return status, group, reason, extra
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         self.math.drain()
 
 
@@ -141,6 +143,7 @@ class DDP(CollectiveAlgorithm):
 
     name = "ddp"
     fine_grained = True
+    several_ranks = False  # its gradient average (every step) is not broadcast inside a member yet
 
     def __init__(self, model, inner_optimizer, swarm, **kwargs: Any):
         if inner_optimizer is None:

@@ -147,8 +147,8 @@ class CO2(CollectiveAlgorithm):
     # one's reduce wait for it, instead of averaging alone and running ahead.
     peer_lag = 2
 
-    def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 1.0, momentum: float = 0.0,
-                 clip: float = 1.0, staleness: Literal["fixed", "gap_aware"] = "gap_aware", penalty: float = 1.0,
+    def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 0.5, momentum: float = 0.0,
+                 clip: float = 1.0, staleness: Literal["fixed", "gap_aware"] = "fixed", penalty: float = 1.0,
                  **kwargs: Any):
         self.outer_lr, self.momentum, self.clip = outer_lr, momentum, clip
         self.staleness, self.penalty = staleness, penalty
@@ -218,7 +218,7 @@ class CO2(CollectiveAlgorithm):
             return "ok", 0, "first round: nothing to apply yet", extra
         return status, group, reason, extra
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         self.math.flush()
 
     def _outer_metrics(self, result: OuterStepResult) -> dict[str, Any]:

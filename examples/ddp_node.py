@@ -1,0 +1,140 @@
+"""One swarm member made of several processes: PyTorch DDP inside, loco across members.
+
+Each member is a torch.distributed group (gloo on the CPU, NCCL with --device cuda) whose
+ranks train with ``DistributedDataParallel``; its rank 0 joins the swarm and the other ranks
+follow it (``loco.Ranks``). Start a member of two ranks, then a second member that joins it:
+
+    python examples/ddp_node.py --nproc-per-node 2             # prints "join with: TOKEN"
+    python examples/ddp_node.py --nproc-per-node 2 --join TOKEN
+
+or start a member's ranks with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR/PORT):
+
+    torchrun --nproc-per-node 2 examples/ddp_node.py --join TOKEN
+
+Every rank draws its own batches, so a member of N ranks trains on N batches a step. The
+lines marked ``# loco`` are what joins the swarm; the rest is an ordinary DDP script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import loco  # loco
+
+ALGORITHMS = {"diloco": "DiLoCo", "streaming_diloco": "StreamingDiLoCo", "noloco": "NoLoCo", "co2": "CO2"}
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)  # every rank of every member starts from the same weights
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 1))
+
+
+def teacher(x: torch.Tensor) -> torch.Tensor:
+    """The function to learn: a fixed random two-layer network."""
+    g = torch.Generator().manual_seed(1234)
+    w1, w2 = torch.randn(16, 32, generator=g) / 4, torch.randn(32, 1, generator=g) / 4
+    return torch.tanh(x @ w1) @ w2
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """This rank's weights, hashed (equal on the ranks of a member after every step)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train(rank: int, world: int, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    # the launcher ends the other ranks with SIGTERM when one fails: leave the swarm on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    # a rank that dies stops the others at their next broadcast, at the latest after this
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout_s))
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    model = DistributedDataParallel(make_model().to(device))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    data = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own batches
+    val_x = torch.randn(512, 16, generator=torch.Generator().manual_seed(99))
+    val_x, val_y = val_x.to(device), teacher(val_x).to(device)
+
+    ranks = loco.Ranks()  # loco: this member's processes; rank 0 speaks for them
+    swarm = loco.Swarm(run_id=args.run_id, join=args.join) if ranks.leads else None  # loco
+    try:
+        if swarm is not None:
+            print("join with:", swarm.join_token, flush=True)
+        algorithm = getattr(loco, ALGORITHMS[args.algorithm])
+        with algorithm(model, opt, swarm, inner_steps=args.inner_steps, ranks=ranks,  # loco
+                       wait_for_peers=args.peers) as outer:  # loco
+            for step in range(1, args.steps + 1):
+                x = torch.randn(32, 16, generator=data)
+                loss = F.mse_loss(model(x.to(device)), teacher(x).to(device))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                report = outer.step(final=step == args.steps)  # loco: on every rank
+                if report is None:
+                    continue
+                with torch.no_grad():
+                    val = F.mse_loss(model.module(val_x), val_y).item()
+                if ranks.leads:
+                    print(f"round {report.round}: {report.status} with {report.group_size} val {val:.4f}", flush=True)
+                if args.report:
+                    with open(f"{args.report}.rank{rank}", "a") as f:
+                        f.write(json.dumps({"pid": os.getpid(), "round": report.round, "status": report.status,
+                                            "reason": report.reason, "val_loss": val,
+                                            "group_size": report.group_size, "weights_hash": report.weights_hash,
+                                            "model_hash": model_hash(model)}) + "\n")
+    finally:
+        if swarm is not None:
+            swarm.close()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks of this member (ignored under torchrun)")
+    ap.add_argument("--join", metavar="TOKEN", help="the join token a member printed (none: start a new swarm)")
+    ap.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="diloco")
+    ap.add_argument("--steps", type=int, default=300, help="inner steps to train")
+    ap.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
+    ap.add_argument("--peers", type=int, default=0, help="wait for this many other members before training")
+    ap.add_argument("--seed", type=int, default=1, help="this member's data streams")
+    ap.add_argument("--run-id", default="ddp-node")
+    ap.add_argument("--report", help="each rank writes one JSON line per round to REPORT.rank<N>")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--timeout-s", type=float, default=120.0, help="how long a rank waits for the member's others")
+    args = ap.parse_args()
+    if "RANK" in os.environ:  # started by torchrun
+        train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # a rank that fails ends the others (spawn terminates them), so the member leaves whole
+    mp.spawn(train, args=(args.nproc_per_node, args), nprocs=args.nproc_per_node, join=True)
+
+
+if __name__ == "__main__":
+    main()

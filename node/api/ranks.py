@@ -1,0 +1,180 @@
+"""One swarm member made of several processes: the ranks of a torch.distributed group.
+
+Inside the member the ranks train together the way the user's script makes them (DDP, or
+any data parallelism that leaves every rank with the same weights after an optimizer step),
+over the group's own backend (NCCL on GPUs, gloo on the CPU). Towards the swarm the member
+is one: its first rank (the *leader*) holds the ``Swarm`` and the outer algorithm, and it
+alone talks to other members; the other ranks (*followers*) get every outcome from it::
+
+    ranks = loco.Ranks()                                     # after init_process_group
+    swarm = loco.Swarm(run_id="exp") if ranks.leads else None
+    outer = loco.DiLoCo(ddp_model, opt, swarm, inner_steps=500, ranks=ranks)
+    ...
+    outer.step()                                             # on every rank, after opt.step()
+
+On a follower the constructor returns a ``Follower``. The leader decides each step once and
+broadcasts it inside the member (the step's report, and the weights whenever the outer
+algorithm wrote them: a round's outer step, a fragment that landed, a state adopted from a
+peer), so every rank holds the same weights and reports the same round. A rank that dies
+stops the others at their next broadcast (the group's timeout, ``init_process_group``'s
+``timeout``): the member leaves the swarm as a whole.
+
+Not yet: the DDP algorithm (gradients averaged across members every step) in a member of
+several ranks, and sharded models (FSDP), whose exchange should not go through one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from loco.node.model import unique_parameters
+from loco.protocols.state_sync import tensors_hash
+
+from .report import RoundReport
+
+
+class Ranks:
+    """The processes of one swarm member: the ranks of ``group`` (default: the whole
+    torch.distributed world, which must be initialized). Rank 0 of the group leads."""
+
+    def __init__(self, group: Any = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("loco.Ranks needs torch.distributed initialized first (init_process_group)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        self._leader = dist.get_global_rank(self.group, 0)
+        backend = dist.get_backend(self.group)
+        # NCCL broadcasts device tensors; gloo host ones
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    @property
+    def leads(self) -> bool:
+        """This rank speaks for the member in the swarm."""
+        return self.rank == 0
+
+    def share(self, obj: Any = None) -> Any:
+        """The leader's ``obj`` on every rank (followers pass nothing)."""
+        box = [obj if self.leads else None]
+        dist.broadcast_object_list(box, src=self._leader, group=self.group, device=self.device)
+        return box[0]
+
+    @torch.no_grad()
+    def share_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` on every rank with the leader's (one broadcast per dtype
+        and device, through a flat buffer)."""
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for (_, device), ts in groups.items():
+            flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(self.device)
+            dist.broadcast(flat, src=self._leader, group=self.group)
+            flat = flat.to(device)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def check_same_weights(self, tensors: list[torch.Tensor]) -> None:
+        """Raise if this rank's ``tensors`` differ from the leader's (a script whose ranks
+        did not start from the same weights, or do not keep them equal)."""
+        digest = tensors_hash([t.detach() for t in tensors])
+        leader = self.share(digest)
+        if digest != leader:
+            raise RuntimeError(f"rank {self.rank}'s weights differ from rank 0's ({digest} != {leader}): the ranks "
+                               "of a member must hold the same weights (wrap the model in DDP, or load the same "
+                               "checkpoint on every rank)")
+
+
+def news(algorithm: Any, report: RoundReport | None, weights: bool) -> dict[str, Any]:
+    """What the leader broadcasts after a step: its position, its report (everything but the
+    hash, which each rank computes from its own weights) and whether the weights follow."""
+    fields = None if report is None else {
+        f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "_weights_hash"}
+    return {"weights": weights, "round": algorithm.round, "round_step": algorithm.round_step,
+            "steps": algorithm.steps, "outcomes": dict(algorithm.outcomes), "report": fields}
+
+
+class Follower:
+    """A follower rank's stand-in for the outer algorithm: the same calls, in the same order
+    as on the leader (``step`` after every inner optimizer step, ``join``, ``flush``,
+    ``close``), each receiving what the leader decided. Its reports' ``weights_hash`` is the
+    hash of this rank's weights: the leader's report hashes the synchronized weights, which
+    are the model's weights after a DiLoCo, CO2 or NoLoCo round (the two hashes agree) but
+    not Streaming DiLoCo's (its anchor; a follower holds none)."""
+
+    def __init__(self, algorithm: type, model: torch.nn.Module, inner_optimizer: Any, swarm: Any, *,
+                 ranks: Ranks, join: bool = True, **_leader_only: Any):
+        if swarm is not None:
+            raise ValueError(f"rank {ranks.rank} is not the member's leader: give it swarm=None (only rank 0 "
+                             "joins the swarm)")
+        self.name = algorithm.name
+        self.ranks = ranks
+        self.params = unique_parameters(model)
+        self.round = self.round_step = self.steps = 0
+        self.outcomes: dict[str, int] = {}
+        self.last_report: RoundReport | None = None
+        self._joined = False
+        self._closed = False
+        if join:
+            self.join()
+
+    def join(self) -> None:
+        self.ranks.check_same_weights(self.params)
+        self._receive()
+        self._joined = True
+
+    def step(self, final: bool = False) -> RoundReport | None:
+        if self._closed:
+            raise RuntimeError(f"{self.name} follower is closed")
+        if not self._joined:
+            self.join()
+        return self._receive()
+
+    def sync_gradients(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._receive()
+
+    def restart_clock(self) -> None:
+        pass
+
+    def weights_hash(self) -> str:
+        return tensors_hash([p.detach() for p in self.params])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Round and step only: the outer state lives on the leader (save the leader's)."""
+        return {"algorithm": self.name, "round": self.round, "round_step": self.round_step, "steps": self.steps,
+                "outcomes": dict(self.outcomes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round, self.round_step = int(state["round"]), int(state["round_step"])
+        self.steps = int(state.get("steps", self.steps))
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _receive(self) -> RoundReport | None:
+        """One broadcast from the leader: its position, its report, and its weights if the
+        outer algorithm wrote them."""
+        news = self.ranks.share()
+        if news["weights"]:
+            self.ranks.share_tensors(self.params)
+        self.round, self.round_step, self.steps = news["round"], news["round_step"], news["steps"]
+        self.outcomes = news["outcomes"]
+        if news["report"] is None:
+            return None
+        report = RoundReport(**news["report"], _weights_hash=self.weights_hash)
+        self.last_report = report
+        return report

@@ -1,0 +1,85 @@
+"""Members of several processes (``loco.Ranks``): DDP inside over gloo, loco across, real
+processes on 127.0.0.1 (examples/ddp_node.py, started the way its docstring says)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import group_members, read_records, wait_until
+
+pytestmark = pytest.mark.swarm
+
+EXAMPLE = "examples/ddp_node.py"
+
+
+def _rank(report: Path, rank: int) -> Path:
+    return report.with_name(f"{report.name}.rank{rank}")  # where the example's rank writes its records
+
+
+def _ranks(report: Path, n: int) -> list[list[dict]]:
+    return [read_records(_rank(report, r)) for r in range(n)]
+
+
+def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
+    code = proc.wait(timeout=timeout_s)
+    assert code == 0, f"{name} exited {code}:\n{procs.log(name)[-3000:]}"
+
+
+@pytest.mark.parametrize(("algorithm", "b_ranks"), [("diloco", 2), ("streaming_diloco", 1)])
+def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks):
+    """Member a has two ranks; member b two (DiLoCo) or one (Streaming DiLoCo: fragments land
+    mid-round, and a one-process member trains beside a two-process one)."""
+    common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1"]
+    ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
+    token = wait_until(lambda: re.search(r"join with: (\S+)", procs.log("a")), 180, "a's join token").group(1)
+    b = procs.python(EXAMPLE, "--nproc-per-node", str(b_ranks), *common, "--seed", "2", "--join", token,
+                     "--report", str(rb), log="b")
+    _finish(a, procs, "a")
+    _finish(b, procs, "b")
+    a_ranks, b_ranks_ = _ranks(ra, 2), _ranks(rb, b_ranks)
+    # every rank of a member reports the same rounds and outcomes, and holds the same weights
+    for member in (a_ranks, b_ranks_):
+        for other in member[1:]:
+            assert [(r["round"], r["status"], r["model_hash"]) for r in other] == \
+                   [(r["round"], r["status"], r["model_hash"]) for r in member[0]]
+            if algorithm == "diloco":  # its weights after a round are the synchronized ones the leader hashes
+                assert [r["weights_hash"] for r in other] == [r["weights_hash"] for r in member[0]]
+    # across members: rounds both averaged together hold the same weights (the last round
+    # lands what was in flight at each one's own last step: left out)
+    ok_b = {r["round"]: r for r in b_ranks_[0][:-1] if r["status"] == "ok" and r["group_size"] == 2}
+    together = [r for r in a_ranks[0][:-1] if r["status"] == "ok" and r["group_size"] == 2 and r["round"] in ok_b]
+    assert len(together) >= 3, (a_ranks[0], b_ranks_[0])
+    for r in together:
+        assert r["weights_hash"] == ok_b[r["round"]]["weights_hash"], f"round {r['round']}: members differ"
+    assert a_ranks[0][-1]["val_loss"] < 0.85 * a_ranks[0][0]["val_loss"], a_ranks[0]
+
+
+def test_a_killed_rank_takes_its_member_out_and_the_other_member_trains_on(procs, tmp_path):
+    ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = ["--inner-steps", "10", "--steps", "100000", "--peers", "1"]
+    procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
+    token = wait_until(lambda: re.search(r"join with: (\S+)", procs.log("a")), 180, "a's join token").group(1)
+    b = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "2", "--join", token, "--report", str(rb),
+                     log="b")
+    wait_until(lambda: len(read_records(_rank(rb, 1))) >= 3, 240, "b's third round on its rank 1")
+    os.kill(read_records(_rank(rb, 1))[-1]["pid"], signal.SIGKILL)  # b's follower rank
+    assert b.wait(timeout=90) != 0  # its launcher ends the member's other rank and fails
+    wait_until(lambda: group_members(b.pid) == [], 60, "b's processes (its leader's DHT and reaper) to end")
+    killed_at = len(read_records(_rank(ra, 0)))
+    # a trains on: alone, once b has left its view (b's leader leaves when the launcher ends it)
+    wait_until(lambda: [r for r in read_records(_rank(ra, 0))[killed_at:] if r["status"] == "ok"], 240,
+               "an ok round of a alone")
+    solo = [r for r in read_records(_rank(ra, 0))[killed_at:] if r["status"] == "ok"]
+    assert solo[0]["group_size"] == 1, solo
+    # both of a's ranks went on together
+    n = len(read_records(_rank(ra, 0)))
+    wait_until(lambda: len(read_records(_rank(ra, 1))) >= n, 60, "a's rank 1 to follow")
+    hashes = {r["round"]: r["model_hash"] for r in read_records(_rank(ra, 0))}
+    assert [hashes[r["round"]] for r in read_records(_rank(ra, 1))[:n]] == \
+           [r["model_hash"] for r in read_records(_rank(ra, 1))[:n]]
