@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import loco  # loco
 
-ALGORITHMS = {"diloco": "DiLoCo", "streaming_diloco": "StreamingDiLoCo", "noloco": "NoLoCo", "co2": "CO2"}
+ALGORITHMS = {"diloco": "DiLoCo", "streaming_diloco": "StreamingDiLoCo", "noloco": "NoLoCo", "co2": "CO2",
+              "ddp": "DDP"}
 
 
 def make_model() -> torch.nn.Module:

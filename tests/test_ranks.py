@@ -30,10 +30,11 @@ def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
     assert code == 0, f"{name} exited {code}:\n{procs.log(name)[-3000:]}"
 
 
-@pytest.mark.parametrize(("algorithm", "b_ranks"), [("diloco", 2), ("streaming_diloco", 1)])
+@pytest.mark.parametrize(("algorithm", "b_ranks"), [("diloco", 2), ("streaming_diloco", 1), ("ddp", 2)])
 def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks):
-    """Member a has two ranks; member b two (DiLoCo) or one (Streaming DiLoCo: fragments land
-    mid-round, and a one-process member trains beside a two-process one)."""
+    """Member a has two ranks; member b two (DiLoCo; DDP: the leader broadcasts every step's
+    swarm-wide gradient mean) or one (Streaming DiLoCo: fragments land mid-round, and a
+    one-process member trains beside a two-process one)."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1"]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
@@ -48,7 +49,7 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
         for other in member[1:]:
             assert [(r["round"], r["status"], r["model_hash"]) for r in other] == \
                    [(r["round"], r["status"], r["model_hash"]) for r in member[0]]
-            if algorithm == "diloco":  # its weights after a round are the synchronized ones the leader hashes
+            if algorithm in ("diloco", "ddp"):  # weights after a round are the synchronized ones the leader hashes
                 assert [r["weights_hash"] for r in other] == [r["weights_hash"] for r in member[0]]
     # across members: rounds both averaged together hold the same weights (the last round
     # lands what was in flight at each one's own last step: left out)

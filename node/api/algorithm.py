@@ -19,6 +19,7 @@ import torch
 
 from loco.node.config import CollectiveConfig, CompressionConfig
 from loco.node.model import unique_parameters
+from loco.node.optstate import adam_step, adam_tensors
 from loco.node.staging import StagedCommunicator
 from loco.node.sync import all_finite
 from loco.protocols.codecs import Compressor, codec_family
@@ -74,9 +75,9 @@ class OuterAlgorithm:
     probe_s: ClassVar[float] = 5.0
     """Catching up, how long a source may take to answer a small request before it is
     taken as unreachable (the full state may then take up to ``join_timeout_s``)."""
-    several_ranks: ClassVar[bool] = True
-    """Runs in a member of several processes (``ranks``): its syncs change only the weights,
-    which the leader broadcasts to the other ranks."""
+    gradients_each_step: ClassVar[bool] = False
+    """Averages the gradients before every inner optimizer step (DDP): in a member of several
+    processes the leader then broadcasts the mean to the other ranks before their step."""
 
     def __new__(cls, *args: Any, ranks: Ranks | None = None, **kwargs: Any):
         # every rank runs the same line; on a follower rank it makes the leader's stand-in
@@ -105,11 +106,10 @@ class OuterAlgorithm:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if swarm is None:
             raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
-        if ranks is not None and ranks.size > 1 and not self.several_ranks:
-            raise ValueError(f"{type(self).__name__} does not run in a member of several ranks yet")
         # the other processes of this member (None: it is this process alone)
         self.ranks = ranks if ranks is not None and ranks.size > 1 else None
         self._weights_written = False  # since the last broadcast to the other ranks
+        self._inner_state_written = False  # the inner optimizer's state too (DDP adopting a peer's)
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.params = unique_parameters(model)
         if not self.params:
@@ -239,10 +239,13 @@ class OuterAlgorithm:
         if self.ranks is None:
             return
         weights = self._weights_written or report is not None
-        self._weights_written = False
-        self.ranks.share(news(self, report, weights))
+        adam = self._inner_state_written and self.inner_optimizer is not None
+        self._weights_written = self._inner_state_written = False
+        self.ranks.share(news(self, report, weights, adam_step(self.inner_optimizer, self.params) if adam else None))
         if weights:
             self.ranks.share_tensors(self.params)
+        if adam:
+            self.ranks.share_tensors(adam_tensors(self.inner_optimizer, self.params))
 
     def join(self) -> None:
         """Wait for peers (``wait_for_peers``, or one when the swarm was given initial peers),

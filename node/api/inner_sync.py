@@ -143,7 +143,7 @@ class DDP(CollectiveAlgorithm):
 
     name = "ddp"
     fine_grained = True
-    several_ranks = False  # its gradient average (every step) is not broadcast inside a member yet
+    gradients_each_step = True
 
     def __init__(self, model, inner_optimizer, swarm, **kwargs: Any):
         if inner_optimizer is None:
@@ -194,6 +194,7 @@ class DDP(CollectiveAlgorithm):
         if len(tensors) != 3 * len(params):
             raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * len(params)}")
         load_adam(self.inner_optimizer, params, tensors[len(params):], int(meta.get("adam_step", 0)))
+        self._inner_state_written = True
         with torch.no_grad():
             for p, t in zip(params, tensors[:len(params)], strict=True):
                 p.copy_(t)
@@ -204,6 +205,10 @@ class DDP(CollectiveAlgorithm):
         sync_id = self._sync_id()
         t0 = time.monotonic()
         ok = self.math.sync_gradients(sync_id)
+        if self.ranks is not None:  # the member's other ranks step with the swarm's mean too
+            self.ranks.share(ok)
+            if ok:
+                self.ranks.share_tensors([p.grad for p in self.params if p.grad is not None])
         self._inner_comm_s += time.monotonic() - t0
         self._synced = True
         self._syncs["ok" if ok else "failed"] += 1

@@ -19,8 +19,10 @@ peer), so every rank holds the same weights and reports the same round. A rank t
 stops the others at their next broadcast (the group's timeout, ``init_process_group``'s
 ``timeout``): the member leaves the swarm as a whole.
 
-Not yet: the DDP algorithm (gradients averaged across members every step) in a member of
-several ranks, and sharded models (FSDP), whose exchange should not go through one rank.
+With ``loco.DDP`` (gradients averaged across members every step) the leader broadcasts the
+swarm's gradient mean before every optimizer step, and the inner AdamW state along with the
+weights when it adopts a peer's. Not yet: sharded models (FSDP), whose exchange should not
+go through one rank.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from loco.node.model import unique_parameters
+from loco.node.optstate import adam_tensors, load_adam
 from loco.protocols.state_sync import tensors_hash
 
 from .report import RoundReport
@@ -90,12 +93,14 @@ class Ranks:
                                "checkpoint on every rank)")
 
 
-def news(algorithm: Any, report: RoundReport | None, weights: bool) -> dict[str, Any]:
+def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: int | None = None) -> dict[str, Any]:
     """What the leader broadcasts after a step: its position, its report (everything but the
-    hash, which each rank computes from its own weights) and whether the weights follow."""
+    hash, which each rank computes from its own weights), whether the weights follow, and
+    whether the inner AdamW state follows (``adam_step``: its step count; DDP adopting a
+    peer's state)."""
     fields = None if report is None else {
         f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "_weights_hash"}
-    return {"weights": weights, "round": algorithm.round, "round_step": algorithm.round_step,
+    return {"weights": weights, "adam_step": adam_step, "round": algorithm.round, "round_step": algorithm.round_step,
             "steps": algorithm.steps, "outcomes": dict(algorithm.outcomes), "report": fields}
 
 
@@ -115,6 +120,11 @@ class Follower:
         self.name = algorithm.name
         self.ranks = ranks
         self.params = unique_parameters(model)
+        self.inner_optimizer = inner_optimizer
+        self._synced = False
+        # DDP: the leader's swarm-wide gradient mean arrives before every optimizer step
+        self._hook = inner_optimizer.register_step_pre_hook(self._before_optimizer_step) \
+            if algorithm.gradients_each_step and inner_optimizer is not None else None
         self.round = self.round_step = self.steps = 0
         self.outcomes: dict[str, int] = {}
         self.last_report: RoundReport | None = None
@@ -133,10 +143,26 @@ class Follower:
             raise RuntimeError(f"{self.name} follower is closed")
         if not self._joined:
             self.join()
+        self._synced = False
         return self._receive()
 
     def sync_gradients(self) -> bool:
-        return True
+        """DDP: receive the leader's swarm-wide gradient mean (False: the average failed and
+        this step's update is skipped, as on the leader)."""
+        if self._hook is None:
+            return True
+        self._synced = True
+        ok = self.ranks.share()
+        if ok:
+            self.ranks.share_tensors([p.grad for p in self.params if p.grad is not None])
+        return ok
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._synced:  # the caller received the mean already
+            return
+        if not self.sync_gradients():
+            for p in self.params:
+                p.grad = None
 
     def flush(self) -> None:
         self._receive()
@@ -158,6 +184,9 @@ class Follower:
 
     def close(self) -> None:
         self._closed = True
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def __enter__(self):
         return self
@@ -171,6 +200,10 @@ class Follower:
         news = self.ranks.share()
         if news["weights"]:
             self.ranks.share_tensors(self.params)
+        if news["adam_step"] is not None:  # the leader adopted a peer's inner optimizer state
+            moments = adam_tensors(self.inner_optimizer, self.params)
+            self.ranks.share_tensors(moments)
+            load_adam(self.inner_optimizer, self.params, moments, news["adam_step"])
         self.round, self.round_step, self.steps = news["round"], news["round_step"], news["steps"]
         self.outcomes = news["outcomes"]
         if news["report"] is None:
