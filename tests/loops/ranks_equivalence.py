@@ -1,0 +1,74 @@
+"""A lone member trains a few DiLoCo rounds, either as --ranks 2 DDP processes (each rank
+its own half of every batch) or as one process that takes both halves at once; it saves
+its final weights to --out. tests/test_ranks.py compares the two."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import loco
+
+HALF = 16  # rows each rank draws per step
+
+
+def batches(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(HALF, 8, generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def run(rank: int, world: int, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    ranks = None
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        model = DistributedDataParallel(model)
+        ranks = loco.Ranks()
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
+    try:
+        with loco.DiLoCo(model, opt, swarm, inner_steps=5, ranks=ranks) as outer:
+            for step in range(args.steps):
+                # one process: both ranks' halves in one batch (the mean over 2·HALF rows is the
+                # mean of the two halves' means, which is what DDP averages)
+                x = batches(rank, step) if world > 1 else torch.cat([batches(r, step) for r in range(2)])
+                F.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin()).backward()
+                opt.step()
+                opt.zero_grad()
+                outer.step(final=step == args.steps - 1)
+        if rank == 0:
+            torch.save({"initial": initial, "final": [p.detach().clone() for p in model.parameters()]}, args.out)
+    finally:
+        if swarm is not None:
+            swarm.close()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, choices=[1, 2], default=1)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.ranks == 1:
+        run(0, 1, args)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(s.getsockname()[1])
+    mp.spawn(run, args=(args.ranks, args), nprocs=args.ranks, join=True)
+
+
+if __name__ == "__main__":
+    main()
