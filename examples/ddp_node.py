@@ -126,7 +126,8 @@ def main() -> None:
     ap.add_argument("--run-id", default="ddp-node")
     ap.add_argument("--report", help="each rank writes one JSON line per round to REPORT.rank<N>")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--timeout-s", type=float, default=120.0, help="how long a rank waits for the member's others")
+    ap.add_argument("--timeout-s", type=float, default=600.0,
+                    help="how long a rank waits for the member's others (more than rank 0 may take to join)")
     args = ap.parse_args()
     if "RANK" in os.environ:  # started by torchrun
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)

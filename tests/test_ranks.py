@@ -62,7 +62,8 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     assert a_ranks[0][-1]["val_loss"] < 0.85 * a_ranks[0][0]["val_loss"], a_ranks[0]
 
 
-def test_a_killed_rank_takes_its_member_out_and_the_other_member_trains_on(procs, tmp_path):
+def test_a_killed_rank_takes_its_member_out_the_other_trains_on_and_the_restarted_member_rejoins(procs,
+                                                                                                   tmp_path):
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     common = ["--inner-steps", "10", "--steps", "100000", "--peers", "1"]
     procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
@@ -85,6 +86,18 @@ def test_a_killed_rank_takes_its_member_out_and_the_other_member_trains_on(procs
     hashes = {r["round"]: r["model_hash"] for r in read_records(_rank(ra, 0))}
     assert [hashes[r["round"]] for r in read_records(_rank(ra, 1))[:n]] == \
            [r["model_hash"] for r in read_records(_rank(ra, 1))[:n]]
+    # b started again: its leader adopts a's state as it joins, its follower gets it, and
+    # the two members average together again
+    rb2 = tmp_path / "b2.jsonl"
+    procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "2", "--join", token, "--report", str(rb2),
+                 log="b2")
+    wait_until(lambda: len(read_records(_rank(rb2, 1))) >= 3, 240, "the restarted b's third round on its rank 1")
+    b2 = read_records(_rank(rb2, 0))
+    assert b2[0]["round"] >= n - 1, (b2[0], n)  # from the swarm's round, not from round 0
+    a_now = {r["round"]: r for r in read_records(_rank(ra, 0))}
+    together = [r for r in b2 if r["status"] == "ok" and r["group_size"] == 2 and r["round"] in a_now]
+    assert together and all(a_now[r["round"]]["weights_hash"] == r["weights_hash"] for r in together), (b2, a_now)
+    assert [r["model_hash"] for r in read_records(_rank(rb2, 1))[:3]] == [r["model_hash"] for r in b2[:3]]
 
 
 def test_a_member_of_two_ddp_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path):

@@ -251,6 +251,8 @@ class OuterAlgorithm:
         """Wait for peers (``wait_for_peers``, or one when the swarm was given initial peers),
         adopt the state of a peer that is ahead (a late joiner, a restart), and serve this
         process's state. ``step()`` calls it first if the constructor did not."""
+        if self.ranks is not None:  # before a peer's state may replace this rank's weights
+            self.ranks.check_same_weights(self.params)
         want = max(self.wait_for_peers, 1 if self.swarm.initial_peers else 0)
         if want:
             found = self.swarm.wait_for_peers(want, self.join_timeout_s)
@@ -261,7 +263,6 @@ class OuterAlgorithm:
         self._publish()
         self._joined = True
         if self.ranks is not None:
-            self.ranks.check_same_weights(self.params)
             self._weights_written = True  # a state adopted from a peer, or the start: the same on every rank
             self._tell_ranks(None)
         self.restart_clock()
