@@ -20,6 +20,7 @@ and the math are ``loco.node``, ``loco.protocols`` and ``loco.optim``.)
 - inner_sync.py  ``StreamingDiLoCo``, ``DDP``: they synchronize inside a round
 - report.py      ``RoundReport``: what a round did (status, bytes, times, weights hash)
 - ranks.py       ``Ranks``, ``Follower``: one member made of several torch.distributed ranks
+- lgreco_round.py  when a round plans L-GreCo's per-layer compression levels
 - token.py       join tokens: the swarm key and a member's address, as one string
 - hf.py          ``loco.hf.causal_lm``: a HuggingFace causal LM as a model.factory (the hf extra)
 """

@@ -19,11 +19,9 @@ import torch
 
 from loco.node.config import CollectiveConfig, CompressionConfig
 from loco.node.model import unique_parameters
-from loco.node.optstate import adam_step, adam_tensors
 from loco.node.staging import StagedCommunicator
 from loco.node.sync import all_finite
-from loco.protocols.codecs import Compressor, codec_family
-from loco.protocols.codecs.lgreco import make_plan, plan_digest
+from loco.protocols.codecs import Compressor
 from loco.protocols.collective import CollectiveTimeouts
 from loco.protocols.membership import PeerInfo
 from loco.protocols.state_sync import (
@@ -35,8 +33,9 @@ from loco.protocols.state_sync import (
     witness_digests,
 )
 
-from .catch_up import state_to_adopt
-from .ranks import Follower, Ranks, news
+from .catch_up import state_position, state_to_adopt, unusable_state
+from .lgreco_round import plan_if_due
+from .ranks import Follower, Ranks, tell
 from .report import RoundReport
 from .swarm import Swarm
 from .unreachable import UnreachableSources
@@ -241,11 +240,7 @@ class OuterAlgorithm:
         weights = self._weights_written or report is not None
         adam = self._inner_state_written and self.inner_optimizer is not None
         self._weights_written = self._inner_state_written = False
-        self.ranks.share(news(self, report, weights, adam_step(self.inner_optimizer, self.params) if adam else None))
-        if weights:
-            self.ranks.share_tensors(self.params)
-        if adam:
-            self.ranks.share_tensors(adam_tensors(self.inner_optimizer, self.params))
+        tell(self.ranks, self, report, weights, self.inner_optimizer if adam else None)
 
     def join(self) -> None:
         """Wait for peers (``wait_for_peers``, or one when the swarm was given initial peers),
@@ -340,7 +335,7 @@ class OuterAlgorithm:
             for p in self.params:
                 self.inner_optimizer.state.pop(p, None)
         self._load_synchronized(snap.tensors, snap.meta, self.swarm.endpoint)
-        self._weights_written = True
+        self._weights_written = self._inner_state_written = True  # the other ranks' AdamW state is fresh too
         log.warning("round %d: the weights went non-finite; restored the last synchronized state (round %d)",
                     self.round, snap.round)
         self._event("restored", round=self.round, from_round=snap.round, reason="non-finite weights")
@@ -405,22 +400,10 @@ class OuterAlgorithm:
         return published
 
     def _maybe_plan(self, result, extra: dict[str, Any]) -> None:
-        """L-GreCo: every K rounds after the warm-up, plan per-layer levels from the averaged
-        update just applied (``result``: the math's OuterStepResult, before the round
-        advances). Every member applied the same one, so all plan alike."""
-        z = self.compression
-        lg, r = z.lgreco, self.round
-        if not (lg.enabled and result.applied and result.reduce is not None and result.reduce.tensors
-                and r >= lg.warmup_rounds and (r - lg.warmup_rounds) % lg.every_rounds == 0):
-            return
-        # on the host: the codecs run there, and every member must compute the same plan
-        averaged = [t.detach().cpu() for t in result.reduce.tensors]
-        plan = make_plan(codec_family(z.codec), self.compressor.base.level, averaged,
-                         {"block": z.block_size, "density": z.density, "rank": z.rank}, lg.bins)
-        self.compressor.plan = plan.levels
-        extra["lgreco"] = {"plan": plan_digest(plan.levels), "levels": [plan.levels[i] for i in sorted(plan.levels)],
-                           "error": plan.error, "uniform_error": plan.uniform_error, "bytes": plan.bytes,
-                           "uniform_bytes": plan.uniform_bytes}
+        """L-GreCo's per-layer levels, when due (see ``lgreco_round.plan_if_due``)."""
+        planned = plan_if_due(self.compression, self.compressor, self.round, result)
+        if planned is not None:
+            extra["lgreco"] = planned
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:
@@ -437,30 +420,19 @@ class OuterAlgorithm:
                                alive=self._source_alive(endpoint), probe_s=probe_s)
         finally:
             self._fetching(None)
-        if snap is None:
-            self._event("resync_failed", round=self.round, source=endpoint, reason=reason)
-            return False
-        if not all_finite(snap.tensors):
-            self._event("resync_failed", round=self.round, source=endpoint, reason="the state holds NaN/Inf")
-            return False
-        if snap.meta.get("algorithm", self.name) != self.name:
-            self._event("resync_failed", round=self.round, source=endpoint,
-                        reason=f"peer runs {snap.meta.get('algorithm')!r}, this process {self.name!r}")
-            return False
-        if not self._vouched_for(snap, endpoint):
-            self._event("resync_failed", round=self.round, source=endpoint,
-                        reason=f"other peers hold another state at round {snap.round}: not adopted")
+        problem = reason if snap is None else unusable_state(snap, self.name)
+        if problem is None and not self._vouched_for(snap, endpoint):
+            problem = f"other peers hold another state at round {snap.round}: not adopted"
             log.warning("the state %s served for round %d is not the one other peers hold; not adopted",
                         endpoint, snap.round)
-            return False
-        try:  # the meta is the peer's word: every field is checked before anything changes
-            new_round = int(snap.meta.get("round", snap.round))
-            new_step = int(snap.meta.get("round_step", 0))
-            if not (0 <= new_step <= self.inner_steps and new_round >= 0):
-                raise ValueError(f"round {new_round}, step {new_step} are impossible")
-            self._load_synchronized(snap.tensors, snap.meta, endpoint)
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # another model, a bad meta
-            self._event("resync_failed", round=self.round, source=endpoint, reason=str(exc)[:300])
+        if problem is None:
+            try:  # the meta is the peer's word: every field is checked before anything changes
+                new_round, new_step = state_position(snap, self.inner_steps)
+                self._load_synchronized(snap.tensors, snap.meta, endpoint)
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # another model, a bad meta
+                problem = str(exc)[:300]
+        if problem is not None:
+            self._event("resync_failed", round=self.round, source=endpoint, reason=problem)
             return False
         old = self.round
         self.round, self.round_step = new_round, new_step

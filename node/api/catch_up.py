@@ -1,11 +1,14 @@
-"""Which peer's state a node adopts when it is not where the swarm is (pure decision)."""
+"""Which peer's state a node adopts when it is not where the swarm is, and whether what it
+received can be adopted (pure decisions)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
 
+from loco.node.sync import all_finite
 from loco.protocols.membership import PeerInfo
+from loco.protocols.state_sync import Snapshot
 
 
 def state_to_adopt(own_round: int, peers: Sequence[PeerInfo], slack: int) -> tuple[int, PeerInfo] | None:
@@ -37,3 +40,21 @@ def state_to_adopt(own_round: int, peers: Sequence[PeerInfo], slack: int) -> tup
         return None
     best = max(group)
     return best, min((p for p in peers if p.round == best), key=lambda p: p.id)
+
+
+def unusable_state(snap: Snapshot, algorithm: str) -> str | None:
+    """Why a peer's state cannot be adopted as it came (None: it can be, so far)."""
+    if not all_finite(snap.tensors):
+        return "the state holds NaN/Inf"
+    if snap.meta.get("algorithm", algorithm) != algorithm:
+        return f"peer runs {snap.meta.get('algorithm')!r}, this process {algorithm!r}"
+    return None
+
+
+def state_position(snap: Snapshot, inner_steps: int) -> tuple[int, int]:
+    """The (round, step in the round) a peer's state claims; ValueError if impossible."""
+    new_round = int(snap.meta.get("round", snap.round))
+    new_step = int(snap.meta.get("round_step", 0))
+    if not (0 <= new_step <= inner_steps and new_round >= 0):
+        raise ValueError(f"round {new_round}, step {new_step} are impossible")
+    return new_round, new_step

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from loco.node.model import unique_parameters
-from loco.node.optstate import adam_tensors, load_adam
+from loco.node.optstate import adam_step, adam_tensors, load_adam
 from loco.protocols.state_sync import tensors_hash
 
 from .report import RoundReport
@@ -102,6 +102,18 @@ def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: i
         f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "_weights_hash"}
     return {"weights": weights, "adam_step": adam_step, "round": algorithm.round, "round_step": algorithm.round_step,
             "steps": algorithm.steps, "outcomes": dict(algorithm.outcomes), "report": fields}
+
+
+def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool, optimizer: Any = None) -> None:
+    """On the leader, after a step: broadcast ``news``, then the weights if ``weights``,
+    then the inner AdamW moments of ``optimizer`` if one is given (the order ``Follower``
+    receives them in)."""
+    params = algorithm.params
+    ranks.share(news(algorithm, report, weights, adam_step(optimizer, params) if optimizer is not None else None))
+    if weights:
+        ranks.share_tensors(params)
+    if optimizer is not None:
+        ranks.share_tensors(adam_tensors(optimizer, params))
 
 
 class Follower:
