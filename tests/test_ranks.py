@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
+import loco
 from tests.conftest import group_members, read_records, wait_until
 
 pytestmark = pytest.mark.swarm
@@ -114,3 +117,16 @@ def test_a_member_of_two_ddp_ranks_trains_the_weights_one_process_trains_on_both
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], two["final"], strict=True)) < 1e-5
     # and they trained: far from where they started
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], one["initial"], strict=True)) > 1e-2
+
+
+def test_sharded_parameters_are_refused_with_a_clear_error(tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"sharded \(FSDP's DTensors\)"):
+            loco.Ranks().check_same_weights([sharded])
+        loco.Ranks().check_same_weights([torch.randn(3)])  # whole tensors pass (one rank: itself)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from loco.node.model import unique_parameters
 from loco.node.optstate import adam_step, adam_tensors, load_adam
@@ -85,6 +86,9 @@ class Ranks:
     def check_same_weights(self, tensors: list[torch.Tensor]) -> None:
         """Raise if this rank's ``tensors`` differ from the leader's (a script whose ranks
         did not start from the same weights, or do not keep them equal)."""
+        if any(isinstance(t, DTensor) for t in tensors):
+            raise ValueError("the model's parameters are sharded (FSDP's DTensors): a member of several ranks "
+                             "needs every rank to hold the whole model (DDP) for now")
         digest = tensors_hash([t.detach() for t in tensors])
         leader = self.share(digest)
         if digest != leader:
