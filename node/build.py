@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from loco import CO2, DDP, DiLoCo, NoLoCo, OuterAlgorithm, StreamingDiLoCo, Swarm
+from loco import CO2, DDP, DiLoCo, Follower, NoLoCo, OuterAlgorithm, Ranks, StreamingDiLoCo, Swarm
 
 from .config import Config
 
@@ -40,12 +40,15 @@ def _options(cfg: Config) -> dict[str, Any]:
     }[o.algorithm]()
 
 
-def build_algorithm(cfg: Config, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, swarm: Swarm,
-                    on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                    join: bool = True) -> OuterAlgorithm:
+def build_algorithm(cfg: Config, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer,
+                    swarm: Swarm | None, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                    join: bool = True, ranks: Ranks | None = None) -> OuterAlgorithm | Follower:
+    """``ranks``: the node's processes (rank 0 passes its swarm, the others None and get
+    a ``loco.Follower``)."""
     o = cfg.optim
     return ALGORITHMS[o.algorithm](
         model, inner_optimizer, swarm, inner_steps=o.inner_steps, compression=cfg.compression,
         timeouts=cfg.collective, join=join, join_timeout_s=cfg.swarm.join_timeout_s,
-        wait_for_peers=cfg.swarm.wait_for_peers, seed=cfg.train.seed, on_event=on_event, **_options(cfg),
+        wait_for_peers=cfg.swarm.wait_for_peers, seed=cfg.train.seed, on_event=on_event, ranks=ranks,
+        **_options(cfg),
     )

@@ -26,7 +26,7 @@ def _version() -> str:
         return "0.0.0+unknown"
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
@@ -81,9 +81,12 @@ def node() -> None:
 @click.option("--announce", help="Address other nodes use to reach this one (node.announce_host).")
 @click.option("--port", type=int, help="ZeroMQ port (node.port; 0 = OS picks).")
 @click.option("--dht-port", type=int, help="DHT port (node.dht_port; 0 = OS picks).")
+@click.option("--nproc-per-node", type=click.IntRange(1, 64),
+              help="Processes of this node, one per GPU (node.nproc_per_node): one swarm member whose ranks "
+                   "train together (node.parallel). Under torchrun, torchrun's process count is used instead.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id, listen, announce, port, dht_port,
-               verbose):
+               nproc_per_node, verbose):
     """Start a node: join (or start) a swarm, train for the configured budget, exit 0.
 
     With no --join it starts a new swarm (with a new random key, kept under --out) and
@@ -92,7 +95,7 @@ def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id
     """
     extra = list(overrides)
     for key, value in (("node.id", node_id), ("node.listen_host", listen), ("node.announce_host", announce),
-                       ("node.port", port), ("node.dht_port", dht_port)):
+                       ("node.port", port), ("node.dht_port", dht_port), ("node.nproc_per_node", nproc_per_node)):
         if value is not None:
             extra.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
     def joined(tokens: list[str], more_peers: list[str]) -> tuple[str, ...]:
@@ -115,7 +118,7 @@ def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id
             cfg = with_swarm_key(cfg, Path(out))
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from .checkpoint import CheckpointError
     from .daemon import Node  # torch/hivemind imports: after argument errors are reported
 
@@ -137,8 +140,19 @@ def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id
             raise ConnectionError(f"stopped while waiting for --join-file {join_file}")
         return with_swarm_key(_load(config, joined([*tokens, *found[0]], found[1])), Path(out))
 
+    from .rank_launch import launch_ranks, run_rank, under_torchrun
+
+    torchrun = under_torchrun()
     try:
-        if cfg.pipeline.stages >= 2:
+        if torchrun is not None:  # this process is one rank; torchrun started the others
+            rank, world = torchrun
+            if cfg.node.nproc_per_node not in (1, world):
+                raise ConfigError(f"node.nproc_per_node = {cfg.node.nproc_per_node}, but torchrun started "
+                                  f"{world} processes: leave it out under torchrun")
+            code = run_rank(rank, world, through_join_file(cfg) if join_file else cfg, Path(out))
+        elif cfg.node.nproc_per_node > 1:  # the node's ranks start here
+            code = launch_ranks(through_join_file(cfg) if join_file else cfg, Path(out), verbose)
+        elif cfg.pipeline.stages >= 2:
             from .pipeline import PipelineNode
 
             code = PipelineNode(through_join_file(cfg) if join_file else cfg, Path(out), stop).run()

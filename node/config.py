@@ -42,7 +42,17 @@ class NodeConfig(_Section):
     (the first GPU) or cuda:N. ``loco swarm``/``loco run`` give each node its own GPU when
     this is auto or cuda (see swarm.nodes_per_gpu)."""
     threads: int = Field(0, ge=0)
-    """Torch intra-op threads; 0 keeps torch's default."""
+    """Torch intra-op threads (of each process); 0 keeps torch's default."""
+    nproc_per_node: int = Field(1, ge=1, le=64)
+    """Processes of this node (one per GPU on a GPU node). With more than one the node is one
+    swarm member made of several torch.distributed ranks that train together the way
+    node.parallel says (NCCL between GPUs, gloo on the CPU); rank 0 talks to the swarm. With
+    device cuda:N the ranks use GPUs N, N+1, ... `loco node start --nproc-per-node` sets it;
+    under torchrun it is the number of processes torchrun starts."""
+    parallel: Literal["ddp"] = "ddp"
+    """How the ranks of a node of several processes train together: ddp (PyTorch
+    DistributedDataParallel: every rank holds the whole model and draws its own batches, the
+    gradients are averaged every step). Fully sharded (fsdp) nodes are not available yet."""
 
     @field_validator("device")
     @classmethod
@@ -50,6 +60,13 @@ class NodeConfig(_Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"device {v!r}: expected auto, cpu, cuda or cuda:N")
         return v
+
+    @model_validator(mode="after")
+    def _parallel_needs_ranks(self) -> NodeConfig:
+        if "parallel" in self.model_fields_set and self.nproc_per_node == 1:
+            raise ValueError("node.parallel says how the processes of a node train together: set "
+                             "node.nproc_per_node > 1 (or leave node.parallel out)")
+        return self
 
     @model_validator(mode="after")
     def _listen_all_needs_announce(self) -> NodeConfig:
@@ -476,6 +493,8 @@ class Config(_Section):
             raise ValueError(f"pipeline.stages = {p.stages} does not use {', '.join(unused)}: a pipeline's replicas "
                              f"synchronize through pipeline.sync and pipeline.sync_every, uncompressed, in fp32; "
                              f"pipeline.eval_every sets its records")
+        if self.node.nproc_per_node > 1:
+            raise ValueError("pipeline.stages and node.nproc_per_node > 1: a pipeline stage is one process")
         if self.model.factory:
             raise ValueError("pipeline.stages needs the built-in GPT (model.factory must be unset)")
         if self.model.n_layer < p.stages:

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from loco import OuterAlgorithm, RoundReport, Swarm
+from loco import OuterAlgorithm, Ranks, RoundReport, Swarm
 
 from .build import build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
 from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, config_to_dict
+from .follower_node import next_step, share_trainer_state
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, write_json_atomic
 from .trainer import Trainer
@@ -38,11 +39,14 @@ log = logging.getLogger(__name__)
 
 class Node:
     def __init__(self, cfg: Config, out: Path, stop: threading.Event | None = None,
-                 before_join: Callable[[Config], Config] | None = None):
+                 before_join: Callable[[Config], Config] | None = None, ranks: Ranks | None = None):
         """``before_join``: called with the config once the model, the data and the
         checkpoint are loaded, just before joining; returns the config to join with (the
-        CLI's ``--join-file`` waits there for the address of the node to join through)."""
+        CLI's ``--join-file`` waits there for the address of the node to join through).
+        ``ranks``: the node's processes when it has several (this is rank 0; the others run
+        ``FollowerNode``)."""
         self.cfg = cfg
+        self.ranks = ranks
         self.before_join = before_join
         self.out = out
         self.stop = stop or threading.Event()
@@ -73,6 +77,9 @@ class Node:
         self.trainer = Trainer(cfg, self.id)
         # a checkpoint that cannot be resumed is an error before this node joins anything
         self._saved = self._read_checkpoint()
+        if self.ranks is not None:  # the other ranks start from what was just loaded
+            share_trainer_state(self.ranks, self.trainer)
+            self.trainer.distribute(self.ranks.group)
         if self.before_join is not None:
             self.cfg = cfg = self.before_join(cfg)
             write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
@@ -80,7 +87,7 @@ class Node:
         self.swarm = self._open_swarm(cfg)
         # joined after the checkpoint is loaded, so a restart compares its own round with the swarm's
         self.outer = build_algorithm(cfg, self.trainer.model, self.trainer.opt, self.swarm,
-                                     on_event=self._on_event, join=False)
+                                     on_event=self._on_event, join=False, ranks=self.ranks)
 
     def _open_swarm(self, cfg: Config) -> Swarm:
         """Join through the configured peers and the peers this node saw last time (a restart
@@ -178,7 +185,8 @@ class Node:
             self.metrics.write("start", step=self.trainer.step, round=self.outer.round, val_loss=start_val,
                                resumed=resumed, weights_hash=self.outer.weights_hash(),
                                endpoint=self.swarm.endpoint, algorithm=self.cfg.optim.algorithm,
-                               device=str(self.trainer.device), tokens=self.trainer.tokens)
+                               device=str(self.trainer.device), tokens=self.trainer.tokens,
+                               processes=self.trainer.processes)
             self._restart_round_clock()
             self._loop()
         finally:
@@ -204,14 +212,15 @@ class Node:
                     or (ends_round and t.rounds and self.outer.round + 1 >= t.rounds))
 
     def _loop(self) -> None:
-        while self._budget_left():
+        # the other ranks of the node (if any) take each step rank 0 decides on
+        while next_step(self.ranks, self._budget_left()):
             # the loss stays on the device except where it is recorded: no host sync per step
             self.trainer.train_step(self.outer.sync_gradients, read_loss=False)
             if self.trainer.step % self.cfg.train.log_every == 0:
                 self.metrics.write("train", step=self.trainer.step, round=self.outer.round,
                                    loss=self.trainer.mean_loss())
-            if self.stop.is_set():  # stopping: no more rounds
-                return
+            if self.stop.is_set() and self.ranks is None:  # stopping: no more rounds
+                return  # (other ranks wait for this step's outcome: a round stopped now ends at once)
             report = self.outer.step(final=self._last_step())
             if report is None:
                 continue

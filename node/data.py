@@ -126,6 +126,14 @@ class Sampler:
         t = self.next_windows()
         return t[:, :-1], t[:, 1:]
 
+    def advance(self, batches: int) -> None:
+        """Skip ``batches`` batches unread: the stream is then where drawing them leaves it
+        (the ranks of a node draw in step, so a restarted rank finds its place from rank 0's
+        count)."""
+        for _ in range(batches):
+            torch.randint(0, len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.gen)
+        self.batches_drawn += batches
+
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state(), "batches_drawn": self.batches_drawn}
 
@@ -196,5 +204,7 @@ def validation_batches(val: np.ndarray, block_size: int, batch_size: int, count:
     return [sampler.next_batch() for _ in range(count)]
 
 
-def node_seed(seed: int, node_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{node_id}".encode(), digest_size=8).digest(), "little") >> 1
+def node_seed(seed: int, node_id: str, rank: int = 0) -> int:
+    """The seed of a node's sampling stream (of its rank ``rank``: rank 0's is the node's own)."""
+    name = node_id if rank == 0 else f"{node_id}/rank{rank}"
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1

@@ -23,11 +23,30 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def swarm_devices(nodes: int, gpus: int, nodes_per_gpu: int = 1) -> list[str]:
+def rank_device(spec: str, rank: int) -> torch.device:
+    """The device of rank ``rank`` of a node of several processes: node.device's GPU plus the
+    rank (cuda: GPUs 0, 1, ...; cuda:N: N, N+1, ...), or the CPU for every rank."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    first = int(spec.split(":", 1)[1]) if ":" in spec else 0
+    try:
+        return resolve_device(f"cuda:{first + rank}")
+    except ConfigError as exc:
+        raise ConfigError(f"rank {rank} of node.nproc_per_node with node.device = {spec!r} needs GPU "
+                          f"{first + rank}: {exc}") from None
+
+
+def swarm_devices(nodes: int, gpus: int, nodes_per_gpu: int = 1, ranks: int = 1) -> list[str]:
     """The device of each node of a local swarm: one GPU per node by default, or
-    ``nodes_per_gpu`` nodes per GPU; more nodes than that wrap around the GPUs."""
+    ``nodes_per_gpu`` nodes per GPU; more nodes than that wrap around the GPUs. A node of
+    ``ranks`` processes takes that many GPUs from its device on."""
     if gpus <= 0:
         return ["cpu"] * nodes
+    if ranks > 1:
+        if nodes * ranks > gpus:
+            raise ConfigError(f"{nodes} nodes of node.nproc_per_node = {ranks} processes need {nodes * ranks} "
+                              f"GPUs; this machine has {gpus}")
+        return [f"cuda:{i * ranks}" for i in range(nodes)]
     return [f"cuda:{(i // nodes_per_gpu) % gpus}" for i in range(nodes)]
 
 

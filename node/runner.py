@@ -62,7 +62,7 @@ class VariantRun:
         if devices:
             data["node"]["device"] = devices[i]
         if not data["node"]["threads"]:
-            data["node"]["threads"] = max(1, (os.cpu_count() or 1) // self.n)
+            data["node"]["threads"] = max(1, (os.cpu_count() or 1) // (self.n * cfg.node.nproc_per_node))
         path = self.out / "node-configs" / f"node{i}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2))

@@ -150,14 +150,14 @@ def node_devices(cfg: Config, n: int) -> list[str] | None:
     from .devices import local_gpus, swarm_devices  # imports torch: only when it matters
 
     gpus = local_gpus()
-    return swarm_devices(n, gpus, cfg.swarm.nodes_per_gpu) if gpus else None
+    return swarm_devices(n, gpus, cfg.swarm.nodes_per_gpu, cfg.node.nproc_per_node) if gpus else None
 
 
 def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides)
     if cfg.node.threads == 0:  # share the cores instead of oversubscribing them N times
-        overrides.append(f"node.threads={max(1, (os.cpu_count() or 1) // n)}")
+        overrides.append(f"node.threads={max(1, (os.cpu_count() or 1) // (n * cfg.node.nproc_per_node))}")
     if cfg.swarm.wait_for_peers == 0:  # start training together, not as a trickle of late joiners
         overrides.append(f"swarm.wait_for_peers={n - 1}")
     devices = node_devices(cfg, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -13,7 +14,7 @@ import torch
 
 from .config import Config, ConfigError
 from .data import BatchFeed, Sampler, check_corpus, load_corpus, node_seed, validation_batches
-from .devices import check_precision, resolve_device
+from .devices import check_precision, rank_device, resolve_device
 from .lm_output import ModelOutputError, lm_loss, vocab_size_of
 from .model import build_model, unique_parameters
 
@@ -33,9 +34,12 @@ class Trainer:
                               f"has block_size = {own}: leave model.block_size out or make them agree")
         return own
 
-    def __init__(self, cfg: Config, node_id: str):
+    def __init__(self, cfg: Config, node_id: str, rank: int = 0):
+        """``rank``: this process's rank in a node of several (``distribute`` then makes it
+        train with the others); each rank draws its own batches."""
         self.cfg = cfg
-        self.device = resolve_device(cfg.node.device)
+        self.device = resolve_device(cfg.node.device) if cfg.node.nproc_per_node == 1 else \
+            rank_device(cfg.node.device, rank)
         check_precision(cfg.train.precision, self.device)
         # bf16 autocast for forward/backward only: parameters, gradients, AdamW state and
         # everything synchronized stay fp32
@@ -51,7 +55,7 @@ class Trainer:
             raise ConfigError(f"model: {exc}") from None
         train, val = load_corpus(cfg.data)
         check_corpus(train, val, self.block_size, self.vocab_size, cfg.data)
-        seed = node_seed(cfg.train.seed, node_id)
+        seed = node_seed(cfg.train.seed, node_id, rank)
         self.sampler = Sampler(train, self.block_size, cfg.data.batch_size, seed)
         self.val = validation_batches(val, self.block_size, cfg.data.batch_size, cfg.data.val_batches,
                                       cfg.train.seed)
@@ -69,6 +73,8 @@ class Trainer:
         # (state_dict, the outer algorithm, evaluation) uses ``self.model``: the compiled
         # wrapper shares its parameters and would only add a prefix to their names
         self.compiled = compile_wanted(cfg.train.compile, self.device)
+        self.train_module: torch.nn.Module = self.model  # DistributedDataParallel's wrapper after distribute()
+        self.processes = 1  # of the node, each on its own batch
         self.step_model: torch.nn.Module = torch.compile(self.model) if self.compiled else self.model
         self._compile_checked = not self.compiled
         self.batches = BatchFeed(self.sampler, self.device)
@@ -80,6 +86,23 @@ class Trainer:
         self.tokens = 0
         random.seed(seed)
         np.random.seed(seed % 2**32)
+
+    def distribute(self, group: Any) -> None:
+        """Train together with the other ranks of the torch.distributed ``group`` (the node's
+        processes): DistributedDataParallel averages the gradients of every step over them.
+        They must hold the same weights now (the wrapper also copies rank 0's)."""
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # the ranks' buffers are the same and training does not change them: syncing them
+        # before every forward would only cost (the option's name changed in torch 2.13)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+        self.train_module = DistributedDataParallel(self.model, device_ids=ids, process_group=group,
+                                                    **{no_sync: False})
+        self.step_model = torch.compile(self.train_module) if self.compiled else self.train_module
+        self.processes = dist.get_world_size(group)
 
     @torch.no_grad()
     def _check_output(self) -> None:
@@ -114,7 +137,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
             self.opt.step()
         self.step += 1
-        self.tokens += x.numel()
+        self.tokens += x.numel() * self.processes
         self._loss = loss.detach()
         self._loss_sum = self._loss.clone() if self._loss_sum is None else self._loss_sum.add_(self._loss)
         self._loss_count += 1
@@ -137,7 +160,7 @@ class Trainer:
                 raise ConfigError(f"train.compile = true, but torch.compile failed: {why}") from exc
             log.warning("torch.compile failed (%s); training without it (set train.compile = false to skip the "
                         "attempt)", why)
-            self.compiled, self.step_model = False, self.model
+            self.compiled, self.step_model = False, self.train_module
             self.opt.zero_grad(set_to_none=True)
             return self._forward_backward(x, y)
 

@@ -55,6 +55,13 @@ class Ranks:
         backend = dist.get_backend(self.group)
         # NCCL broadcasts device tensors; gloo host ones
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        # the small per-step messages (``share``) go over gloo beside NCCL: an NCCL broadcast
+        # of a pickled object would wait for the GPU at every step (a host sync in the
+        # middle of the caller's queued work)
+        self._control = self.group
+        if backend == "nccl":
+            members = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+            self._control = dist.new_group(ranks=members, backend="gloo")
 
     @property
     def leads(self) -> bool:
@@ -64,7 +71,7 @@ class Ranks:
     def share(self, obj: Any = None) -> Any:
         """The leader's ``obj`` on every rank (followers pass nothing)."""
         box = [obj if self.leads else None]
-        dist.broadcast_object_list(box, src=self._leader, group=self.group, device=self.device)
+        dist.broadcast_object_list(box, src=self._leader, group=self._control, device=torch.device("cpu"))
         return box[0]
 
     @torch.no_grad()

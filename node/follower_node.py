@@ -1,0 +1,82 @@
+"""The ranks of a node of several processes (node.nproc_per_node > 1) other than rank 0.
+
+Rank 0 is the daemon's ``Node``: it holds the swarm, the outer algorithm, the metrics and the
+checkpoints. Every other rank is a ``FollowerNode``: the same model and inner optimizer on
+its own device and its own batches, trained together with rank 0 through
+DistributedDataParallel, and the library's ``loco.Follower`` for the outer algorithm (it
+receives every round's outcome and the weights from rank 0). Rank 0 decides before every
+inner step whether there is one (``next_step``): its budget, its stop signal; the others do
+what it says, so every rank runs the same steps and none waits in a collective the others
+never reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from loco import Ranks
+from loco.node.optstate import adam_step, adam_tensors, load_adam
+
+from .build import build_algorithm
+from .config import Config
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def share_trainer_state(ranks: Ranks, trainer: Trainer) -> None:
+    """Rank 0's weights, inner AdamW state and position (step, tokens, batches drawn) on
+    every rank: a resumed rank 0 read them from its checkpoint; the others start from it.
+    Each rank's sampling stream is its own, advanced by as many batches as rank 0 drew
+    (the ranks draw one batch each per step)."""
+    opt, params = trainer.opt, trainer.params
+    where = ranks.share({"step": trainer.step, "tokens": trainer.tokens,
+                         "batches": trainer.sampler.batches_drawn, "adam_step": adam_step(opt, params)}
+                        if ranks.leads else None)
+    ranks.share_tensors(params)
+    moments = adam_tensors(opt, params) if where["adam_step"] else []
+    if moments:
+        ranks.share_tensors(moments)
+    if ranks.leads:
+        return
+    if moments:
+        load_adam(opt, params, moments, where["adam_step"])
+    trainer.step, trainer.tokens = where["step"], where["tokens"]
+    trainer.sampler.advance(where["batches"])
+
+
+def next_step(ranks: Ranks | None, go: bool = False) -> bool:
+    """Rank 0's decision whether the node takes another inner step, on every rank (rank 0
+    passes it)."""
+    return go if ranks is None else bool(ranks.share(go))
+
+
+class FollowerNode:
+    """A rank > 0 of a node: trains the steps rank 0 decides, follows its outer algorithm."""
+
+    def __init__(self, cfg: Config, node_id: str, ranks: Ranks, stop: threading.Event):
+        self.cfg = cfg
+        self.id = node_id
+        self.ranks = ranks
+        self.stop = stop  # a signal here changes nothing: rank 0 decides when the node stops
+
+    def run(self) -> int:
+        cfg, ranks = self.cfg, self.ranks
+        if cfg.node.threads:
+            torch.set_num_threads(cfg.node.threads)
+        trainer = Trainer(cfg, self.id, rank=ranks.rank)
+        share_trainer_state(ranks, trainer)
+        trainer.distribute(ranks.group)
+        outer = build_algorithm(cfg, trainer.model, trainer.opt, None, join=False, ranks=ranks)
+        try:
+            outer.join()
+            while next_step(ranks):
+                trainer.train_step(outer.sync_gradients, read_loss=False)
+                outer.step()
+        finally:
+            outer.close()
+        log.info("rank %d of node %s: done at step %d, round %d", ranks.rank, self.id, trainer.step, outer.round)
+        return 0

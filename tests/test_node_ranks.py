@@ -1,0 +1,115 @@
+"""Nodes of several processes through the CLI (node.nproc_per_node): one node started by
+torchrun, one by ``loco node start --nproc-per-node``, DDP inside over gloo, DiLoCo across;
+real processes, a real DHT, real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import group_members, read_records, wait_until
+from tests.test_swarm import _hashes_by_round, _outer, _ready, _sets, _wait_exit
+
+pytestmark = pytest.mark.swarm
+
+LOCO = str(Path(sys.executable).with_name("loco"))
+
+
+def _records(out: Path, node: str, event: str) -> list[dict]:
+    return [r for r in read_records(out / "metrics" / f"{node}.jsonl") if r["event"] == event]
+
+
+def _ranks_of(launcher_pid: int) -> list[int]:
+    """The rank processes a launcher started (its children that run torch's spawned entry)."""
+    found = []
+    for pid in group_members(os.getpgid(launcher_pid)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if parent == launcher_pid and any(b"spawn_main" in part for part in cmd):
+            found.append(pid)
+    return found
+
+
+def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(procs, tmp_path):
+    out = tmp_path / "run"
+    common = ["node", "start", "--out", str(out), *_sets("train.rounds=4", "swarm.wait_for_peers=1")]
+    a = procs.python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", LOCO,
+                     *common, "--node-id", "node0", log="node0")
+    b = procs.loco(*common, "--node-id", "node1", "--nproc-per-node", "2", "--join-file",
+                   str(out / "nodes" / "node0.json"), log="node1")
+    for name, p in (("node0", a), ("node1", b)):
+        assert _wait_exit(p, 300, name, procs) == 0, procs.log(name)[-3000:]
+    for node in ("node0", "node1"):
+        start, = _records(out, node, "start")
+        assert start["processes"] == 2
+        last = _outer(out, node)[-1]
+        assert last["tokens"] == last["step"] * 2 * 8 * 64  # two ranks, each its own batch of 8 x 64
+        assert last["val_loss"] < start["val_loss"]
+    together = [hs for hs in _hashes_by_round(out, ["node0", "node1"]).values() if len(hs) == 2]
+    assert len(together) >= 3 and all(len(set(hs.values())) == 1 for hs in together), together
+    # the follower ranks ran every step with rank 0 and stopped with it
+    assert "rank 1 of node node0: done at step 32, round 4" in procs.log("node0")
+    assert "rank 1 of node node1: done at step 32, round 4" in procs.log("node1")
+
+
+def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path):
+    out = tmp_path / "run"
+    common = ["node", "start", "--out", str(out), "--nproc-per-node", "2", *_sets("train.rounds=0")]
+    procs.loco(*common, "--node-id", "node0", log="node0")
+    _ready(out, "node0")
+    join = ["--join-file", str(out / "nodes" / "node0.json")]
+    b = procs.loco(*common, "--node-id", "node1", *join, log="node1")
+    wait_until(lambda: len(_outer(out, "node1")) >= 3, 240, "node1's third round")
+    follower = [pid for pid in _ranks_of(b.pid) if pid != _ready(out, "node1")["pid"]]
+    assert len(follower) == 1, follower
+    os.kill(follower[0], signal.SIGKILL)
+    assert b.wait(timeout=120) != 0  # its launcher ends rank 0, which leaves the swarm
+    wait_until(lambda: group_members(b.pid) == [], 60, "node1's processes (its DHT, its reaper) to end")
+    stopped_at = len(_outer(out, "node1"))
+    seen = len(_outer(out, "node0"))
+    wait_until(lambda: [r for r in _outer(out, "node0")[seen:] if r["status"] == "ok" and r["group_size"] == 1],
+               240, "an ok round of node0 alone")
+    # node1 again, the same command: it resumes from its checkpoint and trains with node0
+    procs.loco(*common, "--node-id", "node1", *join, log="node1-again")
+    wait_until(lambda: len(_records(out, "node1", "start")) == 2, 180, "node1's second start")
+    again = _records(out, "node1", "start")[1]
+    assert again["resumed"] and again["processes"] == 2, again
+    wait_until(lambda: any(len(hs) == 2 for r, hs in _hashes_by_round(out, ["node0", "node1"]).items()
+                           if r >= stopped_at), 240, "a round node0 and the restarted node1 average together")
+    together = [hs for r, hs in _hashes_by_round(out, ["node0", "node1"]).items() if r >= stopped_at and len(hs) == 2]
+    assert all(len(set(hs.values())) == 1 for hs in together), together
+
+
+def test_nproc_per_node_and_parallel_are_checked():
+    from loco.node.config import ConfigError, load_config
+
+    assert load_config(None, ["node.nproc_per_node=2"]).node.parallel == "ddp"
+    with pytest.raises(ConfigError, match="node.parallel"):
+        load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'"])
+    with pytest.raises(ConfigError, match="set node.nproc_per_node > 1"):
+        load_config(None, ["node.parallel='ddp'"])
+    with pytest.raises(ConfigError, match="a pipeline stage is one process"):
+        load_config(None, ["node.nproc_per_node=2", "pipeline.stages=2", "model.n_layer=2"])
+
+
+def test_a_rank_resumes_its_own_batches_from_rank_0s_count():
+    import numpy as np
+
+    from loco.node.data import Sampler
+
+    data = np.arange(10_000, dtype=np.int64) % 251
+    drawn, skipped = Sampler(data, 16, 4, seed=7), Sampler(data, 16, 4, seed=7)
+    for _ in range(5):
+        drawn.next_windows()
+    skipped.advance(5)
+    assert skipped.batches_drawn == 5
+    assert (drawn.next_windows() == skipped.next_windows()).all()
+
+
