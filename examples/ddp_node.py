@@ -1,7 +1,8 @@
-"""One swarm member made of several processes: PyTorch DDP inside, loco across members.
+"""One swarm member made of several processes: PyTorch DDP (or FSDP2) inside, loco across.
 
 Each member is a torch.distributed group (gloo on the CPU, NCCL with --device cuda) whose
-ranks train with ``DistributedDataParallel``; its rank 0 joins the swarm and the other ranks
+ranks train with ``DistributedDataParallel`` (``--parallel fsdp``: FSDP2's ``fully_shard``,
+each rank holding a shard of every layer); its rank 0 joins the swarm and the other ranks
 follow it (``loco.Ranks``). Start a member of two ranks, then a second member that joins it:
 
     python examples/ddp_node.py --nproc-per-node 2             # prints "join with: TOKEN"
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import loco  # loco
@@ -52,10 +55,12 @@ def teacher(x: torch.Tensor) -> torch.Tensor:
 
 
 def model_hash(model: torch.nn.Module) -> str:
-    """This rank's weights, hashed (equal on the ranks of a member after every step)."""
+    """The member's weights as this rank sees them, hashed (equal on the ranks of a member
+    after every step; sharded weights are gathered first, on every rank)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
+        whole = p.full_tensor() if isinstance(p, DTensor) else p
+        h.update(whole.detach().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -69,7 +74,16 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     # a rank that dies stops the others at their next broadcast, at the latest after this
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    model = DistributedDataParallel(make_model().to(device))
+    if args.parallel == "fsdp":
+        model = make_model().to(device)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        plain = model
+    else:
+        model = DistributedDataParallel(make_model().to(device))
+        plain = model.module
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     data = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own batches
     val_x = torch.randn(512, 16, generator=torch.Generator().manual_seed(99))
@@ -93,7 +107,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
                 if report is None:
                     continue
                 with torch.no_grad():
-                    val = F.mse_loss(model.module(val_x), val_y).item()
+                    val = F.mse_loss(plain(val_x), val_y).item()  # (FSDP: a forward of every rank)
                 if ranks.leads:
                     print(f"round {report.round}: {report.status} with {report.group_size} val {val:.4f}", flush=True)
                 if args.report:
@@ -119,6 +133,8 @@ def main() -> None:
     ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks of this member (ignored under torchrun)")
     ap.add_argument("--join", metavar="TOKEN", help="the join token a member printed (none: start a new swarm)")
     ap.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="diloco")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                    help="inside the member: DDP, or FSDP2 (diloco, co2, noloco)")
     ap.add_argument("--steps", type=int, default=300, help="inner steps to train")
     ap.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
     ap.add_argument("--peers", type=int, default=0, help="wait for this many other members before training")

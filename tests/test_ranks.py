@@ -32,12 +32,17 @@ def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
     assert code == 0, f"{name} exited {code}:\n{procs.log(name)[-3000:]}"
 
 
-@pytest.mark.parametrize(("algorithm", "b_ranks"), [("diloco", 2), ("streaming_diloco", 1), ("ddp", 2)])
-def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks):
+@pytest.mark.parametrize(("algorithm", "b_ranks", "parallel"),
+                         [("diloco", 2, "ddp"), ("streaming_diloco", 1, "ddp"), ("ddp", 2, "ddp"),
+                          ("co2", 1, "fsdp")])
+def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks, parallel):
     """Member a has two ranks; member b two (DiLoCo; DDP: the leader broadcasts every step's
     swarm-wide gradient mean) or one (Streaming DiLoCo: fragments land mid-round, and a
-    one-process member trains beside a two-process one)."""
-    common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1"]
+    one-process member trains beside a two-process one). With FSDP inside (CO2: its reduce
+    runs in the background and lands a round later) a's two ranks each hold half of every
+    layer, and b is one process whose parameters are sharded over itself alone."""
+    common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
+              "--parallel", parallel]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
     token = wait_until(lambda: re.search(r"join with: (\S+)", procs.log("a")), 180, "a's join token").group(1)
@@ -51,7 +56,7 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
         for other in member[1:]:
             assert [(r["round"], r["status"], r["model_hash"]) for r in other] == \
                    [(r["round"], r["status"], r["model_hash"]) for r in member[0]]
-            if algorithm in ("diloco", "ddp"):  # weights after a round are the synchronized ones the leader hashes
+            if algorithm in ("diloco", "ddp") and parallel == "ddp":  # (sharded: a rank hashes its own shard)
                 assert [r["weights_hash"] for r in other] == [r["weights_hash"] for r in member[0]]
     # across members: rounds both averaged together hold the same weights (the last round
     # lands what was in flight at each one's own last step: left out)
@@ -63,14 +68,16 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     assert a_ranks[0][-1]["val_loss"] < 0.85 * a_ranks[0][0]["val_loss"], a_ranks[0]
 
 
-def test_a_member_of_two_ddp_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path):
-    """DDP inside a member changes nothing but where the batch is computed: two ranks, each
-    on half of every batch, end the outer rounds with the weights of one process that takes
-    the whole batch, up to float32 rounding (the two halves' gradients are summed in another
-    order: within 1e-5 after 15 AdamW steps in 3 rounds)."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel):
+    """DDP or FSDP inside a member changes nothing but where the batch is computed: two
+    ranks, each on half of every batch, end the outer rounds with the weights of one process
+    that takes the whole batch, up to float32 rounding (the two halves' gradients are summed
+    in another order: within 1e-5 after 15 AdamW steps in 3 rounds). With FSDP the leader
+    gathers the shards for every round's outer step and scatters the result back."""
     out = {n: tmp_path / f"{n}.pt" for n in (1, 2)}
-    runs = {n: procs.python("-m", "tests.loops.ranks_equivalence", "--ranks", str(n), "--out", str(out[n]), log=f"r{n}")
-            for n in (1, 2)}
+    runs = {n: procs.python("-m", "tests.loops.ranks_equivalence", "--ranks", str(n), "--parallel", parallel,
+                            "--out", str(out[n]), log=f"r{n}") for n in (1, 2)}
     for n, p in runs.items():
         _finish(p, procs, f"r{n}")
     one, two = (torch.load(out[n]) for n in (1, 2))
@@ -79,14 +86,19 @@ def test_a_member_of_two_ddp_ranks_trains_the_weights_one_process_trains_on_both
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], one["initial"], strict=True)) > 1e-2
 
 
-def test_sharded_parameters_are_refused_with_a_clear_error(tmp_path):
+def test_sharded_parameters_need_ranks_and_an_algorithm_that_syncs_at_round_ends(tmp_path):
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"sharded \(FSDP's DTensors\)"):
-            loco.Ranks().check_same_weights([sharded])
-        loco.Ranks().check_same_weights([torch.randn(3)])  # whole tensors pass (one rank: itself)
+        with pytest.raises(ValueError, match="some of the model's parameters are sharded"):
+            loco.Ranks().check_same_weights([sharded, torch.nn.Parameter(torch.randn(3))])
+        loco.Ranks().check_same_weights([sharded])  # sharded over the member's one rank
+        opt = torch.optim.AdamW([sharded])
+        with pytest.raises(ValueError, match="pass ranks=loco.Ranks()"):
+            loco.DiLoCo([sharded], opt, None)
+        with pytest.raises(ValueError, match="streaming_diloco reads the weights or gradients within a round"):
+            loco.StreamingDiLoCo([sharded], opt, None, ranks=loco.Ranks())
     finally:
         torch.distributed.destroy_process_group()

@@ -15,11 +15,13 @@ training loop")::
 and the math are ``loco.node``, ``loco.protocols`` and ``loco.optim``.)
 
 - swarm.py       ``Swarm``: the DHT node and the ZeroMQ endpoint of this process
-- algorithm.py   what every algorithm does alike: steps, rounds, joining, state serving, resync
+- algorithm.py   what every algorithm does alike: steps, rounds, joining, state serving
+- adopt.py       adopting a peer's state when behind (catch-up, resync), vouched by others
 - outer_step.py  ``DiLoCo``, ``CO2``, ``NoLoCo``: a round ends in one outer step
 - inner_sync.py  ``StreamingDiLoCo``, ``DDP``: they synchronize inside a round
 - report.py      ``RoundReport``: what a round did (status, bytes, times, weights hash)
 - ranks.py       ``Ranks``, ``Follower``: one member made of several torch.distributed ranks
+                 (DDP inside, or FSDP: ``ShardedWeights`` gathers the shards at round ends)
 - lgreco_round.py  when a round plans L-GreCo's per-layer compression levels
 - token.py       join tokens: the swarm key and a member's address, as one string
 - hf.py          ``loco.hf.causal_lm``: a HuggingFace causal LM as a model.factory (the hf extra)

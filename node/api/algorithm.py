@@ -23,19 +23,11 @@ from loco.node.staging import StagedCommunicator
 from loco.node.sync import all_finite
 from loco.protocols.codecs import Compressor
 from loco.protocols.collective import CollectiveTimeouts
-from loco.protocols.membership import PeerInfo
-from loco.protocols.state_sync import (
-    Snapshot,
-    StateServer,
-    fetch_state,
-    tensors_hash,
-    vouched,
-    witness_digests,
-)
+from loco.protocols.state_sync import Snapshot, StateServer, tensors_hash
 
-from .catch_up import state_position, state_to_adopt, unusable_state
+from .adopt import Adopting
 from .lgreco_round import plan_if_due
-from .ranks import Follower, Ranks, tell
+from .ranks import Follower, Ranks, sharded_weights, tell
 from .report import RoundReport
 from .swarm import Swarm
 from .unreachable import UnreachableSources
@@ -55,7 +47,7 @@ def collective_timeouts(t: CollectiveConfig) -> CollectiveTimeouts:
                               t.decision_timeout_s, t.max_attempts)
 
 
-class OuterAlgorithm:
+class OuterAlgorithm(Adopting):
     """Base of the library's algorithms. Call ``step()`` once after every inner optimizer
     step; every ``inner_steps`` calls it runs the round's synchronization and returns a
     ``RoundReport`` (None between rounds)."""
@@ -77,6 +69,10 @@ class OuterAlgorithm:
     gradients_each_step: ClassVar[bool] = False
     """Averages the gradients before every inner optimizer step (DDP): in a member of several
     processes the leader then broadcasts the mean to the other ranks before their step."""
+    reads_weights_at_round_ends_only: ClassVar[bool] = True
+    """Reads and writes the weights only when a round ends (and when joining, flushing): a
+    member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
+    DiLoCo (fragments mid-round) and DDP (every step's gradients) do not."""
 
     def __new__(cls, *args: Any, ranks: Ranks | None = None, **kwargs: Any):
         # every rank runs the same line; on a follower rank it makes the leader's stand-in
@@ -103,16 +99,21 @@ class OuterAlgorithm:
     ):
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-        if swarm is None:
-            raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
-        # the other processes of this member (None: it is this process alone)
-        self.ranks = ranks if ranks is not None and ranks.size > 1 else None
-        self._weights_written = False  # since the last broadcast to the other ranks
-        self._inner_state_written = False  # the inner optimizer's state too (DDP adopting a peer's)
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.params = unique_parameters(model)
         if not self.params:
             raise ValueError("the model has no parameters to train")
+        self.trained = self.params  # what the inner optimizer steps (sharded: the ranks' shards)
+        self.shards = sharded_weights(type(self), self.params, ranks)
+        if swarm is None:
+            raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
+        # the other processes of this member (None: it is this process alone)
+        self.ranks = ranks if ranks is not None and (ranks.size > 1 or self.shards is not None) else None
+        self._weights_written = False  # since the last broadcast to the other ranks
+        self._inner_state_written = False  # the inner optimizer's state too (DDP adopting a peer's)
+        if self.shards is not None:  # the outer algorithm works on the whole weights, in host memory
+            self.shards.gather()
+            self.params = self.shards.full
         self.inner_optimizer = inner_optimizer
         self.swarm = swarm
         self.inner_steps = inner_steps
@@ -216,7 +217,11 @@ class OuterAlgorithm:
         self.round_step += 1
         self._after_inner_step()
         report = None
-        if self.round_step >= self.inner_steps or self.round != started or final:
+        ends = self.round_step >= self.inner_steps or self.round != started or final
+        # a sharded member's ranks gather the whole weights for the round's end
+        if self.shards is not None and self.shards.ranks.share(ends):
+            self.shards.gather()
+        if ends:
             report = self._end_round(started, final)
         self._tell_ranks(report)
         return report
@@ -225,6 +230,8 @@ class OuterAlgorithm:
         """After the last step: land what is still in flight in the weights (CO2's last
         reduce, Streaming DiLoCo's last fragment). ``step(final=True)`` does the same and
         reports it with the round."""
+        if self.shards is not None:
+            self.shards.gather()
         self._flush()
         self._weights_written = True
         self._tell_ranks(None)
@@ -240,14 +247,16 @@ class OuterAlgorithm:
         weights = self._weights_written or report is not None
         adam = self._inner_state_written and self.inner_optimizer is not None
         self._weights_written = self._inner_state_written = False
-        tell(self.ranks, self, report, weights, self.inner_optimizer if adam else None)
+        tell(self.ranks, self, report, weights, self.inner_optimizer if adam else None, self.shards)
 
     def join(self) -> None:
         """Wait for peers (``wait_for_peers``, or one when the swarm was given initial peers),
         adopt the state of a peer that is ahead (a late joiner, a restart), and serve this
         process's state. ``step()`` calls it first if the constructor did not."""
         if self.ranks is not None:  # before a peer's state may replace this rank's weights
-            self.ranks.check_same_weights(self.params)
+            self.ranks.check_same_weights(self.trained)
+            if self.shards is not None:
+                self.shards.gather()
         want = max(self.wait_for_peers, 1 if self.swarm.initial_peers else 0)
         if want:
             found = self.swarm.wait_for_peers(want, self.join_timeout_s)
@@ -332,7 +341,7 @@ class OuterAlgorithm:
         if snap is None:
             raise FloatingPointError("the weights are not finite and there is no synchronized state to restore")
         if self.inner_optimizer is not None:
-            for p in self.params:
+            for p in self.trained:
                 self.inner_optimizer.state.pop(p, None)
         self._load_synchronized(snap.tensors, snap.meta, self.swarm.endpoint)
         self._weights_written = self._inner_state_written = True  # the other ranks' AdamW state is fresh too
@@ -408,71 +417,3 @@ class OuterAlgorithm:
     def _event(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:
             self.on_event(kind, fields)
-
-    def _source_alive(self, endpoint: str) -> Callable[[], bool]:
-        return lambda: any(p.endpoint == endpoint for p in self.swarm.peers())
-
-    def _resync_from(self, endpoint: str, min_round: int, reason: str, probe_s: float | None = None) -> bool:
-        """Adopt the state of the peer at ``endpoint`` (round >= ``min_round``)."""
-        self._fetching(min_round)
-        try:
-            snap = fetch_state(self.swarm.transport, endpoint, min_round, self.join_timeout_s, self.stop_event,
-                               alive=self._source_alive(endpoint), probe_s=probe_s)
-        finally:
-            self._fetching(None)
-        problem = reason if snap is None else unusable_state(snap, self.name)
-        if problem is None and not self._vouched_for(snap, endpoint):
-            problem = f"other peers hold another state at round {snap.round}: not adopted"
-            log.warning("the state %s served for round %d is not the one other peers hold; not adopted",
-                        endpoint, snap.round)
-        if problem is None:
-            try:  # the meta is the peer's word: every field is checked before anything changes
-                new_round, new_step = state_position(snap, self.inner_steps)
-                self._load_synchronized(snap.tensors, snap.meta, endpoint)
-            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:  # another model, a bad meta
-                problem = str(exc)[:300]
-        if problem is not None:
-            self._event("resync_failed", round=self.round, source=endpoint, reason=problem)
-            return False
-        old = self.round
-        self.round, self.round_step = new_round, new_step
-        self._weights_written = True
-        self._skip_syncs_to(self._sync_id())
-        self._event("resync", round=self.round, from_round=old, source=endpoint, reason=reason,
-                    weights_hash=self.weights_hash())
-        log.info("resynchronized from %s: round %d -> %d (%s)", endpoint, old, self.round, reason)
-        return True
-
-    def _vouched_for(self, snap: Snapshot, source: str) -> bool:
-        """Another peer holds the same state at that round, or none holds one to compare
-        (see ``vouched``): a lone source cannot make this process adopt a state of its own."""
-        if not self.replicas_identical:
-            return True
-        mine = self.swarm.endpoint
-        others = sorted((p for p in self.swarm.peers() if p.endpoint not in (source, mine)),
-                        key=lambda p: (-p.round, p.id))[:self.witnesses]
-        if not others:
-            return True
-        answers = witness_digests(self.swarm.transport, [p.endpoint for p in others], snap.round,
-                                  timeout_s=min(3.0, self.join_timeout_s), stop=self.stop_event)
-        return vouched(snap.digest, answers)
-
-    def _catch_up(self) -> bool:
-        """Adopt the state of the swarm where this node is not with it (see
-        ``state_to_adopt``: further ahead than ``catch_up_slack``, or this node alone far
-        ahead of a group that will not follow it)."""
-        target = state_to_adopt(self.round, self._reachable_peers(), self.catch_up_slack)
-        if target is None:
-            return False
-        best, source = target
-        first_id = best * self.inner_steps if self.fine_grained else best
-        how = "ahead" if best > self.round else "behind, this node alone ahead of them"
-        if self._resync_from(source.endpoint, first_id, f"peers at round {best} ({how})", probe_s=self.probe_s):
-            return True
-        self._unreachable.mark(source, self.round)
-        return False
-
-    def _reachable_peers(self) -> list[PeerInfo]:
-        """Live peers, less the sources that failed to serve their state and have not answered
-        a probe since (see ``UnreachableSources``)."""
-        return self._unreachable.reachable(self.swarm.peers(), self.round)

@@ -28,6 +28,7 @@ class StreamingDiLoCo(CollectiveAlgorithm):
     """Streaming DiLoCo: the model in ``fragments`` parts (strided over the blocks), each
     all-reduced every ``inner_steps`` steps on a staggered schedule; training goes on
     ``overlap`` steps while a fragment is in flight, then θ_p ← mix·θ_p + (1 − mix)·θ̃_p."""
+    reads_weights_at_round_ends_only = False
 
     name = "streaming_diloco"
     fine_grained = True
@@ -140,6 +141,7 @@ class DDP(CollectiveAlgorithm):
     explicit ``sync_gradients()`` between backward and the step). A step whose average did
     not complete is skipped (its gradients are dropped). A round is ``inner_steps`` steps
     of bookkeeping; replicas hold identical weights and AdamW moments."""
+    reads_weights_at_round_ends_only = False
 
     name = "ddp"
     fine_grained = True

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from loco.node.model import unique_parameters
 from loco.node.optstate import adam_step, adam_tensors, load_adam
@@ -92,10 +92,11 @@ class Ranks:
 
     def check_same_weights(self, tensors: list[torch.Tensor]) -> None:
         """Raise if this rank's ``tensors`` differ from the leader's (a script whose ranks
-        did not start from the same weights, or do not keep them equal)."""
+        did not start from the same weights, or do not keep them equal). Sharded tensors
+        (FSDP's) are checked to be sharded over these ranks instead."""
         if any(isinstance(t, DTensor) for t in tensors):
-            raise ValueError("the model's parameters are sharded (FSDP's DTensors): a member of several ranks "
-                             "needs every rank to hold the whole model (DDP) for now")
+            ShardedWeights.check(tensors, self)
+            return
         digest = tensors_hash([t.detach() for t in tensors])
         leader = self.share(digest)
         if digest != leader:
@@ -104,26 +105,96 @@ class Ranks:
                                "checkpoint on every rank)")
 
 
-def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: int | None = None) -> dict[str, Any]:
+class ShardedWeights:
+    """The whole weights of a member whose parameters are sharded over its ranks (FSDP2's
+    ``fully_shard``: DTensors), held by the leader in host memory for the outer algorithm:
+    ``gather`` fills them from every rank's shards, ``scatter`` writes them back into the
+    shards. Every rank calls both at the same points (they are collectives over the ranks);
+    one parameter at a time is whole on a rank's device while it passes. The exchange with
+    the swarm then goes through the leader (not yet one exchange per rank)."""
+
+    def __init__(self, params: list[torch.Tensor], ranks: Ranks):
+        self.check(params, ranks)
+        self.params = params
+        self.ranks = ranks
+        # the leader's whole copy; the other ranks keep none
+        self.full = [torch.empty(p.shape, dtype=p.dtype) for p in params] if ranks.leads else []
+
+    @staticmethod
+    def check(params: list[torch.Tensor], ranks: Ranks) -> None:
+        if not all(isinstance(p, DTensor) for p in params):
+            raise ValueError("some of the model's parameters are sharded (DTensors) and some are not: shard "
+                             "the whole model (fully_shard on the root module too)")
+        sizes = {p.device_mesh.size() for p in params}
+        if sizes != {ranks.size}:
+            raise ValueError(f"the model's parameters are sharded over {sorted(sizes)} ranks, the member has "
+                             f"{ranks.size}: shard them over the member's ranks (one mesh of ranks.group)")
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        for i, p in enumerate(self.params):
+            whole = p.full_tensor()
+            if self.ranks.leads:
+                self.full[i].copy_(whole)
+            del whole
+
+    @torch.no_grad()
+    def scatter(self) -> None:
+        for i, p in enumerate(self.params):
+            local = p.to_local()
+            whole = self.full[i].to(local.device) if self.ranks.leads else \
+                torch.empty(p.shape, dtype=p.dtype, device=local.device)
+            local.copy_(distribute_tensor(whole, p.device_mesh, p.placements).to_local())
+
+    def shards_hash(self) -> str:
+        """This rank's shards, hashed."""
+        return tensors_hash([p.to_local().detach() for p in self.params])
+
+
+def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None) -> ShardedWeights | None:
+    """The member's ``ShardedWeights`` when its parameters are sharded (None: whole on
+    every rank); a clear error where the algorithm cannot work on sharded weights."""
+    if not any(isinstance(p, DTensor) for p in params):
+        return None
+    if ranks is None:
+        raise ValueError("the model's parameters are sharded (FSDP's DTensors): pass ranks=loco.Ranks() (the "
+                         "processes they are sharded over) on every rank")
+    if not algorithm.reads_weights_at_round_ends_only:
+        raise ValueError(f"{algorithm.name} reads the weights or gradients within a round, which sharded "
+                         "parameters (FSDP) do not support yet: use DiLoCo, CO2 or NoLoCo, or DDP inside the member")
+    return ShardedWeights(params, ranks)
+
+
+def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: int | None = None,
+         fresh_inner_state: bool = False) -> dict[str, Any]:
     """What the leader broadcasts after a step: its position, its report (everything but the
-    hash, which each rank computes from its own weights), whether the weights follow, and
+    hash, which each rank computes from its own weights), whether the weights follow,
     whether the inner AdamW state follows (``adam_step``: its step count; DDP adopting a
-    peer's state)."""
+    peer's state) and whether it starts afresh (sharded weights restored after going
+    non-finite)."""
     fields = None if report is None else {
         f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "_weights_hash"}
-    return {"weights": weights, "adam_step": adam_step, "round": algorithm.round, "round_step": algorithm.round_step,
-            "steps": algorithm.steps, "outcomes": dict(algorithm.outcomes), "report": fields}
+    return {"weights": weights, "adam_step": adam_step, "fresh_inner_state": fresh_inner_state,
+            "round": algorithm.round, "round_step": algorithm.round_step, "steps": algorithm.steps,
+            "outcomes": dict(algorithm.outcomes), "report": fields}
 
 
-def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool, optimizer: Any = None) -> None:
-    """On the leader, after a step: broadcast ``news``, then the weights if ``weights``,
-    then the inner AdamW moments of ``optimizer`` if one is given (the order ``Follower``
-    receives them in)."""
+def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool, optimizer: Any = None,
+         shards: ShardedWeights | None = None) -> None:
+    """On the leader, after a step: broadcast ``news``, then the weights if ``weights``
+    (into the ranks' shards with ``shards``), then the inner AdamW moments of ``optimizer``
+    if one is given (the order ``Follower`` receives them in; a sharded member's ranks reset
+    theirs instead)."""
     params = algorithm.params
-    ranks.share(news(algorithm, report, weights, adam_step(optimizer, params) if optimizer is not None else None))
+    moments = optimizer is not None and shards is None
+    ranks.share(news(algorithm, report, weights, adam_step(optimizer, params) if moments else None,
+                     fresh_inner_state=optimizer is not None and shards is not None))
     if weights:
-        ranks.share_tensors(params)
-    if optimizer is not None:
+        if shards is not None:
+            shards.scatter()
+        else:
+            ranks.share_tensors(params)
+    if moments:
         ranks.share_tensors(adam_tensors(optimizer, params))
 
 
@@ -144,6 +215,9 @@ class Follower:
         self.ranks = ranks
         self.params = unique_parameters(model)
         self.inner_optimizer = inner_optimizer
+        self.shards = sharded_weights(algorithm, self.params, ranks)
+        if self.shards is not None:  # with the leader, as its constructor gathers them
+            self.shards.gather()
         self._synced = False
         # DDP: the leader's swarm-wide gradient mean arrives before every optimizer step
         self._hook = inner_optimizer.register_step_pre_hook(self._before_optimizer_step) \
@@ -158,6 +232,8 @@ class Follower:
 
     def join(self) -> None:
         self.ranks.check_same_weights(self.params)
+        if self.shards is not None:
+            self.shards.gather()
         self._receive()
         self._joined = True
 
@@ -167,6 +243,8 @@ class Follower:
         if not self._joined:
             self.join()
         self._synced = False
+        if self.shards is not None and self.ranks.share():  # the round ends: the leader gathers the weights
+            self.shards.gather()
         return self._receive()
 
     def sync_gradients(self) -> bool:
@@ -188,12 +266,16 @@ class Follower:
                 p.grad = None
 
     def flush(self) -> None:
+        if self.shards is not None:
+            self.shards.gather()
         self._receive()
 
     def restart_clock(self) -> None:
         pass
 
     def weights_hash(self) -> str:
+        if self.shards is not None:  # (a sharded member's follower: its own shards)
+            return self.shards.shards_hash()
         return tensors_hash([p.detach() for p in self.params])
 
     def state_dict(self) -> dict[str, Any]:
@@ -222,7 +304,13 @@ class Follower:
         outer algorithm wrote them."""
         news = self.ranks.share()
         if news["weights"]:
-            self.ranks.share_tensors(self.params)
+            if self.shards is not None:
+                self.shards.scatter()
+            else:
+                self.ranks.share_tensors(self.params)
+        if news["fresh_inner_state"]:  # the leader restored the weights and reset its AdamW state
+            for p in self.params:
+                self.inner_optimizer.state.pop(p, None)
         if news["adam_step"] is not None:  # the leader adopted a peer's inner optimizer state
             moments = adam_tensors(self.inner_optimizer, self.params)
             self.ranks.share_tensors(moments)

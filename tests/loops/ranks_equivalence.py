@@ -1,6 +1,7 @@
-"""A lone member trains a few DiLoCo rounds, either as --ranks 2 DDP processes (each rank
-its own half of every batch) or as one process that takes both halves at once; it saves
-its final weights to --out. tests/test_ranks.py compares the two."""
+"""A lone member trains a few DiLoCo rounds, either as --ranks 2 processes (DDP, or FSDP2's
+fully_shard with --parallel fsdp; each rank its own half of every batch) or as one process
+that takes both halves at once; it saves its final weights to --out. tests/test_ranks.py
+compares them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import loco
@@ -29,11 +31,16 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     ranks = None
+    initial = [p.detach().clone() for p in model.parameters()]
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-        model = DistributedDataParallel(model)
+        if args.parallel == "fsdp":
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            model = DistributedDataParallel(model)
         ranks = loco.Ranks()
-    initial = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
     try:
@@ -46,8 +53,9 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
                 opt.step()
                 opt.zero_grad()
                 outer.step(final=step == args.steps - 1)
+        final = [p.full_tensor() if args.parallel == "fsdp" and world > 1 else p for p in model.parameters()]
         if rank == 0:
-            torch.save({"initial": initial, "final": [p.detach().clone() for p in model.parameters()]}, args.out)
+            torch.save({"initial": initial, "final": [p.detach().clone() for p in final]}, args.out)
     finally:
         if swarm is not None:
             swarm.close()
@@ -59,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, choices=[1, 2], default=1)
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.ranks == 1:
