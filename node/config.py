@@ -49,10 +49,12 @@ class NodeConfig(_Section):
     node.parallel says (NCCL between GPUs, gloo on the CPU); rank 0 talks to the swarm. With
     device cuda:N the ranks use GPUs N, N+1, ... `loco node start --nproc-per-node` sets it;
     under torchrun it is the number of processes torchrun starts."""
-    parallel: Literal["ddp"] = "ddp"
-    """How the ranks of a node of several processes train together: ddp (PyTorch
-    DistributedDataParallel: every rank holds the whole model and draws its own batches, the
-    gradients are averaged every step). Fully sharded (fsdp) nodes are not available yet."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How the ranks of a node of several processes train together, each on its own
+    batches: ddp (DistributedDataParallel: every rank holds the whole model, the gradients
+    are averaged every step) or fsdp (FSDP2's fully_shard: each rank holds a shard of every
+    block and of its AdamW state; rank 0 gathers the whole weights in host memory for the
+    outer step, which works with diloco, co2 and noloco)."""
 
     @field_validator("device")
     @classmethod
@@ -500,6 +502,14 @@ class Config(_Section):
         if self.model.n_layer < p.stages:
             raise ValueError(f"pipeline.stages ({p.stages}) exceeds model.n_layer ({self.model.n_layer}): "
                              f"every stage needs at least one block")
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_algorithms(self) -> Config:
+        if self.node.parallel == "fsdp" and self.optim.algorithm not in ("diloco", "co2", "noloco"):
+            raise ValueError(f"node.parallel = 'fsdp' works with optim.algorithm diloco, co2 or noloco, not "
+                             f"{self.optim.algorithm!r} (it reads the weights within a round): use node.parallel "
+                             f"= 'ddp'")
         return self
 
     @model_validator(mode="after")

@@ -29,7 +29,7 @@ from .build import build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
 from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, config_to_dict
-from .follower_node import next_step, share_trainer_state
+from .follower_node import CHECKPOINT, DONE, EVALUATE, next_step, share_trainer_state
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, write_json_atomic
 from .trainer import Trainer
@@ -63,6 +63,9 @@ class Node:
         self._may_checkpoint = False  # until the checkpoint in --out (if any) is loaded
         self._saved: dict[str, Any] | None = None  # that checkpoint, read before joining
         self._saved_from = self.ckpt_path  # its file (an older one where the newest could not be read)
+        # the other ranks wait for rank 0's orders between steps (while training, and after the
+        # last step until DONE); False when they are elsewhere (setup, a failed collective)
+        self._ranks_listening = False
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -165,6 +168,12 @@ class Node:
         self.identity.remember_peers(self.swarm.known_peers())
         if not self._may_checkpoint:  # the checkpoint in --out was not loaded: never write over it
             return
+        if self.trainer.sharded:  # every rank hands its shards to the gathered state
+            if not self._ranks_listening:
+                log.error("no final checkpoint: the node's ranks stopped before the last step (a sharded "
+                          "model's state needs all of them); the previous checkpoint is kept")
+                return
+            self.ranks.share(CHECKPOINT)
         # the algorithm's state_dict is a copy already (its contract); the trainer's is live
         state = {"trainer": private_copy(self.trainer.state_dict()), **self.outer.state_dict(), "node": self.id}
         self._writer.submit(state, self.outer.round)
@@ -181,7 +190,8 @@ class Node:
             self._announce_self()
             resumed = self._resume()
             self.outer.join()
-            start_val = self.trainer.evaluate()
+            self._ranks_listening = self.ranks is not None
+            start_val = self._evaluate()
             self.metrics.write("start", step=self.trainer.step, round=self.outer.round, val_loss=start_val,
                                resumed=resumed, weights_hash=self.outer.weights_hash(),
                                endpoint=self.swarm.endpoint, algorithm=self.cfg.optim.algorithm,
@@ -189,6 +199,9 @@ class Node:
                                processes=self.trainer.processes)
             self._restart_round_clock()
             self._loop()
+        except BaseException:
+            self._ranks_listening = False  # (a collective failed, or a signal cut one short)
+            raise
         finally:
             self._shutdown()
         return 0
@@ -211,6 +224,11 @@ class Node:
                     or (t.max_time_s and time.time() - self.started >= t.max_time_s)
                     or (ends_round and t.rounds and self.outer.round + 1 >= t.rounds))
 
+    def _evaluate(self) -> float:
+        if self.trainer.sharded:  # every rank runs the forward of a sharded model
+            self.ranks.share(EVALUATE)
+        return self.trainer.evaluate()
+
     def _loop(self) -> None:
         # the other ranks of the node (if any) take each step rank 0 decides on
         while next_step(self.ranks, self._budget_left()):
@@ -226,7 +244,7 @@ class Node:
                 continue
             loss = self.trainer.last_loss()
             t0 = time.monotonic()
-            val = self.trainer.evaluate()
+            val = self._evaluate()
             t1 = time.monotonic()
             if self._cadence.due(self.outer.round):
                 self._checkpoint()
@@ -271,6 +289,8 @@ class Node:
         if self.outer is not None:
             _attempt("algorithm", self.outer.close)
             _attempt("final checkpoint", self._final_checkpoint)
+        if self._ranks_listening:
+            _attempt("the node's other ranks", lambda: self.ranks.share(DONE))
         if self.swarm is not None:
             _attempt("swarm", self.swarm.close)
         if self._writer is not None:

@@ -54,6 +54,11 @@ def next_step(ranks: Ranks | None, go: bool = False) -> bool:
     return go if ranks is None else bool(ranks.share(go))
 
 
+# What rank 0 asks the other ranks to do with it between two steps or after the last one,
+# where the model is sharded over them (fsdp: a forward and a state dict are collectives).
+EVALUATE, CHECKPOINT, DONE = "evaluate", "checkpoint", "done"
+
+
 class FollowerNode:
     """A rank > 0 of a node: trains the steps rank 0 decides, follows its outer algorithm."""
 
@@ -73,10 +78,25 @@ class FollowerNode:
         outer = build_algorithm(cfg, trainer.model, trainer.opt, None, join=False, ranks=ranks)
         try:
             outer.join()
-            while next_step(ranks):
+            while self._next(trainer) is True:
                 trainer.train_step(outer.sync_gradients, read_loss=False)
                 outer.step()
+            last = self._next(trainer)  # after rank 0's final checkpoint
+            if last != DONE:
+                raise RuntimeError(f"rank 0 said {last!r} after the last step, not {DONE!r}")
         finally:
             outer.close()
         log.info("rank %d of node %s: done at step %d, round %d", ranks.rank, self.id, trainer.step, outer.round)
         return 0
+
+    def _next(self, trainer: Trainer) -> object:
+        """Rank 0's next word: whether there is another step (or DONE after the last),
+        doing first what it asks in between (its evaluation, its checkpoint)."""
+        while True:
+            message = self.ranks.share()
+            if message == EVALUATE:
+                trainer.evaluate()
+            elif message == CHECKPOINT:
+                trainer.state_dict()
+            else:
+                return message

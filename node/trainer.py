@@ -59,15 +59,7 @@ class Trainer:
         self.sampler = Sampler(train, self.block_size, cfg.data.batch_size, seed)
         self.val = validation_batches(val, self.block_size, cfg.data.batch_size, cfg.data.val_batches,
                                       cfg.train.seed)
-        o = cfg.optim
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        # fused: one kernel for the whole update on a GPU (the for-each default launches
-        # several per parameter group); the same math and the same state_dict
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.inner_lr, betas=o.betas, fused=self.device.type == "cuda",
-        )
+        self.opt = self._make_optimizer()
         self._check_output()
         # the module the inner steps run: compiled, or the model itself. Everything else
         # (state_dict, the outer algorithm, evaluation) uses ``self.model``: the compiled
@@ -87,11 +79,34 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
 
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        # fused: one kernel for the whole update on a GPU (the for-each default launches
+        # several per parameter group); the same math and the same state_dict
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.inner_lr, betas=o.betas, fused=self.device.type == "cuda",
+        )
+
     def distribute(self, group: Any) -> None:
         """Train together with the other ranks of the torch.distributed ``group`` (the node's
-        processes): DistributedDataParallel averages the gradients of every step over them.
-        They must hold the same weights now (the wrapper also copies rank 0's)."""
+        processes), as node.parallel says: ddp (DistributedDataParallel averages the
+        gradients of every step) or fsdp (FSDP2: each rank holds a shard of every block; the
+        inner optimizer is rebuilt on the shards, with its state). They must hold the same
+        weights and optimizer state now."""
         import torch.distributed as dist
+
+        self.processes = dist.get_world_size(group)
+        if self.cfg.node.parallel == "fsdp":
+            from .sharding import shard_model
+
+            self.opt = shard_model(self.model, self.opt, group, self.device, self._make_optimizer_on_shards)
+            self.params = unique_parameters(self.model)
+            self.train_module = self.model
+            self.step_model = torch.compile(self.model) if self.compiled else self.model
+            return
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -102,7 +117,16 @@ class Trainer:
         self.train_module = DistributedDataParallel(self.model, device_ids=ids, process_group=group,
                                                     **{no_sync: False})
         self.step_model = torch.compile(self.train_module) if self.compiled else self.train_module
-        self.processes = dist.get_world_size(group)
+
+    def _make_optimizer_on_shards(self) -> torch.optim.Optimizer:
+        self.params = unique_parameters(self.model)  # fully_shard replaced them with DTensors
+        return self._make_optimizer()
+
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded over the node's ranks (fsdp): its state dicts, evaluation and
+        checkpoints are collectives of every rank."""
+        return self.processes > 1 and self.cfg.node.parallel == "fsdp"
 
     @torch.no_grad()
     def _check_output(self) -> None:
@@ -194,15 +218,30 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def state_dict(self) -> dict[str, Any]:
+        """The trainer's state; sharded (fsdp), the whole of it gathered to rank 0 (every
+        rank calls it; the others get empty model and optimizer states)."""
+        if self.sharded:
+            from .sharding import full_state
+
+            model, opt = full_state(self.model, self.opt)
+        else:
+            model, opt = self.model.state_dict(), self.opt.state_dict()
         return {
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sampler": self.batches.state_dict(),
+            "model": model, "opt": opt, "sampler": self.batches.state_dict(),
             "step": self.step, "tokens": self.tokens,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Before ``distribute``. A checkpoint of a sharded node (its optimizer state keyed
+        by parameter names) loads too, on any number of ranks."""
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        if any(isinstance(k, str) for k in state["opt"].get("state", {})):
+            from .sharding import load_full_optimizer_state
+
+            load_full_optimizer_state(self.model, self.opt, state["opt"])
+        else:
+            self.opt.load_state_dict(state["opt"])
         self.batches.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])

@@ -87,12 +87,42 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
     assert all(len(set(hs.values())) == 1 for hs in together), together
 
 
+def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_one_resumes(procs, tmp_path):
+    """node0: two ranks, FSDP2 inside (each rank half of every block and of its AdamW state;
+    rank 0 gathers the weights for the outer step); node1: one process. Its checkpoint is
+    the gathered state: started again, node0 resumes with the weights it ended with."""
+    out = tmp_path / "run"
+
+    def run(rounds: int, name: str) -> None:
+        common = ["node", "start", "--out", str(out), *_sets(f"train.rounds={rounds}", "swarm.wait_for_peers=1")]
+        a = procs.loco(*common, "--node-id", "node0", "--nproc-per-node", "2", "--set", "node.parallel='fsdp'",
+                       log=f"node0-{name}")
+        b = procs.loco(*common, "--node-id", "node1", "--join-file", str(out / "nodes" / "node0.json"),
+                       log=f"node1-{name}")
+        for node, p in ((f"node0-{name}", a), (f"node1-{name}", b)):
+            assert _wait_exit(p, 300, node, procs) == 0, procs.log(node)[-3000:]
+        (out / "nodes" / "node0.json").unlink()  # the second run's node1 waits for the new one
+
+    run(2, "first")
+    first_end = _outer(out, "node0")[-1]
+    run(4, "again")
+    starts = _records(out, "node0", "start")
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["processes"] == 2
+    assert starts[1]["round"] == 2 and starts[1]["weights_hash"] == first_end["weights_hash"]
+    together = [hs for hs in _hashes_by_round(out, ["node0", "node1"]).values() if len(hs) == 2]
+    assert len(together) >= 3 and all(len(set(hs.values())) == 1 for hs in together), together
+    assert _outer(out, "node0")[-1]["val_loss"] < starts[0]["val_loss"]
+
+
 def test_nproc_per_node_and_parallel_are_checked():
     from loco.node.config import ConfigError, load_config
 
     assert load_config(None, ["node.nproc_per_node=2"]).node.parallel == "ddp"
+    assert load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'"]).node.parallel == "fsdp"
     with pytest.raises(ConfigError, match="node.parallel"):
-        load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'"])
+        load_config(None, ["node.nproc_per_node=2", "node.parallel='tp'"])
+    with pytest.raises(ConfigError, match="works with optim.algorithm diloco, co2 or noloco"):
+        load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'", "optim.algorithm='streaming_diloco'"])
     with pytest.raises(ConfigError, match="set node.nproc_per_node > 1"):
         load_config(None, ["node.parallel='ddp'"])
     with pytest.raises(ConfigError, match="a pipeline stage is one process"):

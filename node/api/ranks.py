@@ -21,8 +21,12 @@ stops the others at their next broadcast (the group's timeout, ``init_process_gr
 
 With ``loco.DDP`` (gradients averaged across members every step) the leader broadcasts the
 swarm's gradient mean before every optimizer step, and the inner AdamW state along with the
-weights when it adopts a peer's. Not yet: sharded models (FSDP), whose exchange should not
-go through one rank.
+weights when it adopts a peer's.
+
+With FSDP2 inside (the parameters are DTensors sharded over the ranks) the leader's
+algorithm works on a whole copy of the weights in host memory (``ShardedWeights``): every
+rank hands its shards in when a round ends and gets the result back. Not yet: an exchange
+in which every rank sends its own shard (it goes through the leader).
 """
 
 from __future__ import annotations
