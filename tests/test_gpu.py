@@ -155,3 +155,29 @@ def test_quantizers_with_error_feedback_put_the_same_bits_on_the_wire_from_the_g
         assert torch.equal(d_cpu, d_gpu.cpu())
         cpu.commit()
         gpu.commit()
+
+
+@pytest.mark.swarm
+def test_members_sharded_with_fsdp_over_nccl_train_together_on_the_gpu(procs, tmp_path):
+    """Two members of one rank each (NCCL inside, its per-step messages over gloo beside
+    it), their parameters FSDP2 DTensors: rank 0 gathers them for CO2's outer step (which
+    lands a round later) and scatters the result; fused AdamW on the shards. (Members of
+    two GPUs each need a machine with four: tests/test_ranks.py runs them over gloo.)"""
+    import re
+
+    from tests.conftest import wait_until
+    from tests.test_ranks import _finish, _ranks
+
+    common = ["--device", "cuda", "--parallel", "fsdp", "--algorithm", "co2", "--inner-steps", "10", "--steps", "60",
+              "--peers", "1", "--nproc-per-node", "1"]
+    ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a = procs.python("examples/ddp_node.py", *common, "--seed", "1", "--report", str(ra), log="a")
+    token = wait_until(lambda: re.search(r"join with: (\S+)", procs.log("a")), 180, "a's join token").group(1)
+    b = procs.python("examples/ddp_node.py", *common, "--seed", "2", "--join", token, "--report", str(rb), log="b")
+    _finish(a, procs, "a")
+    _finish(b, procs, "b")
+    (a0,), (b0,) = _ranks(ra, 1), _ranks(rb, 1)
+    ok_b = {r["round"]: r["weights_hash"] for r in b0[:-1] if r["status"] == "ok" and r["group_size"] == 2}
+    together = [r for r in a0[:-1] if r["round"] in ok_b and r["status"] == "ok" and r["group_size"] == 2]
+    assert len(together) >= 3 and all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a0, b0)
+    assert a0[-1]["val_loss"] < 0.85 * a0[0]["val_loss"], a0
