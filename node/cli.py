@@ -152,6 +152,9 @@ def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id
             code = run_rank(rank, world, through_join_file(cfg) if join_file else cfg, Path(out))
         elif cfg.node.nproc_per_node > 1:  # the node's ranks start here
             code = launch_ranks(through_join_file(cfg) if join_file else cfg, Path(out), verbose)
+        elif cfg.node.parallel != "ddp":
+            raise ConfigError(f"node.parallel = {cfg.node.parallel!r} shards the model over a node's processes: "
+                              "start it with --nproc-per-node N (node.nproc_per_node) or under torchrun")
         elif cfg.pipeline.stages >= 2:
             from .pipeline import PipelineNode
 

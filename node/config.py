@@ -64,13 +64,6 @@ class NodeConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _parallel_needs_ranks(self) -> NodeConfig:
-        if "parallel" in self.model_fields_set and self.nproc_per_node == 1:
-            raise ValueError("node.parallel says how the processes of a node train together: set "
-                             "node.nproc_per_node > 1 (or leave node.parallel out)")
-        return self
-
-    @model_validator(mode="after")
     def _listen_all_needs_announce(self) -> NodeConfig:
         if self.listen_host in ("0.0.0.0", "::") and not self.announce_host:
             raise ValueError("listen_host is a wildcard; set node.announce_host to a reachable address")

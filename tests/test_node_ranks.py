@@ -61,7 +61,8 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
 
 def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path):
     out = tmp_path / "run"
-    common = ["node", "start", "--out", str(out), "--nproc-per-node", "2", *_sets("train.rounds=0")]
+    common = ["node", "start", "--out", str(out), "--nproc-per-node", "2",
+              *_sets("train.rounds=0", "swarm.wait_for_peers=1")]
     procs.loco(*common, "--node-id", "node0", log="node0")
     _ready(out, "node0")
     join = ["--join-file", str(out / "nodes" / "node0.json")]
@@ -123,10 +124,19 @@ def test_nproc_per_node_and_parallel_are_checked():
         load_config(None, ["node.nproc_per_node=2", "node.parallel='tp'"])
     with pytest.raises(ConfigError, match="works with optim.algorithm diloco, co2 or noloco"):
         load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'", "optim.algorithm='streaming_diloco'"])
-    with pytest.raises(ConfigError, match="set node.nproc_per_node > 1"):
-        load_config(None, ["node.parallel='ddp'"])
+    # a resolved config holds every key: loading it again must work (export, eval-skips, loco run)
+    assert load_config(None, ["node.parallel='ddp'"]).node.nproc_per_node == 1
     with pytest.raises(ConfigError, match="a pipeline stage is one process"):
         load_config(None, ["node.nproc_per_node=2", "pipeline.stages=2", "model.n_layer=2"])
+
+
+def test_fsdp_in_a_node_of_one_process_is_a_one_line_error():
+    from click.testing import CliRunner
+
+    from loco.node.cli import main
+
+    result = CliRunner().invoke(main, ["node", "start", "--set", "node.parallel='fsdp'"])
+    assert result.exit_code != 0 and "start it with --nproc-per-node N" in result.output
 
 
 def test_a_rank_resumes_its_own_batches_from_rank_0s_count():
