@@ -37,7 +37,7 @@ def setup_logging(verbose: bool) -> None:
 
 def _load(config: str | None, overrides: tuple[str, ...]):
     try:
-        return load_config(config, list(overrides))
+        return load_config(config, list(overrides), env=os.environ)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -223,7 +223,7 @@ def run(experiment, out, overrides):
     from .experiment import load_experiment
 
     try:
-        exp = load_experiment(experiment, list(overrides))
+        exp = load_experiment(experiment, list(overrides), env=os.environ)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     from .runner import run_experiment
@@ -313,6 +313,31 @@ def export(run_dir, out):
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"exported {made.node}'s weights at round {made.round} ({made.kind}) to {made.out}")
+
+
+@main.group("config")
+def config_group() -> None:
+    """The resolved configuration and its keys."""
+
+
+@config_group.command("show")
+@config_option
+@set_option
+def config_show(config, overrides):
+    """Print the configuration a node would run with, as TOML: defaults < --config file <
+    LOCO_SECTION__KEY environment variables < --set. Loads back unchanged with --config."""
+    from .config import config_to_dict
+    from .config_layers import to_toml
+
+    click.echo(to_toml(config_to_dict(_load(config, overrides), redact=True)), nl=False)
+
+
+@config_group.command("docs")
+def config_docs():
+    """Print the table of every configuration key (Markdown, as in the README)."""
+    from .config_docs import config_table
+
+    click.echo(config_table(), nl=False)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,14 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .bandwidth import parse_bandwidth
+from .config_layers import env_overrides, suggest
 
 
 class ConfigError(ValueError):
@@ -22,17 +26,19 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # the docstring under each field is its description (the README's table is made from them)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True)
 
 
 class NodeConfig(_Section):
     id: str | None = None
-    """Node id; unique in the swarm. Default: derived from host name and output folder, so a
-    restart with the same --out resumes the same node."""
+    """Node id; unique in the swarm (the smallest id of a round leads it). Default: derived
+    from host name and output folder, so a restart with the same --out resumes the same node."""
     listen_host: str = "127.0.0.1"
     """Address the ZeroMQ and DHT sockets bind to (0.0.0.0 for all interfaces)."""
     announce_host: str | None = None
-    """Address other nodes should use to reach this one (default: listen_host)."""
+    """Address other nodes should use to reach this one (default: listen_host; required
+    with listen_host 0.0.0.0)."""
     port: int = Field(0, ge=0, le=65535)
     """ZeroMQ data port; 0 lets the OS choose."""
     dht_port: int = Field(0, ge=0, le=65535)
@@ -42,7 +48,8 @@ class NodeConfig(_Section):
     (the first GPU) or cuda:N. ``loco swarm``/``loco run`` give each node its own GPU when
     this is auto or cuda (see swarm.nodes_per_gpu)."""
     threads: int = Field(0, ge=0)
-    """Torch intra-op threads (of each process); 0 keeps torch's default."""
+    """Torch intra-op threads (of each process); 0 keeps torch's default (``loco swarm``
+    divides the machine's cores among its nodes)."""
     nproc_per_node: int = Field(1, ge=1, le=64)
     """Processes of this node (one per GPU on a GPU node). With more than one the node is one
     swarm member made of several torch.distributed ranks that train together the way
@@ -168,14 +175,16 @@ class DataConfig(_Section):
     memory-mapped), or a HuggingFace datasets folder (README, Data); None: the Python
     standard library's source."""
     token_dtype: Literal["uint16", "uint32"] | None = None
-    """Id width of a .bin token file; None: its sidecar's dtype, else uint16."""
+    """Id width of a .bin token file (uint16 or uint32); None: its sidecar's dtype, else
+    uint16. An error for any other data.path."""
     text_column: str = "text"
-    """A HuggingFace datasets folder without an ``input_ids`` column: the column of text."""
+    """A HuggingFace datasets folder without an ``input_ids`` column: the column of text.
+    An error for any other data.path."""
     val_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of files (by path hash) held out for validation."""
     max_bytes: int = Field(8_000_000, gt=0)
-    """Upper bound on text corpus bytes read (keeps start-up fast); token files are
-    memory-mapped whole."""
+    """Upper bound on text corpus (and datasets folder) bytes read (keeps start-up fast);
+    token files are memory-mapped whole, and setting it beside one is an error."""
     batch_size: int = Field(16, ge=1)
     """Sequences per inner step."""
     val_batches: int = Field(4, ge=1)
@@ -194,7 +203,10 @@ class NoLoCoConfig(_Section):
     group_size: int = Field(2, ge=2)
     """g: replicas per averaging group (2: one partner). An odd node out joins a group."""
     exchange_timeout_s: float = Field(30.0, gt=0)
-    """How long to wait for partners' data; after it the node takes a local-only step."""
+    """How long to wait for partners' data; after it the node takes a local-only step. It
+    must cover sending 2x the model, encoded, over the slowest uplink, plus the answers owed
+    to peers that adopted this node: raise it for large models on slow links
+    (docs/BENCHMARKS.md, simulated swarms)."""
 
 
 class CO2Config(_Section):
@@ -351,27 +363,13 @@ class TrainConfig(_Section):
     """With checkpoint_every = 0: a checkpoint at the end of the first round at least this
     long after the previous checkpoint (or the start)."""
     keep_checkpoints: int = Field(1, ge=0)
-    """Previous checkpoints kept beside the current one (``node0.pt.1``, ...)."""
-
-
-_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
-          "b/s": 8, "kb/s": 8e3, "mb/s": 8e6, "gb/s": 8e9}
-
-
-def parse_bandwidth(text: str) -> float:
-    """'100mbit' / '1gbit' / '25MB/s' -> bits per second."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z/]+)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"bandwidth {text!r}: expected a number and a unit ({', '.join(_UNITS)})")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"bandwidth {text!r} must be positive")
-    return value
+    """Previous checkpoints kept beside the current one (``<node>.safetensors.1``, ...)."""
 
 
 class LinkConfig(_Section):
     bandwidth: str | None = None
-    """e.g. '100mbit', '1gbit', '25MB/s'; None: unlimited."""
+    """e.g. '100mbit', '1gbit', '25MB/s' (the units tc reads: see README, Network emulation);
+    None: unlimited."""
     latency_ms: float = Field(0.0, ge=0)
     """One-way latency added to every message."""
     jitter_ms: float = Field(0.0, ge=0)
@@ -403,7 +401,8 @@ class NetworkConfig(LinkConfig):
     links: dict[str, LinkConfig] = {}
     """Per destination node id: a profile replacing the defaults for that link."""
     cuts: list[CutConfig] = []
-    """Links that go down for a while."""
+    """Links that go down for a while: ``{peer, start_s, end_s}`` tables (the link to node
+    ``peer`` drops everything from start_s to end_s, counted from ``epoch``)."""
     epoch: float = 0.0
     """Unix time the cut windows count from (0: when the node starts)."""
 
@@ -539,26 +538,31 @@ def _get(cfg: BaseModel, dotted: str) -> Any:
 _DEFAULTS = Config()
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
+    """One line per problem, naming the key (and the environment variable that set it);
+    an unknown key gets the nearest known one."""
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        origin = next((f" (from {var})" for k, var in (origins or {}).items()
+                       if key == k or key.startswith(k + ".") or k.startswith(key + ".")), "")
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            near = suggest(Config, err["loc"])
+            lines.append(f"  {key}: unknown key{origin}" + (f" (did you mean {near}?)" if near else ""))
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r}){origin}")
     return "\n".join(lines)
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str, what: str = "--set") -> tuple[list[str], Any]:
     """'optim.inner_steps=50' -> (['optim', 'inner_steps'], 50). Values are TOML literals;
     anything that is not one (a bare word, a path) is taken as a string."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
+        raise ConfigError(f"{what} {item!r}: expected section.key=value")
     dotted, raw = item.split("=", 1)
     keys = dotted.strip().split(".")
     if not all(keys):
-        raise ConfigError(f"--set {item!r}: empty key in {dotted!r}")
+        raise ConfigError(f"{what} {item!r}: empty key in {dotted!r}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -566,17 +570,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], what: str = "--set") -> dict[str, Any]:
+    """``data`` with each dotted ``section.key=value`` set; ``what`` names where they came
+    from in messages."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
-        keys, value = parse_override(item)
+        keys, value = parse_override(item, what)
         node = out
         for k in keys[:-1]:
             child = node.get(k)
             if child is None:
                 child = node[k] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {k!r} is a value, not a section")
+                raise ConfigError(f"{what} {item!r}: {k!r} is a value, not a section")
             else:
                 child = node[k] = dict(child)
             node = child
@@ -598,21 +604,34 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from exc
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> Config:
+def build_config(data: dict[str, Any], source: str = "config", origins: dict[str, str] | None = None) -> Config:
+    """``origins``: dotted key -> the environment variable that set it (for messages)."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_format_errors(exc, source, origins)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- TOML file <- --set overrides, validated as a whole."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Defaults <- TOML file <- ``env``'s LOCO_SECTION__KEY variables <- --set overrides,
+    validated as a whole. The CLI passes ``os.environ`` as ``env``; nothing else reads it."""
     data = read_toml(path) if path else {}
     source = str(path) if path else "defaults"
+    origins: dict[str, str] = {}
+    try:
+        from_env = env_overrides(env or {})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for var, item in from_env:
+        data = apply_overrides(data, [item], what=f"environment variable {var}")
+        origins[item.split("=", 1)[0]] = var
+    if from_env:
+        source += " + environment"
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + --set"
-    return build_config(data, source)
+    return build_config(data, source, origins)
 
 
 def config_to_dict(cfg: Config, redact: bool = False) -> dict[str, Any]:

@@ -9,12 +9,14 @@ key or an impossible fault names itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import Config, ConfigError, apply_overrides, build_config, read_toml
+from .config_layers import env_overrides
 
 # Built-in network profiles: the default link of every node, plus per-node overrides.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -131,8 +133,18 @@ def _dotted(d: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+def load_experiment(path: str | Path, overrides: list[str] | None = None,
+                    env: Mapping[str, str] | None = None) -> Experiment:
+    """An experiment file <- ``env``'s LOCO_SECTION__KEY variables, applied to its ``base``
+    (the nodes' shared config) <- ``overrides`` (dotted keys of the experiment file itself:
+    ``base.optim.inner_steps=50``)."""
     data = read_toml(path)
+    try:
+        from_env = env_overrides(env or {})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for var, item in from_env:
+        data = apply_overrides(data, [f"base.{item}"], what=f"environment variable {var}")
     if overrides:
         data = apply_overrides(data, overrides)
     try:
@@ -142,6 +154,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "extra_forbidden" and len(err["loc"]) == 1 and err["loc"][0] in Config.model_fields:
+                msg += f" of an experiment: node config overrides go under base. (--set base.{key}.…)"
             lines.append(f"  {key}: {msg}")
         raise ConfigError("\n".join(lines)) from None
     for v in exp.variant:  # fail before anything starts: every node config of every variant

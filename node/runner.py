@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import config_to_dict
+from .config_layers import without_env_overrides
 from .experiment import Experiment, Fault, Variant, node_config
 from .metrics import MetricsWriter, read_metrics
 from .report import write_report
@@ -52,7 +53,9 @@ class VariantRun:
         # fresh process takes 10-20 s to import and load on a busy machine, by when the
         # others may have finished)
         self.staged: dict[int, Path] = {}
-        self.env = launch_env(node_config(exp, variant, 0, self.epoch).swarm)  # restarts keep the key
+        # restarts keep the key; LOCO_SECTION__KEY variables are in the experiment's base
+        # already, and must not override each variant's settings in the nodes again
+        self.env = without_env_overrides(launch_env(node_config(exp, variant, 0, self.epoch).swarm))
 
     def _config_path(self, i: int) -> Path:
         cfg = node_config(self.exp, self.variant, i, self.epoch)

@@ -19,7 +19,8 @@ from loco.protocols.shaper import Cut, LinkProfile, Shaper
 from loco.protocols.transport import Transport
 from loco.token import new_key
 
-from .config import Config, ConfigError, LinkConfig, NetworkConfig, parse_bandwidth
+from .bandwidth import parse_bandwidth
+from .config import Config, ConfigError, LinkConfig, NetworkConfig
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)

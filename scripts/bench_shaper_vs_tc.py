@@ -45,7 +45,7 @@ def receiver(bind: str, count: int, repeats: int) -> None:
 def sender(bind: str, target: str, count: int, repeats: int, bandwidth: str | None) -> list[float]:
     import torch
 
-    from loco.node.config import parse_bandwidth
+    from loco.node.bandwidth import parse_bandwidth
     from loco.protocols.shaper import Shaper
     from loco.protocols.transport import Transport
     from loco.protocols.wire import Message
@@ -89,7 +89,7 @@ def main() -> None:
         print(f"RESULT {statistics.median(times):.4f}", flush=True)
         return
 
-    from loco.node.config import parse_bandwidth
+    from loco.node.bandwidth import parse_bandwidth
     from scripts.netns import Namespaces, address
 
     nbytes = count * CHUNK * 4

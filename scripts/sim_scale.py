@@ -67,7 +67,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loco.node.config import NoLoCoConfig, SwarmConfig, parse_bandwidth  # noqa: E402
+from loco.node.bandwidth import parse_bandwidth  # noqa: E402
+from loco.node.config import NoLoCoConfig, SwarmConfig  # noqa: E402
 from loco.protocols.collective import CollectiveTimeouts  # noqa: E402
 from loco.protocols.gossip import GroupExchange, random_groups  # noqa: E402
 from loco.protocols.transport import ABSENCE_CHECK_S  # noqa: E402
