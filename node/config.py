@@ -47,6 +47,9 @@ class NodeConfig(_Section):
     """Torch device for training: auto (a GPU when there is one, else the CPU), cpu, cuda
     (the first GPU) or cuda:N. ``loco swarm``/``loco run`` give each node its own GPU when
     this is auto or cuda (see swarm.nodes_per_gpu)."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve live Prometheus metrics at http://listen_host:PORT/metrics (README, Metrics); 0:
+    the OS chooses (the URL is in OUT/nodes/<node>.json); None: off."""
     threads: int = Field(0, ge=0)
     """Torch intra-op threads (of each process); 0 keeps torch's default (``loco swarm``
     divides the machine's cores among its nodes)."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,10 @@ from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, config_to_dict
 from .follower_node import CHECKPOINT, DONE, EVALUATE, next_step, share_trainer_state
 from .metrics import MetricsWriter
-from .runtime import NodeIdentity, default_node_id, write_json_atomic
+from .runtime import NodeIdentity, default_node_id, open_live_metrics, write_json_atomic
+
+if TYPE_CHECKING:  # prometheus_client is imported only where node.metrics_port asks for it
+    from .live_metrics import LiveMetrics
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class Node:
         self.ckpt_path = checkpoint_file(out / "checkpoints", self.id)
         # built by _setup, in this order; shutdown closes what exists, in reverse
         self.metrics: MetricsWriter | None = None
+        self.live: LiveMetrics | None = None  # the /metrics endpoint (node.metrics_port)
         self._records: ThreadPoolExecutor | None = None
         self._writer: CheckpointWriter | None = None
         self._round_start = time.monotonic()  # where the round's wall time (wall_s) starts
@@ -74,6 +78,7 @@ class Node:
             torch.set_num_threads(cfg.node.threads)
         write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
+        self.live = open_live_metrics(cfg, self.id, self.metrics)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self._writer = CheckpointWriter(self.ckpt_path, cfg.train.keep_checkpoints, self._checkpoint_failed)
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
@@ -88,6 +93,8 @@ class Node:
             write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.identity = NodeIdentity(self.out, self.id)
         self.swarm = self._open_swarm(cfg)
+        if self.live is not None:
+            self.live.watch(self.swarm.transport, lambda: len(self.swarm.membership.peers()))
         # joined after the checkpoint is loaded, so a restart compares its own round with the swarm's
         self.outer = build_algorithm(cfg, self.trainer.model, self.trainer.opt, self.swarm,
                                      on_event=self._on_event, join=False, ranks=self.ranks)
@@ -116,6 +123,8 @@ class Node:
         token = self.swarm.join_token if self.swarm.key else None
         if token:
             info["join"] = token
+        if self.live is not None:
+            info["metrics"] = self.live.url
         write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
         print(f"loco node {self.id}", flush=True)
         for m in maddrs:
@@ -299,6 +308,8 @@ class Node:
             _attempt("records", lambda: self._records.shutdown(wait=True))
         if self.metrics is not None:
             _attempt("metrics", self.metrics.close)
+        if self.live is not None:
+            _attempt("live metrics", self.live.close)
 
     def _final_checkpoint(self) -> None:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -18,6 +22,11 @@ class MetricsWriter:
         self.node_id = node_id
         self._f = path.open("a", buffering=1)
         self._lock = threading.Lock()  # the daemon writes round records from a thread of their own
+        self._sinks: list[Callable[[dict[str, Any]], None]] = []
+
+    def add_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """Also hand every record, once written, to ``sink`` (live metrics)."""
+        self._sinks.append(sink)
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         """``fields`` may set ``time`` (when the event happened, if not now)."""
@@ -25,6 +34,11 @@ class MetricsWriter:
         line = json.dumps(record) + "\n"
         with self._lock:
             self._f.write(line)
+            for sink in self._sinks:  # in the file's order
+                try:
+                    sink(record)
+                except Exception:  # the record is in the file; a live view must not lose the node
+                    log.exception("metrics sink failed on a %s record", event)
         return record
 
     def close(self) -> None:

@@ -75,7 +75,14 @@ from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batc
 from .devices import resolve_device
 from .metrics import MetricsWriter
 from .optstate import adam_step, adam_tensors, load_adam
-from .runtime import NodeIdentity, default_node_id, open_membership, open_transport, write_json_atomic
+from .runtime import (
+    NodeIdentity,
+    default_node_id,
+    open_live_metrics,
+    open_membership,
+    open_transport,
+    write_json_atomic,
+)
 from .stages import StageModel
 from .staging import HostStaging, StagedCommunicator
 from .sync import GossipCommunicator, SwarmCommunicator
@@ -262,6 +269,7 @@ class PipelineNode:
             torch.set_num_threads(cfg.node.threads)
         write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
+        self.live = open_live_metrics(cfg, self.id, self.metrics)
         if cfg.swarm.insecure:
             log.warning("swarm %r runs WITHOUT a key: anyone who reaches %s can read the model, change it and "
                         "impersonate peers", cfg.swarm.run_id, cfg.node.listen_host)
@@ -271,6 +279,8 @@ class PipelineNode:
             self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
         self.prober = LinkProber(self.transport)
         self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
+        if self.live is not None:
+            self.live.watch(self.transport, lambda: len(self.membership.peers()))
         train, val = load_corpus(cfg.data)
         check_corpus(train, val, cfg.model.block_size, cfg.model.vocab_size, cfg.data)
         self.sampler = Sampler(train, cfg.model.block_size, cfg.data.batch_size, node_seed(cfg.train.seed, self.id))
@@ -395,6 +405,8 @@ class PipelineNode:
                     "pid": os.getpid()}
             if self.cfg.swarm.key:
                 info["join"] = make_token(self.cfg.swarm.key, self.membership.maddrs)
+            if self.live is not None:
+                info["metrics"] = self.live.url
             write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
             print(f"loco pipeline node {self.id} (stage {self.stage})", flush=True)
             self._measure_compute()
@@ -1074,7 +1086,7 @@ class PipelineNode:
     def _shutdown(self) -> None:
         steps = [("model", self._final_checkpoint), ("membership", self._leave),
                  ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
-                 ("metrics", lambda: self.metrics.close())]
+                 ("metrics", lambda: self.metrics.close()), ("live", lambda: self.live and self.live.close())]
         for needs, step in steps:
             if not hasattr(self, needs):
                 continue

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loco.protocols.identity import NodeKey
 from loco.protocols.membership import Membership
@@ -21,7 +21,11 @@ from loco.token import new_key
 
 from .bandwidth import parse_bandwidth
 from .config import Config, ConfigError, LinkConfig, NetworkConfig
+from .metrics import MetricsWriter
 from .reaper import Reaper
+
+if TYPE_CHECKING:
+    from .live_metrics import LiveMetrics
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +177,24 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def open_live_metrics(cfg: Config, node_id: str, metrics: MetricsWriter) -> LiveMetrics | None:
+    """The node's /metrics endpoint when ``node.metrics_port`` is set, fed every record
+    ``metrics`` writes from now on (None: off)."""
+    port = cfg.node.metrics_port
+    if port is None:
+        return None
+    from .live_metrics import LiveMetrics  # prometheus_client only where asked for
+
+    try:
+        live = LiveMetrics(node_id, cfg.node.listen_host, port)
+    except OSError as exc:
+        raise ConfigError(f"node.metrics_port = {port}: cannot listen on {cfg.node.listen_host}:{port} "
+                          f"({exc.strerror or exc})") from None
+    metrics.add_sink(live.observe)
+    log.info("live metrics at %s", live.url)
+    return live
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -404,6 +404,10 @@ class Transport:
         # what a node really sent, e.g. to check that NoLoCo talks only to its partners
         self.sent_by_kind: dict[str, int] = defaultdict(int)
         self.sent_to: dict[str, int] = defaultdict(int)
+        # bytes by kind, sent (at the socket) and received (of messages that passed every
+        # check: a forged kind must not add entries)
+        self.sent_bytes_by_kind: dict[str, int] = defaultdict(int)
+        self.recv_bytes_by_kind: dict[str, int] = defaultdict(int)
         self._handlers: dict[str, Handler] = {}
         self._replay = ReplayGuard(replay_window_s, not_before=time.time() - clock_skew_s)
         self._seq = 0
@@ -519,6 +523,7 @@ class Transport:
         with self._count_lock:
             self.bytes_sent += nbytes
             self.sent_by_kind[kind] += 1
+            self.sent_bytes_by_kind[kind] += nbytes
             self.sent_to[self._names.get(endpoint, endpoint)] += 1
         return True
 
@@ -596,8 +601,9 @@ class Transport:
     def _accept(self, frames: list) -> None:
         """Verify, check and deliver one message. Nothing a peer sends may end the I/O
         thread: whatever fails is dropped and counted by reason."""
+        nbytes = message_nbytes(frames)
         with self._count_lock:
-            self.bytes_recv += message_nbytes(frames)
+            self.bytes_recv += nbytes
         try:
             msg = decode(frames, self.key, self.max_message_bytes)
         except WireError as exc:
@@ -626,6 +632,8 @@ class Transport:
         except MetaError as exc:
             self.drops.drop(exc.reason, f"from {msg.sender[:64]}: {exc}")
             return
+        with self._count_lock:
+            self.recv_bytes_by_kind[msg.kind] += nbytes
         self.last_heard.pop(msg.sender, None)  # re-inserted last: the dict is oldest first
         self.last_heard[msg.sender] = time.monotonic()
         if len(self.last_heard) > 65_536:

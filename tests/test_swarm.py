@@ -76,10 +76,15 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
     out = tmp_path / "run"
     nodes = ["node0", "node1", "node2"]
     # with a swarm key: every message is signed and checked. It trains until Ctrl-C.
-    p = procs.loco("swarm", "--nodes", "3", "--out", str(out), *_sets("train.rounds=0", "swarm.key='s3cret'"),
-                   log="swarm")
+    p = procs.loco("swarm", "--nodes", "3", "--out", str(out),
+                   *_sets("train.rounds=0", "swarm.key='s3cret'", "node.metrics_port=0"), log="swarm")
+    for n in nodes:
+        wait_until(lambda n=n: len(_outer(out, n)) >= 2, 300, f"{n}'s second round")
+    early = {n: _scrape(_ready(out, n)["metrics"]) for n in nodes}  # live metrics, while training
     for n in nodes:
         wait_until(lambda n=n: len(_outer(out, n)) >= 4, 300, f"{n}'s fourth round")
+    for n in nodes:
+        _check_live_metrics(early[n], _scrape(_ready(out, n)["metrics"]), n)
     pids = [json.loads((out / "nodes" / f"{n}.json").read_text())["pid"] for n in nodes]
     p.send_signal(signal.SIGINT)
     assert _wait_exit(p, 180, "swarm", procs) == 0, procs.log("swarm")[-3000:]
@@ -115,6 +120,40 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
     for rnd, hashes in _hashes_by_round(out, nodes).items():
         assert len(set(hashes.values())) == 1, f"round {rnd}: replicas differ: {hashes}"
     assert "total bytes exchanged" in procs.log("swarm")
+
+
+def _scrape(url: str) -> dict[str, dict[tuple, float]]:
+    """One scrape of a node's /metrics, parsed by prometheus_client's own text parser:
+    sample name -> {sorted labels: value}."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=30) as answer:
+        text = answer.read().decode()
+    samples: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def _check_live_metrics(early: dict, late: dict, node: str) -> None:
+    one = lambda m, name, **labels: m[name][tuple(sorted(labels.items()))]  # noqa: E731
+    assert one(late, "loco_node_info", node=node) == 1
+    assert one(late, "loco_step") > one(early, "loco_step") > 0
+    assert one(late, "loco_round") > one(early, "loco_round")
+    assert one(late, "loco_rounds_total", status="ok") > one(early, "loco_rounds_total", status="ok") >= 1
+    assert one(late, "loco_tokens_total") > one(early, "loco_tokens_total") > 0
+    assert one(late, "loco_tokens_per_second") > 0 and one(late, "loco_loss") > 0 and one(late, "loco_val_loss") > 0
+    assert one(late, "loco_group_size") == 3 and one(late, "loco_peers") == 2
+    for kind in ("PART", "AVG"):  # the all-reduce's reduce-scatter and all-gather, both ways
+        assert one(late, "loco_sent_bytes_total", kind=kind) > one(early, "loco_sent_bytes_total", kind=kind) > 0
+        assert one(late, "loco_received_bytes_total", kind=kind) > 0
+    parts = late["loco_round_part_seconds"]
+    assert {dict(k)["part"] for k in parts} >= {"compute", "communication", "publish", "evaluation", "checkpoint"}
+    assert sum(parts.values()) == pytest.approx(one(late, "loco_round_wall_seconds"), rel=0.02)
+    assert sum(late["loco_dropped_messages_total"].values()) == 0  # (signed: all verified)
 
 
 def _round_with_all(out: Path, nodes: list[str], after: int = -1) -> int | None:
