@@ -25,6 +25,13 @@ ROUND_PARTS = {"compute_s": "compute", "comm_s": "communication", "publish_s": "
                "weights_hash_s": "weights_hash", "eval_s": "evaluation", "checkpoint_s": "checkpoint"}
 
 
+def _labelled(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(dict(counts).items()):  # (a copy: the I/O thread adds entries)
+        family.add_metric([value], n)
+    return family
+
+
 class _TransportCollector(Collector):
     """Reads the transport's counters (and the DHT view) when Prometheus scrapes."""
 
@@ -34,26 +41,13 @@ class _TransportCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         t = self.transport
-        sent = CounterMetricFamily("loco_sent_bytes", "Data-plane bytes handed to the socket, by message kind",
-                                   labels=["kind"])
-        for kind, n in sorted(dict(t.sent_bytes_by_kind).items()):
-            sent.add_metric([kind], n)
-        yield sent
-        recv = CounterMetricFamily("loco_received_bytes", "Bytes of messages received that passed every check, "
-                                   "by message kind", labels=["kind"])
-        for kind, n in sorted(dict(t.recv_bytes_by_kind).items()):
-            recv.add_metric([kind], n)
-        yield recv
-        messages = CounterMetricFamily("loco_sent_messages", "Messages handed to the socket, by kind",
-                                       labels=["kind"])
-        for kind, n in sorted(dict(t.sent_by_kind).items()):
-            messages.add_metric([kind], n)
-        yield messages
-        dropped = CounterMetricFamily("loco_dropped_messages", "Messages dropped (malformed, forged, replayed, "
-                                      "...), by reason", labels=["reason"])
-        for reason, n in sorted(dict(t.dropped).items()):
-            dropped.add_metric([reason], n)
-        yield dropped
+        yield _labelled("loco_sent_bytes", "Data-plane bytes handed to the socket, by message kind", "kind",
+                        t.sent_bytes_by_kind)
+        yield _labelled("loco_received_bytes", "Bytes of messages received that passed every check, by message "
+                        "kind", "kind", t.recv_bytes_by_kind)
+        yield _labelled("loco_sent_messages", "Messages handed to the socket, by kind", "kind", t.sent_by_kind)
+        yield _labelled("loco_dropped_messages", "Messages dropped (malformed, forged, replayed, ...), by reason",
+                        "reason", t.dropped)
         yield CounterMetricFamily("loco_received_wire_bytes", "All bytes received at the socket, dropped "
                                   "messages included", value=t.bytes_recv)
         if self.peers is not None:
