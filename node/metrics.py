@@ -55,3 +55,36 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+class MetricsFollower:
+    """Follows a growing metrics file: each ``new_records()`` returns only the records
+    appended since the previous call, reading only the new bytes (a live view that re-read
+    whole files every second would cost more the longer a run goes). A line still being
+    written waits for its end; a torn line (a node killed mid-write) is skipped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def new_records(self) -> list[dict[str, Any]]:
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return []
+        with f:
+            if f.seek(0, 2) < self._offset:  # the file was replaced by a shorter one: start over
+                self._offset, self._partial = 0, b""
+            f.seek(self._offset)
+            data = f.read()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+        return out

@@ -20,7 +20,7 @@ from rich.console import Console
 from .config import config_to_dict
 from .config_layers import without_env_overrides
 from .experiment import Experiment, Fault, Variant, node_config
-from .metrics import MetricsWriter, read_metrics
+from .metrics import MetricsFollower, MetricsWriter
 from .report import write_report
 from .runtime import write_json_atomic
 from .swarm import (
@@ -53,6 +53,8 @@ class VariantRun:
         # fresh process takes 10-20 s to import and load on a busy machine, by when the
         # others may have finished)
         self.staged: dict[int, Path] = {}
+        self._followers: dict[int, MetricsFollower] = {}  # node -> its metrics file, followed
+        self._rounds: dict[int, int] = {}  # node -> the highest round it has recorded
         # restarts keep the key; LOCO_SECTION__KEY variables are in the experiment's base
         # already, and must not override each variant's settings in the nodes again
         self.env = without_env_overrides(launch_env(node_config(exp, variant, 0, self.epoch).swarm))
@@ -86,9 +88,11 @@ class VariantRun:
         return None
 
     def _round_reached(self, node: int, rnd: int) -> bool:
-        path = self.out / "metrics" / f"node{node}.jsonl"
-        return path.exists() and any(r.get("event") == "outer" and r.get("round", -1) >= rnd
-                                     for r in read_metrics(path))
+        follower = self._followers.setdefault(node, MetricsFollower(self.out / "metrics" / f"node{node}.jsonl"))
+        for r in follower.new_records():  # (only what was appended since the last look)
+            if r.get("event") == "outer":
+                self._rounds[node] = max(self._rounds.get(node, -1), r.get("round", -1))
+        return self._rounds.get(node, -1) >= rnd
 
     def _stage_restarts(self) -> None:
         for f in self.pending:

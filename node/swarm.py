@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from rich.table import Table
 from loco.token import new_key
 
 from .config import Config, SwarmConfig
-from .metrics import read_metrics
+from .metrics import MetricsFollower
 
 # logs and CI are not terminals: keep lines and the summary table unwrapped there
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -34,8 +35,27 @@ class LocalNode:
     id: str
     proc: subprocess.Popen
     log_path: Path
-    seen: int = 0  # metrics records already shown
-    records: list[dict] = field(default_factory=list)
+    metrics_path: Path | None = None
+    start: dict | None = None  # its first start record
+    last: dict | None = None  # its latest round record
+    outcomes: Counter = field(default_factory=Counter)  # rounds by status
+    _follower: MetricsFollower | None = field(default=None, repr=False)
+
+    def follow(self) -> list[dict]:
+        """The records the node wrote since the last call (read incrementally), keeping
+        what the summary needs."""
+        if self.metrics_path is None:
+            return []
+        if self._follower is None:
+            self._follower = MetricsFollower(self.metrics_path)
+        new = self._follower.new_records()
+        for r in new:
+            if r.get("event") == "start" and self.start is None:
+                self.start = r
+            elif r.get("event") == "outer":
+                self.last = r
+                self.outcomes[r.get("status")] += 1
+        return new
 
 
 def node_command(node_id: str, out: Path, config: str | None, overrides: list[str],
@@ -102,13 +122,9 @@ def reap_groups(nodes: list[LocalNode]) -> None:
             n.proc.wait(timeout=10)
 
 
-def _show_progress(nodes: list[LocalNode], metrics_dir: Path) -> None:
+def _show_progress(nodes: list[LocalNode]) -> None:
     for n in nodes:
-        path = metrics_dir / f"{n.id}.jsonl"
-        if not path.exists():
-            continue
-        n.records = read_metrics(path)
-        for r in n.records[n.seen:]:
+        for r in n.follow():
             if r.get("event") == "outer":
                 console.print(
                     f"{n.id:>8}  round {r['round']:>3}  {r['status']:<7} step {r['step']:>5}  "
@@ -117,7 +133,6 @@ def _show_progress(nodes: list[LocalNode], metrics_dir: Path) -> None:
                 )
             elif r.get("event") in ("resync", "resync_failed", "checkpoint_failed"):
                 console.print(f"{n.id:>8}  {r['event']}: {r.get('reason', r.get('error', ''))}")
-        n.seen = len(n.records)
 
 
 def summarize(nodes: list[LocalNode], wall_s: float) -> Table:
@@ -127,10 +142,7 @@ def summarize(nodes: list[LocalNode], wall_s: float) -> Table:
         table.add_column(col)
     total_sent = 0
     for n in nodes:
-        start = next((r for r in n.records if r.get("event") == "start"), {})
-        outers = [r for r in n.records if r.get("event") == "outer"]
-        last = outers[-1] if outers else {}
-        counts = {s: sum(1 for r in outers if r.get("status") == s) for s in ("ok", "skipped", "resync")}
+        start, last, counts = n.start or {}, n.last or {}, n.outcomes
         total_sent += last.get("bytes_sent", 0)
         table.add_row(
             n.id, str(n.proc.returncode), f"{counts['ok']}/{counts['skipped']}/{counts['resync']}",
@@ -183,18 +195,18 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
             log_path = out / "logs" / f"{node_id}.log"
             own = [*overrides, f"node.device='{devices[i]}'"] if devices else overrides
             cmd = node_command(node_id, out, config_path, own, None, first if i > 0 else None)
-            nodes.append(LocalNode(node_id, spawn(cmd, log_path, env), log_path))
+            nodes.append(LocalNode(node_id, spawn(cmd, log_path, env), log_path, out / "metrics" / f"{node_id}.jsonl"))
         wait_for_file(first, nodes[0].proc, timeout_s=180)
         console.print(f"swarm started by node0; logs and metrics in {out}")
         while any(x.proc.poll() is None for x in nodes):
-            _show_progress(nodes, out / "metrics")
+            _show_progress(nodes)
             time.sleep(1.0)
-        _show_progress(nodes, out / "metrics")
+        _show_progress(nodes)
     except KeyboardInterrupt:
         interrupted = True
         console.print("stopping all nodes (checkpointing)...")
         stop_all(nodes)
-        _show_progress(nodes, out / "metrics")
+        _show_progress(nodes)
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]swarm failed to start: {exc}[/red]")
         stop_all(nodes, grace_s=10)

@@ -66,3 +66,27 @@ def test_off_by_default_and_a_taken_port_is_a_one_line_error(tmp_path):
                 open_live_metrics(load_config(overrides=[f"node.metrics_port={port}"]), "n0", writer)
     finally:
         writer.close()
+
+
+def test_a_follower_reads_only_what_was_appended_and_waits_for_whole_lines(tmp_path):
+    from loco.node.metrics import MetricsFollower
+
+    path = tmp_path / "n.jsonl"
+    follower = MetricsFollower(path)
+    assert follower.new_records() == []  # no file yet
+    writer = MetricsWriter(path, "n0")
+    writer.write("start", round=0)
+    writer.write("outer", round=0)
+    assert [r["event"] for r in follower.new_records()] == ["start", "outer"]
+    assert follower.new_records() == []  # nothing new: nothing read again
+    with path.open("a") as f:
+        f.write('{"event": "outer", "ro')  # a line being written
+        f.flush()
+        assert follower.new_records() == []
+        f.write('und": 1}\n{torn\n')
+    assert [r["round"] for r in follower.new_records()] == [1]  # the torn line is skipped
+    writer.write("stop", round=2)
+    writer.close()
+    assert [r["event"] for r in follower.new_records()] == ["stop"]
+    path.write_text('{"event": "start"}\n')  # replaced by a shorter file: read from its start
+    assert [r["event"] for r in follower.new_records()] == ["start"]
