@@ -315,6 +315,55 @@ def export(run_dir, out):
     click.echo(f"exported {made.node}'s weights at round {made.round} ({made.kind}) to {made.out}")
 
 
+@main.command()
+@click.option("--initial-peer", "initial_peers", multiple=True, metavar="MULTIADDR",
+              help="DHT multiaddress of any live node of the swarm; repeatable.")
+@click.option("--join", "join", default=None, metavar="TOKEN", help="A join token (the swarm's key and addresses).")
+@click.option("--run-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A node's or a swarm's --out folder: its nodes' addresses, key and run id.")
+@click.option("--run-id", default=None, help="The swarm's swarm.run_id (default: --run-dir's, else loco).")
+@click.option("--once", is_flag=True, help="Print the table once and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: one JSON list, a row per node.")
+@click.option("--interval", type=click.FloatRange(0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+def status(initial_peers, join, run_dir, run_id, once, as_json, interval):
+    """Show the swarm's nodes live, as its DHT shows them: rounds, losses, step rates, bytes,
+    identities, restarts, stale and departed nodes. Joins the DHT as a client only (it never
+    trains and stores nothing); refreshes until Ctrl-C, or --once. The key comes from --join,
+    --run-dir or LOCO_SWARM_KEY."""
+    from .status import StatusClient, table, target_of
+
+    try:
+        target = target_of(list(initial_peers), join, Path(run_dir) if run_dir else None, run_id,
+                           os.environ.get("LOCO_SWARM_KEY"))
+        client = StatusClient(target)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ConnectionError as exc:
+        raise click.ClickException(f"cannot reach the swarm's DHT: {exc}") from None
+    from rich.console import Console
+
+    title = f"loco swarm {target.run_id!r}"
+    console = Console(width=None if sys.stdout.isatty() else 200)  # (a pipe or a log: no wrapping)
+    with client:
+        if once:
+            rows = client.rows()
+            if as_json:
+                click.echo(json.dumps(rows))
+            else:
+                console.print(table(rows, title))
+            return
+        from rich.live import Live
+
+        try:
+            with Live(table(client.rows(), title), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(table(client.rows(), f"{title} at {time.strftime('%H:%M:%S')}"), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
 @main.group("config")
 def config_group() -> None:
     """The resolved configuration and its keys."""

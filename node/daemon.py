@@ -62,6 +62,7 @@ class Node:
         self._records: ThreadPoolExecutor | None = None
         self._writer: CheckpointWriter | None = None
         self._round_start = time.monotonic()  # where the round's wall time (wall_s) starts
+        self._stats_from = (time.monotonic(), 0)  # (when, step) of the stats last published (loco status)
         self.swarm: Swarm | None = None
         self.outer: OuterAlgorithm | None = None
         self._may_checkpoint = False  # until the checkpoint in --out (if any) is loaded
@@ -239,6 +240,7 @@ class Node:
         return self.trainer.evaluate()
 
     def _loop(self) -> None:
+        self._stats_from = (time.monotonic(), self.trainer.step)  # (a resumed node's rate from here)
         # the other ranks of the node (if any) take each step rank 0 decides on
         while next_step(self.ranks, self._budget_left()):
             # the loss stays on the device except where it is recorded: no host sync per step
@@ -290,6 +292,20 @@ class Node:
             print(line, flush=True)
 
         self._records.submit(write)
+        self._publish_stats(loss, val)
+
+    def _publish_stats(self, loss: float, val: float) -> None:
+        """What `loco status` shows of this node: its DHT record carries it from the next
+        refresh on."""
+        now, step = time.monotonic(), self.trainer.step
+        last_at, last_step = self._stats_from
+        t = self.swarm.transport
+        self.swarm.publish_stats({
+            "step": step, "loss": loss, "val_loss": val, "tokens": self.trainer.tokens,
+            "steps_per_s": (step - last_step) / (now - last_at) if now > last_at else 0.0,
+            "bytes_sent": t.bytes_sent, "bytes_recv": t.bytes_recv,
+            **{k: v for k, v in self.outer.outcomes.items() if k in ("ok", "skipped", "resync", "partial")}})
+        self._stats_from = (now, step)
 
     # ------------------------------------------------------------- shutdown
     def _shutdown(self) -> None:

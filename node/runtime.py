@@ -81,7 +81,7 @@ def watched_membership(run_id: str, node_id: str, initial_peers: list[str], list
                        announce_host: str | None, ttl_s: float, bootstrap_timeout_s: float = 0.0,
                        key: bytes | None = None, identity_path: str | None = None,
                        stop: threading.Event | None = None,
-                       transport: Transport | None = None) -> tuple[Membership, Reaper]:
+                       transport: Transport | None = None, client_mode: bool = False) -> tuple[Membership, Reaper]:
     """A DHT membership whose helper processes (the DHT process, p2pd) a reaper ends if this
     process dies without closing it. Given the node's ``transport``, it signs records with
     the same node key and shares the transport's bindings of node ids to keys."""
@@ -91,7 +91,7 @@ def watched_membership(run_id: str, node_id: str, initial_peers: list[str], list
                                 bootstrap_timeout_s, key, identity_path, stop,
                                 node_key=transport.node_key if transport else None,
                                 pins=transport.pins if transport else None,
-                                on_process=lambda pid: reaper.watch([pid]))
+                                on_process=lambda pid: reaper.watch([pid]), client_mode=client_mode)
     except BaseException:
         reaper.close()
         raise

@@ -1,7 +1,7 @@
 """Swarm membership through a real hivemind DHT.
 
 Each node stores one record under ``<run_id>.peers`` with its node id as the subkey:
-``{endpoint, round, stage, throughput, left, links, dht}`` and an expiry of ``ttl_s``; in a
+``{endpoint, round, stage, throughput, left, links, dht, session, stats}`` and an expiry of ``ttl_s``; in a
 keyed swarm also the node's public key and its signature of the record (``pub``, ``sig``), so
 a member can write only its own record (protocols/identity.py). A background
 thread refreshes it every ``ttl_s / 3``, so a node that dies (even by SIGKILL) vanishes from
@@ -15,7 +15,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +44,21 @@ class PeerInfo:
     # which start of the node this is (its transport's session): a record with another one
     # means the process a round waits for has died and come back under the same id
     session: str = field(default="", compare=False)
+    # what the node publishes about its training for operators (``loco status``): step,
+    # losses, rates, bytes, when it started; numbers only
+    stats: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+
+
+MAX_STATS = 32  # entries of a record's stats read; the rest of a bloated one is ignored
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """A node's record as the DHT holds it now (``Membership.records``)."""
+
+    peer: PeerInfo
+    expires_in: float  # seconds left before it expires unless refreshed (refreshed every ttl/3)
+    identity: str  # the first hex digits of the key that signed it ("" in an insecure swarm)
 
 
 def _as_links(value: object) -> dict[str, list[float]]:
@@ -56,7 +71,20 @@ def _as_links(value: object) -> dict[str, list[float]]:
     return links
 
 
-def _as_peer(node_id: str, value: object) -> PeerInfo | None:
+def _as_stats(value: object) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    stats = {}
+    for k, v in list(value.items())[:MAX_STATS]:
+        if isinstance(k, str) and len(k) <= 32 and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                and v == v and abs(v) != float("inf"):
+            stats[k] = float(v)
+    return stats
+
+
+def peer_from_record(node_id: str, value: object) -> PeerInfo | None:
+    """The PeerInfo a DHT record's value describes (None: malformed); whatever a record
+    holds beyond its fields' types and bounds is left out."""
     if not isinstance(value, dict):
         return None
     try:
@@ -65,7 +93,7 @@ def _as_peer(node_id: str, value: object) -> PeerInfo | None:
             stage=int(value.get("stage", 0)), throughput=float(value.get("throughput", 0.0)),
             left=bool(value.get("left", False)), links=_as_links(value.get("links")),
             dht=tuple(str(m) for m in value.get("dht", ()) if isinstance(m, str))[:8],
-            session=str(value.get("session", ""))[:64],
+            session=str(value.get("session", ""))[:64], stats=_as_stats(value.get("stats")),
         )
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring a malformed membership record for %r: %r", node_id, value)
@@ -110,6 +138,7 @@ class Membership:
         node_key: NodeKey | None = None,
         pins: IdentityPins | None = None,
         on_process: Callable[[int], None] | None = None,
+        client_mode: bool = False,
     ):
         """``bootstrap_timeout_s``: how long to keep trying to start the DHT node and reach
         ``initial_peers`` (0: one attempt). A busy peer's p2pd can refuse the first
@@ -122,7 +151,8 @@ class Membership:
         by the key ``pins`` binds its node id to (share them with the transport).
         ``on_process``: called with the pid of each DHT process as soon as it is forked,
         before its bootstrap (which can take seconds), so that whoever must end it if this
-        process dies knows of it from the start."""
+        process dies knows of it from the start. ``client_mode``: a DHT node that reads and
+        writes through its peers but serves nobody (``loco status``)."""
         import hivemind  # heavy import (grpc, p2p): keep it off the import path of the math
         from hivemind.utils import get_dht_time
 
@@ -151,6 +181,7 @@ class Membership:
                     wait_timeout=60,
                     record_validators=validators,
                     identity_path=identity_path,
+                    client_mode=client_mode,
                 )
                 self.dht.run_in_background(await_ready=False)
                 if on_process is not None and self.dht.pid:
@@ -242,13 +273,8 @@ class Membership:
             now = self._get_time()
             seen: set[str] = set()
             expiry: dict[str, float] = {}
-            for node_id, item in found.value.items():
-                value = getattr(item, "value", None)
-                expires = getattr(item, "expiration_time", 0)
-                if expires < now or not self._believed(str(node_id), value, expires):
-                    continue
-                peer = _as_peer(str(node_id), value)
-                seen.add(str(node_id))
+            for node_id, _, expires, peer in self._own_records(found.value, now):
+                seen.add(node_id)
                 if peer is not None and peer.left and peer.id != self.node_id:
                     departed.append(peer.endpoint)
                 if peer is None or peer.left:
@@ -271,6 +297,30 @@ class Membership:
         elif not include_self:
             out.pop(self.node_id, None)
         return [out[k] for k in sorted(out)]
+
+    def records(self) -> list[PeerRecord]:
+        """Every record the DHT holds now that is its node's own (the nodes that left
+        included), sorted by id, with how long each has left to live. Raises if the lookup
+        fails."""
+        found = self.dht.get(self._key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = self._get_time()
+        out = []
+        for _, value, expires, peer in self._own_records(found.value, now):
+            if peer is not None and peer.id != self.node_id:
+                pub = value.get("pub")
+                out.append(PeerRecord(peer, expires - now, pub.hex()[:16] if isinstance(pub, bytes) else ""))
+        return sorted(out, key=lambda r: r.peer.id)
+
+    def _own_records(self, records: dict, now: float) -> Iterator[tuple[str, Any, float, PeerInfo | None]]:
+        """(node id, value, expiry, its PeerInfo or None if malformed) of every unexpired
+        record that is its node's own."""
+        for node_id, item in records.items():
+            value = getattr(item, "value", None)
+            expires = getattr(item, "expiration_time", 0)
+            if expires >= now and self._believed(str(node_id), value, expires):
+                yield str(node_id), value, expires, peer_from_record(str(node_id), value)
 
     def _believed(self, node_id: str, value: object, expires: float) -> bool:
         """Whether a record is its node's own: signed by the key that node id is bound to.

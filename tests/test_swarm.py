@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
         wait_until(lambda n=n: len(_outer(out, n)) >= 4, 300, f"{n}'s fourth round")
     for n in nodes:
         _check_live_metrics(early[n], _scrape(_ready(out, n)["metrics"]), n)
+    # `loco status`: a DHT client reads every node's record (key and addresses from --out)
+    shown = subprocess.run([sys.executable, "-m", "loco.node.cli", "status", "--run-dir", str(out), "--once",
+                            "--json"], capture_output=True, text=True, timeout=180)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    rows = {r["node"]: r for r in json.loads(shown.stdout)}
+    assert sorted(rows) == nodes, rows
+    for r in rows.values():
+        assert r["state"] == "live" and r["round"] >= 3 and r["endpoint"].startswith("tcp://127.0.0.1:")
+        assert r["step"] >= 2 * 8 and r["ok"] >= 2 and r["loss"] > 0 and r["steps_per_s"] > 0, r
+        assert r["bytes_sent"] > 0 and r["up_s"] > 0 and len(r["identity"]) == 16
     pids = [json.loads((out / "nodes" / f"{n}.json").read_text())["pid"] for n in nodes]
     p.send_signal(signal.SIGINT)
     assert _wait_exit(p, 180, "swarm", procs) == 0, procs.log("swarm")[-3000:]

@@ -71,6 +71,7 @@ class Swarm:
         self.stop_event = stop or threading.Event()
         self.initial_peers = list(initial_peers)
         self.round = 0
+        self._stats: dict[str, float] = {"started": time.time()}  # published for `loco status`
         key = self._resolve_key(key, join, insecure, listen_host)
         self.key = key
         key_bytes = key.encode() if key else None
@@ -131,7 +132,8 @@ class Swarm:
         return make_token(self.key, self.multiaddrs)
 
     def _info(self) -> PeerInfo:
-        return PeerInfo(self.id, self.transport.endpoint, self.round, dht=self._maddrs, session=self.transport.session)
+        return PeerInfo(self.id, self.transport.endpoint, self.round, dht=self._maddrs, session=self.transport.session,
+                        stats=self._stats)
 
     def known_peers(self) -> list[str]:
         """DHT multiaddresses of the live peers now: what a restart of this process can
@@ -178,6 +180,18 @@ class Swarm:
         """Wait until ``count`` other peers are visible, ``timeout_s``, or the stop event;
         returns those seen."""
         return self.membership.wait_for_peers(count, timeout_s, self.stop_event)
+
+    def publish_stats(self, stats: dict[str, float]) -> None:
+        """Numbers about this process's training that ``loco status`` shows (e.g. step,
+        loss, val_loss, steps_per_s, bytes_sent, bytes_recv, started): they go out with the
+        next refresh of this process's DHT record (every announce_ttl_s / 3), replacing the
+        previous ones (``started``, this process's start time, is always there). At most 31,
+        names up to 32 characters."""
+        bad = [k for k, v in stats.items() if not (isinstance(k, str) and len(k) <= 32 and isinstance(v, (int, float)))]
+        if bad or len(stats) > 31:
+            raise ValueError(f"stats must be at most 31 numbers named by strings of up to 32 characters; bad: "
+                             f"{bad[:4]}")
+        self._stats = {"started": self._stats["started"], **{k: float(v) for k, v in stats.items()}}
 
     def announce_round(self, round: int) -> None:
         """Tell the DHT this process is at ``round`` (its outer algorithm calls this)."""
