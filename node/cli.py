@@ -78,15 +78,20 @@ def node() -> None:
 @set_option
 @click.option("--node-id", help="Node id (default: derived from host and --out). Same as --set node.id=...")
 @click.option("--listen", help="Address to bind (node.listen_host), e.g. 0.0.0.0.")
-@click.option("--announce", help="Address other nodes use to reach this one (node.announce_host).")
+@click.option("--announce", help="Address other nodes use to reach this one (node.announce_host): an IP, or a "
+              "host name resolved once at start (a container's service name).")
 @click.option("--port", type=int, help="ZeroMQ port (node.port; 0 = OS picks).")
 @click.option("--dht-port", type=int, help="DHT port (node.dht_port; 0 = OS picks).")
 @click.option("--nproc-per-node", type=click.IntRange(1, 64),
               help="Processes of this node, one per GPU (node.nproc_per_node): one swarm member whose ranks "
                    "train together (node.parallel). Under torchrun, torchrun's process count is used instead.")
+@click.option("--print-join-token", is_flag=True,
+              help="Print the token others join this node with, and exit without starting: its address is "
+                   "--announce (or --listen) and --dht-port, its DHT identity the one kept under --out (made now "
+                   "if new), so the token holds for every later start with the same command.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id, listen, announce, port, dht_port,
-               nproc_per_node, verbose):
+               nproc_per_node, print_join_token, verbose):
     """Start a node: join (or start) a swarm, train for the configured budget, exit 0.
 
     With no --join it starts a new swarm (with a new random key, kept under --out) and
@@ -110,14 +115,23 @@ def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id
             peers += found
         return (*extra, *keyed, *(["swarm.initial_peers=[" + ",".join(repr(p) for p in peers) + "]"] if peers else []))
 
-    from .runtime import with_swarm_key
+    from .runtime import with_announce_address, with_swarm_key
 
     cfg = _load(config, joined(list(tokens), []))
-    if not join_file:
-        try:
+    try:
+        if not join_file:
             cfg = with_swarm_key(cfg, Path(out))
+        cfg = with_announce_address(cfg)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if print_join_token:
+        from .runtime import join_token_before_start
+
+        try:
+            click.echo(join_token_before_start(cfg, Path(out)))
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
+        return
     setup_logging(verbose)
     from .checkpoint import CheckpointError
     from .daemon import Node  # torch/hivemind imports: after argument errors are reported
@@ -138,7 +152,7 @@ def node_start(config, tokens, initial_peers, join_file, out, overrides, node_id
         found = _wait_for_join_file(Path(join_file), stop, cfg.swarm.join_timeout_s)
         if found is None:
             raise ConnectionError(f"stopped while waiting for --join-file {join_file}")
-        return with_swarm_key(_load(config, joined([*tokens, *found[0]], found[1])), Path(out))
+        return with_announce_address(with_swarm_key(_load(config, joined([*tokens, *found[0]], found[1])), Path(out)))
 
     from .rank_launch import launch_ranks, run_rank, under_torchrun
 

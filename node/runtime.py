@@ -5,6 +5,7 @@ and atomic JSON files."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from loco.protocols.identity import NodeKey
 from loco.protocols.membership import Membership
 from loco.protocols.shaper import Cut, LinkProfile, Shaper
 from loco.protocols.transport import Transport
-from loco.token import new_key
+from loco.token import make_token, new_key
 
 from .bandwidth import parse_bandwidth
 from .config import Config, ConfigError, LinkConfig, NetworkConfig
@@ -120,6 +121,50 @@ def with_swarm_key(cfg: Config, out: Path) -> Config:
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
     return cfg.model_copy(update={"swarm": s.model_copy(update={"key": key})})
+
+
+def with_announce_address(cfg: Config) -> Config:
+    """``cfg`` with ``node.announce_host`` as an IP address: a host name (a container's
+    service name, a DNS name) is resolved once, here, since DHT multiaddresses name an
+    IP (/ip4/...). ConfigError for a name that does not resolve."""
+    host = cfg.node.announce_host
+    if host is None:
+        return cfg
+    try:
+        ipaddress.ip_address(host)
+        return cfg
+    except ValueError:
+        pass
+    try:
+        resolved = socket.gethostbyname(host)
+    except OSError as exc:
+        raise ConfigError(f"node.announce_host {host!r} does not resolve to an address ({exc})") from None
+    log.info("announcing %s as %s", host, resolved)
+    return cfg.model_copy(update={"node": cfg.node.model_copy(update={"announce_host": resolved})})
+
+
+def join_token_before_start(cfg: Config, out: Path) -> str:
+    """The join token of the node ``cfg`` and ``out`` describe, before it starts: its swarm
+    key, its announced (or listen) address, its DHT port and the peer id of the DHT
+    identity it keeps under ``out`` (made here if it has none). Every start with the same
+    command listens there with that identity, so the token stays valid across restarts."""
+    if cfg.swarm.insecure or not cfg.swarm.key:
+        raise ConfigError("--print-join-token: an insecure swarm has no join token (pass --initial-peer "
+                          "multiaddresses instead)")
+    host = cfg.node.announce_host or cfg.node.listen_host
+    identity = NodeIdentity(out, cfg.node.id or default_node_id(out))
+    port = identity.apply(cfg).node.dht_port
+    if host in ("0.0.0.0", "::") or not port:
+        raise ConfigError("--print-join-token needs a fixed address: --announce HOST (or --listen HOST) and "
+                          "--dht-port N (or a previous start with this --out, whose port is remembered)")
+    from hivemind.p2p import P2P, PeerID  # (heavy: only here)
+
+    path = identity.dir / "dht.key"
+    if not path.exists():
+        identity.dir.mkdir(parents=True, exist_ok=True)
+        P2P.generate_identity(str(path))
+    peer_id = PeerID.from_identity(path.read_bytes())
+    return make_token(cfg.swarm.key, [f"/ip4/{host}/tcp/{port}/p2p/{peer_id}"])
 
 
 class NodeIdentity:

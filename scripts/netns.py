@@ -17,11 +17,13 @@ an exception or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 PREFIX = "loco"
 BRIDGE = "locobr0"
@@ -47,8 +49,8 @@ def has_netem() -> bool:
         sh("ip", "link", "del", "locoprobe0", check=False)
 
 
-def address(i: int) -> str:
-    return f"{SUBNET}.{i + 1}"
+def address(i: int, subnet: str = SUBNET) -> str:
+    return f"{subnet}.{i + 1}"
 
 
 def _shape(dev: str, bandwidth: str, latency_ms: float, loss: float, netem: bool, netns: str | None) -> None:
@@ -65,16 +67,31 @@ def _shape(dev: str, bandwidth: str, latency_ms: float, loss: float, netem: bool
 class Namespaces:
     """Creates the namespaces and links on enter; removes them on exit, whatever happened."""
 
-    def __init__(self, nodes: int, bandwidth: str | None = None, latency_ms: float = 0.0, loss: float = 0.0):
+    def __init__(self, nodes: int, bandwidth: str | None = None, latency_ms: float = 0.0, loss: float = 0.0,
+                 prefix: str = PREFIX, subnet: str = SUBNET, hosts: bool = False, handle_sigterm: bool = True):
+        """``prefix``, ``subnet``: names (namespaces ``<prefix><i>``, bridge ``<prefix>br0``)
+        and the /24 of this set, so that several sets can exist at once. ``hosts``: each
+        namespace resolves the names ``node<i>`` to their addresses (an /etc/netns hosts
+        file, as a container network's DNS resolves service names). ``handle_sigterm``:
+        turn SIGTERM into an exception so that the namespaces are removed (off inside a
+        program that handles its own signals)."""
         self.nodes = nodes
         self.bandwidth = bandwidth
         self.latency_ms = latency_ms
         self.loss = loss
         self.netem = False
+        self.prefix = prefix
+        self.subnet = subnet
+        self.hosts = hosts
+        self.bridge = f"{prefix}br0"
+        self.handle_sigterm = handle_sigterm
+
+    def address(self, i: int) -> str:
+        return address(i, self.subnet)
 
     def __enter__(self) -> Namespaces:
         # SIGTERM would end the interpreter without running __exit__: make it an exception
-        if threading.current_thread() is threading.main_thread():
+        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_exit)
         try:
             self.up()
@@ -90,15 +107,20 @@ class Namespaces:
         self.netem = has_netem()
         if (self.latency_ms or self.loss) and not self.netem:
             print("netns: this kernel has no netem; latency/loss must come from loco's shaper", file=sys.stderr)
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "link", "set", self.bridge, "up")
         for i in range(self.nodes):
-            ns, host_dev = f"{PREFIX}{i}", f"{PREFIX}v{i}"
+            ns, host_dev = f"{self.prefix}{i}", f"{self.prefix}v{i}"
             sh("ip", "netns", "add", ns)
+            if self.hosts:  # `ip netns exec` shows this file as the namespace's /etc/hosts
+                names = "".join(f"{self.address(j)} node{j}\n" for j in range(self.nodes))
+                folder = Path("/etc/netns") / ns
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "hosts").write_text(f"127.0.0.1 localhost\n{names}")
             sh("ip", "link", "add", host_dev, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "link", "set", host_dev, "master", BRIDGE)
+            sh("ip", "link", "set", host_dev, "master", self.bridge)
             sh("ip", "link", "set", host_dev, "up")
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address(i)}/24", "dev", "eth0")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
             if self.bandwidth:
@@ -107,12 +129,13 @@ class Namespaces:
 
     def down(self) -> None:
         for i in range(self.nodes):
-            sh("ip", "netns", "del", f"{PREFIX}{i}", check=False)  # also removes its veth pair
-            sh("ip", "link", "del", f"{PREFIX}v{i}", check=False)
-        sh("ip", "link", "del", BRIDGE, check=False)
+            sh("ip", "netns", "del", f"{self.prefix}{i}", check=False)  # also removes its veth pair
+            sh("ip", "link", "del", f"{self.prefix}v{i}", check=False)
+            shutil.rmtree(Path("/etc/netns") / f"{self.prefix}{i}", ignore_errors=True)
+        sh("ip", "link", "del", self.bridge, check=False)
 
     def command(self, i: int, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", f"{PREFIX}{i}", *argv]
+        return ["ip", "netns", "exec", f"{self.prefix}{i}", *argv]
 
 
 def main() -> None:

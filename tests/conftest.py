@@ -90,11 +90,12 @@ class Procs:
     def loco(self, *args: str, log: str) -> subprocess.Popen:
         return self.python("-m", "loco.node.cli", *args, log=log)
 
-    def python(self, *args: str, log: str) -> subprocess.Popen:
-        """``python ARGS...`` (a script, or -m module) in a session of its own."""
+    def python(self, *args: str, log: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """``python ARGS...`` (a script, or -m module) in a session of its own; ``prefix``:
+        what runs it (``ip netns exec NS``)."""
         f = (self.tmp / f"{log}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        p = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([*prefix, sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True)
         f.close()
         self.procs.append(p)
