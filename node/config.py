@@ -468,6 +468,22 @@ class PipelineConfig(_Section):
         return self
 
 
+class LoggingConfig(_Section):
+    """Copies of every node's records (the JSONL file stays the reference) for TensorBoard
+    and Weights & Biases, fed from the same records."""
+
+    tensorboard: bool = False
+    """Also write the records as TensorBoard scalars (train/loss; round/val_loss, the round's
+    time split, bytes, ...) under OUT/tensorboard/<node>, against the inner step. Needs
+    the tensorboard package (pip install 'loco[tensorboard]')."""
+    wandb: Literal["off", "offline", "online"] = "off"
+    """Also log them to a Weights & Biases run per node: offline (files under OUT/wandb, no
+    network; upload later with `wandb sync`) or online (the server and login the
+    environment configures). Needs the wandb package (pip install 'loco[wandb]')."""
+    wandb_project: str = "loco"
+    """The W&B project; each node is a run named by its node id, grouped by swarm.run_id."""
+
+
 class Config(_Section):
     node: NodeConfig = NodeConfig()
     swarm: SwarmConfig = SwarmConfig()
@@ -479,6 +495,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     network: NetworkConfig = NetworkConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _pipeline_model(self) -> Config:

@@ -31,7 +31,7 @@ from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, config_to_dict
 from .follower_node import CHECKPOINT, DONE, EVALUATE, next_step, share_trainer_state
 from .metrics import MetricsWriter
-from .runtime import NodeIdentity, default_node_id, open_live_metrics, write_json_atomic
+from .runtime import NodeIdentity, default_node_id, open_live_metrics, open_record_sinks, write_json_atomic
 
 if TYPE_CHECKING:  # prometheus_client is imported only where node.metrics_port asks for it
     from .live_metrics import LiveMetrics
@@ -59,6 +59,7 @@ class Node:
         # built by _setup, in this order; shutdown closes what exists, in reverse
         self.metrics: MetricsWriter | None = None
         self.live: LiveMetrics | None = None  # the /metrics endpoint (node.metrics_port)
+        self._sinks: list[Callable[[], None]] = []  # closers of the TensorBoard/W&B copies (logging.*)
         self._records: ThreadPoolExecutor | None = None
         self._writer: CheckpointWriter | None = None
         self._round_start = time.monotonic()  # where the round's wall time (wall_s) starts
@@ -80,6 +81,7 @@ class Node:
         write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self.live = open_live_metrics(cfg, self.id, self.metrics)
+        self._sinks = open_record_sinks(cfg, self.id, self.out, self.metrics)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         self._writer = CheckpointWriter(self.ckpt_path, cfg.train.keep_checkpoints, self._checkpoint_failed)
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
@@ -326,6 +328,8 @@ class Node:
             _attempt("metrics", self.metrics.close)
         if self.live is not None:
             _attempt("live metrics", self.live.close)
+        for close in self._sinks:
+            _attempt("a metrics sink", close)
 
     def _final_checkpoint(self) -> None:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"

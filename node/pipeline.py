@@ -80,6 +80,7 @@ from .runtime import (
     default_node_id,
     open_live_metrics,
     open_membership,
+    open_record_sinks,
     open_transport,
     write_json_atomic,
 )
@@ -270,6 +271,7 @@ class PipelineNode:
         write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
         self.live = open_live_metrics(cfg, self.id, self.metrics)
+        self.sinks = open_record_sinks(cfg, self.id, self.out, self.metrics)
         if cfg.swarm.insecure:
             log.warning("swarm %r runs WITHOUT a key: anyone who reaches %s can read the model, change it and "
                         "impersonate peers", cfg.swarm.run_id, cfg.node.listen_host)
@@ -1086,7 +1088,8 @@ class PipelineNode:
     def _shutdown(self) -> None:
         steps = [("model", self._final_checkpoint), ("membership", self._leave),
                  ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
-                 ("metrics", lambda: self.metrics.close()), ("live", lambda: self.live and self.live.close())]
+                 ("metrics", lambda: self.metrics.close()), ("live", lambda: self.live and self.live.close()),
+                 ("sinks", lambda: [close() for close in self.sinks])]
         for needs, step in steps:
             if not hasattr(self, needs):
                 continue

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from loco.protocols.transport import Transport
 from loco.token import make_token, new_key
 
 from .bandwidth import parse_bandwidth
-from .config import Config, ConfigError, LinkConfig, NetworkConfig
+from .config import Config, ConfigError, LinkConfig, NetworkConfig, config_to_dict
 from .metrics import MetricsWriter
 from .reaper import Reaper
 
@@ -240,6 +241,22 @@ def open_live_metrics(cfg: Config, node_id: str, metrics: MetricsWriter) -> Live
     metrics.add_sink(live.observe)
     log.info("live metrics at %s", live.url)
     return live
+
+
+def open_record_sinks(cfg: Config, node_id: str, out: Path, metrics: MetricsWriter) -> list[Callable[[], None]]:
+    """TensorBoard and W&B copies of the records ``metrics`` writes from now on, as
+    ``logging.*`` asks; returns what closes them."""
+    from .sinks import TensorBoardSink, WandbSink  # their packages only where asked for
+
+    sinks: list[Any] = []
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(out / "tensorboard" / node_id))
+    if cfg.logging.wandb != "off":
+        sinks.append(WandbSink(out / "wandb", cfg.logging.wandb, cfg.logging.wandb_project, node_id,
+                               config_to_dict(cfg, redact=True)))
+    for sink in sinks:
+        metrics.add_sink(sink.observe)
+    return [sink.close for sink in sinks]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

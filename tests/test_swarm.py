@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from loco.node.checkpoint import load_checkpoint
 from loco.protocols.state_sync import tensors_hash
@@ -78,7 +79,8 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
     nodes = ["node0", "node1", "node2"]
     # with a swarm key: every message is signed and checked. It trains until Ctrl-C.
     p = procs.loco("swarm", "--nodes", "3", "--out", str(out),
-                   *_sets("train.rounds=0", "swarm.key='s3cret'", "node.metrics_port=0"), log="swarm")
+                   *_sets("train.rounds=0", "swarm.key='s3cret'", "node.metrics_port=0", "logging.tensorboard=true"),
+                   log="swarm")
     for n in nodes:
         wait_until(lambda n=n: len(_outer(out, n)) >= 2, 300, f"{n}'s second round")
     early = {n: _scrape(_ready(out, n)["metrics"]) for n in nodes}  # live metrics, while training
@@ -128,6 +130,9 @@ def test_swarm_of_three_trains_agrees_and_stops_cleanly_on_ctrl_c(procs, tmp_pat
         written = json.loads((out / "config" / f"{n}.json").read_text())
         assert written["train"]["rounds"] == 0 and written["swarm"]["key"] == "<redacted>"
         assert group_members(pid) == []  # no orphan: DHT process, p2pd and reaper are gone
+        charts = EventAccumulator(str(out / "tensorboard" / n))  # the TensorBoard copy of the records
+        charts.Reload()
+        assert [e.step for e in charts.Scalars("round/val_loss")][:4] == [r["step"] for r in outer]
     for rnd, hashes in _hashes_by_round(out, nodes).items():
         assert len(set(hashes.values())) == 1, f"round {rnd}: replicas differ: {hashes}"
     assert "total bytes exchanged" in procs.log("swarm")
