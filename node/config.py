@@ -49,7 +49,8 @@ class NodeConfig(_Section):
     this is auto or cuda (see swarm.nodes_per_gpu)."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Serve live Prometheus metrics at http://listen_host:PORT/metrics (README, Metrics); 0:
-    the OS chooses (the URL is in OUT/nodes/<node>.json); None: off."""
+    the OS chooses (the URL is in OUT/nodes/<node>.json); None: off. ``loco swarm`` and
+    ``loco run`` give node i the port PORT + i."""
     threads: int = Field(0, ge=0)
     """Torch intra-op threads (of each process); 0 keeps torch's default (``loco swarm``
     divides the machine's cores among its nodes)."""

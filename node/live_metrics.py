@@ -64,7 +64,8 @@ class LiveMetrics:
     """The ``/metrics`` endpoint of one node on ``host:port`` (port 0: the OS chooses;
     ``port`` holds the one bound). ``observe`` takes every record the node writes."""
 
-    def __init__(self, node_id: str, host: str, port: int):
+    def __init__(self, node_id: str, host: str, port: int, public_host: str | None = None):
+        """``public_host``: the address others reach it at (``url``; default ``host``)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.info = Gauge("loco_node_info", "This node (value 1; its id as a label)", ["node"], registry=r)
@@ -88,7 +89,7 @@ class LiveMetrics:
         self._tokens_seen: float | None = None
         self._last_round_at: tuple[float, float] | None = None  # (time, tokens) of the last round record
         self._server, self._thread = start_http_server(port, addr=host, registry=r)
-        self.host = host
+        self.host = public_host or host
         self.port = self._server.server_port
 
     @property

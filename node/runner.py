@@ -66,6 +66,8 @@ class VariantRun:
         devices = node_devices(cfg, self.n)
         if devices:
             data["node"]["device"] = devices[i]
+        if cfg.node.metrics_port:  # one port each: node i serves /metrics on the given port + i
+            data["node"]["metrics_port"] = cfg.node.metrics_port + i
         if not data["node"]["threads"]:
             data["node"]["threads"] = max(1, (os.cpu_count() or 1) // (self.n * cfg.node.nproc_per_node))
         path = self.out / "node-configs" / f"node{i}.json"

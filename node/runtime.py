@@ -149,9 +149,12 @@ def join_token_before_start(cfg: Config, out: Path) -> str:
     key, its announced (or listen) address, its DHT port and the peer id of the DHT
     identity it keeps under ``out`` (made here if it has none). Every start with the same
     command listens there with that identity, so the token stays valid across restarts."""
-    if cfg.swarm.insecure or not cfg.swarm.key:
+    if cfg.swarm.insecure:
         raise ConfigError("--print-join-token: an insecure swarm has no join token (pass --initial-peer "
                           "multiaddresses instead)")
+    if not cfg.swarm.key:
+        raise ConfigError("--print-join-token: the swarm key is not known yet (with --join-file it comes from "
+                          "that file once it exists: use --join TOKEN, or print the token of the first node)")
     host = cfg.node.announce_host or cfg.node.listen_host
     identity = NodeIdentity(out, cfg.node.id or default_node_id(out))
     port = identity.apply(cfg).node.dht_port
@@ -234,7 +237,7 @@ def open_live_metrics(cfg: Config, node_id: str, metrics: MetricsWriter) -> Live
     from .live_metrics import LiveMetrics  # prometheus_client only where asked for
 
     try:
-        live = LiveMetrics(node_id, cfg.node.listen_host, port)
+        live = LiveMetrics(node_id, cfg.node.listen_host, port, public_host=cfg.node.announce_host)
     except OSError as exc:
         raise ConfigError(f"node.metrics_port = {port}: cannot listen on {cfg.node.listen_host}:{port} "
                           f"({exc.strerror or exc})") from None

@@ -193,7 +193,9 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
             node_id = f"node{i}"
             (out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
             log_path = out / "logs" / f"{node_id}.log"
-            own = [*overrides, f"node.device='{devices[i]}'"] if devices else overrides
+            own = [*overrides, f"node.device='{devices[i]}'"] if devices else list(overrides)
+            if cfg.node.metrics_port:  # one port each: node i serves /metrics on the given port + i
+                own.append(f"node.metrics_port={cfg.node.metrics_port + i}")
             cmd = node_command(node_id, out, config_path, own, None, first if i > 0 else None)
             nodes.append(LocalNode(node_id, spawn(cmd, log_path, env), log_path, out / "metrics" / f"{node_id}.jsonl"))
         wait_for_file(first, nodes[0].proc, timeout_s=180)
