@@ -97,7 +97,7 @@ def test_cli_options_are_frozen():
     """Adding or removing a CLI option is a deliberate act: update this list and the README."""
     start = {p.name for p in main.commands["node"].commands["start"].params}
     assert start == {"config", "tokens", "initial_peers", "join_file", "out", "overrides", "node_id", "listen",
-                     "announce", "port", "dht_port", "nproc_per_node", "verbose"}
+                     "announce", "port", "dht_port", "nproc_per_node", "print_join_token", "verbose"}
     assert {p.name for p in main.commands["swarm"].params} == {"nodes", "config", "out", "overrides"}
 
 
