@@ -29,9 +29,18 @@ from .build import build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
 from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, config_to_dict
-from .follower_node import CHECKPOINT, DONE, EVALUATE, next_step, share_trainer_state
+from .follower_node import (
+    CHECKPOINT,
+    DONE,
+    EVALUATE,
+    load_shards,
+    next_step,
+    shard_writer,
+    share_trainer_state,
+)
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, open_live_metrics, open_record_sinks, write_json_atomic
+from .shard_files import complete_set, new_tag
 
 if TYPE_CHECKING:  # prometheus_client is imported only where node.metrics_port asks for it
     from .live_metrics import LiveMetrics
@@ -62,6 +71,8 @@ class Node:
         self._sinks: list[Callable[[], None]] = []  # closers of the TensorBoard/W&B copies (logging.*)
         self._records: ThreadPoolExecutor | None = None
         self._writer: CheckpointWriter | None = None
+        self._shard_writer: CheckpointWriter | None = None  # rank 0's shards (node.parallel fsdp)
+        self._shard_files: list[Path] | None = None  # the rank files of the checkpoint resumed from
         self._round_start = time.monotonic()  # where the round's wall time (wall_s) starts
         self._stats_from = (time.monotonic(), 0)  # (when, step) of the stats last published (loco status)
         self.swarm: Swarm | None = None
@@ -83,7 +94,10 @@ class Node:
         self.live = open_live_metrics(cfg, self.id, self.metrics)
         self._sinks = open_record_sinks(cfg, self.id, self.out, self.metrics)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
-        self._writer = CheckpointWriter(self.ckpt_path, cfg.train.keep_checkpoints, self._checkpoint_failed)
+        sharded = cfg.node.nproc_per_node > 1 and cfg.node.parallel == "fsdp"
+        # a sharded node keeps one previous version at least (node/shard_files.py)
+        self._writer = CheckpointWriter(self.ckpt_path, max(1, cfg.train.keep_checkpoints) if sharded else
+                                        cfg.train.keep_checkpoints, self._checkpoint_failed)
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
         self.trainer = Trainer(cfg, self.id)
         # a checkpoint that cannot be resumed is an error before this node joins anything
@@ -91,6 +105,7 @@ class Node:
         if self.ranks is not None:  # the other ranks start from what was just loaded
             share_trainer_state(self.ranks, self.trainer)
             self.trainer.distribute(self.ranks.group)
+            load_shards(self.ranks, self.trainer, self._shard_files)
         if self.before_join is not None:
             self.cfg = cfg = self.before_join(cfg)
             write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
@@ -154,6 +169,8 @@ class Node:
         if saved != runs:
             raise CheckpointError(f"checkpoint {used} was written by algorithm {saved!r}, this node runs "
                                   f"{runs!r}; it was left as it is: use another --out or move it away")
+        if "shards" in state["trainer"] and self.ranks is not None:  # the newest set every rank wrote
+            state, used, self._shard_files = complete_set(self.ckpt_path, state, used, self.ranks.size)
         self._fitting(used, lambda: self.trainer.load_state_dict(state["trainer"]))
         self._saved_from = used
         return state
@@ -180,14 +197,19 @@ class Node:
         self.identity.remember_peers(self.swarm.known_peers())
         if not self._may_checkpoint:  # the checkpoint in --out was not loaded: never write over it
             return
-        if self.trainer.sharded:  # every rank hands its shards to the gathered state
+        tag = None
+        if self.trainer.sharded:  # every rank writes its own shards, under one tag
             if not self._ranks_listening:
                 log.error("no final checkpoint: the node's ranks stopped before the last step (a sharded "
                           "model's state needs all of them); the previous checkpoint is kept")
                 return
-            self.ranks.share(CHECKPOINT)
+            tag = new_tag(self.trainer.step)
+            self.ranks.share((CHECKPOINT, tag))
+            if self._shard_writer is None:
+                self._shard_writer = shard_writer(self.cfg, self.out, self.id, 0, self._checkpoint_failed)
+            self._shard_writer.submit(private_copy(self.trainer.shard_state(tag)), self.outer.round)
         # the algorithm's state_dict is a copy already (its contract); the trainer's is live
-        state = {"trainer": private_copy(self.trainer.state_dict()), **self.outer.state_dict(), "node": self.id}
+        state = {"trainer": private_copy(self.trainer.state_dict(tag)), **self.outer.state_dict(), "node": self.id}
         self._writer.submit(state, self.outer.round)
 
     def _checkpoint_failed(self, round: int, exc: BaseException) -> None:
@@ -322,6 +344,8 @@ class Node:
             _attempt("swarm", self.swarm.close)
         if self._writer is not None:
             _attempt("checkpoint writer", self._writer.close)
+        if self._shard_writer is not None:
+            _attempt("shard writer", self._shard_writer.close)
         if self._records is not None:
             _attempt("records", lambda: self._records.shutdown(wait=True))
         if self.metrics is not None:
@@ -335,6 +359,8 @@ class Node:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"
         self._checkpoint()
         self._writer.flush()  # written before "stop" is recorded
+        if self._shard_writer is not None:
+            self._shard_writer.flush()
         t = self.swarm.transport
         self.metrics.write("stop", step=self.trainer.step, round=self.outer.round, outcomes=self.outer.outcomes,
                            bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv, dropped=dict(t.dropped),

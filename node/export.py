@@ -27,6 +27,7 @@ from safetensors.torch import save_file, save_model
 from .checkpoint import SUFFIX, CheckpointError, checkpoint_summary, load_checkpoint
 from .config import Config, ConfigError, ModelConfig, build_config
 from .model import GPT, build_model
+from .shard_files import assemble_model
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,15 @@ def _model_of(run: Path, found: list[tuple[str, Path, dict[str, Any]]]) -> tuple
     cfg = _node_config(run, node)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    model.load_state_dict(_load(path)["trainer"]["model"])
+    state = _load(path)
+    if "shards" in state["trainer"]:  # a sharded node's: every rank's pieces, put together
+        try:
+            weights = assemble_model(path, state)
+        except CheckpointError as exc:
+            raise ConfigError(f"export: {exc}") from None
+    else:
+        weights = state["trainer"]["model"]
+    model.load_state_dict(weights)
     return model, cfg, node, int(summary.get("round", 0))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,10 @@ from loco import Ranks
 from loco.node.optstate import adam_step, adam_tensors, load_adam
 
 from .build import build_algorithm
+from .checkpoint import checkpoint_file, load_checkpoint
+from .checkpoint_writer import CheckpointWriter, private_copy
 from .config import Config
+from .shard_files import rank_file
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,26 @@ def share_trainer_state(ranks: Ranks, trainer: Trainer) -> None:
     trainer.sampler.advance(where["batches"])
 
 
+def load_shards(ranks: Ranks, trainer: Trainer, files: list[Path] | None = None) -> None:
+    """After ``distribute``: every rank loads its shards from the rank file rank 0 chose
+    (``files``, in rank order: a complete set, node/shard_files.py), if it resumed from a
+    sharded checkpoint."""
+    paths = ranks.share([str(f) for f in files] if ranks.leads and files else None)
+    if paths is None:
+        return
+    state = load_checkpoint(Path(paths[ranks.rank]))
+    if state is None:
+        raise FileNotFoundError(f"rank {ranks.rank}'s checkpoint {paths[ranks.rank]} disappeared")
+    trainer.load_shard_state(state)
+
+
+def shard_writer(cfg: Config, out: Path, node_id: str, rank: int, on_error) -> CheckpointWriter:
+    """The background writer of this rank's shards (one previous version kept at least:
+    a node stopped between its ranks' writes resumes from the previous complete set)."""
+    main = checkpoint_file(out / "checkpoints", node_id)
+    return CheckpointWriter(rank_file(main, rank), max(1, cfg.train.keep_checkpoints), on_error)
+
+
 def next_step(ranks: Ranks | None, go: bool = False) -> bool:
     """Rank 0's decision whether the node takes another inner step, on every rank (rank 0
     passes it)."""
@@ -55,18 +79,21 @@ def next_step(ranks: Ranks | None, go: bool = False) -> bool:
 
 
 # What rank 0 asks the other ranks to do with it between two steps or after the last one,
-# where the model is sharded over them (fsdp: a forward and a state dict are collectives).
+# where the model is sharded over them (fsdp: a forward is a collective; each rank writes
+# its own shards, ``(CHECKPOINT, tag)``).
 EVALUATE, CHECKPOINT, DONE = "evaluate", "checkpoint", "done"
 
 
 class FollowerNode:
     """A rank > 0 of a node: trains the steps rank 0 decides, follows its outer algorithm."""
 
-    def __init__(self, cfg: Config, node_id: str, ranks: Ranks, stop: threading.Event):
+    def __init__(self, cfg: Config, node_id: str, ranks: Ranks, stop: threading.Event, out: Path):
         self.cfg = cfg
         self.id = node_id
         self.ranks = ranks
         self.stop = stop  # a signal here changes nothing: rank 0 decides when the node stops
+        self.out = out
+        self._writer: CheckpointWriter | None = None
 
     def run(self) -> int:
         cfg, ranks = self.cfg, self.ranks
@@ -75,6 +102,7 @@ class FollowerNode:
         trainer = Trainer(cfg, self.id, rank=ranks.rank)
         share_trainer_state(ranks, trainer)
         trainer.distribute(ranks.group)
+        load_shards(ranks, trainer)
         outer = build_algorithm(cfg, trainer.model, trainer.opt, None, join=False, ranks=ranks)
         try:
             outer.join()
@@ -86,6 +114,8 @@ class FollowerNode:
                 raise RuntimeError(f"rank 0 said {last!r} after the last step, not {DONE!r}")
         finally:
             outer.close()
+            if self._writer is not None:
+                self._writer.close()  # this rank's last shards written before the node ends
         log.info("rank %d of node %s: done at step %d, round %d", ranks.rank, self.id, trainer.step, outer.round)
         return 0
 
@@ -96,7 +126,16 @@ class FollowerNode:
             message = self.ranks.share()
             if message == EVALUATE:
                 trainer.evaluate()
-            elif message == CHECKPOINT:
-                trainer.state_dict()
+            elif isinstance(message, tuple) and message[0] == CHECKPOINT:
+                self._checkpoint(trainer, message[1])
             else:
                 return message
+
+    def _checkpoint(self, trainer: Trainer, tag: str) -> None:
+        if self._writer is None:
+            self._writer = shard_writer(self.cfg, self.out, self.id, self.ranks.rank, self._failed)
+        self._writer.submit(private_copy(trainer.shard_state(tag)), tag)
+
+    def _failed(self, tag: str, exc: BaseException) -> None:
+        log.error("rank %d of node %s: writing its shards (%s) failed (%s); the previous ones are kept",
+                  self.ranks.rank, self.id, tag, exc)

@@ -86,7 +86,7 @@ def run_rank(rank: int, world: int, cfg: Config, out: Path, store: Any | None = 
         signal.signal(signal.SIGTERM, _signal_handler(stop, ranks.leads))
         if ranks.leads:
             return Node(cfg, out, stop, ranks=ranks).run()
-        return FollowerNode(cfg, cfg.node.id or default_node_id(out), ranks, stop).run()
+        return FollowerNode(cfg, cfg.node.id or default_node_id(out), ranks, stop, out).run()
     finally:
         dist.destroy_process_group()
 

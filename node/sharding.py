@@ -1,8 +1,8 @@
 """FSDP2 inside a node of several processes (node.parallel = "fsdp"): the model's blocks
 and its root sharded over the node's ranks with ``fully_shard``, the inner AdamW rebuilt on
-the sharded parameters with the state it had, and the full (gathered) state dicts the
-daemon's checkpoints hold. torch.distributed.checkpoint's state-dict helpers do the
-layout work; every function here is a collective over the node's ranks."""
+the sharded parameters with the state it had, and the load of a gathered optimizer state
+(what sharded nodes' checkpoints held before each rank wrote its own: node/shard_files.py).
+torch.distributed.checkpoint's state-dict helpers do the layout work."""
 
 from __future__ import annotations
 
@@ -12,14 +12,11 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard_model(model: torch.nn.Module, opt: torch.optim.Optimizer, group: Any, device: torch.device,
@@ -41,12 +38,7 @@ def shard_model(model: torch.nn.Module, opt: torch.optim.Optimizer, group: Any, 
     return sharded
 
 
-def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The sharded model's and inner optimizer's whole state, in host memory on rank 0 (empty
-    dicts on the other ranks): what a checkpoint of the node holds, as a one-process node's."""
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, opt, options=FULL)
-
-
 def load_full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``full_state``'s optimizer state into an unsharded model's optimizer."""
+    """A gathered optimizer state (keyed by parameter names) into an unsharded model's
+    optimizer."""
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))

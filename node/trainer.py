@@ -38,6 +38,7 @@ class Trainer:
         """``rank``: this process's rank in a node of several (``distribute`` then makes it
         train with the others); each rank draws its own batches."""
         self.cfg = cfg
+        self.rank = rank
         self.device = resolve_device(cfg.node.device) if cfg.node.nproc_per_node == 1 else \
             rank_device(cfg.node.device, rank)
         check_precision(cfg.train.precision, self.device)
@@ -217,31 +218,51 @@ class Trainer:
             losses.append(float(loss))
         return sum(losses) / len(losses)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The trainer's state; sharded (fsdp), the whole of it gathered to rank 0 (every
-        rank calls it; the others get empty model and optimizer states)."""
-        if self.sharded:
-            from .sharding import full_state
-
-            model, opt = full_state(self.model, self.opt)
-        else:
-            model, opt = self.model.state_dict(), self.opt.state_dict()
-        return {
-            "model": model, "opt": opt, "sampler": self.batches.state_dict(),
-            "step": self.step, "tokens": self.tokens,
+    def state_dict(self, shards_tag: str | None = None) -> dict[str, Any]:
+        """The trainer's state. Sharded (fsdp), its position only, naming the tag of the
+        rank files that hold the model and inner AdamW shards (``shard_state`` on every
+        rank; node/shard_files.py): no rank gathers the whole model."""
+        state: dict[str, Any] = {
+            "sampler": self.batches.state_dict(), "step": self.step, "tokens": self.tokens,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }
+        if self.sharded:
+            if shards_tag is None:
+                raise ValueError("a sharded trainer's state names its rank files: pass shards_tag")
+            state["shards"] = {"tag": shards_tag, "ranks": self.processes}
+        else:
+            state["model"], state["opt"] = self.model.state_dict(), self.opt.state_dict()
+        return state
+
+    def shard_state(self, tag: str) -> dict[str, Any]:
+        """This rank's shards of the model and the inner AdamW state (live tensors)."""
+        from .shard_files import local_state
+
+        return local_state(self.model, self.opt, tag, self.rank, self.processes)
+
+    def load_shard_state(self, state: dict[str, Any]) -> None:
+        """After ``distribute``: this rank's shards from its rank file."""
+        from .shard_files import load_local_state
+
+        load_local_state(self.model, self.opt, state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Before ``distribute``. A checkpoint of a sharded node (its optimizer state keyed
-        by parameter names) loads too, on any number of ranks."""
-        self.model.load_state_dict(state["model"])
-        if any(isinstance(k, str) for k in state["opt"].get("state", {})):
-            from .sharding import load_full_optimizer_state
-
-            load_full_optimizer_state(self.model, self.opt, state["opt"])
+        """Before ``distribute``. A sharded checkpoint's model and AdamW state come later,
+        from the rank files (``load_shard_state``); a gathered one (a sharded node's
+        checkpoint of an earlier version) loads on any number of ranks."""
+        if "shards" in state:
+            ranks = int(state["shards"]["ranks"])
+            if not (self.cfg.node.parallel == "fsdp" and self.cfg.node.nproc_per_node == ranks):
+                raise ValueError(f"the checkpoint holds the shards of a node of {ranks} ranks (node.parallel "
+                                 f"fsdp): start this one with --nproc-per-node {ranks} --set node.parallel='fsdp'")
         else:
-            self.opt.load_state_dict(state["opt"])
+            self.model.load_state_dict(state["model"])
+            if any(isinstance(k, str) for k in state["opt"].get("state", {})):
+                from .sharding import load_full_optimizer_state
+
+                load_full_optimizer_state(self.model, self.opt, state["opt"])
+            else:
+                self.opt.load_state_dict(state["opt"])
         self.batches.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])

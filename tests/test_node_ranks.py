@@ -90,8 +90,9 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
 
 def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_one_resumes(procs, tmp_path):
     """node0: two ranks, FSDP2 inside (each rank half of every block and of its AdamW state;
-    rank 0 gathers the weights for the outer step); node1: one process. Its checkpoint is
-    the gathered state: started again, node0 resumes with the weights it ended with."""
+    rank 0 gathers the weights for the outer step); node1: one process. Each of node0's
+    ranks writes its own shards: started again, node0 resumes with the weights it ended
+    with, and ``loco export`` puts the shards together."""
     out = tmp_path / "run"
 
     def run(rounds: int, name: str) -> None:
@@ -106,6 +107,8 @@ def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_on
 
     run(2, "first")
     first_end = _outer(out, "node0")[-1]
+    shards = sorted(p.name for p in (out / "checkpoints" / "node0.shards").iterdir())
+    assert {"rank0.safetensors", "rank1.safetensors"} <= set(shards), shards  # (and a previous version each)
     run(4, "again")
     starts = _records(out, "node0", "start")
     assert [s["resumed"] for s in starts] == [False, True] and starts[1]["processes"] == 2
@@ -113,6 +116,10 @@ def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_on
     together = [hs for hs in _hashes_by_round(out, ["node0", "node1"]).values() if len(hs) == 2]
     assert len(together) >= 3 and all(len(set(hs.values())) == 1 for hs in together), together
     assert _outer(out, "node0")[-1]["val_loss"] < starts[0]["val_loss"]
+    from loco.node.export import export_run
+
+    made = export_run(out, tmp_path / "exported")
+    assert (made.node, made.round, made.kind) == ("node0", 4, "gpt2") and (made.out / "model.safetensors").exists()
 
 
 def test_nproc_per_node_and_parallel_are_checked():
