@@ -65,7 +65,7 @@ class NodeConfig(_Section):
     batches: ddp (DistributedDataParallel: every rank holds the whole model, the gradients
     are averaged every step) or fsdp (FSDP2's fully_shard: each rank holds a shard of every
     block and of its AdamW state; rank 0 gathers the whole weights in host memory for the
-    outer step, which works with diloco, co2 and noloco)."""
+    outer step, which works with diloco, streaming_diloco, co2 and noloco)."""
 
     @field_validator("device")
     @classmethod
@@ -519,10 +519,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _sharded_algorithms(self) -> Config:
-        if self.node.parallel == "fsdp" and self.optim.algorithm not in ("diloco", "co2", "noloco"):
-            raise ValueError(f"node.parallel = 'fsdp' works with optim.algorithm diloco, co2 or noloco, not "
-                             f"{self.optim.algorithm!r} (it reads the weights within a round): use node.parallel "
-                             f"= 'ddp'")
+        if self.node.parallel == "fsdp" and self.optim.algorithm == "ddp":
+            raise ValueError("node.parallel = 'fsdp' works with optim.algorithm diloco, streaming_diloco, co2 or "
+                             "noloco, not 'ddp' (it averages every step's gradients across nodes): use "
+                             "node.parallel = 'ddp'")
         return self
 
     @model_validator(mode="after")

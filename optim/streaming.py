@@ -131,6 +131,12 @@ class StreamingDiLoCo:
         """The send step of the fragment in flight, if any."""
         return None if self._in_flight is None else self._in_flight[1]
 
+    def touches_weights(self, step: int) -> bool:
+        """``after_inner_step(step)`` will read or write the weights (a fragment lands or
+        leaves): a caller whose weights are sharded gathers them first."""
+        lands = self._in_flight is not None and step >= self._in_flight[1] + self.overlap
+        return lands or schedule(step, self.H, len(self.fragments)) is not None
+
     def after_inner_step(self, step: int) -> list[FragmentEvent]:
         """Call after every inner step with s = steps done; returns the syncs that finished."""
         events = []

@@ -129,8 +129,10 @@ def test_nproc_per_node_and_parallel_are_checked():
     assert load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'"]).node.parallel == "fsdp"
     with pytest.raises(ConfigError, match="node.parallel"):
         load_config(None, ["node.nproc_per_node=2", "node.parallel='tp'"])
-    with pytest.raises(ConfigError, match="works with optim.algorithm diloco, co2 or noloco"):
-        load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'", "optim.algorithm='streaming_diloco'"])
+    with pytest.raises(ConfigError, match="works with optim.algorithm diloco, streaming_diloco, co2 or noloco"):
+        load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'", "optim.algorithm='ddp'"])
+    assert load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'",
+                              "optim.algorithm='streaming_diloco'"]).optim.algorithm == "streaming_diloco"
     # a resolved config holds every key: loading it again must work (export, eval-skips, loco run)
     assert load_config(None, ["node.parallel='ddp'"]).node.nproc_per_node == 1
     with pytest.raises(ConfigError, match="a pipeline stage is one process"):

@@ -34,13 +34,14 @@ def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
 
 @pytest.mark.parametrize(("algorithm", "b_ranks", "parallel"),
                          [("diloco", 2, "ddp"), ("streaming_diloco", 1, "ddp"), ("ddp", 2, "ddp"),
-                          ("co2", 1, "fsdp")])
+                          ("co2", 1, "fsdp"), ("streaming_diloco", 1, "fsdp")])
 def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks, parallel):
     """Member a has two ranks; member b two (DiLoCo; DDP: the leader broadcasts every step's
     swarm-wide gradient mean) or one (Streaming DiLoCo: fragments land mid-round, and a
     one-process member trains beside a two-process one). With FSDP inside (CO2: its reduce
     runs in the background and lands a round later) a's two ranks each hold half of every
-    layer, and b is one process whose parameters are sharded over itself alone."""
+    layer, and b is one process whose parameters are sharded over itself alone; Streaming
+    DiLoCo with FSDP inside gathers the weights at every step a fragment leaves or lands."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
               "--parallel", parallel]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -86,7 +87,7 @@ def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_hal
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], one["initial"], strict=True)) > 1e-2
 
 
-def test_sharded_parameters_need_ranks_and_an_algorithm_that_syncs_at_round_ends(tmp_path):
+def test_sharded_parameters_need_ranks_and_an_algorithm_that_does_not_average_every_step(tmp_path):
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -98,7 +99,7 @@ def test_sharded_parameters_need_ranks_and_an_algorithm_that_syncs_at_round_ends
         opt = torch.optim.AdamW([sharded])
         with pytest.raises(ValueError, match="pass ranks=loco.Ranks()"):
             loco.DiLoCo([sharded], opt, None)
-        with pytest.raises(ValueError, match="streaming_diloco reads the weights or gradients within a round"):
-            loco.StreamingDiLoCo([sharded], opt, None, ranks=loco.Ranks())
+        with pytest.raises(ValueError, match="ddp averages the gradients of every step across members"):
+            loco.DDP([sharded], opt, None, ranks=loco.Ranks())
     finally:
         torch.distributed.destroy_process_group()

@@ -72,7 +72,8 @@ class OuterAlgorithm(Adopting):
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
-    DiLoCo (fragments mid-round) and DDP (every step's gradients) do not."""
+    DiLoCo (fragments mid-round: gathered at the steps ``_reads_weights_now`` names) and DDP
+    (every step's gradients) do not."""
 
     def __new__(cls, *args: Any, ranks: Ranks | None = None, **kwargs: Any):
         # every rank runs the same line; on a follower rank it makes the leader's stand-in
@@ -215,6 +216,11 @@ class OuterAlgorithm(Adopting):
         started = self.round
         self.steps += 1
         self.round_step += 1
+        # a sharded member gathers the whole weights for a sync within the round (Streaming's
+        # fragments): the leader says whether there is one, every rank takes part
+        if self.shards is not None and not self.reads_weights_at_round_ends_only and \
+                self.shards.ranks.share(self._reads_weights_now()):
+            self.shards.gather()
         self._after_inner_step()
         report = None
         ends = self.round_step >= self.inner_steps or self.round != started or final
@@ -235,6 +241,11 @@ class OuterAlgorithm(Adopting):
         self._flush()
         self._weights_written = True
         self._tell_ranks(None)
+
+    def _reads_weights_now(self) -> bool:
+        """The inner step just counted makes ``_after_inner_step`` read or write the weights
+        (the algorithms that sync within a round)."""
+        return False
 
     def _flush(self) -> None:
         """What ``flush`` lands (the algorithms with something in flight)."""

@@ -54,7 +54,7 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         self.comm = self._staged(self._communicator(self._launch_hash))
         if self.model is not None:
             names = {id(p): n for n, p in self.model.named_parameters()}
-            labels = [names[id(p)] for p in self.params]
+            labels = [names[id(p)] for p in self.trained]  # (sharded: self.params are host copies)
         else:  # no names: parameter i counts as block i
             labels = [str(i) for i in range(len(self.params))]
         parts = strided_fragments(labels, [p.numel() for p in self.params], P)
@@ -81,6 +81,9 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         for e in events:
             e.sync_bytes = self.swarm.bytes_queued - self._fragment_bytes0.pop(e.send_step, before)
         return events
+
+    def _reads_weights_now(self) -> bool:
+        return self.math.touches_weights(self.round * self.inner_steps + self.round_step)
 
     def _after_inner_step(self) -> None:
         """Finish the fragment whose overlap is over, start the fragment whose turn it is.

@@ -163,9 +163,10 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
     if ranks is None:
         raise ValueError("the model's parameters are sharded (FSDP's DTensors): pass ranks=loco.Ranks() (the "
                          "processes they are sharded over) on every rank")
-    if not algorithm.reads_weights_at_round_ends_only:
-        raise ValueError(f"{algorithm.name} reads the weights or gradients within a round, which sharded "
-                         "parameters (FSDP) do not support yet: use DiLoCo, CO2 or NoLoCo, or DDP inside the member")
+    if algorithm.gradients_each_step:
+        raise ValueError(f"{algorithm.name} averages the gradients of every step across members, which sharded "
+                         "parameters (FSDP) do not support yet: use DiLoCo, Streaming DiLoCo, CO2 or NoLoCo, or "
+                         "DDP inside the member")
     return ShardedWeights(params, ranks)
 
 
@@ -220,6 +221,7 @@ class Follower:
         self.params = unique_parameters(model)
         self.inner_optimizer = inner_optimizer
         self.shards = sharded_weights(algorithm, self.params, ranks)
+        self._mid_round = not algorithm.reads_weights_at_round_ends_only  # gathers within a round too
         if self.shards is not None:  # with the leader, as its constructor gathers them
             self.shards.gather()
         self._synced = False
@@ -247,6 +249,8 @@ class Follower:
         if not self._joined:
             self.join()
         self._synced = False
+        if self.shards is not None and self._mid_round and self.ranks.share():  # a sync within the round
+            self.shards.gather()
         if self.shards is not None and self.ranks.share():  # the round ends: the leader gathers the weights
             self.shards.gather()
         return self._receive()
