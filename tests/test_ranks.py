@@ -69,16 +69,19 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     assert a_ranks[0][-1]["val_loss"] < 0.85 * a_ranks[0][0]["val_loss"], a_ranks[0]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel):
+@pytest.mark.parametrize(("parallel", "algorithm"),
+                         [("ddp", "diloco"), ("fsdp", "diloco"), ("fsdp", "streaming_diloco")])
+def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
+                                                                                      algorithm):
     """DDP or FSDP inside a member changes nothing but where the batch is computed: two
     ranks, each on half of every batch, end the outer rounds with the weights of one process
     that takes the whole batch, up to float32 rounding (the two halves' gradients are summed
     in another order: within 1e-5 after 15 AdamW steps in 3 rounds). With FSDP the leader
-    gathers the shards for every round's outer step and scatters the result back."""
+    gathers the shards for every round's outer step and scatters the result back (Streaming
+    DiLoCo: at every step a fragment leaves or lands)."""
     out = {n: tmp_path / f"{n}.pt" for n in (1, 2)}
     runs = {n: procs.python("-m", "tests.loops.ranks_equivalence", "--ranks", str(n), "--parallel", parallel,
-                            "--out", str(out[n]), log=f"r{n}") for n in (1, 2)}
+                            "--algorithm", algorithm, "--out", str(out[n]), log=f"r{n}") for n in (1, 2)}
     for n, p in runs.items():
         _finish(p, procs, f"r{n}")
     one, two = (torch.load(out[n]) for n in (1, 2))

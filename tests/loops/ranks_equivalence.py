@@ -1,4 +1,4 @@
-"""A lone member trains a few DiLoCo rounds, either as --ranks 2 processes (DDP, or FSDP2's
+"""A lone member trains a few DiLoCo (or --algorithm streaming_diloco) rounds, either as --ranks 2 processes (DDP, or FSDP2's
 fully_shard with --parallel fsdp; each rank its own half of every batch) or as one process
 that takes both halves at once; it saves its final weights to --out. tests/test_ranks.py
 compares them."""
@@ -44,7 +44,8 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
     try:
-        with loco.DiLoCo(model, opt, swarm, inner_steps=5, ranks=ranks) as outer:
+        algorithm = loco.StreamingDiLoCo if args.algorithm == "streaming_diloco" else loco.DiLoCo
+        with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks) as outer:
             for step in range(args.steps):
                 # one process: both ranks' halves in one batch (the mean over 2·HALF rows is the
                 # mean of the two halves' means, which is what DDP averages)
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, choices=[1, 2], default=1)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
+    ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco"], default="diloco")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.ranks == 1:
