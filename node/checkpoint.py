@@ -68,6 +68,11 @@ def previous(path: Path, n: int) -> Path:
     return path.with_name(f"{path.name}.{n}")
 
 
+def versions(path: Path) -> list[Path]:
+    """``path`` and its previous versions that exist, newest first (``path`` itself always)."""
+    return [path] + [previous(path, n) for n in range(1, 1000) if previous(path, n).exists()]
+
+
 def remove_stale_temp_files(path: Path) -> list[Path]:
     """Temp files of ``path`` left by a process killed mid-write (they are never read)."""
     stale = sorted(path.parent.glob(f"{path.name}.*.tmp")) if path.parent.exists() else []
@@ -272,8 +277,7 @@ def load_latest(path: Path, map_location: str | torch.device = "cpu") -> tuple[d
     ones (``<path>.1``, ...). One that cannot be read is renamed ``<name>.corrupt-<time>``
     (kept for inspection, never written over) with a warning, and the next is tried; with
     none left, (None, None): the node starts from the swarm's state."""
-    candidates = [path] + [previous(path, n) for n in range(1, 1000) if previous(path, n).exists()]
-    for candidate in candidates:
+    for candidate in versions(path):
         try:
             state = load_checkpoint(candidate, map_location)
         except CheckpointError as exc:

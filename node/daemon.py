@@ -40,7 +40,7 @@ from .follower_node import (
 )
 from .metrics import MetricsWriter
 from .runtime import NodeIdentity, default_node_id, open_live_metrics, open_record_sinks, write_json_atomic
-from .shard_files import complete_set, new_tag
+from .shard_files import complete_set, new_tag, versions_kept
 
 if TYPE_CHECKING:  # prometheus_client is imported only where node.metrics_port asks for it
     from .live_metrics import LiveMetrics
@@ -95,8 +95,7 @@ class Node:
         self._sinks = open_record_sinks(cfg, self.id, self.out, self.metrics)
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         sharded = cfg.node.nproc_per_node > 1 and cfg.node.parallel == "fsdp"
-        # a sharded node keeps one previous version at least (node/shard_files.py)
-        self._writer = CheckpointWriter(self.ckpt_path, max(1, cfg.train.keep_checkpoints) if sharded else
+        self._writer = CheckpointWriter(self.ckpt_path, versions_kept(cfg.train.keep_checkpoints) if sharded else
                                         cfg.train.keep_checkpoints, self._checkpoint_failed)
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
         self.trainer = Trainer(cfg, self.id)

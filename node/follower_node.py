@@ -25,7 +25,7 @@ from .build import build_algorithm
 from .checkpoint import checkpoint_file, load_checkpoint
 from .checkpoint_writer import CheckpointWriter, private_copy
 from .config import Config
-from .shard_files import rank_file
+from .shard_files import rank_file, versions_kept
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def shard_writer(cfg: Config, out: Path, node_id: str, rank: int, on_error) -> C
     """The background writer of this rank's shards (one previous version kept at least:
     a node stopped between its ranks' writes resumes from the previous complete set)."""
     main = checkpoint_file(out / "checkpoints", node_id)
-    return CheckpointWriter(rank_file(main, rank), max(1, cfg.train.keep_checkpoints), on_error)
+    return CheckpointWriter(rank_file(main, rank), versions_kept(cfg.train.keep_checkpoints), on_error)
 
 
 def next_step(ranks: Ranks | None, go: bool = False) -> bool:

@@ -25,12 +25,18 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import SUFFIX, CheckpointError, checkpoint_summary, load_checkpoint, previous
+from .checkpoint import SUFFIX, CheckpointError, checkpoint_summary, load_checkpoint, versions
 
 
 def shards_folder(main: Path) -> Path:
     """Where the rank files of the checkpoint ``main`` (``<node>.safetensors``) live."""
     return main.with_name(main.name[: -len(SUFFIX)] + ".shards")
+
+
+def versions_kept(keep: int) -> int:
+    """The previous versions a sharded node keeps of each file (``train.keep_checkpoints``,
+    one at least: see above)."""
+    return max(1, keep)
 
 
 def rank_file(main: Path, rank: int) -> Path:
@@ -113,15 +119,16 @@ def load_local_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: 
         opt.state[p] = entry
 
 
-def _versions(path: Path) -> list[Path]:
-    return [path] + [previous(path, n) for n in range(1, 1000) if previous(path, n).exists()]
-
-
 def _tag_of(path: Path) -> str | None:
     try:
         return checkpoint_summary(path).get("tag")
     except CheckpointError:
         return None
+
+
+def _tags_by_rank(main: Path, ranks: int) -> list[dict[str | None, Path]]:
+    """For each rank, its files' tags and the newest file with each."""
+    return [{_tag_of(p): p for p in reversed(versions(rank_file(main, r))) if p.exists()} for r in range(ranks)]
 
 
 def complete_set(main: Path, state: dict[str, Any], used: Path, ranks: int,
@@ -130,10 +137,9 @@ def complete_set(main: Path, state: dict[str, Any], used: Path, ranks: int,
     older version whose tag every rank's file has in one of its versions: (its state, its
     file, the rank files in rank order). CheckpointError when none is complete, or when they
     were written by a node of another rank count."""
-    tags_by_rank = [{_tag_of(p): p for p in reversed(_versions(rank_file(main, r))) if p.exists()}
-                    for r in range(ranks)]
-    versions = _versions(main)
-    for path in versions[versions.index(used) if used in versions else 0:]:
+    tags_by_rank = _tags_by_rank(main, ranks)
+    mains = versions(main)
+    for path in mains[mains.index(used) if used in mains else 0:]:
         if path != used:
             state = load_checkpoint(path)
         shards = state["trainer"]["shards"]
@@ -152,13 +158,10 @@ def complete_set(main: Path, state: dict[str, Any], used: Path, ranks: int,
 def rank_files_of(main: Path, tag: str, ranks: int) -> list[Path]:
     """The rank files that hold the shards of ``tag`` (CheckpointError naming the first
     rank that has none)."""
-    found = []
-    for r in range(ranks):
-        match = next((p for p in _versions(rank_file(main, r)) if p.exists() and _tag_of(p) == tag), None)
-        if match is None:
-            raise CheckpointError(f"{shards_folder(main)} has no file of rank {r} with the shards of "
-                                  f"{main.name} ({tag})")
-        found.append(match)
+    found = [tags.get(tag) for tags in _tags_by_rank(main, ranks)]
+    if None in found:
+        raise CheckpointError(f"{shards_folder(main)} has no file of rank {found.index(None)} with the shards "
+                              f"of {main.name} ({tag})")
     return found
 
 
