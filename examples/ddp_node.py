@@ -95,8 +95,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         if swarm is not None:
             print("join with:", swarm.join_token, flush=True)
         algorithm = getattr(loco, ALGORITHMS[args.algorithm])
+        extra = {"rank_exchange": args.rank_exchange} if args.algorithm == "diloco" else {}
         with algorithm(model, opt, swarm, inner_steps=args.inner_steps, ranks=ranks,  # loco
-                       wait_for_peers=args.peers) as outer:  # loco
+                       wait_for_peers=args.peers, **extra) as outer:  # loco
             for step in range(1, args.steps + 1):
                 x = torch.randn(32, 16, generator=data)
                 loss = F.mse_loss(model(x.to(device)), teacher(x).to(device))
@@ -115,7 +116,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
                         f.write(json.dumps({"pid": os.getpid(), "round": report.round, "status": report.status,
                                             "reason": report.reason, "val_loss": val,
                                             "group_size": report.group_size, "weights_hash": report.weights_hash,
-                                            "model_hash": model_hash(model)}) + "\n")
+                                            "model_hash": model_hash(model),
+                                            # a rank > 0's own endpoint (rank_exchange "parallel")
+                                            "rank_bytes_sent": 0 if ranks.leads else outer.bytes_sent}) + "\n")
     finally:
         if swarm is not None:
             swarm.close()
@@ -135,6 +138,8 @@ def main() -> None:
     ap.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="diloco")
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                     help="inside the member: DDP, or FSDP2 (diloco, co2, noloco)")
+    ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel",
+                    help="diloco: every rank sends its own region of the round's exchange, or rank 0 all of it")
     ap.add_argument("--steps", type=int, default=300, help="inner steps to train")
     ap.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
     ap.add_argument("--peers", type=int, default=0, help="wait for this many other members before training")

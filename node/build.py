@@ -50,5 +50,5 @@ def build_algorithm(cfg: Config, model: torch.nn.Module, inner_optimizer: torch.
         model, inner_optimizer, swarm, inner_steps=o.inner_steps, compression=cfg.compression,
         timeouts=cfg.collective, join=join, join_timeout_s=cfg.swarm.join_timeout_s,
         wait_for_peers=cfg.swarm.wait_for_peers, seed=cfg.train.seed, on_event=on_event, ranks=ranks,
-        **_options(cfg),
+        rank_exchange=cfg.node.rank_exchange, **_options(cfg),
     )

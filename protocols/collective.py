@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -132,6 +133,24 @@ HELD_UP_ROUNDS = 2
 """How many rounds behind the usual window a live peer may be and still be waited for."""
 
 
+class RankExchange(Protocol):
+    """The other processes of a member made of several (each with its own endpoint), as
+    its first rank drives them through a round: every attempt's data phases run on all of
+    them at once, each over its own region of the vector (:mod:`.regions`)."""
+
+    endpoints: Sequence[str]  # every rank's, in rank order (the first is this transport's)
+
+    def exchange(self, data: DataPhase, round: int, attempt: int, tensors: Sequence[torch.Tensor],
+                 roster: list[Member]) -> tuple[torch.Tensor | None, list[str], list[str]]:
+        """One attempt's phases 1 and 2 on every rank (this one through ``data``): the whole
+        averaged vector or None, the owners some rank misses, the suspects any rank saw."""
+        ...
+
+    def finish(self, ok: bool) -> None:
+        """The round is over (committed: ``ok``); the other ranks stop waiting for attempts."""
+        ...
+
+
 class GroupAllReduce:
     """Averages lists of tensors with whichever live peers are at the same round."""
 
@@ -146,6 +165,7 @@ class GroupAllReduce:
         max_norm_ratio: float = 10.0,
         departed: Callable[[], Iterable[str]] | None = None,
         absent_grace_s: float = 60.0,
+        ranks: RankExchange | None = None,
     ):
         """``max_norm_ratio``: a contribution whose norm exceeds this many times the group's
         median is excluded from the round and its sender reported as a suspect (0: off).
@@ -171,6 +191,7 @@ class GroupAllReduce:
         self.check_s = ABSENCE_CHECK_S
         self._data_start, self._data_s = 0.0, 0.0  # the round at hand's (see all_reduce's timings)
         self.desk = JoinDesk(transport, self._silent_followers.heard)
+        self.ranks = ranks
 
     # ------------------------------------------------------------ entry point
     def all_reduce(
@@ -200,6 +221,8 @@ class GroupAllReduce:
             # "ok" while the members this node trained with may be alive
             self.desk.finish(round)
             self.compressor.discard()
+            if self.ranks is not None:
+                self.ranks.finish(False)
             return RoundResult("skipped", round, reason=f"membership unknown ({exc})",
                                timings={"total_s": time.monotonic() - start})
         for p in live:
@@ -258,6 +281,8 @@ class GroupAllReduce:
         result.timings["commit_s"] = max(0.0, total - match - self._data_s)
         result.timings["encode_s"] = self.compressor.encode_s - enc0
         result.timings["decode_s"] = self.compressor.decode_s - dec0
+        if self.ranks is not None:
+            self.ranks.finish(result.status == "ok")
         return result
 
     def _lookup_with_retries(self) -> list[PeerInfo]:
@@ -339,14 +364,15 @@ class GroupAllReduce:
             joins.setdefault(m.sender, m)
         for node in set(expected) - joins.keys() - moved_on - self.transport.mailbox.ahead(JOIN, round).keys():
             self._silent_followers.silent(node, round)
-        members = [Member(self.me, self.transport.endpoint, weight)]
+        members = [self._myself(weight)]
         for sender, m in sorted(joins.items()):
             if m.meta.get("state_hash") != state_hash:
                 log.info("round %d: %s has state %s, leader has %s: told to resync",
                          round, sender, m.meta.get("state_hash"), state_hash)
                 self._send(m.meta["endpoint"], ROSTER, round, 0, {"status": "resync"})
                 continue
-            members.append(Member(sender, m.meta["endpoint"], float(m.meta.get("weight", 1.0))))
+            members.append(Member(sender, m.meta["endpoint"], float(m.meta.get("weight", 1.0)),
+                                  tuple(m.meta.get("ranks", ()))))
             self.transport.name_peer(m.meta["endpoint"], sender)
         if len(members) == 1 and (expected or visible):
             ahead = self.transport.mailbox.ahead(JOIN, round)
@@ -420,8 +446,10 @@ class GroupAllReduce:
         a Redirect: the leader follows that one this round."""
         t = self.timeouts
         skipped = dict(round=round, leader=leader, leader_endpoint=leader_endpoint)
+        me = self._myself(weight)
         self._send(leader_endpoint, JOIN, round, 0, {
             "state_hash": state_hash, "weight": weight, "endpoint": self.transport.endpoint,
+            **({"ranks": list(me.ranks)} if me.ranks else {}),
         })
 
         def leader_moved_on() -> list[str]:
@@ -489,21 +517,30 @@ class GroupAllReduce:
         """Phases 1 and 2 (see ``DataPhase.exchange``); the round's suspects so far."""
         began = time.monotonic()
         self._data_start = self._data_start or began
-        out = self.data.exchange(round, attempt, tensors, roster)
+        if self.ranks is not None:
+            flat, missing, suspects = self.ranks.exchange(self.data, round, attempt, tensors, roster)
+            self.data.suspects |= set(suspects)
+        else:
+            flat, missing = self.data.exchange(round, attempt, tensors, roster)
         self._data_s += time.monotonic() - began
         self.suspects = sorted(self.data.suspects)
-        return out
+        return flat, missing
+
+    def _myself(self, weight: float) -> Member:
+        ranks = tuple(self.ranks.endpoints) if self.ranks is not None else ()
+        return Member(self.me, self.transport.endpoint, weight, ranks)
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
     def _roster_meta(status: str, roster: list[Member], **extra) -> dict:
         return {"status": status, **extra,
-                "members": [[m.id, m.endpoint, m.weight] for m in roster]}
+                "members": [[m.id, m.endpoint, m.weight, *([list(m.ranks)] if m.ranks else [])] for m in roster]}
 
     @staticmethod
     def _parse_roster(msg: Message) -> list[Member] | None:
         try:
-            members = [Member(str(i), str(e), float(w)) for i, e, w in msg.meta["members"]]
+            members = [Member(str(i), str(e), float(w), tuple(str(r) for r in ranks[0]) if ranks else ())
+                       for i, e, w, *ranks in msg.meta["members"]]
         except (KeyError, TypeError, ValueError):
             log.warning("malformed roster from %s: %r", msg.sender, msg.meta)
             return None

@@ -16,6 +16,7 @@ from .codecs import CodecError, Compressor, Layout
 from .flat import flat_of
 from .membership import PeerInfo
 from .messages import AVG, PART
+from .regions import RoundLayout, Segment
 from .transport import ABSENCE_CHECK_S, AbsenceWatch, Transport
 from .wire import Message
 
@@ -30,15 +31,25 @@ class Member:
     id: str
     endpoint: str
     weight: float = 1.0
+    ranks: tuple[str, ...] = ()  # a member of several processes: each rank's endpoint (rank 0's first)
+
+    @property
+    def size(self) -> int:
+        return max(1, len(self.ranks))
+
+    def at(self, rank: int) -> str:
+        """The endpoint of this member's rank ``rank``."""
+        return self.ranks[rank] if self.ranks else self.endpoint
 
 
-def split_bounds(numel: int, parts: int) -> list[int]:
-    """Boundaries of ``parts`` near-equal contiguous slices of a ``numel`` vector."""
-    base, extra = divmod(numel, parts)
-    bounds = [0]
-    for j in range(parts):
-        bounds.append(bounds[-1] + base + (1 if j < extra else 0))
-    return bounds
+@dataclass(frozen=True)
+class Region:
+    """What one rank of a member of several brings to a round: its ``tensors`` hold
+    ``[lo, lo + their numel)`` of a ``layout.total``-long vector laid out as ``layout``
+    (codecs work per layer of the whole vector), and this process is rank ``rank``."""
+
+    rank: int
+    layout: Layout
 
 
 class DataPhase:
@@ -76,74 +87,85 @@ class DataPhase:
             self._out = torch.empty(numel, dtype=torch.float32)
         return self._out
 
-    def exchange(self, round, attempt, tensors, roster: list[Member]):
+    def exchange(self, round, attempt, tensors, roster: list[Member], region: Region | None = None):
         """Phases 1 and 2. Returns (flat averaged vector or None, owners whose part is missing);
         ``suspects`` then holds the members whose contribution was an outlier or held NaN/Inf.
+        ``region``: this process is one rank of a member of several, and ``tensors`` hold
+        that rank's region of the vector (:mod:`.regions`); the result is that region, averaged.
 
-        Parts travel in chunks of at most ``chunk_bytes``: the owner adds chunk c while
-        chunk c+1 is on the wire, and ZeroMQ's receive buffers stay small enough for the
-        allocator to reuse them (one 100 MB message per round costs fresh pages every time).
-        Chunks go out zero-copy, as views of ``flat`` and of the output buffer; neither is
-        written again before every member has reported the round done (or was dropped)."""
+        Values travel in segments of at most ``chunk_bytes`` (:class:`.regions.RoundLayout`):
+        the owner adds segment c while segment c+1 is on the wire, and ZeroMQ's receive
+        buffers stay small enough for the allocator to reuse them (one 100 MB message per
+        round costs fresh pages every time). Segments go out zero-copy, as views of ``flat``
+        and of the output buffer; neither is written again before every member has reported
+        the round done (or was dropped)."""
         flat = flat_of(tensors)
-        layout = Layout.of(tensors)
-        n = len(roster)
+        layout = region.layout if region is not None else Layout.of(tensors)
+        rank = region.rank if region is not None else 0
         me = next(i for i, m in enumerate(roster) if m.id == self.me)
-        bounds = split_bounds(flat.numel(), n)
+        plan = RoundLayout(layout.total, [m.size for m in roster], self._chunk_numel)
+        base, end = plan.region(me, rank)
+        if end - base != flat.numel():
+            raise ValueError(f"rank {rank} of {roster[me].size} brings {flat.numel()} values; its region of the "
+                             f"{layout.total}-long vector is [{base}, {end})")
         deadline = time.monotonic() + self.allreduce_s
         my_weight = roster[me].weight
-        # Phase 1: reduce-scatter. Every other member gets the part it owns, chunk by chunk,
-        # interleaved across members so that all owners can start adding at once.
-        self._send_parts(round, attempt, flat, bounds, roster, me, layout, {"weight": my_weight, "span": self.span})
+        # Phase 1: reduce-scatter. Every segment of my region goes to the rank that averages
+        # it, interleaved across owners so that all of them can start adding at once.
+        self._send_parts(round, attempt, flat, base, plan.held_by(me, rank), roster, me, layout,
+                         {"weight": my_weight, "span": self.span})
         out = self._output(flat.numel())
-        mine = out[bounds[me]:bounds[me + 1]]
-        own = flat[bounds[me]:bounds[me + 1]]
-        if my_weight == 1.0:
-            mine.copy_(own)
-        else:
-            torch.mul(own, my_weight, out=mine)
         failed: set[str] = set()  # members whose part did not arrive intact
         suspects: set[str] = set()  # members whose contribution is an outlier (self included)
         # a member that dies mid-round is not waited for past its DHT record's expiry
         watch = AbsenceWatch(lambda: [(p.id, p.session) for p in self.live_peers()], self.sessions)
-        for lo, hi in self._chunks(mine.numel()):
+        owned = plan.owned_by(me, rank)
+        for seg in owned:
+            lo, hi = seg.lo - base, seg.hi - base
+            own = flat[lo:hi]
             got: list[tuple[str, torch.Tensor, float, int]] = []
             for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
                 if m.id == self.me or m.id in failed:
                     continue
                 msg, _ = self.transport.mailbox.take_first_from_live(
-                    PART, round, attempt, lambda x, s=m.id, c=lo: x.sender == s and x.meta.get("offset") == c,
+                    PART, round, attempt, lambda x, s=m.id, c=seg.lo: x.sender == s and x.meta.get("offset") == c,
                     deadline, lambda s=m.id: {s}, watch, stop=self.stop, check_s=self.check_s)
-                part = None if msg is None else self._decode(msg, me, bounds[me] + lo, hi - lo, layout)
+                part = None if msg is None else self._decode(msg, me, seg.lo, seg.hi - seg.lo, layout)
                 if part is None:
                     failed.add(m.id)
                     continue
                 got.append((m.id, part, float(msg.meta.get("weight", 1.0)), int(msg.meta.get("span", 1))))
-            outliers = self._outliers([(self.me, own[lo:hi], my_weight, self.span), *got])
+            outliers = self._outliers([(self.me, own, my_weight, self.span), *got])
             if outliers:
                 log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median); "
                             "excluded", round, sorted(outliers), self.max_norm_ratio)
                 suspects |= outliers
                 failed |= outliers - {self.me}
+            target = out[lo:hi]
+            if my_weight == 1.0:
+                target.copy_(own)
+            else:
+                torch.mul(own, my_weight, out=target)
             total = my_weight
             for sender, part, w, _ in got:
                 if sender in outliers:
                     continue
-                mine[lo:hi].add_(part, alpha=w)
-                total += w  # per chunk: a member that died mid-send counts where it arrived
+                target.add_(part, alpha=w)
+                total += w  # per segment: a member that died mid-send counts where it arrived
             if total > 0:
-                mine[lo:hi].div_(total)
+                target.div_(total)
             else:  # only zero-weight contributions (a replica that just restored itself)
-                mine[lo:hi].copy_(own[lo:hi])
+                target.copy_(own)
         self.suspects |= suspects
-        # Phase 2: all-gather. My averaged part goes to everyone; theirs land in `out`.
-        # A member that failed phase 1 is not waited for again (it is most likely dead);
-        # the others get a fresh deadline, since they may have waited for it too.
-        self._send_average(round, attempt, out, bounds, roster, me, layout)
+        # Phase 2: all-gather. My averaged segments go to every member's rank that holds
+        # them; theirs land in `out`. A member that failed phase 1 is not waited for again
+        # (it is most likely dead); the others get a fresh deadline, since they may have
+        # waited for it too.
+        self._send_average(round, attempt, out, base, owned, roster, me, layout)
         deadline = time.monotonic() + self.allreduce_s
-        expected = {(m.id, lo) for j, m in enumerate(roster) if j != me and m.id not in failed
-                    for lo, _ in self._chunks(bounds[j + 1] - bounds[j])}
-        index = {m.id: j for j, m in enumerate(roster)}
+        coming = {(roster[s.owner].id, s.lo): s for s in plan.held_by(me, rank)
+                  if s.owner != me and roster[s.owner].id not in failed}
+        expected = set(coming)
         while expected:
             msg, gone = self.transport.mailbox.take_first_from_live(
                 AVG, round, attempt, lambda x, want=expected: (x.sender, x.meta.get("offset")) in want,
@@ -154,15 +176,14 @@ class DataPhase:
                 continue
             if msg is None:
                 break
-            j, lo = index[msg.sender], msg.meta["offset"]
-            hi = min(lo + self._chunk_numel, bounds[j + 1] - bounds[j])
-            piece = self._decode(msg, j, bounds[j] + lo, hi - lo, layout)
-            if piece is None:  # a bad chunk spoils its owner's whole part
+            seg = coming[(msg.sender, msg.meta["offset"])]
+            piece = self._decode(msg, seg.owner, seg.lo, seg.hi - seg.lo, layout)
+            if piece is None:  # a bad segment spoils its owner's whole part
                 failed.add(msg.sender)
                 expected = {(s, c) for s, c in expected if s != msg.sender}
                 continue
-            out[bounds[j] + lo:bounds[j] + hi].copy_(piece)
-            expected.discard((msg.sender, lo))
+            out[seg.lo - base:seg.hi - base].copy_(piece)
+            expected.discard((msg.sender, seg.lo))
         # an outlier of my own: report myself, so that the group goes on without my values
         missing = sorted(failed | {sender for sender, _ in expected} | (suspects & {self.me}))
         if missing:
@@ -196,41 +217,39 @@ class DataPhase:
     def _chunk_numel(self) -> int:
         return max(1, self.chunk_bytes // 4)
 
-    def _chunks(self, numel: int) -> list[tuple[int, int]]:
-        step = self._chunk_numel
-        return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)] or [(0, 0)]
-
-    def _send_parts(self, round, attempt, flat, bounds, roster, me, layout, extra):
-        """Phase 1: part j of my vector to its owner j, chunk by chunk, interleaved across
-        owners so that all of them can start adding at once. Compressed on the way (stream
-        "part": this node's own contribution, with its own error feedback)."""
-        streams = [(m, j) for j, m in enumerate(roster) if j != me]
-        longest = max((len(self._chunks(bounds[j + 1] - bounds[j])) for _, j in streams), default=0)
-        for c in range(longest):
-            for m, j in streams:
-                chunks = self._chunks(bounds[j + 1] - bounds[j])
-                if c >= len(chunks):
+    def _send_parts(self, round, attempt, flat, base, held: list[Segment], roster, me, layout, extra):
+        """Phase 1: each segment of my region (it starts at ``base``) that another member
+        averages, to that member's owning rank, interleaved across owners so that all of
+        them can start adding at once. Compressed on the way (stream "part": this process's
+        own contribution, with its own error feedback)."""
+        by_owner: dict[int, list[Segment]] = {}
+        for seg in held:
+            if seg.owner != me:
+                by_owner.setdefault(seg.owner, []).append(seg)
+        queues = list(by_owner.values())
+        for c in range(max((len(q) for q in queues), default=0)):
+            for queue in queues:
+                if c >= len(queue):
                     continue
-                lo, hi = chunks[c]
-                start = bounds[j] + lo
-                payload, meta, _ = self.compressor.encode("part", flat[start:bounds[j] + hi], start, layout)
-                self._send(m.endpoint, PART, round, attempt, {"part": j, "offset": lo, "codec": meta, **extra},
-                           payload)
+                seg = queue[c]
+                payload, meta, _ = self.compressor.encode("part", flat[seg.lo - base:seg.hi - base], seg.lo, layout)
+                self._send(roster[seg.owner].at(seg.holders[seg.owner]), PART, round, attempt,
+                           {"part": seg.owner, "offset": seg.lo, "codec": meta, **extra}, payload)
 
-    def _send_average(self, round, attempt, out, bounds, roster, me, layout):
-        """Phase 2: my averaged part to every member. Each chunk is encoded once (stream
-        "avg") and this node keeps exactly what the others will decode, so that every
-        member ends with the same bits whatever the codec."""
-        for lo, hi in self._chunks(bounds[me + 1] - bounds[me]):
-            start = bounds[me] + lo
-            view = out[start:bounds[me] + hi]
-            payload, meta, decoded = self.compressor.encode("avg", view, start, layout)
+    def _send_average(self, round, attempt, out, base, owned: list[Segment], roster, me, layout):
+        """Phase 2: my averaged segments to every other member's rank that holds them. Each
+        is encoded once (stream "avg") and this process keeps exactly what the others will
+        decode, so that every member ends with the same bits whatever the codec."""
+        for seg in owned:
+            view = out[seg.lo - base:seg.hi - base]
+            payload, meta, decoded = self.compressor.encode("avg", view, seg.lo, layout)
             if self.compressor.lossy:
                 payload = [t.clone() for t in payload]  # they must not alias `view`, rewritten next
                 view.copy_(decoded)
             for j, m in enumerate(roster):
                 if j != me:
-                    self._send(m.endpoint, AVG, round, attempt, {"part": me, "offset": lo, "codec": meta}, payload)
+                    self._send(m.at(seg.holders[j]), AVG, round, attempt,
+                               {"part": me, "offset": seg.lo, "codec": meta}, payload)
 
     def _decode(self, msg: Message, part: int, start: int, numel: int, layout: Layout) -> torch.Tensor | None:
         if msg.meta.get("part") != part:

@@ -54,9 +54,17 @@ class NodeKey:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(key._private.private_bytes_raw())
+            f.write(key.private_bytes())
         os.replace(tmp, path)  # two processes racing on one folder both end with one valid key file
-        return cls.load_or_create(path) if path.read_bytes() != key._private.private_bytes_raw() else key
+        return cls.load_or_create(path) if path.read_bytes() != key.private_bytes() else key
+
+    def private_bytes(self) -> bytes:
+        """The raw private key (for the other processes of the same member only)."""
+        return self._private.private_bytes_raw()
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> NodeKey:
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
 
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)

@@ -32,8 +32,11 @@ PP_PING, PP_PONG = "PP_PING", "PP_PONG"
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-# id, endpoint, weight; msgpack has no tuples, so a strict tuple must accept a list
-Member = Annotated[tuple[str, str, pydantic.NonNegativeFloat], pydantic.Strict(False)]
+# the endpoints of a member's ranks, when it is several processes (protocols/regions.py)
+RankEndpoints = Annotated[list[str], pydantic.Field(min_length=2, max_length=1024)]
+# id, endpoint, weight[, rank endpoints]; msgpack has no tuples, so a strict tuple must accept a list
+Member = (Annotated[tuple[str, str, pydantic.NonNegativeFloat], pydantic.Strict(False)] |
+          Annotated[tuple[str, str, pydantic.NonNegativeFloat, RankEndpoints], pydantic.Strict(False)])
 
 
 @with_config(_STRICT)
@@ -41,6 +44,7 @@ class Join(TypedDict):
     state_hash: str
     weight: pydantic.NonNegativeFloat
     endpoint: str
+    ranks: NotRequired[RankEndpoints]
 
 
 @with_config(_STRICT)

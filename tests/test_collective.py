@@ -13,10 +13,10 @@ import torch
 
 from loco.protocols.codecs import Compressor
 from loco.protocols.collective import JOIN, ROSTER, CollectiveTimeouts, GroupAllReduce, PassOver
-from loco.protocols.data_phase import split_bounds
 from loco.protocols.election import Election, Redirect
 from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.messages import ASK, PAST
+from loco.protocols.regions import split_bounds
 from loco.protocols.shaper import LinkProfile, Shaper
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, tensors_hash
 from loco.protocols.transport import Transport

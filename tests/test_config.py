@@ -54,6 +54,8 @@ def test_bad_values_name_the_key(override, message):
       "optim.streaming.overlap=5"], "streaming.overlap (5) must be below"),
     (["optim.algorithm='streaming_diloco'", "optim.inner_steps=2", "optim.streaming.fragments=3"],
      "must not exceed inner_steps"),
+    (["node.rank_exchange='leader'", "optim.algorithm='co2'"], "node.rank_exchange = 'leader' changes only diloco"),
+    (["node.rank_exchange='sideways'"], "node.rank_exchange"),
     # a pipeline would silently ignore these: each is named
     (["pipeline.stages=2", "compression.codec='int8'", "optim.algorithm='noloco'", "train.precision='bf16'"],
      "pipeline.stages = 2 does not use optim.algorithm, train.precision, compression:"),

@@ -34,14 +34,16 @@ def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
 
 @pytest.mark.parametrize(("algorithm", "b_ranks", "parallel"),
                          [("diloco", 2, "ddp"), ("streaming_diloco", 1, "ddp"), ("ddp", 2, "ddp"),
-                          ("co2", 1, "fsdp"), ("streaming_diloco", 1, "fsdp")])
+                          ("co2", 1, "fsdp"), ("streaming_diloco", 1, "fsdp"), ("diloco", 1, "fsdp")])
 def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks, parallel):
     """Member a has two ranks; member b two (DiLoCo; DDP: the leader broadcasts every step's
     swarm-wide gradient mean) or one (Streaming DiLoCo: fragments land mid-round, and a
     one-process member trains beside a two-process one). With FSDP inside (CO2: its reduce
     runs in the background and lands a round later) a's two ranks each hold half of every
     layer, and b is one process whose parameters are sharded over itself alone; Streaming
-    DiLoCo with FSDP inside gathers the weights at every step a fragment leaves or lands."""
+    DiLoCo with FSDP inside gathers the weights at every step a fragment leaves or lands.
+    DiLoCo's exchange leaves from every rank (each its own region of the round's vector;
+    node.rank_exchange "parallel"), whatever the other member's rank count."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
               "--parallel", parallel]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -67,6 +69,9 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     for r in together:
         assert r["weights_hash"] == ok_b[r["round"]]["weights_hash"], f"round {r['round']}: members differ"
     assert a_ranks[0][-1]["val_loss"] < 0.85 * a_ranks[0][0]["val_loss"], a_ranks[0]
+    for member in (a_ranks, b_ranks_):  # rank 1 sent its own region (DiLoCo), or nothing
+        for other in member[1:]:
+            assert (other[-1]["rank_bytes_sent"] > 0) == (algorithm == "diloco"), other[-1]
 
 
 @pytest.mark.parametrize(("parallel", "algorithm"),

@@ -21,12 +21,12 @@ from loco.node.config import CollectiveConfig, CompressionConfig
 from loco.node.model import unique_parameters
 from loco.node.staging import StagedCommunicator
 from loco.node.sync import all_finite
-from loco.protocols.codecs import Compressor
-from loco.protocols.collective import CollectiveTimeouts
 from loco.protocols.state_sync import Snapshot, StateServer, tensors_hash
 
 from .adopt import Adopting
 from .lgreco_round import plan_if_due
+from .options import as_compression, compressor_for
+from .rank_exchange import LeaderLanes, splits_exchange
 from .ranks import Follower, Ranks, sharded_weights, tell
 from .report import RoundReport
 from .swarm import Swarm
@@ -36,15 +36,6 @@ log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[RoundReport], None]
 EventCallback = Callable[[str, dict[str, Any]], None]
-
-
-def as_compression(compression: str | CompressionConfig) -> CompressionConfig:
-    return CompressionConfig(codec=compression) if isinstance(compression, str) else compression
-
-
-def collective_timeouts(t: CollectiveConfig) -> CollectiveTimeouts:
-    return CollectiveTimeouts(t.matchmaking_timeout_s, t.join_timeout_s, t.allreduce_timeout_s,
-                              t.decision_timeout_s, t.max_attempts)
 
 
 class OuterAlgorithm(Adopting):
@@ -69,6 +60,10 @@ class OuterAlgorithm(Adopting):
     gradients_each_step: ClassVar[bool] = False
     """Averages the gradients before every inner optimizer step (DDP): in a member of several
     processes the leader then broadcasts the mean to the other ranks before their step."""
+    exchanges_per_rank: ClassVar[bool] = False
+    """In a member of several ranks, every rank sends and averages its own region of the
+    round's vector (``rank_exchange="parallel"``; node/api/rank_exchange.py): the round's
+    exchange runs on the training thread while the other ranks wait for the round's end."""
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
@@ -97,6 +92,7 @@ class OuterAlgorithm(Adopting):
         on_round: RoundCallback | None = None,
         on_event: EventCallback | None = None,
         ranks: Ranks | None = None,
+        rank_exchange: str = "parallel",
     ):
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -115,6 +111,9 @@ class OuterAlgorithm(Adopting):
         if self.shards is not None:  # the outer algorithm works on the whole weights, in host memory
             self.shards.gather()
             self.params = self.shards.full
+        # a member of several ranks: each sends its own region of the round's vector
+        self.lanes = LeaderLanes(self.ranks, swarm) \
+            if splits_exchange(type(self), self.ranks, rank_exchange, compression) else None
         self.inner_optimizer = inner_optimizer
         self.swarm = swarm
         self.inner_steps = inner_steps
@@ -133,9 +132,7 @@ class OuterAlgorithm(Adopting):
         self._unreachable = UnreachableSources(swarm.transport)  # sources whose state could not be fetched
         self.last_report: RoundReport | None = None
         self.snapshot: Snapshot | None = None
-        z = self.compression
-        self.compressor = Compressor(z.codec, z.error_feedback, block=z.block_size, density=z.density,
-                                     rank=z.rank, seed=seed)
+        self.compressor = compressor_for(self.compression, seed)
         self.state_server = StateServer(swarm.transport)
         self._joined = False
         self._closed = False

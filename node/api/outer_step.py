@@ -19,7 +19,8 @@ from loco.protocols.gossip import GroupExchange
 from loco.protocols.messages import CO2_RESULT
 from loco.protocols.state_sync import StateServer, fetch_state
 
-from .algorithm import OuterAlgorithm, collective_timeouts
+from .algorithm import OuterAlgorithm
+from .options import collective_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class CollectiveAlgorithm(OuterAlgorithm):
         self.collective = GroupAllReduce(self.swarm.transport, lambda: self.swarm.peers(strict=True),
                                          collective_timeouts(self.timeouts),
                                          self.compressor, self.stop_event, max_norm_ratio=self.timeouts.max_norm_ratio,
-                                         departed=lambda: self.swarm.membership.departed)
+                                         departed=lambda: self.swarm.membership.departed, ranks=self.lanes)
         self.swarm_comm = SwarmCommunicator(self.collective, state_hash, peer_round=self._peer_round,
                                             lag=self.peer_lag)
         return self.swarm_comm
@@ -117,6 +118,7 @@ class DiLoCo(CollectiveAlgorithm):
     outer Nesterov-SGD step on φ; θ ← φ. Members of an ok round hold bit-identical weights."""
 
     name = "diloco"
+    exchanges_per_rank = True  # its round's exchange runs on the training thread, once per round
 
     def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, outer_state_device: Literal["auto", "cpu"] = "auto", **kwargs: Any):

@@ -25,8 +25,9 @@ weights when it adopts a peer's.
 
 With FSDP2 inside (the parameters are DTensors sharded over the ranks) the leader's
 algorithm works on a whole copy of the weights in host memory (``ShardedWeights``): every
-rank hands its shards in when a round ends and gets the result back. Not yet: an exchange
-in which every rank sends its own shard (it goes through the leader).
+rank hands its shards in when a round ends and gets the result back. DiLoCo's exchange
+with the swarm leaves from every rank, each with its own region of the round's vector
+(rank_exchange.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from loco.node.model import unique_parameters
 from loco.node.optstate import adam_step, adam_tensors, load_adam
 from loco.protocols.state_sync import tensors_hash
 
+from .rank_exchange import RankLane, splits_exchange
 from .report import RoundReport
 
 
@@ -77,6 +79,39 @@ class Ranks:
         box = [obj if self.leads else None]
         dist.broadcast_object_list(box, src=self._leader, group=self._control, device=torch.device("cpu"))
         return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self._control)
+        return out
+
+    @torch.no_grad()
+    def scatter_regions(self, flat: torch.Tensor | None, bounds: list[int]) -> torch.Tensor:
+        """Rank r's ``flat[bounds[r]:bounds[r + 1]]`` of the leader's ``flat`` (followers
+        pass None), as a new CPU float32 tensor."""
+        width = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        mine = torch.empty(width, dtype=torch.float32, device=self.device)
+        pieces = None
+        if self.leads:
+            pieces = [torch.zeros(width, dtype=torch.float32, device=self.device) for _ in range(self.size)]
+            for r, piece in enumerate(pieces):
+                piece[:bounds[r + 1] - bounds[r]].copy_(flat[bounds[r]:bounds[r + 1]])
+        dist.scatter(mine, pieces, src=self._leader, group=self.group)
+        return mine[:bounds[self.rank + 1] - bounds[self.rank]].cpu()
+
+    @torch.no_grad()
+    def gather_regions(self, region: torch.Tensor, bounds: list[int], out: torch.Tensor | None) -> None:
+        """Every rank's ``region`` into the leader's ``out`` at ``bounds`` (the inverse of
+        ``scatter_regions``; followers pass ``out=None``)."""
+        width = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        padded = torch.zeros(width, dtype=torch.float32, device=self.device)
+        padded[:region.numel()].copy_(region)
+        pieces = [torch.empty_like(padded) for _ in range(self.size)] if self.leads else None
+        dist.gather(padded, pieces, dst=self._leader, group=self.group)
+        if self.leads:
+            for r, piece in enumerate(pieces):
+                out[bounds[r]:bounds[r + 1]].copy_(piece[:bounds[r + 1] - bounds[r]])
 
     @torch.no_grad()
     def share_tensors(self, tensors: list[torch.Tensor]) -> None:
@@ -114,8 +149,7 @@ class ShardedWeights:
     ``fully_shard``: DTensors), held by the leader in host memory for the outer algorithm:
     ``gather`` fills them from every rank's shards, ``scatter`` writes them back into the
     shards. Every rank calls both at the same points (they are collectives over the ranks);
-    one parameter at a time is whole on a rank's device while it passes. The exchange with
-    the swarm then goes through the leader (not yet one exchange per rank)."""
+    one parameter at a time is whole on a rank's device while it passes."""
 
     def __init__(self, params: list[torch.Tensor], ranks: Ranks):
         self.check(params, ranks)
@@ -224,6 +258,9 @@ class Follower:
         self._mid_round = not algorithm.reads_weights_at_round_ends_only  # gathers within a round too
         if self.shards is not None:  # with the leader, as its constructor gathers them
             self.shards.gather()
+        compression = _leader_only.get("compression", "none")
+        self.lane = RankLane(ranks, compression, _leader_only.get("timeouts"), _leader_only.get("seed", 0)) \
+            if splits_exchange(algorithm, ranks, _leader_only.get("rank_exchange", "parallel"), compression) else None
         self._synced = False
         # DDP: the leader's swarm-wide gradient mean arrives before every optimizer step
         self._hook = inner_optimizer.register_step_pre_hook(self._before_optimizer_step) \
@@ -254,6 +291,12 @@ class Follower:
         if self.shards is not None and self.ranks.share():  # the round ends: the leader gathers the weights
             self.shards.gather()
         return self._receive()
+
+    @property
+    def bytes_sent(self) -> int:
+        """What this rank's own endpoint sent (``rank_exchange="parallel"``: its region of
+        every round's exchange; 0 when the leader sends everything)."""
+        return self.lane.transport.bytes_sent if self.lane is not None else 0
 
     def sync_gradients(self) -> bool:
         """DDP: receive the leader's swarm-wide gradient mean (False: the average failed and
@@ -297,6 +340,9 @@ class Follower:
 
     def close(self) -> None:
         self._closed = True
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -311,6 +357,9 @@ class Follower:
         """One broadcast from the leader: its position, its report, and its weights if the
         outer algorithm wrote them."""
         news = self.ranks.share()
+        while self.lane is not None and self.lane.handles(news):  # the round's exchange, from this rank too
+            self.lane.serve(news)
+            news = self.ranks.share()
         if news["weights"]:
             if self.shards is not None:
                 self.shards.scatter()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loco.node.config import NetworkConfig
 from loco.node.runtime import build_shaper, node_seed, watched_membership
@@ -75,7 +76,11 @@ class Swarm:
         key = self._resolve_key(key, join, insecure, listen_host)
         self.key = key
         key_bytes = key.encode() if key else None
-        shaper = build_shaper(network or NetworkConfig(), seed=node_seed(self.id), started=time.time())
+        self._rank_bytes: tuple[int, ...] = (0, 0, 0)
+        self._network = network or NetworkConfig()
+        self._started = time.time()
+        self._hosts = (listen_host, announce_host)
+        shaper = build_shaper(self._network, seed=node_seed(self.id), started=self._started)
         folder = Path(identity) if identity else None
         node_key = NodeKey.load_or_create(folder / "node.key") if folder else None
         self.transport = Transport(self.id, listen_host, port, announce_host, key_bytes, shaper=shaper,
@@ -135,6 +140,13 @@ class Swarm:
         return PeerInfo(self.id, self.transport.endpoint, self.round, dht=self._maddrs, session=self.transport.session,
                         stats=self._stats)
 
+    def rank_endpoint_spec(self) -> dict[str, Any]:
+        """What another process of this member (a rank of a node of several) needs to open
+        its own endpoint as this member: ``rank_transport`` takes it. It holds the member's
+        signing key: hand it only to the member's own processes."""
+        return {"node_id": self.id, "key": self.key, "node_key": self.transport.node_key.private_bytes(),
+                "hosts": self._hosts, "network": self._network, "started": self._started}
+
     def known_peers(self) -> list[str]:
         """DHT multiaddresses of the live peers now: what a restart of this process can
         bootstrap from when the peer it first joined through is gone."""
@@ -153,18 +165,24 @@ class Swarm:
 
     @property
     def bytes_sent(self) -> int:
-        """Data-plane bytes handed to the socket so far (measured, not estimated)."""
-        return self.transport.bytes_sent
+        """Data-plane bytes handed to the socket so far (measured, not estimated), by this
+        process and by the other ranks of its member (as they last reported them)."""
+        return self.transport.bytes_sent + self._rank_bytes[0]
 
     @property
     def bytes_queued(self) -> int:
         """Data-plane bytes handed to the transport so far: ``bytes_sent`` plus what an
         emulated network still holds back (equal without network emulation)."""
-        return self.transport.bytes_queued
+        return self.transport.bytes_queued + self._rank_bytes[1]
 
     @property
     def bytes_recv(self) -> int:
-        return self.transport.bytes_recv
+        return self.transport.bytes_recv + self._rank_bytes[2]
+
+    def count_rank_bytes(self, counters: Sequence[Sequence[int]]) -> None:
+        """The other ranks' endpoints' byte counters (sent, queued, received) so far: a
+        member of several processes exchanging from every rank (``rank_exchange``)."""
+        self._rank_bytes = tuple(sum(c[i] for c in counters) for i in range(3))
 
     def peers(self, strict: bool = False) -> list[PeerInfo]:
         """Live peers (not this process), sorted by id, as the DHT shows them now.
@@ -220,3 +238,14 @@ class Swarm:
 
     def __repr__(self) -> str:
         return f"Swarm(run_id={self.run_id!r}, id={self.id!r}, endpoint={self.endpoint!r})"
+
+
+def rank_transport(spec: dict[str, Any], rank: int) -> Transport:
+    """The ZeroMQ endpoint of rank ``rank`` of the member that gave ``spec``
+    (``Swarm.rank_endpoint_spec``): the member's id and signing key, its hosts, and the same
+    emulated network on its own link (a rank's traffic does not share rank 0's queue)."""
+    listen_host, announce_host = spec["hosts"]
+    shaper = build_shaper(spec["network"], seed=node_seed(f"{spec['node_id']}/rank{rank}"), started=spec["started"])
+    key = spec["key"].encode() if spec["key"] else None
+    return Transport(spec["node_id"], listen_host, 0, announce_host, key, shaper=shaper,
+                     node_key=NodeKey.from_private_bytes(spec["node_key"]))

@@ -1,0 +1,145 @@
+"""A member of several processes exchanging with the swarm from all of its ranks at once
+(``rank_exchange="parallel"``: the default of DiLoCo in a member of several ranks).
+
+The leader (rank 0) still runs the round: matchmaking, the commit step, the outer math.
+What goes over the network is split: the round's vector is cut into one contiguous region
+per rank (:mod:`loco.protocols.regions`), the leader hands each rank its region over the
+member's own collectives (NCCL or gloo), every rank sends and averages its region through
+its own ZeroMQ endpoint with the ranks of the other members that hold the same stretch,
+and the averaged regions come back to the leader. A member's traffic then leaves through
+as many endpoints (and network links) as it has ranks, and the owners' averaging is spread
+over them. Members match by position in the whole vector, so members of different rank
+counts (or of one process) average together.
+
+Every rank's endpoint goes to the other members in the leader's JOIN and in the roster.
+Rank r > 0 opens its endpoint with the member's id and signing key (the leader hands them
+over inside the member), so peers check its messages like the leader's.
+
+A rank other than the leader does not watch the DHT: a member that dies mid-exchange is
+waited for until ``allreduce_timeout_s`` there (the leader stops waiting at its record's
+expiry, as always).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from loco.node.config import CollectiveConfig, CompressionConfig
+from loco.protocols.codecs import Layout
+from loco.protocols.data_phase import DataPhase, Member, Region
+from loco.protocols.flat import flat_of
+from loco.protocols.membership import PeerInfo
+from loco.protocols.regions import split_bounds
+
+from .options import as_compression, compressor_for
+from .swarm import Swarm, rank_transport
+
+if TYPE_CHECKING:
+    from .ranks import Ranks
+
+# what the leader tells the other ranks during a round: an attempt's exchange, the round's end
+EXCHANGE, END = "rank-exchange", "rank-end"
+
+RANK_EXCHANGES = ("parallel", "leader")
+
+
+def splits_exchange(algorithm: type, ranks: Ranks | None, rank_exchange: str,
+                    compression: str | CompressionConfig) -> bool:
+    """Whether a member's ranks exchange their own regions (else the leader sends it all:
+    the algorithms whose exchange runs in the background or every step, and L-GreCo, whose
+    per-layer plan lives in the leader's codec state)."""
+    if rank_exchange not in RANK_EXCHANGES:
+        raise ValueError(f"rank_exchange must be one of {', '.join(RANK_EXCHANGES)}, got {rank_exchange!r}")
+    return (ranks is not None and ranks.size > 1 and rank_exchange == "parallel"
+            and algorithm.exchanges_per_rank and not as_compression(compression).lgreco.enabled)
+
+
+def _wire(roster: list[Member]) -> list[list[Any]]:
+    return [[m.id, m.endpoint, m.weight, list(m.ranks)] for m in roster]
+
+
+class LeaderLanes:
+    """The leader's side (``loco.protocols.collective.RankExchange``)."""
+
+    def __init__(self, ranks: Ranks, swarm: Swarm):
+        ranks.share(swarm.rank_endpoint_spec())
+        self.ranks = ranks
+        self.swarm = swarm
+        self.endpoints: list[str] = ranks.all_gather(swarm.endpoint)
+        self._out: torch.Tensor | None = None
+
+    def exchange(self, data: DataPhase, round: int, attempt: int, tensors, roster: list[Member]):
+        flat = flat_of(tensors)
+        layout = Layout.of(tensors)
+        bounds = split_bounds(flat.numel(), self.ranks.size)
+        for m in roster:
+            for endpoint in m.ranks:
+                self.swarm.transport.name_peer(endpoint, m.id)
+        self.ranks.share((EXCHANGE, round, attempt, _wire(roster), data.span, data.sessions, layout.shapes,
+                          data.chunk_bytes))
+        region = self.ranks.scatter_regions(flat, bounds)
+        out, missing = data.exchange(round, attempt, [region], roster, Region(0, layout))
+        reports = self.ranks.all_gather((missing, sorted(data.suspects), (0, 0, 0)))
+        self.swarm.count_rank_bytes([r[2] for r in reports[1:]])
+        suspects = sorted({s for _, ss, _ in reports for s in ss})
+        missing = sorted({m for ms, _, _ in reports for m in ms})
+        if missing:
+            return None, missing, suspects
+        if self._out is None or self._out.numel() != flat.numel():
+            self._out = torch.empty(flat.numel(), dtype=torch.float32)
+        self.ranks.gather_regions(out, bounds, self._out)
+        return self._out, [], suspects
+
+    def finish(self, ok: bool) -> None:
+        self.ranks.share((END, ok))
+
+
+class RankLane:
+    """A follower rank's side: its own endpoint, codec state and data phase; it runs what
+    the leader's ``LeaderLanes`` asks (``serve``)."""
+
+    def __init__(self, ranks: Ranks, compression: str | CompressionConfig, timeouts: CollectiveConfig | None,
+                 seed: int):
+        self.ranks = ranks
+        self.transport = rank_transport(ranks.share(), ranks.rank)
+        ranks.all_gather(self.transport.endpoint)
+        self.compressor = compressor_for(compression, seed)
+        t = timeouts or CollectiveConfig()
+        self._peers: list[PeerInfo] = []
+        self.data = DataPhase(self.transport, self.compressor, lambda: self._peers, t.allreduce_timeout_s, None,
+                              4 << 20, t.max_norm_ratio)
+
+    @staticmethod
+    def handles(message: Any) -> bool:
+        return isinstance(message, tuple) and bool(message) and message[0] in (EXCHANGE, END)
+
+    def serve(self, message: tuple) -> None:
+        if message[0] == END:  # error feedback keeps what was dropped only if the round was applied
+            (self.compressor.commit if message[1] else self.compressor.discard)()
+            return
+        _, round, attempt, members, span, sessions, shapes, chunk_bytes = message
+        roster = [Member(i, e, w, tuple(r)) for i, e, w, r in members]
+        if attempt == 0:
+            self.transport.mailbox.prune(round)
+            self.data.begin(span, sessions)
+            # no DHT here: the members of the round count as live until its deadline
+            self._peers = [PeerInfo(m.id, m.endpoint, session=sessions.get(m.id, "")) for m in roster]
+        for m in roster:
+            for endpoint in m.ranks or (m.endpoint,):
+                self.transport.name_peer(endpoint, m.id)
+        self.data.chunk_bytes = chunk_bytes
+        layout = Layout(shapes)
+        bounds = split_bounds(layout.total, self.ranks.size)
+        region = self.ranks.scatter_regions(None, bounds)
+        out, missing = self.data.exchange(round, attempt, [region], roster, Region(self.ranks.rank, layout))
+        t = self.transport
+        reports = self.ranks.all_gather((missing, sorted(self.data.suspects),
+                                         (t.bytes_sent, t.bytes_queued, t.bytes_recv)))
+        if any(ms for ms, _, _ in reports):
+            return
+        self.ranks.gather_regions(out, bounds, None)
+
+    def close(self) -> None:
+        self.transport.close()

@@ -1,0 +1,162 @@
+"""Round time of two members of two ranks each, when every rank sends its own region of
+DiLoCo's exchange (rank_exchange "parallel") vs when rank 0 sends it all ("leader", the
+baseline: what a member of several processes did before), on an emulated link.
+
+Each member is two processes (a gloo group, FSDP2 or DDP inside) training the same MLP;
+each endpoint's uplink is shaped to ``--bandwidth`` by loco's in-transport shaper, so a
+member that sends from both ranks has twice the uplink: the setting of a site whose GPUs
+each have their own network path. A round's communication time is the leader's report's
+``comm_s`` (matchmaking, both data phases, the commit, and the scatter and gather of the
+regions inside the member); the table gives the median over the rounds both members
+averaged together, after the first.
+
+    python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _member(args: argparse.Namespace) -> None:
+    """One member (this process spawns its ranks)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(args,), nprocs=2, join=True)
+
+
+def _rank(rank: int, args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import loco
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=600))
+    width = int((args.params / 2) ** 0.5)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+    if args.parallel == "fsdp":
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ranks = loco.Ranks()
+    swarm = None
+    if ranks.leads:
+        swarm = loco.Swarm(run_id="bench-ranks", join=args.join, network=loco.Network(bandwidth=args.bandwidth))
+        if args.join is None:
+            print("join with:", swarm.join_token, flush=True)
+    timeouts = loco.Timeouts(allreduce_timeout_s=600, matchmaking_timeout_s=300, join_timeout_s=600)
+    data = torch.Generator().manual_seed(rank)
+    try:
+        with loco.DiLoCo(model, opt, swarm, inner_steps=2, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
+                         rank_exchange=args.mode) as outer:
+            for step in range(1, 2 * args.rounds + 1):
+                x = torch.randn(8, width, generator=data)
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                report = outer.step(final=step == 2 * args.rounds)
+                if report is not None and ranks.leads:
+                    print("ROUND " + json.dumps({"round": report.round, "status": report.status,
+                                                 "group": report.group_size, "comm_s": report.comm_s,
+                                                 "bytes": report.round_bytes}), flush=True)
+    finally:
+        if swarm is not None:
+            swarm.close()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(mode: str, args: argparse.Namespace) -> list[dict]:
+    import json
+
+    base = [sys.executable, __file__, "--member", "--mode", mode, "--params", str(args.params),
+            "--bandwidth", args.bandwidth, "--rounds", str(args.rounds), "--parallel", args.parallel]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [Path(tmp) / "a.log", Path(tmp) / "b.log"]
+        with open(logs[0], "w") as la:
+            a = subprocess.Popen([*base, "--port", str(_free_port())], stdout=la, stderr=subprocess.STDOUT, env=env)
+            try:
+                deadline = time.monotonic() + 300
+                while not (token := re.search(r"join with: (\S+)", logs[0].read_text())):
+                    if a.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"member a did not start:\n{logs[0].read_text()[-2000:]}")
+                    time.sleep(0.5)
+                with open(logs[1], "w") as lb:
+                    b = subprocess.Popen([*base, "--port", str(_free_port()), "--join", token.group(1)], stdout=lb,
+                                         stderr=subprocess.STDOUT, env=env)
+                    try:
+                        for p, log in ((a, logs[0]), (b, logs[1])):
+                            if p.wait(timeout=1800) != 0:
+                                raise RuntimeError(f"a member failed:\n{log.read_text()[-3000:]}")
+                    finally:
+                        if b.poll() is None:
+                            b.kill()
+            finally:
+                if a.poll() is None:
+                    a.kill()
+        return [json.loads(line[6:]) for line in logs[0].read_text().splitlines() if line.startswith("ROUND ")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=int, default=2_000_000, help="parameters of the MLP (about)")
+    ap.add_argument("--bandwidth", default="200mbit", help="each endpoint's emulated uplink")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="what the ranks do inside a member")
+    ap.add_argument("--member", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="parallel", help=argparse.SUPPRESS)
+    ap.add_argument("--join", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.member:
+        _member(args)
+        return
+    medians = {}
+    for mode in ("leader", "parallel"):
+        rounds = _run(mode, args)
+        together = [r["comm_s"] for r in rounds[1:-1] if r["status"] == "ok" and r["group"] == 2]
+        if not together:
+            raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
+        medians[mode] = (statistics.median(together), len(together), statistics.median(r["bytes"] for r in rounds))
+    print(f"\ntwo members x 2 ranks ({args.parallel} inside), DiLoCo, ~{args.params / 1e6:.1f}M float32 parameters, "
+          f"each endpoint's uplink {args.bandwidth}")
+    print(f"{'exchange':<34}{'round comm_s':>14}{'rounds':>8}{'bytes/round':>14}{'vs leader':>11}")
+    base = medians["leader"][0]
+    for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
+        s, n, b = medians[mode]
+        print(f"{label:<34}{s:>14.2f}{n:>8}{b / 1e6:>13.1f}M{s / base:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
