@@ -8,13 +8,16 @@ count, never on how the member shards its model inside (FSDP's rows, DDP's repli
 members of any rank counts meet in global coordinates: a 2-rank member's rank 1 and a
 1-rank member exchange exactly the stretch both hold.
 
-As in the one-process round, the vector is cut into one *part* per member (roster order)
-and member ``j`` averages part ``j``; of that part each rank of ``j`` averages what lies in
-its own region, so a member's averaging is spread over its ranks too and no rank handles
-anything outside its region. Everything is cut at every region and part boundary of the
-round (and into chunks of at most ``chunk`` values), so each *segment* has one owner rank
-and lies inside one region of every member: it travels as one message from each member's
-holder to the owner, and back. Every member computes the same segments from the roster.
+Averaging is spread the same way: the vector is cut into blocks of ``chunk`` values (fewer,
+down to ``n`` per region, for a short vector) and
+block ``b`` is averaged by member ``b mod n`` (roster order), by the rank of that member
+whose region holds it. Round-robin blocks, not one contiguous part per member, so that
+every rank's region holds blocks of every member: in each phase all ranks of a member send
+at once (with contiguous parts, a part could lie in one rank's region and leave the
+member's other ranks idle in that phase). Everything is further cut at every region
+boundary, so each *segment* has one owner rank and lies inside one region of every member:
+it travels as one message from each member's holder to the owner, and back. Every member
+computes the same segments from the roster.
 """
 
 from __future__ import annotations
@@ -41,28 +44,26 @@ class Segment:
 
 class RoundLayout:
     """The segments of a ``total``-long vector averaged by members of ``rank_counts`` ranks
-    (roster order), in chunks of at most ``chunk`` values."""
+    (roster order), in blocks of at most ``chunk`` values."""
 
     def __init__(self, total: int, rank_counts: list[int], chunk: int):
         if not rank_counts or min(rank_counts) < 1:
             raise ValueError(f"every member needs at least one rank, got {rank_counts}")
+        n = len(rank_counts)
+        # at least n blocks per region of the member of most ranks, however short the vector
+        chunk = max(1, min(chunk, -(-total // (n * max(rank_counts)))))
         self.total = total
         self.regions = [split_bounds(total, k) for k in rank_counts]
-        self.parts = split_bounds(total, len(rank_counts))
-        cuts = sorted({*self.parts, *(b for bounds in self.regions for b in bounds)})
+        cuts = sorted({*range(0, total, chunk), total, *(b for bounds in self.regions for b in bounds)})
         self.segments: list[Segment] = []
-        owner = 0
-        holders = [0] * len(rank_counts)
+        holders = [0] * n
         for a, b in zip(cuts, cuts[1:], strict=False):
             if a == b:
                 continue
-            while self.parts[owner + 1] <= a:
-                owner += 1
             for i, bounds in enumerate(self.regions):
                 while bounds[holders[i] + 1] <= a:
                     holders[i] += 1
-            for lo in range(a, b, max(1, chunk)):
-                self.segments.append(Segment(lo, min(lo + chunk, b), owner, tuple(holders)))
+            self.segments.append(Segment(a, b, (a // chunk) % n, tuple(holders)))
 
     def region(self, member: int, rank: int) -> tuple[int, int]:
         bounds = self.regions[member]

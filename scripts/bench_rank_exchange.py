@@ -8,7 +8,9 @@ member that sends from both ranks has twice the uplink: the setting of a site wh
 each have their own network path. A round's communication time is the leader's report's
 ``comm_s`` (matchmaking, both data phases, the commit, and the scatter and gather of the
 regions inside the member); the table gives the median over the rounds both members
-averaged together, after the first.
+averaged together, after the first, of ``data_s`` (both data phases, with the scatter and
+gather of the regions inside the member) and ``comm_s`` (data_s plus matchmaking, where a
+member waits for the other to finish its inner steps, and the commit).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
 """
@@ -81,6 +83,7 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                 if report is not None and ranks.leads:
                     print("ROUND " + json.dumps({"round": report.round, "status": report.status,
                                                  "group": report.group_size, "comm_s": report.comm_s,
+                                                 "data_s": report.extra.get("data_s", 0.0),
                                                  "bytes": report.round_bytes}), flush=True)
     finally:
         if swarm is not None:
@@ -145,17 +148,19 @@ def main() -> None:
     medians = {}
     for mode in ("leader", "parallel"):
         rounds = _run(mode, args)
-        together = [r["comm_s"] for r in rounds[1:-1] if r["status"] == "ok" and r["group"] == 2]
+        together = [r for r in rounds[1:-1] if r["status"] == "ok" and r["group"] == 2]
         if not together:
             raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
-        medians[mode] = (statistics.median(together), len(together), statistics.median(r["bytes"] for r in rounds))
+        medians[mode] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
+                         len(together), statistics.median(r["bytes"] for r in together))
     print(f"\ntwo members x 2 ranks ({args.parallel} inside), DiLoCo, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
-    print(f"{'exchange':<34}{'round comm_s':>14}{'rounds':>8}{'bytes/round':>14}{'vs leader':>11}")
-    base = medians["leader"][0]
+    print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
+          f"{'bytes/round':>13}")
+    data0, comm0 = medians["leader"][:2]
     for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
-        s, n, b = medians[mode]
-        print(f"{label:<34}{s:>14.2f}{n:>8}{b / 1e6:>13.1f}M{s / base:>10.2f}x")
+        data, comm, n, b = medians[mode]
+        print(f"{label:<30}{data:>8.2f}{data / data0:>10.2f}x{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M")
 
 
 if __name__ == "__main__":
