@@ -68,8 +68,8 @@ from loco.protocols.state_sync import tensors_hash
 from loco.protocols.wire import Message
 from loco.token import make_token
 
-from .checkpoint import CheckpointError, NonFiniteState, checkpoint_file, load_latest, save_checkpoint
-from .checkpoint_writer import Cadence
+from .checkpoint import CheckpointError, checkpoint_file, load_latest
+from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config, ConfigError, config_to_dict
 from .data import Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import resolve_device
@@ -246,7 +246,8 @@ class PipelineNode:
         self.plans: dict[int, Message] = {}
         self.handoffs: list[Message] = []  # stage state sent to this node as it joins (HANDOFF)
         self._unreadable_checkpoint = False  # its file is then never written over
-        self._saved_it = -1  # the iteration count of the last checkpoint written
+        self._saved_it = -1  # the iteration count of the last checkpoint handed to the writer
+        self._writer: CheckpointWriter | None = None  # made at the first checkpoint
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
         # a member takes part in the iterations' plans; a node that starts into a running
         # swarm (or was left out of a plan) is not one until a plan admits it
@@ -1111,16 +1112,22 @@ class PipelineNode:
                 "stage_state": {"tensors": tensors, "meta": meta}, "model_config": self.cfg.model.model_dump()}
 
     def _save(self) -> None:
-        """Write the checkpoint (the previous ``train.keep_checkpoints`` kept beside it); a
-        failure is logged and recorded, never raised: training goes on."""
-        try:
-            if self._unreadable_checkpoint:
-                raise OSError(f"{self.ckpt_path} could not be read at the start and is kept as it was")
-            save_checkpoint(self.ckpt_path, self._checkpoint_state(), keep=self.cfg.train.keep_checkpoints)
-            self._saved_it = self.it
-        except (OSError, NonFiniteState) as exc:
-            log.error("checkpoint failed: %s", exc)
-            self.metrics.write("checkpoint_failed", round=self.it, error=str(exc))
+        """Hand a copy of the checkpoint to the background writer (it keeps the previous
+        ``train.keep_checkpoints`` beside it; writes are atomic); a failure is logged and
+        recorded, never raised: training goes on."""
+        if self._unreadable_checkpoint:
+            self._checkpoint_failed(self.it, OSError(f"{self.ckpt_path} could not be read at the start and is "
+                                                     "kept as it was"))
+            return
+        if self._writer is None:
+            self._writer = CheckpointWriter(self.ckpt_path, self.cfg.train.keep_checkpoints, self._checkpoint_failed)
+        self._writer.submit(private_copy(self._checkpoint_state()), self.it)
+        self._saved_it = self.it
+
+    def _checkpoint_failed(self, it: int, exc: BaseException) -> None:
+        # full disk, NaN: the previous checkpoint is kept, training goes on
+        log.error("checkpoint to %s failed (%s); the previous one is kept", self.ckpt_path, exc)
+        self.metrics.write("checkpoint_failed", round=it, error=str(exc))
 
     def _periodic_checkpoint(self) -> float:
         """When ``train.checkpoint_every`` / ``checkpoint_interval_s`` say; returns the seconds it took."""
@@ -1133,6 +1140,8 @@ class PipelineNode:
     def _final_checkpoint(self) -> None:
         if self._saved_it != self.it:  # (not again what the last periodic one wrote)
             self._save()
+        if self._writer is not None:
+            self._writer.close()  # written before "stop" is recorded
         self.metrics.write("stop", step=self.it, round=self.it, bytes_sent=self.transport.bytes_sent,
                            bytes_recv=self.transport.bytes_recv, dropped=dict(self.transport.dropped),
                            sent_by_kind=dict(self.transport.sent_by_kind), sent_to=dict(self.transport.sent_to))

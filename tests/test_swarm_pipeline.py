@@ -207,3 +207,34 @@ def test_pipeline_survives_a_killed_replica_its_restart_and_a_killed_leader(proc
     assert all(r["lost"] == 0 for n in ("node0", "node3") for r in _outer(out, n) if j <= r["round"] < leader_killed_at - 1)
     orders = {tuple(p) for n in ("node0", "node3") for r in _outer(out, n) for p in r.get("paths", [])}
     assert orders <= {(0, 1, 2, 0), (0, 2, 1, 0)} and (0, 2, 1, 0) in orders  # a swap ran, in path order
+
+
+def test_a_sole_stage_replica_killed_and_restarted_resumes_from_its_own_checkpoint(procs, tmp_path):
+    """Stage 1 has one replica: SIGKILLed mid-training, its stage has no live replica to hand
+    its state over, so the restart brings back what its background writer last completed
+    (train.checkpoint_every = 1), not the seed's weights; the pipeline then trains on."""
+    out = tmp_path / "run"
+    extra = ("model.n_layer=2", "pipeline.stages=2", "pipeline.microbatches=2", "pipeline.iteration_timeout_s=15",
+             "train.rounds=0", "train.checkpoint_every=1", "swarm.wait_for_peers=1")
+    started = {"node0": _start_node(procs, out, "node0", *extra)}
+    started["node1"] = _start_node(procs, out, "node1", *extra, via_node0=True)
+    restart = _staged_node(procs, out, "node1", *extra, peer=_ready(out, "node0")["join"])
+    wait_until(lambda: len(_outer(out, "node1")) >= 4, 300, "node1's fourth iteration")
+    os.kill(started["node1"].pid, signal.SIGKILL)
+    started["node1"].wait(timeout=30)
+    trained = _outer(out, "node1")
+    started["node1"] = restart.go()
+    wait_until(lambda: len(_records(out, "node1", "join")) == 2 and len(_outer(out, "node1")) >= len(trained) + 3,
+               300, "node1 to come back and train three iterations")
+    for p in started.values():
+        os.kill(p.pid, signal.SIGTERM)
+    for n, p in started.items():
+        assert _wait_exit(p, 180, n, procs) == 0, procs.log(n)[-3000:]
+    first, back = _records(out, "node1", "join")
+    assert first["source"] == "seed" and back["source"] == "checkpoint node1.safetensors", back
+    # it came back with the stage state after one of the iterations it trained (the last, or
+    # the one before when the kill tore the newest write), not the seed's
+    assert back["weights_hash"] in {r["weights_hash"] for r in trained[-2:]}, (back, trained[-2:])
+    assert back["weights_hash"] != first["weights_hash"]
+    after = _outer(out, "node1")[len(trained):]
+    assert len(after) >= 3 and all(r["status"] == "ok" for r in after[:3]), after
