@@ -95,6 +95,11 @@ FINAL, ASSIGN, HANDOFF = PP_FINAL, PP_ASSIGN, PP_STATE
 _QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN, HANDOFF)
 
 
+# the round a pipeline node's DHT record shows while it is not a member: joining, or joining
+# again after the replica that was to hand it its stage's state left before sending it
+JOINING, REJOINING = -1, -2
+
+
 def node_stage(cfg: Config, node_id: str) -> int:
     """This node's stage: pipeline.stage, else its place in a local swarm (node<i>)."""
     p = cfg.pipeline
@@ -252,6 +257,7 @@ class PipelineNode:
         # a member takes part in the iterations' plans; a node that starts into a running
         # swarm (or was left out of a plan) is not one until a plan admits it
         self.member = False
+        self._rejoining = False  # its hand-off source left before sending: it asks to be admitted again
         self._prev: dict[str, Any] | None = None  # the last plan this node took part in
         self._last_plan: Message | None = None  # ... as it came (who sent it)
         self._taken = -1  # the iteration of that plan: copies of it and earlier ones are stale
@@ -364,7 +370,8 @@ class PipelineNode:
         return in_view or replica not in self._seen_replicas
 
     def _peer_info(self) -> PeerInfo:
-        return PeerInfo(self.id, self.transport.endpoint, self.it if self.member else -1, self.stage,
+        round = self.it if self.member else (REJOINING if self._rejoining else JOINING)
+        return PeerInfo(self.id, self.transport.endpoint, round, self.stage,
                         1.0 / self.layer_s if self.layer_s else 0.0, left=False, links=self.links)
 
     def _activation_shape(self) -> tuple[int, int, int]:
@@ -461,7 +468,10 @@ class PipelineNode:
         if prev is None:  # iteration 0 of a fresh swarm: everyone who is here
             return roster, {}
         was, endpoints, admitted = prev["stages"], prev["endpoints"], prev.get("joins", {})
-        members = [p for p in roster if (p.id in was or admitted.get(p.id)) and endpoints.get(p.id) == p.endpoint]
+        # (a node admitted earlier whose hand-off source left before sending says so: it
+        # joins again, from another replica)
+        members = [p for p in roster if (p.id in was or admitted.get(p.id)) and endpoints.get(p.id) == p.endpoint
+                   and p.round != REJOINING]
         ids = {p.id for p in members}
         joins = {}
         for p in roster:
@@ -517,18 +527,20 @@ class PipelineNode:
                         return self._became_member(0, "seed")
                     if source == "":  # no replica of its stage is alive: it brings its own state
                         return self._became_member(number, self._resume_own())
+                    if self._rejoining:  # planned before the leader saw that its hand-off failed
+                        del self.plans[number]
+                        continue
                     raise ConnectionError(f"plan {number} counts this node as a member, but no plan admitted it "
                                           f"(its hand-off plan was lost); restart it to join again")
                 del self.plans[number]
-                if source:
-                    self._receive_state(source, number, meta["endpoints"][source])
+                if source and self._receive_state(source, number, meta["endpoints"][source]):
                     self._prev = meta
                     return self._became_member(number + 1, f"replica {source}")
             self._pull(-1, timeout=1.0)
         return False
 
     def _became_member(self, it: int, source: str) -> bool:
-        self.it, self.member = it, True
+        self.it, self.member, self._rejoining = it, True, False
         self.later = defaultdict(list, {k: v for k, v in self.later.items() if k >= it})
         self.membership.announce(self._peer_info())
         self.metrics.write("join", round=it, stage=self.stage, source=source,
@@ -536,8 +548,11 @@ class PipelineNode:
         log.info("member from iteration %d (stage %d state: %s)", it, self.stage, source)
         return True
 
-    def _receive_state(self, source: str, number: int, endpoint: str) -> None:
-        """The stage state ``source`` sends after its step of iteration ``number``."""
+    def _receive_state(self, source: str, number: int, endpoint: str) -> bool:
+        """The stage state ``source`` sends after its step of iteration ``number``. False:
+        ``source`` left the swarm before sending it; this node then asks to be admitted
+        again (its record says REJOINING), and the leader names another replica of its
+        stage, or none (it then brings its own checkpoint)."""
         deadline = time.monotonic() + self.cfg.swarm.join_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
             while self.handoffs:
@@ -548,11 +563,14 @@ class PipelineNode:
                     continue
                 problem = self._adopt(msg.tensors, msg.meta)
                 if problem is None:
-                    return
+                    return True
                 self._reject(msg, problem)
             if not any(p.id == source and p.endpoint == endpoint for p in self.membership.peers()):
-                raise ConnectionError(f"{source}, which was to send stage {self.stage}'s state, left the swarm; "
-                                      f"restart this node to join again")
+                log.warning("%s, which was to send stage %d's state after iteration %d, left the swarm; asking "
+                            "to join again", source, self.stage, number)
+                self._rejoining = True
+                self.membership.announce(self._peer_info())
+                return False
             self._pull(-1, timeout=1.0)
         if not self.stop.is_set():
             raise ConnectionError(f"no stage {self.stage} state from {source} within "

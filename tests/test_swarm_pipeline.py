@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import REPO, wait_until
-from tests.test_swarm import _outer, _ready, _sets, _staged_node, _start_node, _wait_exit
+from tests.test_swarm import _node_args, _outer, _ready, _sets, _staged_node, _start_node, _wait_exit
 from tests.test_swarm_algorithms import _records
 
 pytestmark = pytest.mark.swarm
@@ -238,3 +238,34 @@ def test_a_sole_stage_replica_killed_and_restarted_resumes_from_its_own_checkpoi
     assert back["weights_hash"] != first["weights_hash"]
     after = _outer(out, "node1")[len(trained):]
     assert len(after) >= 3 and all(r["status"] == "ok" for r in after[:3]), after
+
+
+def test_a_joiner_whose_hand_off_source_dies_gets_the_state_from_another_replica(procs, tmp_path):
+    """node3 joins stage 1, whose replicas are node1 and node2; the leader names node1 (the
+    smaller id) to hand it the stage's state, and node1 dies as it would send it. node3 asks
+    to be admitted again instead of exiting, and the next plan names node2: node3 takes
+    part from then on with node2's state."""
+    out = tmp_path / "run"
+    extra = ("model.n_layer=2", "pipeline.stages=2", "pipeline.assignment=[0, 1, 1, 1]", "pipeline.microbatches=2",
+             "pipeline.iteration_timeout_s=15", "train.rounds=0", "swarm.wait_for_peers=2")
+    started = {"node0": _start_node(procs, out, "node0", *extra)}
+    node1 = procs.python("tests/loops/faulty_node.py", "die_sending:PP_STATE",
+                         *_node_args(out, "node1", *extra, via_node0=True), log="node1")
+    started["node2"] = _start_node(procs, out, "node2", *extra, via_node0=True)
+    joiner = _staged_node(procs, out, "node3", *extra, peer=_ready(out, "node0")["join"])
+    wait_until(lambda: len(_outer(out, "node0")) >= 3, 300, "node0's third iteration")
+    started["node3"] = joiner.go()
+    assert node1.wait(timeout=300) == 137, procs.log("node1")[-3000:]  # it died handing over
+    wait_until(lambda: len(_outer(out, "node3")) >= 3, 300, "node3 to join and train three iterations")
+    for p in started.values():
+        os.kill(p.pid, signal.SIGTERM)
+    for n, p in started.items():
+        assert _wait_exit(p, 180, n, procs) == 0, procs.log(n)[-3000:]
+    (joined,) = _records(out, "node3", "join")
+    assert joined["source"] == "replica node2", joined
+    j = joined["round"]
+    by_round = {r["round"]: r for r in _outer(out, "node2")}
+    assert joined["weights_hash"] == by_round[j - 1]["weights_hash"]
+    back = _outer(out, "node3")
+    assert [r["round"] for r in back[:3]] == [j, j + 1, j + 2] and all(r["status"] == "ok" for r in back[:3]), back
+    assert "asking to join again" in procs.log("node3")

@@ -5,11 +5,14 @@ broken replica's process would have it:
 
 POISON: ``x1e6``, ``const1e3``, ``nan``, ``inf`` poison every contribution this node sends
 to the all-reduce (its own weights stay honest); ``local_nan:STEP`` makes its own weights
-NaN at inner step STEP (a bad batch, a learning-rate spike), once.
+NaN at inner step STEP (a bad batch, a learning-rate spike), once; ``die_sending:KIND``
+ends the process at once (as SIGKILL would) when it is about to send its first message of
+that kind (e.g. ``PP_STATE``: a pipeline replica dying as it would hand a joiner its stage).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -17,6 +20,7 @@ import torch
 from loco.node import cli
 from loco.node.trainer import Trainer
 from loco.protocols.collective import GroupAllReduce
+from loco.protocols.transport import Transport
 
 POISONS = {
     "x1e6": lambda t: t * 1e6,
@@ -48,10 +52,23 @@ def nan_at(step: int) -> None:
     Trainer.train_step = train_step
 
 
+def die_sending(kind: str) -> None:
+    honest = Transport.send
+
+    def send(self, endpoint, msg):
+        if msg.kind == kind:
+            os._exit(137)
+        return honest(self, endpoint, msg)
+
+    Transport.send = send
+
+
 def main() -> None:
     fault = sys.argv.pop(1)
     if fault.startswith("local_nan:"):
         nan_at(int(fault.split(":")[1]))
+    elif fault.startswith("die_sending:"):
+        die_sending(fault.split(":")[1])
     else:
         poison_contributions(fault)
     sys.argv[0] = "loco"
