@@ -104,7 +104,8 @@ class SwarmConfig(_Section):
     """How long a joining node waits to see the swarm and fetch its state."""
     bootstrap_timeout_s: float = Field(60.0, ge=0)
     """How long a starting node keeps trying to reach its initial peers' DHT (a busy peer
-    can refuse a restarting node's first attempts); 0: one attempt."""
+    can refuse a restarting node's first attempts); 0: one attempt. A node restarted with no
+    peers given tries the ones it saw last time for at most 15 s, then starts anew."""
     wait_for_peers: int = Field(0, ge=0)
     """Before training, wait (up to join_timeout_s) until this many other peers are visible."""
     nodes_per_gpu: int = Field(1, ge=1)
@@ -511,7 +512,8 @@ class Config(_Section):
         unused = [key for key in _UNUSED_BY_PIPELINES if _get(self, key) != _get(_DEFAULTS, key)]
         if unused:
             raise ValueError(f"pipeline.stages = {p.stages} does not use {', '.join(unused)}: a pipeline's replicas "
-                             f"synchronize through pipeline.sync and pipeline.sync_every, uncompressed, in fp32; "
+                             f"synchronize through pipeline.sync and pipeline.sync_every (compression.* applies to it, "
+                             f"L-GreCo does not), in fp32; "
                              f"pipeline.eval_every sets its records")
         if self.node.nproc_per_node > 1:
             raise ValueError("pipeline.stages and node.nproc_per_node > 1: a pipeline stage is one process")
@@ -558,7 +560,7 @@ class Config(_Section):
 # beside pipeline.stages >= 2, it is an error rather than silently ignored.
 _UNUSED_BY_PIPELINES = (
     "optim.algorithm", "optim.inner_steps", "optim.outer_state_device", "optim.streaming", "optim.co2",
-    "train.max_tokens", "train.precision", "train.log_every", "train.compile", "compression",
+    "train.max_tokens", "train.precision", "train.log_every", "train.compile", "compression.lgreco",
 )
 
 

@@ -39,7 +39,14 @@ from .follower_node import (
     share_trainer_state,
 )
 from .metrics import MetricsWriter
-from .runtime import NodeIdentity, default_node_id, open_live_metrics, open_record_sinks, write_json_atomic
+from .runtime import (
+    NodeIdentity,
+    attempt,
+    default_node_id,
+    open_live_metrics,
+    open_record_sinks,
+    write_json_atomic,
+)
 from .shard_files import complete_set, new_tag, versions_kept
 
 if TYPE_CHECKING:  # prometheus_client is imported only where node.metrics_port asks for it
@@ -47,6 +54,10 @@ if TYPE_CHECKING:  # prometheus_client is imported only where node.metrics_port 
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+REMEMBERED_PEERS_PATIENCE_S = 15.0
+"""How long a node given no peers keeps trying those it saw last time before it starts the
+swarm anew (at its old address, where they find it)."""
 
 
 class Node:
@@ -122,6 +133,14 @@ class Node:
         DHT identity as before. A node that was given no peers and whose remembered ones are
         all gone starts the swarm anew, as it first did."""
         remembered = self.identity.apply(cfg)
+        if not cfg.swarm.initial_peers and remembered.swarm.initial_peers:
+            # only remembered peers: most likely restarting with them, and they may be waiting
+            # for this node (a whole swarm restarting). Past this short wait it starts anew and
+            # they find it at its old address; the whole bootstrap_timeout_s each time kept a
+            # restart on a busy machine from starting for a minute
+            patience = min(cfg.swarm.bootstrap_timeout_s, REMEMBERED_PEERS_PATIENCE_S)
+            remembered = remembered.model_copy(update={
+                "swarm": remembered.swarm.model_copy(update={"bootstrap_timeout_s": patience})})
         try:
             swarm = open_swarm(remembered, self.id, self.stop, self.identity.dir)
         except ConnectionError:
@@ -335,24 +354,24 @@ class Node:
         """Closes whatever setup got as far as creating, in reverse dependency order; one
         failing step does not keep the others from running."""
         if self.outer is not None:
-            _attempt("algorithm", self.outer.close)
-            _attempt("final checkpoint", self._final_checkpoint)
+            attempt("algorithm", self.outer.close)
+            attempt("final checkpoint", self._final_checkpoint)
         if self._ranks_listening:
-            _attempt("the node's other ranks", lambda: self.ranks.share(DONE))
+            attempt("the node's other ranks", lambda: self.ranks.share(DONE))
         if self.swarm is not None:
-            _attempt("swarm", self.swarm.close)
+            attempt("swarm", self.swarm.close)
         if self._writer is not None:
-            _attempt("checkpoint writer", self._writer.close)
+            attempt("checkpoint writer", self._writer.close)
         if self._shard_writer is not None:
-            _attempt("shard writer", self._shard_writer.close)
+            attempt("shard writer", self._shard_writer.close)
         if self._records is not None:
-            _attempt("records", lambda: self._records.shutdown(wait=True))
+            attempt("records", lambda: self._records.shutdown(wait=True))
         if self.metrics is not None:
-            _attempt("metrics", self.metrics.close)
+            attempt("metrics", self.metrics.close)
         if self.live is not None:
-            _attempt("live metrics", self.live.close)
+            attempt("live metrics", self.live.close)
         for close in self._sinks:
-            _attempt("a metrics sink", close)
+            attempt("a metrics sink", close)
 
     def _final_checkpoint(self) -> None:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"
@@ -365,9 +384,3 @@ class Node:
                            bytes_sent=t.bytes_sent, bytes_recv=t.bytes_recv, dropped=dict(t.dropped),
                            sent_by_kind=dict(t.sent_by_kind), sent_to=dict(t.sent_to))
 
-
-def _attempt(what: str, step) -> None:
-    try:
-        step()
-    except Exception:
-        log.exception("shutdown of %s failed", what)

@@ -267,3 +267,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def attempt(what: str, step: Callable[[], object]) -> None:
+    """Run one step of a node's shutdown; a failure is logged, never raised, so the steps
+    after it still run."""
+    try:
+        step()
+    except Exception:
+        log.exception("shutdown of %s failed", what)
