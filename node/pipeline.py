@@ -45,16 +45,34 @@ import statistics
 import threading
 import time
 from collections import Counter, defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loco.optim import DiLoCo, NoLoCo
+from loco.options import compressor_for
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
 from loco.protocols.membership import PeerInfo, ViewUnknown
-from loco.protocols.messages import PP_ASSIGN, PP_BWD, PP_DROP, PP_FINAL, PP_FWD, PP_PLAN, PP_STATE
+from loco.protocols.pipeline.plan import (
+    ASSIGN,
+    BWD,
+    DROP,
+    FINAL,
+    FWD,
+    HANDOFF,
+    JOINING,
+    PLAN,
+    QUEUED,
+    REJOINING,
+    Iteration,
+    admit,
+    check_plan,
+    check_task,
+    leader_of,
+)
 from loco.protocols.pipeline.probe import LinkProber
 from loco.protocols.pipeline.schedule import (
     PipeNode,
@@ -77,6 +95,7 @@ from .metrics import MetricsWriter
 from .optstate import adam_step, adam_tensors, load_adam
 from .runtime import (
     NodeIdentity,
+    attempt,
     default_node_id,
     open_live_metrics,
     open_membership,
@@ -89,16 +108,6 @@ from .staging import HostStaging, StagedCommunicator
 from .sync import GossipCommunicator, SwarmCommunicator
 
 log = logging.getLogger(__name__)
-
-PLAN, FWD, BWD, DROP = PP_PLAN, PP_FWD, PP_BWD, PP_DROP
-FINAL, ASSIGN, HANDOFF = PP_FINAL, PP_ASSIGN, PP_STATE
-_QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN, HANDOFF)
-
-
-# the round a pipeline node's DHT record shows while it is not a member: joining, or joining
-# again after the replica that was to hand it its stage's state left before sending it
-JOINING, REJOINING = -1, -2
-
 
 def node_stage(cfg: Config, node_id: str) -> int:
     """This node's stage: pipeline.stage, else its place in a local swarm (node<i>)."""
@@ -115,123 +124,6 @@ def node_stage(cfg: Config, node_id: str) -> int:
             raise ConfigError(f"pipeline.assignment has {len(p.assignment)} entries; node {node_id} needs one")
         return p.assignment[i]
     return i % p.stages
-
-
-def check_plan(meta: dict[str, Any]) -> str | None:
-    """What is wrong with a PLAN's meta (None: nothing). A bad plan is dropped, not obeyed."""
-    paths, evals = meta.get("paths"), meta.get("eval", [])
-    endpoints, stages = meta.get("endpoints"), meta.get("stages", {})
-    if not isinstance(endpoints, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                  for k, v in endpoints.items()):
-        return "endpoints is not a map of node id to endpoint"
-    if not isinstance(stages, dict) or not all(isinstance(v, int) and k in endpoints for k, v in stages.items()):
-        return "stages is not a map of node id (with an endpoint) to stage"
-    joins = meta.get("joins", {})
-    if not isinstance(joins, dict) or not all(
-            isinstance(k, str) and k in endpoints and isinstance(v, str) and (v == "" or v in endpoints)
-            for k, v in joins.items()):
-        return "joins is not a map of joining node to a source node of the plan"
-    for name, group in (("paths", paths), ("eval", evals)):
-        if not isinstance(group, list):
-            return f"{name} is not a list"
-        for path in group:
-            if not (isinstance(path, list) and len(path) >= 3 and path[0] == path[-1]
-                    and all(isinstance(n, str) and n in endpoints for n in path)):
-                return f"{name} holds a malformed path {str(path)[:80]}"
-    return None
-
-
-def check_task(work: _Iteration, msg: Message, activation: tuple[int, ...]) -> str | None:
-    """What is wrong with a FWD/BWD/DROP for this node in ``work`` (None: nothing)."""
-    m, is_eval = msg.meta.get("mb"), msg.meta.get("eval")
-    if not isinstance(m, int) or isinstance(m, bool) or not isinstance(is_eval, bool):
-        return "mb/eval missing or of the wrong type"
-    group = work.eval_paths if is_eval else work.paths
-    if not 0 <= m < len(group):
-        return f"no microbatch {m} in this iteration"
-    if msg.kind == DROP:
-        return None
-    path, k = group[m], msg.meta.get("hop")
-    # a forward arrives at hops 1..end (the head starts it), a backward at hops 0..end-1
-    lo, hi = (1, len(path) - 1) if msg.kind == FWD else (0, len(path) - 2)
-    if not isinstance(k, int) or isinstance(k, bool) or not lo <= k <= hi:
-        return f"hop {k!r} is not a {msg.kind} hop of microbatch {m}"
-    if path[k] != work.me:
-        return f"hop {k} of microbatch {m} is {path[k]}, not this node"
-    if msg.kind == BWD and is_eval:
-        return "a backward pass for a validation microbatch"
-    if len(msg.tensors) != 1 or msg.tensors[0].dtype != torch.float32 or tuple(msg.tensors[0].shape) != activation:
-        got = [(str(t.dtype), tuple(t.shape)) for t in msg.tensors]
-        return f"expected one float32 tensor of shape {activation}, got {got}"
-    return None
-
-
-class _Iteration:
-    """This node's share of one iteration's plan, and what it has done of it."""
-
-    def __init__(self, me: str, number: int, meta: dict[str, Any]):
-        self.me = me
-        self.number = number
-        self.paths: list[list[str]] = meta["paths"]
-        self.eval_paths: list[list[str]] = meta.get("eval", [])
-        self.endpoints: dict[str, str] = meta["endpoints"]
-        self.meta = meta
-        self.stages: dict[str, int] = {n: int(s) for n, s in meta.get("stages", {}).items()}
-        # nodes admitted by this plan: {joiner: the replica that sends it its stage state
-        # after this iteration ("": none, it brings its own and takes part at once)}
-        self.joins: dict[str, str] = dict(meta.get("joins", {}))
-        self.last = bool(meta.get("last", False))
-        self.val_loss = meta.get("val_loss")
-        self.remaining: dict[tuple[int, bool], int] = {}  # tasks left here, per (microbatch, eval)
-        self.launch: list[tuple[int, bool]] = []  # (microbatch, eval) this node starts
-        for is_eval, paths in ((False, self.paths), (True, self.eval_paths)):
-            for m, path in enumerate(paths):
-                # train: the head finishes with its backward; the tail (same node) computes
-                # the loss and its backward in one go; a middle node has a forward and a
-                # backward. eval: one forward per visit after the head.
-                tasks = sum((1 if k in (0, len(path) - 1) else 2) if not is_eval else int(k > 0)
-                            for k, n in enumerate(path) if n == me)
-                if tasks:
-                    self.remaining[(m, is_eval)] = tasks
-                if path[0] == me:
-                    self.launch.append((m, is_eval))
-        self.owned = list(self.launch)  # (launch is consumed as microbatches start)
-        self.abandoned: set[tuple[int, bool]] = set()
-        self.losses: list[float] = []
-        self.val_losses: list[float] = []
-        self.visited: list[int] = []  # microbatches whose backward pass ran here
-        self.stash: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
-        self.targets: dict[tuple[int, bool], torch.Tensor] = {}
-        self.deferred: list[Message] = []  # forwards waiting for a free memory slot
-
-    @property
-    def todo(self) -> int:
-        return sum(self.remaining.values())
-
-    def path(self, m: int, is_eval: bool) -> list[str]:
-        return (self.eval_paths if is_eval else self.paths)[m]
-
-    def done_one(self, m: int, is_eval: bool) -> None:
-        key = (m, is_eval)
-        self.remaining[key] -= 1
-        if not self.remaining[key]:
-            del self.remaining[key]
-
-    def abandon(self, m: int, is_eval: bool) -> list[str]:
-        """Give up microbatch ``m`` here; returns the other nodes of its path."""
-        key = (m, is_eval)
-        self.abandoned.add(key)
-        self.remaining.pop(key, None)
-        self.targets.pop(key, None)
-        if not is_eval:
-            for k in [k for k in self.stash if k[0] == m]:
-                del self.stash[k]
-        self.launch = [x for x in self.launch if x != key]
-        self.deferred = [d for d in self.deferred if (int(d.meta["mb"]), bool(d.meta["eval"])) != key]
-        return [n for n in dict.fromkeys(self.path(m, is_eval)) if n != self.me]
-
-    def pending_paths(self) -> dict[tuple[int, bool], list[str]]:
-        return {key: self.path(*key) for key in self.remaining}
 
 
 class PipelineNode:
@@ -269,6 +161,7 @@ class PipelineNode:
         self._group: list[PeerInfo] = []
         self._seen_replicas: set[str] = set()  # replicas of this stage the DHT has shown this node
         self.tokens = 0  # trained by the microbatches this node started
+        self._closing = ExitStack()  # what setup opened, closed in reverse order when the node ends
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -277,17 +170,25 @@ class PipelineNode:
             torch.set_num_threads(cfg.node.threads)
         write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
         self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
-        self.live = open_live_metrics(cfg, self.id, self.metrics)
+        live = self.live = open_live_metrics(cfg, self.id, self.metrics)
         self.sinks = open_record_sinks(cfg, self.id, self.out, self.metrics)
+        for close in reversed(self.sinks):  # (after the metrics file: its last records reach them)
+            self._closing.callback(attempt, "a metrics sink", close)
+        if live is not None:
+            self._closing.callback(attempt, "live metrics", live.close)
+        self._closing.callback(attempt, "metrics", self.metrics.close)
         if cfg.swarm.insecure:
             log.warning("swarm %r runs WITHOUT a key: anyone who reaches %s can read the model, change it and "
                         "impersonate peers", cfg.swarm.run_id, cfg.node.listen_host)
         identity = NodeIdentity(self.out, self.id).dir  # the same node key across restarts
         self.transport = open_transport(cfg, self.id, self.started, identity)
-        for kind in _QUEUED:
+        self._closing.callback(attempt, "transport", self.transport.close)
+        for kind in QUEUED:
             self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
         self.prober = LinkProber(self.transport)
         self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
+        self._closing.callback(attempt, "reaper", self.reaper.close)
+        self._closing.callback(attempt, "membership", self._leave)
         if self.live is not None:
             self.live.watch(self.transport, lambda: len(self.membership.peers()))
         train, val = load_corpus(cfg.data)
@@ -320,7 +221,10 @@ class PipelineNode:
         wait = max(c.matchmaking_timeout_s, self.p.iteration_timeout_s + 10)
         timeouts = CollectiveTimeouts(wait, max(c.join_timeout_s, wait + 10), c.allreduce_timeout_s,
                                       c.decision_timeout_s, c.max_attempts)
-        self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, stop=self.stop,
+        # compression.* applies to what the replicas exchange (not to activations and gradients
+        # between stages)
+        compressor = compressor_for(cfg.compression, cfg.train.seed)
+        self.collective = GroupAllReduce(self.transport, self._stage_peers, timeouts, compressor, stop=self.stop,
                                          max_norm_ratio=cfg.collective.max_norm_ratio)
         # GPU tensors reach the collective through reused pinned host buffers
         self.staging = HostStaging(self.device) if self.device.type == "cuda" else None
@@ -331,7 +235,8 @@ class PipelineNode:
             self.outer = DiLoCo(params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
         elif self.p.sync == "noloco":  # gossip with random replicas of the stage, no all-reduce
             n = o.noloco
-            gossip = GroupExchange(self.transport, stop=self.stop, live=lambda: [p.id for p in self.membership.peers()])
+            gossip = GroupExchange(self.transport, compressor, stop=self.stop,
+                                   live=lambda: [p.id for p in self.membership.peers()])
             comm = GossipCommunicator(gossip, self.id, self._stage_peers, n.group_size, n.exchange_timeout_s,
                                       cfg.train.seed, peer_round=lambda: self.it)
             if self.device.type == "cuda":
@@ -348,7 +253,7 @@ class PipelineNode:
             return list(self._group)
         return [p for p in self._group if self._may_be_live(p.id, (p.id, p.endpoint) in live)]
 
-    def _expect_replicas(self, work: _Iteration) -> None:
+    def _expect_replicas(self, work: Iteration) -> None:
         """The stage's replicas this iteration's sync waits for: those in the plan that the
         DHT still shows (their records lag behind iterations shorter than a refresh, so the
         DHT cannot say more), and those it has not shown this node yet: a replica that just
@@ -429,6 +334,7 @@ class PipelineNode:
             if self.p.auto_assign:
                 self._assign()
             self._build_stage()
+            self._closing.callback(attempt, "final checkpoint", self._final_checkpoint)
             self.membership.announce(self._peer_info())
             self.metrics.write("start", step=0, round=0, val_loss=float("nan"), resumed=False,
                                weights_hash=tensors_hash(self.model.params), endpoint=self.transport.endpoint,
@@ -436,50 +342,18 @@ class PipelineNode:
                                stage=self.stage, layer_s=self.layer_s, links=self.links)
             self._loop()
         finally:
-            self._shutdown()
+            # in reverse order of setup: the final checkpoint, leaving the DHT, the sockets,
+            # the records; each step logged if it fails, the others still run
+            self._closing.close()
         return 0
 
     # --------------------------------------------------------- leadership
     def _leader(self, roster: list[PeerInfo] | None = None) -> str | None:
-        """The smallest live stage-0 member of the last plan (of a fresh swarm: the smallest
-        live stage-0 node). A node is the one of the plan if its endpoint is the plan's, so a
-        restarted node is not taken for the one that died."""
-        alive = {p.id: p for p in (self._roster() if roster is None else roster)}
-        prev = self._prev
-        if prev is None:
-            ids = [p.id for p in alive.values() if p.stage == 0]
-        else:
-            ids = [n for n, s in prev["stages"].items()
-                   if s == 0 and n in alive and alive[n].endpoint == prev["endpoints"].get(n)]
-        return min(ids) if ids else None
+        return leader_of(self._prev, self._roster() if roster is None else roster)
 
     def _fresh_swarm(self) -> bool:
         """No node has got past iteration 0: nobody started before this node."""
         return all(p.round <= 0 for p in self.membership.peers())
-
-    def _members(self, roster: list[PeerInfo]) -> tuple[list[PeerInfo], dict[str, str]]:
-        """Who takes part in the next iteration, and who is admitted during it.
-
-        Members: the live nodes of the last plan (same endpoint) and those it admitted. Any
-        other live node joins: a replica of its stage sends it its state after this
-        iteration and it takes part in the next; if its stage has no member, it brings its
-        own state (checkpoint or seed) and takes part at once."""
-        prev = self._prev
-        if prev is None:  # iteration 0 of a fresh swarm: everyone who is here
-            return roster, {}
-        was, endpoints, admitted = prev["stages"], prev["endpoints"], prev.get("joins", {})
-        # (a node admitted earlier whose hand-off source left before sending says so: it
-        # joins again, from another replica)
-        members = [p for p in roster if (p.id in was or admitted.get(p.id)) and endpoints.get(p.id) == p.endpoint
-                   and p.round != REJOINING]
-        ids = {p.id for p in members}
-        joins = {}
-        for p in roster:
-            if p.id not in ids:
-                replicas = sorted(m.id for m in members if m.stage == p.stage)
-                joins[p.id] = replicas[0] if replicas else ""
-        members += [p for p in roster if joins.get(p.id) == ""]
-        return sorted(members, key=lambda p: p.id), joins
 
     def _roster(self) -> list[PeerInfo]:
         return sorted([*self.membership.peers(), self._peer_info()], key=lambda p: p.id)
@@ -609,7 +483,7 @@ class PipelineNode:
             self.outer.load_synchronized(tensors[3 * n:], meta["outer_steps"], reset_params=False)
         return None
 
-    def _hand_off(self, work: _Iteration, joiner: str) -> None:
+    def _hand_off(self, work: Iteration, joiner: str) -> None:
         """Send a joining replica this stage's state after iteration ``work``'s step."""
         tensors, meta = self._stage_state()
         self._send_to(joiner, work.endpoints[joiner], Message(HANDOFF, round=work.number, meta=meta, tensors=tensors))
@@ -661,7 +535,7 @@ class PipelineNode:
                     or (t.max_time_s and elapsed + per_iter >= t.max_time_s))
 
     def _send_plan(self, it: int, roster: list[PeerInfo]) -> bool:
-        members, joins = self._members(roster)
+        members, joins = admit(self._prev, roster)
         missing = sorted(set(range(self.p.stages)) - {p.stage for p in members})
         if missing:
             log.warning("iteration %d: no live node holds stage(s) %s; waiting", it, missing)
@@ -700,7 +574,7 @@ class PipelineNode:
             else:
                 self._send_to(p.id, p.endpoint, msg)
 
-    def _wait_plan(self, it: int) -> _Iteration | None:
+    def _wait_plan(self, it: int) -> Iteration | None:
         """The plan of iteration ``it``: made here if this node leads, else awaited; a
         leader that died is replaced by the next stage-0 node once the DHT drops it. None:
         stopped, or the plan left this node out (``member`` is then False)."""
@@ -715,7 +589,7 @@ class PipelineNode:
                     self._taken = it
                     if self.id in msg.meta["stages"] and msg.meta["endpoints"][self.id] == self.transport.endpoint:
                         self._prev, self._last_plan = msg.meta, msg
-                        return _Iteration(self.id, it, msg.meta)
+                        return Iteration(self.id, it, msg.meta)
                     log.warning("iteration %d: the plan left this node out (the leader lost sight of it); "
                                 "joining again", it)
                     self.member = False
@@ -766,7 +640,7 @@ class PipelineNode:
         self.transport.dropped[f"Bad{msg.kind}"] += 1
         log.warning("dropped %s of iteration %d from %s: %s", msg.kind, msg.round, msg.sender, problem)
 
-    def _send(self, work: _Iteration, node: str, kind: str, m: int, hop: int, is_eval: bool,
+    def _send(self, work: Iteration, node: str, kind: str, m: int, hop: int, is_eval: bool,
               tensor: torch.Tensor) -> None:
         meta = {"mb": m, "hop": hop, "eval": is_eval}
         msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu").contiguous()])
@@ -777,7 +651,7 @@ class PipelineNode:
         self.transport.send(endpoint, msg)
 
     # ------------------------------------------------------------ compute
-    def _launch(self, work: _Iteration, m: int, is_eval: bool) -> None:
+    def _launch(self, work: Iteration, m: int, is_eval: bool) -> None:
         path = work.path(m, is_eval)
         if is_eval:
             x, y = self.val[m]
@@ -790,7 +664,7 @@ class PipelineNode:
         work.targets[(m, is_eval)] = y.to(self.device)
         self._send(work, path[1], FWD, m, 1, is_eval, h)
 
-    def _forward(self, work: _Iteration, msg: Message) -> None:
+    def _forward(self, work: Iteration, msg: Message) -> None:
         m, k, is_eval = int(msg.meta["mb"]), int(msg.meta["hop"]), bool(msg.meta["eval"])
         if (m, is_eval) in work.abandoned:
             return
@@ -818,7 +692,7 @@ class PipelineNode:
             self._send(work, path[k + 1], FWD, m, k + 1, False, y)
         work.done_one(m, is_eval)
 
-    def _backward(self, work: _Iteration, msg: Message) -> None:
+    def _backward(self, work: Iteration, msg: Message) -> None:
         m, k = int(msg.meta["mb"]), int(msg.meta["hop"])
         entry = work.stash.pop((m, k), None)
         if entry is None:
@@ -833,10 +707,10 @@ class PipelineNode:
         work.visited.append(m)
         work.done_one(m, False)
 
-    def _memory_free(self, work: _Iteration) -> bool:
+    def _memory_free(self, work: Iteration) -> bool:
         return len(work.stash) < self.p.memory
 
-    def _abandon(self, work: _Iteration, m: int, is_eval: bool, why: str, notify: bool = True) -> None:
+    def _abandon(self, work: Iteration, m: int, is_eval: bool, why: str, notify: bool = True) -> None:
         """Give a microbatch up here and, unless they told us, on the rest of its path: every
         node that waits for it stops waiting at once (a node that timed out a microbatch
         while the others still wait for it would otherwise leave them out of step)."""
@@ -864,7 +738,7 @@ class PipelineNode:
             if node != self.id and (node, endpoint) in live:
                 self._send_to(node, endpoint, Message(PLAN, round=plan.round, meta=plan.meta))
 
-    def _check_paths_alive(self, work: _Iteration, roster: list[PeerInfo]) -> None:
+    def _check_paths_alive(self, work: Iteration, roster: list[PeerInfo]) -> None:
         # by endpoint too: a node restarted under the same id is not the one on the path
         live = {(p.id, p.endpoint) for p in roster}
         for (m, is_eval), path in work.pending_paths().items():
@@ -872,7 +746,7 @@ class PipelineNode:
             if dead:
                 self._abandon(work, m, is_eval, f"{', '.join(dead)} left the swarm")
 
-    def _run_tasks(self, work: _Iteration) -> tuple[float, float]:
+    def _run_tasks(self, work: Iteration) -> tuple[float, float]:
         """Do this node's part of the iteration; returns (compute s, waiting s)."""
         self.model.train()
         for pending in self.later.pop(work.number, []):
@@ -931,7 +805,7 @@ class PipelineNode:
         o = self.cfg.optim
         return o.inner_lr * min(1.0, (it + 1) / o.warmup_steps) if o.warmup_steps else o.inner_lr
 
-    def _step(self, work: _Iteration) -> tuple[str, int, str]:
+    def _step(self, work: Iteration) -> tuple[str, int, str]:
         """Average or apply the iteration's gradients; returns (status, replicas in sync, why
         the sync did not happen: "" when it did)."""
         params = self.model.params
@@ -992,7 +866,9 @@ class PipelineNode:
             plan_s = time.monotonic() - t0
             compute, waited = self._run_tasks(work)
             t1 = time.monotonic()
+            synced0 = self.transport.bytes_queued
             status, group, reason = self._step(work)
+            sync_bytes = self.transport.bytes_queued - synced0
             for joiner, source in work.joins.items():
                 if source == self.id:
                     self._hand_off(work, joiner)
@@ -1004,7 +880,8 @@ class PipelineNode:
             self.it += 1
             checkpoint_s = 0.0 if work.last else self._periodic_checkpoint()  # (the last: at shutdown)
             self._record(work, status, group, time.monotonic() - t0, compute, plan_s + waited + sync_s,  # (iter_s
-                         self.transport.bytes_queued - bytes0, checkpoint_s, reason)  # includes the checkpoint's seconds)
+                         self.transport.bytes_queued - bytes0, sync_bytes, checkpoint_s, reason)  # includes the
+            # checkpoint's seconds)
             if self.it == 1:  # past iteration 0 now: a node that starts later joins, not plans
                 self.membership.announce(self._peer_info())
             if work.last:
@@ -1021,7 +898,7 @@ class PipelineNode:
             if roster and self._leader(roster) == self.id:
                 planned = True
                 self._relay_orphaned_plan(roster)
-                members, _ = self._members(roster)
+                members, _ = admit(self._prev, roster)
                 meta = {"paths": [], "eval": self._eval_paths(members),
                         "endpoints": {p.id: p.endpoint for p in roster}, "stages": {p.id: p.stage for p in members}}
                 self._broadcast(PLAN, final, meta, roster)
@@ -1032,7 +909,7 @@ class PipelineNode:
                     self._reject(msg, problem)
                     continue
                 self._taken = final
-                work = _Iteration(self.id, final, msg.meta)
+                work = Iteration(self.id, final, msg.meta)
                 with torch.no_grad():
                     self._run_tasks(work)
                 if work.val_losses:
@@ -1051,8 +928,8 @@ class PipelineNode:
                 self._reject(msg, "val_loss is not a number")
             self._pull(final, timeout=0.5)
 
-    def _record(self, work: _Iteration, status: str, group: int, iter_s: float, compute_s: float,
-                comm_s: float, round_bytes: int, checkpoint_s: float, reason: str = "") -> None:
+    def _record(self, work: Iteration, status: str, group: int, iter_s: float, compute_s: float,
+                comm_s: float, round_bytes: int, sync_bytes: int, checkpoint_s: float, reason: str = "") -> None:
         loss = sum(work.losses) / len(work.losses) if work.losses else float("nan")
         self.tokens += len(work.losses) * self.cfg.data.batch_size * self.cfg.model.block_size
         extra: dict[str, Any] = {}
@@ -1067,6 +944,7 @@ class PipelineNode:
             elapsed_s=time.time() - self.started, iter_s=iter_s, compute_s=compute_s, comm_s=comm_s,
             checkpoint_s=checkpoint_s,
             bytes_sent=self.transport.bytes_sent, bytes_recv=self.transport.bytes_recv, round_bytes=round_bytes,
+            sync_bytes=[sync_bytes],
             tokens=self.tokens,
             weights_hash=tensors_hash(self.model.params), **extra,
         )
@@ -1104,19 +982,6 @@ class PipelineNode:
         raise ConnectionError("pipeline.auto_assign: no placement arrived")
 
     # ------------------------------------------------------------- shutdown
-    def _shutdown(self) -> None:
-        steps = [("model", self._final_checkpoint), ("membership", self._leave),
-                 ("transport", lambda: self.transport.close()), ("reaper", lambda: self.reaper.close()),
-                 ("metrics", lambda: self.metrics.close()), ("live", lambda: self.live and self.live.close()),
-                 ("sinks", lambda: [close() for close in self.sinks])]
-        for needs, step in steps:
-            if not hasattr(self, needs):
-                continue
-            try:
-                step()
-            except Exception:
-                log.exception("shutdown of %s failed", needs)
-
     @property
     def ckpt_path(self) -> Path:
         return checkpoint_file(self.out / "checkpoints", self.id)

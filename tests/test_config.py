@@ -57,8 +57,8 @@ def test_bad_values_name_the_key(override, message):
     (["node.rank_exchange='leader'", "optim.algorithm='co2'"], "node.rank_exchange = 'leader' changes only diloco"),
     (["node.rank_exchange='sideways'"], "node.rank_exchange"),
     # a pipeline would silently ignore these: each is named
-    (["pipeline.stages=2", "compression.codec='int8'", "optim.algorithm='noloco'", "train.precision='bf16'"],
-     "pipeline.stages = 2 does not use optim.algorithm, train.precision, compression:"),
+    (["pipeline.stages=2", "compression.codec='int8'", "compression.lgreco.enabled=true", "optim.algorithm='noloco'",
+      "train.precision='bf16'"], "pipeline.stages = 2 does not use optim.algorithm, train.precision, compression.lgreco:"),
     (["pipeline.stages=2", "train.max_tokens=1000", "optim.inner_steps=5", "train.log_every=3"],
      "does not use optim.inner_steps, train.max_tokens, train.log_every:"),
 ])

@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from loco.node.config import build_config
-from loco.node.pipeline import _QUEUED, PLAN, PipelineNode
+from loco.node.pipeline import PipelineNode
 from loco.protocols.membership import PeerInfo
+from loco.protocols.pipeline.plan import JOINING, PLAN, QUEUED, REJOINING, admit, leader_of
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
 
@@ -41,7 +42,7 @@ def swarm(tmp_path):
                             "swarm": {"join_timeout_s": 60}})
         node = PipelineNode(cfg, tmp_path / name)
         node.transport = transports[name]
-        for kind in _QUEUED:
+        for kind in QUEUED:
             node.transport.on(kind, node.inbox.put)
         node.membership = _View(transports, stages, alive, name)
         nodes[name] = node
@@ -107,3 +108,41 @@ def test_a_plan_goes_to_the_stage0_nodes_first(swarm):
     d._broadcast(PLAN, 0, {"paths": []}, list(reversed(roster)))
     assert order == ["a", "b"]  # the stage-0 nodes (a; d itself, through its inbox) before b
     assert d.inbox.get(timeout=1).sender == "d"
+
+
+def _peer(node: str, stage: int, round: int = 3, endpoint: str | None = None) -> PeerInfo:
+    return PeerInfo(node, endpoint or f"tcp://{node}", round, stage)
+
+
+def test_admission_keeps_the_plans_members_and_admits_the_others_from_a_replica_of_their_stage():
+    prev = {"stages": {"a": 0, "b": 1, "c": 1}, "endpoints": {n: f"tcp://{n}" for n in "abc"}, "joins": {}}
+    roster = [_peer("a", 0), _peer("b", 1), _peer("c", 1), _peer("e", 1, JOINING), _peer("f", 2, JOINING)]
+    members, joins = admit(prev, roster)
+    # e joins stage 1 from its smallest replica; f's stage has no member: it brings its own
+    assert joins == {"e": "b", "f": ""} and [p.id for p in members] == ["a", "b", "c", "f"]
+    # a restart of b (a new endpoint) is a new node: it joins from c
+    members, joins = admit(prev, [_peer("a", 0), _peer("b", 1, JOINING, "tcp://b2"), _peer("c", 1)])
+    assert joins == {"b": "c"} and [p.id for p in members] == ["a", "c"]
+    # a fresh swarm: everyone who is here, nobody joins
+    assert admit(None, roster) == (roster, {})
+
+
+def test_a_joiner_whose_source_left_is_admitted_again_from_another_replica():
+    # plan k admitted e from b; b died before handing it the state, and e says so
+    prev = {"stages": {"a": 0, "c": 1}, "endpoints": {n: f"tcp://{n}" for n in "abce"}, "joins": {"e": "b"}}
+    members, joins = admit(prev, [_peer("a", 0), _peer("c", 1), _peer("e", 1, REJOINING)])
+    assert joins == {"e": "c"} and [p.id for p in members] == ["a", "c"]
+    # while its record still says JOINING (the hand-off under way), it counts as a member
+    members, joins = admit(prev, [_peer("a", 0), _peer("c", 1), _peer("e", 1, JOINING)])
+    assert joins == {} and [p.id for p in members] == ["a", "c", "e"]
+    # and with no replica of its stage left it brings its own state at once
+    members, joins = admit(prev, [_peer("a", 0), _peer("e", 1, REJOINING)])
+    assert joins == {"e": ""} and [p.id for p in members] == ["a", "e"]
+
+
+def test_the_leader_is_the_smallest_live_stage_0_member_of_the_last_plan():
+    prev = {"stages": {"b": 0, "d": 0, "c": 1}, "endpoints": {n: f"tcp://{n}" for n in "bcd"}}
+    assert leader_of(prev, [_peer("a", 0), _peer("b", 0), _peer("c", 1), _peer("d", 0)]) == "b"  # a is no member
+    assert leader_of(prev, [_peer("b", 0, endpoint="tcp://b2"), _peer("d", 0)]) == "d"  # b restarted
+    assert leader_of(prev, [_peer("c", 1)]) is None
+    assert leader_of(None, [_peer("c", 0), _peer("a", 1), _peer("b", 0)]) == "b"

@@ -7,7 +7,8 @@ import torch
 
 from loco.node.checkpoint import save_checkpoint
 from loco.node.config import build_config
-from loco.node.pipeline import BWD, DROP, FWD, PipelineNode, _Iteration, check_plan, check_task
+from loco.node.pipeline import PipelineNode
+from loco.protocols.pipeline.plan import BWD, DROP, FWD, Iteration, check_plan, check_task
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.wire import Message
 
@@ -24,7 +25,7 @@ def _msg(kind, tensors=None, **meta):
 def test_a_good_plan_and_its_tasks_pass():
     assert check_plan(PLAN) is None
     assert check_plan({**PLAN, "joins": {"b": "a", "c": ""}}) is None
-    work = _Iteration("c", 0, PLAN)
+    work = Iteration("c", 0, PLAN)
     assert work.todo == 2 + 2 + 1  # middle of mb 0 (fwd + bwd), middle of mb 1, eval forward
     assert check_task(work, _msg(FWD, mb=0, hop=2, eval=False), SHAPE) is None
     assert check_task(work, _msg(BWD, mb=1, hop=1, eval=False), SHAPE) is None
@@ -49,7 +50,7 @@ def test_malformed_plans_are_named():
 
 
 def test_malformed_tasks_are_named():
-    work = _Iteration("c", 0, PLAN)
+    work = Iteration("c", 0, PLAN)
     cases = [
         (_msg(FWD, hop=2, eval=False), "mb/eval"),
         (_msg(FWD, mb="0", hop=2, eval=False), "mb/eval"),

@@ -36,10 +36,11 @@ def _check_paths(records: list[dict]) -> Counter:
 
 
 def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_path):
+    """The replicas of each stage average their gradients every iteration, int8-compressed."""
     out = tmp_path / "run"
     # stages placed from the measured speeds and links (auto_assign), two replicas each
     p = procs.loco("swarm", "--nodes", "6", "--out", str(out),
-                   *_sets(*PIPE, "train.rounds=20", "pipeline.auto_assign=true"), log="swarm")
+                   *_sets(*PIPE, "train.rounds=20", "pipeline.auto_assign=true", "compression.codec='int8'"), log="swarm")
     assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
     nodes = [f"node{i}" for i in range(6)]
     recs = {n: _outer(out, n) for n in nodes}
@@ -66,6 +67,13 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
         for s, (a, b) in replicas.items():
             ra, rb = recs[a][it], recs[b][it]
             assert ra["weights_hash"] == rb["weights_hash"] and ra["group_size"] == 2, (it, s)
+    # the replicas' gradient averages went int8 (compression.codec): about a byte per value
+    # sent by each of the two, where float32 would be four
+    from loco.node.checkpoint import load_checkpoint
+
+    for n in nodes:
+        values = sum(t.numel() for t in load_checkpoint(out / "checkpoints" / f"{n}.safetensors")["model"].values())
+        assert all(0 < r["sync_bytes"][0] < 2 * values for r in recs[n]), (n, values, recs[n][0]["sync_bytes"])
     # saved every iteration (train.checkpoint_every = 1), the one before kept (keep_checkpoints = 1)
     assert all((out / "checkpoints" / f"{n}.safetensors.1").exists() for n in nodes)
     assert all(r["checkpoint_s"] > 0 for n in nodes for r in recs[n][:-1])
