@@ -44,6 +44,7 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
 
     import torch
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
@@ -56,10 +57,11 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
     if args.parallel == "fsdp":
+        mesh = init_device_mesh("cpu", (2,))  # (on a GPU host too: these members train on the CPU)
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     else:
         model = DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
