@@ -38,13 +38,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import random
 import re
 import statistics
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from loco.options import compressor_for
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
 from loco.protocols.membership import PeerInfo, ViewUnknown
+from loco.protocols.pipeline.channel import Channel
 from loco.protocols.pipeline.plan import (
     ASSIGN,
     BWD,
@@ -65,7 +65,6 @@ from loco.protocols.pipeline.plan import (
     HANDOFF,
     JOINING,
     PLAN,
-    QUEUED,
     REJOINING,
     Iteration,
     admit,
@@ -136,12 +135,7 @@ class PipelineNode:
         self.started = time.time()
         self.it = 0
         self.stage = node_stage(cfg, self.id)
-        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=10_000)
-        self.later: dict[int, list[Message]] = defaultdict(list)  # messages of iterations ahead
-        self.finals: list[Message] = []  # the leader's final validation (FINAL)
-        self.placements: list[Message] = []  # auto_assign's placement (ASSIGN)
-        self.plans: dict[int, Message] = {}
-        self.handoffs: list[Message] = []  # stage state sent to this node as it joins (HANDOFF)
+        self.channel = Channel()  # what arrives, sorted by what the loop waits for
         self._unreadable_checkpoint = False  # its file is then never written over
         self._saved_it = -1  # the iteration count of the last checkpoint handed to the writer
         self._writer: CheckpointWriter | None = None  # made at the first checkpoint
@@ -152,7 +146,6 @@ class PipelineNode:
         self._rejoining = False  # its hand-off source left before sending: it asks to be admitted again
         self._prev: dict[str, Any] | None = None  # the last plan this node took part in
         self._last_plan: Message | None = None  # ... as it came (who sent it)
-        self._taken = -1  # the iteration of that plan: copies of it and earlier ones are stale
         self._relayed: set[int] = set()  # plans this node sent again after their leader died
         self.val_loss = float("nan")
         self.layer_s = 0.0
@@ -183,8 +176,7 @@ class PipelineNode:
         identity = NodeIdentity(self.out, self.id).dir  # the same node key across restarts
         self.transport = open_transport(cfg, self.id, self.started, identity)
         self._closing.callback(attempt, "transport", self.transport.close)
-        for kind in QUEUED:
-            self.transport.on(kind, self.inbox.put_nowait)  # full: dropped and counted
+        self.channel.attach(self.transport)
         self.prober = LinkProber(self.transport)
         self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
         self._closing.callback(attempt, "reaper", self.reaper.close)
@@ -384,16 +376,17 @@ class PipelineNode:
                 roster = self._roster()
                 if self._leader(roster) == self.id:
                     planned = self._send_plan(0, roster)
-            for number in sorted(self.plans):
-                msg = self.plans[number]
+            plans = self.channel.plans
+            for number in sorted(plans):
+                msg = plans[number]
                 problem = check_plan(msg.meta)
                 if problem is not None:
-                    del self.plans[number]
+                    del plans[number]
                     self._reject(msg, problem)
                     continue
                 meta = msg.meta
                 if meta["endpoints"].get(self.id) != self.transport.endpoint:
-                    del self.plans[number]  # not for this node (or for its earlier run)
+                    del plans[number]  # not for this node (or for its earlier run)
                     continue
                 source = meta.get("joins", {}).get(self.id)
                 if self.id in meta["stages"]:
@@ -402,20 +395,20 @@ class PipelineNode:
                     if source == "":  # no replica of its stage is alive: it brings its own state
                         return self._became_member(number, self._resume_own())
                     if self._rejoining:  # planned before the leader saw that its hand-off failed
-                        del self.plans[number]
+                        del plans[number]
                         continue
                     raise ConnectionError(f"plan {number} counts this node as a member, but no plan admitted it "
                                           f"(its hand-off plan was lost); restart it to join again")
-                del self.plans[number]
+                del plans[number]
                 if source and self._receive_state(source, number, meta["endpoints"][source]):
                     self._prev = meta
                     return self._became_member(number + 1, f"replica {source}")
-            self._pull(-1, timeout=1.0)
+            self.channel.pull(-1, timeout=1.0)
         return False
 
     def _became_member(self, it: int, source: str) -> bool:
         self.it, self.member, self._rejoining = it, True, False
-        self.later = defaultdict(list, {k: v for k, v in self.later.items() if k >= it})
+        self.channel.forget_before(it)
         self.membership.announce(self._peer_info())
         self.metrics.write("join", round=it, stage=self.stage, source=source,
                            weights_hash=tensors_hash(self.model.params))
@@ -429,8 +422,7 @@ class PipelineNode:
         stage, or none (it then brings its own checkpoint)."""
         deadline = time.monotonic() + self.cfg.swarm.join_timeout_s
         while time.monotonic() < deadline and not self.stop.is_set():
-            while self.handoffs:
-                msg = self.handoffs.pop(0)
+            while (msg := self.channel.next_filed(HANDOFF)) is not None:
                 if msg.sender != source or msg.round != number:
                     log.info("ignored stage state of iteration %d from %s (waiting for %s's of %d)",
                              msg.round, msg.sender, source, number)
@@ -445,7 +437,7 @@ class PipelineNode:
                 self._rejoining = True
                 self.membership.announce(self._peer_info())
                 return False
-            self._pull(-1, timeout=1.0)
+            self.channel.pull(-1, timeout=1.0)
         if not self.stop.is_set():
             raise ConnectionError(f"no stage {self.stage} state from {source} within "
                                   f"swarm.join_timeout_s={self.cfg.swarm.join_timeout_s:.0f}s")
@@ -570,7 +562,7 @@ class PipelineNode:
             msg = Message(kind, round=it, meta=meta)
             if p.id == self.id:
                 msg.sender = self.id
-                self.inbox.put(msg)
+                self.channel.put(msg)
             else:
                 self._send_to(p.id, p.endpoint, msg)
 
@@ -582,16 +574,18 @@ class PipelineNode:
         no_stage0_since = None
         waiting_since = time.monotonic()
         while not self.stop.is_set():
-            if it in self.plans:
-                msg = self.plans.pop(it)
+            msg = self.channel.take_plan(it)
+            if msg is not None:
                 problem = check_plan(msg.meta)
                 if problem is None:
-                    self._taken = it
+                    self.channel.taken = it
                     if self.id in msg.meta["stages"] and msg.meta["endpoints"][self.id] == self.transport.endpoint:
                         self._prev, self._last_plan = msg.meta, msg
                         return Iteration(self.id, it, msg.meta)
                     log.warning("iteration %d: the plan left this node out (the leader lost sight of it); "
                                 "joining again", it)
+                    if msg.meta.get("joins", {}).get(self.id):  # it admits this node again: joining takes it up
+                        self.channel.plans[it] = msg
                     self.member = False
                     return None
                 self._reject(msg, problem)
@@ -600,41 +594,23 @@ class PipelineNode:
             if leader == self.id and not planned:
                 self._relay_orphaned_plan(roster)  # (before the next plan: the missed one comes first)
                 planned = self._send_plan(it, roster)
-            if not warned and self.plans and min(self.plans) > it and time.monotonic() - waiting_since > 5.0:
+            plans = self.channel.plans
+            if not warned and plans and min(plans) > it and time.monotonic() - waiting_since > 5.0:
                 warned = True  # (a plan lost to a leader that died while sending it)
                 log.warning("iteration %d: its plan has not come but that of %d has; waiting for the next "
-                            "leader to send it again", it, min(self.plans))
+                            "leader to send it again", it, min(plans))
             if leader is None:
                 no_stage0_since = no_stage0_since or time.monotonic()
                 if time.monotonic() - no_stage0_since > self.cfg.swarm.join_timeout_s:
                     raise ConnectionError(f"no stage-0 node alive for {self.cfg.swarm.join_timeout_s:.0f}s")
             else:
                 no_stage0_since = None
-            early = self._pull(it, timeout=1.0)
+            early = self.channel.pull(it, timeout=1.0)
             if early is not None:  # work of this iteration that came before its plan
-                self.later[it].append(early)
+                self.channel.keep_for(it, early)
         return None
 
     # ---------------------------------------------------------- messages
-    def _pull(self, it: int, timeout: float) -> Message | None:
-        """The next message of iteration ``it`` (FWD/BWD); plans and messages of later
-        iterations are filed, messages of earlier ones dropped."""
-        try:
-            msg = self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if msg.kind == PLAN:
-            if msg.round > self._taken:  # (a resent copy of one taken already is stale)
-                self.plans.setdefault(msg.round, msg)  # the first plan of an iteration wins
-            return None
-        if msg.kind in (FINAL, ASSIGN, HANDOFF):
-            {FINAL: self.finals, ASSIGN: self.placements, HANDOFF: self.handoffs}[msg.kind].append(msg)
-            return None
-        if msg.round > it:
-            self.later[msg.round].append(msg)
-            return None
-        return msg if msg.round == it else None
-
     def _reject(self, msg: Message, problem: str) -> None:
         """A malformed message is dropped and counted; it never takes the node down."""
         self.transport.dropped[f"Bad{msg.kind}"] += 1
@@ -749,8 +725,7 @@ class PipelineNode:
     def _run_tasks(self, work: Iteration) -> tuple[float, float]:
         """Do this node's part of the iteration; returns (compute s, waiting s)."""
         self.model.train()
-        for pending in self.later.pop(work.number, []):
-            self.inbox.put(pending)
+        self.channel.start(work.number)
         deadline = time.monotonic() + self.p.iteration_timeout_s
         next_check = time.monotonic() + 1.0
         compute = waited = 0.0
@@ -775,7 +750,7 @@ class PipelineNode:
                 self._check_paths_alive(work, roster)
                 next_check = now + 1.0
                 continue
-            msg = self._pull(work.number, timeout=min(deadline, next_check) - now)
+            msg = self.channel.pull(work.number, timeout=min(deadline, next_check) - now)
             waited += time.monotonic() - now
             if msg is None:
                 continue
@@ -902,13 +877,13 @@ class PipelineNode:
                 meta = {"paths": [], "eval": self._eval_paths(members),
                         "endpoints": {p.id: p.endpoint for p in roster}, "stages": {p.id: p.stage for p in members}}
                 self._broadcast(PLAN, final, meta, roster)
-            if final in self.plans:
-                msg = self.plans.pop(final)
+            msg = self.channel.take_plan(final)
+            if msg is not None:
                 problem = check_plan(msg.meta)
                 if problem is not None:
                     self._reject(msg, problem)
                     continue
-                self._taken = final
+                self.channel.taken = final
                 work = Iteration(self.id, final, msg.meta)
                 with torch.no_grad():
                     self._run_tasks(work)
@@ -918,15 +893,14 @@ class PipelineNode:
                     self._broadcast(FINAL, final, {"val_loss": self.val_loss}, roster)
                     return
                 break
-            self._pull(final, timeout=0.5)
+            self.channel.pull(final, timeout=0.5)
         while time.monotonic() < deadline and not self.stop.is_set():  # the leader's result
-            while self.finals:
-                msg = self.finals.pop(0)
+            while (msg := self.channel.next_filed(FINAL)) is not None:
                 if isinstance(msg.meta.get("val_loss"), (int, float)):
                     self.val_loss = float(msg.meta["val_loss"])
                     return
                 self._reject(msg, "val_loss is not a number")
-            self._pull(final, timeout=0.5)
+            self.channel.pull(final, timeout=0.5)
 
     def _record(self, work: Iteration, status: str, group: int, iter_s: float, compute_s: float,
                 comm_s: float, round_bytes: int, sync_bytes: int, checkpoint_s: float, reason: str = "") -> None:
@@ -968,8 +942,7 @@ class PipelineNode:
                 placed = assign_stages(self._setting(roster), seed=self.cfg.train.seed)
                 meta = {"stages": {n.id: n.stage for n in placed.nodes}}
                 self._broadcast(ASSIGN, 0, meta, roster)
-            while self.placements:
-                msg = self.placements.pop(0)
+            while (msg := self.channel.next_filed(ASSIGN)) is not None:
                 placed = msg.meta.get("stages")
                 stage = placed.get(self.id, self.stage) if isinstance(placed, dict) else None
                 if not isinstance(stage, int) or not 0 <= stage < self.p.stages:
@@ -978,7 +951,7 @@ class PipelineNode:
                 self.stage = stage
                 log.info("placed on stage %d", self.stage)
                 return
-            self._pull(0, timeout=1.0)
+            self.channel.pull(0, timeout=1.0)
         raise ConnectionError("pipeline.auto_assign: no placement arrived")
 
     # ------------------------------------------------------------- shutdown

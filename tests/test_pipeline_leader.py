@@ -10,7 +10,7 @@ import pytest
 from loco.node.config import build_config
 from loco.node.pipeline import PipelineNode
 from loco.protocols.membership import PeerInfo
-from loco.protocols.pipeline.plan import JOINING, PLAN, QUEUED, REJOINING, admit, leader_of
+from loco.protocols.pipeline.plan import JOINING, PLAN, REJOINING, admit, leader_of
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
 
@@ -42,8 +42,7 @@ def swarm(tmp_path):
                             "swarm": {"join_timeout_s": 60}})
         node = PipelineNode(cfg, tmp_path / name)
         node.transport = transports[name]
-        for kind in QUEUED:
-            node.transport.on(kind, node.inbox.put)
+        node.channel.attach(node.transport)
         node.membership = _View(transports, stages, alive, name)
         nodes[name] = node
     yield transports, alive, nodes
@@ -73,7 +72,7 @@ def test_a_plan_the_dying_leader_sent_to_some_nodes_only_reaches_the_rest(swarm)
     # once only; and a copy of a plan already taken is dropped, not kept as a later one
     d._relay_orphaned_plan(d._roster())
     transports["b"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
-    assert d._pull(1, timeout=2.0) is None and d.plans == {}
+    assert d.channel.pull(1, timeout=2.0) is None and d.channel.plans == {}
     assert d.transport.sent_by_kind.get(PLAN) == 1
 
 
@@ -107,7 +106,7 @@ def test_a_plan_goes_to_the_stage0_nodes_first(swarm):
     assert [p.id for p in roster] == ["a", "b", "d"]
     d._broadcast(PLAN, 0, {"paths": []}, list(reversed(roster)))
     assert order == ["a", "b"]  # the stage-0 nodes (a; d itself, through its inbox) before b
-    assert d.inbox.get(timeout=1).sender == "d"
+    assert d.channel.pull(0, timeout=1) is None and d.channel.take_plan(0).sender == "d"
 
 
 def _peer(node: str, stage: int, round: int = 3, endpoint: str | None = None) -> PeerInfo:
@@ -138,6 +137,11 @@ def test_a_joiner_whose_source_left_is_admitted_again_from_another_replica():
     # and with no replica of its stage left it brings its own state at once
     members, joins = admit(prev, [_peer("a", 0), _peer("e", 1, REJOINING)])
     assert joins == {"e": ""} and [p.id for p in members] == ["a", "e"]
+    # once a plan has admitted it again from c, it is receiving c's state: its record may
+    # still say REJOINING, but admitting it once more would take it out of the next plan
+    again = {**prev, "stages": {"a": 0, "c": 1}, "joins": {"e": "c"}}
+    members, joins = admit(again, [_peer("a", 0), _peer("c", 1), _peer("e", 1, REJOINING)])
+    assert joins == {} and [p.id for p in members] == ["a", "c", "e"]
 
 
 def test_the_leader_is_the_smallest_live_stage_0_member_of_the_last_plan():
@@ -146,3 +150,27 @@ def test_the_leader_is_the_smallest_live_stage_0_member_of_the_last_plan():
     assert leader_of(prev, [_peer("b", 0, endpoint="tcp://b2"), _peer("d", 0)]) == "d"  # b restarted
     assert leader_of(prev, [_peer("c", 1)]) is None
     assert leader_of(None, [_peer("c", 0), _peer("a", 1), _peer("b", 0)]) == "b"
+
+
+def test_the_channel_files_what_comes_by_what_the_loop_waits_for():
+    from loco.protocols.pipeline.channel import Channel
+    from loco.protocols.pipeline.plan import FINAL, FWD, HANDOFF
+
+    channel = Channel()
+    for kind, round in ((PLAN, 3), (PLAN, 3), (FWD, 4), (FWD, 2), (HANDOFF, 5), (FINAL, 9), (FWD, 3)):
+        channel.put(Message(kind, round=round, meta={"copy": len(channel.plans)}))
+    got = [channel.pull(3, timeout=1) for _ in range(7)]
+    # only iteration 3's task comes out; its first plan is kept, the later iteration's task waits
+    assert [m.kind for m in got if m is not None] == [FWD] and got[-1].round == 3
+    assert list(channel.plans) == [3] and channel.take_plan(3).meta == {"copy": 0}
+    assert channel.next_filed(HANDOFF).round == 5 and channel.next_filed(HANDOFF) is None
+    assert channel.next_filed(FINAL).round == 9
+    channel.taken = 3
+    channel.put(Message(PLAN, round=3, meta={}))  # a resent copy of a plan taken already: stale
+    assert channel.pull(3, timeout=1) is None and channel.plans == {}
+    channel.start(4)  # iteration 4's task, kept, is read again
+    assert channel.pull(4, timeout=1).round == 4
+    channel.keep_for(6, Message(FWD, round=6, meta={}))
+    channel.forget_before(7)
+    channel.start(6)
+    assert channel.pull(6, timeout=0.1) is None

@@ -54,12 +54,22 @@ def admit(prev: dict[str, Any] | None, roster: list[PeerInfo]) -> tuple[list[Pee
     other live node joins: a replica of its stage sends it its state after this iteration
     and it takes part in the next; if its stage has no member, it brings its own state
     (checkpoint or seed) and takes part at once. A node admitted earlier whose hand-off
-    source left before sending says so (REJOINING) and joins again, from another replica."""
+    source left before sending says so (REJOINING) and joins again, from another replica;
+    until its record shows it a member, one that ``prev`` admitted from a live replica is
+    receiving that replica's state (admitting it once more would take it out again)."""
     if prev is None:  # iteration 0 of a fresh swarm: everyone who is here
         return roster, {}
     was, endpoints, admitted = prev["stages"], prev["endpoints"], prev.get("joins", {})
-    members = [p for p in roster if (p.id in was or admitted.get(p.id)) and endpoints.get(p.id) == p.endpoint
-               and p.round != REJOINING]
+    live = {p.id for p in roster}
+
+    def member(p: PeerInfo) -> bool:
+        if endpoints.get(p.id) != p.endpoint:
+            return False
+        if p.round == REJOINING:
+            return admitted.get(p.id, "") in live
+        return p.id in was or bool(admitted.get(p.id))
+
+    members = [p for p in roster if member(p)]
     ids = {p.id for p in members}
     joins = {}
     for p in roster:
