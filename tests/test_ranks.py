@@ -74,6 +74,25 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
             assert (other[-1]["rank_bytes_sent"] > 0) == (algorithm == "diloco"), other[-1]
 
 
+def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
+    """rank_exchange="leader": the member's other ranks open no endpoint and send nothing;
+    the members still agree."""
+    common = ["--algorithm", "diloco", "--inner-steps", "10", "--steps", "40", "--peers", "1",
+              "--parallel", "fsdp", "--rank-exchange", "leader"]
+    ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
+    token = wait_until(lambda: re.search(r"join with: (\S+)", procs.log("a")), 180, "a's join token").group(1)
+    b = procs.python(EXAMPLE, "--nproc-per-node", "1", *common, "--seed", "2", "--join", token, "--report", str(rb),
+                     log="b")
+    _finish(a, procs, "a")
+    _finish(b, procs, "b")
+    a_ranks, (b_recs,) = _ranks(ra, 2), _ranks(rb, 1)
+    assert all(r["rank_bytes_sent"] == 0 for r in a_ranks[1])
+    ok_b = {r["round"]: r["weights_hash"] for r in b_recs[:-1] if r["status"] == "ok" and r["group_size"] == 2}
+    together = [r for r in a_ranks[0][:-1] if r["round"] in ok_b and r["status"] == "ok" and r["group_size"] == 2]
+    assert together and all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a_ranks[0], b_recs)
+
+
 @pytest.mark.parametrize(("parallel", "algorithm"),
                          [("ddp", "diloco"), ("fsdp", "diloco"), ("fsdp", "streaming_diloco")])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
