@@ -260,6 +260,9 @@ class PipelineNode:
         except ViewUnknown:
             live = {p.id for p in planned}
         self._seen_replicas |= {p.id for p in planned} & live
+        # a replica back in the plan after iterations out of it (a joiner admitted, perhaps
+        # planned once before its hand-off failed) was silent for a reason now gone
+        self.collective.expect({p.id for p in planned} - {p.id for p in self._group})
         self._group = [p for p in planned if self._may_be_live(p.id, p.id in live)]
 
     def _may_be_live(self, replica: str, in_view: bool) -> bool:

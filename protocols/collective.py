@@ -552,6 +552,14 @@ class GroupAllReduce:
         else:
             time.sleep(seconds)
 
+    def expect(self, peers: Iterable[str]) -> None:
+        """``peers`` are due in the coming rounds for a reason this collective cannot see (a
+        pipeline plan admitted them again): the pass-over their earlier silence earned ends,
+        or the first round they take part in would be closed before their JOIN comes."""
+        for node in peers:
+            self._silent_followers.heard(node)
+            self._silent_leaders.heard(node)
+
     def away(self, round: int) -> None:
         """Fetching a peer's state at ``round`` (0: done; see ``JoinDesk.away``)."""
         self.desk.away(round)

@@ -730,3 +730,24 @@ def test_a_pass_over_doubles_while_silent_and_ends_when_the_peer_is_heard_from()
     assert not skip.passed_over("y", 14)
     heard["x"] = time.monotonic() + 1.0  # any message from x after it was found silent
     assert not skip.passed_over("x", 14)
+
+
+def test_a_peer_expected_again_ends_its_pass_over_and_is_waited_for(peers):
+    """p1 was silent in round 0 (a pipeline replica planned before its state came), so p0
+    would pass it over next round and close that round before p1's JOIN; told that p1 is
+    due again (a plan admitted it), p0 waits for it and both average."""
+    quick = CollectiveTimeouts(matchmaking_s=3, join_s=20, allreduce_s=5, decision_s=5)
+    p = peers(2, timeouts=quick)
+    inputs = _inputs(2)
+    first = p.run(inputs, members=[0])
+    assert first[0].status == "skipped", first  # p1 is in view: never committed alone
+    p.round = 1
+    p.collectives[0].expect(["p1"])
+    results = {}
+    lead = threading.Thread(target=lambda: results.setdefault(0, p.collectives[0].all_reduce(1, inputs[0], 1.0, "h")))
+    lead.start()
+    time.sleep(1.0)  # p1 comes a second late: a passed-over p1 would find the round closed
+    results[1] = p.collectives[1].all_reduce(1, inputs[1], 1.0, "h")
+    lead.join(timeout=60)
+    assert [results[i].status for i in (0, 1)] == ["ok", "ok"], results
+    assert results[0].group == ("p0", "p1")
