@@ -418,7 +418,8 @@ class NetworkConfig(LinkConfig):
 
 
 class PipelineConfig(_Section):
-    """SkipPipe (docs/ALGORITHMS.md section 5): the built-in GPT split into stages over the swarm's
+    """SkipPipe (docs/ALGORITHMS.md section 5): the model (the built-in GPT, or model.factory's
+    model that declares its stages: README, Pipelines) split into stages over the swarm's
     nodes; each microbatch takes its own scheduled path. Off while ``stages`` < 2."""
 
     stages: int = Field(0, ge=0)
@@ -456,10 +457,16 @@ class PipelineConfig(_Section):
     path is told, and the iteration ends without it."""
     eval_every: int = Field(10, ge=1)
     """Iterations between validation passes (forward along a full path, no skips)."""
+    split: str | None = None
+    """'module:callable' that takes the model and returns its ``loco.PipelineParts`` (embed,
+    blocks, head), for a model without a ``pipeline_parts()`` method: e.g. "loco.hf:gpt2_parts"
+    for a HuggingFace GPT-2. None: the model's own ``pipeline_parts()``."""
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineConfig:
         if self.stages < 2:
+            if self.split:
+                raise ValueError("split cuts a model into pipeline stages: it needs stages >= 2")
             return self
         visits = self.stages - round(self.skip * self.stages)
         if visits < 2:
@@ -517,9 +524,7 @@ class Config(_Section):
                              f"pipeline.eval_every sets its records")
         if self.node.nproc_per_node > 1:
             raise ValueError("pipeline.stages and node.nproc_per_node > 1: a pipeline stage is one process")
-        if self.model.factory:
-            raise ValueError("pipeline.stages needs the built-in GPT (model.factory must be unset)")
-        if self.model.n_layer < p.stages:
+        if not self.model.factory and self.model.n_layer < p.stages:
             raise ValueError(f"pipeline.stages ({p.stages}) exceeds model.n_layer ({self.model.n_layer}): "
                              f"every stage needs at least one block")
         return self
@@ -556,11 +561,12 @@ class Config(_Section):
         return swarm
 
 
-# What pipeline mode (node/pipeline.py) has no use for: set to anything but its default
+# What pipeline mode (node/pipeline/) has no use for: set to anything but its default
 # beside pipeline.stages >= 2, it is an error rather than silently ignored.
 _UNUSED_BY_PIPELINES = (
     "optim.algorithm", "optim.inner_steps", "optim.outer_state_device", "optim.streaming", "optim.co2",
     "train.max_tokens", "train.precision", "train.log_every", "train.compile", "compression.lgreco",
+    "model.computes_loss",  # (a stage-0 node computes the loss from the head's logits)
 )
 
 

@@ -28,7 +28,7 @@ from loco import OuterAlgorithm, Ranks, RoundReport, Swarm
 from .build import build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
 from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
-from .config import Config, config_to_dict
+from .config import Config
 from .follower_node import (
     CHECKPOINT,
     DONE,
@@ -41,10 +41,9 @@ from .follower_node import (
 from .metrics import MetricsWriter
 from .runtime import (
     NodeIdentity,
+    NodeRecords,
     attempt,
     default_node_id,
-    open_live_metrics,
-    open_record_sinks,
     write_json_atomic,
 )
 from .shard_files import complete_set, new_tag, versions_kept
@@ -79,7 +78,7 @@ class Node:
         # built by _setup, in this order; shutdown closes what exists, in reverse
         self.metrics: MetricsWriter | None = None
         self.live: LiveMetrics | None = None  # the /metrics endpoint (node.metrics_port)
-        self._sinks: list[Callable[[], None]] = []  # closers of the TensorBoard/W&B copies (logging.*)
+        self.records: NodeRecords | None = None  # config file, metrics, their copies (closed last)
         self._records: ThreadPoolExecutor | None = None
         self._writer: CheckpointWriter | None = None
         self._shard_writer: CheckpointWriter | None = None  # rank 0's shards (node.parallel fsdp)
@@ -98,12 +97,8 @@ class Node:
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.cfg
-        if cfg.node.threads:
-            torch.set_num_threads(cfg.node.threads)
-        write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
-        self.metrics = MetricsWriter(self.out / "metrics" / f"{self.id}.jsonl", self.id)
-        self.live = open_live_metrics(cfg, self.id, self.metrics)
-        self._sinks = open_record_sinks(cfg, self.id, self.out, self.metrics)
+        self.records = NodeRecords(cfg, self.id, self.out)
+        self.metrics, self.live = self.records.metrics, self.records.live
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
         sharded = cfg.node.nproc_per_node > 1 and cfg.node.parallel == "fsdp"
         self._writer = CheckpointWriter(self.ckpt_path, versions_kept(cfg.train.keep_checkpoints) if sharded else
@@ -118,7 +113,7 @@ class Node:
             load_shards(self.ranks, self.trainer, self._shard_files)
         if self.before_join is not None:
             self.cfg = cfg = self.before_join(cfg)
-            write_json_atomic(self.out / "config" / f"{self.id}.json", config_to_dict(cfg, redact=True))
+            self.records.write_config(cfg)
         self.identity = NodeIdentity(self.out, self.id)
         self.swarm = self._open_swarm(cfg)
         if self.live is not None:
@@ -366,12 +361,8 @@ class Node:
             attempt("shard writer", self._shard_writer.close)
         if self._records is not None:
             attempt("records", lambda: self._records.shutdown(wait=True))
-        if self.metrics is not None:
-            attempt("metrics", self.metrics.close)
-        if self.live is not None:
-            attempt("live metrics", self.live.close)
-        for close in self._sinks:
-            attempt("a metrics sink", close)
+        if self.records is not None:
+            self.records.close()
 
     def _final_checkpoint(self) -> None:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"

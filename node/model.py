@@ -75,6 +75,25 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+    def pipeline_parts(self):  # -> loco.PipelineParts
+        """The embedding (tokens and positions), the blocks and the head (final norm and the
+        tied projection), for SkipPipe pipelines."""
+        from loco.pipeline_parts import PipelineParts
+
+        return PipelineParts(_Embed(self.tok, self.pos), list(self.blocks), nn.Sequential(self.ln_f, self.head))
+
+
+class _Embed(nn.Module):
+    """Token plus position embedding: a pipeline's first part (it shares GPT's modules)."""
+
+    def __init__(self, tok: nn.Embedding, pos: nn.Embedding):
+        super().__init__()
+        self.tok, self.pos = tok, pos
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The built-in GPT, or ``cfg.factory`` ('module:callable') called with ``cfg.kwargs``.
     ConfigError (one line naming the key) for a factory that cannot be loaded, rejects its

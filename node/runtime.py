@@ -262,6 +262,36 @@ def open_record_sinks(cfg: Config, node_id: str, out: Path, metrics: MetricsWrit
     return [sink.close for sink in sinks]
 
 
+class NodeRecords:
+    """A node's records: its resolved config (``config/<id>.json``), the JSONL metrics file,
+    and the copies that ``node.metrics_port`` and ``logging.*`` ask for, all fed from the
+    same records. Opened at a node's start (it also applies ``node.threads``), closed last."""
+
+    def __init__(self, cfg: Config, node_id: str, out: Path):
+        import torch
+
+        if cfg.node.threads:
+            torch.set_num_threads(cfg.node.threads)
+        self.out, self.node_id = out, node_id
+        self.write_config(cfg)
+        self.metrics = MetricsWriter(out / "metrics" / f"{node_id}.jsonl", node_id)
+        self.live = open_live_metrics(cfg, node_id, self.metrics)
+        self._sinks = open_record_sinks(cfg, node_id, out, self.metrics)
+
+    def write_config(self, cfg: Config) -> None:
+        """The config this node runs with, secrets redacted (written again if it changes)."""
+        write_json_atomic(self.out / "config" / f"{self.node_id}.json", config_to_dict(cfg, redact=True))
+
+    def close(self) -> None:
+        """The metrics file first (its last records reach the copies), then the copies; each
+        step logged if it fails, the others still run."""
+        attempt("metrics", self.metrics.close)
+        if self.live is not None:
+            attempt("live metrics", self.live.close)
+        for close in self._sinks:
+            attempt("a metrics sink", close)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

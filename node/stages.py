@@ -1,10 +1,11 @@
-"""The built-in GPT cut into pipeline stages, and the whole model put back together.
+"""A model cut into pipeline stages (its ``loco.PipelineParts``), and the whole model put
+back together.
 
-Stage s holds a contiguous group of blocks; stage 0 also holds the token and position
-embeddings, the final norm, the (tied) head and the loss. Every node builds the full model
-from the shared seed and drops what its stage does not hold, so the kept parameters are
-bit-identical to the same parameters of a single-process model, and their state-dict keys
-are the full model's: one replica's state dict per stage loads into a whole GPT.
+Stage s holds a contiguous group of blocks; stage 0 also holds the embedding, the head and
+the loss. Every node builds the full model from the shared seed and keeps what its stage
+holds, so the kept parameters are bit-identical to the same parameters of a single-process
+model, and their state-dict keys are the full model's: one replica's state dict per stage
+loads into a whole model.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .model import GPT, unique_parameters
+from loco.pipeline_parts import PipelineParts, pipeline_parts
+
+from .config import ConfigError, ModelConfig
+from .model import build_model, unique_parameters
 
 
 def stage_blocks(n_layer: int, stages: int) -> list[range]:
@@ -34,53 +37,83 @@ def stage_blocks(n_layer: int, stages: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(stages)]
 
 
-class StageModel:
-    """One stage of the GPT: ``embed`` (stage 0), ``blocks`` (any stage), ``loss`` (stage 0)."""
+def model_parts(cfg: ModelConfig, split: str | None = None) -> tuple[nn.Module, PipelineParts]:
+    """The whole model (the built-in GPT or ``model.factory``'s) and its pipeline parts;
+    ConfigError (one line) if it does not declare them."""
+    model = build_model(cfg)
+    try:
+        return model, pipeline_parts(model, split)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
-    def __init__(self, cfg: ModelConfig, stage: int, stages: int, seed: int, device: torch.device | str = "cpu"):
+
+class StageModel:
+    """One stage of a model: ``embed`` (stage 0: the embedding and its blocks), ``blocks``
+    (any stage), ``loss`` (stage 0: the head and cross-entropy)."""
+
+    def __init__(self, cfg: ModelConfig, stage: int, stages: int, seed: int, device: torch.device | str = "cpu",
+                 split: str | None = None):
         torch.manual_seed(seed)  # the same init as every other node and as a single process
-        gpt = GPT(cfg)
+        model, parts = model_parts(cfg, split)
+        self.n_blocks = len(parts.blocks)
+        if stages > self.n_blocks:
+            raise ConfigError(f"pipeline.stages ({stages}) exceeds the model's {self.n_blocks} blocks: "
+                              f"every stage needs at least one")
         self.stage = stage
-        self.block_ids = stage_blocks(cfg.n_layer, stages)[stage]
-        for i in range(cfg.n_layer):
-            if i not in self.block_ids:
-                gpt.blocks[i] = nn.Identity()
-        if stage != 0:
-            gpt.tok = gpt.pos = gpt.ln_f = gpt.head = None
-        self.gpt = gpt.to(device)
+        self.block_ids = stage_blocks(self.n_blocks, stages)[stage]
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # what travels between stages: [B, T, width]
+            self.width = int(parts.embed(torch.zeros(1, 1, dtype=torch.long)).shape[-1])
         self.device = torch.device(device)
-        self.params = unique_parameters(self.gpt)
+        self._blocks = [parts.blocks[i].to(self.device) for i in self.block_ids]
+        self._embed = parts.embed.to(self.device) if stage == 0 else None
+        self._head = parts.head.to(self.device) if stage == 0 else None
+        kept = [m for m in (*self._blocks, self._embed, self._head) if m is not None]
+        # the full model's names for what this stage holds (after the move: buffers are new tensors)
+        held = {id(t) for m in kept for t in m.state_dict(keep_vars=True).values()}
+        self._named = {k: t for k, t in model.state_dict(keep_vars=True).items() if id(t) in held}
+        owned = {id(p) for m in kept for p in m.parameters()}
+        self.params = [p for p in unique_parameters(model) if id(p) in owned]
+        self._kept = kept  # (the rest of the model goes with ``model``)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        g = self.gpt
-        x = g.tok(idx) + g.pos(torch.arange(idx.shape[1], device=idx.device))
-        return self.blocks(x)
+        return self.blocks(self._embed(idx))
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for i in self.block_ids:
-            x = self.gpt.blocks[i](x)
+        for block in self._blocks:
+            x = block(x)
         return x
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.gpt.head(self.gpt.ln_f(h))
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        logits = self._head(h)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
     def train(self, mode: bool = True) -> None:
-        self.gpt.train(mode)
+        for m in self._kept:
+            m.train(mode)
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This stage's parameters under the whole model's names (a tied one under each)."""
+        return [(k, t) for k, t in self._named.items() if isinstance(t, nn.Parameter)]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.gpt.state_dict()
+        """This stage's tensors under the whole model's names."""
+        return {k: t.detach() for k, t in self._named.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.gpt.load_state_dict(state)
+        missing = sorted(set(self._named) - set(state))
+        if missing:
+            raise KeyError(f"stage {self.stage} state lacks {missing[:4]}")
+        with torch.no_grad():
+            for k, t in self._named.items():
+                t.copy_(state[k])
 
 
-def assemble(cfg: ModelConfig, stage_states: Iterable[dict[str, torch.Tensor]]) -> GPT:
-    """A whole GPT from one state dict per stage (every key must be covered exactly)."""
+def assemble(cfg: ModelConfig, stage_states: Iterable[dict[str, torch.Tensor]]) -> nn.Module:
+    """A whole model from one state dict per stage (every key must be covered exactly)."""
     merged: dict[str, torch.Tensor] = {}
     for state in stage_states:
         merged.update({k: v.to("cpu") for k, v in state.items()})
-    model = GPT(cfg)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(merged, strict=False)
     if missing or unexpected:
         raise ValueError(f"stage checkpoints do not make a whole model: missing {sorted(missing)[:4]}, "
@@ -89,14 +122,21 @@ def assemble(cfg: ModelConfig, stage_states: Iterable[dict[str, torch.Tensor]]) 
 
 
 @torch.no_grad()
-def loss_skipping(model: GPT, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], skip_blocks: set[int]) -> float:
-    """Validation loss of ``model`` with the blocks in ``skip_blocks`` left out (the residual
-    stream passes them by, as a microbatch that skips their stage does in training)."""
-    model.eval()
+def loss_skipping(parts: PipelineParts, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  skip_blocks: set[int]) -> float:
+    """Validation loss of a model (its pipeline parts) with the blocks in ``skip_blocks``
+    left out (the residual stream passes them by, as a microbatch that skips their stage
+    does in training)."""
+    for m in (parts.embed, parts.head, *parts.blocks):
+        m.eval()
     losses = []
     for x, y in batches:
-        logits = model(x, skip=skip_blocks)
-        losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))))
+        h = parts.embed(x)
+        for i, block in enumerate(parts.blocks):
+            if i not in skip_blocks:
+                h = block(h)
+        logits = parts.head(h)
+        losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))))
     return sum(losses) / len(losses)
 
 
@@ -125,15 +165,17 @@ def skip_evaluation(out: Path) -> list[dict[str, Any]]:
     node = per_stage[0][0]
     cfg = build_config(json.loads((out / "config" / f"{node}.json").read_text()), f"{node}'s config")
     model = assemble(cfg.model, [state for _, state in per_stage.values()])
+    parts = pipeline_parts(model, cfg.pipeline.split)
     _, val = load_corpus(cfg.data)
     batches = validation_batches(val, cfg.model.block_size, cfg.data.batch_size, cfg.data.val_batches,
                                  cfg.train.seed)
-    blocks = stage_blocks(cfg.model.n_layer, stages)
+    n_blocks = len(parts.blocks)
+    blocks = stage_blocks(n_blocks, stages)
     rows = []
     for k in range(stages - 1):
         for skipped in itertools.combinations(range(1, stages), k):
             skip_blocks = {b for s in skipped for b in blocks[s]}
             rows.append({"skipped_stages": list(skipped), "skipped_blocks": len(skip_blocks),
-                         "kept_share": 1 - len(skip_blocks) / cfg.model.n_layer,
-                         "val_loss": loss_skipping(model, batches, skip_blocks)})
+                         "kept_share": 1 - len(skip_blocks) / n_blocks,
+                         "val_loss": loss_skipping(parts, batches, skip_blocks)})
     return rows

@@ -4,12 +4,17 @@ sockets, each with a DHT view from a static list (the swarm tests run the real D
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from loco.node.config import build_config
-from loco.node.pipeline import PipelineNode
+from loco.node.pipeline.compute import Activations
+from loco.node.pipeline.planning import Planner
+from loco.node.pipeline.post import Post
+from loco.node.pipeline.standing import Standing
 from loco.protocols.membership import PeerInfo
+from loco.protocols.pipeline.channel import Channel
 from loco.protocols.pipeline.plan import JOINING, PLAN, REJOINING, admit, leader_of
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
@@ -30,24 +35,26 @@ class _View:
 
 
 @pytest.fixture
-def swarm(tmp_path):
+def swarm():
     """Transports for the leader ``a`` (stage 0), ``d`` (stage 0) and ``b`` (stage 1); ``d``
-    and ``b`` are pipeline nodes."""
+    and ``b`` plan and wait for plans (their Planner, over their own channel)."""
     stages = {"a": 0, "b": 1, "d": 0}
     transports = {n: Transport(n) for n in stages}
     alive = set(stages)
     nodes = {}
+    stop = threading.Event()
     for name in ("b", "d"):
         cfg = build_config({"pipeline": {"stages": 2, "stage": stages[name]}, "node": {"id": name},
                             "swarm": {"join_timeout_s": 60}})
-        node = PipelineNode(cfg, tmp_path / name)
-        node.transport = transports[name]
-        node.channel.attach(node.transport)
-        node.membership = _View(transports, stages, alive, name)
-        nodes[name] = node
+        channel = Channel()
+        channel.attach(transports[name])
+        standing = Standing(name, stages[name], transports[name].endpoint, member=True)
+        post = Post(transports[name], channel, name)
+        nodes[name] = Planner(cfg, standing, _View(transports, stages, alive, name), channel, post, stop,
+                              started=time.time(), val_batches=0, val_loss=lambda: float("nan"),
+                              activations=Activations((2, 8, 16)), n_blocks=2)
     yield transports, alive, nodes
-    for node in nodes.values():  # (a thread still waiting for a plan returns)
-        node.stop.set()
+    stop.set()  # (a thread still waiting for a plan returns)
     for t in transports.values():
         t.close(flush_s=0.5)
 
@@ -59,21 +66,21 @@ def test_a_plan_the_dying_leader_sent_to_some_nodes_only_reaches_the_rest(swarm)
             "endpoints": {n: t.endpoint for n, t in transports.items()}, "joins": {}, "last": False}
     # the leader's plan of iteration 0 reaches d; a dies before it is sent to b
     transports["a"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
-    work = d._wait_plan(0)
+    work = d.wait_plan(0)
     assert work is not None and work.paths == meta["paths"]
     got = {}
-    waiter = threading.Thread(daemon=True, target=lambda: got.setdefault("work", b._wait_plan(0)))
+    waiter = threading.Thread(daemon=True, target=lambda: got.setdefault("work", b.wait_plan(0)))
     waiter.start()
     alive.discard("a")  # (its DHT record expires)
-    d._relay_orphaned_plan(d._roster())  # d leads now: the plan goes out again, to those that are alive
+    d.relay_orphaned_plan(d.roster())  # d leads now: the plan goes out again, to those that are alive
     waiter.join(timeout=30)
     assert not waiter.is_alive(), "b still waits for the plan of iteration 0"
     assert got["work"].paths == meta["paths"] and got["work"].number == 0
     # once only; and a copy of a plan already taken is dropped, not kept as a later one
-    d._relay_orphaned_plan(d._roster())
+    d.relay_orphaned_plan(d.roster())
     transports["b"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
     assert d.channel.pull(1, timeout=2.0) is None and d.channel.plans == {}
-    assert d.transport.sent_by_kind.get(PLAN) == 1
+    assert transports["d"].sent_by_kind.get(PLAN) == 1
 
 
 def test_the_new_leader_resends_a_missed_plan_before_planning_the_next(swarm):
@@ -82,13 +89,13 @@ def test_the_new_leader_resends_a_missed_plan_before_planning_the_next(swarm):
     meta = {"paths": [["a", "b", "a"]], "eval": [], "stages": {"a": 0, "b": 1, "d": 0},
             "endpoints": {n: t.endpoint for n, t in transports.items()}, "joins": {}, "last": False}
     transports["a"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
-    assert d._wait_plan(0) is not None  # (d's part of iteration 0 is done; a dies)
+    assert d.wait_plan(0) is not None  # (d's part of iteration 0 is done; a dies)
     alive.discard("a")
-    d.layer_s = 0.01  # (what d measured of its speed; the plan needs it)
+    d.standing.layer_s = 0.01  # (what d measured of its speed; the plan needs it)
     got = []
-    waiter = threading.Thread(daemon=True, target=lambda: got.extend([b._wait_plan(0), b._wait_plan(1)]))
+    waiter = threading.Thread(daemon=True, target=lambda: got.extend([b.wait_plan(0), b.wait_plan(1)]))
     waiter.start()
-    assert d._wait_plan(1) is not None  # d leads iteration 1
+    assert d.wait_plan(1) is not None  # d leads iteration 1
     waiter.join(timeout=30)
     assert not waiter.is_alive(), "b still waits for the plan of iteration 0"
     assert got[0].paths == meta["paths"]
@@ -100,11 +107,11 @@ def test_a_plan_goes_to_the_stage0_nodes_first(swarm):
     transports, alive, nodes = swarm
     d = nodes["d"]
     order = []
-    send = d._send_to
-    d._send_to = lambda node, endpoint, msg: (order.append(node), send(node, endpoint, msg))
-    roster = sorted([*d.membership.peers(), d._peer_info()], key=lambda p: p.id)
+    send = d.post.send
+    d.post.send = lambda node, endpoint, msg: (order.append(node), send(node, endpoint, msg))
+    roster = d.roster()
     assert [p.id for p in roster] == ["a", "b", "d"]
-    d._broadcast(PLAN, 0, {"paths": []}, list(reversed(roster)))
+    d.post.broadcast(PLAN, 0, {"paths": []}, list(reversed(roster)))
     assert order == ["a", "b"]  # the stage-0 nodes (a; d itself, through its inbox) before b
     assert d.channel.pull(0, timeout=1) is None and d.channel.take_plan(0).sender == "d"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from loco.node.checkpoint import save_checkpoint
+from loco.node.checkpoint import load_latest, save_checkpoint
 from loco.node.config import build_config
-from loco.node.pipeline import PipelineNode
+from loco.node.pipeline.checkpoints import StageCheckpoints
+from loco.node.pipeline.stage_state import StageState
 from loco.protocols.pipeline.plan import BWD, DROP, FWD, Iteration, check_plan, check_task
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.wire import Message
@@ -69,25 +70,34 @@ def test_malformed_tasks_are_named():
         assert reason in (check_task(work, msg, SHAPE) or ""), (msg.meta, check_task(work, msg, SHAPE))
 
 
-def _stage_node(tmp_path, name: str, stage: int = 1) -> PipelineNode:
-    """A stage node's model and inner optimizer, without its network parts."""
+def _stage_state(stage: int = 1) -> StageState:
+    """A stage's model and inner optimizer, without the node's network parts."""
     cfg = build_config({"model": {"n_layer": 3, "n_embd": 16, "n_head": 2, "block_size": 8},
-                        "pipeline": {"stages": 3, "stage": stage}, "node": {"id": name}})
-    node = PipelineNode(cfg, tmp_path / name)
-    node.device = torch.device("cpu")
-    node._build_model()
-    return node
+                        "pipeline": {"stages": 3, "stage": stage}})
+    return StageState(cfg, stage, torch.device("cpu"))
 
 
-def test_a_stage_state_hand_off_makes_an_identical_replica_and_a_bad_one_changes_nothing(tmp_path):
-    source, joiner = _stage_node(tmp_path, "a"), _stage_node(tmp_path, "b")
+_failures: list = []  # (what a failed checkpoint records: none here)
+
+
+def _record(kind: str, **fields) -> None:
+    _failures.append((kind, fields))
+
+
+def _checkpoints(tmp_path, name: str) -> StageCheckpoints:
+    cfg = build_config({})
+    return StageCheckpoints(tmp_path / name / "checkpoint.safetensors", cfg.train, _record)
+
+
+def test_a_stage_state_hand_off_makes_an_identical_replica_and_a_bad_one_changes_nothing():
+    source, joiner = _stage_state(), _stage_state()
     x = torch.randn(2, 8, 16)
     for _ in range(2):  # the source trained: its weights and moments are not the seed's
         source.model.blocks(x).square().mean().backward()
         source.opt.step()
         source.opt.zero_grad()
-    tensors, meta = source._stage_state()
-    seed = tensors_hash(joiner._state_tensors())
+    tensors, meta = source.snapshot()
+    seed = tensors_hash(joiner.tensors())
     bad = [(tensors, {**meta, "stage": 2}, "stage 2"),
            (tensors, {**meta, "adam_step": -1}, "not counts"),
            (tensors, {**meta, "adam_step": True}, "not counts"),
@@ -95,27 +105,40 @@ def test_a_stage_state_hand_off_makes_an_identical_replica_and_a_bad_one_changes
            ([*tensors[:-1], torch.zeros(3)], meta, "do not match"),
            ([*tensors[:-1], tensors[-1].double()], meta, "do not match")]
     for t, m, reason in bad:
-        assert reason in (joiner._adopt(t, m) or ""), (m, reason)
-        assert tensors_hash(joiner._state_tensors()) == seed  # rejected before anything was written
-    assert joiner._adopt(tensors, meta) is None
-    assert tensors_hash(joiner._state_tensors()) == tensors_hash(source._state_tensors())
+        assert reason in (joiner.adopt(t, m) or ""), (m, reason)
+        assert tensors_hash(joiner.tensors()) == seed  # rejected before anything was written
+    assert joiner.adopt(tensors, meta) is None
+    assert tensors_hash(joiner.tensors()) == tensors_hash(source.tensors())
     # the next step is the same on both: weights, moments and the step count came across
     for node in (source, joiner):
         node.model.blocks(x).square().mean().backward()
         node.opt.step()
-    assert tensors_hash(joiner._state_tensors()) == tensors_hash(source._state_tensors())
+    assert tensors_hash(joiner.tensors()) == tensors_hash(source.tensors())
 
 
 def test_a_sole_replica_restarts_from_its_final_checkpoint_or_else_from_the_seed(tmp_path):
-    node = _stage_node(tmp_path, "a")
-    node.model.blocks(torch.randn(2, 8, 16)).square().mean().backward()
-    node.opt.step()
-    trained = tensors_hash(node._state_tensors())
-    save_checkpoint(node.ckpt_path, node._checkpoint_state())
-    again = _stage_node(tmp_path, "a")  # the same id and folder: its restart
-    assert again._resume_own() == "checkpoint a.safetensors"
-    assert tensors_hash(again._state_tensors()) == trained
-    other = _stage_node(tmp_path, "a", stage=2)  # restarted on another stage: not its checkpoint
-    seed = tensors_hash(other._state_tensors())
-    assert other._resume_own() == "seed" and tensors_hash(other._state_tensors()) == seed
-    assert _stage_node(tmp_path, "b")._resume_own() == "seed"  # no checkpoint at all
+    state, files = _stage_state(), _checkpoints(tmp_path, "a")
+    state.model.blocks(torch.randn(2, 8, 16)).square().mean().backward()
+    state.opt.step()
+    trained = tensors_hash(state.tensors())
+    save_checkpoint(files.path, state.checkpoint(iteration=1))
+    again = _stage_state()  # the same node's restart
+    assert _checkpoints(tmp_path, "a").resume(again) == "checkpoint checkpoint.safetensors"
+    assert tensors_hash(again.tensors()) == trained
+    other = _stage_state(stage=2)  # restarted on another stage: not its checkpoint
+    seed = tensors_hash(other.tensors())
+    assert _checkpoints(tmp_path, "a").resume(other) == "seed" and tensors_hash(other.tensors()) == seed
+    assert _checkpoints(tmp_path, "b").resume(_stage_state()) == "seed"  # no checkpoint at all
+
+
+def test_periodic_checkpoints_follow_the_cadence_and_the_final_one_is_written_on_close(tmp_path):
+    cfg = build_config({"train": {"checkpoint_every": 2}})
+    state = _stage_state()
+    files = StageCheckpoints(tmp_path / "ck.safetensors", cfg.train, _record)
+    assert files.periodic(state, 1) == 0.0 and not files.path.exists()  # not due
+    files.periodic(state, 2)
+    files.close(state, 3)  # the final one (iteration 3) after the periodic one (2)
+    again = _stage_state()
+    assert files.resume(again).startswith("checkpoint") and tensors_hash(again.tensors()) == tensors_hash(state.tensors())
+    assert load_latest(files.path)[0]["iteration"] == 3
+    assert not _failures

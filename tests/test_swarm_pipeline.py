@@ -280,3 +280,26 @@ def test_a_joiner_whose_hand_off_source_dies_gets_the_state_from_another_replica
     assert [r["round"] for r in back[:3]] == [j, j + 1, j + 2], back
     assert all(r["status"] == "ok" and r["group_size"] == 2 for r in back[:3]), [(r["status"], r["reason"]) for r in back]
     assert "asking to join again" in procs.log("node3")
+
+
+def test_a_huggingface_gpt2_trains_as_a_pipeline(procs, tmp_path):
+    """Any model that declares its stages can be pipelined: a HuggingFace GPT-2 built by
+    model.factory, cut by pipeline.split = loco.hf:gpt2_parts; 2 stages, stage 0 on two
+    replicas that average every iteration (so they stay identical)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    gpt2 = ("{config={model_type='gpt2', n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=256, "
+            "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0}}")
+    keys = [f for f in _sets("pipeline.stages=2")[1::2] if not f.startswith("model.")]  # (the built-in GPT's shape)
+    keys += ["model.factory='loco.hf:causal_lm'", f"model.kwargs={gpt2}", "model.block_size=64",
+             "pipeline.split='loco.hf:gpt2_parts'", "pipeline.microbatches=4", "pipeline.eval_every=3",
+             "train.rounds=10", "optim.inner_lr=0.003"]
+    p = procs.loco("swarm", "--nodes", "3", "--out", str(out), *[a for k in keys for a in ("--set", k)], log="swarm")
+    assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
+    recs = {n: _outer(out, n) for n in ("node0", "node1", "node2")}
+    for n, rs in recs.items():
+        assert [r["round"] for r in rs] == list(range(10)) and all(r["status"] == "ok" for r in rs), (n, rs)
+    assert [r["weights_hash"] for r in recs["node0"]] == [r["weights_hash"] for r in recs["node2"]]
+    assert all(r["group_size"] == 2 for r in recs["node0"])
+    first = next(r["val_loss"] for r in recs["node0"] if math.isfinite(r["val_loss"]))
+    assert recs["node0"][-1]["val_loss"] < first - 0.2, [r["val_loss"] for r in recs["node0"]]

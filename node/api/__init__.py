@@ -24,7 +24,9 @@ and the math are ``loco.node``, ``loco.protocols`` and ``loco.optim``.)
                  (DDP inside, or FSDP: ``ShardedWeights`` gathers the shards at round ends)
 - lgreco_round.py  when a round plans L-GreCo's per-layer compression levels
 - token.py       join tokens: the swarm key and a member's address, as one string
-- hf.py          ``loco.hf.causal_lm``: a HuggingFace causal LM as a model.factory (the hf extra)
+- hf.py          ``loco.hf.causal_lm``: a HuggingFace causal LM as a model.factory (the hf extra);
+                 ``loco.hf.gpt2_parts``: a GPT-2 cut into pipeline stages
+- pipeline_parts.py  ``PipelineParts``: how a model declares its stages for SkipPipe pipelines
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _PUBLIC = {
     "Swarm": ".swarm", "RoundReport": ".report", "OuterAlgorithm": ".algorithm",
     "DiLoCo": ".outer_step", "CO2": ".outer_step", "NoLoCo": ".outer_step",
     "StreamingDiLoCo": ".inner_sync", "DDP": ".inner_sync", "Ranks": ".ranks", "Follower": ".ranks",
+    "PipelineParts": ".pipeline_parts",
     "Compression": ("loco.node.config", "CompressionConfig"), "LGreCo": ("loco.node.config", "LGrecoConfig"),
     "Timeouts": ("loco.node.config", "CollectiveConfig"), "Network": ("loco.node.config", "NetworkConfig"),
     "Link": ("loco.node.config", "LinkConfig"),
@@ -72,5 +75,6 @@ if TYPE_CHECKING:
     from .algorithm import OuterAlgorithm  # noqa: F401
     from .inner_sync import DDP, StreamingDiLoCo  # noqa: F401
     from .outer_step import CO2, DiLoCo, NoLoCo  # noqa: F401
+    from .pipeline_parts import PipelineParts  # noqa: F401
     from .report import RoundReport  # noqa: F401
     from .swarm import Swarm  # noqa: F401

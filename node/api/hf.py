@@ -31,3 +31,39 @@ def causal_lm(path: str | None = None, config: dict[str, Any] | None = None) -> 
     if not model_type:
         raise ValueError("config needs a model_type (e.g. 'gpt2', 'llama')")
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+
+
+def gpt2_parts(model: nn.Module):  # -> loco.PipelineParts
+    """A HuggingFace GPT-2 causal LM cut for SkipPipe pipelines (``pipeline.split =
+    "loco.hf:gpt2_parts"``): token and position embeddings, the blocks, the final norm and
+    the language-model head."""
+    from .pipeline_parts import PipelineParts
+
+    body = getattr(model, "transformer", None)
+    if body is None or not all(hasattr(body, a) for a in ("wte", "wpe", "h", "ln_f")):
+        raise ValueError(f"loco.hf:gpt2_parts: {type(model).__name__} is not a GPT-2 causal LM "
+                         f"(no transformer.wte/wpe/h/ln_f)")
+    return PipelineParts(_GPT2Embed(body), [_FirstOutput(b) for b in body.h], nn.Sequential(body.ln_f, model.lm_head))
+
+
+class _GPT2Embed(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.wte, self.wpe, self.drop = body.wte, body.wpe, body.drop
+
+    def forward(self, idx):
+        import torch
+
+        return self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)))
+
+
+class _FirstOutput(nn.Module):
+    """A HuggingFace block returns a tuple (hidden states first) in some versions."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        out = self.block(x)
+        return out[0] if isinstance(out, tuple) else out

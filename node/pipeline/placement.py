@@ -1,0 +1,115 @@
+"""What a pipeline node measures of itself before it trains (its compute speed, its links
+to the peers: the scheduler's inputs, announced in the DHT) and pipeline.auto_assign's
+placement of every node on a stage."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from loco.protocols.membership import Membership
+from loco.protocols.pipeline.channel import Channel
+from loco.protocols.pipeline.plan import ASSIGN
+from loco.protocols.pipeline.probe import LinkProber
+from loco.protocols.pipeline.schedule import assign_stages
+
+from ..config import Config, ConfigError
+from ..lm_output import ModelOutputError, vocab_size_of
+from ..stages import model_parts
+from .compute import Activations
+from .planning import Planner
+from .post import Post
+from .standing import Standing
+
+log = logging.getLogger("loco.node.pipeline")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What every node knows of the model before it holds a stage: the hidden states between
+    stages, the number of blocks, and the seconds of one block's forward pass on one
+    microbatch (what the schedule's model calls w)."""
+
+    activations: Activations
+    n_blocks: int
+    layer_s: float
+    vocab_size: int
+
+
+def measure_model(cfg: Config, device: torch.device) -> ModelFacts:
+    """Build the model (built-in or model.factory's; ConfigError if it does not declare its
+    stages) and time a few forward + backward passes of its first block."""
+    torch.manual_seed(cfg.train.seed)
+    model, parts = model_parts(cfg.model, cfg.pipeline.split)
+    try:
+        vocab = vocab_size_of(model)
+    except ModelOutputError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    with torch.no_grad():
+        width = int(parts.embed(torch.zeros(1, 1, dtype=torch.long)).shape[-1])
+    activations = Activations.of(cfg, width)
+    if cfg.pipeline.stages > len(parts.blocks):
+        raise ConfigError(f"pipeline.stages ({cfg.pipeline.stages}) exceeds the model's {len(parts.blocks)} blocks: "
+                          f"every stage needs at least one")
+    seconds = _block_seconds(parts.blocks[0].to(device), activations, device)
+    return ModelFacts(activations, len(parts.blocks), seconds, vocab)
+
+
+def _block_seconds(block: torch.nn.Module, activations: Activations, device: torch.device) -> float:
+    x = torch.randn(*activations.shape, device=device, requires_grad=True)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        block(x).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) / 2.5  # forward + backward (1.5x)
+
+
+def measure_links(activations: Activations, prober: LinkProber, membership: Membership, standing: Standing) -> None:
+    """Latency and bandwidth to every peer the DHT shows, with activation-sized probes;
+    announced with this node's record."""
+    peers = {p.id: p.endpoint for p in membership.peers()}
+    t0 = time.monotonic()
+    measured = prober.measure(peers, activations.bytes)
+    standing.links = {peer: [lat, bw] for peer, (lat, bw) in measured.items()}
+    log.info("measured the links to %d of %d peers in %.1fs", len(measured), len(peers), time.monotonic() - t0)
+    membership.announce(standing.peer_info())
+
+
+def assign_stage(cfg: Config, standing: Standing, planner: Planner, membership: Membership, channel: Channel,
+                 post: Post, stop: threading.Event) -> None:
+    """pipeline.auto_assign: the smallest id places every node on a stage from the
+    measured speeds and links (keeping each stage's replica count) and tells the rest;
+    a node that starts into a running pipeline takes the stage with the fewest replicas."""
+    p = cfg.pipeline
+    if not planner.fresh_swarm():  # too late for the placement: fill the thinnest stage
+        have = Counter(q.stage for q in membership.peers() if q.round >= 0)
+        standing.stage = min(range(p.stages), key=lambda s: (have[s], s))
+        log.info("joining a running pipeline: stage %d has the fewest live replicas", standing.stage)
+        return
+    deadline = time.monotonic() + cfg.swarm.join_timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        roster = planner.roster()
+        measured = all(q.links and q.throughput > 0 for q in roster)
+        if measured and min(q.id for q in roster) == standing.id:
+            placed = assign_stages(planner.setting(roster), seed=cfg.train.seed)
+            post.broadcast(ASSIGN, 0, {"stages": {n.id: n.stage for n in placed.nodes}}, roster)
+        while (msg := channel.next_filed(ASSIGN)) is not None:
+            stages = msg.meta.get("stages")
+            stage = stages.get(standing.id, standing.stage) if isinstance(stages, dict) else None
+            if not isinstance(stage, int) or not 0 <= stage < p.stages:
+                post.reject(msg, f"no valid stage for {standing.id} in {str(stages)[:80]}")
+                continue
+            standing.stage = stage
+            log.info("placed on stage %d", stage)
+            return
+        channel.pull(0, timeout=1.0)
+    raise ConnectionError("pipeline.auto_assign: no placement arrived")

@@ -1,0 +1,147 @@
+"""A stage's replicas kept in sync after each iteration: this node's step of the iteration's
+gradients, averaged with the other replicas first (sync = every_step), or stepped locally
+with a DiLoCo outer step every ``sync_every`` iterations (diloco), or NoLoCo's gossip with
+random replicas (noloco). ``compression.*`` applies to what the replicas exchange."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from loco.optim import DiLoCo, NoLoCo
+from loco.options import compressor_for
+from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
+from loco.protocols.gossip import GroupExchange
+from loco.protocols.membership import Membership, PeerInfo, ViewUnknown
+from loco.protocols.pipeline.plan import Iteration
+from loco.protocols.state_sync import tensors_hash
+from loco.protocols.transport import Transport
+
+from ..config import Config
+from ..staging import HostStaging, StagedCommunicator
+from ..sync import GossipCommunicator, SwarmCommunicator
+from .stage_state import StageState
+
+
+class ReplicaSync:
+    def __init__(self, cfg: Config, state: StageState, transport: Transport, membership: Membership,
+                 stop: threading.Event, iteration: Callable[[], int]):
+        """Attaches the outer optimizer (diloco / noloco) to ``state``; ``iteration()``: the
+        iteration this node is at (NoLoCo's gossip partners are drawn per iteration)."""
+        self.cfg, self.p, self.state, self.membership = cfg, cfg.pipeline, state, membership
+        self.me = transport.node_id
+        self._group: list[PeerInfo] = []  # the replicas this iteration's sync expects
+        self._seen: set[str] = set()  # replicas of this stage the DHT has shown this node
+        c, o, device = cfg.collective, cfg.optim, state.device
+        # a replica still finishing the iteration (waiting out a dead node's microbatches)
+        # must be waited for, or the replicas would step apart
+        wait = max(c.matchmaking_timeout_s, self.p.iteration_timeout_s + 10)
+        timeouts = CollectiveTimeouts(wait, max(c.join_timeout_s, wait + 10), c.allreduce_timeout_s,
+                                      c.decision_timeout_s, c.max_attempts)
+        # compression.* applies to what the replicas exchange (not to activations and gradients
+        # between stages)
+        compressor = compressor_for(cfg.compression, cfg.train.seed)
+        self.collective = GroupAllReduce(transport, self.peers, timeouts, compressor, stop=stop,
+                                         max_norm_ratio=c.max_norm_ratio)
+        # GPU tensors reach the collective through reused pinned host buffers
+        self.staging = HostStaging(device) if device.type == "cuda" else None
+        if self.p.sync == "diloco":
+            comm = SwarmCommunicator(self.collective, lambda: "")
+            if device.type == "cuda":
+                comm = StagedCommunicator(comm, device)
+            state.outer = DiLoCo(state.params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
+        elif self.p.sync == "noloco":  # gossip with random replicas of the stage, no all-reduce
+            n = o.noloco
+            gossip = GroupExchange(transport, compressor, stop=stop, live=lambda: [p.id for p in membership.peers()])
+            comm = GossipCommunicator(gossip, self.me, self.peers, n.group_size, n.exchange_timeout_s,
+                                      cfg.train.seed, peer_round=iteration)
+            if device.type == "cuda":
+                comm = StagedCommunicator(comm, device)
+            state.outer = NoLoCo(state.params, comm, n.alpha, n.beta, n.gamma)
+
+    def peers(self) -> list[PeerInfo]:
+        """The replicas this iteration's sync expects, less those that left the DHT since
+        (the collective stops waiting for them). A failed lookup says nobody left; nor does
+        the absence of a replica the DHT never showed this node (see :meth:`expect`)."""
+        try:
+            live = {(p.id, p.endpoint) for p in self.membership.peers(strict=True)}
+        except ViewUnknown:
+            return list(self._group)
+        return [p for p in self._group if self._may_be_live(p.id, (p.id, p.endpoint) in live)]
+
+    def expect(self, work: Iteration) -> None:
+        """The stage's replicas this iteration's sync waits for: those in the plan that the
+        DHT still shows (their records lag behind iterations shorter than a refresh, so the
+        DHT cannot say more), and those it has not shown this node yet: a replica that just
+        joined (iteration 0 of a fresh swarm) may be in the leader's view and the plan
+        before its record reaches this node, and a replica that averaged alone in the
+        meantime would step apart from it for good. A failed lookup removes nobody:
+        otherwise each replica would average alone and skip the iteration's sync."""
+        planned = [PeerInfo(n, work.endpoints[n], work.number, s) for n, s in work.stages.items()
+                   if s == self.state.stage and n != self.me]
+        try:
+            live = {p.id for p in self.membership.peers(strict=True)}
+        except ViewUnknown:
+            live = {p.id for p in planned}
+        self._seen |= {p.id for p in planned} & live
+        # a replica back in the plan after iterations out of it (a joiner admitted, perhaps
+        # planned once before its hand-off failed) was silent for a reason now gone
+        self.collective.expect({p.id for p in planned} - {p.id for p in self._group})
+        self._group = [p for p in planned if self._may_be_live(p.id, p.id in live)]
+
+    def _may_be_live(self, replica: str, in_view: bool) -> bool:
+        """A replica counts as live if the DHT shows it, or has never shown it to this node."""
+        return in_view or replica not in self._seen
+
+    def _lr(self, it: int) -> float:
+        o = self.cfg.optim
+        return o.inner_lr * min(1.0, (it + 1) / o.warmup_steps) if o.warmup_steps else o.inner_lr
+
+    def step(self, work: Iteration) -> tuple[str, int, str]:
+        """Average or apply the iteration's gradients; returns (status, replicas in sync, why
+        the sync did not happen: "" when it did)."""
+        params, opt = self.state.params, self.state.opt
+        self.expect(work)
+        count = float(len(work.visited))
+        for p in params:  # the gradient over this replica's microbatches, as a mean
+            if p.grad is not None and count > 0:
+                p.grad.div_(count)
+        ran = count > 0  # whether there is a gradient to apply
+        group = 1
+        status, reason = "ok", ""
+        if self.p.sync == "every_step":
+            # Each replica offers its mean gradient weighted by its microbatch count: the
+            # group's weighted average is then the mean over all the group's microbatches,
+            # and the outlier rule compares like with like (a replica that ran eight
+            # microbatches is not "8x larger" than one that ran one, so not poison). The last
+            # element is 1 where a replica ran any microbatch: its average is 0 only when none did.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = [*grads, torch.tensor([float(ran)], dtype=torch.float32, device=self.state.device)]
+            slot = 0
+            if self.staging is not None:
+                slot, flat = self.staging.to_host(flat)
+            result = self.collective.all_reduce(work.number, flat, count, tensors_hash(params))
+            if result.status != "ok":
+                status, ran = "skipped", False  # apply nothing rather than step apart from the others
+                reason = f"{result.status}: {result.reason}"
+            else:
+                group = len(result.group)
+                means = result.tensors if self.staging is None else self.staging.to_device(slot, result.tensors)
+                ran = float(means[-1]) > 0
+                for p, g in zip(params, means[:-1], strict=True):
+                    p.grad = g.to(p.dtype).view_as(p)
+        if ran:
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+            for g in opt.param_groups:
+                g["lr"] = self._lr(work.number)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        outer = self.state.outer
+        if outer is not None and (work.number + 1) % self.p.sync_every == 0:
+            result = outer.outer_step(work.number)
+            group = result.group_size
+            status = "ok" if result.applied else "skipped"
+        return status, group, reason
