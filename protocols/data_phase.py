@@ -110,9 +110,10 @@ class DataPhase:
                              f"{layout.total}-long vector is [{base}, {end})")
         deadline = time.monotonic() + self.allreduce_s
         my_weight = roster[me].weight
+        held = plan.held_by(me, rank)
         # Phase 1: reduce-scatter. Every segment of my region goes to the rank that averages
         # it, interleaved across owners so that all of them can start adding at once.
-        self._send_parts(round, attempt, flat, base, plan.held_by(me, rank), roster, me, layout,
+        self._send_parts(round, attempt, flat, base, held, roster, me, layout,
                          {"weight": my_weight, "span": self.span})
         out = self._output(flat.numel())
         failed: set[str] = set()  # members whose part did not arrive intact
@@ -163,7 +164,7 @@ class DataPhase:
         # waited for it too.
         self._send_average(round, attempt, out, base, owned, roster, me, layout)
         deadline = time.monotonic() + self.allreduce_s
-        coming = {(roster[s.owner].id, s.lo): s for s in plan.held_by(me, rank)
+        coming = {(roster[s.owner].id, s.lo): s for s in held
                   if s.owner != me and roster[s.owner].id not in failed}
         expected = set(coming)
         while expected:

@@ -108,6 +108,8 @@ class RankLane:
         self.compressor = compressor_for(compression, seed)
         t = timeouts or CollectiveConfig()
         self._peers: list[PeerInfo] = []
+        # chunk_bytes: a placeholder; the leader's comes with every EXCHANGE (segments are cut
+        # by it, so every rank of every member must use the same)
         self.data = DataPhase(self.transport, self.compressor, lambda: self._peers, t.allreduce_timeout_s, None,
                               4 << 20, t.max_norm_ratio)
 
