@@ -136,10 +136,12 @@ class DataPhase:
                     failed.add(m.id)
                     continue
                 got.append((m.id, part, float(msg.meta.get("weight", 1.0)), int(msg.meta.get("span", 1))))
-            outliers = self._outliers([(self.me, own, my_weight, self.span), *got])
+            contributions = [(self.me, own, my_weight, self.span), *got]
+            outliers = self._outliers(contributions)
             if outliers:
-                log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median); "
-                            "excluded", round, sorted(outliers), self.max_norm_ratio)
+                norms = {s: round(float(torch.linalg.vector_norm(t)), 4) for s, t, _, _ in contributions}
+                log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median; norms %s); "
+                            "excluded", round, sorted(outliers), self.max_norm_ratio, norms)
                 suspects |= outliers
                 failed |= outliers - {self.me}
             target = out[lo:hi]
