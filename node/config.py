@@ -457,6 +457,11 @@ class PipelineConfig(_Section):
     path is told, and the iteration ends without it."""
     eval_every: int = Field(10, ge=1)
     """Iterations between validation passes (forward along a full path, no skips)."""
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """How activations and their gradients travel between stages (the computation stays
+    float32): bfloat16 or float16 halve the bytes of every hop, at a rounding error of at most
+    2^-8 (bfloat16) or 2^-11 (float16, within its normal range: its range is narrower, and
+    small gradients lose precision or vanish) relative to each value."""
     split: str | None = None
     """'module:callable' that takes the model and returns its ``loco.PipelineParts`` (embed,
     blocks, head), for a model without a ``pipeline_parts()`` method: e.g. "loco.hf:gpt2_parts"

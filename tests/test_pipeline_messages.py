@@ -68,6 +68,11 @@ def test_malformed_tasks_are_named():
     ]
     for msg, reason in cases:
         assert reason in (check_task(work, msg, SHAPE) or ""), (msg.meta, check_task(work, msg, SHAPE))
+    # pipeline.wire_dtype: tasks travel in that dtype, and only in it
+    half = _msg(FWD, [torch.zeros(SHAPE, dtype=torch.bfloat16)], mb=0, hop=2, eval=False)
+    assert check_task(work, half, SHAPE, torch.bfloat16) is None
+    assert "expected one float32 tensor" in check_task(work, half, SHAPE)
+    assert "expected one bfloat16 tensor" in check_task(work, _msg(FWD, mb=0, hop=2, eval=False), SHAPE, torch.bfloat16)
 
 
 def _stage_state(stage: int = 1) -> StageState:

@@ -88,11 +88,12 @@ def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_
 def test_stage_replicas_kept_close_by_noloco_gossip(procs, tmp_path):
     out = tmp_path / "run"
     # 2 stages x 2 replicas; each stage's replicas train apart and gossip every 2 iterations,
-    # int8-compressed (compression.codec)
+    # int8-compressed (compression.codec); activations and gradients travel in bfloat16
     p = procs.loco("swarm", "--nodes", "4", "--out", str(out),
                    *_sets("model.n_layer=2", "pipeline.stages=2", "pipeline.skip=0.0", "pipeline.microbatches=4",
                           "pipeline.eval_every=4", "pipeline.sync='noloco'", "pipeline.sync_every=2",
-                          "train.rounds=12", "compression.codec='int8'"), log="swarm")
+                          "train.rounds=12", "compression.codec='int8'", "pipeline.wire_dtype='bfloat16'"),
+                   log="swarm")
     assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
     nodes = [f"node{i}" for i in range(4)]
     recs = {n: _outer(out, n) for n in nodes}
@@ -110,6 +111,13 @@ def test_stage_replicas_kept_close_by_noloco_gossip(procs, tmp_path):
         values = sum(t.numel() for t in load_checkpoint(out / "checkpoints" / f"{n}.safetensors")["model"].values())
         sent = [r["sync_bytes"][0] for r in recs[n]]
         assert all(0 < b < 4 * values for b in sent[1::2]) and sent[0::2] == [0] * 6, (n, values, sent)
+    # a stage-1 node sends one FWD and one BWD per microbatch it ran (no validation in these
+    # iterations; the last one ends with the final validation): each holds [8, 64, 64]
+    # values at two bytes (bfloat16), plus the header (the scheduler may route every
+    # microbatch through one of them)
+    hops = [(r["round_bytes"] - r["sync_bytes"][0]) / (2 * len(r["visited"])) for n in ("node1", "node3")
+            for r in recs[n] if r["round"] % 4 and r["round"] < 11 and r["visited"]]
+    assert hops and all(8 * 64 * 64 * 2 <= b < 8 * 64 * 64 * 2 + 4096 for b in hops), sorted(set(hops))
     # replicas train apart between gossips (NoLoCo does not make them identical)
     assert any(recs["node0"][i]["weights_hash"] != recs["node2"][i]["weights_hash"] for i in range(12))
     first = next(r["val_loss"] for r in recs["node0"] if math.isfinite(r["val_loss"]))

@@ -30,18 +30,20 @@ log = logging.getLogger("loco.node.pipeline")
 
 @dataclass(frozen=True)
 class Activations:
-    """What travels between stages: one microbatch's hidden states [B, T, width], float32."""
+    """What travels between stages: one microbatch's hidden states [B, T, width] (or their
+    gradient), in the wire dtype (``pipeline.wire_dtype``)."""
 
     shape: tuple[int, int, int]
+    dtype: torch.dtype = torch.float32
 
     @classmethod
     def of(cls, cfg: Config, width: int) -> Activations:
-        return cls((cfg.data.batch_size, cfg.model.block_size, width))
+        return cls((cfg.data.batch_size, cfg.model.block_size, width), getattr(torch, cfg.pipeline.wire_dtype))
 
     @property
     def bytes(self) -> int:
         b, t, c = self.shape
-        return b * t * c * 4
+        return b * t * c * self.dtype.itemsize
 
 
 class StageCompute:
@@ -49,7 +51,7 @@ class StageCompute:
                  val: list[tuple[torch.Tensor, torch.Tensor]], channel: Channel, post: Post, stop: threading.Event):
         self.p, self.state, self.model, self.device = cfg.pipeline, state, state.model, state.device
         self.sampler, self.val, self.channel, self.post, self.stop = sampler, val, channel, post, stop
-        self.shape = Activations.of(cfg, state.model.width).shape
+        self.wire = Activations.of(cfg, state.model.width)
 
     def run(self, work: Iteration, watch: Callable[[], list[PeerInfo]]) -> tuple[float, float]:
         """Do this node's part of ``work``; returns (compute s, waiting s). ``watch()`` is
@@ -84,7 +86,7 @@ class StageCompute:
             waited += time.monotonic() - now
             if msg is None:
                 continue
-            problem = check_task(work, msg, self.shape)
+            problem = check_task(work, msg, self.wire.shape, self.wire.dtype)
             if problem is not None:
                 self.post.reject(msg, problem)
                 continue
@@ -144,14 +146,14 @@ class StageCompute:
             h = self.model.embed(x.to(self.device))
             work.stash[(m, 0)] = (None, h)
         work.targets[(m, is_eval)] = y.to(self.device)
-        self.post.send_task(work, path[1], FWD, m, 1, is_eval, h)
+        self.post.send_task(work, self.wire.dtype, path[1], FWD, m, 1, is_eval, h)
 
     def _forward(self, work: Iteration, msg: Message) -> None:
         m, k, is_eval = int(msg.meta["mb"]), int(msg.meta["hop"]), bool(msg.meta["eval"])
         if (m, is_eval) in work.abandoned:
             return
         path = work.path(m, is_eval)
-        h_in = msg.tensors[0].to(self.device)
+        h_in = msg.tensors[0].to(self.device, torch.float32)
         if k == len(path) - 1:  # back home: the loss, and at once its backward pass
             y = work.targets.pop((m, is_eval))
             if is_eval:
@@ -162,16 +164,16 @@ class StageCompute:
                 loss = self.model.loss(h, y)
                 loss.backward()
                 work.losses.append(float(loss.detach()))
-                self.post.send_task(work, path[k - 1], BWD, m, k - 1, False, h.grad)
+                self.post.send_task(work, self.wire.dtype, path[k - 1], BWD, m, k - 1, False, h.grad)
         elif is_eval:
             with torch.no_grad():
                 out = self.model.blocks(h_in)
-            self.post.send_task(work, path[k + 1], FWD, m, k + 1, True, out)
+            self.post.send_task(work, self.wire.dtype, path[k + 1], FWD, m, k + 1, True, out)
         else:
             x = h_in.requires_grad_()
             y = self.model.blocks(x)
             work.stash[(m, k)] = (x, y)
-            self.post.send_task(work, path[k + 1], FWD, m, k + 1, False, y)
+            self.post.send_task(work, self.wire.dtype, path[k + 1], FWD, m, k + 1, False, y)
         work.done_one(m, is_eval)
 
     def _backward(self, work: Iteration, msg: Message) -> None:
@@ -183,8 +185,8 @@ class StageCompute:
                             work.number, m, k)
             return
         x, y = entry
-        y.backward(msg.tensors[0].to(self.device))
+        y.backward(msg.tensors[0].to(self.device, torch.float32))
         if k > 0:
-            self.post.send_task(work, work.path(m, False)[k - 1], BWD, m, k - 1, False, x.grad)
+            self.post.send_task(work, self.wire.dtype, work.path(m, False)[k - 1], BWD, m, k - 1, False, x.grad)
         work.visited.append(m)
         work.done_one(m, False)

@@ -26,11 +26,12 @@ class Post:
         self.transport.name_peer(endpoint, node)
         self.transport.send(endpoint, msg)
 
-    def send_task(self, work: Iteration, node: str, kind: str, m: int, hop: int, is_eval: bool,
+    def send_task(self, work: Iteration, dtype: torch.dtype, node: str, kind: str, m: int, hop: int, is_eval: bool,
                   tensor: torch.Tensor) -> None:
-        """A microbatch's activation (FWD) or gradient (BWD) to the node at ``hop`` of its path."""
+        """A microbatch's activation (FWD) or gradient (BWD) to the node at ``hop`` of its
+        path, in the wire ``dtype``."""
         meta = {"mb": m, "hop": hop, "eval": is_eval}
-        msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu").contiguous()])
+        msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu", dtype).contiguous()])
         self.send(node, work.endpoints[node], msg)
 
     def broadcast(self, kind: str, it: int, meta: dict[str, Any], roster: list[PeerInfo]) -> None:

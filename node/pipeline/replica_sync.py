@@ -1,7 +1,8 @@
-"""A stage's replicas kept in sync after each iteration: this node's step of the iteration's
-gradients, averaged with the other replicas first (sync = every_step), or stepped locally
-with a DiLoCo outer step every ``sync_every`` iterations (diloco), or NoLoCo's gossip with
-random replicas (noloco). ``compression.*`` applies to what the replicas exchange."""
+"""A stage's replicas kept in sync after each iteration, through optim/: this node's step of
+the iteration's gradients, averaged with the other replicas first (sync = every_step:
+DataParallel), or stepped locally with a DiLoCo outer step every ``sync_every`` iterations
+(diloco), or NoLoCo's gossip with random replicas (noloco). ``compression.*`` applies to
+what the replicas exchange."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from loco.optim import DiLoCo, NoLoCo
+from loco.optim import DataParallel, DiLoCo, NoLoCo
 from loco.options import compressor_for
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
@@ -20,7 +21,7 @@ from loco.protocols.state_sync import tensors_hash
 from loco.protocols.transport import Transport
 
 from ..config import Config
-from ..staging import HostStaging, StagedCommunicator
+from ..staging import StagedCommunicator
 from ..sync import GossipCommunicator, SwarmCommunicator
 from .stage_state import StageState
 
@@ -34,7 +35,7 @@ class ReplicaSync:
         self.me = transport.node_id
         self._group: list[PeerInfo] = []  # the replicas this iteration's sync expects
         self._seen: set[str] = set()  # replicas of this stage the DHT has shown this node
-        c, o, device = cfg.collective, cfg.optim, state.device
+        c, o = cfg.collective, cfg.optim
         # a replica still finishing the iteration (waiting out a dead node's microbatches)
         # must be waited for, or the replicas would step apart
         wait = max(c.matchmaking_timeout_s, self.p.iteration_timeout_s + 10)
@@ -45,21 +46,24 @@ class ReplicaSync:
         compressor = compressor_for(cfg.compression, cfg.train.seed)
         self.collective = GroupAllReduce(transport, self.peers, timeouts, compressor, stop=stop,
                                          max_norm_ratio=c.max_norm_ratio)
-        # GPU tensors reach the collective through reused pinned host buffers
-        self.staging = HostStaging(device) if device.type == "cuda" else None
-        if self.p.sync == "diloco":
-            comm = SwarmCommunicator(self.collective, lambda: "")
-            if device.type == "cuda":
-                comm = StagedCommunicator(comm, device)
+        self.grads: DataParallel | None = None
+        if self.p.sync == "every_step":
+            # the replicas' states must agree (a joiner is handed the state, not resynced)
+            self._swarm = SwarmCommunicator(self.collective, lambda: tensors_hash(state.params))
+            self.grads = DataParallel(state.params, self._staged(self._swarm))
+        elif self.p.sync == "diloco":
+            comm = self._staged(SwarmCommunicator(self.collective, lambda: ""))
             state.outer = DiLoCo(state.params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
         elif self.p.sync == "noloco":  # gossip with random replicas of the stage, no all-reduce
             n = o.noloco
             gossip = GroupExchange(transport, compressor, stop=stop, live=lambda: [p.id for p in membership.peers()])
             comm = GossipCommunicator(gossip, self.me, self.peers, n.group_size, n.exchange_timeout_s,
                                       cfg.train.seed, peer_round=iteration)
-            if device.type == "cuda":
-                comm = StagedCommunicator(comm, device)
-            state.outer = NoLoCo(state.params, comm, n.alpha, n.beta, n.gamma)
+            state.outer = NoLoCo(state.params, self._staged(comm), n.alpha, n.beta, n.gamma)
+
+    def _staged(self, comm):
+        """GPU tensors reach the network through reused pinned host buffers."""
+        return StagedCommunicator(comm, self.state.device) if self.state.device.type == "cuda" else comm
 
     def peers(self) -> list[PeerInfo]:
         """The replicas this iteration's sync expects, less those that left the DHT since
@@ -111,27 +115,21 @@ class ReplicaSync:
         ran = count > 0  # whether there is a gradient to apply
         group = 1
         status, reason = "ok", ""
-        if self.p.sync == "every_step":
+        if self.grads is not None:
             # Each replica offers its mean gradient weighted by its microbatch count: the
             # group's weighted average is then the mean over all the group's microbatches,
             # and the outlier rule compares like with like (a replica that ran eight
-            # microbatches is not "8x larger" than one that ran one, so not poison). The last
-            # element is 1 where a replica ran any microbatch: its average is 0 only when none did.
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = [*grads, torch.tensor([float(ran)], dtype=torch.float32, device=self.state.device)]
-            slot = 0
-            if self.staging is not None:
-                slot, flat = self.staging.to_host(flat)
-            result = self.collective.all_reduce(work.number, flat, count, tensors_hash(params))
-            if result.status != "ok":
-                status, ran = "skipped", False  # apply nothing rather than step apart from the others
-                reason = f"{result.status}: {result.reason}"
+            # microbatches is not "8x larger" than one that ran one, so not poison). A
+            # replica that ran none offers zeros at weight 0; if none ran, every replica
+            # keeps its zeros, and a zero average is not stepped (AdamW would still move).
+            self._swarm.weight = count
+            if self.grads.sync_gradients(work.number):
+                group = self.grads.last_group_size
+                ran = any(bool(p.grad.any()) for p in params)
             else:
-                group = len(result.group)
-                means = result.tensors if self.staging is None else self.staging.to_device(slot, result.tensors)
-                ran = float(means[-1]) > 0
-                for p, g in zip(params, means[:-1], strict=True):
-                    p.grad = g.to(p.dtype).view_as(p)
+                status, ran = "skipped", False  # apply nothing rather than step apart from the others
+                last = self._swarm.last
+                reason = f"{last.status}: {last.reason}" if last is not None else "no result"
         if ran:
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)

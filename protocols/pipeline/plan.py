@@ -104,8 +104,10 @@ def check_plan(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def check_task(work: Iteration, msg: Message, activation: tuple[int, ...]) -> str | None:
-    """What is wrong with a FWD/BWD/DROP for this node in ``work`` (None: nothing)."""
+def check_task(work: Iteration, msg: Message, activation: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> str | None:
+    """What is wrong with a FWD/BWD/DROP for this node in ``work`` (None: nothing); FWD and
+    BWD carry one tensor of shape ``activation`` in the pipeline's wire ``dtype``."""
     m, is_eval = msg.meta.get("mb"), msg.meta.get("eval")
     if not isinstance(m, int) or isinstance(m, bool) or not isinstance(is_eval, bool):
         return "mb/eval missing or of the wrong type"
@@ -123,9 +125,9 @@ def check_task(work: Iteration, msg: Message, activation: tuple[int, ...]) -> st
         return f"hop {k} of microbatch {m} is {path[k]}, not this node"
     if msg.kind == BWD and is_eval:
         return "a backward pass for a validation microbatch"
-    if len(msg.tensors) != 1 or msg.tensors[0].dtype != torch.float32 or tuple(msg.tensors[0].shape) != activation:
+    if len(msg.tensors) != 1 or msg.tensors[0].dtype != dtype or tuple(msg.tensors[0].shape) != activation:
         got = [(str(t.dtype), tuple(t.shape)) for t in msg.tensors]
-        return f"expected one float32 tensor of shape {activation}, got {got}"
+        return f"expected one {str(dtype).removeprefix('torch.')} tensor of shape {activation}, got {got}"
     return None
 
 
