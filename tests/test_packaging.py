@@ -18,7 +18,8 @@ def test_the_wheel_installs_everything_under_loco(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"loco"}, tops
     for module in ("loco/__init__.py", "loco/swarm.py", "loco/node/daemon.py", "loco/optim/diloco.py",
-                   "loco/protocols/collective.py", "loco/protocols/codecs/quantize.py"):
+                   "loco/protocols/collective.py", "loco/protocols/codecs/quantize.py", "loco/pipeline_parts.py",
+                   "loco/node/pipeline/node.py", "loco/protocols/pipeline/plan.py"):
         assert module in names
 
 
