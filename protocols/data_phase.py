@@ -139,7 +139,7 @@ class DataPhase:
             contributions = [(self.me, own, my_weight, self.span), *got]
             outliers = self._outliers(contributions)
             if outliers:
-                norms = {s: round(float(torch.linalg.vector_norm(t)), 4) for s, t, _, _ in contributions}
+                norms = {s: f"{float(torch.linalg.vector_norm(t)):.4g}" for s, t, _, _ in contributions}
                 log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median; norms %s); "
                             "excluded", round, sorted(outliers), self.max_norm_ratio, norms)
                 suspects |= outliers
