@@ -472,6 +472,8 @@ class PipelineConfig(_Section):
         if self.stages < 2:
             if self.split:
                 raise ValueError("split cuts a model into pipeline stages: it needs stages >= 2")
+            if self.wire_dtype != "float32":
+                raise ValueError("wire_dtype is how activations travel between pipeline stages: it needs stages >= 2")
             return self
         visits = self.stages - round(self.skip * self.stages)
         if visits < 2:

@@ -61,6 +61,10 @@ def test_bad_values_name_the_key(override, message):
       "train.precision='bf16'"], "pipeline.stages = 2 does not use optim.algorithm, train.precision, compression.lgreco:"),
     (["pipeline.stages=2", "train.max_tokens=1000", "optim.inner_steps=5", "train.log_every=3"],
      "does not use optim.inner_steps, train.max_tokens, train.log_every:"),
+    (["pipeline.split='loco.hf:gpt2_parts'"], "split cuts a model into pipeline stages: it needs stages >= 2"),
+    (["pipeline.wire_dtype='bfloat16'"], "wire_dtype is how activations travel between pipeline stages"),
+    (["pipeline.stages=2", "model.factory='loco.hf:causal_lm'", "model.computes_loss=true"],
+     "does not use model.computes_loss"),
 ])
 def test_combinations_that_cannot_work_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -49,20 +49,16 @@ def pipeline_parts(model: nn.Module, split: str | None = None) -> PipelineParts:
                          f"not loco.PipelineParts")
     if not parts.blocks:
         raise ValueError(f"the pipeline split of {type(model).__name__} has no blocks")
+    # a part is the model's own module, or a wrapper around the model's own parameters (an
+    # embedding that adds positions)
     own = {id(m) for m in model.modules()}
+    params = {id(p) for p in model.parameters()}
     for name, module in [("embed", parts.embed), ("head", parts.head), *(("a block", b) for b in parts.blocks)]:
         if not isinstance(module, nn.Module):
             raise ValueError(f"pipeline parts: {name} is {type(module).__name__}, not an nn.Module")
-        if not _params_in(module, model) and id(module) not in own:
+        if id(module) not in own and not all(id(p) in params for p in module.parameters()):
             raise ValueError(f"pipeline parts: {name} ({type(module).__name__}) is not part of the model")
     return parts
-
-
-def _params_in(module: nn.Module, model: nn.Module) -> bool:
-    """Whether every parameter of ``module`` is one of ``model``'s (a wrapper built around
-    the model's own modules, as an embedding that adds positions, counts as its part)."""
-    mine = {id(p) for p in model.parameters()}
-    return all(id(p) in mine for p in module.parameters())
 
 
 def _load(split: str) -> Callable[[nn.Module], PipelineParts]:

@@ -146,7 +146,7 @@ class StageCompute:
             h = self.model.embed(x.to(self.device))
             work.stash[(m, 0)] = (None, h)
         work.targets[(m, is_eval)] = y.to(self.device)
-        self.post.send_task(work, self.wire.dtype, path[1], FWD, m, 1, is_eval, h)
+        self.post.send_task(work, path[1], FWD, m, 1, is_eval, h)
 
     def _forward(self, work: Iteration, msg: Message) -> None:
         m, k, is_eval = int(msg.meta["mb"]), int(msg.meta["hop"]), bool(msg.meta["eval"])
@@ -164,16 +164,16 @@ class StageCompute:
                 loss = self.model.loss(h, y)
                 loss.backward()
                 work.losses.append(float(loss.detach()))
-                self.post.send_task(work, self.wire.dtype, path[k - 1], BWD, m, k - 1, False, h.grad)
+                self.post.send_task(work, path[k - 1], BWD, m, k - 1, False, h.grad)
         elif is_eval:
             with torch.no_grad():
                 out = self.model.blocks(h_in)
-            self.post.send_task(work, self.wire.dtype, path[k + 1], FWD, m, k + 1, True, out)
+            self.post.send_task(work, path[k + 1], FWD, m, k + 1, True, out)
         else:
             x = h_in.requires_grad_()
             y = self.model.blocks(x)
             work.stash[(m, k)] = (x, y)
-            self.post.send_task(work, self.wire.dtype, path[k + 1], FWD, m, k + 1, False, y)
+            self.post.send_task(work, path[k + 1], FWD, m, k + 1, False, y)
         work.done_one(m, is_eval)
 
     def _backward(self, work: Iteration, msg: Message) -> None:
@@ -187,6 +187,6 @@ class StageCompute:
         x, y = entry
         y.backward(msg.tensors[0].to(self.device, torch.float32))
         if k > 0:
-            self.post.send_task(work, self.wire.dtype, work.path(m, False)[k - 1], BWD, m, k - 1, False, x.grad)
+            self.post.send_task(work, work.path(m, False)[k - 1], BWD, m, k - 1, False, x.grad)
         work.visited.append(m)
         work.done_one(m, False)

@@ -92,7 +92,7 @@ class PipelineNode:
         self._closing.callback(attempt, "transport", self.transport.close)
         self.standing.endpoint = self.transport.endpoint
         self.channel.attach(self.transport)
-        self.post = Post(self.transport, self.channel, self.id)
+        self.post = Post(self.transport, self.channel, self.id, getattr(torch, cfg.pipeline.wire_dtype))
         self.membership, self.reaper = open_membership(cfg, self.id, self.transport)
         self._closing.callback(attempt, "reaper", self.reaper.close)
         self._closing.callback(attempt, "membership", self._leave)

@@ -19,19 +19,20 @@ log = logging.getLogger("loco.node.pipeline")
 
 
 class Post:
-    def __init__(self, transport: Transport, channel: Channel, me: str):
-        self.transport, self.channel, self.me = transport, channel, me
+    def __init__(self, transport: Transport, channel: Channel, me: str, wire: torch.dtype = torch.float32):
+        """``wire``: the dtype activations and their gradients travel in (``pipeline.wire_dtype``)."""
+        self.transport, self.channel, self.me, self.wire = transport, channel, me, wire
 
     def send(self, node: str, endpoint: str, msg: Message) -> None:
         self.transport.name_peer(endpoint, node)
         self.transport.send(endpoint, msg)
 
-    def send_task(self, work: Iteration, dtype: torch.dtype, node: str, kind: str, m: int, hop: int, is_eval: bool,
+    def send_task(self, work: Iteration, node: str, kind: str, m: int, hop: int, is_eval: bool,
                   tensor: torch.Tensor) -> None:
         """A microbatch's activation (FWD) or gradient (BWD) to the node at ``hop`` of its
-        path, in the wire ``dtype``."""
+        path, in the wire dtype."""
         meta = {"mb": m, "hop": hop, "eval": is_eval}
-        msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu", dtype).contiguous()])
+        msg = Message(kind, round=work.number, meta=meta, tensors=[tensor.detach().to("cpu", self.wire).contiguous()])
         self.send(node, work.endpoints[node], msg)
 
     def broadcast(self, kind: str, it: int, meta: dict[str, Any], roster: list[PeerInfo]) -> None:
