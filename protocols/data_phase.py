@@ -5,6 +5,8 @@ averaged parts, chunk by chunk, with outlier and NaN checks on what arrives."""
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -87,11 +89,15 @@ class DataPhase:
             self._out = torch.empty(numel, dtype=torch.float32)
         return self._out
 
-    def exchange(self, round, attempt, tensors, roster: list[Member], region: Region | None = None):
+    def exchange(self, round, attempt, tensors, roster: list[Member], region: Region | None = None,
+                 norm: float | None = None):
         """Phases 1 and 2. Returns (flat averaged vector or None, owners whose part is missing);
         ``suspects`` then holds the members whose contribution was an outlier or held NaN/Inf.
         ``region``: this process is one rank of a member of several, and ``tensors`` hold
         that rank's region of the vector (:mod:`.regions`); the result is that region, averaged.
+        ``norm``: the L2 norm of this member's whole contribution (given with ``region``,
+        whose tensors are only part of it; computed here otherwise). It travels with every
+        part, and the outlier rule judges members by it (see ``_outliers``).
 
         Values travel in segments of at most ``chunk_bytes`` (:class:`.regions.RoundLayout`):
         the owner adds segment c while segment c+1 is on the wire, and ZeroMQ's receive
@@ -113,8 +119,13 @@ class DataPhase:
         held = plan.held_by(me, rank)
         # Phase 1: reduce-scatter. Every segment of my region goes to the rank that averages
         # it, interleaved across owners so that all of them can start adding at once.
+        judged = self.max_norm_ratio > 0 and layout.total >= MIN_JUDGED_NUMEL
+        if norm is None:
+            norm = float(torch.linalg.vector_norm(flat)) if judged else 0.0
+        if not math.isfinite(norm):  # NaN/Inf in it: as large as a norm gets (the wire takes finite numbers)
+            norm = sys.float_info.max
         self._send_parts(round, attempt, flat, base, held, roster, me, layout,
-                         {"weight": my_weight, "span": self.span})
+                         {"weight": my_weight, "span": self.span, "norm": norm})
         out = self._output(flat.numel())
         failed: set[str] = set()  # members whose part did not arrive intact
         suspects: set[str] = set()  # members whose contribution is an outlier (self included)
@@ -124,7 +135,7 @@ class DataPhase:
         for seg in owned:
             lo, hi = seg.lo - base, seg.hi - base
             own = flat[lo:hi]
-            got: list[tuple[str, torch.Tensor, float, int]] = []
+            got: list[tuple[str, torch.Tensor, float, int, float]] = []
             for m in roster:  # roster order, not arrival order: the owner's sum is reproducible
                 if m.id == self.me or m.id in failed:
                     continue
@@ -132,14 +143,17 @@ class DataPhase:
                     PART, round, attempt, lambda x, s=m.id, c=seg.lo: x.sender == s and x.meta.get("offset") == c,
                     deadline, lambda s=m.id: {s}, watch, stop=self.stop, check_s=self.check_s)
                 part = None if msg is None else self._decode(msg, me, seg.lo, seg.hi - seg.lo, layout)
-                if part is None:
+                claim = None if part is None else self._claimed_norm(msg)
+                if claim is None:
                     failed.add(m.id)
                     continue
-                got.append((m.id, part, float(msg.meta.get("weight", 1.0)), int(msg.meta.get("span", 1))))
-            contributions = [(self.me, own, my_weight, self.span), *got]
-            outliers = self._outliers(contributions)
+                if judged:  # a segment cannot be longer than the whole: a sender's claim is no hiding place
+                    claim = max(claim, float(torch.linalg.vector_norm(part)))
+                got.append((m.id, part, float(msg.meta.get("weight", 1.0)), int(msg.meta.get("span", 1)), claim))
+            contributions = [(self.me, my_weight, self.span, norm), *((s, w, sp, n) for s, _, w, sp, n in got)]
+            outliers = self._outliers(contributions) if judged else set()
             if outliers:
-                norms = {s: f"{float(torch.linalg.vector_norm(t)):.4g}" for s, t, _, _ in contributions}
+                norms = {s: f"{n:.4g}" for s, _, _, n in contributions}
                 log.warning("round %d: contributions of %s are outliers (norm > %g x the group's median; norms %s); "
                             "excluded", round, sorted(outliers), self.max_norm_ratio, norms)
                 suspects |= outliers
@@ -150,7 +164,7 @@ class DataPhase:
             else:
                 torch.mul(own, my_weight, out=target)
             total = my_weight
-            for sender, part, w, _ in got:
+            for sender, part, w, _, _ in got:
                 if sender in outliers:
                     continue
                 target.add_(part, alpha=w)
@@ -193,21 +207,25 @@ class DataPhase:
             return None, missing
         return out, []
 
-    def _outliers(self, contributions: list[tuple[str, torch.Tensor, float, int]]) -> set[str]:
-        """Senders whose contribution's norm exceeds ``max_norm_ratio`` times the group's
-        (lower) median norm, times its span. With two members that is the larger one, if it
-        is that much larger: no honest pair of replicas differs so much, and one of them is
-        then left out rather than both averaging poison. Zero-weight contributions (a
-        replica that just restored itself) count for nothing and are not judged.
+    def _outliers(self, contributions: list[tuple[str, float, int, float]]) -> set[str]:
+        """Senders (of ``(sender, weight, span, norm)``) whose whole contribution's norm
+        exceeds ``max_norm_ratio`` times the group's (lower) median norm, times its span.
+        With two members that is the larger one, if it is that much larger: no honest pair
+        of replicas differs so much, and one of them is then left out rather than both
+        averaging poison. Zero-weight contributions (a replica that just restored itself)
+        count for nothing and are not judged.
+
+        Whole contributions, not the segment at hand: one step's gradients of a small part
+        of a model differ by more than 10x between honest replicas now and then (attention
+        weights on one unusual batch), while their whole vectors stay within a few x. A
+        sender's norm is what it claims, or its segment's norm where that is larger, and
+        every owner judges the same claims, so the owners agree on who is left out.
 
         The span (sync periods the contribution covers, as its sender says, at most
         ``MAX_SPAN_CREDIT``): a replica whose last syncs found no group offers all the
         change since its last applied one. Judged as one period's, it was excluded as
         poison at every sync for good, and never averaged with the others again."""
-        if self.max_norm_ratio <= 0 or contributions[0][1].numel() < MIN_JUDGED_NUMEL:
-            return set()
-        norms = [(sender, float(torch.linalg.vector_norm(t)), min(max(span, 1), MAX_SPAN_CREDIT))
-                 for sender, t, w, span in contributions if w > 0]
+        norms = [(sender, n, min(max(span, 1), MAX_SPAN_CREDIT)) for sender, w, span, n in contributions if w > 0]
         if len(norms) < 2:
             return set()
         values = sorted(n for _, n, _ in norms)
@@ -215,6 +233,16 @@ class DataPhase:
         if median == 0:  # e.g. rows of an embedding only some replicas' batches touched
             return set()
         return {sender for sender, n, span in norms if n > self.max_norm_ratio * median * span}
+
+    @staticmethod
+    def _claimed_norm(msg: Message) -> float | None:
+        """The whole-contribution norm a part's sender states; None (the part is refused)
+        when it is missing or not a finite non-negative number."""
+        claim = msg.meta.get("norm")
+        if isinstance(claim, bool) or not isinstance(claim, int | float) or not math.isfinite(claim) or claim < 0:
+            log.warning("%s from %s: norm %r is not a finite non-negative number; ignored", msg.kind, msg.sender, claim)
+            return None
+        return float(claim)
 
     @property
     def _chunk_numel(self) -> int:

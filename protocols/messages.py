@@ -63,6 +63,7 @@ class Part(TypedDict):
     codec: dict[str, Any]
     weight: NotRequired[pydantic.NonNegativeFloat]
     span: NotRequired[pydantic.PositiveInt]  # sync periods the contribution covers
+    norm: NotRequired[pydantic.NonNegativeFloat]  # PART: the L2 norm of the sender's whole contribution
 
 
 @with_config(_STRICT)

@@ -553,6 +553,48 @@ def test_a_poisoned_contribution_is_excluded_and_the_others_commit_without_it(pe
     assert f"p{poisoner}" in named
 
 
+def test_one_segment_far_above_the_others_is_not_an_outlier_when_the_whole_contribution_is_not(peers):
+    """One step's gradients of a small part of a model differ by over 10x between honest
+    replicas now and then (seen: 13x on attention weights, 1.2x on the whole vector). The
+    rule judges whole contributions: p2's last segment is 13x the others', its whole vector
+    5x: averaged, nobody a suspect (judged per segment, p2 was excluded)."""
+    torch.manual_seed(4)
+    inputs = [[torch.randn(600) * 0.01] for _ in range(3)]
+    inputs[2][0][500:] *= 13
+    results = peers(3, chunk_bytes=400).run(inputs)  # segments of 100 values
+    expected = torch.stack([x[0] for x in inputs]).mean(0)
+    for r in results.values():
+        assert r.status == "ok" and r.group == ("p0", "p1", "p2") and not r.suspects, r
+        torch.testing.assert_close(r.tensors[0], expected)
+
+
+@pytest.mark.parametrize("claim", [1e-3, "1", float("nan"), -1.0, None], ids=["small", "text", "nan", "negative",
+                                                                               "missing"])
+def test_a_member_cannot_hide_an_outlier_behind_its_claimed_norm(peers, claim):
+    """p2 poisons its contribution and states a norm of its choosing with every part: a small
+    one is overruled by what arrives (a segment is never longer than the whole), a malformed
+    one refuses the part. Either way the honest members average each other only."""
+    p = peers(3, chunk_bytes=400)
+    torch.manual_seed(5)
+    inputs = [[torch.randn(600) * 0.01] for _ in range(3)]
+    inputs[2] = [inputs[2][0] * 1e6]
+    send = p.transports[2].send
+
+    def forging(endpoint, msg):
+        if msg.kind == "PART":
+            if claim is None:
+                msg.meta.pop("norm", None)
+            else:
+                msg.meta["norm"] = claim
+        return send(endpoint, msg)
+
+    p.transports[2].send = forging
+    results = p.run(inputs)
+    for i in (0, 1):
+        assert results[i].status == "ok" and results[i].group == ("p0", "p1"), results[i]
+        torch.testing.assert_close(results[i].tensors[0], (inputs[0][0] + inputs[1][0]) / 2)
+
+
 def test_a_contribution_over_several_periods_is_judged_by_its_span_and_a_claimed_span_has_a_cap(peers):
     """p1's last syncs found no group: its input covers 16 periods and is 14x p0's. Judged as
     one period's it is excluded (and was, at every sync, for good); by its span, it is not.

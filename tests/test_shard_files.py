@@ -86,6 +86,9 @@ def _rank_main(rank: int, folder: str) -> None:
             o.step()
         assert all(torch.equal(a, b) for a, b in zip(_whole(model, opt).values(), _whole(fresh, fresh_opt).values(),
                                                      strict=True))
+        # neither rank tears gloo down while the other's last all-gather may still be
+        # finishing on its sockets (seen once under load: SIGABRT in the rank still in it)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

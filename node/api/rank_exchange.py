@@ -77,10 +77,12 @@ class LeaderLanes:
         for m in roster:
             for endpoint in m.ranks:
                 self.swarm.transport.name_peer(endpoint, m.id)
+        # the member's whole norm, for the outlier rule (every rank sends it with its parts)
+        norm = float(torch.linalg.vector_norm(flat))
         self.ranks.share((EXCHANGE, round, attempt, _wire(roster), data.span, data.sessions, layout.shapes,
-                          data.chunk_bytes))
+                          data.chunk_bytes, norm))
         region = self.ranks.scatter_regions(flat, bounds)
-        out, missing = data.exchange(round, attempt, [region], roster, Region(0, layout))
+        out, missing = data.exchange(round, attempt, [region], roster, Region(0, layout), norm)
         reports = self.ranks.all_gather((missing, sorted(data.suspects), (0, 0, 0)))
         self.swarm.count_rank_bytes([r[2] for r in reports[1:]])
         suspects = sorted({s for _, ss, _ in reports for s in ss})
@@ -121,7 +123,7 @@ class RankLane:
         if message[0] == END:  # error feedback keeps what was dropped only if the round was applied
             (self.compressor.commit if message[1] else self.compressor.discard)()
             return
-        _, round, attempt, members, span, sessions, shapes, chunk_bytes = message
+        _, round, attempt, members, span, sessions, shapes, chunk_bytes, norm = message
         roster = [Member(i, e, w, tuple(r)) for i, e, w, r in members]
         if attempt == 0:
             self.transport.mailbox.prune(round)
@@ -135,7 +137,7 @@ class RankLane:
         layout = Layout(shapes)
         bounds = split_bounds(layout.total, self.ranks.size)
         region = self.ranks.scatter_regions(None, bounds)
-        out, missing = self.data.exchange(round, attempt, [region], roster, Region(self.ranks.rank, layout))
+        out, missing = self.data.exchange(round, attempt, [region], roster, Region(self.ranks.rank, layout), norm)
         t = self.transport
         reports = self.ranks.all_gather((missing, sorted(self.data.suspects),
                                          (t.bytes_sent, t.bytes_queued, t.bytes_recv)))
