@@ -13,6 +13,9 @@ A rank file's tensors are the rank's local pieces of each DTensor (FSDP2 shards 
 ``torch.chunk``'s split); ``layout`` records each tensor's sharded dim and global shape, so
 ``assemble_model`` rebuilds the whole model from every rank's file (``loco export``)
 without a process group. Resuming needs the same number of ranks.
+
+torch.distributed's FSDP and DTensor modules are imported where a sharded model is at hand
+(1.5 s of every node process's start otherwise; the file helpers need neither).
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard
 
 from .checkpoint import SUFFIX, CheckpointError, checkpoint_summary, load_checkpoint, versions
 
@@ -53,6 +54,8 @@ def reshard(model: torch.nn.Module) -> None:
     """Every FSDP module of ``model`` back to its shards: after a forward without a backward
     (an evaluation) the root keeps its parameters whole, and those are other tensors than
     the sharded ones the inner optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -61,6 +64,8 @@ def reshard(model: torch.nn.Module) -> None:
 def _local(t: torch.Tensor) -> tuple[torch.Tensor, int | None, list[int]]:
     """A tensor's local piece, the dim it is sharded on (None: whole on every rank) and its
     global shape."""
+    from torch.distributed.tensor import DTensor, Shard
+
     if isinstance(t, DTensor):
         dims = [p.dim for p in t.placements if isinstance(p, Shard)]
         return t.to_local().detach(), (dims[0] if dims else None), list(t.shape)
@@ -88,6 +93,8 @@ def local_state(model: torch.nn.Module, opt: torch.optim.Optimizer, tag: str, ra
 def load_local_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """A rank file's shards into the sharded ``model`` and its ``opt`` (this rank's pieces;
     ValueError where a name or a shape differs: another model or another sharding)."""
+    from torch.distributed.tensor import DTensor
+
     reshard(model)
     live = model.state_dict()
     missing = sorted(set(live) - set(state["model"]))

@@ -1,5 +1,5 @@
 """A member of several processes exchanging with the swarm from all of its ranks at once
-(``rank_exchange="parallel"``: the default of DiLoCo in a member of several ranks).
+(``rank_exchange="parallel"``: the default of DiLoCo and DDP in a member of several ranks).
 
 The leader (rank 0) still runs the round: matchmaking, the commit step, the outer math.
 What goes over the network is split: the round's vector is cut into one contiguous region
@@ -48,7 +48,8 @@ RANK_EXCHANGES = ("parallel", "leader")
 def splits_exchange(algorithm: type, ranks: Ranks | None, rank_exchange: str,
                     compression: str | CompressionConfig) -> bool:
     """Whether a member's ranks exchange their own regions (else the leader sends it all:
-    the algorithms whose exchange runs in the background or every step, and L-GreCo, whose
+    the algorithms whose exchange runs in the background (Streaming DiLoCo, CO2: a follower
+    rank serves the leader on the training thread only), and L-GreCo, whose
     per-layer plan lives in the leader's codec state)."""
     if rank_exchange not in RANK_EXCHANGES:
         raise ValueError(f"rank_exchange must be one of {', '.join(RANK_EXCHANGES)}, got {rank_exchange!r}")

@@ -33,11 +33,11 @@ with the swarm leaves from every rank, each with its own region of the round's v
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from loco.node.model import unique_parameters
 from loco.node.optstate import adam_step, adam_tensors, load_adam
@@ -133,7 +133,7 @@ class Ranks:
         """Raise if this rank's ``tensors`` differ from the leader's (a script whose ranks
         did not start from the same weights, or do not keep them equal). Sharded tensors
         (FSDP's) are checked to be sharded over these ranks instead."""
-        if any(isinstance(t, DTensor) for t in tensors):
+        if any(is_dtensor(t) for t in tensors):
             ShardedWeights.check(tensors, self)
             return
         digest = tensors_hash([t.detach() for t in tensors])
@@ -142,6 +142,14 @@ class Ranks:
             raise RuntimeError(f"rank {self.rank}'s weights differ from rank 0's ({digest} != {leader}): the ranks "
                                "of a member must hold the same weights (wrap the model in DDP, or load the same "
                                "checkpoint on every rank)")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's sharded parameter), without importing
+    torch.distributed.tensor (0.7 s of every node process's start) where nothing sharded
+    anything: no DTensor exists before that module is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 class ShardedWeights:
@@ -160,7 +168,7 @@ class ShardedWeights:
 
     @staticmethod
     def check(params: list[torch.Tensor], ranks: Ranks) -> None:
-        if not all(isinstance(p, DTensor) for p in params):
+        if not all(is_dtensor(p) for p in params):
             raise ValueError("some of the model's parameters are sharded (DTensors) and some are not: shard "
                              "the whole model (fully_shard on the root module too)")
         sizes = {p.device_mesh.size() for p in params}
@@ -178,6 +186,8 @@ class ShardedWeights:
 
     @torch.no_grad()
     def scatter(self) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
         for i, p in enumerate(self.params):
             local = p.to_local()
             whole = self.full[i].to(local.device) if self.ranks.leads else \
@@ -192,7 +202,7 @@ class ShardedWeights:
 def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None) -> ShardedWeights | None:
     """The member's ``ShardedWeights`` when its parameters are sharded (None: whole on
     every rank); a clear error where the algorithm cannot work on sharded weights."""
-    if not any(isinstance(p, DTensor) for p in params):
+    if not any(is_dtensor(p) for p in params):
         return None
     if ranks is None:
         raise ValueError("the model's parameters are sharded (FSDP's DTensors): pass ranks=loco.Ranks() (the "
@@ -304,7 +314,7 @@ class Follower:
         if self._hook is None:
             return True
         self._synced = True
-        ok = self.ranks.share()
+        ok = self._serve_exchange(self.ranks.share())
         if ok:
             self.ranks.share_tensors([p.grad for p in self.params if p.grad is not None])
         return ok
@@ -353,13 +363,18 @@ class Follower:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _serve_exchange(self, news: Any) -> Any:
+        """The leader's next broadcast after the exchange it may be running: its attempts'
+        regions and its end go out from this rank too (``rank_exchange="parallel"``)."""
+        while self.lane is not None and self.lane.handles(news):
+            self.lane.serve(news)
+            news = self.ranks.share()
+        return news
+
     def _receive(self) -> RoundReport | None:
         """One broadcast from the leader: its position, its report, and its weights if the
         outer algorithm wrote them."""
-        news = self.ranks.share()
-        while self.lane is not None and self.lane.handles(news):  # the round's exchange, from this rank too
-            self.lane.serve(news)
-            news = self.ranks.share()
+        news = self._serve_exchange(self.ranks.share())
         if news["weights"]:
             if self.shards is not None:
                 self.shards.scatter()
