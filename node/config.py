@@ -452,6 +452,14 @@ class PipelineConfig(_Section):
     stage; optim.noloco.*)."""
     sync_every: int = Field(10, ge=1)
     """Iterations between outer steps of a stage's replicas (sync = diloco or noloco)."""
+    replica_exchange: Literal["direct", "collective"] = "direct"
+    """How a stage's replicas average their gradients every iteration (sync = every_step):
+    direct (each replica sends its gradient straight to the others the plan names and
+    averages what came, in the same order as they: one one-way latency; a replica that
+    missed a message steps apart, which the weights hashes sent along show at the next
+    iteration, and it is then handed a replica's state again) or collective (the group
+    all-reduce, whose leader makes the replicas agree before anyone steps: six one-way
+    latencies)."""
     iteration_timeout_s: float = Field(120.0, gt=0)
     """A microbatch is given up as soon as a node on its path leaves the DHT, or when it is
     not done this long into the iteration (a message lost on the way); every node of its
@@ -470,6 +478,9 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineConfig:
+        if "replica_exchange" in self.model_fields_set and self.sync != "every_step":
+            raise ValueError(f"replica_exchange is how replicas average every iteration's gradients: it needs "
+                             f"sync = 'every_step', not {self.sync!r}")
         if self.stages < 2:
             if self.split:
                 raise ValueError("split cuts a model into pipeline stages: it needs stages >= 2")

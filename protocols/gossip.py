@@ -68,6 +68,8 @@ class ExchangeResult:
     sent_to: list[str] = field(default_factory=list)
     wait_s: float = 0.0
     adopted: list[str] = field(default_factory=list)  # chose this node without being chosen
+    metas: dict[str, dict] = field(default_factory=dict)  # what each partner in ``received`` sent along
+    own: list[torch.Tensor] = field(default_factory=list)  # this node's tensors as the partners decode them
 
 
 @dataclass
@@ -101,10 +103,12 @@ class GroupExchange:
         transport.on(GOSSIP, self._on_gossip)
 
     def exchange(self, round: int, partners: dict[str, str], tensors: Sequence[torch.Tensor],
-                 timeout_s: float) -> ExchangeResult:
+                 timeout_s: float, extra: dict | None = None) -> ExchangeResult:
         """Send ``tensors`` to every partner (id -> endpoint) and collect theirs (float32,
         shaped like ``tensors``). Returns after every partner answered or declined, or at
-        the deadline. Compressed once for all partners (stream "gossip").
+        the deadline. Compressed once for all partners (stream "gossip"). ``extra``: more
+        meta for every message (the GOSSIP schema's optional fields); each partner's comes
+        back in ``metas``.
 
         A node that chose this one without being chosen (its view of the roster differs) is
         adopted: answered at once with this node's data, and its data joins the mean, so
@@ -114,8 +118,10 @@ class GroupExchange:
         result = ExchangeResult()
         group = sorted([self.me, *partners])
         layout = Layout.of(tensors)
-        frames, codec_meta, _ = self.compressor.encode("gossip", flat_of(tensors), 0, layout)
-        meta = {"endpoint": self.transport.endpoint, "group": group, "codec": codec_meta, "numel": layout.total}
+        frames, codec_meta, decoded = self.compressor.encode("gossip", flat_of(tensors), 0, layout)
+        result.own = unflatten(decoded, tensors)
+        meta = {"endpoint": self.transport.endpoint, "group": group, "codec": codec_meta, "numel": layout.total,
+                **(extra or {})}
         with self._lock:
             opened = self._open = _OpenRound(round, dict(partners), {}, meta, frames)
             early = self.transport.mailbox.drain(GOSSIP, round)  # sent before this node got here
@@ -159,6 +165,7 @@ class GroupExchange:
                 result.silent.append(msg.sender)  # unusable: treated like no answer
             else:
                 result.received[msg.sender] = decoded
+                result.metas[msg.sender] = dict(msg.meta)
         result.silent += sorted(set(partners) - answers.keys())
         result.adopted = sorted(adopted)
         result.wait_s = time.monotonic() - start

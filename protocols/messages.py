@@ -87,6 +87,8 @@ class Gossip(TypedDict):
     codec: NotRequired[dict[str, Any]]
     numel: NotRequired[pydantic.NonNegativeInt]
     decline: NotRequired[bool]
+    weight: NotRequired[pydantic.NonNegativeFloat]  # a pipeline replica's microbatches in the mean it sends
+    state: NotRequired[Annotated[str, pydantic.Field(max_length=128)]]  # the hash of its weights
 
 
 @with_config(_STRICT)

@@ -63,6 +63,8 @@ def test_bad_values_name_the_key(override, message):
      "does not use optim.inner_steps, train.max_tokens, train.log_every:"),
     (["pipeline.split='loco.hf:gpt2_parts'"], "split cuts a model into pipeline stages: it needs stages >= 2"),
     (["pipeline.wire_dtype='bfloat16'"], "wire_dtype is how activations travel between pipeline stages"),
+    (["pipeline.stages=2", "pipeline.sync='diloco'", "pipeline.replica_exchange='collective'"],
+     "replica_exchange is how replicas average every iteration's gradients: it needs sync = 'every_step'"),
     (["pipeline.stages=2", "model.factory='loco.hf:causal_lm'", "model.computes_loss=true"],
      "does not use model.computes_loss"),
 ])

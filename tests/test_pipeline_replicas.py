@@ -1,6 +1,7 @@
 """A stage's replicas averaging their gradients every iteration (pipeline.sync =
-"every_step", through optim's DataParallel): two replicas in one process over real ZeroMQ
-sockets, against a hand-computed AdamW step on the microbatch-weighted mean."""
+"every_step", through optim's DataParallel, sent straight to each other or through the group
+all-reduce): two replicas in one process over real ZeroMQ sockets, against a hand-computed
+AdamW step on the microbatch-weighted mean; replicas whose weights went apart find out."""
 
 from __future__ import annotations
 
@@ -24,24 +25,28 @@ CFG = build_config({"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_si
 
 
 class _Both:
-    """Each replica's DHT view: the other one, at every iteration."""
+    """Each replica's DHT view: the other one, at every iteration (``gone``: those it no
+    longer shows)."""
 
-    def __init__(self, transports: dict[str, Transport], me: str):
-        self.transports, self.me = transports, me
+    def __init__(self, transports: dict[str, Transport], me: str, gone: set[str]):
+        self.transports, self.me, self.gone = transports, me, gone
 
     def peers(self, strict: bool = False) -> list[PeerInfo]:
-        return [PeerInfo(n, t.endpoint, 0, 1) for n, t in self.transports.items() if n != self.me]
+        return [PeerInfo(n, t.endpoint, 0, 1) for n, t in self.transports.items()
+                if n != self.me and n not in self.gone]
 
 
-@pytest.fixture
-def replicas():
+@pytest.fixture(params=["direct", "collective"])
+def replicas(request):
+    cfg = CFG.model_copy(update={"pipeline": CFG.pipeline.model_copy(update={"replica_exchange": request.param})})
     transports = {n: Transport(n) for n in ("a", "b")}
     stop = threading.Event()
     made = {}
+    gone: set[str] = set()
     for n, t in transports.items():
-        state = StageState(CFG, 1, torch.device("cpu"))
-        made[n] = (state, ReplicaSync(CFG, state, t, _Both(transports, n), stop, lambda: 0))
-    yield transports, made
+        state = StageState(cfg, 1, torch.device("cpu"))
+        made[n] = (state, ReplicaSync(cfg, state, t, _Both(transports, n, gone), stop, lambda: 0))
+    yield transports, made, gone
     stop.set()
     for t in transports.values():
         t.close(flush_s=0.5)
@@ -55,6 +60,7 @@ def _work(me: str, transports, number: int, visited: list[int]) -> Iteration:
 
 
 def _step_both(transports, made, visited: dict[str, list[int]], grads: dict[str, list[torch.Tensor]], number: int):
+    """Each replica in ``made`` steps iteration ``number`` (in its own thread, as nodes do)."""
     out = {}
 
     def go(n):
@@ -72,7 +78,7 @@ def _step_both(transports, made, visited: dict[str, list[int]], grads: dict[str,
 
 
 def test_replicas_step_on_the_microbatch_weighted_mean_and_stay_identical(replicas):
-    transports, made = replicas
+    transports, made, gone = replicas
     ref = copy.deepcopy(made["a"][0])  # the same seed: the replicas' common start
     torch.manual_seed(0)
     # a ran two microbatches (its gradient is their sum), b one
@@ -89,7 +95,7 @@ def test_replicas_step_on_the_microbatch_weighted_mean_and_stay_identical(replic
 
 
 def test_an_iteration_in_which_no_replica_ran_a_microbatch_steps_nothing(replicas):
-    transports, made = replicas
+    transports, made, gone = replicas
     before = tensors_hash(made["a"][0].params)
     none = {n: [None] * len(made[n][0].params) for n in made}
     out = _step_both(transports, made, {"a": [], "b": []}, none, 0)
@@ -102,3 +108,42 @@ def test_an_iteration_in_which_no_replica_ran_a_microbatch_steps_nothing(replica
     out = _step_both(transports, made, {"a": [0], "b": []}, grads, 1)
     assert [o[0] for o in out.values()] == ["ok", "ok"], out
     assert tensors_hash(made["a"][0].params) == tensors_hash(made["b"][0].params) != before
+
+
+@pytest.mark.parametrize("replicas", ["direct"], indirect=True)
+def test_direct_replicas_whose_weights_went_apart_find_out_and_the_larger_id_steps_out(replicas):
+    """b's weights differ from a's (it missed a message of an earlier exchange): each leaves
+    the other out of its mean; a, the smallest id, steps on its own gradient, b does not
+    step and is behind (the node then joins again to be handed a replica's state)."""
+    transports, made, gone = replicas
+    with torch.no_grad():
+        made["b"][0].params[0].add_(1e-3)
+    ref = copy.deepcopy(made["a"][0])
+    before_b = tensors_hash(made["b"][0].params)
+    torch.manual_seed(2)
+    grads = {n: [torch.randn_like(p) for p in made[n][0].params] for n in made}
+    out = _step_both(transports, made, {"a": [0], "b": [1]}, grads, 0)
+    assert out["a"] == ("ok", 1, "") and out["b"][0] == "apart", out
+    assert not made["a"][1].behind and made["b"][1].behind
+    for p, g in zip(ref.params, grads["a"], strict=True):
+        p.grad = g.clone()
+    ref.opt.step()
+    for p, q in zip(made["a"][0].params, ref.params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert tensors_hash(made["b"][0].params) == before_b
+
+
+@pytest.mark.parametrize("replicas", ["direct"], indirect=True)
+def test_a_direct_replica_whose_partner_left_steps_on_its_own_gradient_without_waiting(replicas):
+    transports, made, gone = replicas
+    gone.add("b")  # b left the DHT (it died): a's view no longer shows it
+    ref = copy.deepcopy(made["a"][0])
+    torch.manual_seed(3)
+    grads = {"a": [torch.randn_like(p) for p in made["a"][0].params]}
+    out = _step_both(transports, {"a": made["a"]}, {"a": [0, 1]}, grads, 0)
+    assert out["a"] == ("ok", 1, ""), out
+    for p, g in zip(ref.params, grads["a"], strict=True):
+        p.grad = g / 2
+    ref.opt.step()
+    for p, q in zip(made["a"][0].params, ref.params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)

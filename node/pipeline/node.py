@@ -193,6 +193,18 @@ class PipelineNode:
                 self.membership.announce(me.peer_info())
             if work.last:
                 return
+            if self.sync.behind:
+                self._step_out(work.number)
+
+    def _step_out(self, it: int) -> None:
+        """This replica's weights went apart from its stage's other replicas (it missed a
+        message of a direct exchange, or they missed its): it leaves the plans and asks to
+        be admitted again, to be handed a replica's state (see node/direct_sync.py)."""
+        me = self.standing
+        log.warning("iteration %d: stage %d's weights here differ from the other replicas'; joining again to be "
+                    "handed their state", it, me.stage)
+        me.member, me.rejoining = False, True
+        self.membership.announce(me.peer_info())
 
     def _final_eval(self, it: int) -> None:
         """After the last step: the leader validates along a full path and tells everyone."""

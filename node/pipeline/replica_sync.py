@@ -1,8 +1,9 @@
 """A stage's replicas kept in sync after each iteration, through optim/: this node's step of
 the iteration's gradients, averaged with the other replicas first (sync = every_step:
-DataParallel), or stepped locally with a DiLoCo outer step every ``sync_every`` iterations
-(diloco), or NoLoCo's gossip with random replicas (noloco). ``compression.*`` applies to
-what the replicas exchange."""
+DataParallel, sent straight to the replicas of the plan or through the group all-reduce),
+or stepped locally with a DiLoCo outer step every ``sync_every`` iterations (diloco), or
+NoLoCo's gossip with random replicas (noloco). ``compression.*`` applies to what the
+replicas exchange."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from loco.protocols.state_sync import tensors_hash
 from loco.protocols.transport import Transport
 
 from ..config import Config
+from ..direct_sync import DirectCommunicator
 from ..staging import StagedCommunicator
 from ..sync import GossipCommunicator, SwarmCommunicator
 from .stage_state import StageState
@@ -44,13 +46,25 @@ class ReplicaSync:
         # compression.* applies to what the replicas exchange (not to activations and gradients
         # between stages)
         compressor = compressor_for(cfg.compression, cfg.train.seed)
-        self.collective = GroupAllReduce(transport, self.peers, timeouts, compressor, stop=stop,
-                                         max_norm_ratio=c.max_norm_ratio)
+        self.collective: GroupAllReduce | None = None
+        if self.p.sync == "diloco" or (self.p.sync == "every_step" and self.p.replica_exchange == "collective"):
+            self.collective = GroupAllReduce(transport, self.peers, timeouts, compressor, stop=stop,
+                                             max_norm_ratio=c.max_norm_ratio)
         self.grads: DataParallel | None = None
+        self._direct: DirectCommunicator | None = None
         if self.p.sync == "every_step":
             # the replicas' states must agree (a joiner is handed the state, not resynced)
-            self._swarm = SwarmCommunicator(self.collective, lambda: tensors_hash(state.params))
-            self.grads = DataParallel(state.params, self._staged(self._swarm))
+            if self.collective is not None:
+                self._comm: SwarmCommunicator | DirectCommunicator = SwarmCommunicator(
+                    self.collective, lambda: tensors_hash(state.params))
+            else:  # the plan names the group: no matchmaking, no leader (see node/direct_sync.py)
+                # (a replica whose DHT view lags and leaves out a planned twin still answers and
+                # averages it when it writes: the exchange adopts it, so both hear each other)
+                exchange = GroupExchange(transport, compressor, stop=stop, live=self._members_in_view)
+                self._comm = self._direct = DirectCommunicator(exchange, self.me, self.peers,
+                                                               lambda: tensors_hash(state.params), wait,
+                                                               c.max_norm_ratio)
+            self.grads = DataParallel(state.params, self._staged(self._comm))
         elif self.p.sync == "diloco":
             comm = self._staged(SwarmCommunicator(self.collective, lambda: ""))
             state.outer = DiLoCo(state.params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
@@ -64,6 +78,17 @@ class ReplicaSync:
     def _staged(self, comm):
         """GPU tensors reach the network through reused pinned host buffers."""
         return StagedCommunicator(comm, self.state.device) if self.state.device.type == "cuda" else comm
+
+    def _members_in_view(self) -> list[str]:
+        """Replicas a direct exchange still waits for: those the DHT shows as members (one
+        that stepped out to be handed the state again shows JOINING or REJOINING)."""
+        return [p.id for p in self.membership.peers() if p.round >= 0]
+
+    @property
+    def behind(self) -> bool:
+        """The last direct exchange showed this replica's weights apart from those of the
+        smallest replica it heard from: it must be handed a replica's state again."""
+        return self._direct is not None and self._direct.behind
 
     def peers(self) -> list[PeerInfo]:
         """The replicas this iteration's sync expects, less those that left the DHT since
@@ -92,12 +117,20 @@ class ReplicaSync:
         self._seen |= {p.id for p in planned} & live
         # a replica back in the plan after iterations out of it (a joiner admitted, perhaps
         # planned once before its hand-off failed) was silent for a reason now gone
-        self.collective.expect({p.id for p in planned} - {p.id for p in self._group})
+        if self.collective is not None:
+            self.collective.expect({p.id for p in planned} - {p.id for p in self._group})
         self._group = [p for p in planned if self._may_be_live(p.id, p.id in live)]
 
     def _may_be_live(self, replica: str, in_view: bool) -> bool:
         """A replica counts as live if the DHT shows it, or has never shown it to this node."""
         return in_view or replica not in self._seen
+
+    def _why_not(self) -> str:
+        """Why the last every-iteration average did not complete."""
+        if isinstance(self._comm, SwarmCommunicator):
+            last = self._comm.last
+            return f"{last.status}: {last.reason}" if last is not None else "no result"
+        return "outliers: " + ", ".join(self._comm.suspects)
 
     def _lr(self, it: int) -> float:
         o = self.cfg.optim
@@ -122,14 +155,16 @@ class ReplicaSync:
             # microbatches is not "8x larger" than one that ran one, so not poison). A
             # replica that ran none offers zeros at weight 0; if none ran, every replica
             # keeps its zeros, and a zero average is not stepped (AdamW would still move).
-            self._swarm.weight = count
+            self._comm.weight = count
             if self.grads.sync_gradients(work.number):
                 group = self.grads.last_group_size
                 ran = any(bool(p.grad.any()) for p in params)
             else:
                 status, ran = "skipped", False  # apply nothing rather than step apart from the others
-                last = self._swarm.last
-                reason = f"{last.status}: {last.reason}" if last is not None else "no result"
+                reason = self._why_not()
+            if self.behind:  # its step would be on weights the others do not hold
+                status, ran = "apart", False
+                reason = f"weights differ from {min(self._direct.apart)}'s: to be handed the stage state again"
         if ran:
             if self.cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
