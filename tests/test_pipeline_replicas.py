@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from loco.node.config import build_config
 from loco.node.pipeline.replica_sync import ReplicaSync
 from loco.node.pipeline.stage_state import StageState
 from loco.protocols.membership import PeerInfo
-from loco.protocols.pipeline.plan import Iteration
+from loco.protocols.pipeline.plan import JOINING, REJOINING, Iteration
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.transport import Transport
 
@@ -25,15 +26,15 @@ CFG = build_config({"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_si
 
 
 class _Both:
-    """Each replica's DHT view: the other one, at every iteration (``gone``: those it no
-    longer shows)."""
+    """Each replica's DHT view: the other one, at iteration 0 (``gone``: the round the view
+    shows instead, None: not at all)."""
 
-    def __init__(self, transports: dict[str, Transport], me: str, gone: set[str]):
+    def __init__(self, transports: dict[str, Transport], me: str, gone: dict[str, int]):
         self.transports, self.me, self.gone = transports, me, gone
 
     def peers(self, strict: bool = False) -> list[PeerInfo]:
-        return [PeerInfo(n, t.endpoint, 0, 1) for n, t in self.transports.items()
-                if n != self.me and n not in self.gone]
+        return [PeerInfo(n, t.endpoint, self.gone.get(n, 0), 1) for n, t in self.transports.items()
+                if n != self.me and self.gone.get(n, 0) is not None]
 
 
 @pytest.fixture(params=["direct", "collective"])
@@ -42,7 +43,7 @@ def replicas(request):
     transports = {n: Transport(n) for n in ("a", "b")}
     stop = threading.Event()
     made = {}
-    gone: set[str] = set()
+    gone: dict[str, int | None] = {}
     for n, t in transports.items():
         state = StageState(cfg, 1, torch.device("cpu"))
         made[n] = (state, ReplicaSync(cfg, state, t, _Both(transports, n, gone), stop, lambda: 0))
@@ -59,11 +60,15 @@ def _work(me: str, transports, number: int, visited: list[int]) -> Iteration:
     return work
 
 
-def _step_both(transports, made, visited: dict[str, list[int]], grads: dict[str, list[torch.Tensor]], number: int):
-    """Each replica in ``made`` steps iteration ``number`` (in its own thread, as nodes do)."""
+def _step_both(transports, made, visited: dict[str, list[int]], grads: dict[str, list[torch.Tensor]], number: int,
+               late: str = ""):
+    """Each replica in ``made`` steps iteration ``number`` (in its own thread, as nodes do);
+    ``late`` starts 2.5 s after the other (past its first look at the DHT view)."""
     out = {}
 
     def go(n):
+        if n == late:
+            time.sleep(2.5)
         state, sync = made[n]
         for p, g in zip(state.params, grads[n], strict=True):
             p.grad = g.clone() if g is not None else None
@@ -136,7 +141,7 @@ def test_direct_replicas_whose_weights_went_apart_find_out_and_the_larger_id_ste
 @pytest.mark.parametrize("replicas", ["direct"], indirect=True)
 def test_a_direct_replica_whose_partner_left_steps_on_its_own_gradient_without_waiting(replicas):
     transports, made, gone = replicas
-    gone.add("b")  # b left the DHT (it died): a's view no longer shows it
+    gone["b"] = None  # b left the DHT (it died): a's view no longer shows it
     ref = copy.deepcopy(made["a"][0])
     torch.manual_seed(3)
     grads = {"a": [torch.randn_like(p) for p in made["a"][0].params]}
@@ -147,3 +152,20 @@ def test_a_direct_replica_whose_partner_left_steps_on_its_own_gradient_without_w
     ref.opt.step()
     for p, q in zip(made["a"][0].params, ref.params, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("replicas", ["direct"], indirect=True)
+def test_a_direct_replica_waits_for_a_twin_still_joining_but_not_for_one_that_stepped_out(replicas):
+    """Iteration 0 of a fresh swarm: b's record still says JOINING (it has not read the
+    plan yet) and it comes a second late: a waits, and both step on the mean. A replica that
+    stepped out to be handed the state again says REJOINING: not waited for."""
+    transports, made, gone = replicas
+    gone["b"] = JOINING
+    torch.manual_seed(4)
+    grads = {n: [torch.randn_like(p) for p in made[n][0].params] for n in made}
+    out = _step_both(transports, made, {"a": [0], "b": [1]}, grads, 0, late="b")
+    assert out == {"a": ("ok", 2, ""), "b": ("ok", 2, "")}, out
+    assert tensors_hash(made["a"][0].params) == tensors_hash(made["b"][0].params)
+    gone["b"] = REJOINING
+    out = _step_both(transports, {"a": made["a"]}, {"a": [0]}, grads, 1)
+    assert out["a"] == ("ok", 1, ""), out

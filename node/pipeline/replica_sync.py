@@ -17,7 +17,7 @@ from loco.options import compressor_for
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
 from loco.protocols.membership import Membership, PeerInfo, ViewUnknown
-from loco.protocols.pipeline.plan import Iteration
+from loco.protocols.pipeline.plan import REJOINING, Iteration
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.transport import Transport
 
@@ -80,9 +80,12 @@ class ReplicaSync:
         return StagedCommunicator(comm, self.state.device) if self.state.device.type == "cuda" else comm
 
     def _members_in_view(self) -> list[str]:
-        """Replicas a direct exchange still waits for: those the DHT shows as members (one
-        that stepped out to be handed the state again shows JOINING or REJOINING)."""
-        return [p.id for p in self.membership.peers() if p.round >= 0]
+        """Replicas a direct exchange still waits for: those the DHT shows, less those that
+        stepped out to be handed the state again (REJOINING). One that shows JOINING is
+        waited for: a replica planned into iteration 0 of a fresh swarm says JOINING until it
+        reads that plan, seconds later on a busy machine (not waiting for it, its twin
+        stepped alone and the two went apart at once)."""
+        return [p.id for p in self.membership.peers() if p.round != REJOINING]
 
     @property
     def behind(self) -> bool:
