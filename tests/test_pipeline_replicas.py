@@ -20,6 +20,8 @@ from loco.protocols.pipeline.plan import JOINING, REJOINING, Iteration
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.transport import Transport
 
+RESTARTED = -100
+
 CFG = build_config({"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8},
                     "pipeline": {"stages": 2, "stage": 1}, "optim": {"warmup_steps": 0, "grad_clip": 0.0},
                     "collective": {"matchmaking_timeout_s": 10, "join_timeout_s": 20}})
@@ -27,14 +29,21 @@ CFG = build_config({"model": {"n_layer": 2, "n_embd": 16, "n_head": 2, "block_si
 
 class _Both:
     """Each replica's DHT view: the other one, at iteration 0 (``gone``: the round the view
-    shows instead, None: not at all)."""
+    shows instead, None: not at all, RESTARTED: a new process of that id)."""
 
     def __init__(self, transports: dict[str, Transport], me: str, gone: dict[str, int]):
         self.transports, self.me, self.gone = transports, me, gone
 
     def peers(self, strict: bool = False) -> list[PeerInfo]:
-        return [PeerInfo(n, t.endpoint, self.gone.get(n, 0), 1) for n, t in self.transports.items()
-                if n != self.me and self.gone.get(n, 0) is not None]
+        shown = []
+        for n, t in self.transports.items():
+            round = self.gone.get(n, 0)
+            if n == self.me or round is None:
+                continue
+            # (RESTARTED: a new process under that id, at another endpoint, joining)
+            shown.append(PeerInfo(n, "tcp://127.0.0.1:1" if round == RESTARTED else t.endpoint,
+                                  JOINING if round == RESTARTED else round, 1))
+        return shown
 
 
 @pytest.fixture(params=["direct", "collective"])
@@ -157,8 +166,9 @@ def test_a_direct_replica_whose_partner_left_steps_on_its_own_gradient_without_w
 @pytest.mark.parametrize("replicas", ["direct"], indirect=True)
 def test_a_direct_replica_waits_for_a_twin_still_joining_but_not_for_one_that_stepped_out(replicas):
     """Iteration 0 of a fresh swarm: b's record still says JOINING (it has not read the
-    plan yet) and it comes a second late: a waits, and both step on the mean. A replica that
-    stepped out to be handed the state again says REJOINING: not waited for."""
+    plan yet) and it comes seconds late: a waits, and both step on the mean. A replica that
+    stepped out to be handed the state again says REJOINING: not waited for; nor one that
+    died and whose id a new process took (another endpoint, joining)."""
     transports, made, gone = replicas
     gone["b"] = JOINING
     torch.manual_seed(4)
@@ -166,6 +176,11 @@ def test_a_direct_replica_waits_for_a_twin_still_joining_but_not_for_one_that_st
     out = _step_both(transports, made, {"a": [0], "b": [1]}, grads, 0, late="b")
     assert out == {"a": ("ok", 2, ""), "b": ("ok", 2, "")}, out
     assert tensors_hash(made["a"][0].params) == tensors_hash(made["b"][0].params)
-    gone["b"] = REJOINING
-    out = _step_both(transports, {"a": made["a"]}, {"a": [0]}, grads, 1)
-    assert out["a"] == ("ok", 1, ""), out
+    for number, shown in enumerate((REJOINING, RESTARTED), start=1):
+        # b is planned and shown a member as a's wait starts; it changes a second later
+        gone["b"] = 0
+        change = threading.Timer(1.0, gone.__setitem__, ("b", shown))
+        change.start()
+        out = _step_both(transports, {"a": made["a"]}, {"a": [0]}, grads, number)
+        change.join()
+        assert out["a"] == ("ok", 1, ""), (shown, out)

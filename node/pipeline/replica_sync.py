@@ -80,12 +80,15 @@ class ReplicaSync:
         return StagedCommunicator(comm, self.state.device) if self.state.device.type == "cuda" else comm
 
     def _members_in_view(self) -> list[str]:
-        """Replicas a direct exchange still waits for: those the DHT shows, less those that
-        stepped out to be handed the state again (REJOINING). One that shows JOINING is
-        waited for: a replica planned into iteration 0 of a fresh swarm says JOINING until it
-        reads that plan, seconds later on a busy machine (not waiting for it, its twin
-        stepped alone and the two went apart at once)."""
-        return [p.id for p in self.membership.peers() if p.round != REJOINING]
+        """Replicas a direct exchange still waits for: those the DHT shows at the endpoint
+        the plan has for them (another one: the planned process died and a new one took its
+        id, joining), less those that stepped out to be handed the state again (REJOINING).
+        One that shows JOINING is waited for: a replica planned into iteration 0 of a fresh
+        swarm says JOINING until it reads that plan, seconds later on a busy machine (not
+        waiting for it, its twin stepped alone and the two went apart at once)."""
+        planned = {p.id: p.endpoint for p in self._group}
+        return [p.id for p in self.membership.peers()
+                if p.round != REJOINING and planned.get(p.id, p.endpoint) == p.endpoint]
 
     @property
     def behind(self) -> bool:
