@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,9 @@ class Node:
         self.id = cfg.node.id or default_node_id(out)
         self.started = time.time()
         self.ckpt_path = checkpoint_file(out / "checkpoints", self.id)
-        # built by _setup, in this order; shutdown closes what exists, in reverse
+        # built by _setup, in this order; each registers its closing on _closing, which the
+        # node's end runs in reverse (what setup got as far as creating, and only that)
+        self._closing = ExitStack()
         self.metrics: MetricsWriter | None = None
         self.live: LiveMetrics | None = None  # the /metrics endpoint (node.metrics_port)
         self.records: NodeRecords | None = None  # config file, metrics, their copies (closed last)
@@ -97,12 +100,16 @@ class Node:
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.cfg
+        closing = self._closing
         self.records = NodeRecords(cfg, self.id, self.out)
+        closing.callback(self.records.close)
         self.metrics, self.live = self.records.metrics, self.records.live
         self._records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loco-records")
+        closing.callback(attempt, "records", lambda: self._records.shutdown(wait=True))
         sharded = cfg.node.nproc_per_node > 1 and cfg.node.parallel == "fsdp"
         self._writer = CheckpointWriter(self.ckpt_path, versions_kept(cfg.train.keep_checkpoints) if sharded else
                                         cfg.train.keep_checkpoints, self._checkpoint_failed)
+        closing.callback(attempt, "checkpoint writer", self._writer.close)
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
         self.trainer = Trainer(cfg, self.id)
         # a checkpoint that cannot be resumed is an error before this node joins anything
@@ -111,16 +118,24 @@ class Node:
             share_trainer_state(self.ranks, self.trainer)
             self.trainer.distribute(self.ranks.group)
             load_shards(self.ranks, self.trainer, self._shard_files)
+        if self.trainer.sharded:  # rank 0's own shards, beside the other ranks' writers
+            self._shard_writer = shard_writer(self.cfg, self.out, self.id, 0, self._checkpoint_failed)
+            closing.callback(attempt, "shard writer", self._shard_writer.close)
         if self.before_join is not None:
             self.cfg = cfg = self.before_join(cfg)
             self.records.write_config(cfg)
         self.identity = NodeIdentity(self.out, self.id)
         self.swarm = self._open_swarm(cfg)
+        closing.callback(attempt, "swarm", self.swarm.close)
+        # (after the final checkpoint, whose shards the other ranks write when told)
+        closing.callback(attempt, "the node's other ranks", self._release_ranks)
         if self.live is not None:
             self.live.watch(self.swarm.transport, lambda: len(self.swarm.membership.peers()))
         # joined after the checkpoint is loaded, so a restart compares its own round with the swarm's
         self.outer = build_algorithm(cfg, self.trainer.model, self.trainer.opt, self.swarm,
                                      on_event=self._on_event, join=False, ranks=self.ranks)
+        closing.callback(attempt, "final checkpoint", self._final_checkpoint)
+        closing.callback(attempt, "algorithm", self.outer.close)  # (first: nothing in flight when it is saved)
 
     def _open_swarm(self, cfg: Config) -> Swarm:
         """Join through the configured peers and the peers this node saw last time (a restart
@@ -218,8 +233,6 @@ class Node:
                 return
             tag = new_tag(self.trainer.step)
             self.ranks.share((CHECKPOINT, tag))
-            if self._shard_writer is None:
-                self._shard_writer = shard_writer(self.cfg, self.out, self.id, 0, self._checkpoint_failed)
             self._shard_writer.submit(private_copy(self.trainer.shard_state(tag)), self.outer.round)
         # the algorithm's state_dict is a copy already (its contract); the trainer's is live
         state = {"trainer": private_copy(self.trainer.state_dict(tag)), **self.outer.state_dict(), "node": self.id}
@@ -250,7 +263,9 @@ class Node:
             self._ranks_listening = False  # (a collective failed, or a signal cut one short)
             raise
         finally:
-            self._shutdown()
+            # in reverse order of setup: the algorithm, the final checkpoint, the other ranks,
+            # the swarm, the writers, the records; each step logged if it fails, the others still run
+            self._closing.close()
         return 0
 
     def _budget_left(self) -> bool:
@@ -345,24 +360,10 @@ class Node:
         self._stats_from = (now, step)
 
     # ------------------------------------------------------------- shutdown
-    def _shutdown(self) -> None:
-        """Closes whatever setup got as far as creating, in reverse dependency order; one
-        failing step does not keep the others from running."""
-        if self.outer is not None:
-            attempt("algorithm", self.outer.close)
-            attempt("final checkpoint", self._final_checkpoint)
+    def _release_ranks(self) -> None:
+        """The other ranks wait for rank 0's orders: tell them the node is done."""
         if self._ranks_listening:
-            attempt("the node's other ranks", lambda: self.ranks.share(DONE))
-        if self.swarm is not None:
-            attempt("swarm", self.swarm.close)
-        if self._writer is not None:
-            attempt("checkpoint writer", self._writer.close)
-        if self._shard_writer is not None:
-            attempt("shard writer", self._shard_writer.close)
-        if self._records is not None:
-            attempt("records", lambda: self._records.shutdown(wait=True))
-        if self.records is not None:
-            self.records.close()
+            self.ranks.share(DONE)
 
     def _final_checkpoint(self) -> None:
         self._records.submit(lambda: None).result()  # the last round's record before "stop"
