@@ -119,6 +119,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
                                             "model_hash": model_hash(model),
                                             # a rank > 0's own endpoint (rank_exchange "parallel")
                                             "rank_bytes_sent": 0 if ranks.leads else outer.bytes_sent}) + "\n")
+        # every rank past its last collective before any tears the group down (a rank that
+        # destroyed it while a peer's last op was still finishing aborted in gloo's C++)
+        dist.barrier()
     finally:
         if swarm is not None:
             swarm.close()

@@ -85,8 +85,15 @@ def run_rank(rank: int, world: int, cfg: Config, out: Path, store: Any | None = 
         signal.signal(signal.SIGINT, _signal_handler(stop, ranks.leads))
         signal.signal(signal.SIGTERM, _signal_handler(stop, ranks.leads))
         if ranks.leads:
-            return Node(cfg, out, stop, ranks=ranks).run()
-        return FollowerNode(cfg, cfg.node.id or default_node_id(out), ranks, stop, out).run()
+            code = Node(cfg, out, stop, ranks=ranks).run()
+        else:
+            code = FollowerNode(cfg, cfg.node.id or default_node_id(out), ranks, stop, out).run()
+        # (a normal end: every rank is past the node's last collective, or it would have
+        # failed in it) none tears the group down while another's last op may still finish
+        # on its sockets: that aborted a rank in gloo's C++ ("terminate called without an
+        # active exception")
+        dist.barrier()
+        return code
     finally:
         dist.destroy_process_group()
 

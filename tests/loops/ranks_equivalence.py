@@ -57,6 +57,8 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
         final = [p.full_tensor() if args.parallel == "fsdp" and world > 1 else p for p in model.parameters()]
         if rank == 0:
             torch.save({"initial": initial, "final": [p.detach().clone() for p in final]}, args.out)
+        if world > 1:  # (every rank past its last collective before any tears the group down)
+            dist.barrier()
     finally:
         if swarm is not None:
             swarm.close()
