@@ -148,7 +148,7 @@ class ModelConfig(_Section):
     n_embd: int = Field(128, ge=8)
     """Embedding width."""
     block_size: int = Field(128, ge=8)
-    """Context length in tokens. A factory's model with its own ``block_size`` attribute sets it; this key, if set, must agree."""
+    """Context length in tokens. A factory's model with its own ``block_size`` attribute sets it; this key, if not the default, must agree."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout probability."""
 
@@ -478,7 +478,8 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineConfig:
-        if "replica_exchange" in self.model_fields_set and self.sync != "every_step":
+        # the value, not whether the key was set: a node reads its config with every field written out
+        if self.replica_exchange != "direct" and self.sync != "every_step":
             raise ValueError(f"replica_exchange is how replicas average every iteration's gradients: it needs "
                              f"sync = 'every_step', not {self.sync!r}")
         if self.stages < 2:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import Config, ConfigError, apply_overrides, build_config, read_toml
+from .config import Config, ConfigError, apply_overrides, build_config, config_to_dict, read_toml
 from .config_layers import env_overrides
 
 # Built-in network profiles: the default link of every node, plus per-node overrides.
@@ -158,9 +158,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None,
                 msg += f" of an experiment: node config overrides go under base. (--set base.{key}.…)"
             lines.append(f"  {key}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    for v in exp.variant:  # fail before anything starts: every node config of every variant
-        for i in range(exp.experiment.nodes):
-            node_config(exp, v, i, epoch=0.0)
+    for v in exp.variant:  # fail before anything starts: every node config of every variant,
+        for i in range(exp.experiment.nodes):  # also as its node reads it (every field written out)
+            build_config(config_to_dict(node_config(exp, v, i, epoch=0.0)), f"variant {v.name!r}, node {i}")
     return exp
 
 

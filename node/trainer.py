@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 class Trainer:
     def _block_size(self, cfg: Config) -> int:
         """The context length: the model's own ``block_size`` attribute when it has one (a
-        factory's model knows its context), else ``model.block_size``. A value set for
-        ``model.block_size`` that the model contradicts is an error, never silently ignored."""
+        factory's model knows its context), else ``model.block_size``. A ``model.block_size``
+        other than the default that the model contradicts is an error, never silently ignored
+        (the value, not whether the key was set: a node of ``loco swarm`` or ``loco run``
+        reads a config with every field written out)."""
         own = getattr(self.model, "block_size", None)
         if not isinstance(own, int) or isinstance(own, bool):
             return cfg.model.block_size
-        if "block_size" in cfg.model.model_fields_set and own != cfg.model.block_size:
+        if cfg.model.block_size != type(cfg.model).model_fields["block_size"].default and own != cfg.model.block_size:
             raise ConfigError(f"model.block_size = {cfg.model.block_size}, but the model built by model.factory "
                               f"has block_size = {own}: leave model.block_size out or make them agree")
         return own

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loco.node.config import ConfigError, ModelConfig, build_config
+from loco.node.config import ConfigError, ModelConfig, build_config, config_to_dict
 from loco.node.lm_output import ModelOutputError, logits_of, loss_of, vocab_size_of
 from loco.node.model import GPT, build_model, unique_parameters
 from loco.node.trainer import Trainer
@@ -116,6 +116,8 @@ def test_a_models_own_context_length_is_used_and_a_contradicting_key_is_an_error
     trainer = Trainer(build_config({"model": model, "data": data}), "node0")
     assert trainer.block_size == 32 and trainer.sampler.next_batch()[0].shape[-1] == 32
     assert Trainer(build_config({"model": {**model, "block_size": 32}, "data": data}), "node0").block_size == 32
+    # as a node of `loco swarm` reads it: every field written out, the default block_size among them
+    assert Trainer(build_config(config_to_dict(build_config({"model": model, "data": data}))), "node0").block_size == 32
     with pytest.raises(ConfigError, match=r"^model.block_size = 16, but the model built by model.factory has "
                                           r"block_size = 32"):
         Trainer(build_config({"model": {**model, "block_size": 16}, "data": data}), "node0")
