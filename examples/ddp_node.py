@@ -95,9 +95,8 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         if swarm is not None:
             print("join with:", swarm.join_token, flush=True)
         algorithm = getattr(loco, ALGORITHMS[args.algorithm])
-        extra = {"rank_exchange": args.rank_exchange} if args.algorithm == "diloco" else {}
         with algorithm(model, opt, swarm, inner_steps=args.inner_steps, ranks=ranks,  # loco
-                       wait_for_peers=args.peers, **extra) as outer:  # loco
+                       wait_for_peers=args.peers, rank_exchange=args.rank_exchange) as outer:  # loco
             for step in range(1, args.steps + 1):
                 x = torch.randn(32, 16, generator=data)
                 loss = F.mse_loss(model(x.to(device)), teacher(x).to(device))
@@ -142,7 +141,7 @@ def main() -> None:
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                     help="inside the member: DDP, or FSDP2 (diloco, co2, noloco)")
     ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel",
-                    help="diloco: every rank sends its own region of the round's exchange, or rank 0 all of it")
+                    help="every rank sends its own region of what the member averages, or rank 0 all of it")
     ap.add_argument("--steps", type=int, default=300, help="inner steps to train")
     ap.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
     ap.add_argument("--peers", type=int, default=0, help="wait for this many other members before training")

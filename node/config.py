@@ -67,11 +67,11 @@ class NodeConfig(_Section):
     block and of its AdamW state; rank 0 gathers the whole weights in host memory for the
     outer step, which works with diloco, streaming_diloco, co2 and noloco)."""
     rank_exchange: Literal["parallel", "leader"] = "parallel"
-    """How a node of several processes sends its DiLoCo round's pseudo-gradient, or its DDP
-    step's gradients: parallel (every rank sends and averages its own region of it through
-    its own endpoint, with the ranks of other nodes that hold the same stretch; nodes of any
-    process counts match) or leader (rank 0 sends it all). The other algorithms, and
-    L-GreCo, always send from rank 0."""
+    """How a node of several processes sends what it averages with the swarm (DiLoCo's
+    pseudo-gradient, DDP's gradients, Streaming DiLoCo's fragments, CO2's background reduce):
+    parallel (every rank sends and averages its own region of it through its own endpoint,
+    with the ranks of other nodes that hold the same stretch; nodes of any process counts
+    match) or leader (rank 0 sends it all). NoLoCo and L-GreCo always send from rank 0."""
 
     @field_validator("device")
     @classmethod
@@ -551,10 +551,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _rank_exchange(self) -> Config:
-        if self.node.rank_exchange == "leader" and (self.optim.algorithm not in ("diloco", "ddp")
+        if self.node.rank_exchange == "leader" and (self.optim.algorithm == "noloco"
                                                      or self.compression.lgreco.enabled):
-            raise ValueError("node.rank_exchange = 'leader' changes only diloco and ddp without L-GreCo (the other "
-                             "algorithms and L-GreCo always send from rank 0): leave it at 'parallel'")
+            raise ValueError("node.rank_exchange = 'leader' changes nothing with noloco or L-GreCo (their exchange "
+                             "always leaves from rank 0): leave it at 'parallel'")
         return self
 
     @model_validator(mode="after")

@@ -62,8 +62,8 @@ class OuterAlgorithm(Adopting):
     processes the leader then broadcasts the mean to the other ranks before their step."""
     exchanges_per_rank: ClassVar[bool] = False
     """In a member of several ranks, every rank sends and averages its own region of the
-    round's vector (``rank_exchange="parallel"``; node/api/rank_exchange.py): the round's
-    exchange runs on the training thread while the other ranks wait for the round's end."""
+    round's vector (``rank_exchange="parallel"``; node/api/rank_exchange.py): the algorithms
+    that average through the group all-reduce, on whichever thread they run it."""
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
@@ -320,6 +320,8 @@ class OuterAlgorithm(Adopting):
             return
         self._closed = True
         self._close_math()
+        if self.lanes is not None:  # (after the math: a reduce in flight still needs the other ranks)
+            self.lanes.close()
         self.state_server.close()
 
     def _close_math(self) -> None:

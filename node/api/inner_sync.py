@@ -149,7 +149,6 @@ class DDP(CollectiveAlgorithm):
     name = "ddp"
     fine_grained = True
     gradients_each_step = True
-    exchanges_per_rank = True  # every step's exchange runs on the training thread, where the ranks are
 
     def __init__(self, model, inner_optimizer, swarm, **kwargs: Any):
         if inner_optimizer is None:

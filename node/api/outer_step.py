@@ -30,6 +30,7 @@ class CollectiveAlgorithm(OuterAlgorithm):
     """An algorithm that averages through the group all-reduce (DiLoCo, CO2, Streaming, DDP)."""
 
     peer_lag: int = 1
+    exchanges_per_rank = True
     _zero_weight: bool = False  # the next outer step contributes with weight 0 (just restored)
 
     def _peer_round(self, sync_id: int) -> int:
@@ -118,7 +119,6 @@ class DiLoCo(CollectiveAlgorithm):
     outer Nesterov-SGD step on φ; θ ← φ. Members of an ok round hold bit-identical weights."""
 
     name = "diloco"
-    exchanges_per_rank = True  # its round's exchange runs on the training thread, once per round
 
     def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, outer_state_device: Literal["auto", "cpu"] = "auto", **kwargs: Any):

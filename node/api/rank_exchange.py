@@ -1,15 +1,22 @@
 """A member of several processes exchanging with the swarm from all of its ranks at once
-(``rank_exchange="parallel"``: the default of DiLoCo and DDP in a member of several ranks).
+(``rank_exchange="parallel"``: the default of every algorithm but NoLoCo in a member of
+several ranks).
 
 The leader (rank 0) still runs the round: matchmaking, the commit step, the outer math.
 What goes over the network is split: the round's vector is cut into one contiguous region
-per rank (:mod:`loco.protocols.regions`), the leader hands each rank its region over the
-member's own collectives (NCCL or gloo), every rank sends and averages its region through
-its own ZeroMQ endpoint with the ranks of the other members that hold the same stretch,
-and the averaged regions come back to the leader. A member's traffic then leaves through
-as many endpoints (and network links) as it has ranks, and the owners' averaging is spread
-over them. Members match by position in the whole vector, so members of different rank
-counts (or of one process) average together.
+per rank (:mod:`loco.protocols.regions`), the leader hands each rank its region, every rank
+sends and averages its region through its own ZeroMQ endpoint with the ranks of the other
+members that hold the same stretch, and the averaged regions come back to the leader. A
+member's traffic then leaves through as many endpoints (and network links) as it has
+ranks, and the owners' averaging is spread over them. Members match by position in the
+whole vector, so members of different rank counts (or of one process) average together.
+
+All of this travels over a *side channel*: a gloo group of the member's processes of its
+own, served on every other rank by a thread of its own. The exchange may then run wherever
+the leader's algorithm runs it: on the training thread (DiLoCo, DDP) or on a background
+thread while training goes on (Streaming DiLoCo's fragments, CO2's reduce a round late),
+and the ranks' training thread keeps its own collectives (the step broadcasts, FSDP's)
+without the two interleaving. The regions pass through host memory (gloo) also on GPUs.
 
 Every rank's endpoint goes to the other members in the leader's JOIN and in the roster.
 Rank r > 0 opens its endpoint with the member's id and signing key (the leader hands them
@@ -22,6 +29,9 @@ expiry, as always).
 
 from __future__ import annotations
 
+import logging
+import threading
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,8 +49,15 @@ from .swarm import Swarm, rank_transport
 if TYPE_CHECKING:
     from .ranks import Ranks
 
-# what the leader tells the other ranks during a round: an attempt's exchange, the round's end
-EXCHANGE, END = "rank-exchange", "rank-end"
+log = logging.getLogger(__name__)
+
+# what the leader tells the other ranks on the side channel: an attempt's exchange, the
+# round's end, the algorithm's end
+EXCHANGE, END, STOP = "rank-exchange", "rank-end", "rank-stop"
+# a rank's side-channel thread waits for the next exchange through a whole round of
+# training (rounds of an hour are normal); a leader that dies closes its sockets, which
+# ends the wait at once
+SIDE_CHANNEL_WAIT = timedelta(days=7)
 
 RANK_EXCHANGES = ("parallel", "leader")
 
@@ -48,9 +65,8 @@ RANK_EXCHANGES = ("parallel", "leader")
 def splits_exchange(algorithm: type, ranks: Ranks | None, rank_exchange: str,
                     compression: str | CompressionConfig) -> bool:
     """Whether a member's ranks exchange their own regions (else the leader sends it all:
-    the algorithms whose exchange runs in the background (Streaming DiLoCo, CO2: a follower
-    rank serves the leader on the training thread only), and L-GreCo, whose
-    per-layer plan lives in the leader's codec state)."""
+    NoLoCo, whose gossip is no collective, and L-GreCo, whose per-layer plan lives in the
+    leader's codec state)."""
     if rank_exchange not in RANK_EXCHANGES:
         raise ValueError(f"rank_exchange must be one of {', '.join(RANK_EXCHANGES)}, got {rank_exchange!r}")
     return (ranks is not None and ranks.size > 1 and rank_exchange == "parallel"
@@ -65,11 +81,12 @@ class LeaderLanes:
     """The leader's side (``loco.protocols.collective.RankExchange``)."""
 
     def __init__(self, ranks: Ranks, swarm: Swarm):
-        ranks.share(swarm.rank_endpoint_spec())
-        self.ranks = ranks
+        self.ranks = ranks.side_channel(SIDE_CHANNEL_WAIT)
+        self.ranks.share(swarm.rank_endpoint_spec())
         self.swarm = swarm
-        self.endpoints: list[str] = ranks.all_gather(swarm.endpoint)
+        self.endpoints: list[str] = self.ranks.all_gather(swarm.endpoint)
         self._out: torch.Tensor | None = None
+        self._closed = False
 
     def exchange(self, data: DataPhase, round: int, attempt: int, tensors, roster: list[Member]):
         flat = flat_of(tensors)
@@ -98,16 +115,23 @@ class LeaderLanes:
     def finish(self, ok: bool) -> None:
         self.ranks.share((END, ok))
 
+    def close(self) -> None:
+        """The other ranks' side-channel threads end (after any exchange in flight: call it
+        once the algorithm's background work is over)."""
+        if not self._closed:
+            self._closed = True
+            self.ranks.share((STOP,))
+
 
 class RankLane:
-    """A follower rank's side: its own endpoint, codec state and data phase; it runs what
-    the leader's ``LeaderLanes`` asks (``serve``)."""
+    """A follower rank's side: its own endpoint, codec state and data phase, and a thread
+    that runs what the leader's ``LeaderLanes`` asks on the side channel until it says stop."""
 
     def __init__(self, ranks: Ranks, compression: str | CompressionConfig, timeouts: CollectiveConfig | None,
                  seed: int):
-        self.ranks = ranks
-        self.transport = rank_transport(ranks.share(), ranks.rank)
-        ranks.all_gather(self.transport.endpoint)
+        self.ranks = ranks.side_channel(SIDE_CHANNEL_WAIT)
+        self.transport = rank_transport(self.ranks.share(), self.ranks.rank)
+        self.ranks.all_gather(self.transport.endpoint)
         self.compressor = compressor_for(compression, seed)
         t = timeouts or CollectiveConfig()
         self._peers: list[PeerInfo] = []
@@ -115,10 +139,17 @@ class RankLane:
         # by it, so every rank of every member must use the same)
         self.data = DataPhase(self.transport, self.compressor, lambda: self._peers, t.allreduce_timeout_s, None,
                               4 << 20, t.max_norm_ratio)
+        self.error: BaseException | None = None  # what ended the thread, if not the leader's stop
+        self._thread = threading.Thread(target=self._serve_until_stopped, name="loco-rank-lane", daemon=True)
+        self._thread.start()
 
-    @staticmethod
-    def handles(message: Any) -> bool:
-        return isinstance(message, tuple) and bool(message) and message[0] in (EXCHANGE, END)
+    def _serve_until_stopped(self) -> None:
+        try:
+            while (message := self.ranks.share())[0] != STOP:
+                self.serve(message)
+        except Exception as e:  # the side channel broke (the leader died): the training thread's next
+            self.error = e     # collective fails too, and the rank ends there
+            log.warning("rank %d stopped serving the member's exchange: %s", self.ranks.rank, e)
 
     def serve(self, message: tuple) -> None:
         if message[0] == END:  # error feedback keeps what was dropped only if the round was applied
@@ -146,5 +177,10 @@ class RankLane:
             return
         self.ranks.gather_regions(out, bounds, None)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 60.0) -> None:
+        """After the leader's ``LeaderLanes.close``: the thread ends, then the endpoint."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # no stop came (the leader did not close): the thread is left waiting
+            log.warning("rank %d: the leader never closed the member's exchange", self.ranks.rank)
+            return
         self.transport.close()

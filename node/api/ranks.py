@@ -25,15 +25,16 @@ weights when it adopts a peer's.
 
 With FSDP2 inside (the parameters are DTensors sharded over the ranks) the leader's
 algorithm works on a whole copy of the weights in host memory (``ShardedWeights``): every
-rank hands its shards in when a round ends and gets the result back. DiLoCo's exchange
-with the swarm leaves from every rank, each with its own region of the round's vector
-(rank_exchange.py).
+rank hands its shards in when a round ends and gets the result back. The exchange with the
+swarm (every algorithm's but NoLoCo's) leaves from every rank, each with its own region of
+the round's vector (rank_exchange.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -68,6 +69,14 @@ class Ranks:
         if backend == "nccl":
             members = [dist.get_global_rank(self.group, r) for r in range(self.size)]
             self._control = dist.new_group(ranks=members, backend="gloo")
+
+    def side_channel(self, timeout: timedelta | None = None) -> Ranks:
+        """The same processes over a new gloo group of their own: its collectives may run on
+        another thread than this group's, without the two interleaving (the member's
+        exchange, rank_exchange.py). Every rank calls it at the same point; ``timeout``: how
+        long a collective on it may wait for the other ranks."""
+        members = [dist.get_global_rank(self.group, r) for r in range(self.size)]
+        return Ranks(dist.new_group(ranks=members, backend="gloo", timeout=timeout, use_local_synchronization=True))
 
     @property
     def leads(self) -> bool:
@@ -314,7 +323,8 @@ class Follower:
         if self._hook is None:
             return True
         self._synced = True
-        ok = self._serve_exchange(self.ranks.share())
+        self._check_lane()
+        ok = self.ranks.share()
         if ok:
             self.ranks.share_tensors([p.grad for p in self.params if p.grad is not None])
         return ok
@@ -363,18 +373,15 @@ class Follower:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _serve_exchange(self, news: Any) -> Any:
-        """The leader's next broadcast after the exchange it may be running: its attempts'
-        regions and its end go out from this rank too (``rank_exchange="parallel"``)."""
-        while self.lane is not None and self.lane.handles(news):
-            self.lane.serve(news)
-            news = self.ranks.share()
-        return news
+    def _check_lane(self) -> None:
+        if self.lane is not None and self.lane.error is not None:
+            raise RuntimeError(f"rank {self.ranks.rank} lost the member's exchange channel: {self.lane.error}")
 
     def _receive(self) -> RoundReport | None:
         """One broadcast from the leader: its position, its report, and its weights if the
         outer algorithm wrote them."""
-        news = self._serve_exchange(self.ranks.share())
+        self._check_lane()
+        news = self.ranks.share()
         if news["weights"]:
             if self.shards is not None:
                 self.shards.scatter()
