@@ -1,6 +1,8 @@
 """Round time of two members of two ranks each, when every rank sends its own region of
-DiLoCo's exchange (rank_exchange "parallel") vs when rank 0 sends it all ("leader", the
-baseline: what a member of several processes did before), on an emulated link.
+the round's exchange (rank_exchange "parallel") vs when rank 0 sends it all ("leader", the
+baseline: what a member of several processes did before), on an emulated link. DiLoCo
+(its exchange on the training thread) or CO2 (``--algorithm co2``: its reduce runs on the
+leader's background thread while the ranks train on, and lands a round later).
 
 Each member is two processes (a gloo group, FSDP2 or DDP inside) training the same MLP;
 each endpoint's uplink is shaped to ``--bandwidth`` by loco's in-transport shaper, so a
@@ -10,9 +12,12 @@ each have their own network path. A round's communication time is the leader's r
 regions inside the member); the table gives the median over the rounds both members
 averaged together, after the first, of ``data_s`` (both data phases, with the scatter and
 gather of the regions inside the member) and ``comm_s`` (data_s plus matchmaking, where a
-member waits for the other to finish its inner steps, and the commit).
+member waits for the other to finish its inner steps, and the commit). With CO2 a round's
+``data_s`` is that of the reduce it applied (run in the background during the round) and
+``comm_s`` only what the round waited for it.
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
+                                          [--parallel fsdp|ddp] [--algorithm diloco|co2]
 """
 
 from __future__ import annotations
@@ -74,8 +79,9 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
     timeouts = loco.Timeouts(allreduce_timeout_s=600, matchmaking_timeout_s=300, join_timeout_s=600)
     data = torch.Generator().manual_seed(rank)
     try:
-        with loco.DiLoCo(model, opt, swarm, inner_steps=2, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
-                         rank_exchange=args.mode) as outer:
+        algorithm = loco.CO2 if args.algorithm == "co2" else loco.DiLoCo
+        with algorithm(model, opt, swarm, inner_steps=2, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
+                       rank_exchange=args.mode) as outer:
             for step in range(1, 2 * args.rounds + 1):
                 x = torch.randn(8, width, generator=data)
                 model(x).square().mean().backward()
@@ -105,7 +111,8 @@ def _run(mode: str, args: argparse.Namespace) -> list[dict]:
     import json
 
     base = [sys.executable, __file__, "--member", "--mode", mode, "--params", str(args.params),
-            "--bandwidth", args.bandwidth, "--rounds", str(args.rounds), "--parallel", args.parallel]
+            "--bandwidth", args.bandwidth, "--rounds", str(args.rounds), "--parallel", args.parallel,
+            "--algorithm", args.algorithm]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp) / "a.log", Path(tmp) / "b.log"]
@@ -139,6 +146,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", default="200mbit", help="each endpoint's emulated uplink")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="what the ranks do inside a member")
+    ap.add_argument("--algorithm", choices=["diloco", "co2"], default="diloco")
     ap.add_argument("--member", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="parallel", help=argparse.SUPPRESS)
     ap.add_argument("--join", help=argparse.SUPPRESS)
@@ -155,7 +163,7 @@ def main() -> None:
             raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
         medians[mode] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
                          len(together), statistics.median(r["bytes"] for r in together))
-    print(f"\ntwo members x 2 ranks ({args.parallel} inside), DiLoCo, ~{args.params / 1e6:.1f}M float32 parameters, "
+    print(f"\ntwo members x 2 ranks ({args.parallel} inside), {args.algorithm}, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
     print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
           f"{'bytes/round':>13}")
