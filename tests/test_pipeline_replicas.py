@@ -184,3 +184,39 @@ def test_a_direct_replica_waits_for_a_twin_still_joining_but_not_for_one_that_st
         out = _step_both(transports, {"a": made["a"]}, {"a": [0]}, grads, number)
         change.join()
         assert out["a"] == ("ok", 1, ""), (shown, out)
+
+
+def test_diloco_between_replicas_weighs_each_by_the_microbatches_it_trained_on():
+    """sync = diloco: a replica that ran 3 microbatches since the last outer step weighs 3
+    times one that ran 1 in the pseudo-gradients' average (the scheduler may split a stage's
+    microbatches unevenly between its replicas)."""
+    cfg = CFG.model_copy(update={"pipeline": CFG.pipeline.model_copy(update={"sync": "diloco", "sync_every": 1})})
+    transports = {n: Transport(n) for n in ("a", "b")}
+    stop = threading.Event()
+    try:
+        made = {}
+        for n, t in transports.items():
+            state = StageState(cfg, 1, torch.device("cpu"))
+            made[n] = (state, ReplicaSync(cfg, state, t, _Both(transports, n, {}), stop, lambda: 0))
+        anchor = [p.detach().clone() for p in made["a"][0].params]
+        torch.manual_seed(2)
+        grads = {n: [torch.randn_like(p) for p in made[n][0].params] for n in made}
+        thetas = {}
+        for n in made:  # each replica's own inner step, as ReplicaSync takes it
+            ref = StageState(cfg, 1, torch.device("cpu"))  # (the replicas' common start: the same seed)
+            for p, g in zip(ref.params, grads[n], strict=True):
+                p.grad = g / (3 if n == "a" else 1)
+            ref.opt.step()
+            thetas[n] = [p.detach().clone() for p in ref.params]
+        out = _step_both(transports, made, {"a": [0, 1, 2], "b": [3]}, grads, 0)
+        assert out == {"a": ("ok", 2, ""), "b": ("ok", 2, "")}, out
+        o = cfg.optim  # the first outer step: buf = Δ, Nesterov: φ − η(1 + μ)Δ
+        for i, phi in enumerate(anchor):
+            delta = (3 * (phi - thetas["a"][i]) + (phi - thetas["b"][i])) / 4
+            expected = phi - o.outer_lr * (1 + o.outer_momentum) * delta
+            for n in made:
+                torch.testing.assert_close(made[n][0].params[i].detach(), expected, rtol=0, atol=1e-6)
+    finally:
+        stop.set()
+        for t in transports.values():
+            t.close(flush_s=0.5)

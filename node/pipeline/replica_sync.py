@@ -65,9 +65,16 @@ class ReplicaSync:
                                                                lambda: tensors_hash(state.params), wait,
                                                                c.max_norm_ratio)
             self.grads = DataParallel(state.params, self._staged(self._comm))
-        elif self.p.sync == "diloco":
-            comm = self._staged(SwarmCommunicator(self.collective, lambda: ""))
-            state.outer = DiLoCo(state.params, comm, o.outer_lr, o.outer_momentum, o.nesterov)
+        # diloco: the microbatches this replica trained on since its last applied outer step,
+        # its weight in the replicas' average (the scheduler may give a stage's replicas
+        # uneven shares: 1 and 3 microbatches an iteration measured; equal weights then gave
+        # a quarter of the data half the say)
+        self._outer_comm: SwarmCommunicator | None = None
+        self._microbatches = 0
+        if self.p.sync == "diloco":
+            self._outer_comm = SwarmCommunicator(self.collective, lambda: "")
+            state.outer = DiLoCo(state.params, self._staged(self._outer_comm), o.outer_lr, o.outer_momentum,
+                                 o.nesterov)
         elif self.p.sync == "noloco":  # gossip with random replicas of the stage, no all-reduce
             n = o.noloco
             gossip = GroupExchange(transport, compressor, stop=stop, live=lambda: [p.id for p in membership.peers()])
@@ -179,8 +186,13 @@ class ReplicaSync:
             opt.step()
         opt.zero_grad(set_to_none=True)
         outer = self.state.outer
+        self._microbatches += len(work.visited)
         if outer is not None and (work.number + 1) % self.p.sync_every == 0:
+            if self._outer_comm is not None:
+                self._outer_comm.weight = float(self._microbatches)
             result = outer.outer_step(work.number)
             group = result.group_size
             status = "ok" if result.applied else "skipped"
+            if result.applied:  # (else the next pseudo-gradient spans these microbatches too)
+                self._microbatches = 0
         return status, group, reason
