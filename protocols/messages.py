@@ -29,6 +29,7 @@ STATE_DIGEST = "STATE_DIGEST"  # a served snapshot's hash alone (a second peer v
 PP_PLAN, PP_FWD, PP_BWD, PP_DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
 PP_FINAL, PP_ASSIGN, PP_STATE = "PP_FINAL", "PP_ASSIGN", "PP_STATE"
 PP_PING, PP_PONG = "PP_PING", "PP_PONG"
+RANK_VIEW = "RANK_VIEW"  # a member's leader to its own other ranks: the round members the DHT shows live
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
@@ -173,6 +174,16 @@ class Ask(TypedDict):
     endpoint: str
 
 
+# (id, session) of a live member; msgpack has no tuples
+LiveMember = Annotated[tuple[Annotated[str, pydantic.Field(max_length=256)],
+                             Annotated[str, pydantic.Field(max_length=128)]], pydantic.Strict(False)]
+
+
+@with_config(_STRICT)
+class RankView(TypedDict):
+    live: Annotated[list[LiveMember], pydantic.Field(max_length=65_536)]
+
+
 SCHEMAS: dict[str, type] = {
     JOIN: Join, ROSTER: Roster, PART: Part, AVG: Part, DONE: Done, DECISION: Decision, SKIP: Empty,
     ASK: Ask, PAST: Empty,
@@ -183,6 +194,7 @@ SCHEMAS: dict[str, type] = {
     PP_PLAN: PipelinePlan, PP_FWD: PipelineWork, PP_BWD: PipelineWork, PP_DROP: PipelineDrop,
     PP_FINAL: PipelineFinal, PP_ASSIGN: PipelineAssign, PP_STATE: PipelineState,
     PP_PING: Ping, PP_PONG: Empty,
+    RANK_VIEW: RankView,
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from loco.node.checkpoint import load_checkpoint
+from loco.node.checkpoint import load_checkpoint, previous
 from loco.protocols.state_sync import tensors_hash
 from tests.conftest import FAST, group_members, read_records, wait_until
 
@@ -274,9 +274,15 @@ def test_a_checkpoint_that_does_not_fit_is_never_written_over_and_a_torn_one_fal
     cases = [("co2", ["optim.algorithm=co2"], "was written by algorithm 'diloco'"),
              ("shape", ["model.n_embd=32"], "does not fit this configuration")]
     starts = {name: _staged_node(procs, out, "node0", "train.rounds=2", *extra) for name, extra, _ in cases}
+    # a second run resumes and writes again: the first run's newest file is then the
+    # previous one (one run alone may write a single file: its writer keeps only the
+    # newest state of those waiting for the disk)
+    resumed = _staged_node(procs, out, "node0", "train.rounds=2")
     torn_start = _staged_node(procs, out, "node0", "train.rounds=2")
     assert _wait_exit(first, 240, "node0", procs) == 0
+    assert _wait_exit(resumed.go(), 240, "node0", procs) == 0
     path = out / "checkpoints" / "node0.safetensors"
+    assert previous(path, 1).exists()
     trained = path.read_bytes()
     stale = path.with_name("node0.safetensors.k1ll3d.tmp")  # a writer SIGKILLed mid-write
     stale.write_bytes(b"partial")

@@ -22,9 +22,10 @@ Every rank's endpoint goes to the other members in the leader's JOIN and in the 
 Rank r > 0 opens its endpoint with the member's id and signing key (the leader hands them
 over inside the member), so peers check its messages like the leader's.
 
-A rank other than the leader does not watch the DHT: a member that dies mid-exchange is
-waited for until ``allreduce_timeout_s`` there (the leader stops waiting at its record's
-expiry, as always).
+A rank other than the leader does not watch the DHT: while an exchange is in flight the
+leader sends it every change of which round members are live (``loco.protocols.rank_view``),
+so every rank stops waiting for a member that died mid-exchange when the leader does, at
+its record's expiry, not at ``allreduce_timeout_s``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from loco.protocols.codecs import Layout
 from loco.protocols.data_phase import DataPhase, Member, Region
 from loco.protocols.flat import flat_of
 from loco.protocols.membership import PeerInfo
+from loco.protocols.rank_view import RelayedView, ViewRelay
 from loco.protocols.regions import split_bounds
 
 from .options import as_compression, compressor_for
@@ -100,8 +102,11 @@ class LeaderLanes:
         self.ranks.share((EXCHANGE, round, attempt, _wire(roster), data.span, data.sessions, layout.shapes,
                           data.chunk_bytes, norm))
         region = self.ranks.scatter_regions(flat, bounds)
-        out, missing = data.exchange(round, attempt, [region], roster, Region(0, layout), norm)
-        reports = self.ranks.all_gather((missing, sorted(data.suspects), (0, 0, 0)))
+        # (after the scatter: every rank has begun this attempt, so no view reaches one early)
+        with ViewRelay(self.swarm.transport, self.endpoints[1:], round, attempt,
+                       [m.id for m in roster if m.id != self.swarm.id], self.swarm.peers, data.check_s):
+            out, missing = data.exchange(round, attempt, [region], roster, Region(0, layout), norm)
+            reports = self.ranks.all_gather((missing, sorted(data.suspects), (0, 0, 0)))
         self.swarm.count_rank_bytes([r[2] for r in reports[1:]])
         suspects = sorted({s for _, ss, _ in reports for s in ss})
         missing = sorted({m for ms, _, _ in reports for m in ms})
@@ -134,10 +139,11 @@ class RankLane:
         self.ranks.all_gather(self.transport.endpoint)
         self.compressor = compressor_for(compression, seed)
         t = timeouts or CollectiveConfig()
-        self._peers: list[PeerInfo] = []
+        # who is live: the leader's DHT view, relayed while an exchange is in flight
+        self.view = RelayedView(self.transport)
         # chunk_bytes: a placeholder; the leader's comes with every EXCHANGE (segments are cut
         # by it, so every rank of every member must use the same)
-        self.data = DataPhase(self.transport, self.compressor, lambda: self._peers, t.allreduce_timeout_s, None,
+        self.data = DataPhase(self.transport, self.compressor, self.view.peers, t.allreduce_timeout_s, None,
                               4 << 20, t.max_norm_ratio)
         self.error: BaseException | None = None  # what ended the thread, if not the leader's stop
         self._thread = threading.Thread(target=self._serve_until_stopped, name="loco-rank-lane", daemon=True)
@@ -160,8 +166,9 @@ class RankLane:
         if attempt == 0:
             self.transport.mailbox.prune(round)
             self.data.begin(span, sessions)
-            # no DHT here: the members of the round count as live until its deadline
-            self._peers = [PeerInfo(m.id, m.endpoint, session=sessions.get(m.id, "")) for m in roster]
+        # no DHT here: the members of the attempt count as live until the leader's view says otherwise
+        self.view.begin(round, attempt, [PeerInfo(m.id, m.endpoint, session=sessions.get(m.id, ""))
+                                         for m in roster if m.id != self.transport.node_id])
         for m in roster:
             for endpoint in m.ranks or (m.endpoint,):
                 self.transport.name_peer(endpoint, m.id)
