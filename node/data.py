@@ -5,6 +5,7 @@ split, and per-node sampling streams."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,17 @@ def _read_files(root: Path, files: list[Path], cfg: DataConfig) -> tuple[np.ndar
     return np.frombuffer(b"".join(train), dtype=np.uint8), np.frombuffer(b"".join(val), dtype=np.uint8)
 
 
+def _stdlib_sources(root: Path) -> list[Path]:
+    """The .py files under ``root`` outside any site-packages folder. Those folders are not
+    entered at all: a venv's or pyenv's can hold ten times the standard library's files,
+    and walking them cost every node process a quarter of a second."""
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        files.extend(Path(folder, n) for n in names if n.endswith(".py"))
+    return files
+
+
 def _split_array(arr: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     cut = int(len(arr) * (1 - val_fraction))
     return arr[:cut], arr[cut:]
@@ -64,7 +76,7 @@ def load_corpus(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     _keys_apply(cfg, Path(cfg.path) if cfg.path else None)
     if cfg.path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
-        files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]
+        files = _stdlib_sources(root)
         train, val = _read_files(root, files, cfg)
     else:
         path = Path(cfg.path)
