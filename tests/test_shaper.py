@@ -10,6 +10,7 @@ import torch
 
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.membership import PeerInfo
+from loco.protocols.pipeline.probe import LinkProber
 from loco.protocols.shaper import Cut, LinkProfile, Shaper
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
@@ -162,3 +163,23 @@ def test_messages_held_by_the_shaper_leave_before_close():
     finally:
         sender.close()
         receiver.close()
+
+
+def test_a_link_probe_measures_the_emulated_link_both_ways():
+    """Two nodes 100 ms apart each way (and nothing in their default profile). The answer to
+    a probe goes back over the answerer's link to the asker, also when the answerer has never
+    sent to it before: the measured one-way latency is the link's, not half of it (the
+    answerer's default link, 0 ms, carried the answer before)."""
+    link = LinkProfile(latency_s=0.1, bandwidth_bps=80e6)
+    a = Transport("a", shaper=Shaper(per_peer={"b": link}))
+    b = Transport("b", shaper=Shaper(per_peer={"a": link}))
+    try:
+        LinkProber(b)
+        measured = LinkProber(a).measure({"b": b.endpoint}, payload_bytes=64 << 10)
+        latency, bandwidth = measured["b"]
+        assert latency >= 0.1 * 0.95, measured  # (a busy machine only adds to it)
+        assert bandwidth > 0
+        assert a.sent_to["b"] == 6 and b.sent_to["a"] == 6  # 3 small and 3 large probes, each answered
+    finally:
+        a.close()
+        b.close()

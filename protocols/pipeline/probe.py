@@ -1,9 +1,14 @@
 """Measure the links to other nodes: one-way latency and bandwidth, over the real transport.
 
 A probe is a PING the peer's I/O thread answers at once with a small PONG. The latency is
-half the smallest round trip of a few small probes; the bandwidth is what one large probe
-(the size of an activation) adds to that round trip. Messages go through the node's own
-transport, so an emulated network (the shaper) is measured like a real one.
+half the smallest round trip of a few small probes; the bandwidth comes from what a large
+probe (the size of an activation) adds to that round trip, the least of a few: like the
+smallest round trip, the least delayed probe is the one that says the most about the link
+(on a busy machine a thread that runs late adds tens of milliseconds to any one probe, which
+made one probe alone read a 24 MB/s link as 3 MB/s). Messages go through the node's own
+transport, so an emulated network (the shaper) is measured like a real one; the answer
+goes back over the emulated link to the asker (its endpoint is named to the shaper), not
+over the default one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class LinkProber:
     def _answer(self, msg: Message) -> None:
         endpoint = msg.meta.get("reply_to")
         if isinstance(endpoint, str):
+            # the answer takes the emulated link to the asker, as its other traffic does
+            self.transport.name_peer(endpoint, msg.sender)
             self.transport.send(endpoint, Message(PONG, round=msg.round, meta={}))
 
     def _round_trip(self, endpoint: str, peer: str, payload: torch.Tensor | None, timeout_s: float) -> float | None:
@@ -41,9 +48,11 @@ class LinkProber:
             return None
         return time.monotonic() - t0
 
-    def measure(self, peers: dict[str, str], payload_bytes: int, small: int = 3,
+    def measure(self, peers: dict[str, str], payload_bytes: int, small: int = 3, large: int = 3,
                 timeout_s: float = 10.0) -> dict[str, tuple[float, float]]:
-        """{peer: (one-way latency s, bandwidth bytes/s)} for every peer that answered."""
+        """{peer: (one-way latency s, bandwidth bytes/s)} for every peer that answered:
+        ``small`` probes of no payload for the latency, ``large`` of ``payload_bytes`` for
+        the bandwidth."""
         payload = torch.zeros(max(1, payload_bytes // 4), dtype=torch.float32)
         out: dict[str, tuple[float, float]] = {}
         for peer, endpoint in peers.items():
@@ -53,7 +62,7 @@ class LinkProber:
             if not rtts:
                 continue
             base = min(rtts)
-            big = self._round_trip(endpoint, peer, payload, timeout_s)
-            extra = max(1e-6, (big if big is not None else timeout_s) - base)
+            bigs = [self._round_trip(endpoint, peer, payload, timeout_s) for _ in range(large)]
+            extra = max(1e-6, min(b if b is not None else timeout_s for b in bigs) - base)
             out[peer] = (base / 2, min(1e11, payload.numel() * 4 / extra))
         return out
