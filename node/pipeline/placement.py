@@ -5,7 +5,6 @@ placement of every node on a stage."""
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections import Counter
@@ -64,13 +63,17 @@ def measure_model(cfg: Config, device: torch.device) -> ModelFacts:
 def _block_seconds(block: torch.nn.Module, activations: Activations, device: torch.device) -> float:
     x = torch.randn(*activations.shape, device=device, requires_grad=True)
     times = []
-    for _ in range(4):
+    for _ in range(9):
         t0 = time.perf_counter()
         block(x).sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) / 2.5  # forward + backward (1.5x)
+    # the fastest pass after the first (warm-up): other work on the machine only ever slows
+    # a pass down, so the fastest says the most about the node. The median of three read
+    # identical processes of one busy machine as 25 to 115 ms a layer, and the scheduler
+    # then sent three microbatches of four to one stage-0 replica and none to a stage-1 one
+    return min(times[1:]) / 2.5  # forward + backward (1.5x)
 
 
 def measure_links(activations: Activations, prober: LinkProber, membership: Membership, standing: Standing) -> None:
