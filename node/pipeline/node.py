@@ -37,7 +37,7 @@ from ..runtime import (
 from .checkpoints import StageCheckpoints
 from .compute import StageCompute
 from .joining import Joining
-from .placement import assign_stage, measure_links, measure_model
+from .placement import assign_stage, block_seconds, describe_model, measure_links
 from .planning import Planner
 from .post import Post
 from .replica_sync import ReplicaSync
@@ -129,9 +129,8 @@ class PipelineNode:
                 info["metrics"] = self.records.live.url
             write_json_atomic(self.out / "nodes" / f"{self.id}.json", info)
             print(f"loco pipeline node {self.id} (stage {self.standing.stage})", flush=True)
-            facts = measure_model(self.cfg, self.device)
+            facts = describe_model(self.cfg)
             check_corpus(*self.corpus, self.cfg.model.block_size, facts.vocab_size, self.cfg.data)
-            self.standing.layer_s = facts.layer_s
             self.planner = Planner(self.cfg, self.standing, self.membership, self.channel, self.post, self.stop,
                                    self.started, len(self.val), lambda: self.val_loss, facts.activations,
                                    facts.n_blocks)
@@ -140,6 +139,10 @@ class PipelineNode:
             want = max(sw.wait_for_peers, 1 if sw.initial_peers else 0)
             if want:
                 self.membership.wait_for_peers(want, sw.join_timeout_s)
+            # timed once the peers it waits for are up: nodes started together on one machine
+            # then all time their passes while the others run (the first one timed its own
+            # while the others were starting, and read twice as slow as they did)
+            self.standing.layer_s = block_seconds(facts, self.device)
             measure_links(facts.activations, LinkProber(self.transport), self.membership, self.standing)
             if self.p.auto_assign:
                 assign_stage(self.cfg, self.standing, self.planner, self.membership, self.channel, self.post,

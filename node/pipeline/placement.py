@@ -32,18 +32,18 @@ log = logging.getLogger("loco.node.pipeline")
 @dataclass(frozen=True)
 class ModelFacts:
     """What every node knows of the model before it holds a stage: the hidden states between
-    stages, the number of blocks, and the seconds of one block's forward pass on one
-    microbatch (what the schedule's model calls w)."""
+    stages, the number of blocks, the vocabulary, and its first block (timed by
+    ``block_seconds`` for the schedule's w)."""
 
     activations: Activations
     n_blocks: int
-    layer_s: float
     vocab_size: int
+    first_block: torch.nn.Module
 
 
-def measure_model(cfg: Config, device: torch.device) -> ModelFacts:
+def describe_model(cfg: Config) -> ModelFacts:
     """Build the model (built-in or model.factory's; ConfigError if it does not declare its
-    stages) and time a few forward + backward passes of its first block."""
+    stages, or has fewer blocks than the pipeline has stages)."""
     torch.manual_seed(cfg.train.seed)
     model, parts = model_parts(cfg.model, cfg.pipeline.split)
     try:
@@ -56,12 +56,16 @@ def measure_model(cfg: Config, device: torch.device) -> ModelFacts:
     if cfg.pipeline.stages > len(parts.blocks):
         raise ConfigError(f"pipeline.stages ({cfg.pipeline.stages}) exceeds the model's {len(parts.blocks)} blocks: "
                           f"every stage needs at least one")
-    seconds = _block_seconds(parts.blocks[0].to(device), activations, device)
-    return ModelFacts(activations, len(parts.blocks), seconds, vocab)
+    return ModelFacts(activations, len(parts.blocks), vocab, parts.blocks[0])
 
 
-def _block_seconds(block: torch.nn.Module, activations: Activations, device: torch.device) -> float:
-    x = torch.randn(*activations.shape, device=device, requires_grad=True)
+def block_seconds(facts: ModelFacts, device: torch.device) -> float:
+    """Seconds of one forward pass of the model's first block on one microbatch: the
+    fastest of eight timed forward + backward passes after a warm-up, over 2.5. Other work on
+    the machine only ever slows a pass down, so the fastest says the most about the node
+    (the median of three read identical processes of one busy machine as 25 to 115 ms)."""
+    block = facts.first_block.to(device)
+    x = torch.randn(*facts.activations.shape, device=device, requires_grad=True)
     times = []
     for _ in range(9):
         t0 = time.perf_counter()
@@ -69,10 +73,6 @@ def _block_seconds(block: torch.nn.Module, activations: Activations, device: tor
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    # the fastest pass after the first (warm-up): other work on the machine only ever slows
-    # a pass down, so the fastest says the most about the node. The median of three read
-    # identical processes of one busy machine as 25 to 115 ms a layer, and the scheduler
-    # then sent three microbatches of four to one stage-0 replica and none to a stage-1 one
     return min(times[1:]) / 2.5  # forward + backward (1.5x)
 
 
