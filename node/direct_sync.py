@@ -16,6 +16,7 @@ out of their mean meanwhile.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,6 +26,8 @@ from loco.protocols.gossip import ExchangeResult, GroupExchange
 from loco.protocols.membership import PeerInfo
 
 from .sync import all_finite
+
+log = logging.getLogger(__name__)
 
 
 def lower_median_outliers(norms: dict[str, float], ratio: float) -> set[str]:
@@ -74,6 +77,10 @@ class DirectCommunicator:
         judged = {pid: float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts])))
                   for pid, ts in heard.items() if weights[pid] > 0 and pid not in self.suspects}
         self.suspects = sorted({*self.suspects, *lower_median_outliers(judged, self.max_norm_ratio)})
+        if self.suspects:  # every norm, so that a member left out can be told honest from poisoned
+            log.warning("round %d: left out of the mean: %s; norms %s, weights %s", round, ", ".join(self.suspects),
+                        {pid: f"{n:.4g}" for pid, n in sorted(judged.items())},
+                        {pid: weights[pid] for pid in sorted(heard)})
         order = sorted(pid for pid in heard if pid not in self.suspects)
         if not order:
             return ReduceResult(None, 1, (), result)

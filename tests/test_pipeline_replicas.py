@@ -220,3 +220,18 @@ def test_diloco_between_replicas_weighs_each_by_the_microbatches_it_trained_on()
         stop.set()
         for t in transports.values():
             t.close(flush_s=0.5)
+
+
+@pytest.mark.parametrize("replicas", ["direct"], indirect=True)
+def test_a_direct_replica_whose_gradient_is_far_larger_is_left_out_by_both_and_named_with_its_norm(replicas, caplog):
+    transports, made, gone = replicas
+    torch.manual_seed(2)
+    grads = {n: [torch.randn_like(p) for p in made[n][0].params] for n in made}
+    grads["b"] = [g * 1000 for g in grads["b"]]  # > max_norm_ratio (10) times a's
+    with caplog.at_level("WARNING", logger="loco.node.direct_sync"):
+        out = _step_both(transports, made, {"a": [0], "b": [1]}, grads, 0)
+    # both apply a's gradient alone: the same weights, a group of one
+    assert out == {"a": ("ok", 1, ""), "b": ("ok", 1, "")}, out
+    assert tensors_hash(made["a"][0].params) == tensors_hash(made["b"][0].params)
+    left_out = [r.getMessage() for r in caplog.records if "left out of the mean: b" in r.getMessage()]
+    assert len(left_out) == 2 and all("norms {'a':" in m for m in left_out), left_out
