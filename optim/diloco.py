@@ -61,6 +61,11 @@ class DiLoCo:
         self._delta_views = split_like(self._delta, self.anchor)
         self._theta = split_like(flat(), self.params) if device != param_device else None  # θ staged
 
+    def settings(self) -> dict[str, Any]:
+        """The update rule's hyperparameters (another instance built with them applies the
+        same rule: a member's ranks each over their own region of the weights)."""
+        return {"outer_lr": self.outer_lr, "momentum": self.momentum, "nesterov": self.nesterov}
+
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
         """Δ_i = φ − θ_i (old minus new), in float32; views of one flat buffer."""

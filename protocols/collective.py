@@ -146,8 +146,8 @@ class RankExchange(Protocol):
         averaged vector or None, the owners some rank misses, the suspects any rank saw."""
         ...
 
-    def finish(self, ok: bool) -> None:
-        """The round is over (committed: ``ok``); the other ranks stop waiting for attempts."""
+    def finish(self, round: int, ok: bool) -> None:
+        """Round ``round`` is over (committed: ``ok``); the other ranks stop waiting for attempts."""
         ...
 
 
@@ -222,7 +222,7 @@ class GroupAllReduce:
             self.desk.finish(round)
             self.compressor.discard()
             if self.ranks is not None:
-                self.ranks.finish(False)
+                self.ranks.finish(round, False)
             return RoundResult("skipped", round, reason=f"membership unknown ({exc})",
                                timings={"total_s": time.monotonic() - start})
         for p in live:
@@ -282,7 +282,7 @@ class GroupAllReduce:
         result.timings["encode_s"] = self.compressor.encode_s - enc0
         result.timings["decode_s"] = self.compressor.decode_s - dec0
         if self.ranks is not None:
-            self.ranks.finish(result.status == "ok")
+            self.ranks.finish(round, result.status == "ok")
         return result
 
     def _lookup_with_retries(self) -> list[PeerInfo]:

@@ -60,12 +60,15 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
 
 
 def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path):
+    """node0: DDP inside; node1: FSDP2 inside, each rank keeping the outer state of its own
+    half of the weights. Restarted, node1 loads its checkpoint (the whole outer state, which
+    its ranks split again) and adopts node0's state, which is ahead."""
     out = tmp_path / "run"
     common = ["node", "start", "--out", str(out), "--nproc-per-node", "2",
               *_sets("train.rounds=0", "swarm.wait_for_peers=1")]
     procs.loco(*common, "--node-id", "node0", log="node0")
     _ready(out, "node0")
-    join = ["--join-file", str(out / "nodes" / "node0.json")]
+    join = ["--join-file", str(out / "nodes" / "node0.json"), "--set", "node.parallel='fsdp'"]
     b = procs.loco(*common, "--node-id", "node1", *join, log="node1")
     wait_until(lambda: len(_outer(out, "node1")) >= 3, 240, "node1's third round")
     follower = [pid for pid in _ranks_of(b.pid) if pid != _ready(out, "node1")["pid"]]
@@ -89,8 +92,8 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
 
 
 def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_one_resumes(procs, tmp_path):
-    """node0: two ranks, FSDP2 inside (each rank half of every block and of its AdamW state;
-    rank 0 gathers the weights for the outer step); node1: one process. Each of node0's
+    """node0: two ranks, FSDP2 inside (each rank half of every block and of its AdamW state,
+    and the outer state of its own half of the weights); node1: one process. Each of node0's
     ranks writes its own shards: started again, node0 resumes with the weights it ended
     with, and ``loco export`` puts the shards together."""
     out = tmp_path / "run"

@@ -74,6 +74,11 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     for member in (a_ranks, b_ranks_):  # rank 1 sent its own region
         for other in member[1:]:
             assert other[-1]["rank_bytes_sent"] > 0, other[-1]
+    if algorithm == "diloco" and parallel == "fsdp":
+        # a's outer state is split over its ranks: each keeps half of what b's one process does
+        whole = b_ranks_[0][-1]["outer_state_bytes"]
+        assert whole > 0 and all(0 < r[-1]["outer_state_bytes"] <= whole // 2 + 64 for r in a_ranks), \
+            ([r[-1]["outer_state_bytes"] for r in a_ranks], whole)
 
 
 def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
@@ -95,22 +100,28 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
     assert together and all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a_ranks[0], b_recs)
 
 
-@pytest.mark.parametrize(("parallel", "algorithm"),
-                         [("ddp", "diloco"), ("fsdp", "diloco"), ("fsdp", "streaming_diloco")])
+@pytest.mark.parametrize(("parallel", "algorithm", "poison"),
+                         [("ddp", "diloco", False), ("fsdp", "diloco", False), ("fsdp", "streaming_diloco", False),
+                          ("fsdp", "diloco", True)])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
-                                                                                      algorithm):
+                                                                                      algorithm, poison):
     """DDP or FSDP inside a member changes nothing but where the batch is computed: two
     ranks, each on half of every batch, end the outer rounds with the weights of one process
     that takes the whole batch, up to float32 rounding (the two halves' gradients are summed
-    in another order: within 1e-5 after 15 AdamW steps in 3 rounds). With FSDP the leader
-    gathers the shards for every round's outer step and scatters the result back (Streaming
-    DiLoCo: at every step a fragment leaves or lands)."""
+    in another order: within 1e-5 after 15 AdamW steps in 3 rounds). With FSDP and DiLoCo
+    every rank runs the outer step on its own region of the weights; Streaming DiLoCo's
+    leader gathers the shards at every step a fragment leaves or lands and scatters the
+    result back. Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
+    of the outer state, and the member as a whole goes back to its state after the first round, as the one
+    process does."""
     out = {n: tmp_path / f"{n}.pt" for n in (1, 2)}
+    extra = ["--poison-step", "9"] if poison else []
     runs = {n: procs.python("-m", "tests.loops.ranks_equivalence", "--ranks", str(n), "--parallel", parallel,
-                            "--algorithm", algorithm, "--out", str(out[n]), log=f"r{n}") for n in (1, 2)}
+                            "--algorithm", algorithm, "--out", str(out[n]), *extra, log=f"r{n}") for n in (1, 2)}
     for n, p in runs.items():
         _finish(p, procs, f"r{n}")
     one, two = (torch.load(out[n]) for n in (1, 2))
+    assert one["restored"] == two["restored"] == ([1] if poison else []), (one["restored"], two["restored"])
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], two["final"], strict=True)) < 1e-5
     # and they trained: far from where they started
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], one["initial"], strict=True)) > 1e-2

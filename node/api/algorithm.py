@@ -27,7 +27,7 @@ from .adopt import Adopting
 from .lgreco_round import plan_if_due
 from .options import as_compression, compressor_for
 from .rank_exchange import LeaderLanes, splits_exchange
-from .ranks import Follower, Ranks, sharded_weights, tell
+from .ranks import Follower, Ranks, sharded_weights, splits_outer_state, tell
 from .report import RoundReport
 from .swarm import Swarm
 from .unreachable import UnreachableSources
@@ -64,6 +64,9 @@ class OuterAlgorithm(Adopting):
     """In a member of several ranks, every rank sends and averages its own region of the
     round's vector (``rank_exchange="parallel"``; node/api/rank_exchange.py): the algorithms
     that average through the group all-reduce, on whichever thread they run it."""
+    splits_outer_state: ClassVar[bool] = False
+    """A sharded member's ranks can each keep the outer state of their own region
+    (split_state.py): outer math that works element by element over the weights."""
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
@@ -101,18 +104,19 @@ class OuterAlgorithm(Adopting):
         if not self.params:
             raise ValueError("the model has no parameters to train")
         self.trained = self.params  # what the inner optimizer steps (sharded: the ranks' shards)
-        self.shards = sharded_weights(type(self), self.params, ranks)
+        split = splits_outer_state(type(self), self.params, ranks, rank_exchange, compression)
+        self.shards = sharded_weights(type(self), self.params, ranks, split)
         if swarm is None:
             raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
         # the other processes of this member (None: it is this process alone)
         self.ranks = ranks if ranks is not None and (ranks.size > 1 or self.shards is not None) else None
         self._weights_written = False  # since the last broadcast to the other ranks
         self._inner_state_written = False  # the inner optimizer's state too (DDP adopting a peer's)
-        if self.shards is not None:  # the outer algorithm works on the whole weights, in host memory
+        if self.shards is not None:  # in host memory: the whole weights, or (split) this rank's region
             self.shards.gather()
-            self.params = self.shards.full
+            self.params = self.shards.outer_params
         # a member of several ranks: each sends its own region of the round's vector
-        self.lanes = LeaderLanes(self.ranks, swarm) \
+        self.lanes = LeaderLanes(self.ranks, swarm, [p.shape for p in self.trained] if split else None) \
             if splits_exchange(type(self), self.ranks, rank_exchange, compression) else None
         self.inner_optimizer = inner_optimizer
         self.swarm = swarm
@@ -139,6 +143,8 @@ class OuterAlgorithm(Adopting):
         self._inner_comm_s = 0.0  # network time inside the round's steps (DDP, Streaming)
         self.restart_clock()
         self._build()
+        if self.shards is not None:  # (split: the math of this rank's region, told to the other ranks)
+            self.math = self.shards.outer_math(self.math)
         if join:
             self.join()
 
@@ -287,6 +293,13 @@ class OuterAlgorithm(Adopting):
         self._codec0 = (self.compressor.encode_s, self.compressor.decode_s)
         self._inner_comm_s = 0.0
 
+    @property
+    def outer_state_bytes(self) -> int:
+        """Bytes of outer state this process keeps for the algorithm's math (a sharded
+        member's split outer state: its own region's; the published snapshot not counted)."""
+        held = getattr(self.math, "held_tensors", self._synchronized)
+        return sum(t.numel() * t.element_size() for t in held())
+
     def weights_hash(self) -> str:
         """Hash of the synchronized weights now (equal on replicas that should be identical)."""
         return tensors_hash(self._weights())
@@ -345,7 +358,7 @@ class OuterAlgorithm(Adopting):
         goes back to its last synchronized state, with a fresh inner optimizer state, instead
         of crashing or offering NaN to the swarm; it then contributes with weight 0 to the
         round at hand (its pseudo-gradient is zero), so the group's average is not damped."""
-        if all_finite(self.params):
+        if self.shards.member_finite() if self.shards is not None else all_finite(self.params):
             return False
         snap = self.snapshot
         if snap is None:

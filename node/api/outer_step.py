@@ -119,6 +119,7 @@ class DiLoCo(CollectiveAlgorithm):
     outer Nesterov-SGD step on φ; θ ← φ. Members of an ok round hold bit-identical weights."""
 
     name = "diloco"
+    splits_outer_state = True
 
     def __init__(self, model, inner_optimizer, swarm, *, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, outer_state_device: Literal["auto", "cpu"] = "auto", **kwargs: Any):

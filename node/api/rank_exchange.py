@@ -31,6 +31,7 @@ its record's expiry, not at ``allreduce_timeout_s``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,11 @@ def splits_exchange(algorithm: type, ranks: Ranks | None, rank_exchange: str,
             and algorithm.exchanges_per_rank and not as_compression(compression).lgreco.enabled)
 
 
+def whole_norm(ranks: Ranks, region: torch.Tensor) -> float:
+    """The norm of the member's whole vector, from every rank's region (a collective)."""
+    return math.sqrt(sum(ranks.all_gather(float(torch.linalg.vector_norm(region)) ** 2)))
+
+
 def _wire(roster: list[Member]) -> list[list[Any]]:
     return [[m.id, m.endpoint, m.weight, list(m.ranks)] for m in roster]
 
@@ -82,7 +88,11 @@ def _wire(roster: list[Member]) -> list[list[Any]]:
 class LeaderLanes:
     """The leader's side (``loco.protocols.collective.RankExchange``)."""
 
-    def __init__(self, ranks: Ranks, swarm: Swarm):
+    def __init__(self, ranks: Ranks, swarm: Swarm, split_shapes: list[torch.Size] | None = None):
+        """``split_shapes``: the whole model's parameter shapes when every rank keeps its own
+        region of the outer state (split_state.py): each then exchanges the region it holds,
+        and nothing is scattered from or gathered to this rank."""
+        self.split_layout = Layout(split_shapes) if split_shapes is not None else None
         self.ranks = ranks.side_channel(SIDE_CHANNEL_WAIT)
         self.ranks.share(swarm.rank_endpoint_spec())
         self.swarm = swarm
@@ -92,16 +102,19 @@ class LeaderLanes:
 
     def exchange(self, data: DataPhase, round: int, attempt: int, tensors, roster: list[Member]):
         flat = flat_of(tensors)
-        layout = Layout.of(tensors)
-        bounds = split_bounds(flat.numel(), self.ranks.size)
+        layout = self.split_layout or Layout.of(tensors)
+        bounds = split_bounds(layout.total, self.ranks.size)
         for m in roster:
             for endpoint in m.ranks:
                 self.swarm.transport.name_peer(endpoint, m.id)
         # the member's whole norm, for the outlier rule (every rank sends it with its parts)
-        norm = float(torch.linalg.vector_norm(flat))
+        norm = None if self.split_layout is not None else float(torch.linalg.vector_norm(flat))
         self.ranks.share((EXCHANGE, round, attempt, _wire(roster), data.span, data.sessions, layout.shapes,
                           data.chunk_bytes, norm))
-        region = self.ranks.scatter_regions(flat, bounds)
+        if self.split_layout is not None:  # every rank holds its region already
+            region, norm = flat, whole_norm(self.ranks, flat)
+        else:
+            region = self.ranks.scatter_regions(flat, bounds)
         # (after the scatter: every rank has begun this attempt, so no view reaches one early)
         with ViewRelay(self.swarm.transport, self.endpoints[1:], round, attempt,
                        [m.id for m in roster if m.id != self.swarm.id], self.swarm.peers, data.check_s):
@@ -112,13 +125,15 @@ class LeaderLanes:
         missing = sorted({m for ms, _, _ in reports for m in ms})
         if missing:
             return None, missing, suspects
+        if self.split_layout is not None:  # (every rank keeps its region's mean)
+            return out, [], suspects
         if self._out is None or self._out.numel() != flat.numel():
             self._out = torch.empty(flat.numel(), dtype=torch.float32)
         self.ranks.gather_regions(out, bounds, self._out)
         return self._out, [], suspects
 
-    def finish(self, ok: bool) -> None:
-        self.ranks.share((END, ok))
+    def finish(self, round: int, ok: bool) -> None:
+        self.ranks.share((END, ok, round))
 
     def close(self) -> None:
         """The other ranks' side-channel threads end (after any exchange in flight: call it
@@ -133,7 +148,15 @@ class RankLane:
     that runs what the leader's ``LeaderLanes`` asks on the side channel until it says stop."""
 
     def __init__(self, ranks: Ranks, compression: str | CompressionConfig, timeouts: CollectiveConfig | None,
-                 seed: int):
+                 seed: int, split: bool = False):
+        """``split``: this rank keeps its region of the outer state (split_state.py) and
+        offers its region's pseudo-gradient through ``reduce``; else the leader scatters it."""
+        self.split = split
+        self._offered: tuple[int, torch.Tensor] | None = None  # (sync, region) the training thread offers
+        self._last: tuple[int, torch.Tensor | None] | None = None  # the last attempt's (sync, mean)
+        self._ended: dict[int, torch.Tensor | None] = {}  # sync -> the committed mean, or None
+        self._cond = threading.Condition()
+        self._stopped = False
         self.ranks = ranks.side_channel(SIDE_CHANNEL_WAIT)
         self.transport = rank_transport(self.ranks.share(), self.ranks.rank)
         self.ranks.all_gather(self.transport.endpoint)
@@ -146,6 +169,7 @@ class RankLane:
         self.data = DataPhase(self.transport, self.compressor, self.view.peers, t.allreduce_timeout_s, None,
                               4 << 20, t.max_norm_ratio)
         self.error: BaseException | None = None  # what ended the thread, if not the leader's stop
+        self._offer_wait_s = t.allreduce_timeout_s
         self._thread = threading.Thread(target=self._serve_until_stopped, name="loco-rank-lane", daemon=True)
         self._thread.start()
 
@@ -156,10 +180,47 @@ class RankLane:
         except Exception as e:  # the side channel broke (the leader died): the training thread's next
             self.error = e     # collective fails too, and the rank ends there
             log.warning("rank %d stopped serving the member's exchange: %s", self.ranks.rank, e)
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+
+    def reduce(self, sync: int, region: torch.Tensor) -> torch.Tensor | None:
+        """On the training thread (a split outer state): offer this rank's region of sync
+        ``sync``'s pseudo-gradient and wait for the leader's end of that sync: the region's
+        mean where it committed, None where it did not."""
+        with self._cond:
+            self._offered = (sync, region)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: sync in self._ended or self._stopped)
+            self._offered = None
+            if sync not in self._ended:
+                raise RuntimeError(f"rank {self.ranks.rank} lost the member's exchange channel in sync {sync}: "
+                                   f"{self.error or 'the leader stopped it'}")
+            return self._ended.pop(sync)
+
+    def _region_of(self, sync: int) -> torch.Tensor:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._offered is not None and self._offered[0] == sync,
+                                       self._offer_wait_s):
+                raise RuntimeError(f"rank {self.ranks.rank} never computed its region of sync {sync}")
+            return self._offered[1]
+
+    def _end(self, ok: bool, sync: int) -> None:
+        last = self._last if self._last is not None and self._last[0] == sync else None
+        if ok and (last is None or last[1] is None):  # the member would apply a mean this rank lacks
+            raise RuntimeError(f"rank {self.ranks.rank}: the leader committed sync {sync}, whose mean this rank "
+                               "does not hold")
+        with self._cond:
+            self._ended[sync] = last[1] if ok else None
+            self._last = None
+            self._cond.notify_all()
 
     def serve(self, message: tuple) -> None:
         if message[0] == END:  # error feedback keeps what was dropped only if the round was applied
             (self.compressor.commit if message[1] else self.compressor.discard)()
+            if self.split:
+                self._end(message[1], message[2])
             return
         _, round, attempt, members, span, sessions, shapes, chunk_bytes, norm = message
         roster = [Member(i, e, w, tuple(r)) for i, e, w, r in members]
@@ -175,11 +236,18 @@ class RankLane:
         self.data.chunk_bytes = chunk_bytes
         layout = Layout(shapes)
         bounds = split_bounds(layout.total, self.ranks.size)
-        region = self.ranks.scatter_regions(None, bounds)
+        if self.split:
+            region = self._region_of(round)
+            norm = whole_norm(self.ranks, region)
+        else:
+            region = self.ranks.scatter_regions(None, bounds)
         out, missing = self.data.exchange(round, attempt, [region], roster, Region(self.ranks.rank, layout), norm)
         t = self.transport
         reports = self.ranks.all_gather((missing, sorted(self.data.suspects),
                                          (t.bytes_sent, t.bytes_queued, t.bytes_recv)))
+        if self.split:
+            self._last = (round, None if any(ms for ms, _, _ in reports) else out)
+            return
         if any(ms for ms, _, _ in reports):
             return
         self.ranks.gather_regions(out, bounds, None)

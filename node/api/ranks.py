@@ -23,9 +23,11 @@ With ``loco.DDP`` (gradients averaged across members every step) the leader broa
 swarm's gradient mean before every optimizer step, and the inner AdamW state along with the
 weights when it adopts a peer's.
 
-With FSDP2 inside (the parameters are DTensors sharded over the ranks) the leader's
-algorithm works on a whole copy of the weights in host memory (``ShardedWeights``): every
-rank hands its shards in when a round ends and gets the result back. The exchange with the
+With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, every
+rank keeps the outer state of its own region of the weights and runs the outer step on it
+(``RegionWeights``, split_state.py): no rank holds the whole model. The other algorithms'
+leader works on a whole copy of the weights in host memory (``ShardedWeights``): every rank
+hands its shards in when a round ends and gets the result back. The exchange with the
 swarm (every algorithm's but NoLoCo's) leaves from every rank, each with its own region of
 the round's vector (rank_exchange.py).
 """
@@ -42,6 +44,7 @@ import torch.distributed as dist
 
 from loco.node.model import unique_parameters
 from loco.node.optstate import adam_step, adam_tensors, load_adam
+from loco.node.sync import all_finite
 from loco.protocols.state_sync import tensors_hash
 
 from .rank_exchange import RankLane, splits_exchange
@@ -207,10 +210,28 @@ class ShardedWeights:
         """This rank's shards, hashed."""
         return tensors_hash([p.to_local().detach() for p in self.params])
 
+    @property
+    def outer_params(self) -> list[torch.Tensor]:
+        """What the leader's outer algorithm reads and writes: the whole weights."""
+        return self.full
 
-def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None) -> ShardedWeights | None:
+    def member_finite(self) -> bool:
+        """Whether the member's weights, as last gathered, are finite (on the leader)."""
+        return all_finite(self.full)
+
+    def before_news(self) -> None:
+        """On the leader, before a step's news goes to the other ranks (nothing to add here)."""
+
+    def outer_math(self, math: Any) -> Any:
+        """The outer math the leader's algorithm runs (here: the one it built, on the whole weights)."""
+        return math
+
+
+def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None,
+                    split: bool = False) -> ShardedWeights | None:
     """The member's ``ShardedWeights`` when its parameters are sharded (None: whole on
-    every rank); a clear error where the algorithm cannot work on sharded weights."""
+    every rank); a clear error where the algorithm cannot work on sharded weights.
+    ``split``: the outer state is split over the ranks (split_state.py), not whole on the leader."""
     if not any(is_dtensor(p) for p in params):
         return None
     if ranks is None:
@@ -220,7 +241,20 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
         raise ValueError(f"{algorithm.name} averages the gradients of every step across members, which sharded "
                          "parameters (FSDP) do not support yet: use DiLoCo, Streaming DiLoCo, CO2 or NoLoCo, or "
                          "DDP inside the member")
+    if split:
+        from .split_state import RegionWeights  # (it builds on ShardedWeights)
+
+        return RegionWeights(params, ranks)
     return ShardedWeights(params, ranks)
+
+
+def splits_outer_state(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None, rank_exchange: str,
+                       compression: Any) -> bool:
+    """Whether a sharded member's ranks each keep the outer state of their own region
+    (split_state.py): an algorithm whose outer math runs per region (DiLoCo), with every
+    rank exchanging its own region (``rank_exchange="parallel"``)."""
+    return (algorithm.splits_outer_state and any(is_dtensor(p) for p in params)
+            and splits_exchange(algorithm, ranks, rank_exchange, compression))
 
 
 def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: int | None = None,
@@ -245,6 +279,8 @@ def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool
     theirs instead)."""
     params = algorithm.params
     moments = optimizer is not None and shards is None
+    if shards is not None:
+        shards.before_news()
     ranks.share(news(algorithm, report, weights, adam_step(optimizer, params) if moments else None,
                      fresh_inner_state=optimizer is not None and shards is not None))
     if weights:
@@ -273,13 +309,21 @@ class Follower:
         self.ranks = ranks
         self.params = unique_parameters(model)
         self.inner_optimizer = inner_optimizer
-        self.shards = sharded_weights(algorithm, self.params, ranks)
+        compression = _leader_only.get("compression", "none")
+        rank_exchange = _leader_only.get("rank_exchange", "parallel")
+        split = splits_outer_state(algorithm, self.params, ranks, rank_exchange, compression)
+        self.shards = sharded_weights(algorithm, self.params, ranks, split)
         self._mid_round = not algorithm.reads_weights_at_round_ends_only  # gathers within a round too
         if self.shards is not None:  # with the leader, as its constructor gathers them
             self.shards.gather()
-        compression = _leader_only.get("compression", "none")
-        self.lane = RankLane(ranks, compression, _leader_only.get("timeouts"), _leader_only.get("seed", 0)) \
-            if splits_exchange(algorithm, ranks, _leader_only.get("rank_exchange", "parallel"), compression) else None
+        self.lane = RankLane(ranks, compression, _leader_only.get("timeouts"), _leader_only.get("seed", 0), split) \
+            if splits_exchange(algorithm, ranks, rank_exchange, compression) else None
+        # the outer math of this rank's region (split_state.py), built like the leader's
+        self.split = None
+        if split:
+            from .split_state import SplitFollower
+
+            self.split = SplitFollower(self.shards, self.lane)
         self._synced = False
         # DDP: the leader's swarm-wide gradient mean arrives before every optimizer step
         self._hook = inner_optimizer.register_step_pre_hook(self._before_optimizer_step) \
@@ -310,6 +354,13 @@ class Follower:
         if self.shards is not None and self.ranks.share():  # the round ends: the leader gathers the weights
             self.shards.gather()
         return self._receive()
+
+    @property
+    def outer_state_bytes(self) -> int:
+        """Bytes of outer state this rank keeps (a split outer state: its region's anchor and
+        momentum; else none: the leader holds it)."""
+        return 0 if self.split is None else sum(t.numel() * t.element_size() for t in
+                                                [*self.split.math.anchor, *self.split.math.buf])
 
     @property
     def bytes_sent(self) -> int:
@@ -382,6 +433,11 @@ class Follower:
         outer algorithm wrote them."""
         self._check_lane()
         news = self.ranks.share()
+        while not isinstance(news, dict):  # what the leader asks of a split outer state first
+            if self.split is None:
+                raise RuntimeError(f"rank {self.ranks.rank}: the leader sent {news!r} where a step's news belongs")
+            self.split.serve(news)
+            news = self.ranks.share()
         if news["weights"]:
             if self.shards is not None:
                 self.shards.scatter()

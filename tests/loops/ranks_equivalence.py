@@ -1,7 +1,8 @@
 """A lone member trains a few DiLoCo (or --algorithm streaming_diloco) rounds, either as --ranks 2 processes (DDP, or FSDP2's
 fully_shard with --parallel fsdp; each rank its own half of every batch) or as one process
 that takes both halves at once; it saves its final weights to --out. tests/test_ranks.py
-compares them."""
+compares them. --poison-step: a weight goes NaN mid-round, and the member goes back to its
+last synchronized state."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def batches(rank: int, step: int) -> torch.Tensor:
     return torch.randn(HALF, 8, generator=torch.Generator().manual_seed(1000 * step + rank))
 
 
+@torch.no_grad()
+def poison(model: torch.nn.Module, rank: int, world: int, parallel: str) -> None:
+    """The first bias of the first layer goes NaN: with FSDP over two ranks it lies in rank
+    0's shard but in rank 1's region of the flat vector (its outer state's)."""
+    if world > 1 and parallel == "fsdp":
+        if rank == 0:
+            model[0].bias.to_local()[0] = float("nan")
+        return
+    layer = model.module[0] if world > 1 else model[0]
+    layer.bias[0] = float("nan")
+
+
 def run(rank: int, world: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -42,6 +55,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
             model = DistributedDataParallel(model)
         ranks = loco.Ranks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    restored: list[int] = []  # rounds that restored the last synchronized state
     swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
     try:
         algorithm = loco.StreamingDiLoCo if args.algorithm == "streaming_diloco" else loco.DiLoCo
@@ -53,10 +67,15 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
                 F.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin()).backward()
                 opt.step()
                 opt.zero_grad()
-                outer.step(final=step == args.steps - 1)
+                if step == args.poison_step:
+                    poison(model, rank, world, args.parallel)
+                report = outer.step(final=step == args.steps - 1)
+                if report is not None and report.extra.get("restored"):
+                    restored.append(report.round)
         final = [p.full_tensor() if args.parallel == "fsdp" and world > 1 else p for p in model.parameters()]
         if rank == 0:
-            torch.save({"initial": initial, "final": [p.detach().clone() for p in final]}, args.out)
+            torch.save({"initial": initial, "final": [p.detach().clone() for p in final], "restored": restored},
+                       args.out)
         if world > 1:  # (every rank past its last collective before any tears the group down)
             dist.barrier()
     finally:
@@ -73,6 +92,7 @@ def main() -> None:
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco"], default="diloco")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--poison-step", type=int, default=-1, help="a weight goes NaN after this step (-1: none)")
     args = ap.parse_args()
     if args.ranks == 1:
         run(0, 1, args)
