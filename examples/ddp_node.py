@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sys
 
 import torch
@@ -64,7 +63,7 @@ def model_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def train(rank: int, world: int, args: argparse.Namespace) -> None:
+def train(rank: int, world: int, args: argparse.Namespace, store_port: int | None = None) -> None:
     torch.set_num_threads(1)
     # the launcher ends the other ranks with SIGTERM when one fails: leave the swarm on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -72,7 +71,11 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     if args.device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     # a rank that dies stops the others at their next broadcast, at the latest after this
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout_s))
+    timeout = datetime.timedelta(seconds=args.timeout_s)
+    # spawned by main(): meet at the launcher's store (torchrun: its environment variables)
+    store = None if store_port is None else dist.TCPStore("127.0.0.1", store_port, world_size=world + 1,
+                                                          is_master=False, timeout=timeout)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=store)
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     if args.parallel == "fsdp":
         model = make_model().to(device)
@@ -129,12 +132,6 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks of this member (ignored under torchrun)")
@@ -157,10 +154,11 @@ def main() -> None:
     if "RANK" in os.environ:  # started by torchrun
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # the ranks meet at a store this process serves on a port the OS picks (a port picked free
+    # and handed on could be taken by another program before the ranks bind it)
+    store = dist.TCPStore("127.0.0.1", 0, world_size=args.nproc_per_node + 1, is_master=True, wait_for_workers=False)
     # a rank that fails ends the others (spawn terminates them), so the member leaves whole
-    mp.spawn(train, args=(args.nproc_per_node, args), nprocs=args.nproc_per_node, join=True)
+    mp.spawn(train, args=(args.nproc_per_node, args, store.port), nprocs=args.nproc_per_node, join=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -39,14 +37,16 @@ def poison(model: torch.nn.Module, rank: int, world: int, parallel: str) -> None
     layer.bias[0] = float("nan")
 
 
-def run(rank: int, world: int, args: argparse.Namespace) -> None:
+def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     ranks = None
     initial = [p.detach().clone() for p in model.parameters()]
     if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        timeout = datetime.timedelta(seconds=120)
+        store = dist.TCPStore("127.0.0.1", store_port, world_size=world + 1, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout, store=store)
         if args.parallel == "fsdp":
             for layer in (model[0], model[2]):
                 fully_shard(layer)
@@ -97,10 +97,10 @@ def main() -> None:
     if args.ranks == 1:
         run(0, 1, args)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(s.getsockname()[1])
-    mp.spawn(run, args=(args.ranks, args), nprocs=args.ranks, join=True)
+    # the ranks meet at a store served here on an OS-chosen port (a free port picked and handed
+    # on can be taken by another process before the ranks bind it: seen beside a busy suite)
+    store = dist.TCPStore("127.0.0.1", 0, world_size=args.ranks + 1, is_master=True, wait_for_workers=False)
+    mp.spawn(run, args=(args.ranks, args, store.port), nprocs=args.ranks, join=True)
 
 
 if __name__ == "__main__":
