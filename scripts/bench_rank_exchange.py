@@ -14,7 +14,10 @@ averaged together, after the first, of ``data_s`` (both data phases, with the sc
 gather of the regions inside the member) and ``comm_s`` (data_s plus matchmaking, where a
 member waits for the other to finish its inner steps, and the commit). With CO2 a round's
 ``data_s`` is that of the reduce it applied (run in the background during the round) and
-``comm_s`` only what the round waited for it.
+``comm_s`` only what the round waited for it. ``outer state/rank``: the most any rank keeps
+of the outer state (``outer.outer_state_bytes``: anchor and momentum; with FSDP and DiLoCo
+exchanging from every rank, each rank's own region of them; rank 0's published snapshot,
+the whole anchor and momentum once per round, not counted).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
                                           [--parallel fsdp|ddp] [--algorithm diloco|co2]
@@ -93,6 +96,8 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                                                  "group": report.group_size, "comm_s": report.comm_s,
                                                  "data_s": report.extra.get("data_s", 0.0),
                                                  "bytes": report.round_bytes}), flush=True)
+            # what this rank keeps of the outer state (the leader's last published snapshot aside)
+            print("STATE " + json.dumps({"rank": rank, "bytes": outer.outer_state_bytes}), flush=True)
     finally:
         if swarm is not None:
             swarm.close()
@@ -137,7 +142,10 @@ def _run(mode: str, args: argparse.Namespace) -> list[dict]:
             finally:
                 if a.poll() is None:
                     a.kill()
-        return [json.loads(line[6:]) for line in logs[0].read_text().splitlines() if line.startswith("ROUND ")]
+        lines = logs[0].read_text().splitlines()
+        rounds = [json.loads(line[6:]) for line in lines if line.startswith("ROUND ")]
+        state = max(json.loads(line[6:])["bytes"] for line in lines if line.startswith("STATE "))
+        return rounds, state
 
 
 def main() -> None:
@@ -157,20 +165,21 @@ def main() -> None:
         return
     medians = {}
     for mode in ("leader", "parallel"):
-        rounds = _run(mode, args)
+        rounds, state = _run(mode, args)
         together = [r for r in rounds[1:-1] if r["status"] == "ok" and r["group"] == 2]
         if not together:
             raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
         medians[mode] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
-                         len(together), statistics.median(r["bytes"] for r in together))
+                         len(together), statistics.median(r["bytes"] for r in together), state)
     print(f"\ntwo members x 2 ranks ({args.parallel} inside), {args.algorithm}, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
     print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
-          f"{'bytes/round':>13}")
+          f"{'bytes/round':>13}{'outer state/rank':>18}")
     data0, comm0 = medians["leader"][:2]
     for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
-        data, comm, n, b = medians[mode]
-        print(f"{label:<30}{data:>8.2f}{data / data0:>10.2f}x{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M")
+        data, comm, n, b, state = medians[mode]
+        print(f"{label:<30}{data:>8.2f}{data / data0:>10.2f}x{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M"
+              f"{state / 1e6:>17.1f}M")
 
 
 if __name__ == "__main__":
