@@ -165,11 +165,14 @@ class StateServer:
     def _find(self, min_round: int) -> Snapshot | None:
         return next((s for s in self._snapshots if s.round >= min_round), None)
 
-    def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], prefix: int = 0) -> Snapshot:
+    def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], prefix: int = 0,
+                copy: bool = True) -> Snapshot:
+        """``copy=False``: the tensors are handed over as they are (the caller never modifies
+        them afterwards), which saves a copy of the whole state."""
         # a private copy of each, where it lives: on a GPU a device-to-device copy, which the
         # hashing thread moves to host memory (the training thread does not wait for it)
-        snap = Snapshot(round, [t.detach().clone() for t in tensors], dict(meta), prefix=prefix,
-                        hasher=self._hasher)
+        snap = Snapshot(round, [t.detach().clone() if copy else t.detach() for t in tensors], dict(meta),
+                        prefix=prefix, hasher=self._hasher)
         snap.when_hashed(lambda digest: self._remember(round, digest))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]

@@ -427,7 +427,10 @@ class OuterAlgorithm(Adopting):
             synced, weights = self._synchronized(), self._weights()
             # the weights lead the state: hash them in the same background pass
             prefix = len(weights) if all(a is b for a, b in zip(weights, synced, strict=False)) else 0
-            self.snapshot = published = self.state_server.publish(self._sync_id(), synced, meta, prefix=prefix)
+            # (a split outer state's whole state is gathered afresh and never modified: no copy)
+            copy = not getattr(self.math, "hands_over_state", False)
+            self.snapshot = published = self.state_server.publish(self._sync_id(), synced, meta, prefix=prefix,
+                                                                  copy=copy)
         self.swarm.announce_round(self.round)
         return published
 

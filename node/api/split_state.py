@@ -139,6 +139,10 @@ class SplitOuterState:
     whole state is gathered once after every state change that is published, and kept for
     what reads it until the next change (the weights hash, a checkpoint, peers' fetches)."""
 
+    hands_over_state = True
+    """The whole state it returns is never modified afterwards (a change replaces it): it is
+    published without a copy, so rank 0 keeps one whole copy of φ and the momentum, not two."""
+
     def __init__(self, region: RegionWeights, math: Any):
         self.region = region
         self.ranks = region.ranks
