@@ -99,7 +99,8 @@ def train(rank: int, world: int, args: argparse.Namespace, store_port: int | Non
             print("join with:", swarm.join_token, flush=True)
         algorithm = getattr(loco, ALGORITHMS[args.algorithm])
         with algorithm(model, opt, swarm, inner_steps=args.inner_steps, ranks=ranks,  # loco
-                       wait_for_peers=args.peers, rank_exchange=args.rank_exchange) as outer:  # loco
+                       wait_for_peers=args.peers, rank_exchange=args.rank_exchange,  # loco
+                       compression=args.compression) as outer:  # loco
             for step in range(1, args.steps + 1):
                 x = torch.randn(32, 16, generator=data)
                 loss = F.mse_loss(model(x.to(device)), teacher(x).to(device))
@@ -141,6 +142,8 @@ def main() -> None:
                     help="inside the member: DDP, or FSDP2 (diloco, co2, noloco)")
     ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel",
                     help="every rank sends its own region of what the member averages, or rank 0 all of it")
+    ap.add_argument("--compression", choices=["none", "fp16", "bf16", "int8", "int4", "topk", "powersgd"],
+                    default="none", help="codec for what the member sends to the swarm")
     ap.add_argument("--steps", type=int, default=300, help="inner steps to train")
     ap.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
     ap.add_argument("--peers", type=int, default=0, help="wait for this many other members before training")

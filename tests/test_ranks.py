@@ -45,9 +45,12 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     Every algorithm's exchange leaves from every rank (each its own region of the vector;
     node.rank_exchange "parallel"), whatever the other member's rank count: DiLoCo's on the
     training thread, DDP's every step, Streaming DiLoCo's and CO2's from the leader's
-    background thread while the ranks train on."""
+    background thread while the ranks train on. DiLoCo with FSDP inside: a's ranks each keep
+    the outer state of their own region (half of b's), and the exchange is int8-coded."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
               "--parallel", parallel]
+    if algorithm == "diloco" and parallel == "fsdp":  # each rank's region int8-coded, with its own error feedback
+        common += ["--compression", "int8"]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")
     token = wait_until(lambda: re.search(r"join with: (\S+)", procs.log("a")), 180, "a's join token").group(1)
