@@ -27,7 +27,7 @@ from .adopt import Adopting
 from .lgreco_round import plan_if_due
 from .options import as_compression, compressor_for
 from .rank_exchange import LeaderLanes, splits_exchange
-from .ranks import Follower, Ranks, sharded_weights, splits_outer_state, tell
+from .ranks import Follower, Ranks, sharded_weights, splits_outer_state, tell, tensor_bytes
 from .report import RoundReport
 from .swarm import Swarm
 from .unreachable import UnreachableSources
@@ -298,7 +298,7 @@ class OuterAlgorithm(Adopting):
         """Bytes of outer state this process keeps for the algorithm's math (a sharded
         member's split outer state: its own region's; the published snapshot not counted)."""
         held = getattr(self.math, "held_tensors", self._synchronized)
-        return sum(t.numel() * t.element_size() for t in held())
+        return tensor_bytes(held())
 
     def weights_hash(self) -> str:
         """Hash of the synchronized weights now (equal on replicas that should be identical)."""

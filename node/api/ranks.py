@@ -156,6 +156,10 @@ class Ranks:
                                "checkpoint on every rank)")
 
 
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (FSDP2's sharded parameter), without importing
     torch.distributed.tensor (0.7 s of every node process's start) where nothing sharded
@@ -359,8 +363,7 @@ class Follower:
     def outer_state_bytes(self) -> int:
         """Bytes of outer state this rank keeps (a split outer state: its region's anchor and
         momentum; else none: the leader holds it)."""
-        return 0 if self.split is None else sum(t.numel() * t.element_size() for t in
-                                                [*self.split.math.anchor, *self.split.math.buf])
+        return 0 if self.split is None else tensor_bytes(self.split.held_tensors())
 
     @property
     def bytes_sent(self) -> int:

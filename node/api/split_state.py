@@ -62,6 +62,10 @@ class RegionWeights(ShardedWeights):
             self.offsets.append(self.offsets[-1] + p.numel())
         self.bounds = split_bounds(self.offsets[-1], ranks.size)
         self.lo, self.hi = self.bounds[ranks.rank], self.bounds[ranks.rank + 1]
+        # per parameter, per rank: the stretch of it (flat offsets) that rank's region holds
+        self.pieces = [[(max(start, a), max(max(start, a), min(end, b)))
+                        for a, b in zip(self.bounds, self.bounds[1:], strict=False)]
+                       for start, end in zip(self.offsets, self.offsets[1:], strict=False)]
         self.buffer = torch.empty(self.hi - self.lo, dtype=torch.float32)
         self._finite = True
         self.split: SplitOuterState | None = None  # the leader's, once its outer math is built
@@ -70,17 +74,11 @@ class RegionWeights(ShardedWeights):
     def outer_params(self) -> list[torch.Tensor]:
         return [self.buffer]
 
-    def _overlaps(self, i: int) -> list[tuple[int, int]]:
-        """Per rank, the stretch of parameter ``i`` (flat offsets) its region holds."""
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return [(max(start, a), max(max(start, a), min(end, b))) for a, b in zip(self.bounds, self.bounds[1:],
-                                                                                   strict=False)]
-
     @torch.no_grad()
     def gather(self) -> None:
         for i, p in enumerate(self.params):
             whole = p.full_tensor()  # (every rank takes part for every parameter)
-            a, b = self._overlaps(i)[self.ranks.rank]
+            a, b = self.pieces[i][self.ranks.rank]
             if a < b:
                 start = self.offsets[i]
                 self.buffer[a - self.lo:b - self.lo].copy_(whole.reshape(-1)[a - start:b - start])
@@ -93,7 +91,7 @@ class RegionWeights(ShardedWeights):
         from torch.distributed.tensor import distribute_tensor
 
         for i, p in enumerate(self.params):
-            pieces = self._overlaps(i)
+            pieces = self.pieces[i]
             width = max(b - a for a, b in pieces)
             if width == 0:
                 continue
@@ -246,6 +244,10 @@ class SplitFollower:
         math_type, settings = self.ranks.share()
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
         self.serve(self.ranks.share())  # the leader's first gather
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The outer state this rank keeps for its own region."""
+        return [*self.math.anchor, *self.math.buf]
 
     def serve(self, command: tuple) -> None:
         kind, bounds = command[0], self.region.bounds
