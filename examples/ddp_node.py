@@ -122,7 +122,7 @@ def train(rank: int, world: int, args: argparse.Namespace, store_port: int | Non
                                             "model_hash": model_hash(model),
                                             # a rank > 0's own endpoint (rank_exchange "parallel")
                                             "rank_bytes_sent": 0 if ranks.leads else outer.bytes_sent,
-                                            # outer state this rank keeps (FSDP + DiLoCo: its own region's)
+                                            # outer state this rank keeps, published copy included (FSDP + DiLoCo: its region's)
                                             "outer_state_bytes": outer.outer_state_bytes}) + "\n")
         # every rank past its last collective before any tears the group down (a rank that
         # destroyed it while a peer's last op was still finishing aborted in gloo's C++)

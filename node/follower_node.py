@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,17 +53,18 @@ def share_trainer_state(ranks: Ranks, trainer: Trainer) -> None:
     trainer.sampler.advance(where["batches"])
 
 
-def load_shards(ranks: Ranks, trainer: Trainer, files: list[Path] | None = None) -> None:
+def load_shards(ranks: Ranks, trainer: Trainer, files: list[Path] | None = None) -> dict[str, Any] | None:
     """After ``distribute``: every rank loads its shards from the rank file rank 0 chose
     (``files``, in rank order: a complete set, node/shard_files.py), if it resumed from a
-    sharded checkpoint."""
+    sharded checkpoint. Returns what the file holds (None: no sharded checkpoint)."""
     paths = ranks.share([str(f) for f in files] if ranks.leads and files else None)
     if paths is None:
-        return
+        return None
     state = load_checkpoint(Path(paths[ranks.rank]))
     if state is None:
         raise FileNotFoundError(f"rank {ranks.rank}'s checkpoint {paths[ranks.rank]} disappeared")
     trainer.load_shard_state(state)
+    return state
 
 
 def shard_writer(cfg: Config, out: Path, node_id: str, rank: int, on_error) -> CheckpointWriter:
@@ -94,6 +96,7 @@ class FollowerNode:
         self.stop = stop  # a signal here changes nothing: rank 0 decides when the node stops
         self.out = out
         self._writer: CheckpointWriter | None = None
+        self.outer: Any = None  # its stand-in for rank 0's outer algorithm, once built
 
     def run(self) -> int:
         cfg, ranks = self.cfg, self.ranks
@@ -102,9 +105,11 @@ class FollowerNode:
         trainer = Trainer(cfg, self.id, rank=ranks.rank)
         share_trainer_state(ranks, trainer)
         trainer.distribute(ranks.group)
-        load_shards(ranks, trainer)
-        outer = build_algorithm(cfg, trainer.model, trainer.opt, None, join=False, ranks=ranks)
+        saved = load_shards(ranks, trainer)
+        outer = self.outer = build_algorithm(cfg, trainer.model, trainer.opt, None, join=False, ranks=ranks)
         try:
+            if saved is not None and "outer" in saved:  # this rank's region of a split outer state
+                outer.load_state_dict(saved["outer"])
             outer.join()
             while self._next(trainer) is True:
                 trainer.train_step(outer.sync_gradients, read_loss=False)
@@ -134,7 +139,8 @@ class FollowerNode:
     def _checkpoint(self, trainer: Trainer, tag: str) -> None:
         if self._writer is None:
             self._writer = shard_writer(self.cfg, self.out, self.id, self.ranks.rank, self._failed)
-        self._writer.submit(private_copy(trainer.shard_state(tag)), tag)
+        # (a split outer state: this rank's region of it, which only this rank holds)
+        self._writer.submit({**private_copy(trainer.shard_state(tag)), "outer": self.outer.state_dict()}, tag)
 
     def _failed(self, tag: str, exc: BaseException) -> None:
         log.error("rank %d of node %s: writing its shards (%s) failed (%s); the previous ones are kept",

@@ -21,12 +21,24 @@ a late answer to an earlier request is never mistaken for the current one.
 
 Snapshots are replaced, never modified in place, which is what makes sending them
 without a copy safe while training goes on.
+
+A member of several processes may serve its state *in parts*, so that no process holds the
+whole of it: every rank serves its own region (kind ``STATE_PART``, from its own endpoint),
+and the leader's STATE reply carries no tensors, only the hash of the whole and where the
+parts are (``meta["parts"]``: the endpoints in order, the round they were published at,
+and the shapes the concatenated parts make up). :func:`fetch_state` fetches the parts from
+every endpoint at once, puts the tensors together and checks them against the leader's
+hash, which is the same :func:`tensors_hash` a one-process member computes of the same
+state (the leader computes it with :class:`StreamHash`, from the ranks' regions sent to it
+one at a time): a requester cannot tell the two apart, and members of any rank count agree
+on the hash.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +49,7 @@ import blake3
 import torch
 
 from .host_copy import HostMover, ready_event
-from .messages import STATE, STATE_DIGEST
+from .messages import STATE, STATE_DIGEST, STATE_PART
 from .transport import Transport
 from .wire import Message
 
@@ -45,6 +57,7 @@ log = logging.getLogger(__name__)
 
 STATE_REQ = f"{STATE}_REQ"
 DIGESTS_KEPT = 256  # rounds whose hash a state server can still vouch for (a few strings each)
+MAX_PARTS = 1024  # endpoints a state served in parts may name (the ranks of one member)
 
 
 def tensors_hash(tensors: list[torch.Tensor]) -> str:
@@ -56,15 +69,64 @@ def _hashes(tensors: list[torch.Tensor], prefix: int) -> tuple[str, str]:
     """(tensors_hash of the first ``prefix`` tensors, of all of them) in one pass. BLAKE3 on
     all cores: a model-sized state (hundreds of MB) hashes in a fraction of a round, where
     one core's BLAKE2b took longer than a GPU round (the next outer step waited for it)."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    first = h.hexdigest(length=8) if prefix == 0 else ""
-    for i, t in enumerate(tensors):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-        if i + 1 == prefix:
-            first = h.hexdigest(length=8)
-    return first, h.hexdigest(length=8)
+    stream = StreamHash([(t.dtype, tuple(t.shape)) for t in tensors], prefix)
+    for t in tensors:
+        stream.update(t)
+    return stream.digests()
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class StreamHash:
+    """:func:`tensors_hash` of tensors of the given (dtype, shape), fed as the stream of
+    their bytes in order, in pieces of any size that need not follow the tensors'
+    boundaries (a member's state arriving one rank's region at a time: nothing holds all
+    of it at once). BLAKE3 is sequential over its input, so the digest is the same however
+    the bytes are cut. ``prefix``: also the digest of the first ``prefix`` tensors."""
+
+    def __init__(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], prefix: int = 0):
+        self._headers = [f"{dtype}{tuple(shape)}".encode() for dtype, shape in specs]
+        self._sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in specs]
+        self._prefix = prefix
+        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._first = self._h.hexdigest(length=8) if prefix == 0 else ""
+        self._i = 0  # the tensor the next bytes belong to
+        self._left = 0  # its bytes still to come (once its header is in)
+        self._open = False  # its header is in
+        self._settle()
+
+    def _settle(self) -> None:
+        # every tensor header goes in right before its bytes; tensors with no bytes left close
+        while self._i < len(self._sizes):
+            if not self._open:
+                self._h.update(self._headers[self._i])
+                self._open, self._left = True, self._sizes[self._i]
+            if self._left:
+                return
+            self._open = False
+            self._i += 1
+            if self._i == self._prefix:
+                self._first = self._h.hexdigest(length=8)
+
+    def update(self, piece: torch.Tensor) -> None:
+        """The next bytes of the stream: ``piece``'s, as raw bytes (any dtype)."""
+        data = _raw(piece)
+        while len(data):
+            if self._i >= len(self._sizes):
+                raise ValueError(f"{len(data)} bytes past the end of the tensors being hashed")
+            take = min(len(data), self._left)
+            self._h.update(data[:take])
+            data, self._left = data[take:], self._left - take
+            self._settle()
+
+    def digests(self) -> tuple[str, str]:
+        """(digest of the first ``prefix`` tensors, of all of them), once all bytes are in."""
+        if self._i < len(self._sizes):
+            raise ValueError(f"the stream ended inside tensor {self._i} of {len(self._sizes)} "
+                             f"({self._left} of its bytes missing)")
+        return self._first, self._h.hexdigest(length=8)
 
 
 class Snapshot:
@@ -77,15 +139,19 @@ class Snapshot:
     (``tensors`` waits for the move)."""
 
     def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None,
-                 prefix: int = 0, hasher: ThreadPoolExecutor | None = None):
+                 prefix: int = 0, hasher: ThreadPoolExecutor | None = None, digests: tuple[str, str] | None = None):
+        """``digests``: (prefix digest, digest), known already (a state served in parts)."""
         self.round = round
         self.meta = meta
         self.prefix = prefix
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self._tensors = tensors
         self._on_host = threading.Event()
         self._digests: tuple[str, str] | None = None
         self._pending: Future[tuple[str, str]] | None = None
-        if digest is not None and not prefix:
+        if digests is not None:
+            self._digests = digests
+        elif digest is not None and not prefix:
             self._digests = ("", digest)
         elif hasher is None:
             self._digests = _hashes(tensors, prefix)
@@ -166,13 +232,13 @@ class StateServer:
         return next((s for s in self._snapshots if s.round >= min_round), None)
 
     def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], prefix: int = 0,
-                copy: bool = True) -> Snapshot:
-        """``copy=False``: the tensors are handed over as they are (the caller never modifies
-        them afterwards), which saves a copy of the whole state."""
+                digests: tuple[str, str] | None = None) -> Snapshot:
+        """``digests``: (prefix digest, digest) of the state, computed by the caller (a state
+        served in parts, whose ``meta["parts"]`` says where: see :func:`parts_meta`)."""
         # a private copy of each, where it lives: on a GPU a device-to-device copy, which the
         # hashing thread moves to host memory (the training thread does not wait for it)
-        snap = Snapshot(round, [t.detach().clone() if copy else t.detach() for t in tensors], dict(meta),
-                        prefix=prefix, hasher=self._hasher)
+        snap = Snapshot(round, [t.detach().clone() for t in tensors], dict(meta),
+                        prefix=prefix, hasher=None if digests is not None else self._hasher, digests=digests)
         snap.when_hashed(lambda digest: self._remember(round, digest))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
@@ -183,6 +249,17 @@ class StateServer:
         for m in due:
             self._reply(m, snap)
         return snap
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the tensors of the snapshots kept to serve."""
+        with self._lock:
+            return sum(s.nbytes for s in self._snapshots)
+
+    def published(self, round: int) -> Snapshot | None:
+        """The snapshot published at ``round`` exactly, if still kept."""
+        with self._lock:
+            return next((s for s in self._snapshots if s.round == round), None)
 
     def _remember(self, round: int, digest: str) -> None:
         with self._lock:
@@ -258,18 +335,91 @@ def fetch_state(
     if reply is None:
         log.warning("no state from %s within %.0fs", endpoint, timeout_s)
         return None
-    digest = tensors_hash(reply.tensors)
-    if digest != reply.meta.get("hash"):
-        log.warning("state from %s fails its hash check (%s != %s); rejected",
-                    reply.sender, digest, reply.meta.get("hash"))
-        return None
     meta = reply.meta.get("meta")
     rnd = reply.meta.get("round")
     if not isinstance(meta, dict) or not isinstance(rnd, int) or rnd < min_round:
         log.warning("state from %s is malformed or too old (round %r < %d)", reply.sender, rnd, min_round)
         return None
+    tensors: list[torch.Tensor] | None = reply.tensors
+    if "parts" in meta:
+        meta = dict(meta)
+        tensors = _fetch_parts(transport, meta.pop("parts"), reply.sender, deadline, stop)
+        if tensors is None:
+            return None
+    digest = tensors_hash(tensors)
+    if digest != reply.meta.get("hash"):
+        log.warning("state from %s fails its hash check (%s != %s); rejected",
+                    reply.sender, digest, reply.meta.get("hash"))
+        return None
     # received tensors are views over zmq frames: clone so they outlive the message
-    return Snapshot(rnd, [t.clone() for t in reply.tensors], meta, digest)
+    return Snapshot(rnd, [t.clone() for t in tensors], meta, digest)
+
+
+def parts_meta(endpoints: list[str], round: int, sections: list[list[tuple[int, ...]]]) -> dict[str, Any]:
+    """Where a state served in parts is (the ``"parts"`` entry of the leader's snapshot meta):
+    the endpoint of every part in order, which published its part at ``round`` (kind
+    STATE_PART); part ``p`` serves one 1-D tensor per section, and section ``s`` is the
+    concatenation of every part's tensor ``s``, cut into tensors of ``sections[s]``'s shapes."""
+    return {"endpoints": list(endpoints), "round": round, "sections": [[list(shape) for shape in shapes]
+                                                                       for shapes in sections]}
+
+
+def _parts_layout(parts: Any) -> tuple[list[str], int, list[list[tuple[int, ...]]]] | None:
+    if not isinstance(parts, dict) or set(parts) != {"endpoints", "round", "sections"}:
+        return None
+    endpoints, rnd, sections = parts["endpoints"], parts["round"], parts["sections"]
+    if not (isinstance(endpoints, list) and 0 < len(endpoints) <= MAX_PARTS and isinstance(rnd, int)
+            and all(isinstance(e, str) for e in endpoints) and isinstance(sections, list)):
+        return None
+    shapes: list[list[tuple[int, ...]]] = []
+    for section in sections:
+        if not isinstance(section, list) or not all(
+                isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in section):
+            return None
+        shapes.append([tuple(s) for s in section])
+    return endpoints, rnd, shapes
+
+
+def _fetch_parts(transport: Transport, parts: Any, source: str, deadline: float,
+                 stop: threading.Event | None) -> list[torch.Tensor] | None:
+    """The tensors of a state served in parts (see :func:`parts_meta`): every part asked for
+    at once, put together in order. None (logged) if one does not come by ``deadline`` or
+    does not fit the layout the leader declared."""
+    layout = _parts_layout(parts)
+    if layout is None:
+        log.warning("state from %s names its parts in a malformed way; rejected", source)
+        return None
+    endpoints, rnd, sections = layout
+    asked = []
+    for endpoint in endpoints:
+        request_id = next(_request_ids)
+        transport.send(endpoint, Message(f"{STATE_PART}_REQ", attempt=request_id,
+                                         meta={"min_round": rnd, "endpoint": transport.endpoint}))
+        asked.append((endpoint, request_id))
+    pieces: list[list[torch.Tensor]] = [[] for _ in sections]
+    for endpoint, request_id in asked:
+        reply = transport.recv(STATE_PART, -1, request_id, timeout_s=max(0.0, deadline - time.monotonic()),
+                               stop=stop)
+        if reply is None or reply.meta.get("round") != rnd or len(reply.tensors) != len(sections) \
+                or any(t.dim() != 1 for t in reply.tensors):
+            log.warning("part %s of the state from %s (round %d) %s; rejected", endpoint, source, rnd,
+                        "did not come in time" if reply is None else "does not fit")
+            return None
+        for s, t in enumerate(reply.tensors):
+            pieces[s].append(t)
+    tensors: list[torch.Tensor] = []
+    for s, shapes in enumerate(sections):
+        flat = torch.cat(pieces[s]) if pieces[s] else torch.empty(0)
+        if flat.numel() != sum(math.prod(shape) for shape in shapes):
+            log.warning("the parts of the state from %s hold %d values of section %d, its shapes %d; rejected",
+                        source, flat.numel(), s, sum(math.prod(shape) for shape in shapes))
+            return None
+        offset = 0
+        for shape in shapes:
+            n = math.prod(shape)
+            tensors.append(flat[offset:offset + n].view(shape))
+            offset += n
+    return tensors
 
 
 def witness_digests(transport: Transport, endpoints: list[str], round: int, timeout_s: float = 10.0,

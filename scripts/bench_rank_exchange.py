@@ -15,9 +15,9 @@ gather of the regions inside the member) and ``comm_s`` (data_s plus matchmaking
 member waits for the other to finish its inner steps, and the commit). With CO2 a round's
 ``data_s`` is that of the reduce it applied (run in the background during the round) and
 ``comm_s`` only what the round waited for it. ``outer state/rank``: the most any rank keeps
-of the outer state (``outer.outer_state_bytes``: anchor and momentum; with FSDP and DiLoCo
-exchanging from every rank, each rank's own region of them; rank 0's published snapshot,
-the whole anchor and momentum once per round, not counted).
+of the outer state (``outer.outer_state_bytes``: anchor and momentum and the published copy
+of them served to peers; with FSDP and DiLoCo exchanging from every rank, each rank's own
+region of both).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
                                           [--parallel fsdp|ddp] [--algorithm diloco|co2]

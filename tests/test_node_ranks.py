@@ -60,15 +60,17 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
 
 
 def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path):
-    """node0: DDP inside; node1: FSDP2 inside, each rank keeping the outer state of its own
-    half of the weights. Restarted, node1 loads its checkpoint (the whole outer state, which
-    its ranks split again) and adopts node0's state, which is ahead."""
+    """Both nodes FSDP2 inside, each rank keeping the outer state of its own half of the
+    weights (and serving its half of the published state). Restarted, node1 loads its
+    checkpoint (each rank its own half of the outer state) and adopts node0's state, which
+    is ahead: fetched in parts from both of node0's ranks, put together, checked against
+    node0's hash, and split again over node1's ranks."""
     out = tmp_path / "run"
-    common = ["node", "start", "--out", str(out), "--nproc-per-node", "2",
+    common = ["node", "start", "--out", str(out), "--nproc-per-node", "2", "--set", "node.parallel='fsdp'",
               *_sets("train.rounds=0", "swarm.wait_for_peers=1")]
     procs.loco(*common, "--node-id", "node0", log="node0")
     _ready(out, "node0")
-    join = ["--join-file", str(out / "nodes" / "node0.json"), "--set", "node.parallel='fsdp'"]
+    join = ["--join-file", str(out / "nodes" / "node0.json")]
     b = procs.loco(*common, "--node-id", "node1", *join, log="node1")
     wait_until(lambda: len(_outer(out, "node1")) >= 3, 240, "node1's third round")
     follower = [pid for pid in _ranks_of(b.pid) if pid != _ready(out, "node1")["pid"]]
@@ -85,6 +87,9 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
     wait_until(lambda: len(_records(out, "node1", "start")) == 2, 180, "node1's second start")
     again = _records(out, "node1", "start")[1]
     assert again["resumed"] and again["processes"] == 2, again
+    # (node0 trained on alone meanwhile: node1 is behind, and adopts its state when it joins)
+    adopted = wait_until(lambda: _records(out, "node1", "resync"), 240, "node1 adopting node0's state")
+    assert adopted[0]["from_round"] < adopted[0]["round"], adopted
     wait_until(lambda: any(len(hs) == 2 for r, hs in _hashes_by_round(out, ["node0", "node1"]).items()
                            if r >= stopped_at), 240, "a round node0 and the restarted node1 average together")
     together = [hs for r, hs in _hashes_by_round(out, ["node0", "node1"]).items() if r >= stopped_at and len(hs) == 2]

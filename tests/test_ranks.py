@@ -78,7 +78,8 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
         for other in member[1:]:
             assert other[-1]["rank_bytes_sent"] > 0, other[-1]
     if algorithm == "diloco" and parallel == "fsdp":
-        # a's outer state is split over its ranks: each keeps half of what b's one process does
+        # a's outer state is split over its ranks, and served in parts: each keeps half of what b's one
+        # process does (anchor, momentum and their published copy); none holds them whole
         whole = b_ranks_[0][-1]["outer_state_bytes"]
         assert whole > 0 and all(0 < r[-1]["outer_state_bytes"] <= whole // 2 + 64 for r in a_ranks), \
             ([r[-1]["outer_state_bytes"] for r in a_ranks], whole)

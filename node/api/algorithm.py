@@ -29,6 +29,7 @@ from .options import as_compression, compressor_for
 from .rank_exchange import LeaderLanes, splits_exchange
 from .ranks import Follower, Ranks, sharded_weights, splits_outer_state, tell, tensor_bytes
 from .report import RoundReport
+from .split_state import SplitOuterState
 from .swarm import Swarm
 from .unreachable import UnreachableSources
 
@@ -295,13 +296,16 @@ class OuterAlgorithm(Adopting):
 
     @property
     def outer_state_bytes(self) -> int:
-        """Bytes of outer state this process keeps for the algorithm's math (a sharded
-        member's split outer state: its own region's; the published snapshot not counted)."""
-        held = getattr(self.math, "held_tensors", self._synchronized)
-        return tensor_bytes(held())
+        """Bytes of outer state this process keeps: the algorithm's math and the published
+        copy it serves (a sharded member's split outer state: its own region of both)."""
+        if isinstance(self.math, SplitOuterState):
+            return tensor_bytes(self.math.held_tensors()) + self.math.served_bytes + self.state_server.held_bytes
+        return tensor_bytes(self._synchronized()) + self.state_server.held_bytes
 
     def weights_hash(self) -> str:
         """Hash of the synchronized weights now (equal on replicas that should be identical)."""
+        if isinstance(self.math, SplitOuterState):  # (no rank holds them whole)
+            return self.math.weights_digest()
         return tensors_hash(self._weights())
 
     def state_dict(self) -> dict[str, Any]:
@@ -366,7 +370,10 @@ class OuterAlgorithm(Adopting):
         if self.inner_optimizer is not None:
             for p in self.trained:
                 self.inner_optimizer.state.pop(p, None)
-        self._load_synchronized(snap.tensors, snap.meta, self.swarm.endpoint)
+        if isinstance(self.math, SplitOuterState):  # (served in parts: every rank restores its own)
+            self.math.restore_published(snap)
+        else:
+            self._load_synchronized(snap.tensors, snap.meta, self.swarm.endpoint)
         self._weights_written = self._inner_state_written = True  # the other ranks' AdamW state is fresh too
         log.warning("round %d: the weights went non-finite; restored the last synchronized state (round %d)",
                     self.round, snap.round)
@@ -398,8 +405,7 @@ class OuterAlgorithm(Adopting):
         extra.setdefault("sync_bytes", [self.swarm.bytes_queued - self._round_bytes0])
         extra["encode_s"] = self.compressor.encode_s - self._codec0[0]
         extra["decode_s"] = self.compressor.decode_s - self._codec0[1]
-        n = len(self._weights())
-        if published is not None and published.prefix == n:
+        if published is not None and published.prefix:  # the weights lead the published state
             weights_hash: Callable[[], str] = lambda: published.prefix_digest  # noqa: E731
         else:  # no snapshot of these weights (a Streaming fragment is in flight): hash them now
             t1 = time.monotonic()
@@ -424,13 +430,14 @@ class OuterAlgorithm(Adopting):
         if self._can_publish():
             meta = {"outer_steps": self._outer_steps(), "round": self.round, "round_step": self.round_step,
                     "algorithm": self.name, **self._state_meta()}
-            synced, weights = self._synchronized(), self._weights()
-            # the weights lead the state: hash them in the same background pass
-            prefix = len(weights) if all(a is b for a, b in zip(weights, synced, strict=False)) else 0
-            # (a split outer state's whole state is gathered afresh and never modified: no copy)
-            copy = not getattr(self.math, "hands_over_state", False)
-            self.snapshot = published = self.state_server.publish(self._sync_id(), synced, meta, prefix=prefix,
-                                                                  copy=copy)
+            if isinstance(self.math, SplitOuterState):  # served in parts by the ranks
+                published = self.math.publish(self.state_server, self._sync_id(), meta)
+            else:
+                synced, weights = self._synchronized(), self._weights()
+                # the weights lead the state: hash them in the same background pass
+                prefix = len(weights) if all(a is b for a, b in zip(weights, synced, strict=False)) else 0
+                published = self.state_server.publish(self._sync_id(), synced, meta, prefix=prefix)
+            self.snapshot = published
         self.swarm.announce_round(self.round)
         return published
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -124,6 +125,23 @@ class Ranks:
         if self.leads:
             for r, piece in enumerate(pieces):
                 out[bounds[r]:bounds[r + 1]].copy_(piece[:bounds[r + 1] - bounds[r]])
+
+    @torch.no_grad()
+    def stream_regions(self, region: torch.Tensor, bounds: list[int],
+                       consume: Callable[[torch.Tensor], None] | None) -> None:
+        """Every rank's ``region`` to the leader one at a time, in rank order: the leader
+        passes each to ``consume`` (followers pass None) and holds one region at a time,
+        never the whole vector."""
+        if not self.leads:
+            if bounds[self.rank + 1] > bounds[self.rank]:
+                dist.send(region.to(self.device), dst=self._leader, group=self.group)
+            return
+        consume(region)
+        for r in range(1, self.size):
+            piece = torch.empty(bounds[r + 1] - bounds[r], dtype=region.dtype, device=self.device)
+            if piece.numel():
+                dist.recv(piece, src=dist.get_global_rank(self.group, r), group=self.group)
+            consume(piece.cpu())
 
     @torch.no_grad()
     def share_tensors(self, tensors: list[torch.Tensor]) -> None:
@@ -362,8 +380,8 @@ class Follower:
     @property
     def outer_state_bytes(self) -> int:
         """Bytes of outer state this rank keeps (a split outer state: its region's anchor and
-        momentum; else none: the leader holds it)."""
-        return 0 if self.split is None else tensor_bytes(self.split.held_tensors())
+        momentum, and the published copy of them it serves; else none: the leader holds it)."""
+        return 0 if self.split is None else tensor_bytes(self.split.held_tensors()) + self.split.served_bytes
 
     @property
     def bytes_sent(self) -> int:
@@ -404,16 +422,24 @@ class Follower:
         return tensors_hash([p.detach() for p in self.params])
 
     def state_dict(self) -> dict[str, Any]:
-        """Round and step only: the outer state lives on the leader (save the leader's)."""
-        return {"algorithm": self.name, "round": self.round, "round_step": self.round_step, "steps": self.steps,
-                "outcomes": dict(self.outcomes)}
+        """Round and step, and (a split outer state) this rank's region of the outer state;
+        otherwise the outer state lives on the leader (save the leader's)."""
+        state = {"algorithm": self.name, "round": self.round, "round_step": self.round_step, "steps": self.steps,
+                 "outcomes": dict(self.outcomes)}
+        if self.split is not None:
+            state["outer"] = self.split.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round, self.round_step = int(state["round"]), int(state["round_step"])
         self.steps = int(state.get("steps", self.steps))
+        if self.split is not None and "outer" in state:  # (else the leader's whole state reaches it)
+            self.split.load_state_dict(state["outer"])
 
     def close(self) -> None:
         self._closed = True
+        if self.split is not None:
+            self.split.close()
         if self.lane is not None:
             self.lane.close()
             self.lane = None

@@ -9,15 +9,22 @@ the FSDP shards one parameter at a time (``RegionWeights.gather``), the rank com
 Δ, exchanges it with the matching regions of the other members from its own endpoint
 (rank_exchange.py), applies the outer step to its φ and momentum, and writes θ ← φ back into
 the shards one parameter at a time (``RegionWeights.scatter``). Per rank that is 4/k of the
-model in float32 instead of a whole copy of every buffer on rank 0.
+model in float32 instead of a whole copy of every buffer on rank 0, and 2/k more for the
+published copy of its region (what a one-process member keeps: 4 + 2).
 
 The leader (rank 0) still speaks for the member: it runs matchmaking and the commit step
 and tells the other ranks, in order, what to do (``SplitOuterState``): run the outer step of
-a sync, load a whole state it adopted (a peer's, a checkpoint's, its last snapshot after the
-weights went non-finite) of which each keeps its region, or hand in their regions so it can
-publish the state. What it publishes (the state peers fetch and the weights hash they
-compare) is the whole state, gathered once per round into host memory: a member of any rank
-count serves and hashes exactly what a one-process member does.
+a sync, load a whole state it adopted (a peer's, a checkpoint's) of which each keeps its
+region, publish the state, or go back to the state last published (after the weights went
+non-finite). A published state is served in parts (``loco.protocols.state_sync``): every rank
+serves a copy of its region from its own endpoint, and the leader answers a peer's request
+with the hash of the whole and where the parts are; the hash (the weights hash peers compare,
+too) is computed on the leader as the ranks' regions pass through it one at a time. It is the
+hash a one-process member computes of the same state, so a peer fetching the state cannot tell
+a member of several ranks from one process, and members of any rank count agree. A
+checkpoint is split too: every rank's ``state_dict`` is its own region (``region_state``),
+which it saves and loads itself. Only a state adopted whole (a peer's, a one-process
+member's checkpoint) is whole on the leader, until its regions go out to the ranks.
 
 The other ranks (``SplitFollower``) run the same outer math over their own region, with the
 exchange their lane ran as their communicator (``RegionCommunicator``).
@@ -34,7 +41,9 @@ import torch.distributed as dist
 
 from loco.optim import ReduceResult
 from loco.protocols.flat import flat_of, unflatten
+from loco.protocols.messages import STATE_PART
 from loco.protocols.regions import split_bounds
+from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
 
 from .ranks import ShardedWeights
 
@@ -43,7 +52,12 @@ if TYPE_CHECKING:
     from .ranks import Ranks
 
 # what the leader tells the other ranks on the member's control channel, besides a step's news
-OUTER, LOAD, GATHER = "split-outer", "split-load", "split-gather"
+OUTER, LOAD, PUBLISH = "split-outer", "split-load", "split-publish"
+HASH, RESTORE = "split-hash", "split-restore"
+# published parts every rank keeps: the latest, like a one-process member's snapshot. A peer
+# that read the leader's answer for one round and asks for the parts after the next round's
+# are out (within milliseconds of a round's end) fails that fetch and asks again.
+PARTS_KEPT = 1
 
 
 class RegionWeights(ShardedWeights):
@@ -133,50 +147,73 @@ def _views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tenso
 class SplitOuterState:
     """On the leader: its own region's outer math (``math``, built over
     ``RegionWeights.outer_params``), presented to the algorithm as the whole member's (the
-    same calls as ``loco.optim.DiLoCo``'s). The other ranks are told each step in order; the
-    whole state is gathered once after every state change that is published, and kept for
-    what reads it until the next change (the weights hash, a checkpoint, peers' fetches)."""
-
-    hands_over_state = True
-    """The whole state it returns is never modified afterwards (a change replaces it): it is
-    published without a copy, so rank 0 keeps one whole copy of φ and the momentum, not two."""
+    same calls as ``loco.optim.DiLoCo``'s, and ``publish``, ``weights_digest``,
+    ``restore_published`` for what a one-process member reads the whole state for). The
+    other ranks are told each step in order. No rank holds the whole state: it is served in
+    parts (every rank its region, from its own endpoint) and hashed as the regions pass
+    through this rank one at a time; only a whole state loaded (a peer's, whose regions go
+    out to the ranks) is whole here, until they do."""
 
     def __init__(self, region: RegionWeights, math: Any):
         self.region = region
         self.ranks = region.ranks
         self.math = math
-        self.shapes = [p.shape for p in region.params]
-        self._whole: list[torch.Tensor] | None = None  # φ's layers then the momentum's, gathered or loaded
+        self.shapes = [tuple(p.shape) for p in region.params]
         self._pending: tuple[torch.Tensor, torch.Tensor, int, bool] | None = None  # a load not yet told
+        self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
+        self._parts: StateServer | None = None  # this rank's part of every published state
+        self._endpoints: list[str] | None = None  # every rank's, where its parts are served
         # the other ranks build the same math over their regions
         self.ranks.share((type(math), math.settings()))
-        self._whole = self._gather()  # (the other ranks are in their constructor: listening)
 
     @property
     def outer_steps(self) -> int:
         return self.math.outer_steps
 
-    @property
-    def anchor(self) -> list[torch.Tensor]:
-        return self.synchronized_tensors()[:len(self.shapes)]
-
     def held_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank keeps for its own region."""
         return [*self.math.anchor, *self.math.buf]
 
-    def synchronized_tensors(self) -> list[torch.Tensor]:
-        """The whole member's φ and momentum, layer by layer (float32, host memory)."""
-        if self._whole is None:
-            self._whole = self._gather()
-        return self._whole
+    @property
+    def served_bytes(self) -> int:
+        """Bytes of the published copy of its region this rank keeps to serve."""
+        return self._parts.held_bytes if self._parts is not None else 0
 
-    def _gather(self) -> list[torch.Tensor]:
-        self.ranks.share((GATHER,))
-        total = self.region.bounds[-1]
-        anchor, buf = torch.empty(total), torch.empty(total)
-        self.ranks.gather_regions(self.math.anchor[0], self.region.bounds, anchor)
-        self.ranks.gather_regions(self.math.buf[0], self.region.bounds, buf)
-        return [*_views(anchor, self.shapes), *_views(buf, self.shapes)]
+    def weights_digest(self) -> str:
+        """``tensors_hash`` of the member's whole φ (its synchronized weights), as a
+        one-process member computes it."""
+        self.deliver()
+        if self._digests is None:
+            self.ranks.share((HASH,))
+            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
+        return self._digests[0]
+
+    def publish(self, server: StateServer, round: int, meta: dict[str, Any]) -> Snapshot:
+        """Serve the state now as published at ``round``: every rank serves its region
+        (kind STATE_PART), ``server`` the hash of the whole and where the parts are."""
+        self.deliver()
+        if self._parts is None:
+            self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT)
+        first, stream = self._endpoints is None, self._digests is None
+        self.ranks.share((PUBLISH, round, first, stream))
+        self._parts.publish(round, self.held_tensors(), {})
+        if first:
+            self._endpoints = self.ranks.all_gather(server.transport.endpoint)
+        if stream:
+            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
+        assert self._endpoints is not None and self._digests is not None
+        parts = parts_meta(self._endpoints, round, [self.shapes, self.shapes])
+        return server.publish(round, [], {**meta, "parts": parts}, prefix=len(self.shapes), digests=self._digests)
+
+    def restore_published(self, snapshot: Snapshot) -> None:
+        """Go back to this member's state published as ``snapshot`` (θ ← φ too): every rank
+        takes its region from its own part of it."""
+        assert self._parts is not None, "nothing was published"
+        self._pending = None  # (superseded)
+        outer_steps = int(snapshot.meta.get("outer_steps", 0))
+        self.ranks.share((RESTORE, snapshot.round, outer_steps))
+        _restore_part(self._parts, self.math, snapshot.round, outer_steps)
+        self._digests = (snapshot.prefix_digest, snapshot.digest)
 
     def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True) -> None:
         """Adopt a whole state (a peer's, a checkpoint's): this rank's region now, the other
@@ -185,13 +222,13 @@ class SplitOuterState:
         if len(tensors) != 2 * n:
             raise ValueError(f"expected {2 * n} tensors (anchor + momentum), got {len(tensors)}")
         for t, shape in zip(tensors, [*self.shapes, *self.shapes], strict=True):
-            if t.shape != shape:
-                raise ValueError(f"shape mismatch: local {tuple(shape)}, received {tuple(t.shape)}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"shape mismatch: local {shape}, received {tuple(t.shape)}")
         anchor, buf = flat_of(tensors[:n]).clone(), flat_of(tensors[n:]).clone()
         lo, hi = self.region.lo, self.region.hi
         self.math.load_synchronized([anchor[lo:hi], buf[lo:hi]], outer_steps, reset_params=reset_params)
-        self._whole = [*_views(anchor, self.shapes), *_views(buf, self.shapes)]
         self._pending = (anchor, buf, outer_steps, reset_params)
+        self._digests = None
 
     def deliver(self) -> None:
         """The other ranks take their regions of a state loaded since they last listened."""
@@ -208,16 +245,67 @@ class SplitOuterState:
         self.ranks.share((OUTER, round))
         result = self.math.outer_step(round)
         if result.applied:
-            self._whole = None
+            self._digests = None
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        whole = self.synchronized_tensors()
-        n = len(self.shapes)
-        return {"anchor": list(whole[:n]), "buf": list(whole[n:]), "outer_steps": self.outer_steps}
+        """This rank's region of the outer state (every rank saves its own: see
+        ``region_state``). No collective: a state loaded but not yet told to the other
+        ranks is whole here, and saved whole."""
+        if self._pending is not None:
+            anchor, buf, outer_steps, _ = self._pending
+            return {"anchor": _views(anchor.clone(), self.shapes), "buf": _views(buf.clone(), self.shapes),
+                    "outer_steps": outer_steps}
+        return region_state(self.region, self.math)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A region saved by this rank (``state_dict``; every rank loads its own), or a whole
+        state (a one-process member's, a checkpoint from before the split), whose regions go
+        out to the other ranks when they next listen."""
+        if "region" in state:
+            load_region_state(self.region, self.math, state)
+            self._pending = None
+            self._digests = None
+            return
         self.load_synchronized([*state["anchor"], *state["buf"]], int(state["outer_steps"]), reset_params=False)
+
+    def close(self) -> None:
+        if self._parts is not None:
+            self._parts.close()
+
+
+def region_state(region: RegionWeights, math: Any) -> dict[str, Any]:
+    """A rank's region of the outer state, for its own checkpoint file: the region's φ and
+    momentum (copies), and which region of how many it is."""
+    return {**math.state_dict(), "region": {"rank": region.ranks.rank, "ranks": region.ranks.size,
+                                            "numel": region.bounds[-1]}}
+
+
+def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -> None:
+    saved = state["region"]
+    mine = {"rank": region.ranks.rank, "ranks": region.ranks.size, "numel": region.bounds[-1]}
+    if {k: int(saved[k]) for k in mine} != mine:
+        raise ValueError(f"the outer state saved by rank {saved['rank']} of {saved['ranks']} ({saved['numel']} "
+                         f"weights) does not fit rank {mine['rank']} of {mine['ranks']} ({mine['numel']} weights)")
+    math.load_state_dict({k: v for k, v in state.items() if k != "region"})
+
+
+def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
+                    shapes: list[tuple[int, ...]]) -> tuple[str, str]:
+    """(weights, whole state) digests of the member's φ and momentum, every rank's regions
+    passing through the leader one at a time (followers: their part of it; None)."""
+    stream = StreamHash([(torch.float32, s) for s in [*shapes, *shapes]], prefix=len(shapes)) \
+        if region.ranks.leads else None
+    for t in held:  # φ's region, then the momentum's
+        region.ranks.stream_regions(t, region.bounds, stream.update if stream is not None else None)
+    return stream.digests() if stream is not None else ("", "")
+
+
+def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps: int) -> None:
+    snap = parts.published(round) if parts is not None else None
+    if snap is None:
+        raise RuntimeError(f"the part of round {round}'s state this rank served is no longer kept")
+    math.load_synchronized(snap.tensors, outer_steps, reset_params=True)
 
 
 class RegionCommunicator:
@@ -236,26 +324,48 @@ class RegionCommunicator:
 
 class SplitFollower:
     """A follower rank's side of ``SplitOuterState``: the same outer math over its own
-    region, run as the leader says."""
+    region, run as the leader says, and its part of every published state, served from
+    its own endpoint."""
 
     def __init__(self, region: RegionWeights, lane: RankLane):
         self.region = region
         self.ranks = region.ranks
         math_type, settings = self.ranks.share()
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
-        self.serve(self.ranks.share())  # the leader's first gather
+        self.endpoint = lane.transport.endpoint
+        self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank keeps for its own region."""
         return [*self.math.anchor, *self.math.buf]
 
+    @property
+    def served_bytes(self) -> int:
+        """Bytes of the published copy of its region this rank keeps to serve."""
+        return self._parts.held_bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's region of the outer state, for its own checkpoint."""
+        return region_state(self.region, self.math)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_region_state(self.region, self.math, state)
+
     def serve(self, command: tuple) -> None:
         kind, bounds = command[0], self.region.bounds
         if kind == OUTER:
             self.math.outer_step(command[1])
-        elif kind == GATHER:
-            self.ranks.gather_regions(self.math.anchor[0], bounds, None)
-            self.ranks.gather_regions(self.math.buf[0], bounds, None)
+        elif kind == PUBLISH:
+            _, round, first, stream = command
+            self._parts.publish(round, self.held_tensors(), {})
+            if first:
+                self.ranks.all_gather(self.endpoint)
+            if stream:
+                _stream_digests(self.region, self.held_tensors(), [])
+        elif kind == HASH:
+            _stream_digests(self.region, self.held_tensors(), [])
+        elif kind == RESTORE:
+            _restore_part(self._parts, self.math, command[1], command[2])
         elif kind == LOAD:
             _, outer_steps, reset_params = command
             anchor = self.ranks.scatter_regions(None, bounds)
@@ -264,3 +374,6 @@ class SplitFollower:
         else:
             raise RuntimeError(f"rank {self.ranks.rank}: the leader asked {kind!r}, which a split outer state "
                                "does not know")
+
+    def close(self) -> None:
+        self._parts.close()
