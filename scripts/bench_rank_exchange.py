@@ -17,7 +17,9 @@ member waits for the other to finish its inner steps, and the commit). With CO2 
 ``comm_s`` only what the round waited for it. ``outer state/rank``: the most any rank keeps
 of the outer state (``outer.outer_state_bytes``: anchor and momentum and the published copy
 of them served to peers; with FSDP and DiLoCo exchanging from every rank, each rank's own
-region of both).
+region of both). ``publish_s``: the leader's time to publish the state a round ended with
+(with the split outer state: every rank's part, and the whole hash computed on rank 0 as the
+ranks' regions pass through it; otherwise a copy, hashed in the background).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
                                           [--parallel fsdp|ddp] [--algorithm diloco|co2]
@@ -95,8 +97,9 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                     print("ROUND " + json.dumps({"round": report.round, "status": report.status,
                                                  "group": report.group_size, "comm_s": report.comm_s,
                                                  "data_s": report.extra.get("data_s", 0.0),
+                                                 "publish_s": report.publish_s,
                                                  "bytes": report.round_bytes}), flush=True)
-            # what this rank keeps of the outer state (the leader's last published snapshot aside)
+            # what this rank keeps of the outer state (published copy included)
             print("STATE " + json.dumps({"rank": rank, "bytes": outer.outer_state_bytes}), flush=True)
     finally:
         if swarm is not None:
@@ -170,16 +173,17 @@ def main() -> None:
         if not together:
             raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
         medians[mode] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
-                         len(together), statistics.median(r["bytes"] for r in together), state)
+                         len(together), statistics.median(r["bytes"] for r in together), state,
+                         statistics.median(r["publish_s"] for r in together))
     print(f"\ntwo members x 2 ranks ({args.parallel} inside), {args.algorithm}, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
     print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
-          f"{'bytes/round':>13}{'outer state/rank':>18}")
+          f"{'bytes/round':>13}{'outer state/rank':>18}{'publish_s':>11}")
     data0, comm0 = medians["leader"][:2]
     for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
-        data, comm, n, b, state = medians[mode]
+        data, comm, n, b, state, publish = medians[mode]
         print(f"{label:<30}{data:>8.2f}{data / data0:>10.2f}x{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M"
-              f"{state / 1e6:>17.1f}M")
+              f"{state / 1e6:>17.1f}M{publish:>11.3f}")
 
 
 if __name__ == "__main__":
