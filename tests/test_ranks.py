@@ -104,11 +104,11 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
     assert together and all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a_ranks[0], b_recs)
 
 
-@pytest.mark.parametrize(("parallel", "algorithm", "poison"),
-                         [("ddp", "diloco", False), ("fsdp", "diloco", False), ("fsdp", "streaming_diloco", False),
-                          ("fsdp", "diloco", True)])
+@pytest.mark.parametrize(("parallel", "algorithm", "poison", "reload"),
+                         [("ddp", "diloco", False, False), ("fsdp", "diloco", False, True),
+                          ("fsdp", "streaming_diloco", False, False), ("fsdp", "diloco", True, False)])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
-                                                                                      algorithm, poison):
+                                                                                      algorithm, poison, reload):
     """DDP or FSDP inside a member changes nothing but where the batch is computed: two
     ranks, each on half of every batch, end the outer rounds with the weights of one process
     that takes the whole batch, up to float32 rounding (the two halves' gradients are summed
@@ -117,15 +117,23 @@ def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_hal
     leader gathers the shards at every step a fragment leaves or lands and scatters the
     result back. Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
     of the outer state, and the member as a whole goes back to its state after the first round, as the one
-    process does."""
+    process does. Reloaded: after the second round every rank loads back the
+    ``outer.state_dict()`` it saved after the first (each rank of the FSDP member its own
+    region of the outer state), which brings back the first round's weights hash, and training
+    goes on from there as in the one process."""
     out = {n: tmp_path / f"{n}.pt" for n in (1, 2)}
     extra = ["--poison-step", "9"] if poison else []
+    extra += ["--reload-step", "9"] if reload else []
     runs = {n: procs.python("-m", "tests.loops.ranks_equivalence", "--ranks", str(n), "--parallel", parallel,
                             "--algorithm", algorithm, "--out", str(out[n]), *extra, log=f"r{n}") for n in (1, 2)}
     for n, p in runs.items():
         _finish(p, procs, f"r{n}")
     one, two = (torch.load(out[n]) for n in (1, 2))
     assert one["restored"] == two["restored"] == ([1] if poison else []), (one["restored"], two["restored"])
+    if reload:
+        for run in (one, two):
+            round_, now, saved = run["reloaded"]
+            assert round_ == 1 and now == saved, run["reloaded"]
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], two["final"], strict=True)) < 1e-5
     # and they trained: far from where they started
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], one["initial"], strict=True)) > 1e-2

@@ -329,6 +329,8 @@ class OuterAlgorithm(Adopting):
         self.outcomes.update(state.get("outcomes", {}))
         if self._joined:
             self._publish()
+            if self.ranks is not None:  # the other ranks, in their load_state_dict, take part and hear it
+                self._tell_ranks(None)
 
     def close(self) -> None:
         """Stop background work (a reduce in flight is waited for; with the swarm's stop

@@ -435,6 +435,8 @@ class Follower:
         self.steps = int(state.get("steps", self.steps))
         if self.split is not None and "outer" in state:  # (else the leader's whole state reaches it)
             self.split.load_state_dict(state["outer"])
+        if self._joined:  # the leader publishes what it loaded (every rank its part) and tells the ranks
+            self._receive()
 
     def close(self) -> None:
         self._closed = True

@@ -2,7 +2,8 @@
 fully_shard with --parallel fsdp; each rank its own half of every batch) or as one process
 that takes both halves at once; it saves its final weights to --out. tests/test_ranks.py
 compares them. --poison-step: a weight goes NaN mid-round, and the member goes back to its
-last synchronized state."""
+last synchronized state. --reload-step: every rank loads back the outer.state_dict() it
+saved after the first round (with FSDP and DiLoCo, its own region of the outer state)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
         ranks = loco.Ranks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     restored: list[int] = []  # rounds that restored the last synchronized state
+    saved, saved_hash, reloaded = None, "", None
     swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
     try:
         algorithm = loco.StreamingDiLoCo if args.algorithm == "streaming_diloco" else loco.DiLoCo
@@ -72,10 +74,15 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
                 report = outer.step(final=step == args.steps - 1)
                 if report is not None and report.extra.get("restored"):
                     restored.append(report.round)
+                if report is not None and outer.round == 1 and saved is None:  # every rank saves its own
+                    saved, saved_hash = outer.state_dict(), report.weights_hash
+                if step == args.reload_step:  # every rank goes back to what it saved after round 1
+                    outer.load_state_dict(saved)
+                    reloaded = (outer.round, outer.weights_hash(), saved_hash)
         final = [p.full_tensor() if args.parallel == "fsdp" and world > 1 else p for p in model.parameters()]
         if rank == 0:
-            torch.save({"initial": initial, "final": [p.detach().clone() for p in final], "restored": restored},
-                       args.out)
+            torch.save({"initial": initial, "final": [p.detach().clone() for p in final], "restored": restored,
+                        "reloaded": reloaded}, args.out)
         if world > 1:  # (every rank past its last collective before any tears the group down)
             dist.barrier()
     finally:
@@ -93,6 +100,8 @@ def main() -> None:
     ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco"], default="diloco")
     ap.add_argument("--out", required=True)
     ap.add_argument("--poison-step", type=int, default=-1, help="a weight goes NaN after this step (-1: none)")
+    ap.add_argument("--reload-step", type=int, default=-1,
+                    help="after this step every rank loads the outer.state_dict() it saved after round 1 (-1: none)")
     args = ap.parse_args()
     if args.ranks == 1:
         run(0, 1, args)
