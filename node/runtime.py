@@ -113,14 +113,22 @@ def with_swarm_key(cfg: Config, out: Path) -> Config:
         raise ConfigError("joining a swarm needs its key: start with --join TOKEN (printed by a member as "
                           "'join:'), or set swarm.key (env LOCO_SWARM_KEY), or swarm.insecure = true on every node")
     path = out / "identity" / "swarm.key"
-    if path.exists():
-        key = path.read_text().strip()
-    else:
-        key = new_key()
+    if not path.exists():
+        # under torchrun every rank of the node runs this with the same --out at once: each
+        # writes a whole key aside and links it in place; the first link wins, the others
+        # read that one (never a half-written file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        aside = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
+            f.write(new_key() + "\n")
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        finally:
+            aside.unlink()
+    key = path.read_text().strip()
     return cfg.model_copy(update={"swarm": s.model_copy(update={"key": key})})
 
 

@@ -118,3 +118,27 @@ def test_operator_errors_are_one_line(tmp_path):
     assert result.exit_code != 0 and "joining a swarm needs its key" in result.output
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code != 0 and "holds no experiment" in result.output
+
+
+def _key_after_barrier(out: str, barrier) -> str:
+    from pathlib import Path
+
+    from loco.node.runtime import with_swarm_key
+
+    barrier.wait()
+    return with_swarm_key(load_config(None), Path(out)).swarm.key
+
+
+def test_ranks_started_at_once_with_one_out_all_make_or_read_the_same_swarm_key(tmp_path):
+    """torchrun starts every rank of a node with the same --out at the same moment: the first
+    to write the node's swarm key wins and every other reads it (one raised FileExistsError)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(6)
+        with ctx.Pool(6) as pool:
+            keys = pool.starmap(_key_after_barrier, [(str(tmp_path), barrier)] * 6)
+    assert len(set(keys)) == 1 and keys[0]
+    assert (tmp_path / "identity" / "swarm.key").read_text().strip() == keys[0]
+    assert [p.name for p in (tmp_path / "identity").iterdir()] == ["swarm.key"]  # nothing left aside
