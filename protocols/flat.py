@@ -3,6 +3,7 @@ consecutive views of one buffer (how loco's optimizers hand over their state).""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,8 +30,14 @@ def flat_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Views of ``flat`` shaped like ``like``."""
+    return shaped_views(flat, [t.shape for t in like])
+
+
+def shaped_views(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Views of ``flat``, end to end, of the given shapes."""
     out, offset = [], 0
-    for t in like:
-        out.append(flat[offset:offset + t.numel()].view(t.shape))
-        offset += t.numel()
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[offset:offset + n].view(tuple(shape)))
+        offset += n
     return out

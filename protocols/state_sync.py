@@ -48,6 +48,7 @@ from typing import Any
 import blake3
 import torch
 
+from .flat import shaped_views
 from .host_copy import HostMover, ready_event
 from .messages import STATE, STATE_DIGEST, STATE_PART
 from .transport import Transport
@@ -88,7 +89,7 @@ class StreamHash:
 
     def __init__(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], prefix: int = 0):
         self._headers = [f"{dtype}{tuple(shape)}".encode() for dtype, shape in specs]
-        self._sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in specs]
+        self._sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in specs]
         self._prefix = prefix
         self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self._first = self._h.hexdigest(length=8) if prefix == 0 else ""
@@ -409,16 +410,12 @@ def _fetch_parts(transport: Transport, parts: Any, source: str, deadline: float,
             pieces[s].append(t)
     tensors: list[torch.Tensor] = []
     for s, shapes in enumerate(sections):
-        flat = torch.cat(pieces[s]) if pieces[s] else torch.empty(0)
-        if flat.numel() != sum(math.prod(shape) for shape in shapes):
+        flat, want = torch.cat(pieces[s]), sum(math.prod(shape) for shape in shapes)
+        if flat.numel() != want:
             log.warning("the parts of the state from %s hold %d values of section %d, its shapes %d; rejected",
-                        source, flat.numel(), s, sum(math.prod(shape) for shape in shapes))
+                        source, flat.numel(), s, want)
             return None
-        offset = 0
-        for shape in shapes:
-            n = math.prod(shape)
-            tensors.append(flat[offset:offset + n].view(shape))
-            offset += n
+        tensors += shaped_views(flat, shapes)
     return tensors
 
 

@@ -32,7 +32,6 @@ exchange their lane ran as their communicator (``RegionCommunicator``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from loco.optim import ReduceResult
-from loco.protocols.flat import flat_of, unflatten
+from loco.protocols.flat import flat_of, shaped_views, unflatten
 from loco.protocols.messages import STATE_PART
 from loco.protocols.regions import split_bounds
 from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
@@ -133,15 +132,6 @@ class RegionWeights(ShardedWeights):
     def outer_math(self, math: Any) -> SplitOuterState:
         self.split = SplitOuterState(self, math)
         return self.split
-
-
-def _views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for s in shapes:
-        n = math.prod(s)
-        out.append(flat[offset:offset + n].view(s))
-        offset += n
-    return out
 
 
 class SplitOuterState:
@@ -254,8 +244,8 @@ class SplitOuterState:
         ranks is whole here, and saved whole."""
         if self._pending is not None:
             anchor, buf, outer_steps, _ = self._pending
-            return {"anchor": _views(anchor.clone(), self.shapes), "buf": _views(buf.clone(), self.shapes),
-                    "outer_steps": outer_steps}
+            return {"anchor": shaped_views(anchor.clone(), self.shapes),
+                    "buf": shaped_views(buf.clone(), self.shapes), "outer_steps": outer_steps}
         return region_state(self.region, self.math)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
