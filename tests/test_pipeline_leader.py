@@ -13,7 +13,7 @@ from loco.node.pipeline.compute import Activations
 from loco.node.pipeline.planning import Planner
 from loco.node.pipeline.post import Post
 from loco.node.pipeline.standing import Standing
-from loco.protocols.membership import PeerInfo
+from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.pipeline.channel import Channel
 from loco.protocols.pipeline.plan import JOINING, PLAN, REJOINING, admit, leader_of
 from loco.protocols.transport import Transport
@@ -25,8 +25,14 @@ class _View:
 
     def __init__(self, transports: dict[str, Transport], stages: dict[str, int], alive: set[str], me: str):
         self.transports, self.stages, self.alive, self.me = transports, stages, alive, me
+        self.partial = False  # the lookups miss records (a DHT node stopped answering)
+        self.strict_lookups = threading.Semaphore(0)  # released once per strict lookup
 
-    def peers(self) -> list[PeerInfo]:
+    def peers(self, strict: bool = False) -> list[PeerInfo]:
+        if strict:
+            self.strict_lookups.release()
+            if self.partial:
+                raise ViewUnknown("the DHT lookup missed records still valid")
         return [PeerInfo(n, t.endpoint, 0, self.stages[n]) for n, t in sorted(self.transports.items())
                 if n != self.me and n in self.alive]
 
@@ -114,6 +120,45 @@ def test_a_plan_goes_to_the_stage0_nodes_first(swarm):
     d.post.broadcast(PLAN, 0, {"paths": []}, list(reversed(roster)))
     assert order == ["a", "b"]  # the stage-0 nodes (a; d itself, through its inbox) before b
     assert d.channel.pull(0, timeout=1) is None and d.channel.take_plan(0).sender == "d"
+
+
+def test_iteration_0_is_planned_with_the_placement_while_records_still_show_the_old_stages(swarm):
+    transports, alive, nodes = swarm
+    b, d = nodes["b"], nodes["d"]
+    alive.discard("a")  # (d leads)
+    d.standing.layer_s = 0.01
+    d.membership.stages = {**d.membership.stages, "b": 0}  # b's record: the stage it started with
+    d.placement = {"a": 0, "b": 1, "d": 0}  # auto_assign put it on stage 1 (its record lags)
+    work = d.wait_plan(0)
+    assert work is not None and work.stages == {"b": 1, "d": 0}
+    assert work.paths and all(p == ["d", "b", "d"] for p in work.paths)
+    assert b.wait_plan(0).paths == work.paths  # b, on stage 1, takes part in it
+    # the placement is for iteration 0 only: from then on the records tell
+    assert {p.id: p.stage for p in d.roster()} == {"b": 0, "d": 0}
+
+
+def test_a_node_whose_lookups_are_partial_does_not_lead(swarm):
+    """A lookup that missed the leader's record would make d lead too: two plans of one
+    iteration, and nodes following either send each other tasks of the other one."""
+    transports, alive, nodes = swarm
+    d = nodes["d"]
+    d.standing.layer_s = 0.01
+    view = d.membership
+    view.partial = True
+    alive.discard("a")  # (what a partial lookup shows: no a, so d would be the smallest stage-0 node)
+    got = []
+    waiter = threading.Thread(daemon=True, target=lambda: got.append(d.wait_plan(0)))
+    waiter.start()
+    for _ in range(3):  # three passes of its loop, each with a partial lookup
+        assert view.strict_lookups.acquire(timeout=30)
+    assert transports["d"].sent_by_kind.get(PLAN) is None and not got
+    alive.add("a")
+    meta = {"paths": [["a", "b", "a"]], "eval": [], "stages": {"a": 0, "b": 1, "d": 0},
+            "endpoints": {n: t.endpoint for n, t in transports.items()}, "joins": {}, "last": False}
+    transports["a"].send(transports["d"].endpoint, Message(PLAN, round=0, meta=meta))
+    waiter.join(timeout=30)
+    assert got and got[0].paths == meta["paths"]  # the leader's plan, the only one
+    assert transports["d"].sent_by_kind.get(PLAN) is None
 
 
 def _peer(node: str, stage: int, round: int = 3, endpoint: str | None = None) -> PeerInfo:

@@ -19,8 +19,10 @@ PLAN = {"paths": [["a", "b", "c", "a"], ["d", "c", "d"]], "eval": [["a", "b", "c
         "stages": {"a": 0, "b": 1, "c": 2, "d": 0}}
 
 
-def _msg(kind, tensors=None, **meta):
-    return Message(kind, round=0, meta=meta, tensors=[torch.zeros(SHAPE)] if tensors is None else tensors)
+def _msg(kind, tensors=None, sender="b", **meta):
+    msg = Message(kind, round=0, meta=meta, tensors=[torch.zeros(SHAPE)] if tensors is None else tensors)
+    msg.sender = sender  # (as decode sets it from the signed header)
+    return msg
 
 
 def test_a_good_plan_and_its_tasks_pass():
@@ -29,9 +31,9 @@ def test_a_good_plan_and_its_tasks_pass():
     work = Iteration("c", 0, PLAN)
     assert work.todo == 2 + 2 + 1  # middle of mb 0 (fwd + bwd), middle of mb 1, eval forward
     assert check_task(work, _msg(FWD, mb=0, hop=2, eval=False), SHAPE) is None
-    assert check_task(work, _msg(BWD, mb=1, hop=1, eval=False), SHAPE) is None
+    assert check_task(work, _msg(BWD, sender="d", mb=1, hop=1, eval=False), SHAPE) is None
     assert check_task(work, _msg(FWD, mb=0, hop=2, eval=True), SHAPE) is None
-    assert check_task(work, _msg(DROP, tensors=[], mb=1, eval=False), SHAPE) is None
+    assert check_task(work, _msg(DROP, tensors=[], sender="d", mb=1, eval=False), SHAPE) is None
 
 
 def test_malformed_plans_are_named():
@@ -65,6 +67,12 @@ def test_malformed_tasks_are_named():
         (_msg(FWD, [torch.zeros(2, 8, 15)], mb=0, hop=2, eval=False), "expected one float32 tensor"),
         (_msg(FWD, [torch.zeros(SHAPE, dtype=torch.float64)], mb=0, hop=2, eval=False), "float32"),
         (_msg(FWD, [], mb=0, hop=2, eval=False), "expected one"),
+        # from a node that is not the hop before (forward) or after (backward): another plan's
+        # task, or a forged one (one made it pop a target twice and take the node down)
+        (_msg(FWD, sender="d", mb=0, hop=2, eval=False), "comes from b, not d"),
+        (_msg(FWD, sender="", mb=0, hop=2, eval=False), "comes from b, not ?"),
+        (_msg(BWD, sender="b", mb=1, hop=1, eval=False), "comes from d, not b"),
+        (_msg(DROP, tensors=[], sender="a", mb=1, eval=False), "a is not on the path of microbatch 1"),
     ]
     for msg, reason in cases:
         assert reason in (check_task(work, msg, SHAPE) or ""), (msg.meta, check_task(work, msg, SHAPE))

@@ -155,7 +155,10 @@ class StageCompute:
         path = work.path(m, is_eval)
         h_in = msg.tensors[0].to(self.device, torch.float32)
         if k == len(path) - 1:  # back home: the loss, and at once its backward pass
-            y = work.targets.pop((m, is_eval))
+            y = work.targets.pop((m, is_eval), None)
+            if y is None:  # (a second copy of the last hop: the first finished the microbatch here)
+                log.warning("iteration %d: microbatch %d came back again from %s; dropped", work.number, m, msg.sender)
+                return
             if is_eval:
                 with torch.no_grad():
                     work.val_losses.append(float(self.model.loss(h_in, y)))

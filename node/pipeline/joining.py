@@ -47,8 +47,8 @@ class Joining:
         planned = False
         while not self.stop.is_set():
             if planner.prev is None and not planned and planner.fresh_swarm():
-                roster = planner.roster()
-                if planner.leader(roster) == me.id:
+                roster = planner.whole_roster()
+                if roster is not None and planner.leader(roster) == me.id:
                     planned = planner.send_plan(0, roster)
             plans = self.channel.plans
             for number in sorted(plans):

@@ -99,20 +99,24 @@ def assign_stage(cfg: Config, standing: Standing, planner: Planner, membership: 
         log.info("joining a running pipeline: stage %d has the fewest live replicas", standing.stage)
         return
     deadline = time.monotonic() + cfg.swarm.join_timeout_s
+    sent = False  # (once: a second placement from a roster that changed meanwhile could differ)
     while time.monotonic() < deadline and not stop.is_set():
-        roster = planner.roster()
-        measured = all(q.links and q.throughput > 0 for q in roster)
+        roster = [] if sent else planner.whole_roster() or []  # (a partial view could make two nodes place)
+        measured = bool(roster) and all(q.links and q.throughput > 0 for q in roster)
         if measured and min(q.id for q in roster) == standing.id:
             placed = assign_stages(planner.setting(roster), seed=cfg.train.seed)
             post.broadcast(ASSIGN, 0, {"stages": {n.id: n.stage for n in placed.nodes}}, roster)
+            sent = True
         while (msg := channel.next_filed(ASSIGN)) is not None:
             stages = msg.meta.get("stages")
-            stage = stages.get(standing.id, standing.stage) if isinstance(stages, dict) else None
-            if not isinstance(stage, int) or not 0 <= stage < p.stages:
+            valid = isinstance(stages, dict) and all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < p.stages for s in stages.values())
+            if not valid or standing.id not in stages:
                 post.reject(msg, f"no valid stage for {standing.id} in {str(stages)[:80]}")
                 continue
-            standing.stage = stage
-            log.info("placed on stage %d", stage)
+            planner.placement = dict(stages)  # iteration 0 is planned with it (records may lag)
+            standing.stage = stages[standing.id]
+            log.info("placed on stage %d", standing.stage)
             return
         channel.pull(0, timeout=1.0)
     raise ConnectionError("pipeline.auto_assign: no placement arrived")

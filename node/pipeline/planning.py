@@ -13,9 +13,10 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from loco.protocols.membership import Membership, PeerInfo
+from loco.protocols.membership import Membership, PeerInfo, ViewUnknown
 from loco.protocols.pipeline.channel import Channel
 from loco.protocols.pipeline.plan import PLAN, Iteration, admit, check_plan, leader_of
 from loco.protocols.pipeline.schedule import (
@@ -52,11 +53,29 @@ class Planner:
         self.last_plan: Message | None = None  # ... as it came (who sent it)
         self._relayed: set[int] = set()  # plans this node sent again after their leader died
         self._schedules: dict[tuple, list[list[str]]] = {}
+        # pipeline.auto_assign's stages (node id -> stage), which iteration 0 is planned with
+        self.placement: dict[str, int] = {}
 
     # ------------------------------------------------------------- who leads
-    def roster(self) -> list[PeerInfo]:
-        """The live nodes the DHT shows, and this node, by id."""
-        return sorted([*self.membership.peers(), self.standing.peer_info()], key=lambda p: p.id)
+    def roster(self, strict: bool = False) -> list[PeerInfo]:
+        """The live nodes the DHT shows, and this node, by id. ``strict``: ViewUnknown if the
+        lookup was partial. Until iteration 0 is planned, a placed node counts on the stage
+        the placement gave it: its record may not show it yet (the leader planned a busy
+        swarm's iteration 0 with stages records still showed from before the placement)."""
+        nodes = [*self.membership.peers(strict=strict), self.standing.peer_info()]
+        if self.prev is None and self.placement:
+            nodes = [replace(p, stage=self.placement.get(p.id, p.stage)) for p in nodes]
+        return sorted(nodes, key=lambda p: p.id)
+
+    def whole_roster(self) -> list[PeerInfo] | None:
+        """The roster from a lookup that was not partial, else None. Who leads (and who
+        places the nodes) is decided on it only: a node that missed the leader's record
+        would lead too, and two plans of one iteration split the swarm (nodes following
+        either sent each other tasks of the other's plan)."""
+        try:
+            return self.roster(strict=True)
+        except ViewUnknown:
+            return None
 
     def leader(self, roster: list[PeerInfo] | None = None) -> str | None:
         return leader_of(self.prev, self.roster() if roster is None else roster)
@@ -160,22 +179,23 @@ class Planner:
                     me.member = False
                     return None
                 self.post.reject(msg, problem)
-            roster = self.roster()
-            leader = self.leader(roster)
-            if leader == me.id and not planned:
-                self.relay_orphaned_plan(roster)  # (before the next plan: the missed one comes first)
-                planned = self.send_plan(it, roster)
+            roster = self.whole_roster()
+            if roster is not None:  # (a partial view says nothing of who leads)
+                leader = self.leader(roster)
+                if leader == me.id and not planned:
+                    self.relay_orphaned_plan(roster)  # (before the next plan: the missed one comes first)
+                    planned = self.send_plan(it, roster)
+                if leader is None:
+                    no_stage0_since = no_stage0_since or time.monotonic()
+                    if time.monotonic() - no_stage0_since > self.cfg.swarm.join_timeout_s:
+                        raise ConnectionError(f"no stage-0 node alive for {self.cfg.swarm.join_timeout_s:.0f}s")
+                else:
+                    no_stage0_since = None
             plans = self.channel.plans
             if not warned and plans and min(plans) > it and time.monotonic() - waiting_since > 5.0:
                 warned = True  # (a plan lost to a leader that died while sending it)
                 log.warning("iteration %d: its plan has not come but that of %d has; waiting for the next "
                             "leader to send it again", it, min(plans))
-            if leader is None:
-                no_stage0_since = no_stage0_since or time.monotonic()
-                if time.monotonic() - no_stage0_since > self.cfg.swarm.join_timeout_s:
-                    raise ConnectionError(f"no stage-0 node alive for {self.cfg.swarm.join_timeout_s:.0f}s")
-            else:
-                no_stage0_since = None
             early = self.channel.pull(it, timeout=1.0)
             if early is not None:  # work of this iteration that came before its plan
                 self.channel.keep_for(it, early)
@@ -187,7 +207,7 @@ class Planner:
         the last plan); None if none came by ``deadline``."""
         planned = False
         while time.monotonic() < deadline and not self.stop.is_set():
-            roster = [] if planned else self.roster()
+            roster = None if planned else self.whole_roster()
             if roster and self.leader(roster) == self.standing.id:
                 planned = True
                 self.relay_orphaned_plan(roster)

@@ -114,9 +114,9 @@ def check_task(work: Iteration, msg: Message, activation: tuple[int, ...],
     group = work.eval_paths if is_eval else work.paths
     if not 0 <= m < len(group):
         return f"no microbatch {m} in this iteration"
-    if msg.kind == DROP:
-        return None
     path, k = group[m], msg.meta.get("hop")
+    if msg.kind == DROP:  # (from a node on the microbatch's path: the one that gave it up)
+        return None if msg.sender in path else f"{msg.sender or '?'} is not on the path of microbatch {m}"
     # a forward arrives at hops 1..end (the head starts it), a backward at hops 0..end-1
     lo, hi = (1, len(path) - 1) if msg.kind == FWD else (0, len(path) - 2)
     if not isinstance(k, int) or isinstance(k, bool) or not lo <= k <= hi:
@@ -125,6 +125,11 @@ def check_task(work: Iteration, msg: Message, activation: tuple[int, ...],
         return f"hop {k} of microbatch {m} is {path[k]}, not this node"
     if msg.kind == BWD and is_eval:
         return "a backward pass for a validation microbatch"
+    # a task comes from the hop before (forward) or after (backward): one from anyone else
+    # follows another plan of this iteration, or is forged
+    sender = path[k - 1] if msg.kind == FWD else path[k + 1]
+    if msg.sender != sender:
+        return f"hop {k} of microbatch {m} comes from {sender}, not {msg.sender or '?'}"
     if len(msg.tensors) != 1 or msg.tensors[0].dtype != dtype or tuple(msg.tensors[0].shape) != activation:
         got = [(str(t.dtype), tuple(t.shape)) for t in msg.tensors]
         return f"expected one {str(dtype).removeprefix('torch.')} tensor of shape {activation}, got {got}"
