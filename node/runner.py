@@ -21,6 +21,7 @@ from .config import config_to_dict
 from .config_layers import without_env_overrides
 from .experiment import Experiment, Fault, Variant, node_config
 from .metrics import MetricsFollower, MetricsWriter
+from .prefork import ForkServer
 from .report import write_report
 from .runtime import write_json_atomic
 from .swarm import (
@@ -58,6 +59,7 @@ class VariantRun:
         # restarts keep the key; LOCO_SECTION__KEY variables are in the experiment's base
         # already, and must not override each variant's settings in the nodes again
         self.env = without_env_overrides(launch_env(node_config(exp, variant, 0, self.epoch).swarm))
+        self.forks: ForkServer | None = None  # the nodes' imports, once (while the variant runs)
 
     def _config_path(self, i: int) -> Path:
         cfg = node_config(self.exp, self.variant, i, self.epoch)
@@ -79,7 +81,7 @@ class VariantRun:
         node_id = f"node{i}"
         (self.out / "nodes" / f"{node_id}.json").unlink(missing_ok=True)
         cmd = node_command(node_id, self.out, str(self._config_path(i)), [], peer, join_file)
-        self.nodes[i] = LocalNode(node_id, spawn(cmd, self.out / "logs" / f"{node_id}.log", self.env),
+        self.nodes[i] = LocalNode(node_id, spawn(cmd, self.out / "logs" / f"{node_id}.log", self.env, self.forks),
                                   self.out / "logs")
 
     def _live_peer(self, exclude: int) -> str | None:
@@ -154,6 +156,7 @@ class VariantRun:
         self.out.mkdir(parents=True, exist_ok=True)
         console.print(f"variant {self.variant.name}: starting {self.n} nodes")
         finished = False
+        self.forks = ForkServer()
         try:
             self._start(0, None)
             first = self.out / "nodes" / "node0.json"
@@ -186,6 +189,7 @@ class VariantRun:
                 os.killpg(self.nodes[i].proc.pid, signal.SIGCONT)
             stop_all(list(self.nodes.values()), grace_s=60)
             reap_groups(list(self.nodes.values()))
+            self.forks.close()
             self.faults.close()
         return finished
 

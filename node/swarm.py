@@ -25,6 +25,7 @@ from loco.token import new_key
 
 from .config import Config, SwarmConfig
 from .metrics import MetricsFollower
+from .prefork import Forked, ForkServer, forkable
 
 # logs and CI are not terminals: keep lines and the summary table unwrapped there
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -33,7 +34,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 @dataclass
 class LocalNode:
     id: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     log_path: Path
     metrics_path: Path | None = None
     start: dict | None = None  # its first start record
@@ -82,14 +83,20 @@ def launch_env(swarm: SwarmConfig) -> dict[str, str]:
     return env
 
 
-def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
+          forks: ForkServer | None = None) -> subprocess.Popen | Forked:
+    """``cmd`` in a session of its own, its output appended to ``log_path``: forked from
+    ``forks`` if it runs this interpreter on a module or script (its imports are done
+    there), else started afresh."""
+    if forks is not None and cmd[0] == sys.executable and forkable(cmd[1:]):
+        return forks.start(cmd[1:], log_path, env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
+def wait_for_file(path: Path, proc: subprocess.Popen | Forked, timeout_s: float) -> dict:
     """The node writes this file once its DHT and socket are up."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -185,6 +192,7 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
     env = launch_env(cfg.swarm)
     previous = signal.signal(signal.SIGTERM, on_term)
     previous_int = signal.signal(signal.SIGINT, on_term)
+    forks = ForkServer()  # the nodes' imports, once
     try:
         # all at once: the others load torch, the model and the data while node0 starts the
         # swarm, and join through the file node0 writes once its DHT is up
@@ -197,7 +205,8 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
             if cfg.node.metrics_port:  # one port each: node i serves /metrics on the given port + i
                 own.append(f"node.metrics_port={cfg.node.metrics_port + i}")
             cmd = node_command(node_id, out, config_path, own, None, first if i > 0 else None)
-            nodes.append(LocalNode(node_id, spawn(cmd, log_path, env), log_path, out / "metrics" / f"{node_id}.jsonl"))
+            nodes.append(LocalNode(node_id, spawn(cmd, log_path, env, forks), log_path,
+                                   out / "metrics" / f"{node_id}.jsonl"))
         wait_for_file(first, nodes[0].proc, timeout_s=180)
         console.print(f"swarm started by node0; logs and metrics in {out}")
         while any(x.proc.poll() is None for x in nodes):
@@ -215,6 +224,7 @@ def run_swarm(cfg: Config, n: int, out: Path, config_path: str | None, overrides
         return 1
     finally:
         reap_groups(nodes)
+        forks.close()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
     console.print(summarize(nodes, time.monotonic() - started))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from loco.node.prefork import Forked, ForkServer
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast configuration for real swarms on a busy 2-core machine. Deadlines are
@@ -72,7 +74,7 @@ def group_members(pgid: int) -> list[int]:
 class Staged:
     """A process started ahead, waiting for its go file."""
 
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     go_file: Path
 
     def go(self) -> subprocess.Popen:
@@ -81,23 +83,27 @@ class Staged:
 
 
 class Procs:
-    """Starts `loco` CLI processes in their own sessions and kills their groups at the end."""
+    """Starts `loco` CLI processes in their own sessions and kills their groups at the end.
+    ``forks``: where they are forked from (their imports done once per test worker, as
+    ``loco swarm`` does for its nodes); a process under a prefix starts afresh."""
 
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen] = []
+    def __init__(self, tmp: Path, forks: ForkServer | None = None):
+        self.tmp, self.forks = tmp, forks
+        self.procs: list[subprocess.Popen | Forked] = []
 
     def loco(self, *args: str, log: str) -> subprocess.Popen:
         return self.python("-m", "loco.node.cli", *args, log=log)
 
-    def python(self, *args: str, log: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    def python(self, *args: str, log: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen | Forked:
         """``python ARGS...`` (a script, or -m module) in a session of its own; ``prefix``:
         what runs it (``ip netns exec NS``)."""
-        f = (self.tmp / f"{log}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        p = subprocess.Popen([*prefix, sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True)
-        f.close()
+        if self.forks is not None and not prefix:
+            p = self.forks.start(list(args), self.tmp / f"{log}.log", env, cwd=REPO)
+        else:
+            with (self.tmp / f"{log}.log").open("ab") as f:
+                p = subprocess.Popen([*prefix, sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=REPO, env=env, start_new_session=True)
         self.procs.append(p)
         return p
 
@@ -131,9 +137,19 @@ class Procs:
                 p.wait(timeout=15)
 
 
+@pytest.fixture(scope="session")
+def forks():
+    """One fork server per test worker (started with the first test that needs it)."""
+    server = ForkServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
-def procs(tmp_path, request):
-    p = Procs(tmp_path)
+def procs(tmp_path, request, forks):
+    p = Procs(tmp_path, forks)
     request.node.loco_logs = tmp_path  # read by pytest_runtest_makereport if the test fails
     try:
         yield p
