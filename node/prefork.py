@@ -3,7 +3,8 @@
 Before a node process does anything it spends seconds of CPU importing torch (with
 torch._dynamo, which the first torch.optim optimizer imports: about half of it), hivemind
 and loco. A launcher that starts N nodes on one machine pays that N times, at once, on the
-cores the nodes then train on (15 s of CPU per node on a 2-core machine). A launcher can
+cores the nodes then train on (4.5 s of CPU per node on a quiet 2-core machine, three times
+that on a busy one; scripts/bench_node_start.py). A launcher can
 instead start one ``ForkServer``: a process that imports them once and forks every node
 from itself. Each node is a real process of its own, in a session of its own (its group
 can be killed whole), with its own log, environment, working directory and arguments,
