@@ -38,6 +38,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+import setproctitle
+
 # what a node process imports before it trains (loco's own modules bring the rest)
 PRELOAD = ("torch", "torch._dynamo", "hivemind", "loco.node.cli", "loco.node.daemon",
            "loco.node.pipeline.node", "loco.node.rank_launch")
@@ -232,6 +234,9 @@ def _run(args: list[str], log_path: str, env: dict[str, str], cwd: str, started_
     code = 1
     try:
         os.setsid()
+        # ps shows what it runs (before the environment changes: setproctitle finds the
+        # command line's memory through it)
+        setproctitle.setproctitle(" ".join([sys.executable, *args]))
         log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         for fd, target in ((null, 0), (log, 1), (log, 2)):

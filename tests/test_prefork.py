@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,12 @@ def test_a_forked_script_sees_what_a_fresh_python_would(forks, program, tmp_path
     assert seen == {"argv": [str(program), "ok", "x"], "path0": str(tmp_path), "cwd": str(tmp_path.parent),
                     "env": "here", "own_session": True, "name": "__main__", "stdin": ""}
     assert log.read_text().splitlines()[-1] == "atexit ran"
+    q = forks.start([str(program), "wait"], tmp_path / "b.log", cwd=tmp_path)
+    try:  # ps shows what it runs, not the fork server's command line
+        shown = Path(f"/proc/{q.pid}/cmdline").read_text().replace("\0", " ").strip()
+        assert shown == f"{sys.executable} {program} wait", shown
+    finally:
+        q.kill()
     # what a fresh interpreter prints for the same program
     fresh = subprocess.run([sys.executable, str(program), "ok", "x"], capture_output=True, text=True,
                            env={**os.environ, "PROBE": "here"}, cwd=tmp_path.parent, stdin=subprocess.DEVNULL)
