@@ -43,6 +43,8 @@ import setproctitle
 # what a node process imports before it trains (loco's own modules bring the rest)
 PRELOAD = ("torch", "torch._dynamo", "hivemind", "loco.node.cli", "loco.node.daemon",
            "loco.node.pipeline.node", "loco.node.rank_launch")
+IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # by the server, not by its forks
+LOST = 255  # the exit code of a fork that ended after its server: the real one is lost
 START_TIMEOUT_S = 300.0  # a fork starts in milliseconds; the first waits for the server's imports
 
 
@@ -96,18 +98,28 @@ class ForkServer:
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
         """``pid``'s exit code once the server reaped it, waiting up to ``timeout`` (None:
-        for ever); None if it still runs, or ended after the server did (its code is lost)."""
+        for ever); None if it still runs. A fork that ended after the server (killed with
+        SIGKILL) has no code to report: ``LOST``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 while not self._gone and pid not in self._codes and self._pump(0.0):
                     pass  # (what came already)
-                if pid in self._codes or self._gone:
-                    return self._codes.get(pid)
-                if left == 0.0:
-                    return None
-                self._pump(1.0 if left is None else min(left, 1.0))
+                if pid in self._codes:
+                    return self._codes[pid]
+                gone = self._gone
+            if gone and not _alive(pid):
+                return LOST
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            wait = 1.0 if left is None else min(left, 1.0)
+            if gone:  # (nothing to read: look again soon)
+                time.sleep(min(wait, 0.1))
+                continue
+            with self._lock:
+                if not self._gone:
+                    self._pump(wait)
 
     def _pump(self, timeout: float) -> bool:
         """Read what the server sent within ``timeout``; False if nothing came."""
@@ -131,6 +143,8 @@ class ForkServer:
 
     def close(self) -> None:
         with self._lock:
+            while not self._gone and self._pump(0.0):
+                pass  # (the exit codes sent already)
             self._gone = True
             self._sock.close()  # (the server exits when its end reads EOF)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -138,6 +152,15 @@ class ForkServer:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (not a zombie): for forks whose server is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Forked:
@@ -177,7 +200,11 @@ class Forked:
 def _serve(sock: socket.socket) -> None:
     """Fork a process per request; report each one's pid once it started, and its exit code
     once it ended. Ends when the launcher closes its end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the launcher's Ctrl-C is the launcher's)
+    # signals to the launcher's process group (Ctrl-C, a service manager's SIGTERM, a closed
+    # terminal) are the launcher's: it stops its nodes, and needs the server for their exit
+    # codes meanwhile; the server ends when the launcher does (its end of the socket closes)
+    for sig in IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -216,7 +243,7 @@ def _fork_one(sock: socket.socket, request: dict, server_fds: tuple[int, int]) -
     if pid == 0:  # the child: never returns
         os.close(started_r)
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGINT, signal.SIGCHLD):
+        for sig in (*IGNORED, signal.SIGCHLD):  # (as a fresh python has them)
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         sock.close()
         for fd in server_fds:

@@ -50,9 +50,9 @@ class VariantRun:
         self.pending = sorted(exp.fault, key=lambda f: (f.at_s if f.at_s is not None else 1e18))
         self.resume_at: list[tuple[float, int]] = []  # (time, node) for SIGCONT after a pause
         # node -> the join file its restart waits on: a restart is started as soon as the node
-        # is down, loads its model, data and checkpoint, and joins when the fault fires (a
-        # fresh process takes 10-20 s to import and load on a busy machine, by when the
-        # others may have finished)
+        # is down, loads its model, data and checkpoint, and joins when the fault fires (on a
+        # busy machine that loading takes seconds, by when the others may have finished; a
+        # fresh interpreter's imports took 10-20 s more, which the fork server saves)
         self.staged: dict[int, Path] = {}
         self._followers: dict[int, MetricsFollower] = {}  # node -> its metrics file, followed
         self._rounds: dict[int, int] = {}  # node -> the highest round it has recorded

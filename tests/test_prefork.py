@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loco.node.prefork import forkable
+from loco.node.prefork import LOST, ForkServer, forkable
 from loco.node.swarm import spawn
 
 PROGRAM = """
@@ -113,3 +113,23 @@ def test_only_plain_module_or_script_invocations_are_forked(forks, tmp_path):
     p = spawn([sys.executable, "-c", "print('fresh')"], tmp_path / "c.log", forks=forks)
     assert isinstance(p, subprocess.Popen) and p.wait(60) == 0
     assert (tmp_path / "c.log").read_text().strip() == "fresh"
+
+
+def test_the_server_outlives_signals_to_the_launchers_group_and_a_fork_outlives_the_server(program, tmp_path):
+    """A launcher's group gets SIGTERM (a service manager, ``timeout``) or SIGHUP: the
+    launcher stops its nodes and needs the server for their exit codes meanwhile. A server
+    killed anyway leaves its forks running; one that ends then has no code to report."""
+    server = ForkServer(preload=())  # (nothing to import: a plain script)
+    try:
+        first = server.start([str(program), "exit", "4"], tmp_path / "a.log", cwd=tmp_path)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            os.kill(server.pid, sig)
+        assert first.wait(60) == 4
+        late = server.start([str(program), "wait"], tmp_path / "b.log", cwd=tmp_path)
+        os.kill(server.pid, signal.SIGKILL)
+        with pytest.raises(subprocess.TimeoutExpired):
+            late.wait(0.5)  # still running, its server gone
+        late.kill()
+        assert late.wait(60) == LOST
+    finally:
+        server.close()
