@@ -77,7 +77,7 @@ class Staged:
     proc: subprocess.Popen | Forked
     go_file: Path
 
-    def go(self) -> subprocess.Popen:
+    def go(self) -> subprocess.Popen | Forked:
         self.go_file.touch()
         return self.proc
 
@@ -91,7 +91,7 @@ class Procs:
         self.tmp, self.forks = tmp, forks
         self.procs: list[subprocess.Popen | Forked] = []
 
-    def loco(self, *args: str, log: str) -> subprocess.Popen:
+    def loco(self, *args: str, log: str) -> subprocess.Popen | Forked:
         return self.python("-m", "loco.node.cli", *args, log=log)
 
     def python(self, *args: str, log: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen | Forked:
