@@ -72,7 +72,7 @@ def train(rank: int, world: int, args: argparse.Namespace, store_port: int | Non
         torch.cuda.set_device(rank % torch.cuda.device_count())
     # a rank that dies stops the others at their next broadcast, at the latest after this
     timeout = datetime.timedelta(seconds=args.timeout_s)
-    # spawned by main(): meet at the launcher's store (torchrun: its environment variables)
+    # started by main(): meet at the launcher's store (torchrun: its environment variables)
     store = None if store_port is None else dist.TCPStore("127.0.0.1", store_port, world_size=world + 1,
                                                           is_master=False, timeout=timeout)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=store)
@@ -160,8 +160,10 @@ def main() -> None:
     # the ranks meet at a store this process serves on a port the OS picks (a port picked free
     # and handed on could be taken by another program before the ranks bind it)
     store = dist.TCPStore("127.0.0.1", 0, world_size=args.nproc_per_node + 1, is_master=True, wait_for_workers=False)
-    # a rank that fails ends the others (spawn terminates them), so the member leaves whole
-    mp.spawn(train, args=(args.nproc_per_node, args, store.port), nprocs=args.nproc_per_node, join=True)
+    # a rank that fails ends the others (they are terminated), so the member leaves whole; the
+    # ranks are forked from one server process that imported this script (torch, loco) once
+    mp.start_processes(train, args=(args.nproc_per_node, args, store.port), nprocs=args.nproc_per_node, join=True,
+                       start_method="forkserver")
 
 
 if __name__ == "__main__":

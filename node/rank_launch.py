@@ -1,8 +1,8 @@
 """Starting a node of several processes (node.nproc_per_node > 1).
 
-``loco node start --nproc-per-node N`` starts the N ranks itself (``launch_ranks``: torch's
-process spawning, a TCPStore this process serves for their rendezvous, so no port is
-guessed); ``torchrun --nproc-per-node N --no-python loco node start ...`` starts them the
+``loco node start --nproc-per-node N`` starts the N ranks itself (``launch_ranks``: forked
+by torch's process starting from one fork server that imported torch, hivemind and loco once,
+a TCPStore this process serves for their rendezvous, so no port is guessed); ``torchrun --nproc-per-node N --no-python loco node start ...`` starts them the
 way torchrun does (``under_torchrun``: RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
 environment). Either way every rank runs ``run_rank``: rank 0 the daemon's ``Node``, the
 others ``FollowerNode``. A rank that fails ends the node: the launcher stops the other ranks
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ import torch.multiprocessing as mp
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 from .devices import rank_device
+from .prefork import PRELOAD
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def run_rank(rank: int, world: int, cfg: Config, out: Path, store: Any | None = 
 
 
 def _spawned_rank(index: int, world: int, cfg: Config, out: Path, port: int, verbose: bool) -> None:
-    """The entry of a rank ``launch_ranks`` started (a fresh interpreter)."""
+    """The entry of a rank ``launch_ranks`` started (forked from the fork server)."""
     from .cli import setup_logging
 
     setup_logging(verbose)
@@ -119,8 +121,12 @@ def launch_ranks(cfg: Config, out: Path, verbose: bool) -> int:
     0 when every rank finished, else 1."""
     world = cfg.node.nproc_per_node
     store = dist.TCPStore("127.0.0.1", 0, world_size=world + 1, is_master=True, wait_for_workers=False)
+    # forked from one server process that imported torch, hivemind and loco (multiprocessing's
+    # forkserver, a fresh interpreter: nothing of this process's threads or CUDA), not N
+    # fresh interpreters that each import them
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     ctx = mp.start_processes(_spawned_rank, args=(world, cfg, out, store.port, verbose), nprocs=world, join=False,
-                             start_method="spawn")
+                             start_method="forkserver")
 
     def forward(signum: int, _frame: Any) -> None:
         for p in ctx.processes:

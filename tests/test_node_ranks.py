@@ -24,17 +24,18 @@ def _records(out: Path, node: str, event: str) -> list[dict]:
 
 
 def _ranks_of(launcher_pid: int) -> list[int]:
-    """The rank processes a launcher started (its children that run torch's spawned entry)."""
-    found = []
+    """The rank processes a launcher started: the children of its fork server (the child of
+    the launcher that runs multiprocessing's forkserver)."""
+    parents, servers = {}, set()
     for pid in group_members(os.getpgid(launcher_pid)):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError):
             continue
-        if parent == launcher_pid and any(b"spawn_main" in part for part in cmd):
-            found.append(pid)
-    return found
+        if parents[pid] == launcher_pid and b"multiprocessing.forkserver" in cmd:
+            servers.add(pid)
+    return [pid for pid, parent in parents.items() if parent in servers]
 
 
 def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(procs, tmp_path):

@@ -161,6 +161,23 @@ def test_a_node_whose_lookups_are_partial_does_not_lead(swarm):
     assert transports["d"].sent_by_kind.get(PLAN) is None
 
 
+def test_a_node_left_out_of_a_plan_it_never_got_joins_again_once_a_later_plan_admits_it(swarm):
+    """The leader lost sight of b's record (late refreshes on a busy machine): its plan of
+    iteration 1 left b out and went only to the nodes it saw; the plan of 2 admits b again.
+    b, waiting for the plan of 1, must take that up: the pipeline puts it on paths from 3."""
+    transports, alive, nodes = swarm
+    b = nodes["b"]
+    meta = {"paths": [["a", "b", "a"]], "eval": [], "stages": {"a": 0, "b": 1, "d": 0},
+            "endpoints": {n: t.endpoint for n, t in transports.items()}, "joins": {"b": ""}, "last": False}
+    transports["a"].send(transports["b"].endpoint, Message(PLAN, round=2, meta=meta))
+    got = []
+    waiter = threading.Thread(daemon=True, target=lambda: got.append(b.wait_plan(1)))
+    waiter.start()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "b still waits for the plan of iteration 1"
+    assert got == [None] and not b.standing.member and 2 in b.channel.plans  # (joining takes it up)
+
+
 def _peer(node: str, stage: int, round: int = 3, endpoint: str | None = None) -> PeerInfo:
     return PeerInfo(node, endpoint or f"tcp://{node}", round, stage)
 

@@ -179,6 +179,12 @@ class Planner:
                     me.member = False
                     return None
                 self.post.reject(msg, problem)
+            later = self._admitted_later(it)
+            if later is not None:
+                log.warning("iteration %d: the plan of %d admits this node again, so the plan of %d left it out "
+                            "(the leader lost sight of it) and never came here; joining again", it, later, it)
+                me.member = False  # (joining takes the later plan up)
+                return None
             roster = self.whole_roster()
             if roster is not None:  # (a partial view says nothing of who leads)
                 leader = self.leader(roster)
@@ -199,6 +205,18 @@ class Planner:
             early = self.channel.pull(it, timeout=1.0)
             if early is not None:  # work of this iteration that came before its plan
                 self.channel.keep_for(it, early)
+        return None
+
+    def _admitted_later(self, it: int) -> int | None:
+        """A plan after ``it`` that came already and admits this node (names it a joiner, at
+        its endpoint): the leader left this node out of the plan of ``it`` (it lost sight of
+        its record, so the plan went only to the nodes it saw) and the node would otherwise
+        wait for that plan for ever, while the pipeline goes on with it on its paths."""
+        me = self.standing
+        for number in sorted(n for n in self.channel.plans if n > it):
+            meta = self.channel.plans[number].meta
+            if check_plan(meta) is None and me.id in meta.get("joins", {}) and meta["endpoints"][me.id] == me.endpoint:
+                return number
         return None
 
     def wait_final_plan(self, final: int, deadline: float) -> Iteration | None:

@@ -109,7 +109,9 @@ def main() -> None:
     # the ranks meet at a store served here on an OS-chosen port (a free port picked and handed
     # on can be taken by another process before the ranks bind it: seen beside a busy suite)
     store = dist.TCPStore("127.0.0.1", 0, world_size=args.ranks + 1, is_master=True, wait_for_workers=False)
-    mp.spawn(run, args=(args.ranks, args, store.port), nprocs=args.ranks, join=True)
+    # (forked from one server process that imported this script once, not a fresh interpreter each)
+    mp.start_processes(run, args=(args.ranks, args, store.port), nprocs=args.ranks, join=True,
+                       start_method="forkserver")
 
 
 if __name__ == "__main__":
