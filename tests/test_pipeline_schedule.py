@@ -69,11 +69,22 @@ def test_every_scheduled_path_obeys_every_rule(setting, seed):
 @given(pipeline_settings())
 def test_schedule_is_no_slower_than_the_full_pipeline(setting):
     """Guaranteed without skipping (the full pipeline's assignment is one of the candidates).
-    With skipping, a path over fewer stages can still meet a slow link the full pipeline's
-    round-robin avoids (latencies here obey no triangle inequality): allow 5% there."""
-    full = simulate(setting, full_pipeline(setting)).makespan
-    ours = simulate(setting, schedule(setting)).makespan
-    assert ours <= full * (1 + 1e-9 if setting.skip == 0 else 1.05)
+    With skipping, the full pipeline is no valid plan, and a path over fewer stages can meet
+    a slow link its round robin avoids (latencies here obey no triangle inequality;
+    hypothesis found a setting 5.0% slower than the full pipeline): what is guaranteed there
+    is the round robin of the same stage sets, which the search starts from."""
+    paths = schedule(setting)
+    ours = simulate(setting, paths).makespan
+    if setting.skip == 0:
+        assert ours <= simulate(setting, full_pipeline(setting)).makespan * (1 + 1e-9)
+        return
+    home = setting.replicas(0)
+    robin = []
+    for m, path in enumerate(paths):
+        stages = sorted(setting.node(n).stage for n in path[1:-1])
+        head = home[m % len(home)].id
+        robin.append([head, *(setting.replicas(s)[m % len(setting.replicas(s))].id for s in stages), head])
+    assert ours <= simulate(setting, robin).makespan * (1 + 1e-9)
 
 
 def test_schedule_beats_random_valid_paths_on_average():
