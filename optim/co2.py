@@ -19,11 +19,13 @@ nothing: no update, momentum kept, every replica that skipped it stays consisten
 round's local progress is lost, as a replica cannot apply a mean it does not know).
 
 Staleness penalty λ, per tensor [unverified: the paper's exact formula is not confirmed]:
-- ``fixed``: λ = ``penalty`` (1: no penalty).
+- ``fixed``: λ = ``penalty`` (1: no penalty). The update then works element by element:
+  a member whose weights are sharded over its ranks can run it per region of the weights.
 - ``gap_aware``: λ = max(1, ‖x_t − x_{t−1}‖ / mean_k ‖ḡ_k‖): how far the model moved
   since the stale gradient's model, in units of the typical update (Gap-Aware, Barkai et
   al. 2020, with norms per tensor instead of per element). Both terms are computed from
-  data every replica shares, so replicas stay bit-identical.
+  data every replica shares, so replicas stay bit-identical; their statistics (per tensor)
+  are part of the synchronized state, which under ``fixed`` is x_t and m only.
 
 Order at the end of round t, and why: wait first (the send buffer and the communicator's
 result buffer are free only then), write Δ_t, apply ḡ_{t−1} (reads the result buffer),
@@ -47,6 +49,8 @@ Staleness = Literal["fixed", "gap_aware"]
 
 
 class CO2:
+    STATE_SECTIONS = ("anchor", "m")  # the state kept per weight, in synchronized_tensors' order
+
     def __init__(
         self,
         params: Iterable[torch.Tensor],
@@ -70,6 +74,7 @@ class CO2:
         self.m = [torch.zeros_like(a) for a in self.anchor]
         # per tensor: [‖x_t − x_{t−1}‖, Σ_k ‖ḡ_k‖]; with outer_steps, all gap_aware needs
         self.stats = torch.zeros(len(self.anchor), 2, dtype=torch.float64)
+        self.background = background
         self.outer_steps = 0
         numel = sum(a.numel() for a in self.anchor)
         device = self.anchor[0].device if self.anchor else "cpu"
@@ -81,9 +86,22 @@ class CO2:
         self._adopted_pending: Callable[[], ReduceResult] | None = None
         self.pending_round = -1  # round whose reduce is in flight (-1: none)
         self.last_penalty: list[float] = []
-        # called with the reduce just applied (None: nothing applied) right before the next
-        # reduce starts: the caller tags that reduce with what its state now rests on
-        self.on_launch: Callable[[ReduceResult | None], None] | None = None
+        # called with the round of the reduce just taken and its result (None: none was in
+        # flight; its tensors None: it failed) once it is applied, right before the next
+        # reduce starts (which may reuse the communicator's result buffer that mean is in):
+        # the caller tags that reduce with what its state now rests on, and serves the mean
+        self.on_launch: Callable[[int, ReduceResult | None], None] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The update rule's settings (another instance built with them applies the same
+        rule: a member's ranks each over their own region of the weights)."""
+        return {"outer_lr": self.outer_lr, "momentum": self.momentum, "clip": self.clip,
+                "staleness": self.staleness, "penalty": self.penalty, "background": self.background}
+
+    @property
+    def element_wise(self) -> bool:
+        """The update works element by element (a fixed penalty): no per-tensor statistics."""
+        return self.staleness == "fixed"
 
     # ------------------------------------------------------------------ step
     def _take_pending(self) -> ReduceResult | None:
@@ -110,7 +128,7 @@ class CO2:
         if applied:
             self.apply(as_layers(stale.tensors, self.anchor))
         if self.on_launch is not None:
-            self.on_launch(stale if applied else None)
+            self.on_launch(round - 1, stale)
         if self._reducer is not None:
             self._reducer.start(self._send_views, round)
         else:  # sequential mode (tests, and the reference the threaded mode must equal)
@@ -146,15 +164,15 @@ class CO2:
             if self.clip:
                 m.clamp_(-self.clip, self.clip)
             a.add_(m, alpha=-self.outer_lr)
-        # ‖x_{t+1} − x_t‖ per tensor: next round's gap
-        self.stats[:, 0] = self.outer_lr * torch.tensor(_norms(self.m), dtype=torch.float64)
+        if not self.element_wise:  # ‖x_{t+1} − x_t‖ per tensor: next round's gap
+            self.stats[:, 0] = self.outer_lr * torch.tensor(_norms(self.m), dtype=torch.float64)
         self.last_penalty = penalties
         self.outer_steps += 1
 
     def _penalties(self, g: Sequence[torch.Tensor]) -> list[float]:
-        self.stats[:, 1] += torch.tensor(_norms(g), dtype=torch.float64)
-        if self.staleness == "fixed":
+        if self.element_wise:
             return [self.penalty] * len(g)
+        self.stats[:, 1] += torch.tensor(_norms(g), dtype=torch.float64)
         mean_g = self.stats[:, 1] / (self.outer_steps + 1)
         out = []
         for i in range(len(g)):
@@ -174,18 +192,22 @@ class CO2:
 
     # ------------------------------------------------------------ state
     def synchronized_tensors(self) -> list[torch.Tensor]:
-        """Identical on every replica: x_t, m and the gap statistics."""
-        return [*self.anchor, *self.m, self.stats]
+        """Identical on every replica: x_t, m and (``gap_aware``) the gap statistics."""
+        return [*self.anchor, *self.m, *self._stats()]
+
+    def _stats(self) -> list[torch.Tensor]:
+        return [] if self.element_wise else [self.stats]
 
     def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True,
                           pending: Callable[[], ReduceResult] | None = None) -> None:
         """Adopt a peer's state. ``pending`` fetches the mean of the reduce that was in flight
         when the peer published it (the adopter missed it); without it, the next step
         applies nothing."""
-        n = len(self.anchor)
-        if len(tensors) != 2 * n + 1:
-            raise ValueError(f"expected {2 * n + 1} tensors (anchor, momentum, stats), got {len(tensors)}")
-        for dst, src in zip([*self.anchor, *self.m, self.stats], tensors, strict=True):
+        mine = self.synchronized_tensors()
+        if len(tensors) != len(mine):
+            what = "anchor, momentum" + ("" if self.element_wise else ", stats")
+            raise ValueError(f"expected {len(mine)} tensors ({what}), got {len(tensors)}")
+        for dst, src in zip(mine, tensors, strict=True):
             if dst.shape != src.shape:
                 raise ValueError(f"shape mismatch: local {tuple(dst.shape)}, received {tuple(src.shape)}")
             dst.copy_(src)
@@ -199,12 +221,16 @@ class CO2:
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": [a.clone() for a in self.anchor], "m": [m.clone() for m in self.m],
-                "stats": self.stats.clone(), "outer_steps": self.outer_steps}
+                **({} if self.element_wise else {"stats": self.stats.clone()}), "outer_steps": self.outer_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint. The reduce that was in flight is lost: the first step
         after a restart applies nothing (a peer's state, fetched on catch-up, replaces this)."""
-        self.load_synchronized([*state["anchor"], *state["m"], state["stats"]], int(state["outer_steps"]),
+        if not self.element_wise and "stats" not in state:
+            raise ValueError("this CO2 state holds no gap statistics: it was saved with staleness 'fixed', "
+                             "this is 'gap_aware'")
+        stats = [] if self.element_wise else [state["stats"]]  # (a fixed penalty reads none)
+        self.load_synchronized([*state["anchor"], *state["m"], *stats], int(state["outer_steps"]),
                                reset_params=False)
 
 

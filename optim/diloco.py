@@ -24,6 +24,8 @@ from .outer import OuterStepResult, nesterov_sgd_step
 
 
 class DiLoCo:
+    STATE_SECTIONS = ("anchor", "buf")  # the state kept per weight, in synchronized_tensors' order
+
     def __init__(
         self,
         params: Iterable[torch.Tensor],

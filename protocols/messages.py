@@ -26,6 +26,8 @@ ASK, PAST = "ASK", "PAST"  # a leader asks a member it waits for; the member ans
 GOSSIP = "GOSSIP"
 STATE, CO2_RESULT = "STATE", "CO2_RESULT"  # served snapshots; requests are f"{kind}_REQ"
 STATE_PART = "STATE_PART"  # one rank's part of a state served in parts (a member of several ranks)
+CO2_RESULT_PART = "CO2_RESULT_PART"  # one rank's part of a CO2 reduce's mean, served in parts likewise
+PART_OF = {STATE: STATE_PART, CO2_RESULT: CO2_RESULT_PART}  # a thing served in parts: the kind of its parts
 STATE_DIGEST = "STATE_DIGEST"  # a served snapshot's hash alone (a second peer vouching for a state)
 PP_PLAN, PP_FWD, PP_BWD, PP_DROP = "PP_PLAN", "PP_FWD", "PP_BWD", "PP_DROP"
 PP_FINAL, PP_ASSIGN, PP_STATE = "PP_FINAL", "PP_ASSIGN", "PP_STATE"
@@ -192,6 +194,7 @@ SCHEMAS: dict[str, type] = {
     STATE: StateReply, f"{STATE}_REQ": StateRequest,
     CO2_RESULT: StateReply, f"{CO2_RESULT}_REQ": StateRequest,
     STATE_PART: StateReply, f"{STATE_PART}_REQ": StateRequest,
+    CO2_RESULT_PART: StateReply, f"{CO2_RESULT_PART}_REQ": StateRequest,
     STATE_DIGEST: DigestReply, f"{STATE_DIGEST}_REQ": DigestRequest,
     PP_PLAN: PipelinePlan, PP_FWD: PipelineWork, PP_BWD: PipelineWork, PP_DROP: PipelineDrop,
     PP_FINAL: PipelineFinal, PP_ASSIGN: PipelineAssign, PP_STATE: PipelineState,

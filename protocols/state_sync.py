@@ -31,7 +31,8 @@ every endpoint at once, puts the tensors together and checks them against the le
 hash, which is the same :func:`tensors_hash` a one-process member computes of the same
 state (the leader computes it with :class:`StreamHash`, from the ranks' regions sent to it
 one at a time): a requester cannot tell the two apart, and members of any rank count agree
-on the hash.
+on the hash. A CO2 reduce's mean (kind ``CO2_RESULT``) is served in parts the same way, its
+parts of kind ``CO2_RESULT_PART`` (``messages.PART_OF``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 
 from .flat import shaped_views
 from .host_copy import HostMover, ready_event
-from .messages import STATE, STATE_DIGEST, STATE_PART
+from .messages import PART_OF, STATE, STATE_DIGEST
 from .transport import Transport
 from .wire import Message
 
@@ -343,8 +344,11 @@ def fetch_state(
         return None
     tensors: list[torch.Tensor] | None = reply.tensors
     if "parts" in meta:
+        if kind not in PART_OF:
+            log.warning("%s from %s names parts, which a %s is never served in; rejected", kind, reply.sender, kind)
+            return None
         meta = dict(meta)
-        tensors = _fetch_parts(transport, meta.pop("parts"), reply.sender, deadline, stop)
+        tensors = _fetch_parts(transport, meta.pop("parts"), reply.sender, deadline, stop, PART_OF[kind])
         if tensors is None:
             return None
     digest = tensors_hash(tensors)
@@ -359,7 +363,8 @@ def fetch_state(
 def parts_meta(endpoints: list[str], round: int, sections: list[list[tuple[int, ...]]]) -> dict[str, Any]:
     """Where a state served in parts is (the ``"parts"`` entry of the leader's snapshot meta):
     the endpoint of every part in order, which published its part at ``round`` (kind
-    STATE_PART); part ``p`` serves one 1-D tensor per section, and section ``s`` is the
+    STATE_PART, or the part kind of what is served: ``messages.PART_OF``); part ``p``
+    serves one 1-D tensor per section, and section ``s`` is the
     concatenation of every part's tensor ``s``, cut into tensors of ``sections[s]``'s shapes."""
     return {"endpoints": list(endpoints), "round": round, "sections": [[list(shape) for shape in shapes]
                                                                        for shapes in sections]}
@@ -382,10 +387,10 @@ def _parts_layout(parts: Any) -> tuple[list[str], int, list[list[tuple[int, ...]
 
 
 def _fetch_parts(transport: Transport, parts: Any, source: str, deadline: float,
-                 stop: threading.Event | None) -> list[torch.Tensor] | None:
-    """The tensors of a state served in parts (see :func:`parts_meta`): every part asked for
-    at once, put together in order. None (logged) if one does not come by ``deadline`` or
-    does not fit the layout the leader declared."""
+                 stop: threading.Event | None, part_kind: str) -> list[torch.Tensor] | None:
+    """The tensors of a state served in parts (see :func:`parts_meta`), each part of kind
+    ``part_kind``: every part asked for at once, put together in order. None (logged) if
+    one does not come by ``deadline`` or does not fit the layout the leader declared."""
     layout = _parts_layout(parts)
     if layout is None:
         log.warning("state from %s names its parts in a malformed way; rejected", source)
@@ -394,12 +399,12 @@ def _fetch_parts(transport: Transport, parts: Any, source: str, deadline: float,
     asked = []
     for endpoint in endpoints:
         request_id = next(_request_ids)
-        transport.send(endpoint, Message(f"{STATE_PART}_REQ", attempt=request_id,
+        transport.send(endpoint, Message(f"{part_kind}_REQ", attempt=request_id,
                                          meta={"min_round": rnd, "endpoint": transport.endpoint}))
         asked.append((endpoint, request_id))
     pieces: list[list[torch.Tensor]] = [[] for _ in sections]
     for endpoint, request_id in asked:
-        reply = transport.recv(STATE_PART, -1, request_id, timeout_s=max(0.0, deadline - time.monotonic()),
+        reply = transport.recv(part_kind, -1, request_id, timeout_s=max(0.0, deadline - time.monotonic()),
                                stop=stop)
         if reply is None or reply.meta.get("round") != rnd or len(reply.tensors) != len(sections) \
                 or any(t.dim() != 1 for t in reply.tensors):

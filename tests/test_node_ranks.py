@@ -5,6 +5,7 @@ real processes, a real DHT, real sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -60,15 +61,21 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
     assert "rank 1 of node node1: done at step 32, round 4" in procs.log("node1")
 
 
-def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path):
+@pytest.mark.parametrize("algorithm", ["diloco", "co2"])
+def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path,
+                                                                                           algorithm):
     """Both nodes FSDP2 inside, each rank keeping the outer state of its own half of the
     weights (and serving its half of the published state). Restarted, node1 loads its
     checkpoint (each rank its own half of the outer state) and adopts node0's state, which
     is ahead: fetched in parts from both of node0's ranks, put together, checked against
-    node0's hash, and split again over node1's ranks."""
+    node0's hash, and split again over node1's ranks. CO2: node1 also applies the mean of
+    the reduce node0 had in flight, served in parts by node0's ranks and split again over
+    node1's (without it node1 would lack one update, and not agree with node0), unless that
+    reduce failed at node0 too (node1 joined in the middle of it): then node0 applied nothing
+    either."""
     out = tmp_path / "run"
     common = ["node", "start", "--out", str(out), "--nproc-per-node", "2", "--set", "node.parallel='fsdp'",
-              *_sets("train.rounds=0", "swarm.wait_for_peers=1")]
+              *_sets("train.rounds=0", "swarm.wait_for_peers=1", f"optim.algorithm='{algorithm}'")]
     procs.loco(*common, "--node-id", "node0", log="node0")
     _ready(out, "node0")
     join = ["--join-file", str(out / "nodes" / "node0.json")]
@@ -95,6 +102,9 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
                            if r >= stopped_at), 240, "a round node0 and the restarted node1 average together")
     together = [hs for r, hs in _hashes_by_round(out, ["node0", "node1"]).items() if r >= stopped_at and len(hs) == 2]
     assert all(len(set(hs.values())) == 1 for hs in together), together
+    if algorithm == "co2":  # the mean it missed: fetched whole from node0's parts (or failed there too)
+        log = procs.log("node1-again")
+        assert "no usable CO2 reduce" not in log and re.search(r"fetched the mean of CO2 reduce|failed at .* too", log)
 
 
 def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_one_resumes(procs, tmp_path):

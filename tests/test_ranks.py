@@ -45,8 +45,9 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     Every algorithm's exchange leaves from every rank (each its own region of the vector;
     node.rank_exchange "parallel"), whatever the other member's rank count: DiLoCo's on the
     training thread, DDP's every step, Streaming DiLoCo's and CO2's from the leader's
-    background thread while the ranks train on. DiLoCo with FSDP inside: a's ranks each keep
-    the outer state of their own region (half of b's), and the exchange is int8-coded."""
+    background thread while the ranks train on. DiLoCo and CO2 with FSDP inside: a's ranks
+    each keep the outer state of their own region (half of b's); DiLoCo's exchange is
+    int8-coded."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
               "--parallel", parallel]
     if algorithm == "diloco" and parallel == "fsdp":  # each rank's region int8-coded, with its own error feedback
@@ -77,7 +78,7 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     for member in (a_ranks, b_ranks_):  # rank 1 sent its own region
         for other in member[1:]:
             assert other[-1]["rank_bytes_sent"] > 0, other[-1]
-    if algorithm == "diloco" and parallel == "fsdp":
+    if algorithm in ("diloco", "co2") and parallel == "fsdp":
         # a's outer state is split over its ranks, and served in parts: each keeps half of what b's one
         # process does (anchor, momentum and their published copy); none holds them whole
         whole = b_ranks_[0][-1]["outer_state_bytes"]
@@ -106,7 +107,9 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
 
 @pytest.mark.parametrize(("parallel", "algorithm", "poison", "reload"),
                          [("ddp", "diloco", False, False), ("fsdp", "diloco", False, True),
-                          ("fsdp", "streaming_diloco", False, False), ("fsdp", "diloco", True, False)])
+                          ("fsdp", "streaming_diloco", False, False), ("fsdp", "diloco", True, False),
+                          ("fsdp", "co2", False, True), ("fsdp", "co2", True, False),
+                          ("fsdp", "co2_gap_aware", False, False)])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
                                                                                       algorithm, poison, reload):
     """DDP or FSDP inside a member changes nothing but where the batch is computed: two
@@ -115,7 +118,9 @@ def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_hal
     in another order: within 1e-5 after 15 AdamW steps in 3 rounds). With FSDP and DiLoCo
     every rank runs the outer step on its own region of the weights; Streaming DiLoCo's
     leader gathers the shards at every step a fragment leaves or lands and scatters the
-    result back. Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
+    result back. CO2 with FSDP: every rank runs the outer step on its own region too, its
+    reduce on its own background thread a round late (with the gap-aware penalty, which reads
+    norms of whole tensors, the leader gathers the weights and runs it alone). Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
     of the outer state, and the member as a whole goes back to its state after the first round, as the one
     process does. Reloaded: after the second round every rank loads back the
     ``outer.state_dict()`` it saved after the first (each rank of the FSDP member its own

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from loco.protocols.messages import STATE_PART
+from loco.protocols.messages import CO2_RESULT, CO2_RESULT_PART, STATE_PART
 from loco.protocols.regions import split_bounds
 from loco.protocols.state_sync import StateServer, StreamHash, fetch_state, parts_meta, tensors_hash
 from loco.protocols.transport import Transport
@@ -155,3 +155,36 @@ def test_a_malformed_parts_layout_is_rejected(member_and_joiner, parts):
     member, leader = make([(6,)], 1)
     member.server.publish(1, [], {"parts": parts}, digests=("", "x"))
     assert fetch_state(joiner, leader.endpoint, 1, timeout_s=30) is None
+
+
+def test_a_co2_mean_served_in_parts_is_fetched_whole_and_a_kind_never_served_in_parts_refuses_them(
+        member_and_joiner, caplog):
+    """A CO2 reduce's mean, as a member of several ranks serves it (split_state.py): every
+    rank its region (CO2_RESULT_PART), the leader the hash of the whole mean, layer by
+    layer, and where the parts are (CO2_RESULT); a kind never served in parts that names
+    parts is refused."""
+    make, joiner = member_and_joiner
+    member, leader = make([(4, 3), (5,)], 2)
+    layers = [(12,), (5,)]  # the mean is served one flat tensor per layer
+    mean = torch.randn(member.total)
+    parts = [StateServer(t, kind=CO2_RESULT_PART, keep=4) for t in member.transports]
+    results = StateServer(leader, kind=CO2_RESULT, keep=4)
+    stream = StreamHash([(torch.float32, s) for s in layers])
+    for r, (a, b) in enumerate(zip(member.bounds, member.bounds[1:], strict=False)):
+        parts[r].publish(7, [mean[a:b]], {})
+        stream.update(mean[a:b])
+    meta = {"ok": True, "group_size": 2, "parts": parts_meta([t.endpoint for t in member.transports], 7, [layers])}
+    results.publish(7, [], meta, digests=("", stream.digests()[1]))
+    try:
+        snap = fetch_state(joiner, leader.endpoint, 7, timeout_s=30, kind=CO2_RESULT)
+        assert snap is not None and snap.meta == {"ok": True, "group_size": 2}
+        assert snap.digest == tensors_hash(_views(mean, layers))
+        assert torch.equal(torch.cat(snap.tensors), mean)
+        other = StateServer(leader, kind=STATE_PART)  # (a part: never served in parts itself)
+        other.publish(7, [], meta, digests=("", stream.digests()[1]))
+        assert fetch_state(joiner, leader.endpoint, 7, timeout_s=30, kind=STATE_PART) is None
+        assert "names parts, which a STATE_PART is never served in" in caplog.text
+        other.close()
+    finally:
+        for s in [results, *parts]:
+            s.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -67,7 +67,11 @@ class OuterAlgorithm(Adopting):
     that average through the group all-reduce, on whichever thread they run it."""
     splits_outer_state: ClassVar[bool] = False
     """A sharded member's ranks can each keep the outer state of their own region
-    (split_state.py): outer math that works element by element over the weights."""
+    (split_state.py): outer math that works element by element over the weights (with the
+    settings ``splits_state_with`` accepts)."""
+    serves_reduce_results: ClassVar[bool] = False
+    """Serves the means of its reduces (CO2: a replica that adopts its state applies the one
+    it missed); split over a sharded member's ranks, in parts."""
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
@@ -105,7 +109,7 @@ class OuterAlgorithm(Adopting):
         if not self.params:
             raise ValueError("the model has no parameters to train")
         self.trained = self.params  # what the inner optimizer steps (sharded: the ranks' shards)
-        split = splits_outer_state(type(self), self.params, ranks, rank_exchange, compression)
+        split = splits_outer_state(type(self), self.params, ranks, rank_exchange, compression, vars(self))
         self.shards = sharded_weights(type(self), self.params, ranks, split)
         if swarm is None:
             raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
@@ -145,9 +149,15 @@ class OuterAlgorithm(Adopting):
         self.restart_clock()
         self._build()
         if self.shards is not None:  # (split: the math of this rank's region, told to the other ranks)
-            self.math = self.shards.outer_math(self.math)
+            self.math = self.shards.outer_math(self.math, self.serves_reduce_results)
         if join:
             self.join()
+
+    @classmethod
+    def splits_state_with(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether the outer math built with ``settings`` (the algorithm's keyword arguments)
+        can run per region of the weights (split_state.py)."""
+        return cls.splits_outer_state
 
     # ----------------------------------------------------- for subclasses
     def _build(self) -> None:

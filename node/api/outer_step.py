@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from loco.node.sync import GossipCommunicator, SwarmCommunicator
@@ -21,6 +21,7 @@ from loco.protocols.state_sync import StateServer, fetch_state
 
 from .algorithm import OuterAlgorithm
 from .options import collective_timeouts
+from .split_state import SplitOuterState
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class CO2(CollectiveAlgorithm):
     one round late, with a staleness penalty and element-wise momentum clipping."""
 
     name = "co2"
+    splits_outer_state = True  # with a fixed staleness penalty (``splits_state_with``)
+    serves_reduce_results = True
     catch_up_slack = 1
     # a member whose reduce of round r runs has announced r + 1; a slower one may still
     # show r − 1 (its own reduce of r − 1 in flight). Expecting it (lag 2) makes the fast
@@ -160,45 +163,72 @@ class CO2(CollectiveAlgorithm):
     def _peer_round(self, sync_id: int) -> int:
         return sync_id + 1  # a member announces its next round while its reduce runs
 
+    @classmethod
+    def splits_state_with(cls, settings: Mapping[str, Any]) -> bool:
+        # gap_aware's penalties read norms of whole tensors
+        return super().splits_state_with(settings) and settings.get("staleness", "fixed") == "fixed"
+
     def _build(self) -> None:
         self._hash_at_launch = ""
+        self._serve_s = 0.0
         self.comm = self._staged(self._communicator(self._launch_hash))
         self.math = CO2Math(self.params, self.comm, self.outer_lr, self.momentum, self.clip, self.staleness,
                             self.penalty)
-        self.math.on_launch = self._tag_launch
+        self.math.on_launch = self._launching
         self.result_server = StateServer(self.swarm.transport, kind=CO2_RESULT, keep=4)
 
-    def _tag_launch(self, applied: ReduceResult | None) -> None:
+    def _launching(self, stale_round: int, stale: ReduceResult | None) -> None:
         """The reduce of round t joins with the hash of x_t, but its mean is applied to the
         state after the reduce of t − 1 landed. Members that applied different versions of
         that reduce (a group split while peers came and went) would apply round t's mean to
         different weights and still call it ok: so the join hash also names the reduce just
         applied (its group; every member of a group applied the same bits), and the leader
-        resynchronizes a member whose history differs one round earlier."""
-        tag = ",".join(sorted(applied.members)) if applied is not None else "-"
+        resynchronizes a member whose history differs one round earlier.
+
+        The mean just applied is served to replicas that adopt this process's state while
+        the next reduce is in flight (a failed reduce too, so they need not wait for it),
+        now: the next reduce may reuse the buffer it is in."""
+        applied = stale is not None and stale.tensors is not None
+        tag = ",".join(sorted(stale.members)) if applied else "-"
         self._hash_at_launch = hashlib.blake2b(f"{self._hash_at_launch}|{tag}".encode(), digest_size=8).hexdigest()
+        if stale is None:
+            return
+        t0 = time.monotonic()
+        meta = {"group_size": stale.group_size, "ok": applied, "members": list(stale.members)}
+        if isinstance(self.math, SplitOuterState):  # every rank serves its region of it
+            self.math.serve_result(self.result_server, stale_round, stale, meta)
+        else:
+            self.result_server.publish(stale_round, [t.reshape(-1) for t in stale.tensors] if applied else [], meta)
+        self._serve_s = time.monotonic() - t0
 
     def _state_meta(self) -> dict[str, Any]:
         return {"pending_round": self.math.pending_round}
 
     def _load_synchronized(self, tensors, meta, source) -> None:
         pending = int(meta.get("pending_round", -1))
-        fetch = (lambda: self._fetch_result(source, pending)) if pending >= 0 else None
+        # (its own state restored after going non-finite: the reduce in flight was its own,
+        # which loading discards, as a split outer state does; nothing to fetch from itself)
+        fetch = (lambda: self._fetch_result(source, pending)) if pending >= 0 and source != self.swarm.endpoint \
+            else None
         self.math.load_synchronized(tensors, int(meta.get("outer_steps", 0)), pending=fetch)
 
     def _fetch_result(self, endpoint: str, round: int) -> ReduceResult:
         """The mean of reduce ``round``, from the peer whose state this process adopted."""
         snap = fetch_state(self.swarm.transport, endpoint, round, self.join_timeout_s, self.stop_event,
                            alive=self._source_alive(endpoint), kind=CO2_RESULT)
-        anchor = self.math.anchor
         # the mean comes one tensor per layer (or as one flat vector) and must cover the model
-        fits = snap is not None and len(snap.tensors) in (1, len(anchor)) and \
-            sum(t.numel() for t in snap.tensors) == sum(a.numel() for a in anchor)
+        # (the whole model: ``trained`` is the model's parameters, sharded or not)
+        fits = snap is not None and len(snap.tensors) in (1, len(self.trained)) and \
+            sum(t.numel() for t in snap.tensors) == sum(p.numel() for p in self.trained)
+        if snap is not None and snap.round == round and snap.meta.get("ok") is False:
+            log.info("CO2 reduce %d failed at %s too: nothing to apply", round, endpoint)
+            return ReduceResult(None, 1)
         if snap is None or snap.round != round or not snap.meta.get("ok") or not fits:
             log.warning("no usable CO2 reduce %d from %s; its update is skipped here", round, endpoint)
             return ReduceResult(None, 1)
         members = snap.meta.get("members")
         members = tuple(str(m) for m in members) if isinstance(members, list) else ()
+        log.info("fetched the mean of CO2 reduce %d from %s, which this process missed", round, endpoint)
         return ReduceResult(snap.tensors, int(snap.meta.get("group_size", 1)), members)
 
     def _sync_round(self, final: bool):
@@ -231,15 +261,8 @@ class CO2(CollectiveAlgorithm):
         extra.update({"stale_round": result.extra["stale_round"], "wait_s": result.extra["wait_s"],
                       "reduce_s": rr.timings.get("total_s", 0.0) if isinstance(rr, RoundResult) else 0.0,
                       "penalty_max": max(pen) if pen else 1.0, "penalty_mean": sum(pen) / len(pen) if pen else 1.0})
-        if result.reduce is not None:
-            # served to replicas that adopt this process's state while this reduce was in
-            # flight; a failed reduce is published too, so they need not wait for it
-            t0 = time.monotonic()
-            tensors = [t.reshape(-1) for t in result.reduce.tensors] if result.applied else []
-            self.result_server.publish(extra["stale_round"], tensors,
-                                       {"group_size": result.group_size, "ok": result.applied,
-                                        "members": list(result.reduce.members)})
-            extra["serve_s"] = time.monotonic() - t0
+        if result.reduce is not None:  # (served inside the outer step: ``_launching``)
+            extra["serve_s"], self._serve_s = self._serve_s, 0.0
         return extra
 
     def close(self) -> None:

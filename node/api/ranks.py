@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -244,7 +244,7 @@ class ShardedWeights:
     def before_news(self) -> None:
         """On the leader, before a step's news goes to the other ranks (nothing to add here)."""
 
-    def outer_math(self, math: Any) -> Any:
+    def outer_math(self, math: Any, serves_results: bool = False) -> Any:
         """The outer math the leader's algorithm runs (here: the one it built, on the whole weights)."""
         return math
 
@@ -270,12 +270,13 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
     return ShardedWeights(params, ranks)
 
 
-def splits_outer_state(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None, rank_exchange: str,
-                       compression: Any) -> bool:
+def splits_outer_state(algorithm: Any, params: list[torch.Tensor], ranks: Ranks | None, rank_exchange: str,
+                       compression: Any, settings: Mapping[str, Any]) -> bool:
     """Whether a sharded member's ranks each keep the outer state of their own region
-    (split_state.py): an algorithm whose outer math runs per region (DiLoCo), with every
-    rank exchanging its own region (``rank_exchange="parallel"``)."""
-    return (algorithm.splits_outer_state and any(is_dtensor(p) for p in params)
+    (split_state.py): an algorithm whose outer math runs per region with its ``settings``
+    (DiLoCo; CO2 with a fixed staleness penalty), with every rank exchanging its own region
+    (``rank_exchange="parallel"``)."""
+    return (algorithm.splits_state_with(settings) and any(is_dtensor(p) for p in params)
             and splits_exchange(algorithm, ranks, rank_exchange, compression))
 
 
@@ -333,7 +334,7 @@ class Follower:
         self.inner_optimizer = inner_optimizer
         compression = _leader_only.get("compression", "none")
         rank_exchange = _leader_only.get("rank_exchange", "parallel")
-        split = splits_outer_state(algorithm, self.params, ranks, rank_exchange, compression)
+        split = splits_outer_state(algorithm, self.params, ranks, rank_exchange, compression, _leader_only)
         self.shards = sharded_weights(algorithm, self.params, ranks, split)
         self._mid_round = not algorithm.reads_weights_at_round_ends_only  # gathers within a round too
         if self.shards is not None:  # with the leader, as its constructor gathers them

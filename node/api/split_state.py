@@ -1,10 +1,11 @@
 """A sharded member's outer state split over its ranks: no rank holds the whole of it.
 
-With FSDP inside a member (parameters sharded over its ranks) and DiLoCo across members,
-every rank ``r`` keeps the outer state of its own region ``[bounds[r], bounds[r + 1])`` of
-the flat weight vector (``loco.protocols.regions.split_bounds``: the same regions its
-endpoint exchanges): the weights θ of the region, the anchor φ, the outer momentum and the
-pseudo-gradient Δ, in host memory. A round's end is then local on every rank: θ comes from
+With FSDP inside a member (parameters sharded over its ranks) and DiLoCo or CO2 (with a fixed
+staleness penalty: outer math that works element by element) across members, every rank
+``r`` keeps the outer state of its own region ``[bounds[r], bounds[r + 1])`` of the flat
+weight vector (``loco.protocols.regions.split_bounds``: the same regions its endpoint
+exchanges): the weights θ of the region, the anchor φ, the outer momentum and the
+pseudo-gradient Δ, in host memory (the math's ``STATE_SECTIONS``: a region of each). A round's end is then local on every rank: θ comes from
 the FSDP shards one parameter at a time (``RegionWeights.gather``), the rank computes its
 Δ, exchanges it with the matching regions of the other members from its own endpoint
 (rank_exchange.py), applies the outer step to its φ and momentum, and writes θ ← φ back into
@@ -27,12 +28,16 @@ which it saves and loads itself. Only a state adopted whole (a peer's, a one-pro
 member's checkpoint) is whole on the leader, until its regions go out to the ranks.
 
 The other ranks (``SplitFollower``) run the same outer math over their own region, with the
-exchange their lane ran as their communicator (``RegionCommunicator``).
+exchange their lane ran as their communicator (``RegionCommunicator``). CO2's reduce runs on
+every rank's background thread, each over its own region, and lands a round later as on the
+leader; the mean a reduce landed is served in parts too (``RegionResults``: a peer that
+adopts this member's state fetches the mean of the reduce it missed), and a peer's mean this
+member must apply after adopting a state reaches each rank as its region (``_PendingRegions``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +45,7 @@ import torch.distributed as dist
 
 from loco.optim import ReduceResult
 from loco.protocols.flat import flat_of, shaped_views, unflatten
-from loco.protocols.messages import STATE_PART
+from loco.protocols.messages import CO2_RESULT_PART, STATE_PART
 from loco.protocols.regions import split_bounds
 from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
 
@@ -52,11 +57,12 @@ if TYPE_CHECKING:
 
 # what the leader tells the other ranks on the member's control channel, besides a step's news
 OUTER, LOAD, PUBLISH = "split-outer", "split-load", "split-publish"
-HASH, RESTORE = "split-hash", "split-restore"
+HASH, RESTORE, FLUSH = "split-hash", "split-restore", "split-flush"
 # published parts every rank keeps: the latest, like a one-process member's snapshot. A peer
 # that read the leader's answer for one round and asks for the parts after the next round's
 # are out (within milliseconds of a round's end) fails that fetch and asks again.
 PARTS_KEPT = 1
+RESULTS_KEPT = 4  # reduce means every rank keeps its part of (as a one-process CO2 member keeps them whole)
 
 
 class RegionWeights(ShardedWeights):
@@ -129,40 +135,49 @@ class RegionWeights(ShardedWeights):
         if self.split is not None:
             self.split.deliver()
 
-    def outer_math(self, math: Any) -> SplitOuterState:
-        self.split = SplitOuterState(self, math)
+    def outer_math(self, math: Any, serves_results: bool = False) -> SplitOuterState:
+        self.split = SplitOuterState(self, math, serves_results)
         return self.split
 
 
 class SplitOuterState:
     """On the leader: its own region's outer math (``math``, built over
     ``RegionWeights.outer_params``), presented to the algorithm as the whole member's (the
-    same calls as ``loco.optim.DiLoCo``'s, and ``publish``, ``weights_digest``,
-    ``restore_published`` for what a one-process member reads the whole state for). The
-    other ranks are told each step in order. No rank holds the whole state: it is served in
-    parts (every rank its region, from its own endpoint) and hashed as the regions pass
-    through this rank one at a time; only a whole state loaded (a peer's, whose regions go
-    out to the ranks) is whole here, until they do."""
+    same calls as ``loco.optim.DiLoCo``'s or ``loco.optim.CO2``'s, and ``publish``,
+    ``weights_digest``, ``restore_published`` for what a one-process member reads the whole
+    state for). The other ranks are told each step in order. No rank holds the whole state:
+    it is served in parts (every rank its region, from its own endpoint) and hashed as the
+    regions pass through this rank one at a time; only a whole state loaded (a peer's, whose
+    regions go out to the ranks) is whole here, until they do. ``serves_results``: the means
+    of the reduces landed are served in parts too (CO2, ``serve_result``)."""
 
-    def __init__(self, region: RegionWeights, math: Any):
+    def __init__(self, region: RegionWeights, math: Any, serves_results: bool = False):
         self.region = region
         self.ranks = region.ranks
         self.math = math
         self.shapes = [tuple(p.shape) for p in region.params]
-        self._pending: tuple[torch.Tensor, torch.Tensor, int, bool] | None = None  # a load not yet told
+        self.sections = math.STATE_SECTIONS  # (φ first: the weights lead the state)
+        # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to apply)
+        self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None] | None = None
         self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
         self._parts: StateServer | None = None  # this rank's part of every published state
         self._endpoints: list[str] | None = None  # every rank's, where its parts are served
         # the other ranks build the same math over their regions
-        self.ranks.share((type(math), math.settings()))
+        self.ranks.share((type(math), math.settings(), serves_results))
+        self.results = RegionResults(region) if serves_results else None
 
     @property
     def outer_steps(self) -> int:
         return self.math.outer_steps
 
+    @property
+    def pending_round(self) -> int:
+        """CO2: the round whose reduce is in flight (-1: none)."""
+        return self.math.pending_round
+
     def held_tensors(self) -> list[torch.Tensor]:
-        """The outer state this rank keeps for its own region."""
-        return [*self.math.anchor, *self.math.buf]
+        """The outer state this rank keeps for its own region (one tensor per section)."""
+        return self.math.synchronized_tensors()
 
     @property
     def served_bytes(self) -> int:
@@ -192,8 +207,21 @@ class SplitOuterState:
         if stream:
             self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
         assert self._endpoints is not None and self._digests is not None
-        parts = parts_meta(self._endpoints, round, [self.shapes, self.shapes])
+        parts = parts_meta(self._endpoints, round, [self.shapes] * len(self.sections))
         return server.publish(round, [], {**meta, "parts": parts}, prefix=len(self.shapes), digests=self._digests)
+
+    def serve_result(self, server: StateServer, round: int, reduce: ReduceResult, meta: dict[str, Any]) -> None:
+        """(CO2, while its outer step launches the next reduce: every rank does the same)
+        Serve the mean reduce ``round`` landed: every rank its region, ``server`` the hash of
+        the whole and where the parts are; a reduce that failed is served as one without tensors."""
+        assert self.results is not None, "built without serves_results"
+        digest = self.results.publish(round, reduce, server.transport)
+        if digest is None:
+            server.publish(round, [], meta)
+            return
+        assert self._endpoints is not None, "a result served before the state"
+        parts = parts_meta(self._endpoints, round, [[(p.numel(),) for p in self.region.params]])
+        server.publish(round, [], {**meta, "parts": parts}, digests=("", digest))
 
     def restore_published(self, snapshot: Snapshot) -> None:
         """Go back to this member's state published as ``snapshot`` (θ ← φ too): every rank
@@ -205,30 +233,35 @@ class SplitOuterState:
         _restore_part(self._parts, self.math, snapshot.round, outer_steps)
         self._digests = (snapshot.prefix_digest, snapshot.digest)
 
-    def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True) -> None:
+    def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True,
+                          pending: Callable[[], ReduceResult] | None = None) -> None:
         """Adopt a whole state (a peer's, a checkpoint's): this rank's region now, the other
-        ranks' when they next listen (``deliver``: before the next outer step or news)."""
-        n = len(self.shapes)
-        if len(tensors) != 2 * n:
-            raise ValueError(f"expected {2 * n} tensors (anchor + momentum), got {len(tensors)}")
-        for t, shape in zip(tensors, [*self.shapes, *self.shapes], strict=True):
+        ranks' when they next listen (``deliver``: before the next outer step or news).
+        ``pending`` (CO2): fetches the mean of the reduce the state's source had in flight;
+        the ranks apply their regions of it at their next outer step."""
+        n, k = len(self.shapes), len(self.sections)
+        if len(tensors) != k * n:
+            raise ValueError(f"expected {k * n} tensors ({', '.join(self.sections)}), got {len(tensors)}")
+        for t, shape in zip(tensors, self.shapes * k, strict=True):
             if tuple(t.shape) != shape:
                 raise ValueError(f"shape mismatch: local {shape}, received {tuple(t.shape)}")
-        anchor, buf = flat_of(tensors[:n]).clone(), flat_of(tensors[n:]).clone()
+        whole = [flat_of(tensors[i * n:(i + 1) * n]).clone() for i in range(k)]
         lo, hi = self.region.lo, self.region.hi
-        self.math.load_synchronized([anchor[lo:hi], buf[lo:hi]], outer_steps, reset_params=reset_params)
-        self._pending = (anchor, buf, outer_steps, reset_params)
+        regions = _PendingRegions(self.ranks, self.region.bounds, pending) if pending is not None else None
+        extra = {"pending": regions.take} if regions is not None else {}
+        self.math.load_synchronized([w[lo:hi] for w in whole], outer_steps, reset_params=reset_params, **extra)
+        self._pending = (whole, outer_steps, reset_params, regions)
         self._digests = None
 
     def deliver(self) -> None:
         """The other ranks take their regions of a state loaded since they last listened."""
         if self._pending is None:
             return
-        anchor, buf, outer_steps, reset_params = self._pending
+        whole, outer_steps, reset_params, regions = self._pending
         self._pending = None
-        self.ranks.share((LOAD, outer_steps, reset_params))
-        self.ranks.scatter_regions(anchor, self.region.bounds)
-        self.ranks.scatter_regions(buf, self.region.bounds)
+        self.ranks.share((LOAD, outer_steps, reset_params, regions is not None))
+        for w in whole:
+            self.ranks.scatter_regions(w, self.region.bounds)
 
     def outer_step(self, round: int) -> Any:
         self.deliver()
@@ -238,14 +271,24 @@ class SplitOuterState:
             self._digests = None
         return result
 
+    def flush(self) -> Any:
+        """(CO2) Land the reduce in flight on every rank, launching nothing."""
+        self.deliver()
+        self.ranks.share((FLUSH,))
+        result = self.math.flush()
+        if result is not None and result.applied:
+            self._digests = None
+        return result
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's region of the outer state (every rank saves its own: see
         ``region_state``). No collective: a state loaded but not yet told to the other
-        ranks is whole here, and saved whole."""
+        ranks is whole here, and saved whole (without a reduce it still has to apply, as a
+        one-process CO2 member's checkpoint is)."""
         if self._pending is not None:
-            anchor, buf, outer_steps, _ = self._pending
-            return {"anchor": shaped_views(anchor.clone(), self.shapes),
-                    "buf": shaped_views(buf.clone(), self.shapes), "outer_steps": outer_steps}
+            whole, outer_steps, _, _ = self._pending
+            return {**{name: shaped_views(w.clone(), self.shapes) for name, w in zip(self.sections, whole, strict=True)},
+                    "outer_steps": outer_steps}
         return region_state(self.region, self.math)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -257,11 +300,14 @@ class SplitOuterState:
             self._pending = None
             self._digests = None
             return
-        self.load_synchronized([*state["anchor"], *state["buf"]], int(state["outer_steps"]), reset_params=False)
+        self.load_synchronized([t for name in self.sections for t in state[name]], int(state["outer_steps"]),
+                               reset_params=False)
 
     def close(self) -> None:
-        if self._parts is not None:
-            self._parts.close()
+        _close_math(self.math)
+        for server in (self._parts, self.results):
+            if server is not None:
+                server.close()
 
 
 def region_state(region: RegionWeights, math: Any) -> dict[str, Any]:
@@ -282,13 +328,50 @@ def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -
 
 def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
                     shapes: list[tuple[int, ...]]) -> tuple[str, str]:
-    """(weights, whole state) digests of the member's φ and momentum, every rank's regions
-    passing through the leader one at a time (followers: their part of it; None)."""
-    stream = StreamHash([(torch.float32, s) for s in [*shapes, *shapes]], prefix=len(shapes)) \
+    """(weights, whole state) digests of the member's φ and the rest of its state, every
+    rank's regions passing through the leader one at a time (followers: their part of it,
+    with no shapes; ("", ""))."""
+    stream = StreamHash([(torch.float32, s) for s in shapes * len(held)], prefix=len(shapes)) \
         if region.ranks.leads else None
-    for t in held:  # φ's region, then the momentum's
+    for t in held:  # φ's region, then the rest's, section by section
         region.ranks.stream_regions(t, region.bounds, stream.update if stream is not None else None)
     return stream.digests() if stream is not None else ("", "")
+
+
+def _close_math(math: Any) -> None:
+    close = getattr(math, "close", None)  # (CO2's background reduce)
+    if close is not None:
+        close()
+
+
+class RegionResults:
+    """This rank's part of the means its reduces landed (CO2), served from its own endpoint
+    (kind CO2_RESULT_PART) like its part of the state; the leader hashes the whole mean as
+    the ranks' regions pass through it one at a time."""
+
+    def __init__(self, region: RegionWeights):
+        self.region = region
+        self.server: StateServer | None = None  # opened with the first mean to serve
+
+    def publish(self, round: int, reduce: ReduceResult, transport: Any) -> str | None:
+        """Serve this rank's region of reduce ``round``'s mean (every rank at the same point:
+        a collective); the leader gets the hash of the whole, None (every rank) for a
+        reduce that failed. Called before the next reduce starts: the mean is a view of the
+        buffer that reduce reuses."""
+        if reduce.tensors is None:
+            return None
+        if self.server is None:
+            self.server = StateServer(transport, kind=CO2_RESULT_PART, keep=RESULTS_KEPT)
+        mine = flat_of(reduce.tensors)
+        self.server.publish(round, [mine], {})
+        shapes = [(p.numel(),) for p in self.region.params]
+        stream = StreamHash([(torch.float32, s) for s in shapes]) if self.region.ranks.leads else None
+        self.region.ranks.stream_regions(mine, self.region.bounds, stream.update if stream is not None else None)
+        return stream.digests()[1] if stream is not None else ""
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
 
 
 def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps: int) -> None:
@@ -296,6 +379,25 @@ def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps:
     if snap is None:
         raise RuntimeError(f"the part of round {round}'s state this rank served is no longer kept")
     math.load_synchronized(snap.tensors, outer_steps, reset_params=True)
+
+
+class _PendingRegions:
+    """A mean this member must apply at its next outer step (CO2, after adopting a state
+    whose source had a reduce in flight), each rank its region of it: the leader fetches
+    the whole mean and hands the regions out when its math asks (``take``), every rank at
+    the same point of the same outer step."""
+
+    def __init__(self, ranks: Ranks, bounds: list[int], fetch: Callable[[], ReduceResult] | None = None):
+        self.ranks, self.bounds, self.fetch = ranks, bounds, fetch
+
+    def take(self) -> ReduceResult:
+        whole = self.fetch() if self.fetch is not None else None  # (the leader's)
+        ok, group_size, members = self.ranks.share(
+            None if whole is None else (whole.tensors is not None, whole.group_size, whole.members))
+        if not ok:
+            return ReduceResult(None, group_size, tuple(members))
+        region = self.ranks.scatter_regions(flat_of(whole.tensors) if whole is not None else None, self.bounds)
+        return ReduceResult([region], group_size, tuple(members))
 
 
 class RegionCommunicator:
@@ -314,20 +416,27 @@ class RegionCommunicator:
 
 class SplitFollower:
     """A follower rank's side of ``SplitOuterState``: the same outer math over its own
-    region, run as the leader says, and its part of every published state, served from
-    its own endpoint."""
+    region, run as the leader says, and its part of every published state (and CO2's
+    landed means), served from its own endpoint."""
 
     def __init__(self, region: RegionWeights, lane: RankLane):
         self.region = region
         self.ranks = region.ranks
-        math_type, settings = self.ranks.share()
+        math_type, settings, serves_results = self.ranks.share()
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
         self.endpoint = lane.transport.endpoint
         self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT)
+        self.results = RegionResults(region) if serves_results else None
+        if self.results is not None:  # the leader serves its part at the same point of the outer step
+            self.math.on_launch = self._serve_result
+
+    def _serve_result(self, round: int, reduce: ReduceResult | None) -> None:
+        if reduce is not None and self.results is not None:
+            self.results.publish(round, reduce, self._parts.transport)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank keeps for its own region."""
-        return [*self.math.anchor, *self.math.buf]
+        return self.math.synchronized_tensors()
 
     @property
     def served_bytes(self) -> int:
@@ -345,6 +454,8 @@ class SplitFollower:
         kind, bounds = command[0], self.region.bounds
         if kind == OUTER:
             self.math.outer_step(command[1])
+        elif kind == FLUSH:
+            self.math.flush()
         elif kind == PUBLISH:
             _, round, first, stream = command
             self._parts.publish(round, self.held_tensors(), {})
@@ -357,13 +468,16 @@ class SplitFollower:
         elif kind == RESTORE:
             _restore_part(self._parts, self.math, command[1], command[2])
         elif kind == LOAD:
-            _, outer_steps, reset_params = command
-            anchor = self.ranks.scatter_regions(None, bounds)
-            buf = self.ranks.scatter_regions(None, bounds)
-            self.math.load_synchronized([anchor, buf], outer_steps, reset_params=reset_params)
+            _, outer_steps, reset_params, pending = command
+            regions = [self.ranks.scatter_regions(None, bounds) for _ in self.math.STATE_SECTIONS]
+            extra = {"pending": _PendingRegions(self.ranks, bounds).take} if pending else {}
+            self.math.load_synchronized(regions, outer_steps, reset_params=reset_params, **extra)
         else:
             raise RuntimeError(f"rank {self.ranks.rank}: the leader asked {kind!r}, which a split outer state "
                                "does not know")
 
     def close(self) -> None:
+        _close_math(self.math)
         self._parts.close()
+        if self.results is not None:
+            self.results.close()

@@ -1,14 +1,16 @@
-"""A lone member trains a few DiLoCo (or --algorithm streaming_diloco) rounds, either as --ranks 2 processes (DDP, or FSDP2's
-fully_shard with --parallel fsdp; each rank its own half of every batch) or as one process
+"""A lone member trains a few DiLoCo (or --algorithm streaming_diloco, co2, co2_gap_aware) rounds, either as
+--ranks 2 processes (DDP, or FSDP2's fully_shard with --parallel fsdp; each rank its own half
+of every batch) or as one process
 that takes both halves at once; it saves its final weights to --out. tests/test_ranks.py
 compares them. --poison-step: a weight goes NaN mid-round, and the member goes back to its
 last synchronized state. --reload-step: every rank loads back the outer.state_dict() it
-saved after the first round (with FSDP and DiLoCo, its own region of the outer state)."""
+saved after the first round (with FSDP and DiLoCo or CO2, its own region of the outer state)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 
 import torch
 import torch.distributed as dist
@@ -60,7 +62,9 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
     saved, saved_hash, reloaded = None, "", None
     swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
     try:
-        algorithm = loco.StreamingDiLoCo if args.algorithm == "streaming_diloco" else loco.DiLoCo
+        algorithm = {"diloco": loco.DiLoCo, "streaming_diloco": loco.StreamingDiLoCo, "co2": loco.CO2,
+                     # (its penalties read norms of whole tensors: the leader gathers the weights)
+                     "co2_gap_aware": functools.partial(loco.CO2, staleness="gap_aware")}[args.algorithm]
         with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks) as outer:
             for step in range(args.steps):
                 # one process: both ranks' halves in one batch (the mean over 2·HALF rows is the
@@ -97,7 +101,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, choices=[1, 2], default=1)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco"], default="diloco")
+    ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco", "co2", "co2_gap_aware"], default="diloco")
     ap.add_argument("--out", required=True)
     ap.add_argument("--poison-step", type=int, default=-1, help="a weight goes NaN after this step (-1: none)")
     ap.add_argument("--reload-step", type=int, default=-1,
