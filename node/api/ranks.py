@@ -25,7 +25,7 @@ weights when it adopts a peer's.
 
 With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, every
 rank keeps the outer state of its own region of the weights and runs the outer step on it
-(``RegionWeights``, split_state.py): no rank holds the whole model. The other algorithms'
+(``RegionWeights``, region_weights.py and split_state.py): no rank holds the whole model. The other algorithms'
 leader works on a whole copy of the weights in host memory (``ShardedWeights``): every rank
 hands its shards in when a round ends and gets the result back. The exchange with the
 swarm (every algorithm's but NoLoCo's) leaves from every rank, each with its own region of
@@ -264,7 +264,7 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
                          "parameters (FSDP) do not support yet: use DiLoCo, Streaming DiLoCo, CO2 or NoLoCo, or "
                          "DDP inside the member")
     if split:
-        from .split_state import RegionWeights  # (it builds on ShardedWeights)
+        from .region_weights import RegionWeights  # (it builds on ShardedWeights)
 
         return RegionWeights(params, ranks)
     return ShardedWeights(params, ranks)
