@@ -64,9 +64,10 @@ class NodeConfig(_Section):
     """How the ranks of a node of several processes train together, each on its own
     batches: ddp (DistributedDataParallel: every rank holds the whole model, the gradients
     are averaged every step) or fsdp (FSDP2's fully_shard: each rank holds a shard of every
-    block and of its AdamW state; with diloco or co2 (staleness fixed) and rank_exchange
-    parallel every rank keeps the outer state of its own region of the weights, else rank 0 gathers the whole weights
-    in host memory for the outer step; works with diloco, streaming_diloco, co2 and noloco)."""
+    block and of its AdamW state; with diloco, streaming_diloco or co2 (staleness fixed) and
+    rank_exchange parallel every rank keeps the outer state of its own region of the
+    weights, else rank 0 gathers the whole weights in host memory for the outer step; works
+    with diloco, streaming_diloco, co2 and noloco)."""
     rank_exchange: Literal["parallel", "leader"] = "parallel"
     """How a node of several processes sends what it averages with the swarm (DiLoCo's
     pseudo-gradient, DDP's gradients, Streaming DiLoCo's fragments, CO2's background reduce):

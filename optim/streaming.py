@@ -84,6 +84,9 @@ class FragmentEvent:
 
 
 class StreamingDiLoCo:
+    STATE_SECTIONS = ("anchor", "buf")  # the state kept per weight, in synchronized_tensors' order
+    STEPS_KEY = "fragment_steps"  # the outer steps taken, in ``state_dict``
+
     def __init__(
         self,
         params: Iterable[torch.Tensor],
@@ -108,6 +111,10 @@ class StreamingDiLoCo:
         self.outer_lr, self.momentum, self.nesterov = outer_lr, momentum, nesterov
         self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]
         self.buf = [torch.zeros_like(a) for a in self.anchor]
+        # the parameters fragment by fragment: the order of the synchronized state, in which
+        # every fragment is one stretch (a member whose ranks each keep their region of every
+        # fragment serves and hashes it in this order, as a one-process member does)
+        self.order = [i for f in fragments for i in f]
         self.fragment_steps = [0] * len(fragments)  # outer steps applied, per fragment
         self.spans = [1] * len(fragments)  # sync periods each fragment's next Δ covers
         device = self.anchor[0].device if self.anchor else "cpu"
@@ -117,6 +124,13 @@ class StreamingDiLoCo:
             self._send.append(torch.empty(numel, dtype=torch.float32, device=device))
         self._reducer = BackgroundReducer(comm) if overlap > 0 else None
         self._in_flight: tuple[int, int, PendingReduce | _Done] | None = None  # (fragment, send step, handle)
+
+    def settings(self) -> dict[str, Any]:
+        """The update rule's settings, fragments and schedule included (another instance built
+        with them applies the same rule: a member's ranks each over their own region of
+        every fragment, one tensor per fragment)."""
+        return {"fragments": [list(f) for f in self.fragments], "inner_steps": self.H, "outer_lr": self.outer_lr,
+                "momentum": self.momentum, "nesterov": self.nesterov, "overlap": self.overlap, "mix": self.mix}
 
     @property
     def outer_steps(self) -> int:
@@ -207,27 +221,30 @@ class StreamingDiLoCo:
 
     # ------------------------------------------------------------ state
     def synchronized_tensors(self) -> list[torch.Tensor]:
-        return [*self.anchor, *self.buf]
+        """φ then the momentum, each fragment by fragment (``order``)."""
+        return [*(self.anchor[i] for i in self.order), *(self.buf[i] for i in self.order)]
 
     def load_synchronized(self, tensors: Sequence[torch.Tensor], fragment_steps: Sequence[int] | int,
                           reset_params: bool = True) -> None:
+        """Adopt a peer's φ and momentum, in ``synchronized_tensors``' order."""
         n = len(self.anchor)
         if len(tensors) != 2 * n:
             raise ValueError(f"expected {2 * n} tensors (anchor + momentum), got {len(tensors)}")
-        for dst, src in zip([*self.anchor, *self.buf], tensors, strict=True):
+        mine = self.synchronized_tensors()
+        for dst, src in zip(mine, tensors, strict=True):
             if dst.shape != src.shape:
                 raise ValueError(f"shape mismatch: local {tuple(dst.shape)}, received {tuple(src.shape)}")
-        if self._in_flight is not None:  # our own sync is void: the peer's state replaces it
-            self._in_flight = None
-            if self._reducer is not None:
-                self._reducer.wait()
-        for dst, src in zip([*self.anchor, *self.buf], tensors, strict=True):
-            dst.copy_(src)
         if isinstance(fragment_steps, int):  # a total: spread as the schedule would have
             P = len(self.fragments)
             fragment_steps = [fragment_steps // P + (1 if p < fragment_steps % P else 0) for p in range(P)]
         if len(fragment_steps) != len(self.fragments):
             raise ValueError(f"expected {len(self.fragments)} fragment step counts, got {len(fragment_steps)}")
+        if self._in_flight is not None:  # our own sync is void: the peer's state replaces it
+            self._in_flight = None
+            if self._reducer is not None:
+                self._reducer.wait()
+        for dst, src in zip(mine, tensors, strict=True):
+            dst.copy_(src)
         self.fragment_steps = [int(x) for x in fragment_steps]
         self.spans = [1] * len(self.fragments)
         if reset_params:
@@ -238,7 +255,12 @@ class StreamingDiLoCo:
                 "fragment_steps": list(self.fragment_steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_synchronized([*state["anchor"], *state["buf"]], state["fragment_steps"], reset_params=False)
+        """A checkpoint (``state_dict``: parameter order)."""
+        anchor, buf = state["anchor"], state["buf"]
+        if len(anchor) != len(self.anchor) or len(buf) != len(self.buf):
+            raise ValueError(f"expected {len(self.anchor)} anchor and momentum tensors, got {len(anchor)} and {len(buf)}")
+        self.load_synchronized([*(anchor[i] for i in self.order), *(buf[i] for i in self.order)],
+                               state["fragment_steps"], reset_params=False)
 
 
 class _Done:

@@ -61,7 +61,7 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
     assert "rank 1 of node node1: done at step 32, round 4" in procs.log("node1")
 
 
-@pytest.mark.parametrize("algorithm", ["diloco", "co2"])
+@pytest.mark.parametrize("algorithm", ["diloco", "co2", "streaming_diloco"])
 def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path,
                                                                                            algorithm):
     """Both nodes FSDP2 inside, each rank keeping the outer state of its own half of the
@@ -72,7 +72,8 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
     the reduce node0 had in flight, served in parts by node0's ranks and split again over
     node1's (without it node1 would lack one update, and not agree with node0), unless that
     reduce failed at node0 too (node1 joined in the middle of it): then node0 applied nothing
-    either."""
+    either. Streaming DiLoCo: every rank keeps its region of every fragment; the state is
+    served and hashed fragment by fragment, as a one-process member orders it."""
     out = tmp_path / "run"
     common = ["node", "start", "--out", str(out), "--nproc-per-node", "2", "--set", "node.parallel='fsdp'",
               *_sets("train.rounds=0", "swarm.wait_for_peers=1", f"optim.algorithm='{algorithm}'")]

@@ -78,7 +78,7 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     for member in (a_ranks, b_ranks_):  # rank 1 sent its own region
         for other in member[1:]:
             assert other[-1]["rank_bytes_sent"] > 0, other[-1]
-    if algorithm in ("diloco", "co2") and parallel == "fsdp":
+    if parallel == "fsdp":
         # a's outer state is split over its ranks, and served in parts: each keeps half of what b's one
         # process does (anchor, momentum and their published copy); none holds them whole
         whole = b_ranks_[0][-1]["outer_state_bytes"]
@@ -107,7 +107,8 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
 
 @pytest.mark.parametrize(("parallel", "algorithm", "poison", "reload"),
                          [("ddp", "diloco", False, False), ("fsdp", "diloco", False, True),
-                          ("fsdp", "streaming_diloco", False, False), ("fsdp", "diloco", True, False),
+                          ("fsdp", "streaming_diloco", False, True), ("fsdp", "streaming_diloco", True, False),
+                          ("fsdp", "diloco", True, False),
                           ("fsdp", "co2", False, True), ("fsdp", "co2", True, False),
                           ("fsdp", "co2_gap_aware", False, False)])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,

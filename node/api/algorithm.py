@@ -21,6 +21,7 @@ from loco.node.config import CollectiveConfig, CompressionConfig
 from loco.node.model import unique_parameters
 from loco.node.staging import StagedCommunicator
 from loco.node.sync import all_finite
+from loco.protocols.codecs import Layout
 from loco.protocols.state_sync import Snapshot, StateServer, tensors_hash
 
 from .adopt import Adopting
@@ -110,7 +111,8 @@ class OuterAlgorithm(Adopting):
             raise ValueError("the model has no parameters to train")
         self.trained = self.params  # what the inner optimizer steps (sharded: the ranks' shards)
         split = splits_outer_state(type(self), self.params, ranks, rank_exchange, compression, vars(self))
-        self.shards = sharded_weights(type(self), self.params, ranks, split)
+        groups = type(self).weight_groups(self.model, self.params, vars(self)) if split else None
+        self.shards = sharded_weights(type(self), self.params, ranks, split, groups)
         if swarm is None:
             raise ValueError("swarm is None: only a follower rank (ranks=, not rank 0) runs without a Swarm")
         # the other processes of this member (None: it is this process alone)
@@ -121,7 +123,7 @@ class OuterAlgorithm(Adopting):
             self.shards.gather()
             self.params = self.shards.outer_params
         # a member of several ranks: each sends its own region of the round's vector
-        self.lanes = LeaderLanes(self.ranks, swarm, [p.shape for p in self.trained] if split else None) \
+        self.lanes = LeaderLanes(self.ranks, swarm, self._split_layout if split else None) \
             if splits_exchange(type(self), self.ranks, rank_exchange, compression) else None
         self.inner_optimizer = inner_optimizer
         self.swarm = swarm
@@ -158,6 +160,20 @@ class OuterAlgorithm(Adopting):
         """Whether the outer math built with ``settings`` (the algorithm's keyword arguments)
         can run per region of the weights (split_state.py)."""
         return cls.splits_outer_state
+
+    @classmethod
+    def weight_groups(cls, model: torch.nn.Module | None, params: list[torch.Tensor],
+                      settings: Mapping[str, Any]) -> list[list[int]] | None:
+        """The groups of parameters a split outer state keeps a region of each of (None: one
+        group of them all; Streaming DiLoCo: its fragments)."""
+        return None
+
+    def _sync_group(self, sync_id: int) -> int:
+        """The group of parameters (``weight_groups``) that sync ``sync_id`` averages."""
+        return 0
+
+    def _split_layout(self, sync_id: int) -> Layout:
+        return self.shards.group_layout(self._sync_group(sync_id))
 
     # ----------------------------------------------------- for subclasses
     def _build(self) -> None:
@@ -236,6 +252,8 @@ class OuterAlgorithm(Adopting):
                 self.shards.ranks.share(self._reads_weights_now()):
             self.shards.gather()
         self._after_inner_step()
+        if isinstance(self.math, SplitOuterState) and not self.reads_weights_at_round_ends_only:
+            self.math.step_done()  # (the other ranks served this step's syncs: split_state.py)
         report = None
         ends = self.round_step >= self.inner_steps or self.round != started or final
         # a sharded member's ranks gather the whole weights for the round's end

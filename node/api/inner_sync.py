@@ -12,11 +12,12 @@ import torch
 from loco.node.optstate import adam_step, adam_tensors, load_adam
 from loco.optim import DataParallel, strided_fragments
 from loco.optim import StreamingDiLoCo as StreamingMath
-from loco.optim.streaming import FragmentEvent
+from loco.optim.streaming import FragmentEvent, schedule
 from loco.protocols.collective import RoundResult
 from loco.protocols.state_sync import tensors_hash
 
 from .outer_step import CollectiveAlgorithm
+from .region_weights import RegionWeights
 
 
 def _inner_status(ok: int, failed: int, what: str) -> tuple[str, str]:
@@ -32,10 +33,11 @@ class StreamingDiLoCo(CollectiveAlgorithm):
 
     name = "streaming_diloco"
     fine_grained = True
+    splits_outer_state = True
 
     def __init__(self, model, inner_optimizer, swarm, *, fragments: int = 2, overlap: int = 1, mix: float = 0.5,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True, **kwargs: Any):
-        self.n_fragments, self.overlap, self.mix = fragments, overlap, mix
+        self.fragments, self.overlap, self.mix = fragments, overlap, mix
         self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
         super().__init__(model, inner_optimizer, swarm, **kwargs)
 
@@ -45,23 +47,34 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         return (sync_id - 1) // self.inner_steps + 1
 
     def _build(self) -> None:
-        H, P = self.inner_steps, self.n_fragments
+        H, P = self.inner_steps, self.fragments
         if P > H:
             raise ValueError(f"fragments ({P}) must not exceed inner_steps ({H})")
         if self.overlap >= max(1, H // P):
             raise ValueError(f"overlap ({self.overlap}) must be below inner_steps / fragments ({H} // {P} = {H // P})")
         self._hash_at_launch = ""
         self.comm = self._staged(self._communicator(self._launch_hash))
-        if self.model is not None:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            labels = [names[id(p)] for p in self.trained]  # (sharded: self.params are host copies)
-        else:  # no names: parameter i counts as block i
-            labels = [str(i) for i in range(len(self.params))]
-        parts = strided_fragments(labels, [p.numel() for p in self.params], P)
+        if isinstance(self.shards, RegionWeights):  # every rank's region of each fragment: one tensor each
+            parts = [[p] for p in range(len(self.params))]
+        else:
+            parts = self.weight_groups(self.model, self.trained, {"fragments": P})
         self.math = StreamingMath(self.params, self.comm, parts, H, self.outer_lr, self.outer_momentum,
                                   self.nesterov, self.overlap, self.mix)
         self._events: list[FragmentEvent] = []
         self._fragment_bytes0: dict[int, int] = {}  # bytes sent before each fragment in flight
+
+    @classmethod
+    def weight_groups(cls, model, params, settings) -> list[list[int]]:
+        """The fragments (parameter indices), strided over the blocks by name."""
+        if model is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            labels = [names[id(p)] for p in params]
+        else:  # no names: parameter i counts as block i
+            labels = [str(i) for i in range(len(params))]
+        return strided_fragments(labels, [p.numel() for p in params], int(settings.get("fragments", 2)))
+
+    def _sync_group(self, sync_id: int) -> int:
+        return schedule(sync_id, self.inner_steps, self.fragments)  # (the sync id is the send step)
 
     def _outer_steps(self) -> int:
         return self.math.outer_steps

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -88,11 +89,12 @@ def _wire(roster: list[Member]) -> list[list[Any]]:
 class LeaderLanes:
     """The leader's side (``loco.protocols.collective.RankExchange``)."""
 
-    def __init__(self, ranks: Ranks, swarm: Swarm, split_shapes: list[torch.Size] | None = None):
-        """``split_shapes``: the whole model's parameter shapes when every rank keeps its own
-        region of the outer state (split_state.py): each then exchanges the region it holds,
-        and nothing is scattered from or gathered to this rank."""
-        self.split_layout = Layout(split_shapes) if split_shapes is not None else None
+    def __init__(self, ranks: Ranks, swarm: Swarm, split_layout: Callable[[int], Layout] | None = None):
+        """``split_layout``: when every rank keeps its own region of the outer state
+        (split_state.py), the shapes of what sync ``round`` averages as a whole (the model's
+        parameters; Streaming DiLoCo: the fragment of that step): each rank then exchanges
+        the region of it that it holds, and nothing is scattered from or gathered to this rank."""
+        self.split_layout = split_layout
         self.ranks = ranks.side_channel(SIDE_CHANNEL_WAIT)
         self.ranks.share(swarm.rank_endpoint_spec())
         self.swarm = swarm
@@ -102,7 +104,7 @@ class LeaderLanes:
 
     def exchange(self, data: DataPhase, round: int, attempt: int, tensors, roster: list[Member]):
         flat = flat_of(tensors)
-        layout = self.split_layout or Layout.of(tensors)
+        layout = self.split_layout(round) if self.split_layout is not None else Layout.of(tensors)
         bounds = split_bounds(layout.total, self.ranks.size)
         for m in roster:
             for endpoint in m.ranks:

@@ -250,10 +250,11 @@ class ShardedWeights:
 
 
 def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | None,
-                    split: bool = False) -> ShardedWeights | None:
+                    split: bool = False, groups: list[list[int]] | None = None) -> ShardedWeights | None:
     """The member's ``ShardedWeights`` when its parameters are sharded (None: whole on
     every rank); a clear error where the algorithm cannot work on sharded weights.
-    ``split``: the outer state is split over the ranks (split_state.py), not whole on the leader."""
+    ``split``: the outer state is split over the ranks (split_state.py), not whole on the leader,
+    a region of each of ``groups`` of the parameters (None: one group of them all)."""
     if not any(is_dtensor(p) for p in params):
         return None
     if ranks is None:
@@ -266,7 +267,7 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
     if split:
         from .region_weights import RegionWeights  # (it builds on ShardedWeights)
 
-        return RegionWeights(params, ranks)
+        return RegionWeights(params, ranks, groups)
     return ShardedWeights(params, ranks)
 
 
@@ -335,7 +336,8 @@ class Follower:
         compression = _leader_only.get("compression", "none")
         rank_exchange = _leader_only.get("rank_exchange", "parallel")
         split = splits_outer_state(algorithm, self.params, ranks, rank_exchange, compression, _leader_only)
-        self.shards = sharded_weights(algorithm, self.params, ranks, split)
+        groups = algorithm.weight_groups(model, self.params, _leader_only) if split else None
+        self.shards = sharded_weights(algorithm, self.params, ranks, split, groups)
         self._mid_round = not algorithm.reads_weights_at_round_ends_only  # gathers within a round too
         if self.shards is not None:  # with the leader, as its constructor gathers them
             self.shards.gather()
@@ -374,6 +376,8 @@ class Follower:
         self._synced = False
         if self.shards is not None and self._mid_round and self.ranks.share():  # a sync within the round
             self.shards.gather()
+        if self.split is not None and self._mid_round:  # this rank's region of the step's syncs
+            self.split.serve_step()
         if self.shards is not None and self.ranks.share():  # the round ends: the leader gathers the weights
             self.shards.gather()
         return self._receive()

@@ -1,13 +1,16 @@
-"""The weights of a rank's region of a sharded member's flat weight vector, read from and
-written to its FSDP shards (the region whose outer state the rank keeps: split_state.py)."""
+"""The weights of a rank's region of a sharded member's flat weight vector (or of each group
+of its parameters: Streaming DiLoCo's fragments), read from and written to its FSDP shards
+(the region whose outer state the rank keeps: split_state.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from loco.protocols.codecs import Layout
 from loco.protocols.regions import split_bounds
 
 from .ranks import ShardedWeights
@@ -17,42 +20,71 @@ if TYPE_CHECKING:
     from .ranks import Ranks
 
 
-class RegionWeights(ShardedWeights):
-    """The weights of this rank's region of the member's flat vector (the parameters end to
-    end, in order), in a float32 host buffer (``outer_params``), read from and written to the
-    FSDP shards. Both are collectives over the member's ranks, one parameter at a time: a
-    parameter is whole on every rank's device only while it passes."""
+@dataclass
+class WeightGroup:
+    """Parameters whose flat vector (theirs end to end, in order) is cut into one region per
+    rank: the member's whole weights (DiLoCo, CO2), or one Streaming DiLoCo fragment."""
 
-    def __init__(self, params: list[torch.Tensor], ranks: Ranks):
+    params: list[int]  # indices into the member's parameters, in order
+    shapes: list[tuple[int, ...]]
+    bounds: list[int]  # every rank's region of the group's flat vector (split_bounds)
+    lo: int  # this rank's region of it
+    hi: int
+    view: torch.Tensor  # this rank's region, in its host buffer
+
+
+class RegionWeights(ShardedWeights):
+    """The weights of this rank's region of every group of the member's parameters (one
+    group of them all by default; see ``WeightGroup``), in one float32 host buffer (a view
+    of it per group: ``outer_params``), read from and written to the FSDP shards. Both are
+    collectives over the member's ranks, one parameter at a time: a parameter is whole on
+    every rank's device only while it passes."""
+
+    def __init__(self, params: list[torch.Tensor], ranks: Ranks, groups: list[list[int]] | None = None):
         self.check(params, ranks)
         self.params = params
         self.ranks = ranks
         self.full = []  # no rank holds the whole weights
-        self.offsets = [0]
-        for p in params:
-            self.offsets.append(self.offsets[-1] + p.numel())
-        self.bounds = split_bounds(self.offsets[-1], ranks.size)
-        self.lo, self.hi = self.bounds[ranks.rank], self.bounds[ranks.rank + 1]
-        # per parameter, per rank: the stretch of it (flat offsets) that rank's region holds
-        self.pieces = [[(max(start, a), max(max(start, a), min(end, b)))
-                        for a, b in zip(self.bounds, self.bounds[1:], strict=False)]
-                       for start, end in zip(self.offsets, self.offsets[1:], strict=False)]
-        self.buffer = torch.empty(self.hi - self.lo, dtype=torch.float32)
+        groups = groups if groups is not None else [list(range(len(params)))]
+        if sorted(i for g in groups for i in g) != list(range(len(params))):
+            raise ValueError("the groups of parameters must hold every parameter once")
+        bounds = [split_bounds(sum(params[i].numel() for i in g), ranks.size) for g in groups]
+        r = ranks.rank
+        buffer = torch.empty(sum(b[r + 1] - b[r] for b in bounds), dtype=torch.float32)
+        self.groups: list[WeightGroup] = []
+        self.pieces: dict[int, tuple[int, int, list[tuple[int, int]]]] = {}  # param: (group, its offset, per rank)
+        offset = 0
+        for g, (members, bnd) in enumerate(zip(groups, bounds, strict=True)):
+            width = bnd[r + 1] - bnd[r]
+            self.groups.append(WeightGroup(list(members), [tuple(params[i].shape) for i in members], bnd,
+                                           bnd[r], bnd[r + 1], buffer[offset:offset + width]))
+            offset += width
+            start = 0
+            for i in members:  # the stretch of it (offsets in the group's vector) each rank's region holds
+                end = start + params[i].numel()
+                self.pieces[i] = (g, start, [(max(start, a), max(max(start, a), min(end, b)))
+                                             for a, b in zip(bnd, bnd[1:], strict=False)])
+                start = end
+        self.buffer = buffer
+        self.order = [i for g in self.groups for i in g.params]  # the parameters group by group
+        self.shapes = [tuple(params[i].shape) for i in self.order]
+        self.numel = sum(p.numel() for p in params)
         self._finite = True
         self.split: SplitOuterState | None = None  # the leader's, once its outer math is built
 
     @property
     def outer_params(self) -> list[torch.Tensor]:
-        return [self.buffer]
+        return [g.view for g in self.groups]
 
     @torch.no_grad()
     def gather(self) -> None:
         for i, p in enumerate(self.params):
             whole = p.full_tensor()  # (every rank takes part for every parameter)
-            a, b = self.pieces[i][self.ranks.rank]
+            g, start, pieces = self.pieces[i]
+            a, b = pieces[self.ranks.rank]
             if a < b:
-                start = self.offsets[i]
-                self.buffer[a - self.lo:b - self.lo].copy_(whole.reshape(-1)[a - start:b - start])
+                group = self.groups[g]
+                group.view[a - group.lo:b - group.lo].copy_(whole.reshape(-1)[a - start:b - start])
             del whole
         # whether the whole member's weights are finite (a rank's own region says only its part)
         self._finite = all(self.ranks.all_gather(bool(torch.isfinite(self.buffer).all())))
@@ -62,7 +94,8 @@ class RegionWeights(ShardedWeights):
         from torch.distributed.tensor import distribute_tensor
 
         for i, p in enumerate(self.params):
-            pieces = self.pieces[i]
+            g, _, pieces = self.pieces[i]
+            group = self.groups[g]
             width = max(b - a for a, b in pieces)
             if width == 0:
                 continue
@@ -71,7 +104,7 @@ class RegionWeights(ShardedWeights):
             # one-process member's θ ← φ, and any dtype over any backend
             mine = torch.zeros(width, dtype=p.dtype, device=self.ranks.device)
             a, b = pieces[self.ranks.rank]
-            mine[:b - a].copy_(self.buffer[a - self.lo:b - self.lo])
+            mine[:b - a].copy_(group.view[a - group.lo:b - group.lo])
             raw = [torch.empty_like(mine.view(torch.uint8)) for _ in range(self.ranks.size)]
             dist.all_gather(raw, mine.view(torch.uint8), group=self.ranks.group)
             whole = torch.cat([r.view(p.dtype)[:b - a] for r, (a, b) in zip(raw, pieces, strict=True)])
@@ -79,6 +112,10 @@ class RegionWeights(ShardedWeights):
             # every rank holds the whole parameter: it takes its own shard, without communication
             local.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
             del whole, raw
+
+    def group_layout(self, g: int) -> Layout:
+        """The shapes of group ``g``'s parameters (what the member exchanges of it)."""
+        return Layout([torch.Size(s) for s in self.groups[g].shapes])
 
     def member_finite(self) -> bool:
         return self._finite

@@ -1,17 +1,19 @@
 """A sharded member's outer state split over its ranks: no rank holds the whole of it.
 
-With FSDP inside a member (parameters sharded over its ranks) and DiLoCo or CO2 (with a fixed
-staleness penalty: outer math that works element by element) across members, every rank
+With FSDP inside a member (parameters sharded over its ranks) and DiLoCo, Streaming DiLoCo or
+CO2 (with a fixed staleness penalty: outer math that works element by element) across
+members, every rank
 ``r`` keeps the outer state of its own region ``[bounds[r], bounds[r + 1])`` of the flat
 weight vector (``loco.protocols.regions.split_bounds``: the same regions its endpoint
 exchanges): the weights θ of the region, the anchor φ, the outer momentum and the
 pseudo-gradient Δ, in host memory (the math's ``STATE_SECTIONS``: a region of each). A
 round's end is then local on every rank: θ comes from the FSDP shards one parameter at a
 time (``RegionWeights.gather``, region_weights.py), the rank computes its Δ, exchanges it
-with the matching regions of the other members from its own endpoint (rank_exchange.py), applies the outer step to its φ and momentum, and writes θ ← φ back into
-the shards one parameter at a time (``RegionWeights.scatter``). Per rank that is 4/k of the
-model in float32 instead of a whole copy of every buffer on rank 0, and 2/k more for the
-published copy of its region (what a one-process member keeps: 4 + 2).
+with the matching regions of the other members from its own endpoint (rank_exchange.py),
+applies the outer step to its φ and momentum, and writes θ ← φ back into the shards one
+parameter at a time (``RegionWeights.scatter``). Per rank that is 4/k of the model in
+float32 instead of a whole copy of every buffer on rank 0, and 2/k more for the published
+copy of its region (what a one-process member keeps: 4 + 2).
 
 The leader (rank 0) still speaks for the member: it runs matchmaking and the commit step
 and tells the other ranks, in order, what to do (``SplitOuterState``): run the outer step of
@@ -33,6 +35,13 @@ every rank's background thread, each over its own region, and lands a round late
 leader; the mean a reduce landed is served in parts too (``RegionResults``: a peer that
 adopts this member's state fetches the mean of the reduce it missed), and a peer's mean this
 member must apply after adopting a state reaches each rank as its region (``_PendingRegions``).
+
+Streaming DiLoCo keeps a region of each fragment (``region_weights.WeightGroup``: fragment
+p's flat vector cut into one region per rank, what the ranks exchange of it): every rank's
+math is Streaming DiLoCo over one tensor per fragment, told every inner step (``AFTER``,
+then ``STEP_DONE``) to land the fragment whose overlap is over and send the one whose turn it
+is, from the weights gathered at that step. Its state is served and hashed fragment by
+fragment, the order a one-process member's ``synchronized_tensors`` has too.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ if TYPE_CHECKING:
 # what the leader tells the other ranks on the member's control channel, besides a step's news
 OUTER, LOAD, PUBLISH = "split-outer", "split-load", "split-publish"
 HASH, RESTORE, FLUSH = "split-hash", "split-restore", "split-flush"
+AFTER, DRAIN, STEP_DONE = "split-after", "split-drain", "split-step-done"  # (Streaming DiLoCo's, every step)
 # published parts every rank keeps: the latest, like a one-process member's snapshot. A peer
 # that read the leader's answer for one round and asks for the parts after the next round's
 # are out (within milliseconds of a round's end) fails that fetch and asks again.
@@ -77,8 +87,9 @@ class SplitOuterState:
         self.region = region
         self.ranks = region.ranks
         self.math = math
-        self.shapes = [tuple(p.shape) for p in region.params]
+        self.shapes = region.shapes  # the whole state's, per section (group by group)
         self.sections = math.STATE_SECTIONS  # (φ first: the weights lead the state)
+        self.steps_key = getattr(math, "STEPS_KEY", "outer_steps")  # its checkpoint's name for its step counts
         # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to apply)
         self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None] | None = None
         self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
@@ -96,6 +107,43 @@ class SplitOuterState:
     def pending_round(self) -> int:
         """CO2: the round whose reduce is in flight (-1: none)."""
         return self.math.pending_round
+
+    # ------------------------------------------------ Streaming DiLoCo's (fragments = groups)
+    @property
+    def fragment_steps(self) -> list[int]:
+        return self.math.fragment_steps
+
+    @property
+    def in_flight(self) -> bool:
+        return self.math.in_flight
+
+    @property
+    def in_flight_step(self) -> int | None:
+        return self.math.in_flight_step
+
+    def touches_weights(self, step: int) -> bool:
+        return self.math.touches_weights(step)  # (every rank's math runs the same schedule)
+
+    def after_inner_step(self, step: int) -> list[Any]:
+        """Every rank: finish the fragment whose overlap is over, start the one whose turn it
+        is, each over its own region of it (the weights gathered already, if touched)."""
+        self.deliver()
+        self.ranks.share((AFTER, step))
+        return self._landed(self.math.after_inner_step(step))
+
+    def drain(self) -> list[Any]:
+        self.deliver()
+        self.ranks.share((DRAIN,))
+        return self._landed(self.math.drain())
+
+    def step_done(self) -> None:
+        """The other ranks stop serving this inner step's commands (Streaming DiLoCo's)."""
+        self.ranks.share((STEP_DONE,))
+
+    def _landed(self, events: list[Any]) -> list[Any]:
+        if any(e.applied for e in events):
+            self._digests = None
+        return events
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank keeps for its own region (one tensor per section)."""
@@ -129,7 +177,8 @@ class SplitOuterState:
         if stream:
             self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
         assert self._endpoints is not None and self._digests is not None
-        parts = parts_meta(self._endpoints, round, [self.shapes] * len(self.sections))
+        groups = [g.shapes for g in self.region.groups]
+        parts = parts_meta(self._endpoints, round, groups * len(self.sections))
         return server.publish(round, [], {**meta, "parts": parts}, prefix=len(self.shapes), digests=self._digests)
 
     def serve_result(self, server: StateServer, round: int, reduce: ReduceResult, meta: dict[str, Any]) -> None:
@@ -142,7 +191,7 @@ class SplitOuterState:
             server.publish(round, [], meta)
             return
         assert self._endpoints is not None, "a result served before the state"
-        parts = parts_meta(self._endpoints, round, [[(p.numel(),) for p in self.region.params]])
+        parts = parts_meta(self._endpoints, round, [[(p.numel(),) for p in self.region.params]])  # (one group)
         server.publish(round, [], {**meta, "parts": parts}, digests=("", digest))
 
     def restore_published(self, snapshot: Snapshot) -> None:
@@ -150,15 +199,17 @@ class SplitOuterState:
         takes its region from its own part of it."""
         assert self._parts is not None, "nothing was published"
         self._pending = None  # (superseded)
-        outer_steps = int(snapshot.meta.get("outer_steps", 0))
-        self.ranks.share((RESTORE, snapshot.round, outer_steps))
-        _restore_part(self._parts, self.math, snapshot.round, outer_steps)
+        steps = snapshot.meta.get(self.steps_key, snapshot.meta.get("outer_steps", 0))
+        self.ranks.share((RESTORE, snapshot.round, steps))
+        _restore_part(self._parts, self.math, snapshot.round, steps)
         self._digests = (snapshot.prefix_digest, snapshot.digest)
 
-    def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: int, reset_params: bool = True,
+    def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: Any, reset_params: bool = True,
                           pending: Callable[[], ReduceResult] | None = None) -> None:
-        """Adopt a whole state (a peer's, a checkpoint's): this rank's region now, the other
-        ranks' when they next listen (``deliver``: before the next outer step or news).
+        """Adopt a whole state (a peer's, a checkpoint's; in ``synchronized_tensors``' order,
+        group by group): this rank's region now, the other ranks' when they next listen
+        (``deliver``: before the next outer step or news). ``outer_steps``: what the math's
+        ``load_synchronized`` takes (Streaming DiLoCo: its fragments' step counts).
         ``pending`` (CO2): fetches the mean of the reduce the state's source had in flight;
         the ranks apply their regions of it at their next outer step."""
         n, k = len(self.shapes), len(self.sections)
@@ -167,11 +218,16 @@ class SplitOuterState:
         for t, shape in zip(tensors, self.shapes * k, strict=True):
             if tuple(t.shape) != shape:
                 raise ValueError(f"shape mismatch: local {shape}, received {tuple(t.shape)}")
-        whole = [flat_of(tensors[i * n:(i + 1) * n]).clone() for i in range(k)]
-        lo, hi = self.region.lo, self.region.hi
-        regions = _PendingRegions(self.ranks, self.region.bounds, pending) if pending is not None else None
+        whole, start = [], 0  # every section's every group, as one flat vector each
+        for _ in self.sections:
+            for g in self.region.groups:
+                whole.append(flat_of(tensors[start:start + len(g.params)]).clone())
+                start += len(g.params)
+        groups = self.region.groups * k
+        regions = _PendingRegions(self.ranks, groups[0].bounds, pending) if pending is not None else None
         extra = {"pending": regions.take} if regions is not None else {}
-        self.math.load_synchronized([w[lo:hi] for w in whole], outer_steps, reset_params=reset_params, **extra)
+        self.math.load_synchronized([w[g.lo:g.hi] for w, g in zip(whole, groups, strict=True)], outer_steps,
+                                    reset_params=reset_params, **extra)
         self._pending = (whole, outer_steps, reset_params, regions)
         self._digests = None
 
@@ -182,8 +238,8 @@ class SplitOuterState:
         whole, outer_steps, reset_params, regions = self._pending
         self._pending = None
         self.ranks.share((LOAD, outer_steps, reset_params, regions is not None))
-        for w in whole:
-            self.ranks.scatter_regions(w, self.region.bounds)
+        for w, g in zip(whole, self.region.groups * len(self.sections), strict=True):
+            self.ranks.scatter_regions(w, g.bounds)
 
     def outer_step(self, round: int) -> Any:
         self.deliver()
@@ -209,8 +265,16 @@ class SplitOuterState:
         one-process CO2 member's checkpoint is)."""
         if self._pending is not None:
             whole, outer_steps, _, _ = self._pending
-            return {**{name: shaped_views(w.clone(), self.shapes) for name, w in zip(self.sections, whole, strict=True)},
-                    "outer_steps": outer_steps}
+            state: dict[str, Any] = {self.steps_key: outer_steps}
+            G = len(self.region.groups)
+            for s, name in enumerate(self.sections):  # in the parameters' order, as one process saves it
+                views = [v for w, g in zip(whole[s * G:(s + 1) * G], self.region.groups, strict=True)
+                         for v in shaped_views(w.clone(), g.shapes)]
+                ordered: list[Any] = [None] * len(views)
+                for i, v in zip(self.region.order, views, strict=True):
+                    ordered[i] = v
+                state[name] = ordered
+            return state
         return region_state(self.region, self.math)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -222,8 +286,9 @@ class SplitOuterState:
             self._pending = None
             self._digests = None
             return
-        self.load_synchronized([t for name in self.sections for t in state[name]], int(state["outer_steps"]),
-                               reset_params=False)
+        steps = state[self.steps_key]
+        self.load_synchronized([state[name][i] for name in self.sections for i in self.region.order],
+                               int(steps) if isinstance(steps, int | float) else steps, reset_params=False)
 
     def close(self) -> None:
         _close_math(self.math)
@@ -236,12 +301,12 @@ def region_state(region: RegionWeights, math: Any) -> dict[str, Any]:
     """A rank's region of the outer state, for its own checkpoint file: the region's φ and
     momentum (copies), and which region of how many it is."""
     return {**math.state_dict(), "region": {"rank": region.ranks.rank, "ranks": region.ranks.size,
-                                            "numel": region.bounds[-1]}}
+                                            "numel": region.numel}}
 
 
 def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -> None:
     saved = state["region"]
-    mine = {"rank": region.ranks.rank, "ranks": region.ranks.size, "numel": region.bounds[-1]}
+    mine = {"rank": region.ranks.rank, "ranks": region.ranks.size, "numel": region.numel}
     if {k: int(saved[k]) for k in mine} != mine:
         raise ValueError(f"the outer state saved by rank {saved['rank']} of {saved['ranks']} ({saved['numel']} "
                          f"weights) does not fit rank {mine['rank']} of {mine['ranks']} ({mine['numel']} weights)")
@@ -253,10 +318,12 @@ def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
     """(weights, whole state) digests of the member's φ and the rest of its state, every
     rank's regions passing through the leader one at a time (followers: their part of it,
     with no shapes; ("", ""))."""
-    stream = StreamHash([(torch.float32, s) for s in shapes * len(held)], prefix=len(shapes)) \
+    sections = len(held) // len(region.groups)
+    stream = StreamHash([(torch.float32, s) for s in shapes * sections], prefix=len(shapes)) \
         if region.ranks.leads else None
-    for t in held:  # φ's region, then the rest's, section by section
-        region.ranks.stream_regions(t, region.bounds, stream.update if stream is not None else None)
+    # φ's regions group by group, then the rest's, section by section
+    for t, g in zip(held, region.groups * sections, strict=True):
+        region.ranks.stream_regions(t, g.bounds, stream.update if stream is not None else None)
     return stream.digests() if stream is not None else ("", "")
 
 
@@ -288,7 +355,8 @@ class RegionResults:
         self.server.publish(round, [mine], {})
         shapes = [(p.numel(),) for p in self.region.params]
         stream = StreamHash([(torch.float32, s) for s in shapes]) if self.region.ranks.leads else None
-        self.region.ranks.stream_regions(mine, self.region.bounds, stream.update if stream is not None else None)
+        (whole,) = self.region.groups  # (CO2's: one group of every parameter)
+        self.region.ranks.stream_regions(mine, whole.bounds, stream.update if stream is not None else None)
         return stream.digests()[1] if stream is not None else ""
 
     def close(self) -> None:
@@ -373,9 +441,13 @@ class SplitFollower:
         load_region_state(self.region, self.math, state)
 
     def serve(self, command: tuple) -> None:
-        kind, bounds = command[0], self.region.bounds
+        kind, groups = command[0], self.region.groups
         if kind == OUTER:
             self.math.outer_step(command[1])
+        elif kind == AFTER:
+            self.math.after_inner_step(command[1])
+        elif kind == DRAIN:
+            self.math.drain()
         elif kind == FLUSH:
             self.math.flush()
         elif kind == PUBLISH:
@@ -391,12 +463,17 @@ class SplitFollower:
             _restore_part(self._parts, self.math, command[1], command[2])
         elif kind == LOAD:
             _, outer_steps, reset_params, pending = command
-            regions = [self.ranks.scatter_regions(None, bounds) for _ in self.math.STATE_SECTIONS]
-            extra = {"pending": _PendingRegions(self.ranks, bounds).take} if pending else {}
+            regions = [self.ranks.scatter_regions(None, g.bounds) for g in groups * len(self.math.STATE_SECTIONS)]
+            extra = {"pending": _PendingRegions(self.ranks, groups[0].bounds).take} if pending else {}
             self.math.load_synchronized(regions, outer_steps, reset_params=reset_params, **extra)
         else:
             raise RuntimeError(f"rank {self.ranks.rank}: the leader asked {kind!r}, which a split outer state "
                                "does not know")
+
+    def serve_step(self) -> None:
+        """Streaming DiLoCo's inner step: what the leader asks until it says the step is done."""
+        while (command := self.ranks.share())[0] != STEP_DONE:
+            self.serve(command)
 
     def close(self) -> None:
         _close_math(self.math)
