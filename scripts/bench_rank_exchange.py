@@ -1,8 +1,11 @@
 """Round time of two members of two ranks each, when every rank sends its own region of
 the round's exchange (rank_exchange "parallel") vs when rank 0 sends it all ("leader", the
 baseline: what a member of several processes did before), on an emulated link. DiLoCo
-(its exchange on the training thread) or CO2 (``--algorithm co2``: its reduce runs on the
-leader's background thread while the ranks train on, and lands a round later).
+(its exchange on the training thread), CO2 (``--algorithm co2``: its reduce runs on the
+leader's background thread while the ranks train on, and lands a round later) or Streaming
+DiLoCo (``--algorithm streaming_diloco``: 2 fragments over 4 inner steps a round, each sent
+in the background and landing a step later; ``data_s`` is not reported, ``comm_s`` is what
+the round's steps waited for the fragments).
 
 Each member is two processes (a gloo group, FSDP2 or DDP inside) training the same MLP;
 each endpoint's uplink is shaped to ``--bandwidth`` by loco's in-transport shaper, so a
@@ -22,7 +25,7 @@ region of both). ``publish_s``: the leader's time to publish the state a round e
 ranks' regions pass through it; otherwise a copy, hashed in the background).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
-                                          [--parallel fsdp|ddp] [--algorithm diloco|co2]
+                                          [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco]
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# inner steps per round: Streaming DiLoCo's 2 fragments (overlap 1) need 4, each sent once a round
+INNER_STEPS = {"diloco": 2, "co2": 2, "streaming_diloco": 4}
 sys.path.insert(0, str(ROOT))
 
 
@@ -84,15 +89,16 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
     timeouts = loco.Timeouts(allreduce_timeout_s=600, matchmaking_timeout_s=300, join_timeout_s=600)
     data = torch.Generator().manual_seed(rank)
     try:
-        algorithm = loco.CO2 if args.algorithm == "co2" else loco.DiLoCo
-        with algorithm(model, opt, swarm, inner_steps=2, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
+        algorithm = {"diloco": loco.DiLoCo, "co2": loco.CO2, "streaming_diloco": loco.StreamingDiLoCo}[args.algorithm]
+        inner = INNER_STEPS[args.algorithm]
+        with algorithm(model, opt, swarm, inner_steps=inner, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
                        rank_exchange=args.mode) as outer:
-            for step in range(1, 2 * args.rounds + 1):
+            for step in range(1, inner * args.rounds + 1):
                 x = torch.randn(8, width, generator=data)
                 model(x).square().mean().backward()
                 opt.step()
                 opt.zero_grad()
-                report = outer.step(final=step == 2 * args.rounds)
+                report = outer.step(final=step == inner * args.rounds)
                 if report is not None and ranks.leads:
                     print("ROUND " + json.dumps({"round": report.round, "status": report.status,
                                                  "group": report.group_size, "comm_s": report.comm_s,
@@ -157,7 +163,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", default="200mbit", help="each endpoint's emulated uplink")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="what the ranks do inside a member")
-    ap.add_argument("--algorithm", choices=["diloco", "co2"], default="diloco")
+    ap.add_argument("--algorithm", choices=sorted(INNER_STEPS), default="diloco")
     ap.add_argument("--member", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="parallel", help=argparse.SUPPRESS)
     ap.add_argument("--join", help=argparse.SUPPRESS)
@@ -182,7 +188,8 @@ def main() -> None:
     data0, comm0 = medians["leader"][:2]
     for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
         data, comm, n, b, state, publish = medians[mode]
-        print(f"{label:<30}{data:>8.2f}{data / data0:>10.2f}x{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M"
+        vs_data = f"{data / data0:>10.2f}x" if data0 else f"{'-':>11}"  # (Streaming DiLoCo reports none)
+        print(f"{label:<30}{data:>8.2f}{vs_data}{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M"
               f"{state / 1e6:>17.1f}M{publish:>11.3f}")
 
 

@@ -5,6 +5,7 @@ collective ids count inner steps; a round is ``inner_steps`` steps of bookkeepin
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -64,7 +65,8 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         self._fragment_bytes0: dict[int, int] = {}  # bytes sent before each fragment in flight
 
     @classmethod
-    def weight_groups(cls, model, params, settings) -> list[list[int]]:
+    def weight_groups(cls, model: torch.nn.Module | None, params: list[torch.Tensor],
+                      settings: Mapping[str, Any]) -> list[list[int]]:
         """The fragments (parameter indices), strided over the blocks by name."""
         if model is not None:
             names = {id(p): n for n, p in model.named_parameters()}
