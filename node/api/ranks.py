@@ -23,11 +23,13 @@ With ``loco.DDP`` (gradients averaged across members every step) the leader broa
 swarm's gradient mean before every optimizer step, and the inner AdamW state along with the
 weights when it adopts a peer's.
 
-With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, every
-rank keeps the outer state of its own region of the weights and runs the outer step on it
-(``RegionWeights``, region_weights.py and split_state.py): no rank holds the whole model. The other algorithms'
-leader works on a whole copy of the weights in host memory (``ShardedWeights``): every rank
-hands its shards in when a round ends and gets the result back. The exchange with the
+With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, Streaming
+DiLoCo or CO2 (fixed staleness penalty), every rank keeps the outer state of its own region
+of the weights and runs the outer step on it (``RegionWeights``, region_weights.py and
+split_state.py): no rank holds the whole model. The other algorithms' leader (NoLoCo, CO2
+gap-aware, any with ``rank_exchange="leader"``) works on a whole copy of the weights in host
+memory (``ShardedWeights``): every rank hands its shards in when a round ends and gets the
+result back. The exchange with the
 swarm (every algorithm's but NoLoCo's) leaves from every rank, each with its own region of
 the round's vector (rank_exchange.py).
 """
