@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--join", metavar="TOKEN", help="the join token a member printed (none: start a new swarm)")
     ap.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="diloco")
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
-                    help="inside the member: DDP, or FSDP2 (diloco, co2, noloco)")
+                    help="inside the member: DDP, or FSDP2 (diloco, streaming_diloco, co2, noloco)")
     ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel",
                     help="every rank sends its own region of what the member averages, or rank 0 all of it")
     ap.add_argument("--compression", choices=["none", "fp16", "bf16", "int8", "int4", "topk", "powersgd"],
