@@ -50,6 +50,7 @@ Staleness = Literal["fixed", "gap_aware"]
 
 class CO2:
     STATE_SECTIONS = ("anchor", "m")  # the state kept per weight, in synchronized_tensors' order
+    STEPS_KEY = "outer_steps"  # the outer steps taken, in ``state_dict``
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from .outer import OuterStepResult, nesterov_sgd_step
 
 class DiLoCo:
     STATE_SECTIONS = ("anchor", "buf")  # the state kept per weight, in synchronized_tensors' order
+    STEPS_KEY = "outer_steps"  # the outer steps taken, in ``state_dict``
 
     def __init__(
         self,

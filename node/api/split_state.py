@@ -89,7 +89,7 @@ class SplitOuterState:
         self.math = math
         self.shapes = region.shapes  # the whole state's, per section (group by group)
         self.sections = math.STATE_SECTIONS  # (φ first: the weights lead the state)
-        self.steps_key = getattr(math, "STEPS_KEY", "outer_steps")  # its checkpoint's name for its step counts
+        self.steps_key = math.STEPS_KEY  # its checkpoint's name for its step counts
         # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to apply)
         self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None] | None = None
         self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
@@ -364,7 +364,7 @@ class RegionResults:
             self.server.close()
 
 
-def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps: int) -> None:
+def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps: Any) -> None:
     snap = parts.published(round) if parts is not None else None
     if snap is None:
         raise RuntimeError(f"the part of round {round}'s state this rank served is no longer kept")
