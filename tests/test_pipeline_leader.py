@@ -15,7 +15,7 @@ from loco.node.pipeline.post import Post
 from loco.node.pipeline.standing import Standing
 from loco.protocols.membership import PeerInfo, ViewUnknown
 from loco.protocols.pipeline.channel import Channel
-from loco.protocols.pipeline.plan import JOINING, PLAN, REJOINING, admit, leader_of
+from loco.protocols.pipeline.plan import JOINING, PLAN, REJOINING, STARTING, admit, leader_of
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
 
@@ -193,6 +193,9 @@ def test_admission_keeps_the_plans_members_and_admits_the_others_from_a_replica_
     assert joins == {"b": "c"} and [p.id for p in members] == ["a", "c"]
     # a fresh swarm: everyone who is here, nobody joins
     assert admit(None, roster) == (roster, {})
+    # a node still starting (timing its passes, probing links) is admitted once it waits for a plan
+    members, joins = admit(prev, [*roster[:3], _peer("e", 1, STARTING)])
+    assert joins == {} and [p.id for p in members] == ["a", "b", "c"]
 
 
 def test_a_joiner_whose_source_left_is_admitted_again_from_another_replica():

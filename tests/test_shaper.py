@@ -186,3 +186,15 @@ def test_a_link_probe_measures_the_emulated_link_both_ways():
     finally:
         a.close()
         b.close()
+
+
+def test_a_link_probe_leaves_a_peer_that_does_not_answer_after_one_probe():
+    """A peer that leaves a probe unanswered (dead, or not serving yet) is not measured, and
+    gets no further probe: each would add its timeout to the node's start."""
+    a, b = Transport("a"), Transport("b")  # b serves no probes
+    try:
+        assert LinkProber(a).measure({"b": b.endpoint}, payload_bytes=1 << 10, timeout_s=0.5) == {}
+        assert a.sent_to["b"] == 1
+    finally:
+        a.close()
+        b.close()

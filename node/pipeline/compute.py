@@ -17,7 +17,7 @@ import torch
 
 from loco.protocols.membership import PeerInfo
 from loco.protocols.pipeline.channel import Channel
-from loco.protocols.pipeline.plan import BWD, DROP, FWD, Iteration, check_task
+from loco.protocols.pipeline.plan import BWD, DROP, FWD, REJOINING, Iteration, check_task
 from loco.protocols.wire import Message
 
 from ..config import Config
@@ -112,8 +112,10 @@ class StageCompute:
 
     def check_paths_alive(self, work: Iteration, roster: list[PeerInfo]) -> None:
         """Give up the microbatches whose path runs through a node not in ``roster`` (by
-        endpoint too: a node restarted under the same id is not the one on the path)."""
-        live = {(p.id, p.endpoint) for p in roster}
+        endpoint too: a node restarted under the same id is not the one on the path), or
+        through one that stepped out to be handed its stage's state again (REJOINING: it
+        takes no part in the iterations planned before the leader saw it)."""
+        live = {(p.id, p.endpoint) for p in roster if p.round != REJOINING}
         for (m, is_eval), path in work.pending_paths().items():
             dead = [n for n in path if (n, work.endpoints[n]) not in live]
             if dead:

@@ -43,7 +43,8 @@ class Joining:
         node plans it if it leads), or a plan that admits it (``joins``). Returns False if
         stopped; raises ConnectionError if the stage state it was promised never came."""
         me, planner = self.standing, self.planner
-        self.membership.announce(me.peer_info())  # round -1: not (or no longer) a member
+        me.ready = True
+        self.membership.announce(me.peer_info())  # JOINING (or REJOINING): not (or no longer) a member
         planned = False
         while not self.stop.is_set():
             if planner.prev is None and not planned and planner.fresh_swarm():

@@ -134,6 +134,9 @@ class PipelineNode:
             self.planner = Planner(self.cfg, self.standing, self.membership, self.channel, self.post, self.stop,
                                    self.started, len(self.val), lambda: self.val_loss, facts.activations,
                                    facts.n_blocks)
+            # answers the peers' link probes from before it is seen in the DHT: a peer that
+            # pinged it while it still timed its passes would otherwise wait out the probe
+            prober = LinkProber(self.transport)
             self.membership.start_refresh(self.standing.peer_info)
             sw = self.cfg.swarm
             want = max(sw.wait_for_peers, 1 if sw.initial_peers else 0)
@@ -143,7 +146,7 @@ class PipelineNode:
             # then all time their passes while the others run (the first one timed its own
             # while the others were starting, and read twice as slow as they did)
             self.standing.layer_s = block_seconds(facts, self.device)
-            measure_links(facts.activations, LinkProber(self.transport), self.membership, self.standing)
+            measure_links(facts.activations, prober, self.membership, self.standing)
             if self.p.auto_assign:
                 assign_stage(self.cfg, self.standing, self.planner, self.membership, self.channel, self.post,
                              self.stop)

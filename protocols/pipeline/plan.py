@@ -30,8 +30,10 @@ FINAL, ASSIGN, HANDOFF = PP_FINAL, PP_ASSIGN, PP_STATE
 QUEUED = (PLAN, FWD, BWD, DROP, FINAL, ASSIGN, HANDOFF)  # what a node's I/O thread queues for its loop
 
 # the round a pipeline node's DHT record shows while it is not a member: joining, or joining
-# again after the replica that was to hand it its stage's state left before sending it
-JOINING, REJOINING = -1, -2
+# again after the replica that was to hand it its stage's state left before sending it; or
+# still starting (timing its passes, probing its links): not admitted to a running pipeline
+# until it waits for a plan, since an admitted node is on the next iteration's paths
+JOINING, REJOINING, STARTING = -1, -2, -3
 
 
 def leader_of(prev: dict[str, Any] | None, roster: list[PeerInfo]) -> str | None:
@@ -56,7 +58,8 @@ def admit(prev: dict[str, Any] | None, roster: list[PeerInfo]) -> tuple[list[Pee
     (checkpoint or seed) and takes part at once. A node admitted earlier whose hand-off
     source left before sending says so (REJOINING) and joins again, from another replica;
     until its record shows it a member, one that ``prev`` admitted from a live replica is
-    receiving that replica's state (admitting it once more would take it out again)."""
+    receiving that replica's state (admitting it once more would take it out again). A node
+    still STARTING is admitted once it waits for a plan."""
     if prev is None:  # iteration 0 of a fresh swarm: everyone who is here
         return roster, {}
     was, endpoints, admitted = prev["stages"], prev["endpoints"], prev.get("joins", {})
@@ -73,7 +76,7 @@ def admit(prev: dict[str, Any] | None, roster: list[PeerInfo]) -> tuple[list[Pee
     ids = {p.id for p in members}
     joins = {}
     for p in roster:
-        if p.id not in ids:
+        if p.id not in ids and p.round != STARTING:
             replicas = sorted(m.id for m in members if m.stage == p.stage)
             joins[p.id] = replicas[0] if replicas else ""
     members += [p for p in roster if joins.get(p.id) == ""]

@@ -48,21 +48,32 @@ class LinkProber:
             return None
         return time.monotonic() - t0
 
+    def _answered(self, endpoint: str, peer: str, payload: torch.Tensor | None, count: int,
+                  timeout_s: float) -> list[float]:
+        """Up to ``count`` round trips; stops at the first probe left unanswered (the peer
+        died, or does not serve yet): probing on would only add a timeout each."""
+        rtts = []
+        for _ in range(count):
+            rtt = self._round_trip(endpoint, peer, payload, timeout_s)
+            if rtt is None:
+                break
+            rtts.append(rtt)
+        return rtts
+
     def measure(self, peers: dict[str, str], payload_bytes: int, small: int = 3, large: int = 3,
                 timeout_s: float = 10.0) -> dict[str, tuple[float, float]]:
         """{peer: (one-way latency s, bandwidth bytes/s)} for every peer that answered:
         ``small`` probes of no payload for the latency, ``large`` of ``payload_bytes`` for
-        the bandwidth."""
+        the bandwidth (a large probe unanswered in ``timeout_s`` counts as taking it)."""
         payload = torch.zeros(max(1, payload_bytes // 4), dtype=torch.float32)
         out: dict[str, tuple[float, float]] = {}
         for peer, endpoint in peers.items():
             self.transport.name_peer(endpoint, peer)
-            rtts = [self._round_trip(endpoint, peer, None, timeout_s) for _ in range(small)]
-            rtts = [r for r in rtts if r is not None]
+            rtts = self._answered(endpoint, peer, None, small, timeout_s)
             if not rtts:
                 continue
             base = min(rtts)
-            bigs = [self._round_trip(endpoint, peer, payload, timeout_s) for _ in range(large)]
-            extra = max(1e-6, min(b if b is not None else timeout_s for b in bigs) - base)
+            bigs = self._answered(endpoint, peer, payload, large, timeout_s)
+            extra = max(1e-6, min(bigs, default=timeout_s) - base)
             out[peer] = (base / 2, min(1e11, payload.numel() * 4 / extra))
         return out
