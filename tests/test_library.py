@@ -54,10 +54,11 @@ def test_a_plain_loop_trains_with_each_algorithm_a_late_joiner_starts_from_the_s
     inner = "5" if algorithm == "ddp" else "10"
     common = ["--algorithm", algorithm, "--inner-steps", inner]
     reports = {n: tmp_path / f"{n}.jsonl" for n in ("a", "b", "c")}
-    a = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "400", "--until", str(done), "--peers", "1", "--seed", "1",
+    # (--steps 0: a and b train until the test is done with them, however long that takes)
+    a = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "0", "--until", str(done), "--peers", "1", "--seed", "1",
                      "--report", str(reports["a"]), log="a")
     addr = _join_address(procs, "a")
-    b = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "400", "--until", str(done), "--join", addr, "--seed", "2",
+    b = procs.python(*LOGGED, *ONE_THREAD, *common, "--steps", "0", "--until", str(done), "--join", addr, "--seed", "2",
                      "--report", str(reports["b"]), log="b")
     c = procs.staged(*LOGGED, *ONE_THREAD, *common, "--steps", "400", "--join", addr, "--seed", "3",
                      "--report", str(reports["c"]), log="c")
