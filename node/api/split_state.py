@@ -22,7 +22,8 @@ region, publish the state, or go back to the state last published (after the wei
 non-finite). A published state is served in parts (``loco.protocols.state_sync``): every rank
 serves a copy of its region from its own endpoint, and the leader answers a peer's request
 with the hash of the whole and where the parts are; the hash (the weights hash peers compare,
-too) is computed on the leader as the ranks' regions pass through it one at a time. It is the
+too) is computed on the leader as the ranks' regions pass through it one at a time, on a
+thread of every rank (state_digests.py): the training thread does not wait for it. It is the
 hash a one-process member computes of the same state, so a peer fetching the state cannot tell
 a member of several ranks from one process, and members of any rank count agree. A
 checkpoint is split too: every rank's ``state_dict`` is its own region (``region_state``),
@@ -47,6 +48,7 @@ fragment, the order a one-process member's ``synchronized_tensors`` has too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +57,8 @@ from loco.optim import ReduceResult
 from loco.protocols.flat import flat_of, shaped_views, unflatten
 from loco.protocols.messages import CO2_RESULT_PART, STATE_PART
 from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
+
+from .state_digests import BackgroundDigests, known, stream_digests
 
 if TYPE_CHECKING:
     from .rank_exchange import RankLane
@@ -92,7 +96,9 @@ class SplitOuterState:
         self.steps_key = math.STEPS_KEY  # its checkpoint's name for its step counts
         # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to apply)
         self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None] | None = None
-        self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
+        # (weights, whole state) now, or to come from the background pass; None: changed since
+        self._digests: Future[tuple[str, str]] | None = None
+        self._background: BackgroundDigests | None = None  # made with the first publish (a collective)
         self._parts: StateServer | None = None  # this rank's part of every published state
         self._endpoints: list[str] | None = None  # every rank's, where its parts are served
         # the other ranks build the same math over their regions
@@ -160,8 +166,8 @@ class SplitOuterState:
         self.deliver()
         if self._digests is None:
             self.ranks.share((HASH,))
-            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
-        return self._digests[0]
+            self._digests = known(stream_digests(self.ranks, self.region.groups, self.held_tensors(), self.shapes))
+        return self._digests.result()[0]
 
     def publish(self, server: StateServer, round: int, meta: dict[str, Any]) -> Snapshot:
         """Serve the state now as published at ``round``: every rank serves its region
@@ -171,11 +177,13 @@ class SplitOuterState:
             self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT)
         first, stream = self._endpoints is None, self._digests is None
         self.ranks.share((PUBLISH, round, first, stream))
-        self._parts.publish(round, self.held_tensors(), {})
+        part = self._parts.publish(round, self.held_tensors(), {})
         if first:
             self._endpoints = self.ranks.all_gather(server.transport.endpoint)
+            self._background = BackgroundDigests(self.ranks, self.region.groups)
         if stream:
-            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
+            assert self._background is not None
+            self._digests = self._background.submit(part, self.shapes)
         assert self._endpoints is not None and self._digests is not None
         groups = [g.shapes for g in self.region.groups]
         parts = parts_meta(self._endpoints, round, groups * len(self.sections))
@@ -202,7 +210,7 @@ class SplitOuterState:
         steps = snapshot.meta.get(self.steps_key, snapshot.meta.get("outer_steps", 0))
         self.ranks.share((RESTORE, snapshot.round, steps))
         _restore_part(self._parts, self.math, snapshot.round, steps)
-        self._digests = (snapshot.prefix_digest, snapshot.digest)
+        self._digests = known((snapshot.prefix_digest, snapshot.digest))
 
     def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: Any, reset_params: bool = True,
                           pending: Callable[[], ReduceResult] | None = None) -> None:
@@ -292,6 +300,8 @@ class SplitOuterState:
 
     def close(self) -> None:
         _close_math(self.math)
+        if self._background is not None:
+            self._background.close()
         for server in (self._parts, self.results):
             if server is not None:
                 server.close()
@@ -311,20 +321,6 @@ def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -
         raise ValueError(f"the outer state saved by rank {saved['rank']} of {saved['ranks']} ({saved['numel']} "
                          f"weights) does not fit rank {mine['rank']} of {mine['ranks']} ({mine['numel']} weights)")
     math.load_state_dict({k: v for k, v in state.items() if k != "region"})
-
-
-def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
-                    shapes: list[tuple[int, ...]]) -> tuple[str, str]:
-    """(weights, whole state) digests of the member's φ and the rest of its state, every
-    rank's regions passing through the leader one at a time (followers: their part of it,
-    with no shapes; ("", ""))."""
-    sections = len(held) // len(region.groups)
-    stream = StreamHash([(torch.float32, s) for s in shapes * sections], prefix=len(shapes)) \
-        if region.ranks.leads else None
-    # φ's regions group by group, then the rest's, section by section
-    for t, g in zip(held, region.groups * sections, strict=True):
-        region.ranks.stream_regions(t, g.bounds, stream.update if stream is not None else None)
-    return stream.digests() if stream is not None else ("", "")
 
 
 def _close_math(math: Any) -> None:
@@ -416,6 +412,7 @@ class SplitFollower:
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
         self.endpoint = lane.transport.endpoint
         self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT)
+        self._background: BackgroundDigests | None = None  # made with the first publish (a collective)
         self.results = RegionResults(region) if serves_results else None
         if self.results is not None:  # the leader serves its part at the same point of the outer step
             self.math.on_launch = self._serve_result
@@ -452,13 +449,15 @@ class SplitFollower:
             self.math.flush()
         elif kind == PUBLISH:
             _, round, first, stream = command
-            self._parts.publish(round, self.held_tensors(), {})
+            part = self._parts.publish(round, self.held_tensors(), {})
             if first:
                 self.ranks.all_gather(self.endpoint)
+                self._background = BackgroundDigests(self.ranks, groups)
             if stream:
-                _stream_digests(self.region, self.held_tensors(), [])
+                assert self._background is not None
+                self._background.submit(part, [])
         elif kind == HASH:
-            _stream_digests(self.region, self.held_tensors(), [])
+            stream_digests(self.ranks, groups, self.held_tensors(), [])
         elif kind == RESTORE:
             _restore_part(self._parts, self.math, command[1], command[2])
         elif kind == LOAD:
@@ -477,6 +476,8 @@ class SplitFollower:
 
     def close(self) -> None:
         _close_math(self.math)
+        if self._background is not None:
+            self._background.close()
         self._parts.close()
         if self.results is not None:
             self.results.close()
