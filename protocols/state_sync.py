@@ -142,12 +142,15 @@ class Snapshot:
 
     def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None,
                  prefix: int = 0, hasher: ThreadPoolExecutor | None = None,
-                 digests: tuple[str, str] | Future[tuple[str, str]] | None = None):
+                 digests: tuple[str, str] | Future[tuple[str, str]] | None = None, hashed: bool = True):
         """``digests``: (prefix digest, digest) computed by the caller (a state served in
-        parts), known already or to come (a future: its own background pass)."""
+        parts), known already or to come (a future: its own background pass). ``hashed``
+        False: no digest at all (("", ""); a part of a state served in parts, whose whole
+        is hashed elsewhere), the tensors still moved to host memory by ``hasher``."""
         self.round = round
         self.meta = meta
         self.prefix = prefix
+        self.hashed = hashed
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self._tensors = tensors
         self._on_host = threading.Event()
@@ -160,7 +163,7 @@ class Snapshot:
         elif digest is not None and not prefix:
             self._digests = ("", digest)
         elif hasher is None:
-            self._digests = _hashes(tensors, prefix)
+            self._digests = _hashes(tensors, prefix) if hashed else ("", "")
         # recorded by the caller's thread, right after the copies that made the tensors
         ready = ready_event(tensors) if self._digests is None and self._pending is None else None
         if ready is None:
@@ -172,7 +175,7 @@ class Snapshot:
         if ready is not None:
             self._tensors = [HostMover(ready)(t) for t in self._tensors]
         self._on_host.set()
-        return _hashes(self._tensors, self.prefix)
+        return _hashes(self._tensors, self.prefix) if self.hashed else ("", "")
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -213,8 +216,13 @@ class StateServer:
     ``kind`` lets one node serve several things: its state ("STATE"), and, for CO2, the
     recent reduce results a replica that adopted a peer's state still has to apply."""
 
-    def __init__(self, transport: Transport, max_wait_s: float = 600.0, kind: str = STATE, keep: int = 1):
+    def __init__(self, transport: Transport, max_wait_s: float = 600.0, kind: str = STATE, keep: int = 1,
+                 hashed: bool = True):
+        """``hashed`` False: the snapshots are served without a digest of their own (the
+        parts of a state served in parts: the fetcher checks the whole against the hash the
+        leader serves, so hashing every part too would be work nobody reads)."""
         self.transport = transport
+        self.hashed = hashed
         self.max_wait_s = max_wait_s
         self.kind = kind
         self.keep = keep
@@ -245,8 +253,10 @@ class StateServer:
         # a private copy of each, where it lives: on a GPU a device-to-device copy, which the
         # hashing thread moves to host memory (the training thread does not wait for it)
         snap = Snapshot(round, [t.detach().clone() for t in tensors], dict(meta),
-                        prefix=prefix, hasher=None if digests is not None else self._hasher, digests=digests)
-        snap.when_hashed(lambda digest: self._remember(round, digest))
+                        prefix=prefix, hasher=None if digests is not None else self._hasher, digests=digests,
+                        hashed=self.hashed)
+        if self.hashed:
+            snap.when_hashed(lambda digest: self._remember(round, digest))
         with self._lock:
             self._snapshots = [*self._snapshots, snap][-self.keep:]
             now = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ class Member:
     def __init__(self, shapes, k):
         self.shapes = shapes
         self.transports = [Transport(f"m-rank{r}") for r in range(k)]
-        self.parts = [StateServer(t, kind=STATE_PART, keep=2) for t in self.transports]
+        self.parts = [StateServer(t, kind=STATE_PART, keep=2, hashed=False) for t in self.transports]
         self.server = StateServer(self.transports[0])
         self.total = sum(math.prod(s) for s in shapes)
         self.bounds = split_bounds(self.total, k)
@@ -122,6 +123,29 @@ def test_a_state_served_in_parts_is_fetched_whole_with_the_hash_of_the_whole(mem
     assert all(torch.equal(a, b) for a, b in zip(snap.tensors, whole, strict=True))
 
 
+def test_parts_carry_no_hash_of_their_own_and_a_hash_still_to_come_holds_the_reply(member_and_joiner):
+    """A part is never hashed by its server (the whole is checked against the leader's
+    hash); the leader's hash may still be on its way (a background pass, state_digests.py):
+    a request waits for it and gets the state with that hash."""
+    make, joiner = member_and_joiner
+    shapes = [(6,), (4,)]
+    member, leader = make(shapes, 2)
+    anchor, buf = torch.randn(member.total), torch.randn(member.total)
+    whole = [*_views(anchor, shapes), *_views(buf, shapes)]
+    for r, (a, b) in enumerate(zip(member.bounds, member.bounds[1:], strict=False)):
+        part = member.parts[r].publish(3, [anchor[a:b], buf[a:b]], {})
+        assert part.digest == "" and part.prefix_digest == ""
+    digests: Future[tuple[str, str]] = Future()
+    parts = parts_meta([t.endpoint for t in member.transports], 3, [shapes, shapes])
+    member.server.publish(3, [], {"parts": parts}, prefix=2, digests=digests)
+    with ThreadPoolExecutor(1) as pool:
+        fetched = pool.submit(fetch_state, joiner, leader.endpoint, 3, 30.0)
+        digests.set_result((tensors_hash(whole[:2]), tensors_hash(whole)))
+        snap = fetched.result()
+    assert snap is not None and snap.digest == tensors_hash(whole)
+    assert all(torch.equal(a, b) for a, b in zip(snap.tensors, whole, strict=True))
+
+
 def test_a_tampered_part_fails_the_hash_of_the_whole(member_and_joiner):
     make, joiner = member_and_joiner
     member, leader = make([(6,), (4,)], 2)
@@ -167,7 +191,7 @@ def test_a_co2_mean_served_in_parts_is_fetched_whole_and_a_kind_never_served_in_
     member, leader = make([(4, 3), (5,)], 2)
     layers = [(12,), (5,)]  # the mean is served one flat tensor per layer
     mean = torch.randn(member.total)
-    parts = [StateServer(t, kind=CO2_RESULT_PART, keep=4) for t in member.transports]
+    parts = [StateServer(t, kind=CO2_RESULT_PART, keep=4, hashed=False) for t in member.transports]
     results = StateServer(leader, kind=CO2_RESULT, keep=4)
     stream = StreamHash([(torch.float32, s) for s in layers])
     for r, (a, b) in enumerate(zip(member.bounds, member.bounds[1:], strict=False)):

@@ -56,7 +56,7 @@ import torch
 from loco.optim import ReduceResult
 from loco.protocols.flat import flat_of, shaped_views, unflatten
 from loco.protocols.messages import CO2_RESULT_PART, STATE_PART
-from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
+from loco.protocols.state_sync import Snapshot, StateServer, parts_meta
 
 from .state_digests import BackgroundDigests, known, stream_digests
 
@@ -174,7 +174,7 @@ class SplitOuterState:
         (kind STATE_PART), ``server`` the hash of the whole and where the parts are."""
         self.deliver()
         if self._parts is None:
-            self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT)
+            self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
         first, stream = self._endpoints is None, self._digests is None
         self.ranks.share((PUBLISH, round, first, stream))
         part = self._parts.publish(round, self.held_tensors(), {})
@@ -194,13 +194,14 @@ class SplitOuterState:
         Serve the mean reduce ``round`` landed: every rank its region, ``server`` the hash of
         the whole and where the parts are; a reduce that failed is served as one without tensors."""
         assert self.results is not None, "built without serves_results"
-        digest = self.results.publish(round, reduce, server.transport)
-        if digest is None:
+        assert self._background is not None, "a result served before the state"
+        digests = self.results.publish(round, reduce, server.transport, self._background)
+        if digests is None:
             server.publish(round, [], meta)
             return
-        assert self._endpoints is not None, "a result served before the state"
+        assert self._endpoints is not None
         parts = parts_meta(self._endpoints, round, [[(p.numel(),) for p in self.region.params]])  # (one group)
-        server.publish(round, [], {**meta, "parts": parts}, digests=("", digest))
+        server.publish(round, [], {**meta, "parts": parts}, digests=digests)
 
     def restore_published(self, snapshot: Snapshot) -> None:
         """Go back to this member's state published as ``snapshot`` (θ ← φ too): every rank
@@ -332,28 +333,27 @@ def _close_math(math: Any) -> None:
 class RegionResults:
     """This rank's part of the means its reduces landed (CO2), served from its own endpoint
     (kind CO2_RESULT_PART) like its part of the state; the leader hashes the whole mean as
-    the ranks' regions pass through it one at a time."""
+    the ranks' regions pass through it one at a time, on the background pass of the state's
+    hash (state_digests.py)."""
 
     def __init__(self, region: RegionWeights):
         self.region = region
         self.server: StateServer | None = None  # opened with the first mean to serve
 
-    def publish(self, round: int, reduce: ReduceResult, transport: Any) -> str | None:
+    def publish(self, round: int, reduce: ReduceResult, transport: Any,
+                background: BackgroundDigests) -> Future[tuple[str, str]] | None:
         """Serve this rank's region of reduce ``round``'s mean (every rank at the same point:
-        a collective); the leader gets the hash of the whole, None (every rank) for a
-        reduce that failed. Called before the next reduce starts: the mean is a view of the
-        buffer that reduce reuses."""
+        a collective); the leader gets the (whole, whole) digests of the whole mean to come,
+        None (every rank) for a reduce that failed. Called before the next reduce starts:
+        the mean is a view of the buffer that reduce reuses (the part served is a copy)."""
         if reduce.tensors is None:
             return None
         if self.server is None:
-            self.server = StateServer(transport, kind=CO2_RESULT_PART, keep=RESULTS_KEPT)
-        mine = flat_of(reduce.tensors)
-        self.server.publish(round, [mine], {})
-        shapes = [(p.numel(),) for p in self.region.params]
-        stream = StreamHash([(torch.float32, s) for s in shapes]) if self.region.ranks.leads else None
-        (whole,) = self.region.groups  # (CO2's: one group of every parameter)
-        self.region.ranks.stream_regions(mine, whole.bounds, stream.update if stream is not None else None)
-        return stream.digests()[1] if stream is not None else ""
+            self.server = StateServer(transport, kind=CO2_RESULT_PART, keep=RESULTS_KEPT, hashed=False)
+        part = self.server.publish(round, [flat_of(reduce.tensors)], {})
+        shapes = [(p.numel(),) for p in self.region.params] if self.region.ranks.leads else []
+        # (CO2's one group of every parameter: the digest of its one section is the whole's)
+        return background.submit(part, shapes, self.region.groups)
 
     def close(self) -> None:
         if self.server is not None:
@@ -411,7 +411,7 @@ class SplitFollower:
         math_type, settings, serves_results = self.ranks.share()
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
         self.endpoint = lane.transport.endpoint
-        self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT)
+        self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
         self._background: BackgroundDigests | None = None  # made with the first publish (a collective)
         self.results = RegionResults(region) if serves_results else None
         if self.results is not None:  # the leader serves its part at the same point of the outer step
@@ -419,7 +419,8 @@ class SplitFollower:
 
     def _serve_result(self, round: int, reduce: ReduceResult | None) -> None:
         if reduce is not None and self.results is not None:
-            self.results.publish(round, reduce, self._parts.transport)
+            assert self._background is not None, "a result served before the state"
+            self.results.publish(round, reduce, self._parts.transport, self._background)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank keeps for its own region."""

@@ -50,11 +50,13 @@ class BackgroundDigests:
         self.groups = groups
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loco-split-digests")
 
-    def submit(self, part: Snapshot, shapes: list[tuple[int, ...]]) -> Future[tuple[str, str]]:
+    def submit(self, part: Snapshot, shapes: list[tuple[int, ...]],
+               groups: list[WeightGroup] | None = None) -> Future[tuple[str, str]]:
         """Stream ``part`` (this rank's published copy of its region: no one writes to it
         again; on a GPU, moved to host memory by its own server's thread first) in the
-        background."""
-        return self._pool.submit(lambda: stream_digests(self.ranks, self.groups, part.tensors, shapes))
+        background. ``groups``: the weight groups ``part`` holds, if not the state's."""
+        groups = self.groups if groups is None else groups
+        return self._pool.submit(lambda: stream_digests(self.ranks, groups, part.tensors, shapes))
 
     def close(self) -> None:
         """After the pass under way (every rank's closes at the same point)."""
