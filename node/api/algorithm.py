@@ -248,16 +248,20 @@ class OuterAlgorithm(Adopting):
         self.round_step += 1
         # a sharded member gathers the whole weights for a sync within the round (Streaming's
         # fragments): the leader says whether there is one, every rank takes part
-        if self.shards is not None and not self.reads_weights_at_round_ends_only and \
-                self.shards.ranks.share(self._reads_weights_now()):
+        gathered = self.shards is not None and not self.reads_weights_at_round_ends_only and \
+            self.shards.ranks.share(self._reads_weights_now())
+        if gathered:
             self.shards.gather()
         self._after_inner_step()
         if isinstance(self.math, SplitOuterState) and not self.reads_weights_at_round_ends_only:
             self.math.step_done()  # (the other ranks served this step's syncs: split_state.py)
         report = None
         ends = self.round_step >= self.inner_steps or self.round != started or final
-        # a sharded member's ranks gather the whole weights for the round's end
-        if self.shards is not None and self.shards.ranks.share(ends):
+        # a sharded member's ranks gather the whole weights for the round's end, unless this
+        # step did already: gathering again would overwrite what the step's syncs wrote (a
+        # fragment landing at the round's last step, Streaming DiLoCo with overlap 0) with
+        # the shards from before it
+        if self.shards is not None and self.shards.ranks.share(ends and not gathered):
             self.shards.gather()
         if ends:
             report = self._end_round(started, final)

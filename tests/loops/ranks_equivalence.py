@@ -65,7 +65,8 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
         algorithm = {"diloco": loco.DiLoCo, "streaming_diloco": loco.StreamingDiLoCo, "co2": loco.CO2,
                      # (its penalties read norms of whole tensors: the leader gathers the weights)
                      "co2_gap_aware": functools.partial(loco.CO2, staleness="gap_aware")}[args.algorithm]
-        with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks) as outer:
+        settings = {"overlap": args.overlap} if args.algorithm == "streaming_diloco" else {}
+        with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks, **settings) as outer:
             for step in range(args.steps):
                 # one process: both ranks' halves in one batch (the mean over 2·HALF rows is the
                 # mean of the two halves' means, which is what DDP averages)
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco", "co2", "co2_gap_aware"], default="diloco")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overlap", type=int, default=1, help="Streaming DiLoCo's overlap (inner steps)")
     ap.add_argument("--poison-step", type=int, default=-1, help="a weight goes NaN after this step (-1: none)")
     ap.add_argument("--reload-step", type=int, default=-1,
                     help="after this step every rank loads the outer.state_dict() it saved after round 1 (-1: none)")
