@@ -145,11 +145,14 @@ class StreamingDiLoCo:
         """The send step of the fragment in flight, if any."""
         return None if self._in_flight is None else self._in_flight[1]
 
-    def touches_weights(self, step: int) -> bool:
-        """``after_inner_step(step)`` will read or write the weights (a fragment lands or
-        leaves): a caller whose weights are sharded gathers them first."""
-        lands = self._in_flight is not None and step >= self._in_flight[1] + self.overlap
-        return lands or schedule(step, self.H, len(self.fragments)) is not None
+    def touched_fragments(self, step: int) -> list[int]:
+        """The fragments whose weights ``after_inner_step(step)`` will read or write (the one
+        that lands, the one that leaves): a caller whose weights are sharded gathers those
+        first."""
+        touched = [self._in_flight[0]] if self._in_flight is not None and \
+            step >= self._in_flight[1] + self.overlap else []
+        leaves = schedule(step, self.H, len(self.fragments))
+        return touched + ([leaves] if leaves is not None and leaves not in touched else [])
 
     def after_inner_step(self, step: int) -> list[FragmentEvent]:
         """Call after every inner step with s = steps done; returns the syncs that finished."""

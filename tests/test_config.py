@@ -120,13 +120,13 @@ def test_operator_errors_are_one_line(tmp_path):
     assert result.exit_code != 0 and "holds no experiment" in result.output
 
 
-def _key_after_barrier(out: str, barrier) -> str:
+def _key_after_barrier(out: str, barrier, keys) -> None:
     from pathlib import Path
 
     from loco.node.runtime import with_swarm_key
 
-    barrier.wait()
-    return with_swarm_key(load_config(None), Path(out)).swarm.key
+    barrier.wait(timeout=120)
+    keys.put(with_swarm_key(load_config(None), Path(out)).swarm.key)
 
 
 def test_ranks_started_at_once_with_one_out_all_make_or_read_the_same_swarm_key(tmp_path):
@@ -134,11 +134,23 @@ def test_ranks_started_at_once_with_one_out_all_make_or_read_the_same_swarm_key(
     to write the node's swarm key wins and every other reads it (one raised FileExistsError)."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(6)
-        with ctx.Pool(6) as pool:
-            keys = pool.starmap(_key_after_barrier, [(str(tmp_path), barrier)] * 6)
+    # forked from a fresh single-threaded server, not from this test process: a fork of a
+    # process with threads (the test runner's, earlier tests') can inherit a lock another
+    # thread held, and that child never reached the barrier (seen: the test hung for 300 s)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["loco.node.runtime"])
+    barrier, found = ctx.Barrier(6), ctx.Queue()
+    ranks = [ctx.Process(target=_key_after_barrier, args=(str(tmp_path), barrier, found)) for _ in range(6)]
+    for r in ranks:
+        r.start()
+    try:
+        keys = [found.get(timeout=180) for _ in ranks]
+    finally:
+        for r in ranks:
+            r.join(timeout=30)
+            if r.is_alive():
+                r.kill()
+                r.join()
     assert len(set(keys)) == 1 and keys[0]
     assert (tmp_path / "identity" / "swarm.key").read_text().strip() == keys[0]
     assert [p.name for p in (tmp_path / "identity").iterdir()] == ["swarm.key"]  # nothing left aside

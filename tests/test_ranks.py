@@ -105,23 +105,27 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
     assert together and all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a_ranks[0], b_recs)
 
 
-@pytest.mark.parametrize(("parallel", "algorithm", "poison", "reload", "overlap"),
-                         [("ddp", "diloco", False, False, 1), ("fsdp", "diloco", False, True, 1),
-                          ("fsdp", "streaming_diloco", False, True, 0), ("fsdp", "streaming_diloco", True, False, 1),
-                          ("fsdp", "diloco", True, False, 1),
-                          ("fsdp", "co2", False, True, 1), ("fsdp", "co2", True, False, 1),
-                          ("fsdp", "co2_gap_aware", False, False, 1)])
+@pytest.mark.parametrize(("parallel", "algorithm", "poison", "reload", "overlap", "exchange"),
+                         [("ddp", "diloco", False, False, 1, "parallel"), ("fsdp", "diloco", False, True, 1, "parallel"),
+                          ("fsdp", "streaming_diloco", False, True, 0, "parallel"),
+                          ("fsdp", "streaming_diloco", True, False, 1, "parallel"),
+                          ("fsdp", "streaming_diloco", False, False, 0, "leader"),
+                          ("fsdp", "diloco", True, False, 1, "parallel"),
+                          ("fsdp", "co2", False, True, 1, "parallel"), ("fsdp", "co2", True, False, 1, "parallel"),
+                          ("fsdp", "co2_gap_aware", False, False, 1, "parallel")])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
                                                                                       algorithm, poison, reload,
-                                                                                      overlap):
+                                                                                      overlap, exchange):
     """DDP or FSDP inside a member changes nothing but where the batch is computed: two
     ranks, each on half of every batch, end the outer rounds with the weights of one process
     that takes the whole batch, up to float32 rounding (the two halves' gradients are summed
     in another order: within 1e-5 after 15 AdamW steps in 3 rounds). With FSDP and DiLoCo
     every rank runs the outer step on its own region of the weights; Streaming DiLoCo's
     leader gathers the shards at every step a fragment leaves or lands and scatters the
-    result back (with overlap 0 a fragment lands at the round's last step: what it wrote
-    must not be gathered over again for the round's end). CO2 with FSDP: every rank runs the outer step on its own region too, its
+    result back, only the parameters of the fragments it reads or writes at that step (with
+    overlap 0 a fragment lands at the round's last step: what it wrote must not be gathered
+    over again for the round's end); with ``rank_exchange="leader"`` the leader keeps the
+    whole outer state and gathers those parameters whole, else every rank its region. CO2 with FSDP: every rank runs the outer step on its own region too, its
     reduce on its own background thread a round late (with the gap-aware penalty, which reads
     norms of whole tensors, the leader gathers the weights and runs it alone). Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
     of the outer state, and the member as a whole goes back to its state after the first round, as the one
@@ -133,7 +137,7 @@ def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_hal
     extra = ["--poison-step", "9"] if poison else []
     extra += ["--reload-step", "9"] if reload else []
     runs = {n: procs.python("-m", "tests.loops.ranks_equivalence", "--ranks", str(n), "--parallel", parallel,
-                            "--algorithm", algorithm, "--overlap", str(overlap), "--out", str(out[n]), *extra,
+                            "--algorithm", algorithm, "--overlap", str(overlap), "--rank-exchange", exchange, "--out", str(out[n]), *extra,
                             log=f"r{n}") for n in (1, 2)}
     for n, p in runs.items():
         _finish(p, procs, f"r{n}")

@@ -76,8 +76,8 @@ class OuterAlgorithm(Adopting):
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
-    DiLoCo (fragments mid-round: gathered at the steps ``_reads_weights_now`` names) and DDP
-    (every step's gradients) do not."""
+    DiLoCo (fragments mid-round: the parameters ``_weights_read_now`` names, gathered at
+    their steps) and DDP (every step's gradients) do not."""
 
     def __new__(cls, *args: Any, ranks: Ranks | None = None, **kwargs: Any):
         # every rank runs the same line; on a follower rank it makes the leader's stand-in
@@ -118,6 +118,7 @@ class OuterAlgorithm(Adopting):
         # the other processes of this member (None: it is this process alone)
         self.ranks = ranks if ranks is not None and (ranks.size > 1 or self.shards is not None) else None
         self._weights_written = False  # since the last broadcast to the other ranks
+        self._params_written: set[int] = set()  # some of them only (a Streaming fragment that landed)
         self._inner_state_written = False  # the inner optimizer's state too (DDP adopting a peer's)
         if self.shards is not None:  # in host memory: the whole weights, or (split) this rank's region
             self.shards.gather()
@@ -246,23 +247,26 @@ class OuterAlgorithm(Adopting):
         started = self.round
         self.steps += 1
         self.round_step += 1
-        # a sharded member gathers the whole weights for a sync within the round (Streaming's
-        # fragments): the leader says whether there is one, every rank takes part
-        gathered = self.shards is not None and not self.reads_weights_at_round_ends_only and \
-            self.shards.ranks.share(self._reads_weights_now())
-        if gathered:
-            self.shards.gather()
+        # a sharded member gathers the weights a sync within the round reads or writes
+        # (Streaming's fragments): the leader says which, every rank takes part
+        gathered: list[int] = []
+        if self.shards is not None and not self.reads_weights_at_round_ends_only:
+            gathered = self.shards.ranks.share(self._weights_read_now())
+            if gathered:
+                self.shards.gather(gathered)
         self._after_inner_step()
         if isinstance(self.math, SplitOuterState) and not self.reads_weights_at_round_ends_only:
             self.math.step_done()  # (the other ranks served this step's syncs: split_state.py)
         report = None
         ends = self.round_step >= self.inner_steps or self.round != started or final
-        # a sharded member's ranks gather the whole weights for the round's end, unless this
-        # step did already: gathering again would overwrite what the step's syncs wrote (a
-        # fragment landing at the round's last step, Streaming DiLoCo with overlap 0) with
-        # the shards from before it
-        if self.shards is not None and self.shards.ranks.share(ends and not gathered):
-            self.shards.gather()
+        # a sharded member's ranks gather the whole weights for the round's end, but those
+        # this step gathered already: gathering them again would overwrite what the step's
+        # syncs wrote (a fragment landing at the round's last step, Streaming DiLoCo with
+        # overlap 0) with the shards from before it
+        if self.shards is not None:
+            rest = self.shards.ranks.share(self.shards.all_but(gathered) if ends else [])
+            if rest:
+                self.shards.gather(rest)
         if ends:
             report = self._end_round(started, final)
         self._tell_ranks(report)
@@ -278,10 +282,10 @@ class OuterAlgorithm(Adopting):
         self._weights_written = True
         self._tell_ranks(None)
 
-    def _reads_weights_now(self) -> bool:
-        """The inner step just counted makes ``_after_inner_step`` read or write the weights
-        (the algorithms that sync within a round)."""
-        return False
+    def _weights_read_now(self) -> list[int]:
+        """The parameters (indices) that ``_after_inner_step`` reads or writes at the inner
+        step just counted (the algorithms that sync within a round)."""
+        return []
 
     def _flush(self) -> None:
         """What ``flush`` lands (the algorithms with something in flight)."""
@@ -289,11 +293,14 @@ class OuterAlgorithm(Adopting):
     def _tell_ranks(self, report: RoundReport | None) -> None:
         """The other ranks of this member learn what this step did (``Follower``); the
         weights go along when something wrote them."""
-        if self.ranks is None:
-            return
-        weights = self._weights_written or report is not None
+        weights: bool | list[int] = self._weights_written or report is not None
+        if not weights and self._params_written:  # only these (sharded: only these were gathered)
+            weights = sorted(self._params_written) if self.shards is not None else True
         adam = self._inner_state_written and self.inner_optimizer is not None
         self._weights_written = self._inner_state_written = False
+        self._params_written.clear()
+        if self.ranks is None:
+            return
         tell(self.ranks, self, report, weights, self.inner_optimizer if adam else None, self.shards)
 
     def join(self) -> None:

@@ -97,8 +97,15 @@ class StreamingDiLoCo(CollectiveAlgorithm):
             e.sync_bytes = self.swarm.bytes_queued - self._fragment_bytes0.pop(e.send_step, before)
         return events
 
-    def _reads_weights_now(self) -> bool:
-        return self.math.touches_weights(self.round * self.inner_steps + self.round_step)
+    def _weights_read_now(self) -> list[int]:
+        fragments = self.math.touched_fragments(self.round * self.inner_steps + self.round_step)
+        return self._params_of(fragments)
+
+    def _params_of(self, fragments: list[int]) -> list[int]:
+        """The member's parameters (indices) in ``fragments``."""
+        if isinstance(self.shards, RegionWeights):  # (its math's fragment p: the shards' group p)
+            return sorted(i for p in fragments for i in self.shards.groups[p].params)
+        return sorted(i for p in fragments for i in self.math.fragments[p])
 
     def _after_inner_step(self) -> None:
         """Finish the fragment whose overlap is over, start the fragment whose turn it is.
@@ -111,8 +118,8 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         if self.math.in_flight_step is not None:
             self._fragment_bytes0.setdefault(self.math.in_flight_step, before)
         self._events += events
-        if events:  # a fragment landed in the weights
-            self._weights_written = True
+        # a fragment landed in the weights: those parameters go to the other ranks
+        self._params_written.update(self._params_of([e.fragment for e in events]))
         for e in events:
             detail = e.reduce.detail if e.reduce is not None else None
             if isinstance(detail, RoundResult) and detail.status == "resync":

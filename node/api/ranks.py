@@ -213,22 +213,34 @@ class ShardedWeights:
                              f"{ranks.size}: shard them over the member's ranks (one mesh of ranks.group)")
 
     @torch.no_grad()
-    def gather(self) -> None:
-        for i, p in enumerate(self.params):
-            whole = p.full_tensor()
+    def gather(self, only: list[int] | None = None) -> None:
+        """The shards into the host copy (a collective): every parameter's, or ``only``
+        those (indices, the same on every rank)."""
+        for i in self._indices(only):
+            whole = self.params[i].full_tensor()
             if self.ranks.leads:
                 self.full[i].copy_(whole)
             del whole
 
     @torch.no_grad()
-    def scatter(self) -> None:
+    def scatter(self, only: list[int] | None = None) -> None:
+        """The host copy into the shards (a collective): every parameter's, or ``only`` those."""
         from torch.distributed.tensor import distribute_tensor
 
-        for i, p in enumerate(self.params):
+        for i in self._indices(only):
+            p = self.params[i]
             local = p.to_local()
             whole = self.full[i].to(local.device) if self.ranks.leads else \
                 torch.empty(p.shape, dtype=p.dtype, device=local.device)
             local.copy_(distribute_tensor(whole, p.device_mesh, p.placements).to_local())
+
+    def _indices(self, only: list[int] | None) -> list[int]:
+        return list(range(len(self.params))) if only is None else only
+
+    def all_but(self, indices: list[int]) -> list[int]:
+        """Every parameter's index but ``indices``."""
+        skip = set(indices)
+        return [i for i in range(len(self.params)) if i not in skip]
 
     def shards_hash(self) -> str:
         """This rank's shards, hashed."""
@@ -283,7 +295,7 @@ def splits_outer_state(algorithm: Any, params: list[torch.Tensor], ranks: Ranks 
             and splits_exchange(algorithm, ranks, rank_exchange, compression))
 
 
-def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: int | None = None,
+def news(algorithm: Any, report: RoundReport | None, weights: bool | list[int], adam_step: int | None = None,
          fresh_inner_state: bool = False) -> dict[str, Any]:
     """What the leader broadcasts after a step: its position, its report (everything but the
     hash, which each rank computes from its own weights), whether the weights follow,
@@ -297,10 +309,10 @@ def news(algorithm: Any, report: RoundReport | None, weights: bool, adam_step: i
             "outcomes": dict(algorithm.outcomes), "report": fields}
 
 
-def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool, optimizer: Any = None,
-         shards: ShardedWeights | None = None) -> None:
+def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool | list[int],
+         optimizer: Any = None, shards: ShardedWeights | None = None) -> None:
     """On the leader, after a step: broadcast ``news``, then the weights if ``weights``
-    (into the ranks' shards with ``shards``), then the inner AdamW moments of ``optimizer``
+    (into the ranks' shards with ``shards``; a list: only those parameters'), then the inner AdamW moments of ``optimizer``
     if one is given (the order ``Follower`` receives them in; a sharded member's ranks reset
     theirs instead)."""
     params = algorithm.params
@@ -311,7 +323,7 @@ def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool
                      fresh_inner_state=optimizer is not None and shards is not None))
     if weights:
         if shards is not None:
-            shards.scatter()
+            shards.scatter(None if weights is True else weights)
         else:
             ranks.share_tensors(params)
     if moments:
@@ -376,12 +388,12 @@ class Follower:
         if not self._joined:
             self.join()
         self._synced = False
-        if self.shards is not None and self._mid_round and self.ranks.share():  # a sync within the round
-            self.shards.gather()
+        if self.shards is not None and self._mid_round and (read := self.ranks.share()):  # a sync within the round
+            self.shards.gather(read)
         if self.split is not None and self._mid_round:  # this rank's region of the step's syncs
             self.split.serve_step()
-        if self.shards is not None and self.ranks.share():  # the round ends: the leader gathers the weights
-            self.shards.gather()
+        if self.shards is not None and (rest := self.ranks.share()):  # the round ends: the weights not gathered yet
+            self.shards.gather(rest)
         return self._receive()
 
     @property
@@ -478,7 +490,7 @@ class Follower:
             news = self.ranks.share()
         if news["weights"]:
             if self.shards is not None:
-                self.shards.scatter()
+                self.shards.scatter(None if news["weights"] is True else news["weights"])
             else:
                 self.ranks.share_tensors(self.params)
         if news["fresh_inner_state"]:  # the leader restored the weights and reset its AdamW state

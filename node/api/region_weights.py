@@ -77,8 +77,9 @@ class RegionWeights(ShardedWeights):
         return [g.view for g in self.groups]
 
     @torch.no_grad()
-    def gather(self) -> None:
-        for i, p in enumerate(self.params):
+    def gather(self, only: list[int] | None = None) -> None:
+        for i in self._indices(only):
+            p = self.params[i]
             whole = p.full_tensor()  # (every rank takes part for every parameter)
             g, start, pieces = self.pieces[i]
             a, b = pieces[self.ranks.rank]
@@ -90,10 +91,11 @@ class RegionWeights(ShardedWeights):
         self._finite = all(self.ranks.all_gather(bool(torch.isfinite(self.buffer).all())))
 
     @torch.no_grad()
-    def scatter(self) -> None:
+    def scatter(self, only: list[int] | None = None) -> None:
         from torch.distributed.tensor import distribute_tensor
 
-        for i, p in enumerate(self.params):
+        for i in self._indices(only):
+            p = self.params[i]
             g, _, pieces = self.pieces[i]
             group = self.groups[g]
             width = max(b - a for a, b in pieces)

@@ -127,8 +127,8 @@ class SplitOuterState:
     def in_flight_step(self) -> int | None:
         return self.math.in_flight_step
 
-    def touches_weights(self, step: int) -> bool:
-        return self.math.touches_weights(step)  # (every rank's math runs the same schedule)
+    def touched_fragments(self, step: int) -> list[int]:
+        return self.math.touched_fragments(step)  # (every rank's math runs the same schedule)
 
     def after_inner_step(self, step: int) -> list[Any]:
         """Every rank: finish the fragment whose overlap is over, start the one whose turn it

@@ -66,7 +66,8 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
                      # (its penalties read norms of whole tensors: the leader gathers the weights)
                      "co2_gap_aware": functools.partial(loco.CO2, staleness="gap_aware")}[args.algorithm]
         settings = {"overlap": args.overlap} if args.algorithm == "streaming_diloco" else {}
-        with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks, **settings) as outer:
+        with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks, rank_exchange=args.rank_exchange,
+                       **settings) as outer:
             for step in range(args.steps):
                 # one process: both ranks' halves in one batch (the mean over 2·HALF rows is the
                 # mean of the two halves' means, which is what DDP averages)
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco", "co2", "co2_gap_aware"], default="diloco")
     ap.add_argument("--out", required=True)
     ap.add_argument("--overlap", type=int, default=1, help="Streaming DiLoCo's overlap (inner steps)")
+    ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel")
     ap.add_argument("--poison-step", type=int, default=-1, help="a weight goes NaN after this step (-1: none)")
     ap.add_argument("--reload-step", type=int, default=-1,
                     help="after this step every rank loads the outer.state_dict() it saved after round 1 (-1: none)")
