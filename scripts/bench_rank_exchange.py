@@ -22,7 +22,9 @@ of the outer state (``outer.outer_state_bytes``: anchor and momentum and the pub
 of them served to peers; with FSDP and DiLoCo exchanging from every rank, each rank's own
 region of both). ``publish_s``: the leader's time to publish the state a round ended with
 (with the split outer state: every rank's part, and the whole hash computed on rank 0 as the
-ranks' regions pass through it; otherwise a copy, hashed in the background).
+ranks' regions pass through it; otherwise a copy, hashed in the background). ``round_s``: a
+round's wall time, its compute, communication and publish together (Streaming DiLoCo: the
+gathers and scatters of a fragment's weights inside the member are counted in compute).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
                                           [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco]
@@ -102,6 +104,7 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                 if report is not None and ranks.leads:
                     print("ROUND " + json.dumps({"round": report.round, "status": report.status,
                                                  "group": report.group_size, "comm_s": report.comm_s,
+                                                 "compute_s": report.compute_s,
                                                  "data_s": report.extra.get("data_s", 0.0),
                                                  "publish_s": report.publish_s,
                                                  "bytes": report.round_bytes}), flush=True)
@@ -180,17 +183,18 @@ def main() -> None:
             raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
         medians[mode] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
                          len(together), statistics.median(r["bytes"] for r in together), state,
-                         statistics.median(r["publish_s"] for r in together))
+                         statistics.median(r["publish_s"] for r in together),
+                         statistics.median(r["compute_s"] + r["comm_s"] + r["publish_s"] for r in together))
     print(f"\ntwo members x 2 ranks ({args.parallel} inside), {args.algorithm}, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
     print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
-          f"{'bytes/round':>13}{'outer state/rank':>18}{'publish_s':>11}")
+          f"{'bytes/round':>13}{'outer state/rank':>18}{'publish_s':>11}{'round_s':>9}")
     data0, comm0 = medians["leader"][:2]
     for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
-        data, comm, n, b, state, publish = medians[mode]
+        data, comm, n, b, state, publish, round_s = medians[mode]
         vs_data = f"{data / data0:>10.2f}x" if data0 else f"{'-':>11}"  # (Streaming DiLoCo reports none)
         print(f"{label:<30}{data:>8.2f}{vs_data}{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M"
-              f"{state / 1e6:>17.1f}M{publish:>11.3f}")
+              f"{state / 1e6:>17.1f}M{publish:>11.3f}{round_s:>9.2f}")
 
 
 if __name__ == "__main__":
