@@ -76,8 +76,8 @@ class OuterAlgorithm(Adopting):
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming
-    DiLoCo (fragments mid-round: the parameters ``_weights_read_now`` names, gathered at
-    their steps) and DDP (every step's gradients) do not."""
+    DiLoCo (fragments mid-round: the parameters ``_syncs_now`` names, gathered at their
+    steps) and DDP (every step's gradients) do not."""
 
     def __new__(cls, *args: Any, ranks: Ranks | None = None, **kwargs: Any):
         # every rank runs the same line; on a follower rank it makes the leader's stand-in
@@ -249,13 +249,13 @@ class OuterAlgorithm(Adopting):
         self.round_step += 1
         # a sharded member gathers the weights a sync within the round reads or writes
         # (Streaming's fragments): the leader says which, every rank takes part
-        gathered: list[int] = []
+        syncs, gathered = False, []
         if self.shards is not None and not self.reads_weights_at_round_ends_only:
-            gathered = self.shards.ranks.share(self._weights_read_now())
+            syncs, gathered = self.shards.ranks.share(self._syncs_now())
             if gathered:
                 self.shards.gather(gathered)
         self._after_inner_step()
-        if isinstance(self.math, SplitOuterState) and not self.reads_weights_at_round_ends_only:
+        if syncs and isinstance(self.math, SplitOuterState):
             self.math.step_done()  # (the other ranks served this step's syncs: split_state.py)
         report = None
         ends = self.round_step >= self.inner_steps or self.round != started or final
@@ -282,10 +282,11 @@ class OuterAlgorithm(Adopting):
         self._weights_written = True
         self._tell_ranks(None)
 
-    def _weights_read_now(self) -> list[int]:
-        """The parameters (indices) that ``_after_inner_step`` reads or writes at the inner
-        step just counted (the algorithms that sync within a round)."""
-        return []
+    def _syncs_now(self) -> tuple[bool, list[int]]:
+        """Whether ``_after_inner_step`` starts or lands a sync at the inner step just
+        counted, and the parameters (indices) it reads or writes (the algorithms that sync
+        within a round)."""
+        return False, []
 
     def _flush(self) -> None:
         """What ``flush`` lands (the algorithms with something in flight)."""

@@ -97,9 +97,9 @@ class StreamingDiLoCo(CollectiveAlgorithm):
             e.sync_bytes = self.swarm.bytes_queued - self._fragment_bytes0.pop(e.send_step, before)
         return events
 
-    def _weights_read_now(self) -> list[int]:
+    def _syncs_now(self) -> tuple[bool, list[int]]:
         fragments = self.math.touched_fragments(self.round * self.inner_steps + self.round_step)
-        return self._params_of(fragments)
+        return bool(fragments), self._params_of(fragments)
 
     def _params_of(self, fragments: list[int]) -> list[int]:
         """The member's parameters (indices) in ``fragments``."""

@@ -388,9 +388,10 @@ class Follower:
         if not self._joined:
             self.join()
         self._synced = False
-        if self.shards is not None and self._mid_round and (read := self.ranks.share()):  # a sync within the round
+        syncs, read = self.ranks.share() if self.shards is not None and self._mid_round else (False, [])
+        if read:  # a sync within the round reads or writes these parameters
             self.shards.gather(read)
-        if self.split is not None and self._mid_round:  # this rank's region of the step's syncs
+        if self.split is not None and syncs:  # this rank's region of the step's syncs
             self.split.serve_step()
         if self.shards is not None and (rest := self.ranks.share()):  # the round ends: the weights not gathered yet
             self.shards.gather(rest)

@@ -132,8 +132,11 @@ class SplitOuterState:
 
     def after_inner_step(self, step: int) -> list[Any]:
         """Every rank: finish the fragment whose overlap is over, start the one whose turn it
-        is, each over its own region of it (the weights gathered already, if touched)."""
+        is, each over its own region of it (the weights gathered already, if touched). A
+        step without either tells the other ranks nothing (``step_done`` is not called)."""
         self.deliver()
+        if not self.math.touched_fragments(step):
+            return []
         self.ranks.share((AFTER, step))
         return self._landed(self.math.after_inner_step(step))
 
