@@ -142,11 +142,11 @@ class Snapshot:
 
     def __init__(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], digest: str | None = None,
                  prefix: int = 0, hasher: ThreadPoolExecutor | None = None,
-                 digests: tuple[str, str] | Future[tuple[str, str]] | None = None, hashed: bool = True):
-        """``digests``: (prefix digest, digest) computed by the caller (a state served in
-        parts), known already or to come (a future: its own background pass). ``hashed``
-        False: no digest at all (("", ""); a part of a state served in parts, whose whole
-        is hashed elsewhere), the tensors still moved to host memory by ``hasher``."""
+                 digests: tuple[str, str] | None = None, hashed: bool = True):
+        """``digests``: (prefix digest, digest), known already (a state served in parts).
+        ``hashed`` False: no digest at all (("", ""); a part of a state served in parts,
+        whose whole is hashed elsewhere), the tensors still moved to host memory by
+        ``hasher``."""
         self.round = round
         self.meta = meta
         self.prefix = prefix
@@ -156,16 +156,14 @@ class Snapshot:
         self._on_host = threading.Event()
         self._digests: tuple[str, str] | None = None
         self._pending: Future[tuple[str, str]] | None = None
-        if isinstance(digests, Future):
-            self._pending = digests
-        elif digests is not None:
+        if digests is not None:
             self._digests = digests
         elif digest is not None and not prefix:
             self._digests = ("", digest)
         elif hasher is None:
             self._digests = _hashes(tensors, prefix) if hashed else ("", "")
         # recorded by the caller's thread, right after the copies that made the tensors
-        ready = ready_event(tensors) if self._digests is None and self._pending is None else None
+        ready = ready_event(tensors) if self._digests is None else None
         if ready is None:
             self._on_host.set()
         if hasher is not None and self._digests is None:
@@ -246,10 +244,9 @@ class StateServer:
         return next((s for s in self._snapshots if s.round >= min_round), None)
 
     def publish(self, round: int, tensors: list[torch.Tensor], meta: dict[str, Any], prefix: int = 0,
-                digests: tuple[str, str] | Future[tuple[str, str]] | None = None) -> Snapshot:
+                digests: tuple[str, str] | None = None) -> Snapshot:
         """``digests``: (prefix digest, digest) of the state, computed by the caller (a state
-        served in parts, whose ``meta["parts"]`` says where: see :func:`parts_meta`), or a
-        future of them (the caller's background pass; requests wait for it)."""
+        served in parts, whose ``meta["parts"]`` says where: see :func:`parts_meta`)."""
         # a private copy of each, where it lives: on a GPU a device-to-device copy, which the
         # hashing thread moves to host memory (the training thread does not wait for it)
         snap = Snapshot(round, [t.detach().clone() for t in tensors], dict(meta),

@@ -16,7 +16,9 @@ from loco.node.staging import StagedCommunicator
 from loco.node.trainer import Trainer
 from loco.optim import DiLoCo
 from loco.protocols.codecs import Compressor, Layout
-from loco.protocols.state_sync import Snapshot, tensors_hash
+from loco.protocols.messages import STATE_PART
+from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, parts_meta, tensors_hash
+from loco.protocols.transport import Transport
 from tests.conftest import read_records
 from tests.test_devices import SMALL, _Mean
 from tests.test_swarm import _outer, _sets, _wait_exit
@@ -78,6 +80,29 @@ def test_a_published_snapshot_of_gpu_state_reaches_the_host_as_it_was_at_publish
         assert snap.digest == tensors_hash(expected) and snap.prefix_digest == tensors_hash(expected[:1])
     finally:
         hasher.shutdown(wait=True)
+
+
+def test_a_part_of_a_state_in_gpu_memory_is_served_from_the_host_without_a_hash_of_its_own():
+    """A rank's part of a state served in parts (split_state.py): its server moves the copy
+    to host memory off the training thread and hashes nothing; a peer fetches the whole
+    through the leader and checks it against the leader's hash."""
+    a, b = Transport("gpu-part-a"), Transport("gpu-part-b")
+    part_server, leader = StateServer(a, kind=STATE_PART, keep=2, hashed=False), StateServer(a)
+    try:
+        shapes = [(1024, 1024), (257,)]
+        part = torch.randn(1024 * 1024 + 257, device="cuda")
+        expected = part.cpu().clone()
+        snap = part_server.publish(3, [part], {})
+        part.mul_(3).add_(1)  # training goes on at once and modifies its weights
+        (moved,) = snap.tensors
+        assert moved.device.type == "cpu" and torch.equal(moved, expected) and snap.digest == ""
+        whole = [expected[:1024 * 1024].view(1024, 1024), expected[1024 * 1024:]]
+        leader.publish(3, [], {"parts": parts_meta([a.endpoint], 3, [shapes])}, digests=("", tensors_hash(whole)))
+        got = fetch_state(b, a.endpoint, 3, timeout_s=30)
+        assert got is not None and all(torch.equal(x, y) for x, y in zip(got.tensors, whole, strict=True))
+    finally:
+        for closing in (part_server, leader, a, b):
+            closing.close()
 
 
 def test_checkpoints_move_between_gpu_and_cpu(tmp_path):
@@ -158,17 +183,20 @@ def test_quantizers_with_error_feedback_put_the_same_bits_on_the_wire_from_the_g
 
 
 @pytest.mark.swarm
-def test_members_sharded_with_fsdp_over_nccl_train_together_on_the_gpu(procs, tmp_path):
+@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco"])
+def test_members_sharded_with_fsdp_over_nccl_train_together_on_the_gpu(procs, tmp_path, algorithm):
     """Two members of one rank each (NCCL inside, its per-step messages over gloo beside
     it), their parameters FSDP2 DTensors: rank 0 gathers them for CO2's outer step (which
-    lands a round later) and scatters the result; fused AdamW on the shards. (Members of
-    two GPUs each need a machine with four: tests/test_ranks.py runs them over gloo.)"""
+    lands a round later) and scatters the result; Streaming DiLoCo's rank 0 gathers and
+    scatters a fragment's parameters at each step where it leaves or lands; fused AdamW on
+    the shards. (Members of two GPUs each need a machine with four: tests/test_ranks.py
+    runs them over gloo.)"""
     import re
 
     from tests.conftest import wait_until
     from tests.test_ranks import _finish, _ranks
 
-    common = ["--device", "cuda", "--parallel", "fsdp", "--algorithm", "co2", "--inner-steps", "10", "--steps", "60",
+    common = ["--device", "cuda", "--parallel", "fsdp", "--algorithm", algorithm, "--inner-steps", "10", "--steps", "60",
               "--peers", "1", "--nproc-per-node", "1"]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = procs.python("examples/ddp_node.py", *common, "--seed", "1", "--report", str(ra), log="a")

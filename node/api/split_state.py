@@ -22,8 +22,7 @@ region, publish the state, or go back to the state last published (after the wei
 non-finite). A published state is served in parts (``loco.protocols.state_sync``): every rank
 serves a copy of its region from its own endpoint, and the leader answers a peer's request
 with the hash of the whole and where the parts are; the hash (the weights hash peers compare,
-too) is computed on the leader as the ranks' regions pass through it one at a time, on a
-thread of every rank (state_digests.py): the training thread does not wait for it. It is the
+too) is computed on the leader as the ranks' regions pass through it one at a time. It is the
 hash a one-process member computes of the same state, so a peer fetching the state cannot tell
 a member of several ranks from one process, and members of any rank count agree. A
 checkpoint is split too: every rank's ``state_dict`` is its own region (``region_state``),
@@ -48,7 +47,6 @@ fragment, the order a one-process member's ``synchronized_tensors`` has too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,14 +54,12 @@ import torch
 from loco.optim import ReduceResult
 from loco.protocols.flat import flat_of, shaped_views, unflatten
 from loco.protocols.messages import CO2_RESULT_PART, STATE_PART
-from loco.protocols.state_sync import Snapshot, StateServer, parts_meta
-
-from .state_digests import BackgroundDigests, known, stream_digests
+from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
 
 if TYPE_CHECKING:
     from .rank_exchange import RankLane
     from .ranks import Ranks
-    from .region_weights import RegionWeights
+    from .region_weights import RegionWeights, WeightGroup
 
 # what the leader tells the other ranks on the member's control channel, besides a step's news
 OUTER, LOAD, PUBLISH = "split-outer", "split-load", "split-publish"
@@ -96,9 +92,7 @@ class SplitOuterState:
         self.steps_key = math.STEPS_KEY  # its checkpoint's name for its step counts
         # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to apply)
         self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None] | None = None
-        # (weights, whole state) now, or to come from the background pass; None: changed since
-        self._digests: Future[tuple[str, str]] | None = None
-        self._background: BackgroundDigests | None = None  # made with the first publish (a collective)
+        self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
         self._parts: StateServer | None = None  # this rank's part of every published state
         self._endpoints: list[str] | None = None  # every rank's, where its parts are served
         # the other ranks build the same math over their regions
@@ -169,8 +163,8 @@ class SplitOuterState:
         self.deliver()
         if self._digests is None:
             self.ranks.share((HASH,))
-            self._digests = known(stream_digests(self.ranks, self.region.groups, self.held_tensors(), self.shapes))
-        return self._digests.result()[0]
+            self._digests = _stream_digests(self.ranks, self.region.groups, self.held_tensors(), self.shapes)
+        return self._digests[0]
 
     def publish(self, server: StateServer, round: int, meta: dict[str, Any]) -> Snapshot:
         """Serve the state now as published at ``round``: every rank serves its region
@@ -180,13 +174,11 @@ class SplitOuterState:
             self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
         first, stream = self._endpoints is None, self._digests is None
         self.ranks.share((PUBLISH, round, first, stream))
-        part = self._parts.publish(round, self.held_tensors(), {})
+        self._parts.publish(round, self.held_tensors(), {})
         if first:
             self._endpoints = self.ranks.all_gather(server.transport.endpoint)
-            self._background = BackgroundDigests(self.ranks, self.region.groups)
         if stream:
-            assert self._background is not None
-            self._digests = self._background.submit(part, self.shapes)
+            self._digests = _stream_digests(self.ranks, self.region.groups, self.held_tensors(), self.shapes)
         assert self._endpoints is not None and self._digests is not None
         groups = [g.shapes for g in self.region.groups]
         parts = parts_meta(self._endpoints, round, groups * len(self.sections))
@@ -197,14 +189,13 @@ class SplitOuterState:
         Serve the mean reduce ``round`` landed: every rank its region, ``server`` the hash of
         the whole and where the parts are; a reduce that failed is served as one without tensors."""
         assert self.results is not None, "built without serves_results"
-        assert self._background is not None, "a result served before the state"
-        digests = self.results.publish(round, reduce, server.transport, self._background)
-        if digests is None:
+        digest = self.results.publish(round, reduce, server.transport)
+        if digest is None:
             server.publish(round, [], meta)
             return
-        assert self._endpoints is not None
+        assert self._endpoints is not None, "a result served before the state"
         parts = parts_meta(self._endpoints, round, [[(p.numel(),) for p in self.region.params]])  # (one group)
-        server.publish(round, [], {**meta, "parts": parts}, digests=digests)
+        server.publish(round, [], {**meta, "parts": parts}, digests=("", digest))
 
     def restore_published(self, snapshot: Snapshot) -> None:
         """Go back to this member's state published as ``snapshot`` (θ ← φ too): every rank
@@ -214,7 +205,7 @@ class SplitOuterState:
         steps = snapshot.meta.get(self.steps_key, snapshot.meta.get("outer_steps", 0))
         self.ranks.share((RESTORE, snapshot.round, steps))
         _restore_part(self._parts, self.math, snapshot.round, steps)
-        self._digests = known((snapshot.prefix_digest, snapshot.digest))
+        self._digests = (snapshot.prefix_digest, snapshot.digest)
 
     def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: Any, reset_params: bool = True,
                           pending: Callable[[], ReduceResult] | None = None) -> None:
@@ -304,8 +295,6 @@ class SplitOuterState:
 
     def close(self) -> None:
         _close_math(self.math)
-        if self._background is not None:
-            self._background.close()
         for server in (self._parts, self.results):
             if server is not None:
                 server.close()
@@ -327,6 +316,21 @@ def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -
     math.load_state_dict({k: v for k, v in state.items() if k != "region"})
 
 
+def _stream_digests(ranks: Ranks, groups: list[WeightGroup], held: list[torch.Tensor],
+                   shapes: list[tuple[int, ...]]) -> tuple[str, str]:
+    """(weights, whole state) digests of the member's φ and the rest of its state, every
+    rank's regions passing through the leader one at a time over ``ranks`` (``held``: this
+    rank's region of every section, group by group; followers: no ``shapes``, and they get
+    ("", "")). A collective: every rank calls it at the same point."""
+    sections = len(held) // len(groups)
+    stream = StreamHash([(torch.float32, s) for s in shapes * sections], prefix=len(shapes)) \
+        if ranks.leads else None
+    # φ's regions group by group, then the rest's, section by section
+    for t, g in zip(held, groups * sections, strict=True):
+        ranks.stream_regions(t, g.bounds, stream.update if stream is not None else None)
+    return stream.digests() if stream is not None else ("", "")
+
+
 def _close_math(math: Any) -> None:
     close = getattr(math, "close", None)  # (CO2's background reduce)
     if close is not None:
@@ -336,27 +340,28 @@ def _close_math(math: Any) -> None:
 class RegionResults:
     """This rank's part of the means its reduces landed (CO2), served from its own endpoint
     (kind CO2_RESULT_PART) like its part of the state; the leader hashes the whole mean as
-    the ranks' regions pass through it one at a time, on the background pass of the state's
-    hash (state_digests.py)."""
+    the ranks' regions pass through it one at a time."""
 
     def __init__(self, region: RegionWeights):
         self.region = region
         self.server: StateServer | None = None  # opened with the first mean to serve
 
-    def publish(self, round: int, reduce: ReduceResult, transport: Any,
-                background: BackgroundDigests) -> Future[tuple[str, str]] | None:
+    def publish(self, round: int, reduce: ReduceResult, transport: Any) -> str | None:
         """Serve this rank's region of reduce ``round``'s mean (every rank at the same point:
-        a collective); the leader gets the (whole, whole) digests of the whole mean to come,
-        None (every rank) for a reduce that failed. Called before the next reduce starts:
-        the mean is a view of the buffer that reduce reuses (the part served is a copy)."""
+        a collective); the leader gets the hash of the whole, None (every rank) for a
+        reduce that failed. Called before the next reduce starts: the mean is a view of the
+        buffer that reduce reuses."""
         if reduce.tensors is None:
             return None
         if self.server is None:
             self.server = StateServer(transport, kind=CO2_RESULT_PART, keep=RESULTS_KEPT, hashed=False)
-        part = self.server.publish(round, [flat_of(reduce.tensors)], {})
-        shapes = [(p.numel(),) for p in self.region.params] if self.region.ranks.leads else []
-        # (CO2's one group of every parameter: the digest of its one section is the whole's)
-        return background.submit(part, shapes, self.region.groups)
+        mine = flat_of(reduce.tensors)
+        self.server.publish(round, [mine], {})
+        shapes = [(p.numel(),) for p in self.region.params]
+        stream = StreamHash([(torch.float32, s) for s in shapes]) if self.region.ranks.leads else None
+        (whole,) = self.region.groups  # (CO2's: one group of every parameter)
+        self.region.ranks.stream_regions(mine, whole.bounds, stream.update if stream is not None else None)
+        return stream.digests()[1] if stream is not None else ""
 
     def close(self) -> None:
         if self.server is not None:
@@ -415,15 +420,13 @@ class SplitFollower:
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
         self.endpoint = lane.transport.endpoint
         self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
-        self._background: BackgroundDigests | None = None  # made with the first publish (a collective)
         self.results = RegionResults(region) if serves_results else None
         if self.results is not None:  # the leader serves its part at the same point of the outer step
             self.math.on_launch = self._serve_result
 
     def _serve_result(self, round: int, reduce: ReduceResult | None) -> None:
         if reduce is not None and self.results is not None:
-            assert self._background is not None, "a result served before the state"
-            self.results.publish(round, reduce, self._parts.transport, self._background)
+            self.results.publish(round, reduce, self._parts.transport)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank keeps for its own region."""
@@ -453,15 +456,13 @@ class SplitFollower:
             self.math.flush()
         elif kind == PUBLISH:
             _, round, first, stream = command
-            part = self._parts.publish(round, self.held_tensors(), {})
+            self._parts.publish(round, self.held_tensors(), {})
             if first:
                 self.ranks.all_gather(self.endpoint)
-                self._background = BackgroundDigests(self.ranks, groups)
             if stream:
-                assert self._background is not None
-                self._background.submit(part, [])
+                _stream_digests(self.ranks, groups, self.held_tensors(), [])
         elif kind == HASH:
-            stream_digests(self.ranks, groups, self.held_tensors(), [])
+            _stream_digests(self.ranks, groups, self.held_tensors(), [])
         elif kind == RESTORE:
             _restore_part(self._parts, self.math, command[1], command[2])
         elif kind == LOAD:
@@ -480,8 +481,6 @@ class SplitFollower:
 
     def close(self) -> None:
         _close_math(self.math)
-        if self._background is not None:
-            self._background.close()
         self._parts.close()
         if self.results is not None:
             self.results.close()
