@@ -37,9 +37,14 @@ def _check_paths(records: list[dict]) -> Counter:
 
 def test_pipeline_of_three_stages_and_two_replicas_trains_with_skips(procs, tmp_path):
     out = tmp_path / "run"
-    # stages placed from the measured speeds and links (auto_assign), two replicas each
+    # stages placed from the measured speeds and links (auto_assign), two replicas each. The
+    # norm outlier rule is off (its own tests: test_pipeline_replicas.py): with two replicas
+    # it leaves out the larger of two honest gradients, and a replica's gradient over its
+    # share of 4 microbatches spiked 13x its twin's in one suite run (norms 0.55 and 7.23 at
+    # iteration 17; iteration 12 in earlier runs), so the replicas did not average that once
     p = procs.loco("swarm", "--nodes", "6", "--out", str(out),
-                   *_sets(*PIPE, "train.rounds=20", "pipeline.auto_assign=true"), log="swarm")
+                   *_sets(*PIPE, "train.rounds=20", "pipeline.auto_assign=true", "collective.max_norm_ratio=0"),
+                   log="swarm")
     assert _wait_exit(p, 420, "swarm", procs) == 0, procs.log("swarm")[-3000:]
     nodes = [f"node{i}" for i in range(6)]
     recs = {n: _outer(out, n) for n in nodes}
