@@ -408,6 +408,9 @@ class Transport:
         # check: a forged kind must not add entries)
         self.sent_bytes_by_kind: dict[str, int] = defaultdict(int)
         self.recv_bytes_by_kind: dict[str, int] = defaultdict(int)
+        # bytes by kind as ``bytes_queued`` counts them (when handed to send()): what one
+        # part of a node sent in a window while its other threads send too
+        self.queued_bytes_by_kind: dict[str, int] = defaultdict(int)
         self._handlers: dict[str, Handler] = {}
         self._replay = ReplayGuard(replay_window_s, not_before=time.time() - clock_skew_s)
         self._seq = 0
@@ -497,6 +500,7 @@ class Transport:
             nbytes = message_nbytes(frames)
             with self._count_lock:
                 self.bytes_queued += nbytes
+                self.queued_bytes_by_kind[msg.kind] += nbytes
             if self.shaper is not None:
                 deliver = self.shaper.schedule(self._names.get(endpoint, endpoint), nbytes)
                 if deliver is None:

@@ -40,7 +40,7 @@ from .joining import Joining
 from .placement import assign_stage, block_seconds, describe_model, measure_links
 from .planning import Planner
 from .post import Post
-from .replica_sync import ReplicaSync
+from .replica_sync import SYNC_KINDS, ReplicaSync
 from .stage_state import StageState
 from .standing import Standing
 
@@ -164,6 +164,10 @@ class PipelineNode:
             self._closing.close()
         return 0
 
+    def _sync_bytes_queued(self) -> int:
+        by_kind = self.transport.queued_bytes_by_kind
+        return sum(by_kind.get(kind, 0) for kind in SYNC_KINDS)
+
     def _loop(self) -> None:
         me = self.standing
         while not self.stop.is_set():
@@ -179,9 +183,11 @@ class PipelineNode:
             plan_s = time.monotonic() - t0
             compute, waited = self.compute.run(work, self.planner.watch)
             t1 = time.monotonic()
-            synced0 = self.transport.bytes_queued
+            synced0 = self._sync_bytes_queued()
             status, group, reason = self.sync.step(work)
-            sync_bytes = self.transport.bytes_queued - synced0
+            # only the sync's own messages: another thread's (a probe's answer, a plan) sent
+            # meanwhile is not sync traffic
+            sync_bytes = self._sync_bytes_queued() - synced0
             for joiner, source in work.joins.items():
                 if source == self.id:
                     self.joining.hand_off(work, joiner)

@@ -17,6 +17,7 @@ from loco.options import compressor_for
 from loco.protocols.collective import CollectiveTimeouts, GroupAllReduce
 from loco.protocols.gossip import GroupExchange
 from loco.protocols.membership import Membership, PeerInfo, ViewUnknown
+from loco.protocols.messages import ASK, AVG, DECISION, DONE, GOSSIP, JOIN, PART, PAST, ROSTER, SKIP
 from loco.protocols.pipeline.plan import REJOINING, Iteration
 from loco.protocols.state_sync import tensors_hash
 from loco.protocols.transport import Transport
@@ -26,6 +27,10 @@ from ..direct_sync import DirectCommunicator
 from ..staging import StagedCommunicator
 from ..sync import GossipCommunicator, SwarmCommunicator
 from .stage_state import StageState
+
+# what a replica sync sends (the collective's kinds, the gossip's): the rest of a pipeline
+# node's traffic (microbatches, plans, probes) goes on beside it on other threads
+SYNC_KINDS = (JOIN, ROSTER, PART, AVG, DONE, DECISION, SKIP, ASK, PAST, GOSSIP)
 
 
 class ReplicaSync:
