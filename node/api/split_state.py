@@ -59,7 +59,7 @@ from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_m
 if TYPE_CHECKING:
     from .rank_exchange import RankLane
     from .ranks import Ranks
-    from .region_weights import RegionWeights, WeightGroup
+    from .region_weights import RegionWeights
 
 # what the leader tells the other ranks on the member's control channel, besides a step's news
 OUTER, LOAD, PUBLISH = "split-outer", "split-load", "split-publish"
@@ -163,7 +163,7 @@ class SplitOuterState:
         self.deliver()
         if self._digests is None:
             self.ranks.share((HASH,))
-            self._digests = _stream_digests(self.ranks, self.region.groups, self.held_tensors(), self.shapes)
+            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
         return self._digests[0]
 
     def publish(self, server: StateServer, round: int, meta: dict[str, Any]) -> Snapshot:
@@ -178,7 +178,7 @@ class SplitOuterState:
         if first:
             self._endpoints = self.ranks.all_gather(server.transport.endpoint)
         if stream:
-            self._digests = _stream_digests(self.ranks, self.region.groups, self.held_tensors(), self.shapes)
+            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
         assert self._endpoints is not None and self._digests is not None
         groups = [g.shapes for g in self.region.groups]
         parts = parts_meta(self._endpoints, round, groups * len(self.sections))
@@ -316,18 +316,17 @@ def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -
     math.load_state_dict({k: v for k, v in state.items() if k != "region"})
 
 
-def _stream_digests(ranks: Ranks, groups: list[WeightGroup], held: list[torch.Tensor],
-                   shapes: list[tuple[int, ...]]) -> tuple[str, str]:
+def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
+                    shapes: list[tuple[int, ...]]) -> tuple[str, str]:
     """(weights, whole state) digests of the member's φ and the rest of its state, every
-    rank's regions passing through the leader one at a time over ``ranks`` (``held``: this
-    rank's region of every section, group by group; followers: no ``shapes``, and they get
-    ("", "")). A collective: every rank calls it at the same point."""
-    sections = len(held) // len(groups)
+    rank's regions passing through the leader one at a time (followers: their part of it,
+    with no shapes; ("", ""))."""
+    sections = len(held) // len(region.groups)
     stream = StreamHash([(torch.float32, s) for s in shapes * sections], prefix=len(shapes)) \
-        if ranks.leads else None
+        if region.ranks.leads else None
     # φ's regions group by group, then the rest's, section by section
-    for t, g in zip(held, groups * sections, strict=True):
-        ranks.stream_regions(t, g.bounds, stream.update if stream is not None else None)
+    for t, g in zip(held, region.groups * sections, strict=True):
+        region.ranks.stream_regions(t, g.bounds, stream.update if stream is not None else None)
     return stream.digests() if stream is not None else ("", "")
 
 
@@ -460,9 +459,9 @@ class SplitFollower:
             if first:
                 self.ranks.all_gather(self.endpoint)
             if stream:
-                _stream_digests(self.ranks, groups, self.held_tensors(), [])
+                _stream_digests(self.region, self.held_tensors(), [])
         elif kind == HASH:
-            _stream_digests(self.ranks, groups, self.held_tensors(), [])
+            _stream_digests(self.region, self.held_tensors(), [])
         elif kind == RESTORE:
             _restore_part(self._parts, self.math, command[1], command[2])
         elif kind == LOAD:
