@@ -64,16 +64,18 @@ class NodeConfig(_Section):
     """How the ranks of a node of several processes train together, each on its own
     batches: ddp (DistributedDataParallel: every rank holds the whole model, the gradients
     are averaged every step) or fsdp (FSDP2's fully_shard: each rank holds a shard of every
-    block and of its AdamW state; with diloco, streaming_diloco or co2 (staleness fixed) and
-    rank_exchange parallel every rank keeps the outer state of its own region of the
-    weights, else rank 0 gathers the whole weights in host memory for the outer step; works
-    with diloco, streaming_diloco, co2 and noloco)."""
+    block and of its AdamW state; with diloco, streaming_diloco, co2 (staleness fixed) or
+    noloco and rank_exchange parallel every rank keeps the outer state of its own region of
+    the weights, else rank 0 gathers the whole weights in host memory for the outer step;
+    works with diloco, streaming_diloco, co2 and noloco)."""
     rank_exchange: Literal["parallel", "leader"] = "parallel"
     """How a node of several processes sends what it averages with the swarm (DiLoCo's
     pseudo-gradient, DDP's gradients, Streaming DiLoCo's fragments, CO2's background reduce):
     parallel (every rank sends and averages its own region of it through its own endpoint,
     with the ranks of other nodes that hold the same stretch; nodes of any process counts
-    match) or leader (rank 0 sends it all). NoLoCo and L-GreCo always send from rank 0."""
+    match) or leader (rank 0 sends it all). NoLoCo's gossip leaves from every rank with
+    parallel fsdp (each rank its region of the outer state), else from rank 0; L-GreCo always
+    sends from rank 0."""
 
     @field_validator("device")
     @classmethod
@@ -553,10 +555,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _rank_exchange(self) -> Config:
-        if self.node.rank_exchange == "leader" and (self.optim.algorithm == "noloco"
-                                                     or self.compression.lgreco.enabled):
-            raise ValueError("node.rank_exchange = 'leader' changes nothing with noloco or L-GreCo (their exchange "
-                             "always leaves from rank 0): leave it at 'parallel'")
+        noloco_whole = self.optim.algorithm == "noloco" and self.node.parallel != "fsdp"
+        if self.node.rank_exchange == "leader" and (noloco_whole or self.compression.lgreco.enabled):
+            raise ValueError("node.rank_exchange = 'leader' changes nothing with L-GreCo, or with noloco and "
+                             "node.parallel 'ddp' (their exchange always leaves from rank 0): leave it at 'parallel'")
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
 """The optimizers' communicators, backed by the real swarm: the collective (all-reduce) and
-the gossip exchange (NoLoCo)."""
+the gossip exchange with the data in every message (a pipeline stage's replicas; loco.NoLoCo's
+members agree first and send their data in parts: gossip_member.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,44 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def norm_outliers(norms: dict[str, float], own: float, ratio: float) -> set[str]:
+    """Partners whose norm exceeds ``ratio`` times the lower median of everyone's (this
+    member's included): a gossip exchange has no leader to judge, so each member judges
+    what it received."""
+    if ratio <= 0 or not norms:
+        return set()
+    values = sorted([*norms.values(), own])
+    median = values[(len(values) - 1) // 2]
+    return {pid for pid, n in norms.items() if n > ratio * median} if median > 0 else set()
+
+
+def pick_partners(me: str, live: list[PeerInfo], now: int, round: int, group_size: int,
+                  seed: int) -> dict[str, str]:
+    """This round's partners (id -> endpoint) from the group ``random_groups`` puts ``me``
+    in. The roster pairs are drawn from: peers announced at round ``now`` (this member's), or
+    one behind (their record lags until they finish the previous outer step). A peer
+    announced ahead has finished this round's exchange already: it cannot be a partner any more."""
+    peers = {p.id: p.endpoint for p in live if now - 1 <= p.round <= now and p.id != me}
+    groups = random_groups([me, *peers], round, group_size, seed)
+    mine = next(g for g in groups if me in g)
+    return {pid: peers[pid] for pid in mine if pid != me}
+
+
+def mean_of(me: str, own: Sequence[torch.Tensor], received: dict[str, list[torch.Tensor]],
+            used: Sequence[str]) -> list[torch.Tensor]:
+    """The mean of ``own`` and ``used`` partners' sections, summed in sorted-id order."""
+    inputs = {pid: received[pid] for pid in used}
+    inputs[me] = [t.reshape(-1) for t in own]
+    order = sorted(inputs)
+    means = []
+    for i in range(len(own)):
+        acc = inputs[order[0]][i].clone()
+        for pid in order[1:]:
+            acc.add_(inputs[pid][i])
+        means.append(acc.div_(len(order)))
+    return means
+
+
 def outliers(mine: Sequence[torch.Tensor], theirs: dict[str, Sequence[torch.Tensor]], ratio: float) -> set[str]:
     """Partners whose vector is non-finite, or whose norm exceeds ``ratio`` times the
     lower median norm of everyone's (this node's included): a gossip exchange has no
@@ -36,10 +75,8 @@ def outliers(mine: Sequence[torch.Tensor], theirs: dict[str, Sequence[torch.Tens
         return bad
     norms = {pid: float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts])))
              for pid, ts in theirs.items() if pid not in bad}
-    values = sorted([*norms.values(), float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(t.float()) for t in mine])))])
-    median = values[(len(values) - 1) // 2]
-    return bad | ({pid for pid, n in norms.items() if n > ratio * median} if median > 0 else set())
+    own = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in mine])))
+    return bad | norm_outliers(norms, own, ratio)
 
 
 class SwarmCommunicator:
@@ -88,14 +125,7 @@ class GossipCommunicator:
         self.suspects: list[str] = []
 
     def group_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
-        now = self.peer_round()
-        # the roster pairs are drawn from: peers announced at this round, or one behind (their
-        # record lags until they finish the previous outer step). A peer announced ahead has
-        # finished this round's exchange already: it cannot be a partner any more.
-        peers = {p.id: p.endpoint for p in self.live_peers() if now - 1 <= p.round <= now and p.id != self.me}
-        groups = random_groups([self.me, *peers], round, self.group_size, self.seed)
-        mine = next(g for g in groups if self.me in g)
-        partners = {pid: peers[pid] for pid in mine if pid != self.me}
+        partners = pick_partners(self.me, self.live_peers(), self.peer_round(), round, self.group_size, self.seed)
         result = self.exchange.exchange(round, partners, tensors, self.timeout_s)
         self.last = result
         if not result.received:
@@ -106,12 +136,7 @@ class GossipCommunicator:
             del inputs[pid]
         if not inputs:
             return ReduceResult(None, 1, (), result)
-        inputs[self.me] = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
-        order = sorted(inputs)
-        means = []
-        for i in range(len(tensors)):
-            acc = inputs[order[0]][i].clone()
-            for pid in order[1:]:
-                acc.add_(inputs[pid][i])
-            means.append(acc.div_(len(order)).view(tensors[i].shape))
-        return ReduceResult(means, len(order), tuple(p for p in order if p != self.me), result)
+        used = sorted(inputs)
+        means = mean_of(self.me, [t.detach().to(torch.float32) for t in tensors], inputs, used)
+        return ReduceResult([m.view(t.shape) for m, t in zip(means, tensors, strict=True)], len(used) + 1,
+                            tuple(used), result)

@@ -34,6 +34,9 @@ from .outer import OuterStepResult
 
 
 class NoLoCo:
+    STATE_SECTIONS = ("anchor", "delta")  # the state kept per weight, in synchronized_tensors' order
+    STEPS_KEY = "outer_steps"  # the outer steps taken, in ``state_dict``
+
     def __init__(self, params: Iterable[torch.Tensor], comm: GroupCommunicator, alpha: float = 0.5,
                  beta: float = 0.7, gamma: float = 0.7):
         self.params = list(params)
@@ -49,6 +52,11 @@ class NoLoCo:
         self._phi_views = split_like(self._send[:numel], self.anchor)
         self._d_views = split_like(self._send[numel:], self.anchor)
         self._numel = numel
+
+    def settings(self) -> dict[str, Any]:
+        """The update rule's hyperparameters (another instance built with them applies the
+        same rule: a member's ranks each over their own region of the weights)."""
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma}
 
     @torch.no_grad()
     def outer_step(self, round: int) -> OuterStepResult:

@@ -103,7 +103,7 @@ class GroupExchange:
         transport.on(GOSSIP, self._on_gossip)
 
     def exchange(self, round: int, partners: dict[str, str], tensors: Sequence[torch.Tensor],
-                 timeout_s: float, extra: dict | None = None) -> ExchangeResult:
+                 timeout_s: float, extra: dict | None = None, numel: int | None = None) -> ExchangeResult:
         """Send ``tensors`` to every partner (id -> endpoint) and collect theirs (float32,
         shaped like ``tensors``). Returns after every partner answered or declined, or at
         the deadline. Compressed once for all partners (stream "gossip"). ``extra``: more
@@ -113,15 +113,24 @@ class GroupExchange:
         A node that chose this one without being chosen (its view of the roster differs) is
         adopted: answered at once with this node's data, and its data joins the mean, so
         that differing views cost no exchange and nobody waits on a node that waits on
-        another (up to ``max_adopted`` a round; more get a decline)."""
+        another (up to ``max_adopted`` a round; more get a decline).
+
+        ``numel`` (with no ``tensors``): a handshake. Nothing but the agreement to average
+        travels (the data follows in parts, :mod:`.gossip_parts`); a partner's message must
+        state the same ``numel`` (the length of what it will send), and ``received`` holds
+        an empty list for each partner that agreed."""
         self.transport.mailbox.prune(round)
         result = ExchangeResult()
         group = sorted([self.me, *partners])
         layout = Layout.of(tensors)
-        frames, codec_meta, decoded = self.compressor.encode("gossip", flat_of(tensors), 0, layout)
-        result.own = unflatten(decoded, tensors)
-        meta = {"endpoint": self.transport.endpoint, "group": group, "codec": codec_meta, "numel": layout.total,
-                **(extra or {})}
+        if numel is None:
+            frames, codec_meta, decoded = self.compressor.encode("gossip", flat_of(tensors), 0, layout)
+            result.own = unflatten(decoded, tensors)
+            meta = {"endpoint": self.transport.endpoint, "group": group, "codec": codec_meta, "numel": layout.total,
+                    **(extra or {})}
+        else:
+            frames = []
+            meta = {"endpoint": self.transport.endpoint, "group": group, "numel": numel, **(extra or {})}
         with self._lock:
             opened = self._open = _OpenRound(round, dict(partners), {}, meta, frames)
             early = self.transport.mailbox.drain(GOSSIP, round)  # sent before this node got here
@@ -160,7 +169,7 @@ class GroupExchange:
                 if msg.sender in partners:
                     result.declined.append(msg.sender)
                 continue
-            decoded = self._decode(msg, layout, tensors)
+            decoded = self._decode(msg, layout, tensors) if numel is None else self._agreed(msg, numel)
             if decoded is None:
                 result.silent.append(msg.sender)  # unusable: treated like no answer
             else:
@@ -199,6 +208,15 @@ class GroupExchange:
             return None
         # received tensors are views over zmq frames: clone so they outlive the message
         return unflatten(flat.clone(), like)
+
+    @staticmethod
+    def _agreed(msg: Message, numel: int) -> list[torch.Tensor] | None:
+        """A handshake's answer: [] where it agrees to average ``numel`` values, None otherwise."""
+        if msg.meta.get("numel") != numel or msg.tensors:
+            log.warning("GOSSIP handshake from %s: %r elements and %d tensors, expected %d and none; ignored",
+                        msg.sender, msg.meta.get("numel"), len(msg.tensors), numel)
+            return None
+        return []
 
     def _decline(self, msg: Message) -> None:
         endpoint = msg.meta.get("endpoint")

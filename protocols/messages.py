@@ -24,6 +24,7 @@ JOIN, ROSTER, PART, AVG, DONE, DECISION = "JOIN", "ROSTER", "PART", "AVG", "DONE
 SKIP = "SKIP"  # header round: the first sync the sender runs (it adopted a state past the others)
 ASK, PAST = "ASK", "PAST"  # a leader asks a member it waits for; the member answers if it is past that round
 GOSSIP = "GOSSIP"
+GOSSIP_PART = "GOSSIP_PART"  # a stretch of one rank's region of a NoLoCo round's vector (protocols/gossip_parts.py)
 STATE, CO2_RESULT = "STATE", "CO2_RESULT"  # served snapshots; requests are f"{kind}_REQ"
 STATE_PART = "STATE_PART"  # one rank's part of a state served in parts (a member of several ranks)
 CO2_RESULT_PART = "CO2_RESULT_PART"  # one rank's part of a CO2 reduce's mean, served in parts likewise
@@ -93,6 +94,18 @@ class Gossip(TypedDict):
     decline: NotRequired[bool]
     weight: NotRequired[pydantic.NonNegativeFloat]  # a pipeline replica's microbatches in the mean it sends
     state: NotRequired[Annotated[str, pydantic.Field(max_length=128)]]  # the hash of its weights
+    ranks: NotRequired[RankEndpoints]  # a handshake's sender is several processes: each rank's endpoint
+
+
+@with_config(_STRICT)
+class GossipPart(TypedDict):
+    endpoint: str  # the sending rank's
+    decline: NotRequired[bool]  # the receiver does not average with the sender this round
+    lo: NotRequired[pydantic.NonNegativeInt]  # the stretch [lo, hi) of each section
+    hi: NotRequired[pydantic.NonNegativeInt]
+    numel: NotRequired[pydantic.NonNegativeInt]  # a section's length
+    codecs: NotRequired[Annotated[list[dict[str, Any]], pydantic.Field(max_length=16)]]  # per section
+    frames: NotRequired[Annotated[list[pydantic.NonNegativeInt], pydantic.Field(max_length=16)]]  # per section
 
 
 @with_config(_STRICT)
@@ -190,7 +203,7 @@ class RankView(TypedDict):
 SCHEMAS: dict[str, type] = {
     JOIN: Join, ROSTER: Roster, PART: Part, AVG: Part, DONE: Done, DECISION: Decision, SKIP: Empty,
     ASK: Ask, PAST: Empty,
-    GOSSIP: Gossip,
+    GOSSIP: Gossip, GOSSIP_PART: GossipPart,
     STATE: StateReply, f"{STATE}_REQ": StateRequest,
     CO2_RESULT: StateReply, f"{CO2_RESULT}_REQ": StateRequest,
     STATE_PART: StateReply, f"{STATE_PART}_REQ": StateRequest,

@@ -5,7 +5,10 @@ baseline: what a member of several processes did before), on an emulated link. D
 leader's background thread while the ranks train on, and lands a round later) or Streaming
 DiLoCo (``--algorithm streaming_diloco``: 2 fragments over 4 inner steps a round, each sent
 in the background and landing a step later; ``data_s`` is not reported, ``comm_s`` is what
-the round's steps waited for the fragments).
+the round's steps waited for the fragments) or NoLoCo (``--algorithm noloco``: the two members
+pair up every round; ``data_s`` is its ``exchange_s``, the leaders' handshake and the data;
+with FSDP and "parallel" every rank gossips its own region of the outer state, the baseline's
+rank 0 gathers the weights and gossips the whole).
 
 Each member is two processes (a gloo group, FSDP2 or DDP inside) training the same MLP;
 each endpoint's uplink is shaped to ``--bandwidth`` by loco's in-transport shaper, so a
@@ -27,7 +30,7 @@ round's wall time, its compute, communication and publish together (Streaming Di
 gathers and scatters of a fragment's weights inside the member are counted in compute).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
-                                          [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco]
+                                          [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco|noloco]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # inner steps per round: Streaming DiLoCo's 2 fragments (overlap 1) need 4, each sent once a round
-INNER_STEPS = {"diloco": 2, "co2": 2, "streaming_diloco": 4}
+INNER_STEPS = {"diloco": 2, "co2": 2, "streaming_diloco": 4, "noloco": 2}
 sys.path.insert(0, str(ROOT))
 
 
@@ -91,10 +94,12 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
     timeouts = loco.Timeouts(allreduce_timeout_s=600, matchmaking_timeout_s=300, join_timeout_s=600)
     data = torch.Generator().manual_seed(rank)
     try:
-        algorithm = {"diloco": loco.DiLoCo, "co2": loco.CO2, "streaming_diloco": loco.StreamingDiLoCo}[args.algorithm]
+        algorithm = {"diloco": loco.DiLoCo, "co2": loco.CO2, "streaming_diloco": loco.StreamingDiLoCo,
+                     "noloco": loco.NoLoCo}[args.algorithm]
         inner = INNER_STEPS[args.algorithm]
+        settings = {"exchange_timeout_s": 600} if args.algorithm == "noloco" else {}
         with algorithm(model, opt, swarm, inner_steps=inner, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
-                       rank_exchange=args.mode) as outer:
+                       rank_exchange=args.mode, **settings) as outer:
             for step in range(1, inner * args.rounds + 1):
                 x = torch.randn(8, width, generator=data)
                 model(x).square().mean().backward()
@@ -105,7 +110,8 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                     print("ROUND " + json.dumps({"round": report.round, "status": report.status,
                                                  "group": report.group_size, "comm_s": report.comm_s,
                                                  "compute_s": report.compute_s,
-                                                 "data_s": report.extra.get("data_s", 0.0),
+                                                 "data_s": report.extra.get("data_s",
+                                                                            report.extra.get("exchange_s", 0.0)),
                                                  "publish_s": report.publish_s,
                                                  "bytes": report.round_bytes}), flush=True)
             # what this rank keeps of the outer state (published copy included)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, int
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval_s)
+
+
+def run_each(fn: Callable[..., None], keys: list[tuple], timeout_s: float = 60) -> None:
+    """``fn(*key)`` for every key, each on a thread of its own, all at once (the ranks or
+    peers of a round in one process); fails if one is still running after ``timeout_s``."""
+    threads = [threading.Thread(target=fn, args=key) for key in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
 
 
 def read_records(path: Path) -> list[dict]:

@@ -183,14 +183,15 @@ def test_quantizers_with_error_feedback_put_the_same_bits_on_the_wire_from_the_g
 
 
 @pytest.mark.swarm
-@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco"])
+@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco", "noloco"])
 def test_members_sharded_with_fsdp_over_nccl_train_together_on_the_gpu(procs, tmp_path, algorithm):
     """Two members of one rank each (NCCL inside, its per-step messages over gloo beside
     it), their parameters FSDP2 DTensors: rank 0 gathers them for CO2's outer step (which
     lands a round later) and scatters the result; Streaming DiLoCo's rank 0 gathers and
-    scatters a fragment's parameters at each step where it leaves or lands; fused AdamW on
-    the shards. (Members of two GPUs each need a machine with four: tests/test_ranks.py
-    runs them over gloo.)"""
+    scatters a fragment's parameters at each step where it leaves or lands; NoLoCo's leaders
+    agree, then send their [φ | θ − φ] in parts (its replicas differ by design: only the
+    pairing is checked); fused AdamW on the shards. (Members of two GPUs each need a machine
+    with four: tests/test_ranks.py runs them over gloo.)"""
     import re
 
     from tests.conftest import wait_until
@@ -207,5 +208,6 @@ def test_members_sharded_with_fsdp_over_nccl_train_together_on_the_gpu(procs, tm
     (a0,), (b0,) = _ranks(ra, 1), _ranks(rb, 1)
     ok_b = {r["round"]: r["weights_hash"] for r in b0[:-1] if r["status"] == "ok" and r["group_size"] == 2}
     together = [r for r in a0[:-1] if r["round"] in ok_b and r["status"] == "ok" and r["group_size"] == 2]
-    assert len(together) >= 3 and all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a0, b0)
+    assert len(together) >= 3, (a0, b0)
+    assert algorithm == "noloco" or all(r["weights_hash"] == ok_b[r["round"]] for r in together), (a0, b0)
     assert a0[-1]["val_loss"] < 0.85 * a0[0]["val_loss"], a0

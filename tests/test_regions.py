@@ -4,8 +4,6 @@ members of 1, 2 and 3 ranks in one round."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from loco.protocols.data_phase import DataPhase, Member, Region
 from loco.protocols.membership import PeerInfo
 from loco.protocols.regions import RoundLayout, split_bounds
 from loco.protocols.transport import Transport
+from tests.conftest import run_each
 
 
 def test_every_segment_has_one_owner_rank_and_lies_in_one_region_of_every_member():
@@ -70,12 +69,7 @@ class RankedMembers:
             flat, missing = self.phases[(m, r)].exchange(0, 0, [region], self.roster, Region(r, layout))
             out[(m, r)] = None if missing else flat.clone()
 
-        threads = [threading.Thread(target=run, args=key) for key in self.ranks]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "a rank hung"
+        run_each(run, list(self.ranks))
         return out
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from loco.protocols.state_sync import Snapshot, StateServer, tensors_hash
 from .adopt import Adopting
 from .lgreco_round import plan_if_due
 from .options import as_compression, compressor_for
-from .rank_exchange import LeaderLanes, splits_exchange
+from .rank_exchange import LeaderLanes, uses_lanes
 from .ranks import Follower, Ranks, sharded_weights, splits_outer_state, tell, tensor_bytes
 from .report import RoundReport
 from .split_state import SplitOuterState
@@ -66,6 +66,9 @@ class OuterAlgorithm(Adopting):
     """In a member of several ranks, every rank sends and averages its own region of the
     round's vector (``rank_exchange="parallel"``; node/api/rank_exchange.py): the algorithms
     that average through the group all-reduce, on whichever thread they run it."""
+    rank_exchange_needs_split: ClassVar[bool] = False
+    """Its ranks exchange their own regions only where each keeps its region's outer state
+    (NoLoCo: a leader holding the whole state sends it whole)."""
     splits_outer_state: ClassVar[bool] = False
     """A sharded member's ranks can each keep the outer state of their own region
     (split_state.py): outer math that works element by element over the weights (with the
@@ -125,7 +128,7 @@ class OuterAlgorithm(Adopting):
             self.params = self.shards.outer_params
         # a member of several ranks: each sends its own region of the round's vector
         self.lanes = LeaderLanes(self.ranks, swarm, self._split_layout if split else None) \
-            if splits_exchange(type(self), self.ranks, rank_exchange, compression) else None
+            if uses_lanes(type(self), self.ranks, rank_exchange, compression, split) else None
         self.inner_optimizer = inner_optimizer
         self.swarm = swarm
         self.inner_steps = inner_steps

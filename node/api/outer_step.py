@@ -9,11 +9,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from loco.node.sync import GossipCommunicator, SwarmCommunicator
+from loco.node.gossip_member import OneProcessParts, PartedGossipCommunicator
+from loco.node.sync import SwarmCommunicator
 from loco.optim import CO2 as CO2Math
 from loco.optim import DiLoCo as DiLoCoMath
 from loco.optim import NoLoCo as NoLoCoMath
 from loco.optim import OuterStepResult, ReduceResult
+from loco.protocols.codecs import Compressor
 from loco.protocols.collective import GroupAllReduce, RoundResult
 from loco.protocols.gossip import GroupExchange
 from loco.protocols.messages import CO2_RESULT
@@ -21,6 +23,7 @@ from loco.protocols.state_sync import StateServer, fetch_state
 
 from .algorithm import OuterAlgorithm
 from .options import collective_timeouts
+from .rank_gossip import RankParts
 from .split_state import SplitOuterState
 
 log = logging.getLogger(__name__)
@@ -273,11 +276,17 @@ class CO2(CollectiveAlgorithm):
 class NoLoCo(OuterAlgorithm):
     """NoLoCo: no all-reduce; every ``inner_steps`` steps each process averages [φ, θ − φ]
     with a random partner (pairs drawn from the round and the DHT roster) and applies
-    δ ← αδ + β·d̄ − γ(φ − φ̄). Replicas differ by design; ``drift`` measures how far."""
+    δ ← αδ + β·d̄ − γ(φ − φ̄). Replicas differ by design; ``drift`` measures how far.
+    The partners' leaders agree first, then the data goes rank to rank
+    (node/gossip_member.py): with FSDP inside a member, every rank keeps and gossips its own
+    region of the outer state."""
 
     name = "noloco"
     catch_up_slack = 2
     replicas_identical = False
+    exchanges_per_rank = True
+    rank_exchange_needs_split = True
+    splits_outer_state = True
 
     def __init__(self, model, inner_optimizer, swarm, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7,
                  group_size: int = 2, exchange_timeout_s: float = 30.0, **kwargs: Any):
@@ -286,19 +295,22 @@ class NoLoCo(OuterAlgorithm):
         super().__init__(model, inner_optimizer, swarm, **kwargs)
 
     def _build(self) -> None:
-        # no collective at all: nothing answers JOINs
-        self.gossip = GroupExchange(self.swarm.transport, self.compressor, self.stop_event,
+        # no collective at all: nothing answers JOINs. The handshake carries no data (nothing to compress).
+        self.gossip = GroupExchange(self.swarm.transport, Compressor("none"), self.stop_event,
                                     live=lambda: [p.id for p in self.swarm.peers()])
-        self.gossip_comm = GossipCommunicator(self.gossip, self.swarm.id, self.swarm.peers, self.group_size,
-                                              self.exchange_timeout_s, self.seed, peer_round=lambda: self.round,
-                                              max_norm_ratio=self.timeouts.max_norm_ratio)
+        member = RankParts(self.lanes, self.shards, self.swarm.transport, self.compressor, self.stop_event) \
+            if self.lanes is not None else OneProcessParts(self.swarm.transport, self.compressor, self.stop_event)
+        self.gossip_comm = PartedGossipCommunicator(self.gossip, member, self.swarm.id, self.swarm.peers,
+                                                    self.group_size, self.exchange_timeout_s, self.seed,
+                                                    peer_round=lambda: self.round,
+                                                    max_norm_ratio=self.timeouts.max_norm_ratio)
         self.comm = self._staged(self.gossip_comm)
         self.math = NoLoCoMath(self.params, self.comm, self.alpha, self.beta, self.gamma)
 
     def _skip_syncs_to(self, sync_id: int) -> None:
         # partners that chose this process for an exchange the adopted state already holds
         # get a decline at once instead of waiting for it
-        self.gossip.skip_to(sync_id)
+        self.gossip_comm.skip_to(sync_id)
 
     def _sync_round(self, final: bool):
         if self._catch_up():

@@ -1,6 +1,6 @@
 """A member of several processes exchanging with the swarm from all of its ranks at once
-(``rank_exchange="parallel"``: the default of every algorithm but NoLoCo in a member of
-several ranks).
+(``rank_exchange="parallel"``, the default; NoLoCo's only where its outer state is split over
+the ranks: FSDP inside).
 
 The leader (rank 0) still runs the round: matchmaking, the commit step, the outer math.
 What goes over the network is split: the round's vector is cut into one contiguous region
@@ -43,11 +43,13 @@ from loco.node.config import CollectiveConfig, CompressionConfig
 from loco.protocols.codecs import Layout
 from loco.protocols.data_phase import DataPhase, Member, Region
 from loco.protocols.flat import flat_of
+from loco.protocols.gossip_parts import PartExchange
 from loco.protocols.membership import PeerInfo
 from loco.protocols.rank_view import RelayedView, ViewRelay
 from loco.protocols.regions import split_bounds
 
 from .options import as_compression, compressor_for
+from .rank_gossip import GOSSIP, serve_gossip
 from .swarm import Swarm, rank_transport
 
 if TYPE_CHECKING:
@@ -69,12 +71,20 @@ RANK_EXCHANGES = ("parallel", "leader")
 def splits_exchange(algorithm: type, ranks: Ranks | None, rank_exchange: str,
                     compression: str | CompressionConfig) -> bool:
     """Whether a member's ranks exchange their own regions (else the leader sends it all:
-    NoLoCo, whose gossip is no collective, and L-GreCo, whose per-layer plan lives in the
-    leader's codec state)."""
+    L-GreCo, whose per-layer plan lives in the leader's codec state)."""
     if rank_exchange not in RANK_EXCHANGES:
         raise ValueError(f"rank_exchange must be one of {', '.join(RANK_EXCHANGES)}, got {rank_exchange!r}")
     return (ranks is not None and ranks.size > 1 and rank_exchange == "parallel"
             and algorithm.exchanges_per_rank and not as_compression(compression).lgreco.enabled)
+
+
+def uses_lanes(algorithm: type, ranks: Ranks | None, rank_exchange: str, compression: str | CompressionConfig,
+               split: bool) -> bool:
+    """Whether a member's ranks exchange from their own endpoints (``LeaderLanes`` and
+    ``RankLane``): where ``splits_exchange``, and for an algorithm that does so only with
+    its outer state split over the ranks (NoLoCo) only then."""
+    return splits_exchange(algorithm, ranks, rank_exchange, compression) and \
+        (split or not algorithm.rank_exchange_needs_split)
 
 
 def whole_norm(ranks: Ranks, region: torch.Tensor) -> float:
@@ -156,7 +166,7 @@ class RankLane:
         self.split = split
         self._offered: tuple[int, torch.Tensor] | None = None  # (sync, region) the training thread offers
         self._last: tuple[int, torch.Tensor | None] | None = None  # the last attempt's (sync, mean)
-        self._ended: dict[int, torch.Tensor | None] = {}  # sync -> the committed mean, or None
+        self._ended: dict[int, tuple[torch.Tensor | None, int]] = {}  # sync -> (the committed mean or None, group size)
         self._cond = threading.Condition()
         self._stopped = False
         self.ranks = ranks.side_channel(SIDE_CHANNEL_WAIT)
@@ -170,6 +180,7 @@ class RankLane:
         # by it, so every rank of every member must use the same)
         self.data = DataPhase(self.transport, self.compressor, self.view.peers, t.allreduce_timeout_s, None,
                               4 << 20, t.max_norm_ratio)
+        self.parts = PartExchange(self.transport, self.compressor)  # (NoLoCo's gossip: rank_gossip.py)
         self.error: BaseException | None = None  # what ended the thread, if not the leader's stop
         self._offer_wait_s = t.allreduce_timeout_s
         self._thread = threading.Thread(target=self._serve_until_stopped, name="loco-rank-lane", daemon=True)
@@ -187,10 +198,11 @@ class RankLane:
                 self._stopped = True
                 self._cond.notify_all()
 
-    def reduce(self, sync: int, region: torch.Tensor) -> torch.Tensor | None:
+    def reduce(self, sync: int, region: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """On the training thread (a split outer state): offer this rank's region of sync
-        ``sync``'s pseudo-gradient and wait for the leader's end of that sync: the region's
-        mean where it committed, None where it did not."""
+        ``sync``'s vector (a pseudo-gradient; NoLoCo's [φ | θ − φ]) and wait for the
+        leader's end of that sync: (the region's mean, the group's size) where it
+        committed, (None, 1) where it did not (the size is 0 where the leader reports it)."""
         with self._cond:
             self._offered = (sync, region)
             self._cond.notify_all()
@@ -201,7 +213,8 @@ class RankLane:
                                    f"{self.error or 'the leader stopped it'}")
             return self._ended.pop(sync)
 
-    def _region_of(self, sync: int) -> torch.Tensor:
+    def offered(self, sync: int) -> torch.Tensor:
+        """(On the side channel's thread) the region the training thread offers for ``sync``."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._offered is not None and self._offered[0] == sync,
                                        self._offer_wait_s):
@@ -214,11 +227,20 @@ class RankLane:
             raise RuntimeError(f"rank {self.ranks.rank}: the leader committed sync {sync}, whose mean this rank "
                                "does not hold")
         with self._cond:
-            self._ended[sync] = last[1] if ok else None
+            self._ended[sync] = (last[1], 0) if ok else (None, 1)
             self._last = None
             self._cond.notify_all()
 
+    def settle(self, sync: int, mean: torch.Tensor | None, group_size: int) -> None:
+        """The end of ``sync`` for the training thread waiting in ``reduce``."""
+        with self._cond:
+            self._ended[sync] = (mean, group_size)
+            self._cond.notify_all()
+
     def serve(self, message: tuple) -> None:
+        if message[0] == GOSSIP:
+            self.settle(message[1], *serve_gossip(self, self.parts, message))
+            return
         if message[0] == END:  # error feedback keeps what was dropped only if the round was applied
             (self.compressor.commit if message[1] else self.compressor.discard)()
             if self.split:
@@ -239,7 +261,7 @@ class RankLane:
         layout = Layout(shapes)
         bounds = split_bounds(layout.total, self.ranks.size)
         if self.split:
-            region = self._region_of(round)
+            region = self.offered(round)
             norm = whole_norm(self.ranks, region)
         else:
             region = self.ranks.scatter_regions(None, bounds)

@@ -24,14 +24,14 @@ swarm's gradient mean before every optimizer step, and the inner AdamW state alo
 weights when it adopts a peer's.
 
 With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, Streaming
-DiLoCo or CO2 (fixed staleness penalty), every rank keeps the outer state of its own region
-of the weights and runs the outer step on it (``RegionWeights``, region_weights.py and
-split_state.py): no rank holds the whole model. The other algorithms' leader (NoLoCo, CO2
+DiLoCo, CO2 (fixed staleness penalty) or NoLoCo, every rank keeps the outer state of its own
+region of the weights and runs the outer step on it (``RegionWeights``, region_weights.py and
+split_state.py): no rank holds the whole model. The other algorithms' leader (CO2
 gap-aware, any with ``rank_exchange="leader"``) works on a whole copy of the weights in host
 memory (``ShardedWeights``): every rank hands its shards in when a round ends and gets the
-result back. The exchange with the
-swarm (every algorithm's but NoLoCo's) leaves from every rank, each with its own region of
-the round's vector (rank_exchange.py).
+result back. The exchange with the swarm leaves from every rank, each with its own region of
+the round's vector (rank_exchange.py; NoLoCo's gossip: rank_gossip.py, only where its
+outer state is split).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from loco.node.optstate import adam_step, adam_tensors, load_adam
 from loco.node.sync import all_finite
 from loco.protocols.state_sync import tensors_hash
 
-from .rank_exchange import RankLane, splits_exchange
+from .rank_exchange import RankLane, splits_exchange, uses_lanes
 from .report import RoundReport
 
 
@@ -356,7 +356,7 @@ class Follower:
         if self.shards is not None:  # with the leader, as its constructor gathers them
             self.shards.gather()
         self.lane = RankLane(ranks, compression, _leader_only.get("timeouts"), _leader_only.get("seed", 0), split) \
-            if splits_exchange(algorithm, ranks, rank_exchange, compression) else None
+            if uses_lanes(algorithm, ranks, rank_exchange, compression, split) else None
         # the outer math of this rank's region (split_state.py), built like the leader's
         self.split = None
         if split:

@@ -1,8 +1,8 @@
 """A sharded member's outer state split over its ranks: no rank holds the whole of it.
 
-With FSDP inside a member (parameters sharded over its ranks) and DiLoCo, Streaming DiLoCo or
-CO2 (with a fixed staleness penalty: outer math that works element by element) across
-members, every rank
+With FSDP inside a member (parameters sharded over its ranks) and DiLoCo, Streaming DiLoCo,
+NoLoCo or CO2 (with a fixed staleness penalty: outer math that works element by element)
+across members, every rank
 ``r`` keeps the outer state of its own region ``[bounds[r], bounds[r + 1])`` of the flat
 weight vector (``loco.protocols.regions.split_bounds``: the same regions its endpoint
 exchanges): the weights θ of the region, the anchor φ, the outer momentum and the
@@ -30,7 +30,9 @@ which it saves and loads itself. Only a state adopted whole (a peer's, a one-pro
 member's checkpoint) is whole on the leader, until its regions go out to the ranks.
 
 The other ranks (``SplitFollower``) run the same outer math over their own region, with the
-exchange their lane ran as their communicator (``RegionCommunicator``). CO2's reduce runs on
+exchange their lane ran as their communicator (``RegionCommunicator``; NoLoCo's gossip of
+its region: rank_gossip.py). An outer step's norms over the weights (NoLoCo's drift) are
+summed over the ranks. CO2's reduce runs on
 every rank's background thread, each over its own region, and lands a round later as on the
 leader; the mean a reduce landed is served in parts too (``RegionResults``: a peer that
 adopts this member's state fetches the mean of the reduce it missed), and a peer's mean this
@@ -247,8 +249,9 @@ class SplitOuterState:
     def outer_step(self, round: int) -> Any:
         self.deliver()
         self.ranks.share((OUTER, round))
-        result = self.math.outer_step(round)
-        if result.applied:
+        steps = self.math.outer_steps
+        result = _whole_norms(self.ranks, self.math.outer_step(round))
+        if result.applied or self.math.outer_steps != steps:  # (NoLoCo's local-only step moves φ too)
             self._digests = None
         return result
 
@@ -330,6 +333,14 @@ def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
     return stream.digests() if stream is not None else ("", "")
 
 
+def _whole_norms(ranks: Ranks, result: Any) -> Any:
+    """An outer step's norms over the whole member (NoLoCo's ``drift``: every rank's math
+    measures its own region): summed in squares over the ranks, on every rank at once."""
+    if "drift" in result.extra:
+        result.extra["drift"] = sum(d * d for d in ranks.all_gather(float(result.extra["drift"]))) ** 0.5
+    return result
+
+
 def _close_math(math: Any) -> None:
     close = getattr(math, "close", None)  # (CO2's background reduce)
     if close is not None:
@@ -395,16 +406,20 @@ class _PendingRegions:
 
 class RegionCommunicator:
     """A follower rank's communicator: the mean of its region as its lane averaged it in the
-    round the leader committed (None where the round was not)."""
+    round the leader committed (None where the round was not). An all-reduce's group size
+    is the leader's to report (0 here); a gossip's is the group's, which NoLoCo's math reads."""
 
     def __init__(self, lane: RankLane):
         self.lane = lane
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], round: int, span: int = 1) -> ReduceResult:
-        out = self.lane.reduce(round, flat_of(tensors))
+        return self.group_mean(tensors, round)
+
+    def group_mean(self, tensors: Sequence[torch.Tensor], round: int) -> ReduceResult:
+        out, group_size = self.lane.reduce(round, flat_of(tensors))
         if out is None:
             return ReduceResult(None, 1)
-        return ReduceResult(unflatten(out, tensors), 0)  # (the group's size is the leader's to report)
+        return ReduceResult(unflatten(out, tensors), group_size)
 
 
 class SplitFollower:
@@ -446,7 +461,7 @@ class SplitFollower:
     def serve(self, command: tuple) -> None:
         kind, groups = command[0], self.region.groups
         if kind == OUTER:
-            self.math.outer_step(command[1])
+            _whole_norms(self.ranks, self.math.outer_step(command[1]))
         elif kind == AFTER:
             self.math.after_inner_step(command[1])
         elif kind == DRAIN:
