@@ -9,8 +9,9 @@ coordinates: a rank cuts its region at every boundary of its partners' regions, 
 piece goes, as one message, to the one rank of each partner whose region holds it. The
 vector is made of *sections* of equal length (NoLoCo's: the slow weights φ and θ − φ), and a
 rank's region is the same stretch of each; one message carries the piece of every section.
-Each piece is encoded once, whatever the number of partners (stream "gossip", with error
-feedback), so a position's remainder is staged once per round.
+Each piece is encoded once, whatever the number of partners (a stream per section,
+"gossip0", "gossip1", ..., with error feedback: each stream's remainders then span this
+rank's region only), so a position's remainder is staged once per round.
 
 A rank answers a piece from a member it does not average with this round (its leader did not
 agree with that member, or skipped the round) with a decline: the sender's rank stops waiting
@@ -125,7 +126,7 @@ class PartExchange:
         for a, b in zip(cuts, cuts[1:], strict=False):
             frames, codecs, counts = [], [], []
             for j, s in enumerate(sections):
-                wire, meta, _ = self.compressor.encode("gossip", s[a - lo:b - lo], j * numel + a, whole)
+                wire, meta, _ = self.compressor.encode(f"gossip{j}", s[a - lo:b - lo], j * numel + a, whole)
                 frames += wire
                 codecs.append(meta)
                 counts.append(len(wire))

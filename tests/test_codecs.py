@@ -266,3 +266,39 @@ def test_residual_and_plan_are_part_of_the_state():
     assert other.plan == {0: 2}
     x = torch.randn(200)
     assert torch.equal(comp.encode("s", x, 0, layout)[2], other.encode("s", x, 0, layout)[2])
+
+
+def test_a_rank_holds_remainders_of_the_stretch_it_encodes_only():
+    """A rank encodes its region of a 10 000-long vector: its remainders span that region
+    (committed and staged), not the whole vector; a slice beyond it grows the span and keeps
+    what it held, which then feeds back exactly as a whole-length remainder would."""
+    layout = Layout([(100, 100)])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, generator=g)
+    whole, region = Compressor("int8", block=64), Compressor("int8", block=64)
+    whole.encode("s", x, 0, layout)
+    region.encode("s", x[6400:8000], 6400, layout)  # (at a block boundary: the same blocks as the whole's)
+    whole.commit()
+    region.commit()
+    assert region.residual_bytes == 2 * 4 * 1600 and whole.residual_bytes == 2 * 4 * 10_000
+    # the same remainders where both encoded: the next encoding of [6400, 8000) sends the same bits
+    y = torch.randn(10_000, generator=g)
+    assert torch.equal(whole.encode("s", y[6400:8000], 6400, layout)[2],
+                       region.encode("s", y[6400:8000], 6400, layout)[2])
+    whole.discard()
+    region.discard()
+    region.encode("s", y[1000:1500], 1000, layout)  # outside: the span grows to [1000, 8000)
+    region.commit()
+    assert region.residual_bytes == 2 * 4 * 7000
+    assert torch.equal(whole.encode("s", y[6400:8000], 6400, layout)[2],
+                       region.encode("s", y[6400:8000], 6400, layout)[2])
+    # saved and loaded with its position; a whole-length state from before the spans loads too
+    other = Compressor("int8", block=64)
+    other.load_state_dict(region.state_dict())
+    assert torch.equal(other.encode("s", y[6400:8000], 6400, layout)[2],
+                       region.encode("s", y[6400:8000], 6400, layout)[2])
+    old = {"residual": {"s": torch.zeros(10_000)}, "plan": {}}
+    other.load_state_dict(old)
+    assert other.residual_bytes == 2 * 4 * 10_000
+    with pytest.raises(ValueError, match="do not fit its 100-long vector"):
+        other.load_state_dict({"residual": {"s": torch.zeros(50)}, "residual_at": {"s": [60, 100]}})

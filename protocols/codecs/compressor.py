@@ -10,7 +10,8 @@ against the pieces it computes itself before decoding anything.
 
 Error feedback (on by default for lossy codecs): per stream (what is being sent: this
 node's contribution, or the part it averaged), a flat residual holds what the codec
-dropped; it is added before the next encoding of the same positions and replaced by the
+dropped, over the stretch of the vector this process encodes (residual.py: a rank of a
+member of several processes holds its region's only); it is added before the next encoding of the same positions and replaced by the
 new remainder. New remainders are staged until the caller says the values it sent were
 used (``commit``: the round completed) or not (``discard``: a retried or aborted round
 re-encodes the same input, which must see the old residual, not add it twice). The
@@ -33,6 +34,7 @@ import torch
 
 from .base import Codec, CodecError, as_float32
 from .registry import codec_family, make_codec, valid_level
+from .residual import Residuals
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,7 @@ class Compressor:
         self.error_feedback = error_feedback and self.lossy
         self.plan: dict[int, Any] = {}  # layer -> level (L-GreCo); missing layers use the base level
         self._codecs: dict[Any, Codec] = {self.base.level: self.base}
-        self._residual: dict[str, torch.Tensor] = {}  # committed
-        self._work: dict[str, torch.Tensor] = {}  # staged remainders
+        self._residuals = Residuals()  # committed and staged remainders, per stream
         self._touched: list[tuple[str, int, int]] = []
         self.encode_s = 0.0  # time spent encoding and decoding, for the metrics
         self.decode_s = 0.0
@@ -112,20 +113,15 @@ class Compressor:
     def _pieces(self, layout: Layout, lo: int, hi: int) -> list[Piece]:
         return layout.pieces(lo, hi, whole_rows=getattr(self.base, "needs_rows", False))
 
-    def _buffers(self, stream: str, total: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self._residual.get(stream)
-        if r is None or r.numel() != total:  # a new vector size: nothing carried over
-            r = self._residual[stream] = torch.zeros(total, dtype=torch.float32, device=device)
-            self._work[stream] = torch.zeros(total, dtype=torch.float32, device=device)
-        elif r.device != device:  # the caller moved (e.g. a checkpoint loaded on the CPU)
-            r = self._residual[stream] = r.to(device)
-            self._work[stream] = self._work[stream].to(device)
-        return r, self._work[stream]
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes of error-feedback remainders held (committed and staged)."""
+        return self._residuals.held_bytes
 
     def commit(self) -> None:
         """The values encoded since the last commit/discard were used: keep their remainders."""
         for stream, lo, hi in self._touched:
-            self._residual[stream][lo:hi] = self._work[stream][lo:hi]
+            self._residuals.commit(stream, lo, hi)
         self._touched.clear()
 
     def discard(self) -> None:
@@ -154,10 +150,9 @@ class Compressor:
             # residual in place: no fresh model-sized temporaries (their page faults cost more
             # than the arithmetic). A wire tensor that is a view of it (a codec's dense
             # fallback) is copied below, before the buffer is rewritten.
-            committed, work = self._buffers(stream, layout.total, x.device)
-            staged = work[lo:hi]
+            committed, staged = self._residuals.slices(stream, layout.total, lo, hi, x.device)
             if not fused:
-                fed = torch.add(x, committed[lo:hi], out=staged)
+                fed = torch.add(x, committed, out=staged)
         aliased = staged.untyped_storage().data_ptr() if staged is not None else None
         wire: list[torch.Tensor] = []
         metas: list[list[Any]] = []
@@ -166,7 +161,7 @@ class Compressor:
             part = fed[p.lo - lo:p.hi - lo]
             if fused:
                 tensors, meta = codec.encode_fused(
-                    part, None if committed is None else committed[p.lo:p.hi],
+                    part, None if committed is None else committed[p.lo - lo:p.hi - lo],
                     None if staged is None else staged[p.lo - lo:p.hi - lo], decoded[p.lo - lo:p.hi - lo])
             elif getattr(codec, "needs_rows", False):
                 tensors, meta = codec.encode(part, p.shape, key=(stream, p.lo))
@@ -241,16 +236,14 @@ class Compressor:
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"residual": {k: v.clone() for k, v in self._residual.items()},
-                                 "plan": dict(self.plan)}
+        state: dict[str, Any] = {**self._residuals.state_dict(), "plan": dict(self.plan)}
         warm = {lvl: c.state_dict() for lvl, c in self._codecs.items() if hasattr(c, "state_dict")}
         if warm:
             state["warm"] = warm
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._residual = {k: v.clone() for k, v in state.get("residual", {}).items()}
-        self._work = {k: torch.zeros_like(v) for k, v in self._residual.items()}
+        self._residuals.load_state_dict(state)
         self._touched.clear()
         self.plan = dict(state.get("plan", {}))
         for lvl, s in state.get("warm", {}).items():
