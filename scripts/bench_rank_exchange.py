@@ -115,7 +115,10 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                                                  "publish_s": report.publish_s,
                                                  "bytes": report.round_bytes}), flush=True)
             # what this rank keeps of the outer state (published copy included)
-            print("STATE " + json.dumps({"rank": rank, "bytes": outer.outer_state_bytes}), flush=True)
+            # one write per line: both ranks print to the same file, and print() writes the line
+            # and its newline apart (lines of the two ranks came out interleaved)
+            sys.stdout.write("STATE " + json.dumps({"rank": rank, "bytes": outer.outer_state_bytes}) + "\n")
+            sys.stdout.flush()
     finally:
         if swarm is not None:
             swarm.close()
