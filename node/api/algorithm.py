@@ -265,9 +265,12 @@ class OuterAlgorithm(Adopting):
         # a sharded member's ranks gather the whole weights for the round's end, but those
         # this step gathered already: gathering them again would overwrite what the step's
         # syncs wrote (a fragment landing at the round's last step, Streaming DiLoCo with
-        # overlap 0) with the shards from before it
+        # overlap 0) with the shards from before it. None when the step wrote all of them
+        # (a peer's state adopted mid-round: a resync at a fragment's sync), which the shards
+        # then take whole.
         if self.shards is not None:
-            rest = self.shards.ranks.share(self.shards.all_but(gathered) if ends else [])
+            rest = self.shards.ranks.share(self.shards.all_but(gathered) if ends and not self._weights_written
+                                           else [])
             if rest:
                 self.shards.gather(rest)
         if ends:
