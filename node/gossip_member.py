@@ -31,7 +31,7 @@ from loco.optim.communicator import ReduceResult
 from loco.protocols.codecs import Compressor, Layout
 from loco.protocols.flat import flat_of, unflatten
 from loco.protocols.gossip import GroupExchange
-from loco.protocols.gossip_parts import PartExchange
+from loco.protocols.gossip_parts import PartExchange, sum_of_squares
 from loco.protocols.membership import PeerInfo
 from loco.protocols.transport import Transport
 
@@ -80,6 +80,7 @@ class OneProcessParts:
     def __init__(self, transport: Transport, compressor: Compressor, stop=None):
         self.parts = PartExchange(transport, compressor, stop)
         self.compressor = compressor
+        self.transport = transport
         self.endpoints = [transport.endpoint]
 
     def whole_numel(self, section: torch.Tensor) -> int:
@@ -90,7 +91,7 @@ class OneProcessParts:
         got = self.parts.exchange(round, sections, 0, layout, partners, deadline,
                                   live=lambda: [p.id for p in live()])
         return MemberData(got.received, {pid: math.sqrt(s) for pid, s in got.squares().items()},
-                          math.sqrt(sum(float(s.double().square().sum()) for s in sections)), got.declined, got.silent)
+                          math.sqrt(sum_of_squares(sections)), got.declined, got.silent)
 
     def decide(self, round: int, used: list[str]) -> None:
         (self.compressor.commit if used else self.compressor.discard)()
@@ -136,7 +137,8 @@ class PartedGossipCommunicator(GossipCommunicator):
         if not used:
             return ReduceResult(None, 1, (), shook)
         means = mean_of(self.me, sections, data.received, used)
-        return ReduceResult(unflatten(torch.cat(means), tensors), len(used) + 1, tuple(used), shook)
+        shaped = [t for j, m in enumerate(means) for t in unflatten(m, tensors[j * half:(j + 1) * half])]
+        return ReduceResult(shaped, len(used) + 1, tuple(used), shook)
 
     def skip_to(self, round: int) -> None:
         """This member adopted a peer's state: nothing before ``round`` is exchanged."""

@@ -36,6 +36,7 @@ from .outer import OuterStepResult
 class NoLoCo:
     STATE_SECTIONS = ("anchor", "delta")  # the state kept per weight, in synchronized_tensors' order
     STEPS_KEY = "outer_steps"  # the outer steps taken, in ``state_dict``
+    NORMS = ("drift",)  # metrics that are L2 norms over the weights (per region: summed in squares)
 
     def __init__(self, params: Iterable[torch.Tensor], comm: GroupCommunicator, alpha: float = 0.5,
                  beta: float = 0.7, gamma: float = 0.7):

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 PAST_ROUNDS_KEPT = 8  # rounds whose partners a rank remembers, to tell a late piece from an unwanted one
 
 
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float:
+    """Σ x² over ``tensors`` (a share of a whole vector's squared norm), without a copy."""
+    return sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors)
+
+
 @dataclass
 class PartsResult:
     """What one rank collected: each partner's values over this rank's region (one flat
@@ -52,7 +57,7 @@ class PartsResult:
 
     def squares(self) -> dict[str, float]:
         """Per partner: the sum of squares of what arrived (a share of its whole norm)."""
-        return {pid: sum(float(t.double().square().sum()) for t in ts) for pid, ts in self.received.items()}
+        return {pid: sum_of_squares(ts) for pid, ts in self.received.items()}
 
 
 class PartExchange:

@@ -18,7 +18,7 @@ from loco.protocols.messages import GOSSIP_PART
 from loco.protocols.regions import split_bounds
 from loco.protocols.transport import Transport
 from loco.protocols.wire import Message
-from tests.conftest import run_each
+from tests.conftest import run_each, wait_until
 
 SHAPES = [(7, 5), (11,), (3, 4)]  # 58 values a section
 N = 58
@@ -121,7 +121,8 @@ def test_pieces_for_a_round_to_come_wait_and_late_ones_are_dropped(members):
     # m1's ranks start round 0 first; m0 joins later: its pieces were waiting for it
     t = threading.Thread(target=lambda: got.update(ms.exchange(vectors, {1: [0]})))
     t.start()
-    time.sleep(0.3)  # (m1's ranks have sent; nothing of m0's is there yet)
+    # m1's two ranks have sent their pieces (one each) before m0 opens the round
+    wait_until(lambda: ms.ranks[(0, 0)].mailbox.held()[0] >= 2, 30, "m1's pieces waiting at m0")
     late = ms.exchange(vectors, {0: [1]})
     t.join(60)
     assert list(late[(0, 0)].received) == ["m1"] and all(list(got[(1, r)].received) == ["m0"] for r in range(2))

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loco.node.gossip_member import SECTIONS, MemberData
+from loco.node.gossip_member import SECTIONS, MemberData, OneProcessParts
 from loco.node.sync import mean_of
 from loco.protocols.codecs import Compressor, Layout
-from loco.protocols.gossip_parts import PartExchange, PartsResult
+from loco.protocols.gossip_parts import PartExchange, PartsResult, sum_of_squares
 from loco.protocols.membership import PeerInfo
 from loco.protocols.rank_view import ViewRelay
 from loco.protocols.regions import split_bounds
@@ -39,23 +39,20 @@ GOSSIP = "rank-gossip"  # what the leader tells the other ranks on the side chan
 def _report(got: PartsResult, sections: list[torch.Tensor], transport: Transport) -> tuple:
     """What a rank tells the leader: whose regions reached it intact, their sums of squares,
     its own region's, whom it gave up on, and its endpoint's byte counters."""
-    own = sum(float(s.double().square().sum()) for s in sections)
-    return (sorted(got.received), got.squares(), own, got.declined,
+    return (sorted(got.received), got.squares(), sum_of_squares(sections), got.declined,
             (transport.bytes_sent, transport.bytes_queued, transport.bytes_recv))
 
 
-class RankParts:
-    """The leader's side (a ``gossip_member.MemberParts``)."""
+class RankParts(OneProcessParts):
+    """The leader's side (a ``gossip_member.MemberParts``): its own region from its own
+    endpoint, as a member of one process sends the whole, and the other ranks told."""
 
     def __init__(self, lanes: LeaderLanes, region: RegionWeights, transport: Transport, compressor: Compressor,
                  stop: Any = None):
+        super().__init__(transport, compressor, stop)
         self.lanes = lanes
-        self.region = region
         (self.group,) = region.groups  # (NoLoCo's: one group of every parameter)
-        self.parts = PartExchange(transport, compressor, stop)
-        self.compressor = compressor
         self.endpoints = list(lanes.endpoints)
-        self.transport = transport
 
     def whole_numel(self, section: torch.Tensor) -> int:
         return self.group.bounds[-1]
@@ -80,10 +77,7 @@ class RankParts:
 
     def decide(self, round: int, used: list[str]) -> None:
         self.lanes.ranks.share(used)
-        (self.compressor.commit if used else self.compressor.discard)()
-
-    def skip_to(self, round: int) -> None:
-        self.parts.skip_to(round)
+        super().decide(round, used)
 
 
 def serve_gossip(lane: RankLane, parts: PartExchange, message: tuple) -> tuple[torch.Tensor | None, int]:

@@ -250,7 +250,7 @@ class SplitOuterState:
         self.deliver()
         self.ranks.share((OUTER, round))
         steps = self.math.outer_steps
-        result = _whole_norms(self.ranks, self.math.outer_step(round))
+        result = _whole_norms(self.ranks, self.math, self.math.outer_step(round))
         if result.applied or self.math.outer_steps != steps:  # (NoLoCo's local-only step moves φ too)
             self._digests = None
         return result
@@ -333,11 +333,14 @@ def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
     return stream.digests() if stream is not None else ("", "")
 
 
-def _whole_norms(ranks: Ranks, result: Any) -> Any:
-    """An outer step's norms over the whole member (NoLoCo's ``drift``: every rank's math
-    measures its own region): summed in squares over the ranks, on every rank at once."""
-    if "drift" in result.extra:
-        result.extra["drift"] = sum(d * d for d in ranks.all_gather(float(result.extra["drift"]))) ** 0.5
+def _whole_norms(ranks: Ranks, math: Any, result: Any) -> Any:
+    """An outer step's norms over the whole member (the math's ``NORMS``, NoLoCo's drift:
+    every rank's math measures its own region): summed in squares over the ranks, on every
+    rank at once."""
+    names = getattr(math, "NORMS", ())
+    if names:
+        squares = ranks.all_gather([float(result.extra[k]) ** 2 for k in names])
+        result.extra.update({k: sum(s[i] for s in squares) ** 0.5 for i, k in enumerate(names)})
     return result
 
 
@@ -461,7 +464,7 @@ class SplitFollower:
     def serve(self, command: tuple) -> None:
         kind, groups = command[0], self.region.groups
         if kind == OUTER:
-            _whole_norms(self.ranks, self.math.outer_step(command[1]))
+            _whole_norms(self.ranks, self.math, self.math.outer_step(command[1]))
         elif kind == AFTER:
             self.math.after_inner_step(command[1])
         elif kind == DRAIN:
