@@ -98,9 +98,10 @@ def train(rank: int, world: int, args: argparse.Namespace, store_port: int | Non
         if swarm is not None:
             print("join with:", swarm.join_token, flush=True)
         algorithm = getattr(loco, ALGORITHMS[args.algorithm])
+        settings = {"staleness": args.staleness} if args.staleness else {}  # (CO2's penalty)
         with algorithm(model, opt, swarm, inner_steps=args.inner_steps, ranks=ranks,  # loco
                        wait_for_peers=args.peers, rank_exchange=args.rank_exchange,  # loco
-                       compression=args.compression) as outer:  # loco
+                       compression=args.compression, **settings) as outer:  # loco
             for step in range(1, args.steps + 1):
                 x = torch.randn(32, 16, generator=data)
                 loss = F.mse_loss(model(x.to(device)), teacher(x).to(device))
@@ -138,6 +139,8 @@ def main() -> None:
     ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks of this member (ignored under torchrun)")
     ap.add_argument("--join", metavar="TOKEN", help="the join token a member printed (none: start a new swarm)")
     ap.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="diloco")
+    ap.add_argument("--staleness", choices=["fixed", "gap_aware"],
+                    help="co2: its staleness penalty (fixed by default)")
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                     help="inside the member: DDP, or FSDP2 (diloco, streaming_diloco, co2, noloco)")
     ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel",
@@ -154,6 +157,8 @@ def main() -> None:
     ap.add_argument("--timeout-s", type=float, default=600.0,
                     help="how long a rank waits for the member's others (more than rank 0 may take to join)")
     args = ap.parse_args()
+    if args.staleness and args.algorithm != "co2":
+        ap.error(f"--staleness is CO2's penalty; --algorithm is {args.algorithm}")
     if "RANK" in os.environ:  # started by torchrun
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return

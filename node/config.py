@@ -64,7 +64,7 @@ class NodeConfig(_Section):
     """How the ranks of a node of several processes train together, each on its own
     batches: ddp (DistributedDataParallel: every rank holds the whole model, the gradients
     are averaged every step) or fsdp (FSDP2's fully_shard: each rank holds a shard of every
-    block and of its AdamW state; with diloco, streaming_diloco, co2 (staleness fixed) or
+    block and of its AdamW state; with diloco, streaming_diloco, co2 or
     noloco and rank_exchange parallel every rank keeps the outer state of its own region of
     the weights, else rank 0 gathers the whole weights in host memory for the outer step;
     works with diloco, streaming_diloco, co2 and noloco)."""

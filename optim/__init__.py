@@ -13,7 +13,7 @@
 Nothing here imports zmq, hivemind or node; tests drive it with in-process fakes.
 """
 
-from .co2 import CO2
+from .co2 import CO2, WholeTensors
 from .communicator import Communicator, GroupCommunicator, ReduceResult
 from .ddp import DataParallel
 from .diloco import DiLoCo
@@ -22,4 +22,4 @@ from .outer import OuterStepResult
 from .streaming import StreamingDiLoCo, strided_fragments
 
 __all__ = ["CO2", "Communicator", "GroupCommunicator", "ReduceResult", "DataParallel", "DiLoCo", "NoLoCo",
-           "OuterStepResult", "StreamingDiLoCo", "strided_fragments"]
+           "OuterStepResult", "StreamingDiLoCo", "WholeTensors", "strided_fragments"]

@@ -24,8 +24,18 @@ Staleness penalty λ, per tensor [unverified: the paper's exact formula is not c
 - ``gap_aware``: λ = max(1, ‖x_t − x_{t−1}‖ / mean_k ‖ḡ_k‖): how far the model moved
   since the stale gradient's model, in units of the typical update (Gap-Aware, Barkai et
   al. 2020, with norms per tensor instead of per element). Both terms are computed from
-  data every replica shares, so replicas stay bit-identical; their statistics (per tensor)
-  are part of the synchronized state, which under ``fixed`` is x_t and m only.
+  data every replica shares; their statistics (per tensor) are part of the synchronized
+  state, which under ``fixed`` is x_t and m only.
+
+  The norms must come out the same on every replica, whatever the device and however a
+  replica's tensors are cut: a member whose weights are sharded over its ranks holds a
+  region of the flat weight vector per rank, pieces of the model's tensors (``WholeTensors``
+  says where they lie and sums the pieces' squares over the ranks). So a norm is the square
+  root of a float64 sum of squares (float32 squares are exact in float64; only the order of
+  the sum differs between layouts, about 1e-15 relative at most), rounded to ``NORM_BITS``
+  significant bits: a layout changes a norm only when its sum falls within 1e-15 of a
+  rounding boundary (about once in 10^10 norms). A replica whose weights then differ is out
+  of the agreement and resynchronizes from a peer, as after any divergence.
 
 Order at the end of round t, and why: wait first (the send buffer and the communicator's
 result buffer are free only then), write Δ_t, apply ḡ_{t−1} (reads the result buffer),
@@ -34,8 +44,10 @@ then launch round t. One reduce is in flight at a time; see optim/background.py.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -46,6 +58,62 @@ from .flat import as_layers, split_like
 from .outer import OuterStepResult
 
 Staleness = Literal["fixed", "gap_aware"]
+NORM_BITS = 16  # significant bits a gap-aware norm keeps (see the module's docstring)
+_CHUNK = 1 << 20  # elements squared in float64 at a time (a float64 copy of this many, not of a whole tensor)
+
+
+def _no_ranks(partials: list[float]) -> list[float]:
+    return partials
+
+
+@dataclass
+class WholeTensors:
+    """Where the model's tensors lie in the tensors a CO2 instance updates, for the gap-aware
+    penalty's per-tensor norms. ``pieces[j]``: the stretches of local tensor j (flat
+    offsets) that belong to whole tensors, as (whole tensor's index, start, end);
+    ``sum_partials``: every whole tensor's sum of squares from this instance's share of it
+    (a member's rank: summed over its ranks, on every rank; one process: as it is)."""
+
+    count: int
+    pieces: list[list[tuple[int, int, int]]]
+    sum_partials: Callable[[list[float]], list[float]] = field(default=_no_ranks)
+
+    @classmethod
+    def own(cls, tensors: Sequence[torch.Tensor]) -> WholeTensors:
+        """Every local tensor is a whole tensor of the model (one process)."""
+        return cls(len(tensors), [[(j, 0, t.numel())] for j, t in enumerate(tensors)])
+
+    def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
+        """The L2 norm of every whole tensor, from ``tensors`` (shaped like the local ones),
+        rounded to ``NORM_BITS`` bits: the same on every replica (see the module's docstring)."""
+        partials = [0.0] * self.count
+        where, sums = [], []
+        for j, t in enumerate(tensors):
+            flat = t.reshape(-1)
+            for i, start, end in self.pieces[j]:
+                where.append(i)
+                sums.append(_squares64(flat[start:end]))
+        if sums:  # (one host synchronization for all of them)
+            for i, s in zip(where, torch.stack(sums).tolist(), strict=True):
+                partials[i] += s
+        return [_rounded(math.sqrt(s)) for s in self.sum_partials(partials)]
+
+
+def _squares64(flat: torch.Tensor) -> torch.Tensor:
+    """Σx² of a 1-D float tensor in float64 (a 0-d tensor on its device), chunk by chunk."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK].to(torch.float64)
+        total += torch.dot(chunk, chunk)
+    return total
+
+
+def _rounded(x: float) -> float:
+    """``x`` rounded to ``NORM_BITS`` significant bits."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(math.ldexp(mantissa, NORM_BITS)), exponent - NORM_BITS)
 
 
 class CO2:
@@ -73,8 +141,9 @@ class CO2:
         self.staleness, self.penalty = staleness, penalty
         self.anchor = [p.detach().to(torch.float32).clone() for p in self.params]  # x_t
         self.m = [torch.zeros_like(a) for a in self.anchor]
-        # per tensor: [‖x_t − x_{t−1}‖, Σ_k ‖ḡ_k‖]; with outer_steps, all gap_aware needs
-        self.stats = torch.zeros(len(self.anchor), 2, dtype=torch.float64)
+        self.whole = WholeTensors.own(self.anchor)  # (gap_aware) where the model's tensors lie in these
+        # per whole tensor: [‖x_t − x_{t−1}‖, Σ_k ‖ḡ_k‖]; with outer_steps, all gap_aware needs
+        self.stats = torch.zeros(self.whole.count, 2, dtype=torch.float64)
         self.background = background
         self.outer_steps = 0
         numel = sum(a.numel() for a in self.anchor)
@@ -103,6 +172,22 @@ class CO2:
     def element_wise(self) -> bool:
         """The update works element by element (a fixed penalty): no per-tensor statistics."""
         return self.staleness == "fixed"
+
+    @property
+    def replicated_sections(self) -> tuple[str, ...]:
+        """The state after the per-weight sections (``synchronized_tensors``' order) that
+        is about the whole model, not per weight: the same on every rank of a member whose
+        ranks each hold a region of the weights (gap_aware: its statistics)."""
+        return () if self.element_wise else ("stats",)
+
+    def measure_whole_tensors(self, whole: WholeTensors) -> None:
+        """Read the gap-aware penalty's norms over the whole tensors ``whole`` describes (this
+        instance updates pieces of them: a region of a sharded member's weights). Before the
+        first step."""
+        if self.outer_steps or self.stats.any():
+            raise RuntimeError("the whole tensors a CO2 instance measures are set before its first step")
+        self.whole = whole
+        self.stats = torch.zeros(whole.count, 2, dtype=torch.float64)
 
     # ------------------------------------------------------------------ step
     def _take_pending(self) -> ReduceResult | None:
@@ -157,26 +242,31 @@ class CO2:
 
     @torch.no_grad()
     def apply(self, g: Sequence[torch.Tensor]) -> None:
-        """m ← clamp(β·m + g/λ, −c, c); x ← x − η·m (in place, per tensor)."""
+        """m ← clamp(β·m + g/λ, −c, c); x ← x − η·m (in place; λ per whole tensor)."""
         penalties = self._penalties(g)
-        for i, (a, m, gi) in enumerate(zip(self.anchor, self.m, g, strict=True)):
-            gi = gi.to(a.device)
-            m.mul_(self.momentum).add_(gi, alpha=1.0 / penalties[i])
+        for j, (a, m, gj) in enumerate(zip(self.anchor, self.m, g, strict=True)):
+            gj = gj.to(a.device)
+            if self.element_wise:
+                m.mul_(self.momentum).add_(gj, alpha=1.0 / self.penalty)
+            else:  # each whole tensor's piece of it with that tensor's λ
+                m_flat, g_flat = m.view(-1), gj.reshape(-1)
+                for i, start, end in self.whole.pieces[j]:
+                    m_flat[start:end].mul_(self.momentum).add_(g_flat[start:end], alpha=1.0 / penalties[i])
             if self.clip:
                 m.clamp_(-self.clip, self.clip)
             a.add_(m, alpha=-self.outer_lr)
         if not self.element_wise:  # ‖x_{t+1} − x_t‖ per tensor: next round's gap
-            self.stats[:, 0] = self.outer_lr * torch.tensor(_norms(self.m), dtype=torch.float64)
+            self.stats[:, 0] = self.outer_lr * torch.tensor(self.whole.norms(self.m), dtype=torch.float64)
         self.last_penalty = penalties
         self.outer_steps += 1
 
     def _penalties(self, g: Sequence[torch.Tensor]) -> list[float]:
         if self.element_wise:
             return [self.penalty] * len(g)
-        self.stats[:, 1] += torch.tensor(_norms(g), dtype=torch.float64)
+        self.stats[:, 1] += torch.tensor(self.whole.norms(g), dtype=torch.float64)
         mean_g = self.stats[:, 1] / (self.outer_steps + 1)
         out = []
-        for i in range(len(g)):
+        for i in range(self.whole.count):
             gap, typical = float(self.stats[i, 0]), float(mean_g[i])
             out.append(max(1.0, gap / typical) if typical > 0 else 1.0)
         return out
@@ -234,10 +324,3 @@ class CO2:
         self.load_synchronized([*state["anchor"], *state["m"], *stats], int(state["outer_steps"]),
                                reset_params=False)
 
-
-def _norms(tensors: Sequence[torch.Tensor]) -> list[float]:
-    """Each tensor's L2 norm, read with one host synchronization (on a GPU, a float() per
-    tensor would stall the device once per tensor: hundreds of times a round)."""
-    if not tensors:
-        return []
-    return torch.stack([torch.linalg.vector_norm(t) for t in tensors]).tolist()

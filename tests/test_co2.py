@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from loco.optim import CO2
+from loco.optim.co2 import WholeTensors
 from tests.fakes import DelayedComm, FailingComm, SoloComm, ThreadGroup
 
 
@@ -138,6 +140,116 @@ def test_gap_aware_penalty_is_at_least_one_and_grows_with_the_gap():
     flat = [x for p in penalties for x in p]
     assert flat and min(flat) >= 1.0
     assert max(penalties[5]) > 1.5  # after the jump was applied, the gap dwarfs typical steps
+
+
+def _gap_reference(rounds: int, jump_round: int) -> tuple[list[torch.Tensor], list[list[float]]]:
+    """Gap-aware CO2 of one replica (the mean is its own Δ; η = 1, β = 0, no clipping), λ,
+    m and x written out with float64 norms per tensor: λ_t = max(1, η‖m_{t−1}‖ / (Σ_k ‖ḡ_k‖ / t))."""
+    x = [t.clone() for t in _big_params()]
+    m = [torch.zeros_like(t) for t in x]
+    gap, sum_g, steps, pending, penalties = [0.0] * len(x), [0.0] * len(x), 0, None, []
+    for t in range(rounds):
+        theta = [p.clone() for p in x]
+        _train(theta, 0, t)
+        if t == jump_round:
+            theta = [p + 5.0 for p in theta]
+        delta = [a - b for a, b in zip(x, theta, strict=True)]
+        if pending is not None:
+            lam = []
+            for k, g in enumerate(pending):
+                sum_g[k] += float(g.double().norm())
+                typical = sum_g[k] / (steps + 1)
+                lam.append(max(1.0, gap[k] / typical) if typical > 0 else 1.0)
+                m[k] = g / lam[k]
+                x[k] = x[k] - m[k]
+                gap[k] = float(m[k].double().norm())
+            penalties.append(lam)
+            steps += 1
+        pending = delta
+    return x, penalties
+
+
+def _big_params() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(300, 200, generator=g), torch.randn(200, generator=g), torch.randn(70, 3, generator=g)]
+
+
+def _gap_aware(params: list[torch.Tensor]) -> CO2:
+    return CO2(params, SoloComm(), outer_lr=1.0, momentum=0.0, clip=0.0, staleness="gap_aware", background=False)
+
+
+def _train_jumping(params: list[torch.Tensor], t: int, jump_round: int) -> None:
+    _train(params, 0, t)
+    if t == jump_round:  # a big local jump: the step that applies it makes a large gap
+        with torch.no_grad():
+            for p in params:
+                p.add_(5.0)
+
+
+def test_gap_aware_penalties_follow_the_formula():
+    rounds, jump = 7, 3
+    params = _big_params()
+    opt = _gap_aware(params)
+    got = []
+    for t in range(rounds):
+        _train_jumping(params, t, jump)
+        got.append(opt.outer_step(t).extra["penalty"])
+    want_x, want_penalties = _gap_reference(rounds, jump)
+    got = [p for p in got if p]  # (the first round applies nothing)
+    assert len(got) == len(want_penalties)
+    for a, b in zip(got, want_penalties, strict=True):  # norms rounded to 16 bits: λ within 2^-15
+        assert a == pytest.approx(b, rel=2 ** -14)
+    assert max(max(p) for p in got) > 1.5  # the jump's gap was penalized
+    for a, b in zip(opt.anchor, want_x, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gap_aware_over_regions_of_the_flat_weights_is_bit_identical_to_one_process():
+    """A sharded member's ranks each update a region of the flat weight vector (cutting the
+    model's tensors anywhere) and sum their pieces' squares over the ranks: the weights,
+    momentum and statistics come out bit for bit those of one process over whole tensors."""
+    rounds, jump = 7, 3
+    whole_params = _big_params()
+    one = _gap_aware(whole_params)
+    flat = torch.cat([p.reshape(-1) for p in whole_params])
+    ends = torch.tensor([p.numel() for p in whole_params]).cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    bounds = [0, 20_011, 60_107, flat.numel()]  # three regions, cutting the first tensor twice
+    slots: list[list[float] | None] = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def summed_over_ranks(r: int):
+        def sum_partials(partials: list[float]) -> list[float]:
+            slots[r] = partials
+            barrier.wait()
+            out = [sum(col) for col in zip(*slots, strict=True)]
+            barrier.wait()
+            return out
+        return sum_partials
+
+    regions, maths, seen = [], [], []
+    for r, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        regions.append(flat[a:b].clone())
+        maths.append(_gap_aware([regions[r]]))
+        pieces = [(i, max(s, a) - a, min(e, b) - a) for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+                  if max(s, a) < min(e, b)]
+        maths[r].measure_whole_tensors(WholeTensors(len(whole_params), [pieces], summed_over_ranks(r)))
+    for t in range(rounds):
+        _train_jumping(whole_params, t, jump)
+        trained = torch.cat([p.reshape(-1) for p in whole_params])
+        for r, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            regions[r].copy_(trained[a:b])
+        with ThreadPoolExecutor(3) as pool:  # (the ranks sum their squares together)
+            running = [pool.submit(maths[r].outer_step, t) for r in range(3)]
+            want = one.outer_step(t)
+            results = [f.result(timeout=60) for f in running]
+        assert all(res.extra["penalty"] == want.extra["penalty"] for res in results)
+        seen += want.extra["penalty"]
+    for section in (lambda o: o.anchor, lambda o: o.m):
+        whole = torch.cat([x.reshape(-1) for x in section(one)])
+        assert torch.equal(torch.cat([section(o)[0] for o in maths]), whole)
+    assert all(torch.equal(o.stats, one.stats) for o in maths)
+    assert max(seen) > 1.5  # (the penalty was at work)
 
 
 def test_failed_reduce_changes_nothing():

@@ -14,7 +14,7 @@ from loco.node.checkpoint_writer import CheckpointWriter, private_copy
 from loco.node.config import build_config
 from loco.node.staging import StagedCommunicator
 from loco.node.trainer import Trainer
-from loco.optim import DiLoCo
+from loco.optim import DiLoCo, WholeTensors
 from loco.protocols.codecs import Compressor, Layout
 from loco.protocols.messages import STATE_PART
 from loco.protocols.state_sync import Snapshot, StateServer, fetch_state, parts_meta, tensors_hash
@@ -158,6 +158,15 @@ def test_two_nodes_on_the_gpu(procs, tmp_path):
     assert [r["weights_hash"] for r in a] == [r["weights_hash"] for r in b]
     assert a[-1]["val_loss"] < next(r for r in read_records(out / "metrics" / "node0.jsonl")
                                     if r["event"] == "start")["val_loss"]
+
+
+def test_gap_aware_norms_are_the_same_summed_on_the_gpu_as_on_the_cpu():
+    """CO2's gap-aware penalty reads per-tensor norms, which must come out the same on every
+    replica: float64 sums (whose order differs between devices) rounded to 16 bits."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1500, 1100, generator=g) * 3, torch.randn(5000, generator=g), torch.zeros(7)]
+    whole = WholeTensors.own(tensors)
+    assert whole.norms([t.cuda() for t in tensors]) == whole.norms(tensors)
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4", "int2"])

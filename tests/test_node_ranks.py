@@ -71,7 +71,8 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
     weights (and serving its half of the published state). Restarted, node1 loads its
     checkpoint (each rank its own half of the outer state) and adopts node0's state, which
     is ahead: fetched in parts from both of node0's ranks, put together, checked against
-    node0's hash, and split again over node1's ranks. CO2: node1 also applies the mean of
+    node0's hash, and split again over node1's ranks. CO2: CO2 (gap-aware): the per-tensor statistics of its
+    penalty, the same on every rank, travel with the state. node1 also applies the mean of
     the reduce node0 had in flight, served in parts by node0's ranks and split again over
     node1's (without it node1 would lack one update, and not agree with node0), unless that
     reduce failed at node0 too (node1 joined in the middle of it): then node0 applied nothing
@@ -80,6 +81,8 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
     out = tmp_path / "run"
     common = ["node", "start", "--out", str(out), "--nproc-per-node", "2", "--set", "node.parallel='fsdp'",
               *_sets("train.rounds=0", "swarm.wait_for_peers=1", f"optim.algorithm='{algorithm}'")]
+    if algorithm == "co2":  # (its statistics: whole on every rank, served by the leader after the regions)
+        common += ["--set", "optim.co2.staleness='gap_aware'"]
     procs.loco(*common, "--node-id", "node0", log="node0")
     _ready(out, "node0")
     join = ["--join-file", str(out / "nodes" / "node0.json")]

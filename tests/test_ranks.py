@@ -34,26 +34,29 @@ def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
 
 @pytest.mark.parametrize(("algorithm", "b_ranks", "parallel"),
                          [("diloco", 2, "ddp"), ("streaming_diloco", 1, "ddp"), ("ddp", 2, "ddp"),
-                          ("co2", 1, "fsdp"), ("streaming_diloco", 1, "fsdp"), ("diloco", 1, "fsdp"),
+                          ("co2_gap_aware", 1, "fsdp"), ("streaming_diloco", 1, "fsdp"), ("diloco", 1, "fsdp"),
                           ("noloco", 1, "fsdp")])
 def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks, parallel):
     """Member a has two ranks; member b two (DiLoCo; DDP: the leader broadcasts every step's
     swarm-wide gradient mean) or one (Streaming DiLoCo: fragments land mid-round, and a
     one-process member trains beside a two-process one). With FSDP inside (CO2: its reduce
-    runs in the background and lands a round later) a's two ranks each hold half of every
+    runs in the background and lands a round later; its gap-aware penalty reads norms of
+    whole tensors, which a's ranks sum over their pieces and b computes whole) a's two ranks each hold half of every
     layer, and b is one process whose parameters are sharded over itself alone; Streaming
     DiLoCo with FSDP inside gathers the weights at every step a fragment leaves or lands.
     Every algorithm's exchange leaves from every rank (each its own region of the vector;
     node.rank_exchange "parallel"), whatever the other member's rank count: DiLoCo's on the
     training thread, DDP's every step, Streaming DiLoCo's and CO2's from the leader's
     background thread while the ranks train on. DiLoCo and CO2 with FSDP inside: a's ranks
-    each keep the outer state of their own region (half of b's); DiLoCo's exchange is
+    each keep the outer state of their own region (half of b's; CO2's statistics whole); DiLoCo's exchange is
     int8-coded. NoLoCo with FSDP inside: a's ranks each keep their region of the outer state
     and gossip it with b from their own endpoints once the leaders agreed; its replicas differ
     by design, so across members only their pairing (rounds averaged in a group of two) is
     checked."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
               "--parallel", parallel]
+    if algorithm == "co2_gap_aware":
+        common[1:2] = ["co2", "--staleness", "gap_aware"]
     if algorithm == "diloco" and parallel == "fsdp":  # each rank's region int8-coded, with its own error feedback
         common += ["--compression", "int8"]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -85,9 +88,12 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
             assert other[-1]["rank_bytes_sent"] > 0, other[-1]
     if parallel == "fsdp":
         # a's outer state is split over its ranks, and served in parts: each keeps half of what b's one
-        # process does (anchor, momentum and their published copy); none holds them whole
+        # process does (anchor, momentum and their published copy); none holds them whole. CO2's gap
+        # statistics (16 bytes for each of the model's 6 tensors) are whole on every rank, and the
+        # leader serves them too: half of b's copies of them and another copy on each rank
         whole = b_ranks_[0][-1]["outer_state_bytes"]
-        assert whole > 0 and all(0 < r[-1]["outer_state_bytes"] <= whole // 2 + 64 for r in a_ranks), \
+        stats = 96 if algorithm == "co2_gap_aware" else 0
+        assert whole > 0 and all(0 < r[-1]["outer_state_bytes"] <= whole // 2 + stats + 64 for r in a_ranks), \
             ([r[-1]["outer_state_bytes"] for r in a_ranks], whole)
 
 
@@ -116,8 +122,9 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
                           ("fsdp", "streaming_diloco", True, False, 1, "parallel"),
                           ("fsdp", "streaming_diloco", False, False, 0, "leader"),
                           ("fsdp", "diloco", True, False, 1, "parallel"),
-                          ("fsdp", "co2", False, True, 1, "parallel"), ("fsdp", "co2", True, False, 1, "parallel"),
-                          ("fsdp", "co2_gap_aware", False, False, 1, "parallel"),
+                          ("fsdp", "co2", False, True, 1, "parallel"),
+                          ("fsdp", "co2_gap_aware", True, False, 1, "parallel"),
+                          ("fsdp", "co2_gap_aware", False, True, 1, "parallel"),
                           ("fsdp", "noloco", False, True, 1, "parallel"), ("fsdp", "noloco", True, False, 1, "parallel")])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
                                                                                       algorithm, poison, reload,
@@ -132,8 +139,9 @@ def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_hal
     overlap 0 a fragment lands at the round's last step: what it wrote must not be gathered
     over again for the round's end); with ``rank_exchange="leader"`` the leader keeps the
     whole outer state and gathers those parameters whole, else every rank its region. CO2 with FSDP: every rank runs the outer step on its own region too, its
-    reduce on its own background thread a round late (with the gap-aware penalty, which reads
-    norms of whole tensors, the leader gathers the weights and runs it alone). Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
+    reduce on its own background thread a round late; with the gap-aware penalty the ranks
+    sum their pieces' squares into the norms of whole tensors and all keep the same
+    statistics. Poisoned: a weight goes NaN at the last step of the second round, in rank 0's shard but rank 1's region
     of the outer state, and the member as a whole goes back to its state after the first round, as the one
     process does. Reloaded: after the second round every rank loads back the
     ``outer.state_dict()`` it saved after the first (each rank of the FSDP member its own

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 from loco.node.gossip_member import OneProcessParts, PartedGossipCommunicator
@@ -148,7 +148,7 @@ class CO2(CollectiveAlgorithm):
     one round late, with a staleness penalty and element-wise momentum clipping."""
 
     name = "co2"
-    splits_outer_state = True  # with a fixed staleness penalty (``splits_state_with``)
+    splits_outer_state = True
     serves_reduce_results = True
     catch_up_slack = 1
     # a member whose reduce of round r runs has announced r + 1; a slower one may still
@@ -165,11 +165,6 @@ class CO2(CollectiveAlgorithm):
 
     def _peer_round(self, sync_id: int) -> int:
         return sync_id + 1  # a member announces its next round while its reduce runs
-
-    @classmethod
-    def splits_state_with(cls, settings: Mapping[str, Any]) -> bool:
-        # gap_aware's penalties read norms of whole tensors
-        return super().splits_state_with(settings) and settings.get("staleness", "fixed") == "fixed"
 
     def _build(self) -> None:
         self._hash_at_launch = ""

@@ -24,11 +24,10 @@ swarm's gradient mean before every optimizer step, and the inner AdamW state alo
 weights when it adopts a peer's.
 
 With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, Streaming
-DiLoCo, CO2 (fixed staleness penalty) or NoLoCo, every rank keeps the outer state of its own
-region of the weights and runs the outer step on it (``RegionWeights``, region_weights.py and
-split_state.py): no rank holds the whole model. The other algorithms' leader (CO2
-gap-aware, any with ``rank_exchange="leader"``) works on a whole copy of the weights in host
-memory (``ShardedWeights``): every rank hands its shards in when a round ends and gets the
+DiLoCo, CO2 or NoLoCo, every rank keeps the outer state of its own region of the weights and
+runs the outer step on it (``RegionWeights``, region_weights.py and split_state.py): no rank
+holds the whole model. With ``rank_exchange="leader"`` the leader works on a whole copy of
+the weights in host memory (``ShardedWeights``): every rank hands its shards in when a round ends and gets the
 result back. The exchange with the swarm leaves from every rank, each with its own region of
 the round's vector (rank_exchange.py; NoLoCo's gossip: rank_gossip.py, only where its
 outer state is split).
@@ -289,7 +288,7 @@ def splits_outer_state(algorithm: Any, params: list[torch.Tensor], ranks: Ranks 
                        compression: Any, settings: Mapping[str, Any]) -> bool:
     """Whether a sharded member's ranks each keep the outer state of their own region
     (split_state.py): an algorithm whose outer math runs per region with its ``settings``
-    (DiLoCo; CO2 with a fixed staleness penalty), with every rank exchanging its own region
+    (DiLoCo, CO2, ...), with every rank exchanging its own region
     (``rank_exchange="parallel"``)."""
     return (algorithm.splits_state_with(settings) and any(is_dtensor(p) for p in params)
             and splits_exchange(algorithm, ranks, rank_exchange, compression))

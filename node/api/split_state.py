@@ -1,8 +1,7 @@
 """A sharded member's outer state split over its ranks: no rank holds the whole of it.
 
 With FSDP inside a member (parameters sharded over its ranks) and DiLoCo, Streaming DiLoCo,
-NoLoCo or CO2 (with a fixed staleness penalty: outer math that works element by element)
-across members, every rank
+NoLoCo or CO2 across members, every rank
 ``r`` keeps the outer state of its own region ``[bounds[r], bounds[r + 1])`` of the flat
 weight vector (``loco.protocols.regions.split_bounds``: the same regions its endpoint
 exchanges): the weights θ of the region, the anchor φ, the outer momentum and the
@@ -32,7 +31,11 @@ member's checkpoint) is whole on the leader, until its regions go out to the ran
 The other ranks (``SplitFollower``) run the same outer math over their own region, with the
 exchange their lane ran as their communicator (``RegionCommunicator``; NoLoCo's gossip of
 its region: rank_gossip.py). An outer step's norms over the weights (NoLoCo's drift) are
-summed over the ranks. CO2's reduce runs on
+summed over the ranks. CO2's gap-aware penalty reads norms of the model's whole tensors:
+every rank sums the squares of its pieces of each (``loco.optim.WholeTensors``), the ranks
+add them up, and every rank keeps the same statistics (the math's ``replicated_sections``:
+state about the whole model, not per weight, which the leader serves and hashes after the
+regions and hands the other ranks when it loads or restores a state). CO2's reduce runs on
 every rank's background thread, each over its own region, and lands a round later as on the
 leader; the mean a reduce landed is served in parts too (``RegionResults``: a peer that
 adopts this member's state fetches the mean of the reduce it missed), and a peer's mean this
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loco.optim import ReduceResult
+from loco.optim import ReduceResult, WholeTensors
 from loco.protocols.flat import flat_of, shaped_views, unflatten
 from loco.protocols.messages import CO2_RESULT_PART, STATE_PART
 from loco.protocols.state_sync import Snapshot, StateServer, StreamHash, parts_meta
@@ -91,14 +94,17 @@ class SplitOuterState:
         self.math = math
         self.shapes = region.shapes  # the whole state's, per section (group by group)
         self.sections = math.STATE_SECTIONS  # (φ first: the weights lead the state)
+        self.replicated = _replicated(math)  # state about the whole model, after the sections
         self.steps_key = math.STEPS_KEY  # its checkpoint's name for its step counts
-        # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to apply)
-        self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None] | None = None
+        # a load not yet told: (the whole of every section, outer_steps, reset_params, a mean to
+        # apply, the replicated sections)
+        self._pending: tuple[list[torch.Tensor], int, bool, _PendingRegions | None, list[torch.Tensor]] | None = None
         self._digests: tuple[str, str] | None = None  # (weights, whole state) now; None: changed since
         self._parts: StateServer | None = None  # this rank's part of every published state
         self._endpoints: list[str] | None = None  # every rank's, where its parts are served
         # the other ranks build the same math over their regions
         self.ranks.share((type(math), math.settings(), serves_results))
+        _measure_whole_tensors(region, math)
         self.results = RegionResults(region) if serves_results else None
 
     @property
@@ -165,7 +171,7 @@ class SplitOuterState:
         self.deliver()
         if self._digests is None:
             self.ranks.share((HASH,))
-            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
+            self._digests = _stream_digests(self.region, self.math, self.shapes)
         return self._digests[0]
 
     def publish(self, server: StateServer, round: int, meta: dict[str, Any]) -> Snapshot:
@@ -176,14 +182,15 @@ class SplitOuterState:
             self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
         first, stream = self._endpoints is None, self._digests is None
         self.ranks.share((PUBLISH, round, first, stream))
-        self._parts.publish(round, self.held_tensors(), {})
+        self._parts.publish(round, _served(self.math, leads=True), {})
         if first:
             self._endpoints = self.ranks.all_gather(server.transport.endpoint)
         if stream:
-            self._digests = _stream_digests(self.region, self.held_tensors(), self.shapes)
+            self._digests = _stream_digests(self.region, self.math, self.shapes)
         assert self._endpoints is not None and self._digests is not None
         groups = [g.shapes for g in self.region.groups]
-        parts = parts_meta(self._endpoints, round, groups * len(self.sections))
+        replicated = [[tuple(t.shape)] for t in _replicated_tensors(self.math)]  # (served by the leader alone)
+        parts = parts_meta(self._endpoints, round, groups * len(self.sections) + replicated)
         return server.publish(round, [], {**meta, "parts": parts}, prefix=len(self.shapes), digests=self._digests)
 
     def serve_result(self, server: StateServer, round: int, reduce: ReduceResult, meta: dict[str, Any]) -> None:
@@ -205,8 +212,9 @@ class SplitOuterState:
         assert self._parts is not None, "nothing was published"
         self._pending = None  # (superseded)
         steps = snapshot.meta.get(self.steps_key, snapshot.meta.get("outer_steps", 0))
-        self.ranks.share((RESTORE, snapshot.round, steps))
-        _restore_part(self._parts, self.math, snapshot.round, steps)
+        replicated = _published_replicated(self._parts, self.math, snapshot.round)
+        self.ranks.share((RESTORE, snapshot.round, steps, replicated))
+        _restore_part(self._parts, self.math, snapshot.round, steps, replicated)
         self._digests = (snapshot.prefix_digest, snapshot.digest)
 
     def load_synchronized(self, tensors: Sequence[torch.Tensor], outer_steps: Any, reset_params: bool = True,
@@ -218,11 +226,15 @@ class SplitOuterState:
         ``pending`` (CO2): fetches the mean of the reduce the state's source had in flight;
         the ranks apply their regions of it at their next outer step."""
         n, k = len(self.shapes), len(self.sections)
-        if len(tensors) != k * n:
-            raise ValueError(f"expected {k * n} tensors ({', '.join(self.sections)}), got {len(tensors)}")
-        for t, shape in zip(tensors, self.shapes * k, strict=True):
+        mine = _replicated_tensors(self.math)
+        if len(tensors) != k * n + len(mine):
+            raise ValueError(f"expected {k * n + len(mine)} tensors ({', '.join(self.sections + self.replicated)}), "
+                             f"got {len(tensors)}")
+        shapes = self.shapes * k + [tuple(t.shape) for t in mine]
+        for t, shape in zip(tensors, shapes, strict=True):
             if tuple(t.shape) != shape:
                 raise ValueError(f"shape mismatch: local {shape}, received {tuple(t.shape)}")
+        replicated = [t.detach().clone() for t in tensors[k * n:]]
         whole, start = [], 0  # every section's every group, as one flat vector each
         for _ in self.sections:
             for g in self.region.groups:
@@ -231,18 +243,18 @@ class SplitOuterState:
         groups = self.region.groups * k
         regions = _PendingRegions(self.ranks, groups[0].bounds, pending) if pending is not None else None
         extra = {"pending": regions.take} if regions is not None else {}
-        self.math.load_synchronized([w[g.lo:g.hi] for w, g in zip(whole, groups, strict=True)], outer_steps,
-                                    reset_params=reset_params, **extra)
-        self._pending = (whole, outer_steps, reset_params, regions)
+        self.math.load_synchronized([*(w[g.lo:g.hi] for w, g in zip(whole, groups, strict=True)), *replicated],
+                                    outer_steps, reset_params=reset_params, **extra)
+        self._pending = (whole, outer_steps, reset_params, regions, replicated)
         self._digests = None
 
     def deliver(self) -> None:
         """The other ranks take their regions of a state loaded since they last listened."""
         if self._pending is None:
             return
-        whole, outer_steps, reset_params, regions = self._pending
+        whole, outer_steps, reset_params, regions, replicated = self._pending
         self._pending = None
-        self.ranks.share((LOAD, outer_steps, reset_params, regions is not None))
+        self.ranks.share((LOAD, outer_steps, reset_params, regions is not None, replicated))
         for w, g in zip(whole, self.region.groups * len(self.sections), strict=True):
             self.ranks.scatter_regions(w, g.bounds)
 
@@ -270,8 +282,9 @@ class SplitOuterState:
         ranks is whole here, and saved whole (without a reduce it still has to apply, as a
         one-process CO2 member's checkpoint is)."""
         if self._pending is not None:
-            whole, outer_steps, _, _ = self._pending
-            state: dict[str, Any] = {self.steps_key: outer_steps}
+            whole, outer_steps, _, _, replicated = self._pending
+            state: dict[str, Any] = {self.steps_key: outer_steps,
+                                     **{name: t.clone() for name, t in zip(self.replicated, replicated, strict=True)}}
             G = len(self.region.groups)
             for s, name in enumerate(self.sections):  # in the parameters' order, as one process saves it
                 views = [v for w, g in zip(whole[s * G:(s + 1) * G], self.region.groups, strict=True)
@@ -293,7 +306,11 @@ class SplitOuterState:
             self._digests = None
             return
         steps = state[self.steps_key]
-        self.load_synchronized([state[name][i] for name in self.sections for i in self.region.order],
+        for name in self.replicated:
+            if name not in state:
+                raise ValueError(f"this outer state holds no {name!r}: it was saved with other settings")
+        self.load_synchronized([*(state[name][i] for name in self.sections for i in self.region.order),
+                                *(state[name] for name in self.replicated)],
                                int(steps) if isinstance(steps, int | float) else steps, reset_params=False)
 
     def close(self) -> None:
@@ -319,18 +336,74 @@ def load_region_state(region: RegionWeights, math: Any, state: dict[str, Any]) -
     math.load_state_dict({k: v for k, v in state.items() if k != "region"})
 
 
-def _stream_digests(region: RegionWeights, held: list[torch.Tensor],
-                    shapes: list[tuple[int, ...]]) -> tuple[str, str]:
+def _stream_digests(region: RegionWeights, math: Any, shapes: list[tuple[int, ...]]) -> tuple[str, str]:
     """(weights, whole state) digests of the member's φ and the rest of its state, every
-    rank's regions passing through the leader one at a time (followers: their part of it,
-    with no shapes; ("", ""))."""
+    rank's regions passing through the leader one at a time, then the replicated sections
+    (followers: their part of it, with no shapes; ("", ""))."""
+    replicated = _replicated_tensors(math)
+    held = math.synchronized_tensors()[:-len(replicated) or None]
     sections = len(held) // len(region.groups)
-    stream = StreamHash([(torch.float32, s) for s in shapes * sections], prefix=len(shapes)) \
-        if region.ranks.leads else None
+    specs = [(torch.float32, s) for s in shapes * sections] + [(t.dtype, tuple(t.shape)) for t in replicated]
+    stream = StreamHash(specs, prefix=len(shapes)) if region.ranks.leads else None
     # φ's regions group by group, then the rest's, section by section
     for t, g in zip(held, region.groups * sections, strict=True):
         region.ranks.stream_regions(t, g.bounds, stream.update if stream is not None else None)
-    return stream.digests() if stream is not None else ("", "")
+    if stream is None:
+        return "", ""
+    for t in replicated:
+        stream.update(t)
+    return stream.digests()
+
+
+def _replicated(math: Any) -> tuple[str, ...]:
+    """The names of the math's state about the whole model (the same on every rank; CO2's
+    gap statistics), which follow its per-weight sections in ``synchronized_tensors``."""
+    return tuple(getattr(math, "replicated_sections", ()))
+
+
+def _replicated_tensors(math: Any) -> list[torch.Tensor]:
+    n = len(_replicated(math))
+    return math.synchronized_tensors()[-n:] if n else []
+
+
+def _served(math: Any, leads: bool) -> list[torch.Tensor]:
+    """A rank's part of a published state (1-D tensors, one per section): its regions, and
+    the replicated sections whole from the leader (empty from the other ranks, so that the
+    parts put together hold them once)."""
+    replicated = _replicated_tensors(math)
+    held = math.synchronized_tensors()
+    mine = held[:len(held) - len(replicated)]
+    return [*mine, *(t.reshape(-1) if leads else t.new_empty(0) for t in replicated)]
+
+
+def _published_replicated(parts: StateServer | None, math: Any, round: int) -> list[torch.Tensor]:
+    """(the leader's) The replicated sections of the state it published at ``round``."""
+    replicated = _replicated_tensors(math)
+    snap = parts.published(round) if parts is not None and replicated else None
+    if snap is None:
+        return []
+    return [t.reshape(m.shape) for t, m in zip(snap.tensors[-len(replicated):], replicated, strict=True)]
+
+
+def _measure_whole_tensors(region: RegionWeights, math: Any) -> None:
+    """Math whose update reads norms of the model's whole tensors (CO2's gap-aware penalty)
+    learns where its region holds pieces of them and sums their squares over the ranks."""
+    measure = getattr(math, "measure_whole_tensors", None)
+    if measure is None:
+        return
+    ranks, r = region.ranks, region.ranks.rank
+    pieces: list[list[tuple[int, int, int]]] = [[] for _ in region.groups]
+    for i in range(len(region.params)):
+        g, _, per_rank = region.pieces[i]
+        a, b = per_rank[r]
+        if a < b:
+            lo = region.groups[g].lo
+            pieces[g].append((i, a - lo, b - lo))
+
+    def summed_over_ranks(partials: list[float]) -> list[float]:
+        return [sum(column) for column in zip(*ranks.all_gather(partials), strict=True)]
+
+    measure(WholeTensors(len(region.params), pieces, summed_over_ranks))
 
 
 def _whole_norms(ranks: Ranks, math: Any, result: Any) -> Any:
@@ -381,11 +454,15 @@ class RegionResults:
             self.server.close()
 
 
-def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps: Any) -> None:
+def _restore_part(parts: StateServer | None, math: Any, round: int, outer_steps: Any,
+                  replicated: list[torch.Tensor]) -> None:
+    """Back to this rank's part of the state published at ``round``, with the replicated
+    sections of it the leader served."""
     snap = parts.published(round) if parts is not None else None
     if snap is None:
         raise RuntimeError(f"the part of round {round}'s state this rank served is no longer kept")
-    math.load_synchronized(snap.tensors, outer_steps, reset_params=True)
+    regions = snap.tensors[:len(snap.tensors) - len(replicated)]
+    math.load_synchronized([*regions, *replicated], outer_steps, reset_params=True)
 
 
 class _PendingRegions:
@@ -435,6 +512,7 @@ class SplitFollower:
         self.ranks = region.ranks
         math_type, settings, serves_results = self.ranks.share()
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
+        _measure_whole_tensors(region, self.math)
         self.endpoint = lane.transport.endpoint
         self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
         self.results = RegionResults(region) if serves_results else None
@@ -473,20 +551,20 @@ class SplitFollower:
             self.math.flush()
         elif kind == PUBLISH:
             _, round, first, stream = command
-            self._parts.publish(round, self.held_tensors(), {})
+            self._parts.publish(round, _served(self.math, leads=False), {})
             if first:
                 self.ranks.all_gather(self.endpoint)
             if stream:
-                _stream_digests(self.region, self.held_tensors(), [])
+                _stream_digests(self.region, self.math, [])
         elif kind == HASH:
-            _stream_digests(self.region, self.held_tensors(), [])
+            _stream_digests(self.region, self.math, [])
         elif kind == RESTORE:
-            _restore_part(self._parts, self.math, command[1], command[2])
+            _restore_part(self._parts, self.math, command[1], command[2], command[3])
         elif kind == LOAD:
-            _, outer_steps, reset_params, pending = command
+            _, outer_steps, reset_params, pending, replicated = command
             regions = [self.ranks.scatter_regions(None, g.bounds) for g in groups * len(self.math.STATE_SECTIONS)]
             extra = {"pending": _PendingRegions(self.ranks, groups[0].bounds).take} if pending else {}
-            self.math.load_synchronized(regions, outer_steps, reset_params=reset_params, **extra)
+            self.math.load_synchronized([*regions, *replicated], outer_steps, reset_params=reset_params, **extra)
         else:
             raise RuntimeError(f"rank {self.ranks.rank}: the leader asked {kind!r}, which a split outer state "
                                "does not know")

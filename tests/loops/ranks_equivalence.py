@@ -65,7 +65,6 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
     try:
         algorithm = {"diloco": loco.DiLoCo, "streaming_diloco": loco.StreamingDiLoCo, "co2": loco.CO2,
                      "noloco": loco.NoLoCo,
-                     # (its penalties read norms of whole tensors: the leader gathers the weights)
                      "co2_gap_aware": functools.partial(loco.CO2, staleness="gap_aware")}[args.algorithm]
         settings = {"overlap": args.overlap} if args.algorithm == "streaming_diloco" else {}
         with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks, rank_exchange=args.rank_exchange,
