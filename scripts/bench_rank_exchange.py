@@ -31,6 +31,7 @@ gathers and scatters of a fragment's weights inside the member are counted in co
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
                                           [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco|noloco]
+                                          [--staleness fixed|gap_aware]   (co2)
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
                      "noloco": loco.NoLoCo}[args.algorithm]
         inner = INNER_STEPS[args.algorithm]
         settings = {"exchange_timeout_s": 600} if args.algorithm == "noloco" else {}
+        if args.staleness:
+            settings["staleness"] = args.staleness
         with algorithm(model, opt, swarm, inner_steps=inner, ranks=ranks, wait_for_peers=1, timeouts=timeouts,
                        rank_exchange=args.mode, **settings) as outer:
             for step in range(1, inner * args.rounds + 1):
@@ -138,7 +141,7 @@ def _run(mode: str, args: argparse.Namespace) -> list[dict]:
 
     base = [sys.executable, __file__, "--member", "--mode", mode, "--params", str(args.params),
             "--bandwidth", args.bandwidth, "--rounds", str(args.rounds), "--parallel", args.parallel,
-            "--algorithm", args.algorithm]
+            "--algorithm", args.algorithm, *(["--staleness", args.staleness] if args.staleness else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp) / "a.log", Path(tmp) / "b.log"]
@@ -176,11 +179,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="what the ranks do inside a member")
     ap.add_argument("--algorithm", choices=sorted(INNER_STEPS), default="diloco")
+    ap.add_argument("--staleness", choices=["fixed", "gap_aware"], help="co2's staleness penalty (default fixed)")
     ap.add_argument("--member", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="parallel", help=argparse.SUPPRESS)
     ap.add_argument("--join", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.staleness and args.algorithm != "co2":
+        ap.error(f"--staleness is co2's penalty, not {args.algorithm}'s")
     if args.member:
         _member(args)
         return
@@ -194,7 +200,8 @@ def main() -> None:
                          len(together), statistics.median(r["bytes"] for r in together), state,
                          statistics.median(r["publish_s"] for r in together),
                          statistics.median(r["compute_s"] + r["comm_s"] + r["publish_s"] for r in together))
-    print(f"\ntwo members x 2 ranks ({args.parallel} inside), {args.algorithm}, ~{args.params / 1e6:.1f}M float32 parameters, "
+    what = f"{args.algorithm} ({args.staleness})" if args.staleness else args.algorithm
+    print(f"\ntwo members x 2 ranks ({args.parallel} inside), {what}, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
     print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
           f"{'bytes/round':>13}{'outer state/rank':>18}{'publish_s':>11}{'round_s':>9}")

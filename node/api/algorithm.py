@@ -71,8 +71,8 @@ class OuterAlgorithm(Adopting):
     (NoLoCo: a leader holding the whole state sends it whole)."""
     splits_outer_state: ClassVar[bool] = False
     """A sharded member's ranks can each keep the outer state of their own region
-    (split_state.py): outer math that works element by element over the weights (with the
-    settings ``splits_state_with`` accepts)."""
+    (split_state.py): outer math that runs per region of the weights (norms of whole
+    tensors summed over the ranks: CO2's gap-aware penalty)."""
     serves_reduce_results: ClassVar[bool] = False
     """Serves the means of its reduces (CO2: a replica that adopts its state applies the one
     it missed); split over a sharded member's ranks, in parts."""
@@ -113,7 +113,7 @@ class OuterAlgorithm(Adopting):
         if not self.params:
             raise ValueError("the model has no parameters to train")
         self.trained = self.params  # what the inner optimizer steps (sharded: the ranks' shards)
-        split = splits_outer_state(type(self), self.params, ranks, rank_exchange, compression, vars(self))
+        split = splits_outer_state(type(self), self.params, ranks, rank_exchange, compression)
         groups = type(self).weight_groups(self.model, self.params, vars(self)) if split else None
         self.shards = sharded_weights(type(self), self.params, ranks, split, groups)
         if swarm is None:
@@ -158,12 +158,6 @@ class OuterAlgorithm(Adopting):
             self.math = self.shards.outer_math(self.math, self.serves_reduce_results)
         if join:
             self.join()
-
-    @classmethod
-    def splits_state_with(cls, settings: Mapping[str, Any]) -> bool:
-        """Whether the outer math built with ``settings`` (the algorithm's keyword arguments)
-        can run per region of the weights (split_state.py)."""
-        return cls.splits_outer_state
 
     @classmethod
     def weight_groups(cls, model: torch.nn.Module | None, params: list[torch.Tensor],

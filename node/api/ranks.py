@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -285,12 +285,12 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
 
 
 def splits_outer_state(algorithm: Any, params: list[torch.Tensor], ranks: Ranks | None, rank_exchange: str,
-                       compression: Any, settings: Mapping[str, Any]) -> bool:
+                       compression: Any) -> bool:
     """Whether a sharded member's ranks each keep the outer state of their own region
-    (split_state.py): an algorithm whose outer math runs per region with its ``settings``
-    (DiLoCo, CO2, ...), with every rank exchanging its own region
+    (split_state.py): an algorithm whose outer math runs per region (DiLoCo, Streaming
+    DiLoCo, NoLoCo, CO2), with every rank exchanging its own region
     (``rank_exchange="parallel"``)."""
-    return (algorithm.splits_state_with(settings) and any(is_dtensor(p) for p in params)
+    return (algorithm.splits_outer_state and any(is_dtensor(p) for p in params)
             and splits_exchange(algorithm, ranks, rank_exchange, compression))
 
 
@@ -348,7 +348,7 @@ class Follower:
         self.inner_optimizer = inner_optimizer
         compression = _leader_only.get("compression", "none")
         rank_exchange = _leader_only.get("rank_exchange", "parallel")
-        split = splits_outer_state(algorithm, self.params, ranks, rank_exchange, compression, _leader_only)
+        split = splits_outer_state(algorithm, self.params, ranks, rank_exchange, compression)
         groups = algorithm.weight_groups(model, self.params, _leader_only) if split else None
         self.shards = sharded_weights(algorithm, self.params, ranks, split, groups)
         self._mid_round = not algorithm.reads_weights_at_round_ends_only  # gathers within a round too
