@@ -206,17 +206,19 @@ def test_gap_aware_penalties_follow_the_formula():
 
 def test_gap_aware_over_regions_of_the_flat_weights_is_bit_identical_to_one_process():
     """A sharded member's ranks each update a region of the flat weight vector (cutting the
-    model's tensors anywhere) and sum their pieces' squares over the ranks: the weights,
-    momentum and statistics come out bit for bit those of one process over whole tensors."""
+    model's tensors anywhere; a rank's region may be empty) and sum their pieces' squares
+    over the ranks: the weights, momentum and statistics come out bit for bit those of one
+    process over whole tensors."""
     rounds, jump = 7, 3
     whole_params = _big_params()
     one = _gap_aware(whole_params)
     flat = torch.cat([p.reshape(-1) for p in whole_params])
     ends = torch.tensor([p.numel() for p in whole_params]).cumsum(0).tolist()
     starts = [0, *ends[:-1]]
-    bounds = [0, 20_011, 60_107, flat.numel()]  # three regions, cutting the first tensor twice
-    slots: list[list[float] | None] = [None] * 3
-    barrier = threading.Barrier(3)
+    bounds = [0, 20_011, 60_107, flat.numel(), flat.numel()]  # cutting the first tensor twice; the last empty
+    n = len(bounds) - 1
+    slots: list[list[float] | None] = [None] * n
+    barrier = threading.Barrier(n)
 
     def summed_over_ranks(r: int):
         def sum_partials(partials: list[float]) -> list[float]:
@@ -239,8 +241,8 @@ def test_gap_aware_over_regions_of_the_flat_weights_is_bit_identical_to_one_proc
         trained = torch.cat([p.reshape(-1) for p in whole_params])
         for r, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
             regions[r].copy_(trained[a:b])
-        with ThreadPoolExecutor(3) as pool:  # (the ranks sum their squares together)
-            running = [pool.submit(maths[r].outer_step, t) for r in range(3)]
+        with ThreadPoolExecutor(n) as pool:  # (the ranks sum their squares together)
+            running = [pool.submit(maths[r].outer_step, t) for r in range(n)]
             want = one.outer_step(t)
             results = [f.result(timeout=60) for f in running]
         assert all(res.extra["penalty"] == want.extra["penalty"] for res in results)
