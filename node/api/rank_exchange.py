@@ -89,7 +89,8 @@ def uses_lanes(algorithm: type, ranks: Ranks | None, rank_exchange: str, compres
 
 def whole_norm(ranks: Ranks, region: torch.Tensor) -> float:
     """The norm of the member's whole vector, from every rank's region (a collective)."""
-    return math.sqrt(sum(ranks.all_gather(float(torch.linalg.vector_norm(region)) ** 2)))
+    (square,) = ranks.summed([float(torch.linalg.vector_norm(region)) ** 2])
+    return math.sqrt(square)
 
 
 def _wire(roster: list[Member]) -> list[list[Any]]:

@@ -100,6 +100,11 @@ class Ranks:
         dist.all_gather_object(out, obj, group=self._control)
         return out
 
+    def summed(self, values: list[float]) -> list[float]:
+        """Every rank's ``values`` added up element by element (in rank order, so every rank
+        gets the same floats), on every rank: shares of sums over the member's whole vector."""
+        return [sum(column) for column in zip(*self.all_gather(values), strict=True)]
+
     @torch.no_grad()
     def scatter_regions(self, flat: torch.Tensor | None, bounds: list[int]) -> torch.Tensor:
         """Rank r's ``flat[bounds[r]:bounds[r + 1]]`` of the leader's ``flat`` (followers

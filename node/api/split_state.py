@@ -341,7 +341,7 @@ def _stream_digests(region: RegionWeights, math: Any, shapes: list[tuple[int, ..
     rank's regions passing through the leader one at a time, then the replicated sections
     (followers: their part of it, with no shapes; ("", ""))."""
     replicated = _replicated_tensors(math)
-    held = math.synchronized_tensors()[:-len(replicated) or None]
+    held = _per_weight(math)
     sections = len(held) // len(region.groups)
     specs = [(torch.float32, s) for s in shapes * sections] + [(t.dtype, tuple(t.shape)) for t in replicated]
     stream = StreamHash(specs, prefix=len(shapes)) if region.ranks.leads else None
@@ -366,14 +366,17 @@ def _replicated_tensors(math: Any) -> list[torch.Tensor]:
     return math.synchronized_tensors()[-n:] if n else []
 
 
+def _per_weight(math: Any) -> list[torch.Tensor]:
+    """The math's state kept per weight: its region of each section (the rest replicated)."""
+    held = math.synchronized_tensors()
+    return held[:len(held) - len(_replicated(math))]
+
+
 def _served(math: Any, leads: bool) -> list[torch.Tensor]:
     """A rank's part of a published state (1-D tensors, one per section): its regions, and
     the replicated sections whole from the leader (empty from the other ranks, so that the
     parts put together hold them once)."""
-    replicated = _replicated_tensors(math)
-    held = math.synchronized_tensors()
-    mine = held[:len(held) - len(replicated)]
-    return [*mine, *(t.reshape(-1) if leads else t.new_empty(0) for t in replicated)]
+    return [*_per_weight(math), *(t.reshape(-1) if leads else t.new_empty(0) for t in _replicated_tensors(math))]
 
 
 def _published_replicated(parts: StateServer | None, math: Any, round: int) -> list[torch.Tensor]:
@@ -391,7 +394,7 @@ def _measure_whole_tensors(region: RegionWeights, math: Any) -> None:
     measure = getattr(math, "measure_whole_tensors", None)
     if measure is None:
         return
-    ranks, r = region.ranks, region.ranks.rank
+    r = region.ranks.rank
     pieces: list[list[tuple[int, int, int]]] = [[] for _ in region.groups]
     for i in range(len(region.params)):
         g, _, per_rank = region.pieces[i]
@@ -399,11 +402,7 @@ def _measure_whole_tensors(region: RegionWeights, math: Any) -> None:
         if a < b:
             lo = region.groups[g].lo
             pieces[g].append((i, a - lo, b - lo))
-
-    def summed_over_ranks(partials: list[float]) -> list[float]:
-        return [sum(column) for column in zip(*ranks.all_gather(partials), strict=True)]
-
-    measure(WholeTensors(len(region.params), pieces, summed_over_ranks))
+    measure(WholeTensors(len(region.params), pieces, region.ranks.summed))
 
 
 def _whole_norms(ranks: Ranks, math: Any, result: Any) -> Any:
@@ -412,8 +411,8 @@ def _whole_norms(ranks: Ranks, math: Any, result: Any) -> Any:
     rank at once."""
     names = getattr(math, "NORMS", ())
     if names:
-        squares = ranks.all_gather([float(result.extra[k]) ** 2 for k in names])
-        result.extra.update({k: sum(s[i] for s in squares) ** 0.5 for i, k in enumerate(names)})
+        squares = ranks.summed([float(result.extra[k]) ** 2 for k in names])
+        result.extra.update({k: s ** 0.5 for k, s in zip(names, squares, strict=True)})
     return result
 
 
