@@ -67,7 +67,9 @@ class NodeConfig(_Section):
     block and of its AdamW state; with diloco, streaming_diloco, co2 or
     noloco and rank_exchange parallel every rank keeps the outer state of its own region of
     the weights, else rank 0 gathers the whole weights in host memory for the outer step;
-    works with diloco, streaming_diloco, co2 and noloco)."""
+    with ddp across nodes every rank averages its own region of every step's gradients with
+    the other nodes and keeps its region of the weights and AdamW moments the nodes
+    synchronize: rank_exchange parallel, float32 parameters)."""
     rank_exchange: Literal["parallel", "leader"] = "parallel"
     """How a node of several processes sends what it averages with the swarm (DiLoCo's
     pseudo-gradient, DDP's gradients, Streaming DiLoCo's fragments, CO2's background reduce):
@@ -563,10 +565,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _sharded_algorithms(self) -> Config:
-        if self.node.parallel == "fsdp" and self.optim.algorithm == "ddp":
-            raise ValueError("node.parallel = 'fsdp' works with optim.algorithm diloco, streaming_diloco, co2 or "
-                             "noloco, not 'ddp' (it averages every step's gradients across nodes): use "
-                             "node.parallel = 'ddp'")
+        if self.node.parallel == "fsdp" and self.optim.algorithm == "ddp" and self.node.rank_exchange == "leader":
+            raise ValueError("node.parallel = 'fsdp' with optim.algorithm 'ddp' averages every rank's region of the "
+                             "gradients from its own endpoint: leave node.rank_exchange at 'parallel'")
         return self
 
     @model_validator(mode="after")

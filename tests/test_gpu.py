@@ -192,14 +192,16 @@ def test_quantizers_with_error_feedback_put_the_same_bits_on_the_wire_from_the_g
 
 
 @pytest.mark.swarm
-@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco", "noloco"])
+@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco", "noloco", "ddp"])
 def test_members_sharded_with_fsdp_over_nccl_train_together_on_the_gpu(procs, tmp_path, algorithm):
     """Two members of one rank each (NCCL inside, its per-step messages over gloo beside
     it), their parameters FSDP2 DTensors: rank 0 gathers them for CO2's outer step (which
     lands a round later) and scatters the result; Streaming DiLoCo's rank 0 gathers and
     scatters a fragment's parameters at each step where it leaves or lands; NoLoCo's leaders
     agree, then send their [φ | θ − φ] in parts (its replicas differ by design: only the
-    pairing is checked); fused AdamW on the shards. (Members of two GPUs each need a machine
+    pairing is checked); DDP's every step reads the gradient shards into its region (here
+    the whole vector), averages it, writes the mean back, and publishes the weights and the
+    AdamW moments read out of the shards; fused AdamW on the shards. (Members of two GPUs each need a machine
     with four: tests/test_ranks.py runs them over gloo.)"""
     import re
 

@@ -64,7 +64,7 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
 # (DiLoCo's split state is CO2's less the reduce in flight: its resume from a sharded
 # checkpoint is the graceful-restart test's below, and a killed rank takes a node out the
 # same way whatever its algorithm)
-@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco"])
+@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco", "ddp"])
 def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path,
                                                                                            algorithm):
     """Both nodes FSDP2 inside, each rank keeping the outer state of its own half of the
@@ -155,8 +155,10 @@ def test_nproc_per_node_and_parallel_are_checked():
     assert load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'"]).node.parallel == "fsdp"
     with pytest.raises(ConfigError, match="node.parallel"):
         load_config(None, ["node.nproc_per_node=2", "node.parallel='tp'"])
-    with pytest.raises(ConfigError, match="works with optim.algorithm diloco, streaming_diloco, co2 or noloco"):
-        load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'", "optim.algorithm='ddp'"])
+    fsdp_ddp = ["node.nproc_per_node=2", "node.parallel='fsdp'", "optim.algorithm='ddp'"]
+    assert load_config(None, fsdp_ddp).node.rank_exchange == "parallel"
+    with pytest.raises(ConfigError, match="leave node.rank_exchange at 'parallel'"):
+        load_config(None, [*fsdp_ddp, "node.rank_exchange='leader'"])
     assert load_config(None, ["node.nproc_per_node=2", "node.parallel='fsdp'",
                               "optim.algorithm='streaming_diloco'"]).optim.algorithm == "streaming_diloco"
     # a resolved config holds every key: loading it again must work (export, eval-skips, loco run)

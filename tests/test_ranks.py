@@ -35,7 +35,7 @@ def _finish(proc, procs, name: str, timeout_s: float = 300) -> None:
 @pytest.mark.parametrize(("algorithm", "b_ranks", "parallel"),
                          [("diloco", 2, "ddp"), ("streaming_diloco", 1, "ddp"), ("ddp", 2, "ddp"),
                           ("co2_gap_aware", 1, "fsdp"), ("streaming_diloco", 1, "fsdp"), ("diloco", 1, "fsdp"),
-                          ("noloco", 1, "fsdp")])
+                          ("noloco", 1, "fsdp"), ("ddp", 1, "fsdp")])
 def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path, algorithm, b_ranks, parallel):
     """Member a has two ranks; member b two (DiLoCo; DDP: the leader broadcasts every step's
     swarm-wide gradient mean) or one (Streaming DiLoCo: fragments land mid-round, and a
@@ -125,7 +125,8 @@ def test_with_rank_exchange_leader_rank_0_sends_everything(procs, tmp_path):
                           ("fsdp", "co2", False, True, 1, "parallel"),
                           ("fsdp", "co2_gap_aware", True, False, 1, "parallel"),
                           ("fsdp", "co2_gap_aware", False, True, 1, "parallel"),
-                          ("fsdp", "noloco", False, True, 1, "parallel"), ("fsdp", "noloco", True, False, 1, "parallel")])
+                          ("fsdp", "noloco", False, True, 1, "parallel"), ("fsdp", "noloco", True, False, 1, "parallel"),
+                          ("fsdp", "ddp", True, False, 1, "parallel")])
 def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_halves(procs, tmp_path, parallel,
                                                                                       algorithm, poison, reload,
                                                                                       overlap, exchange):
@@ -166,7 +167,7 @@ def test_a_member_of_two_ranks_trains_the_weights_one_process_trains_on_both_hal
     assert max((a - b).abs().max().item() for a, b in zip(one["final"], one["initial"], strict=True)) > 1e-2
 
 
-def test_sharded_parameters_need_ranks_and_an_algorithm_that_does_not_average_every_step(tmp_path):
+def test_sharded_parameters_need_ranks_and_ddp_float32_parameters(tmp_path):
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -178,7 +179,8 @@ def test_sharded_parameters_need_ranks_and_an_algorithm_that_does_not_average_ev
         opt = torch.optim.AdamW([sharded])
         with pytest.raises(ValueError, match="pass ranks=loco.Ranks()"):
             loco.DiLoCo([sharded], opt, None)
-        with pytest.raises(ValueError, match="ddp averages the gradients of every step across members"):
-            loco.DDP([sharded], opt, None, ranks=loco.Ranks())
+        half = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4, dtype=torch.bfloat16), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="needs float32 parameters .one is torch.bfloat16"):
+            loco.DDP([half], torch.optim.AdamW([half]), None, ranks=loco.Ranks())
     finally:
         torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ from loco.protocols.collective import RoundResult
 from loco.protocols.state_sync import tensors_hash
 
 from .outer_step import CollectiveAlgorithm
+from .region_ddp import RegionDataParallel
 from .region_weights import RegionWeights
 
 
@@ -165,12 +166,16 @@ class DDP(CollectiveAlgorithm):
     the swarm before the inner optimizer's step (through a step pre-hook on it, or an
     explicit ``sync_gradients()`` between backward and the step). A step whose average did
     not complete is skipped (its gradients are dropped). A round is ``inner_steps`` steps
-    of bookkeeping; replicas hold identical weights and AdamW moments."""
+    of bookkeeping; replicas hold identical weights and AdamW moments.
+
+    With FSDP inside a member (sharded parameters) every rank averages its own region of the
+    gradients and keeps its region of the weights and moments (region_ddp.py)."""
     reads_weights_at_round_ends_only = False
 
     name = "ddp"
     fine_grained = True
     gradients_each_step = True
+    splits_outer_state = True
 
     def __init__(self, model, inner_optimizer, swarm, **kwargs: Any):
         if inner_optimizer is None:
@@ -178,9 +183,17 @@ class DDP(CollectiveAlgorithm):
         super().__init__(model, inner_optimizer, swarm, **kwargs)
 
     def _build(self) -> None:
-        # members join each step's average with the hash of their weights
-        self.comm = self._staged(self._communicator(lambda: tensors_hash(self.params)))
-        self.math = DataParallel(self.params, self.comm)
+        self.region_ddp: RegionDataParallel | None = None
+        if isinstance(self.shards, RegionWeights):
+            # members join each step's average with the hash of their weights: sharded, the one
+            # the last publication (every step) or adoption hashed as the ranks' regions passed
+            self.comm = self._staged(self._communicator(lambda: self.math.published_weights_digest()))
+            self.region_ddp = RegionDataParallel(self.params, self.comm)
+            self.region_ddp.bind_model(self.shards, self.inner_optimizer)
+            self.math = self.region_ddp  # (split over the ranks by OuterAlgorithm)
+        else:
+            self.comm = self._staged(self._communicator(lambda: tensors_hash(self.params)))
+            self.math = DataParallel(self.params, self.comm)
         self._synced = False
         self._syncs = {"ok": 0, "failed": 0}
         self._pending_resync: tuple[str, int, str] | None = None
@@ -210,20 +223,29 @@ class DDP(CollectiveAlgorithm):
         return list(self.params)
 
     def _synchronized(self) -> list[torch.Tensor]:
-        """Weights and inner AdamW moments."""
-        return [p.detach() for p in self.params] + adam_tensors(self.inner_optimizer, self.params)
+        """Weights, then the inner AdamW moments: every exp_avg, then every exp_avg_sq (the
+        sections a sharded member serves a region of each of)."""
+        moments = adam_tensors(self.inner_optimizer, self.params)
+        return [p.detach() for p in self.params] + moments[0::2] + moments[1::2]
 
     def _state_meta(self) -> dict[str, Any]:
+        if self.region_ddp is not None:
+            return {"adam_step": self.region_ddp.current_adam_step()}
         return {"adam_step": adam_step(self.inner_optimizer, self.params)}
 
     def _load_synchronized(self, tensors, meta, source) -> None:
-        params = self.params
-        if len(tensors) != 3 * len(params):
-            raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * len(params)}")
-        load_adam(self.inner_optimizer, params, tensors[len(params):], int(meta.get("adam_step", 0)))
         self._inner_state_written = True
+        if self.region_ddp is not None:  # this rank's region now, the other ranks' with the step's news
+            self.math.load_synchronized(tensors, int(meta.get("adam_step", 0)))
+            return
+        params = self.params
+        n = len(params)
+        if len(tensors) != 3 * n:
+            raise ValueError(f"ddp state has {len(tensors)} tensors, expected {3 * n}")
+        moments = [t for pair in zip(tensors[n:2 * n], tensors[2 * n:], strict=True) for t in pair]
+        load_adam(self.inner_optimizer, params, moments, int(meta.get("adam_step", 0)))
         with torch.no_grad():
-            for p, t in zip(params, tensors[:len(params)], strict=True):
+            for p, t in zip(params, tensors[:n], strict=True):
                 p.copy_(t)
 
     def sync_gradients(self) -> bool:
@@ -231,8 +253,12 @@ class DDP(CollectiveAlgorithm):
         skip this step's update."""
         sync_id = self._sync_id()
         t0 = time.monotonic()
-        ok = self.math.sync_gradients(sync_id)
-        if self.ranks is not None:  # the member's other ranks step with the swarm's mean too
+        if self.region_ddp is not None:  # sharded: every rank averages its own region of them
+            self.ranks.share(sync_id)
+            ok = self.region_ddp.sync_gradients(sync_id)
+        else:
+            ok = self.math.sync_gradients(sync_id)
+        if self.ranks is not None and self.region_ddp is None:  # the member's other ranks step with the mean too
             self.ranks.share(ok)
             if ok:
                 self.ranks.share_tensors([p.grad for p in self.params if p.grad is not None])
@@ -248,8 +274,13 @@ class DDP(CollectiveAlgorithm):
         if self._synced:  # the caller averaged already (and skips the step if it failed)
             return
         if not self.sync_gradients():
-            for p in self.params:  # the optimizer skips parameters without a gradient
+            for p in self.trained:  # the optimizer skips parameters without a gradient
                 p.grad = None
+
+    def _syncs_now(self) -> tuple[bool, list[int]]:
+        # sharded: every step publishes (the other ranks serve their regions of it); the
+        # weights are read then, with the moments
+        return self.region_ddp is not None, []
 
     def _after_inner_step(self) -> None:
         self._synced = False
@@ -273,7 +304,7 @@ class DDP(CollectiveAlgorithm):
         if not final and self._catch_up():  # left behind: its steps' averages found nobody
             return "resync", 0, "behind the swarm", {}
         status, reason = _inner_status(syncs["ok"], syncs["failed"], "steps")
-        return status, self.math.last_group_size, reason, {}
+        return status, (self.region_ddp or self.math).last_group_size, reason, {}
 
     def close(self) -> None:
         super().close()

@@ -21,7 +21,8 @@ stops the others at their next broadcast (the group's timeout, ``init_process_gr
 
 With ``loco.DDP`` (gradients averaged across members every step) the leader broadcasts the
 swarm's gradient mean before every optimizer step, and the inner AdamW state along with the
-weights when it adopts a peer's.
+weights when it adopts a peer's; with FSDP inside, every rank averages its own region of the
+gradients and keeps its region of the weights and moments instead (region_ddp.py).
 
 With FSDP2 inside (the parameters are DTensors sharded over the ranks) and DiLoCo, Streaming
 DiLoCo, CO2 or NoLoCo, every rank keeps the outer state of its own region of the weights and
@@ -278,10 +279,16 @@ def sharded_weights(algorithm: type, params: list[torch.Tensor], ranks: Ranks | 
     if ranks is None:
         raise ValueError("the model's parameters are sharded (FSDP's DTensors): pass ranks=loco.Ranks() (the "
                          "processes they are sharded over) on every rank")
-    if algorithm.gradients_each_step:
-        raise ValueError(f"{algorithm.name} averages the gradients of every step across members, which sharded "
-                         "parameters (FSDP) do not support yet: use DiLoCo, Streaming DiLoCo, CO2 or NoLoCo, or "
-                         "DDP inside the member")
+    if algorithm.gradients_each_step and not split:
+        raise ValueError(f"{algorithm.name} averages every step's gradients across members from every rank's "
+                         "region of them when the parameters are sharded (FSDP): use rank_exchange='parallel' "
+                         "and no L-GreCo")
+    if algorithm.gradients_each_step and any(p.dtype != torch.float32 for p in params):
+        # (its state is hashed and served as float32 regions: a one-process member's hash of
+        # the same weights must be the same)
+        raise ValueError(f"{algorithm.name} across members over sharded parameters needs float32 parameters (one "
+                         f"is {next(p.dtype for p in params if p.dtype != torch.float32)}): keep them float32 and "
+                         "compute in lower precision with FSDP2's MixedPrecisionPolicy")
     if split:
         from .region_weights import RegionWeights  # (it builds on ShardedWeights)
 
@@ -294,9 +301,12 @@ def splits_outer_state(algorithm: Any, params: list[torch.Tensor], ranks: Ranks 
     """Whether a sharded member's ranks each keep the outer state of their own region
     (split_state.py): an algorithm whose outer math runs per region (DiLoCo, Streaming
     DiLoCo, NoLoCo, CO2), with every rank exchanging its own region
-    (``rank_exchange="parallel"``)."""
-    return (algorithm.splits_outer_state and any(is_dtensor(p) for p in params)
-            and splits_exchange(algorithm, ranks, rank_exchange, compression))
+    (``rank_exchange="parallel"``). DDP's, whose gradients are never whole on a rank, also
+    in a member of one process (its one region is the whole vector)."""
+    if not (algorithm.splits_outer_state and any(is_dtensor(p) for p in params)):
+        return False
+    alone = algorithm.gradients_each_step and ranks is not None and ranks.size == 1
+    return alone or splits_exchange(algorithm, ranks, rank_exchange, compression)
 
 
 def news(algorithm: Any, report: RoundReport | None, weights: bool | list[int], adam_step: int | None = None,
@@ -321,10 +331,15 @@ def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool
     theirs instead)."""
     params = algorithm.params
     moments = optimizer is not None and shards is None
+    # a sharded member whose split state holds the inner optimizer's (DDP's: region_ddp.py)
+    inner = getattr(getattr(algorithm.math, "math", None), "write_model", None) if shards is not None else None
     if shards is not None:
         shards.before_news()
-    ranks.share(news(algorithm, report, weights, adam_step(optimizer, params) if moments else None,
-                     fresh_inner_state=optimizer is not None and shards is not None))
+    step = adam_step(optimizer, params) if moments else None
+    if optimizer is not None and inner is not None:
+        step = algorithm.math.math.current_adam_step()
+    ranks.share(news(algorithm, report, weights, step,
+                     fresh_inner_state=optimizer is not None and shards is not None and inner is None))
     if weights:
         if shards is not None:
             shards.scatter(None if weights is True else weights)
@@ -332,6 +347,8 @@ def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool
             ranks.share_tensors(params)
     if moments:
         ranks.share_tensors(adam_tensors(optimizer, params))
+    elif step is not None:  # every rank writes its region of the moments into its shards
+        inner(step)
 
 
 class Follower:
@@ -366,7 +383,7 @@ class Follower:
         if split:
             from .split_state import SplitFollower
 
-            self.split = SplitFollower(self.shards, self.lane)
+            self.split = SplitFollower(self.shards, self.lane, inner_optimizer)
         self._synced = False
         # DDP: the leader's swarm-wide gradient mean arrives before every optimizer step
         self._hook = inner_optimizer.register_step_pre_hook(self._before_optimizer_step) \
@@ -420,6 +437,8 @@ class Follower:
             return True
         self._synced = True
         self._check_lane()
+        if self.split is not None:  # sharded: every rank averages its own region of the gradients
+            return self.split.math.sync_gradients(self.ranks.share())
         ok = self.ranks.share()
         if ok:
             self.ranks.share_tensors([p.grad for p in self.params if p.grad is not None])
@@ -501,7 +520,9 @@ class Follower:
         if news["fresh_inner_state"]:  # the leader restored the weights and reset its AdamW state
             for p in self.params:
                 self.inner_optimizer.state.pop(p, None)
-        if news["adam_step"] is not None:  # the leader adopted a peer's inner optimizer state
+        if news["adam_step"] is not None and self.split is not None:  # (sharded: this rank's region of it)
+            self.split.math.write_model(news["adam_step"])
+        elif news["adam_step"] is not None:  # the leader adopted a peer's inner optimizer state
             moments = adam_tensors(self.inner_optimizer, self.params)
             self.ranks.share_tensors(moments)
             load_adam(self.inner_optimizer, self.params, moments, news["adam_step"])

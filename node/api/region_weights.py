@@ -78,41 +78,57 @@ class RegionWeights(ShardedWeights):
 
     @torch.no_grad()
     def gather(self, only: list[int] | None = None) -> None:
-        for i in self._indices(only):
-            p = self.params[i]
-            whole = p.full_tensor()  # (every rank takes part for every parameter)
-            g, start, pieces = self.pieces[i]
-            a, b = pieces[self.ranks.rank]
-            if a < b:
-                group = self.groups[g]
-                group.view[a - group.lo:b - group.lo].copy_(whole.reshape(-1)[a - start:b - start])
-            del whole
+        self.read(self.params, self.outer_params, only)
         # whether the whole member's weights are finite (a rank's own region says only its part)
         self._finite = all(self.ranks.all_gather(bool(torch.isfinite(self.buffer).all())))
 
     @torch.no_grad()
     def scatter(self, only: list[int] | None = None) -> None:
+        self.write(self.params, self.outer_params, only)
+
+    @torch.no_grad()
+    def read(self, tensors: list[torch.Tensor | None], regions: list[torch.Tensor],
+             only: list[int] | None = None) -> None:
+        """This rank's region of ``tensors`` (sharded like the parameters, one per parameter:
+        the weights, their gradients, an optimizer's moments; None reads as zeros, and must be
+        None on every rank) into ``regions`` (one flat tensor per group, like
+        ``outer_params``). A collective: one tensor at a time is whole on the device."""
+        for i in self._indices(only):
+            g, start, pieces = self.pieces[i]
+            a, b = pieces[self.ranks.rank]
+            lo = self.groups[g].lo
+            if tensors[i] is None:
+                regions[g][a - lo:b - lo].zero_()
+                continue
+            whole = tensors[i].full_tensor()  # (every rank takes part for every tensor)
+            if a < b:
+                regions[g][a - lo:b - lo].copy_(whole.reshape(-1)[a - start:b - start])
+            del whole
+
+    @torch.no_grad()
+    def write(self, tensors: list[torch.Tensor], regions: list[torch.Tensor], only: list[int] | None = None) -> None:
+        """Every rank's ``regions`` into its shards of ``tensors`` (the inverse of ``read``)."""
         from torch.distributed.tensor import distribute_tensor
 
         for i in self._indices(only):
-            p = self.params[i]
+            t = tensors[i]
             g, _, pieces = self.pieces[i]
-            group = self.groups[g]
+            lo = self.groups[g].lo
             width = max(b - a for a, b in pieces)
             if width == 0:
                 continue
-            local = p.to_local()
-            # every rank's piece in the parameter's dtype, as raw bytes: the same rounding as a
+            local = t.to_local()
+            # every rank's piece in the tensor's dtype, as raw bytes: the same rounding as a
             # one-process member's θ ← φ, and any dtype over any backend
-            mine = torch.zeros(width, dtype=p.dtype, device=self.ranks.device)
+            mine = torch.zeros(width, dtype=t.dtype, device=self.ranks.device)
             a, b = pieces[self.ranks.rank]
-            mine[:b - a].copy_(group.view[a - group.lo:b - group.lo])
+            mine[:b - a].copy_(regions[g][a - lo:b - lo])
             raw = [torch.empty_like(mine.view(torch.uint8)) for _ in range(self.ranks.size)]
             dist.all_gather(raw, mine.view(torch.uint8), group=self.ranks.group)
-            whole = torch.cat([r.view(p.dtype)[:b - a] for r, (a, b) in zip(raw, pieces, strict=True)])
-            whole = whole.view(p.shape).to(local.device)
-            # every rank holds the whole parameter: it takes its own shard, without communication
-            local.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            whole = torch.cat([r.view(t.dtype)[:b - a] for r, (a, b) in zip(raw, pieces, strict=True)])
+            whole = whole.view(t.shape).to(local.device)
+            # every rank holds the whole tensor: it takes its own shard, without communication
+            local.copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None).to_local())
             del whole, raw
 
     def group_layout(self, g: int) -> Layout:

@@ -1,7 +1,7 @@
 """A sharded member's outer state split over its ranks: no rank holds the whole of it.
 
 With FSDP inside a member (parameters sharded over its ranks) and DiLoCo, Streaming DiLoCo,
-NoLoCo or CO2 across members, every rank
+NoLoCo or CO2 across members (or DDP, whose state is the model's: region_ddp.py), every rank
 ``r`` keeps the outer state of its own region ``[bounds[r], bounds[r + 1])`` of the flat
 weight vector (``loco.protocols.regions.split_bounds``: the same regions its endpoint
 exchanges): the weights θ of the region, the anchor φ, the outer momentum and the
@@ -174,14 +174,21 @@ class SplitOuterState:
             self._digests = _stream_digests(self.region, self.math, self.shapes)
         return self._digests[0]
 
+    def published_weights_digest(self) -> str:
+        """The weights digest as last hashed (published, restored or asked for), without
+        asking the other ranks: what a DDP member joins its next step's average with."""
+        return self._digests[0] if self._digests is not None else ""
+
     def publish(self, server: StateServer, round: int, meta: dict[str, Any]) -> Snapshot:
         """Serve the state now as published at ``round``: every rank serves its region
         (kind STATE_PART), ``server`` the hash of the whole and where the parts are."""
         self.deliver()
         if self._parts is None:
             self._parts = StateServer(server.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
-        first, stream = self._endpoints is None, self._digests is None
+        # math whose state lives in the model (DDP's) reads it first: hashed afresh every time
+        first, stream = self._endpoints is None, self._digests is None or _reads_model(self.math)
         self.ranks.share((PUBLISH, round, first, stream))
+        _read_model(self.math)
         self._parts.publish(round, _served(self.math, leads=True), {})
         if first:
             self._endpoints = self.ranks.all_gather(server.transport.endpoint)
@@ -416,6 +423,17 @@ def _whole_norms(ranks: Ranks, math: Any, result: Any) -> Any:
     return result
 
 
+def _reads_model(math: Any) -> bool:
+    """Math whose state lives in the model and its optimizer (DDP's weights and moments:
+    region_ddp.py), read into its regions before every publication."""
+    return hasattr(math, "read_model")
+
+
+def _read_model(math: Any) -> None:
+    if _reads_model(math):
+        math.read_model()  # (a collective: every rank at the same point)
+
+
 def _close_math(math: Any) -> None:
     close = getattr(math, "close", None)  # (CO2's background reduce)
     if close is not None:
@@ -506,11 +524,13 @@ class SplitFollower:
     region, run as the leader says, and its part of every published state (and CO2's
     landed means), served from its own endpoint."""
 
-    def __init__(self, region: RegionWeights, lane: RankLane):
+    def __init__(self, region: RegionWeights, lane: RankLane, inner_optimizer: Any = None):
         self.region = region
         self.ranks = region.ranks
         math_type, settings, serves_results = self.ranks.share()
         self.math = math_type(region.outer_params, RegionCommunicator(lane), **settings)
+        if hasattr(self.math, "bind_model"):  # (DDP's: its state is the model's and the optimizer's)
+            self.math.bind_model(region, inner_optimizer)
         _measure_whole_tensors(region, self.math)
         self.endpoint = lane.transport.endpoint
         self._parts = StateServer(lane.transport, kind=STATE_PART, keep=PARTS_KEPT, hashed=False)
@@ -550,6 +570,7 @@ class SplitFollower:
             self.math.flush()
         elif kind == PUBLISH:
             _, round, first, stream = command
+            _read_model(self.math)
             self._parts.publish(round, _served(self.math, leads=False), {})
             if first:
                 self.ranks.all_gather(self.endpoint)

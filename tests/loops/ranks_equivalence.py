@@ -1,5 +1,5 @@
 """A lone member trains a few DiLoCo (or --algorithm streaming_diloco, co2, co2_gap_aware, noloco: its
-local-only step, with no partner) rounds, either as
+local-only step, with no partner; ddp: its gradients averaged alone every step) rounds, either as
 --ranks 2 processes (DDP, or FSDP2's fully_shard with --parallel fsdp; each rank its own half
 of every batch) or as one process
 that takes both halves at once; it saves its final weights to --out. tests/test_ranks.py
@@ -64,7 +64,7 @@ def run(rank: int, world: int, args: argparse.Namespace, store_port: int = 0) ->
     swarm = loco.Swarm(run_id="equivalence", insecure=True) if ranks is None or ranks.leads else None
     try:
         algorithm = {"diloco": loco.DiLoCo, "streaming_diloco": loco.StreamingDiLoCo, "co2": loco.CO2,
-                     "noloco": loco.NoLoCo,
+                     "noloco": loco.NoLoCo, "ddp": loco.DDP,
                      "co2_gap_aware": functools.partial(loco.CO2, staleness="gap_aware")}[args.algorithm]
         settings = {"overlap": args.overlap} if args.algorithm == "streaming_diloco" else {}
         with algorithm(model, opt, swarm, inner_steps=5, ranks=ranks, rank_exchange=args.rank_exchange,
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, choices=[1, 2], default=1)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco", "co2", "co2_gap_aware", "noloco"], default="diloco")
+    ap.add_argument("--algorithm", choices=["diloco", "streaming_diloco", "co2", "co2_gap_aware", "noloco", "ddp"], default="diloco")
     ap.add_argument("--out", required=True)
     ap.add_argument("--overlap", type=int, default=1, help="Streaming DiLoCo's overlap (inner steps)")
     ap.add_argument("--rank-exchange", choices=["parallel", "leader"], default="parallel")
