@@ -8,7 +8,13 @@ in the background and landing a step later; ``data_s`` is not reported, ``comm_s
 the round's steps waited for the fragments) or NoLoCo (``--algorithm noloco``: the two members
 pair up every round; ``data_s`` is its ``exchange_s``, the leaders' handshake and the data;
 with FSDP and "parallel" every rank gossips its own region of the outer state, the baseline's
-rank 0 gathers the weights and gossips the whole).
+rank 0 gathers the weights and gossips the whole). DDP (``--algorithm ddp --parallel fsdp``:
+every step's gradients averaged across the members, 4 steps a round) compares FSDP inside
+(every rank reads its region of the gradients out of its shards, averages it from its own
+endpoint, writes the mean back, and publishes its region of the weights and AdamW moments
+every step, hashed on rank 0 as the regions pass through it) with DDP inside (the baseline:
+every rank holds the whole model; rank 0 scatters the mean's regions and gathers them back),
+both exchanging from every rank; ``round_s`` is then 4 steps with their syncs.
 
 Each member is two processes (a gloo group, FSDP2 or DDP inside) training the same MLP;
 each endpoint's uplink is shaped to ``--bandwidth`` by loco's in-transport shaper, so a
@@ -30,7 +36,7 @@ round's wall time, its compute, communication and publish together (Streaming Di
 gathers and scatters of a fragment's weights inside the member are counted in compute).
 
     python scripts/bench_rank_exchange.py [--params 2000000] [--bandwidth 200mbit] [--rounds 5]
-                                          [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco|noloco]
+                                          [--parallel fsdp|ddp] [--algorithm diloco|co2|streaming_diloco|noloco|ddp]
                                           [--staleness fixed|gap_aware]   (co2)
 """
 
@@ -49,7 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # inner steps per round: Streaming DiLoCo's 2 fragments (overlap 1) need 4, each sent once a round
-INNER_STEPS = {"diloco": 2, "co2": 2, "streaming_diloco": 4, "noloco": 2}
+INNER_STEPS = {"diloco": 2, "co2": 2, "streaming_diloco": 4, "noloco": 2, "ddp": 4}
 sys.path.insert(0, str(ROOT))
 
 
@@ -96,7 +102,7 @@ def _rank(rank: int, args: argparse.Namespace) -> None:
     data = torch.Generator().manual_seed(rank)
     try:
         algorithm = {"diloco": loco.DiLoCo, "co2": loco.CO2, "streaming_diloco": loco.StreamingDiLoCo,
-                     "noloco": loco.NoLoCo}[args.algorithm]
+                     "noloco": loco.NoLoCo, "ddp": loco.DDP}[args.algorithm]
         inner = INNER_STEPS[args.algorithm]
         settings = {"exchange_timeout_s": 600} if args.algorithm == "noloco" else {}
         if args.staleness:
@@ -136,11 +142,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode: str, args: argparse.Namespace) -> list[dict]:
+def _run(mode: str, parallel: str, args: argparse.Namespace) -> list[dict]:
     import json
 
     base = [sys.executable, __file__, "--member", "--mode", mode, "--params", str(args.params),
-            "--bandwidth", args.bandwidth, "--rounds", str(args.rounds), "--parallel", args.parallel,
+            "--bandwidth", args.bandwidth, "--rounds", str(args.rounds), "--parallel", parallel,
             "--algorithm", args.algorithm, *(["--staleness", args.staleness] if args.staleness else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,27 +196,33 @@ def main() -> None:
     if args.member:
         _member(args)
         return
+    # (exchange, inside, label): the baseline first
+    runs = [("leader", args.parallel, "rank 0 sends all (baseline)"), ("parallel", args.parallel, "every rank its region")]
+    if args.algorithm == "ddp" and args.parallel == "fsdp":  # (rank 0 cannot send it all: it never holds it)
+        runs = [("parallel", "ddp", "DDP inside (baseline)"), ("parallel", "fsdp", "FSDP inside")]
     medians = {}
-    for mode in ("leader", "parallel"):
-        rounds, state = _run(mode, args)
+    for mode, parallel, label in runs:
+        rounds, state = _run(mode, parallel, args)
         together = [r for r in rounds[1:-1] if r["status"] == "ok" and r["group"] == 2]
         if not together:
-            raise SystemExit(f"{mode}: no round averaged by both members: {rounds}")
-        medians[mode] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
+            raise SystemExit(f"{label}: no round averaged by both members: {rounds}")
+        medians[label] = (statistics.median(r["data_s"] for r in together), statistics.median(r["comm_s"] for r in together),
                          len(together), statistics.median(r["bytes"] for r in together), state,
                          statistics.median(r["publish_s"] for r in together),
                          statistics.median(r["compute_s"] + r["comm_s"] + r["publish_s"] for r in together))
     what = f"{args.algorithm} ({args.staleness})" if args.staleness else args.algorithm
-    print(f"\ntwo members x 2 ranks ({args.parallel} inside), {what}, ~{args.params / 1e6:.1f}M float32 parameters, "
+    inside = "" if len({parallel for _, parallel, _ in runs}) > 1 else f" ({args.parallel} inside)"
+    print(f"\ntwo members x 2 ranks{inside}, {what}, ~{args.params / 1e6:.1f}M float32 parameters, "
           f"each endpoint's uplink {args.bandwidth}")
-    print(f"{'exchange':<30}{'data_s':>8}{'vs leader':>11}{'comm_s':>8}{'vs leader':>11}{'rounds':>8}"
-          f"{'bytes/round':>13}{'outer state/rank':>18}{'publish_s':>11}{'round_s':>9}")
-    data0, comm0 = medians["leader"][:2]
-    for mode, label in (("leader", "rank 0 sends all (baseline)"), ("parallel", "every rank its region")):
-        data, comm, n, b, state, publish, round_s = medians[mode]
-        vs_data = f"{data / data0:>10.2f}x" if data0 else f"{'-':>11}"  # (Streaming DiLoCo reports none)
+    print(f"{'exchange':<30}{'data_s':>8}{'vs base':>11}{'comm_s':>8}{'vs base':>11}{'rounds':>8}"
+          f"{'bytes/round':>13}{'outer state/rank':>18}{'publish_s':>11}{'round_s':>9}{'vs base':>9}")
+    data0, comm0 = medians[runs[0][2]][:2]
+    round0 = medians[runs[0][2]][-1]
+    for _, _, label in runs:
+        data, comm, n, b, state, publish, round_s = medians[label]
+        vs_data = f"{data / data0:>10.2f}x" if data0 else f"{'-':>11}"  # (Streaming DiLoCo, DDP report none)
         print(f"{label:<30}{data:>8.2f}{vs_data}{comm:>8.2f}{comm / comm0:>10.2f}x{n:>8}{b / 1e6:>12.1f}M"
-              f"{state / 1e6:>17.1f}M{publish:>11.3f}{round_s:>9.2f}")
+              f"{state / 1e6:>17.1f}M{publish:>11.3f}{round_s:>9.2f}{round_s / round0:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -52,12 +52,14 @@ def test_members_of_several_ranks_train_agree_inside_and_across(procs, tmp_path,
     int8-coded. NoLoCo with FSDP inside: a's ranks each keep their region of the outer state
     and gossip it with b from their own endpoints once the leaders agreed; its replicas differ
     by design, so across members only their pairing (rounds averaged in a group of two) is
-    checked."""
+    checked. DDP with FSDP inside (int8-coded): every step each of a's ranks averages its own
+    region of the gradients, read out of its gradient shards, with b's matching stretch, and
+    each keeps its region of the weights and AdamW moments (half of b's)."""
     common = ["--algorithm", algorithm, "--inner-steps", "10", "--steps", "80", "--peers", "1",
               "--parallel", parallel]
     if algorithm == "co2_gap_aware":
         common[1:2] = ["co2", "--staleness", "gap_aware"]
-    if algorithm == "diloco" and parallel == "fsdp":  # each rank's region int8-coded, with its own error feedback
+    if algorithm in ("diloco", "ddp") and parallel == "fsdp":  # each rank's region int8-coded, its own error feedback
         common += ["--compression", "int8"]
     ra, rb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a = procs.python(EXAMPLE, "--nproc-per-node", "2", *common, "--seed", "1", "--report", str(ra), log="a")

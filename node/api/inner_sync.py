@@ -133,9 +133,9 @@ class StreamingDiLoCo(CollectiveAlgorithm):
         # publish after a resync too: the next fragment's JOIN carries the published state's
         # hash, and a stale one (from before the resync) had the leader order a resync at
         # every sync, for good (a replica that once fell behind never averaged again)
-        if events and not self.math.in_flight:
-            self._publish()
         self._inner_comm_s += time.monotonic() - t0
+        if events and not self.math.in_flight:
+            self._publish_within_round()
 
     def _sync_round(self, final: bool):
         if self.round_step >= self.inner_steps or final:  # (a resync inside the round has moved us on)
@@ -295,7 +295,7 @@ class DDP(CollectiveAlgorithm):
         if self.round_step < self.inner_steps:
             # a replica that fell out of step asks for the state after the next step: serve
             # every step, not only at round ends, or it would wait a whole round
-            self._publish()
+            self._publish_within_round()
 
     def _sync_round(self, final: bool):
         if self.round_step >= self.inner_steps or final:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loco.node.optstate import adam_step
-from loco.protocols.flat import flat_of
+from loco.protocols.flat import flat_of, shaped_views
 
 if TYPE_CHECKING:
     from .region_weights import RegionWeights
@@ -120,7 +120,12 @@ class RegionDataParallel:
         the average did not complete, and the gradients are dropped."""
         params = self.region.params
         self.region.read([p.grad for p in params], [self.grads])
-        result = self.comm.all_reduce_mean([self.grads], sync_id)
+        # a member of several ranks sends its region (its lanes cut the whole layout: the
+        # parameters' shapes); one of one rank holds the whole vector and sends it in that
+        # layout itself (a codec codes it layer by layer: the other members' ranks must agree)
+        whole = self.region.ranks.size == 1
+        result = self.comm.all_reduce_mean(shaped_views(self.grads, self.region.shapes) if whole else [self.grads],
+                                           sync_id)
         self.last_group_size = result.group_size
         if result.tensors is None:
             for p in params:

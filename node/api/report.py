@@ -13,7 +13,8 @@ class RoundReport:
     ``compute_s`` (the caller's loop: inner steps and whatever else it did) + ``comm_s``
     (blocked on the network: the outer step, DDP's averages, fragment syncs, waiting for a
     background reduce) + ``publish_s`` (host copy of the synchronized state served to
-    joining peers). Bytes are counted at the socket."""
+    joining peers: at the round's end, and within it where DDP publishes after every step
+    and Streaming DiLoCo after a fragment lands). Bytes are counted at the socket."""
 
     round: int
     """The round that finished."""
