@@ -20,6 +20,12 @@ ALGORITHMS: dict[str, type[OuterAlgorithm]] = {
 }
 
 
+def averages_gradients(cfg: Config) -> bool:
+    """The node's algorithm averages every step's gradients across nodes (DDP): the nodes'
+    weights then stay identical only if every step's update is computed alike by each."""
+    return ALGORITHMS[cfg.optim.algorithm].gradients_each_step
+
+
 def open_swarm(cfg: Config, node_id: str, stop: threading.Event, identity: Path | None = None) -> Swarm:
     n, s = cfg.node, cfg.swarm
     return Swarm(s.run_id, s.initial_peers, s.key, insecure=s.insecure, node_id=node_id, listen_host=n.listen_host,

@@ -269,7 +269,9 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     """Inner AdamW betas."""
     grad_clip: float = Field(1.0, ge=0)
-    """Gradient norm clip for inner steps; 0 disables."""
+    """Gradient norm clip for inner steps; 0 disables. With ddp the norm is a float64 sum
+    of squares rounded to 16 significant bits, the same bits whether a node shards the
+    model or not (the nodes' weights stay identical)."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warm-up of the inner learning rate."""
     outer_lr: float = Field(0.7, gt=0)

@@ -26,7 +26,7 @@ import torch
 
 from loco import OuterAlgorithm, Ranks, RoundReport, Swarm
 
-from .build import build_algorithm, open_swarm
+from .build import averages_gradients, build_algorithm, open_swarm
 from .checkpoint import CheckpointError, checkpoint_file, load_latest, remove_stale_temp_files
 from .checkpoint_writer import Cadence, CheckpointWriter, private_copy
 from .config import Config
@@ -111,7 +111,7 @@ class Node:
                                         cfg.train.keep_checkpoints, self._checkpoint_failed)
         closing.callback(attempt, "checkpoint writer", self._writer.close)
         self._cadence = Cadence(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
-        self.trainer = Trainer(cfg, self.id)
+        self.trainer = Trainer(cfg, self.id, exact_clip=averages_gradients(cfg))
         # a checkpoint that cannot be resumed is an error before this node joins anything
         self._saved = self._read_checkpoint()
         if self.ranks is not None:  # the other ranks start from what was just loaded

@@ -22,7 +22,7 @@ import torch
 from loco import Ranks
 from loco.node.optstate import adam_step, adam_tensors, load_adam
 
-from .build import build_algorithm
+from .build import averages_gradients, build_algorithm
 from .checkpoint import checkpoint_file, load_checkpoint
 from .checkpoint_writer import CheckpointWriter, private_copy
 from .config import Config
@@ -102,7 +102,7 @@ class FollowerNode:
         cfg, ranks = self.cfg, self.ranks
         if cfg.node.threads:
             torch.set_num_threads(cfg.node.threads)
-        trainer = Trainer(cfg, self.id, rank=ranks.rank)
+        trainer = Trainer(cfg, self.id, rank=ranks.rank, exact_clip=averages_gradients(cfg))
         share_trainer_state(ranks, trainer)
         trainer.distribute(ranks.group)
         saved = load_shards(ranks, trainer)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import loco
+
 from .config import Config, ConfigError
 from .data import BatchFeed, Sampler, check_corpus, load_corpus, node_seed, validation_batches
 from .devices import check_precision, rank_device, resolve_device
@@ -36,11 +38,14 @@ class Trainer:
                               f"has block_size = {own}: leave model.block_size out or make them agree")
         return own
 
-    def __init__(self, cfg: Config, node_id: str, rank: int = 0):
+    def __init__(self, cfg: Config, node_id: str, rank: int = 0, exact_clip: bool = False):
         """``rank``: this process's rank in a node of several (``distribute`` then makes it
-        train with the others); each rank draws its own batches."""
+        train with the others); each rank draws its own batches. ``exact_clip``: clip the
+        gradients with a norm every layout computes alike (``loco.clip_gradients``: DDP across nodes,
+        whose nodes may shard the model differently), not ``clip_grad_norm_``'s."""
         self.cfg = cfg
         self.rank = rank
+        self.exact_clip = exact_clip
         self.device = resolve_device(cfg.node.device) if cfg.node.nproc_per_node == 1 else \
             rank_device(cfg.node.device, rank)
         check_precision(cfg.train.precision, self.device)
@@ -161,7 +166,8 @@ class Trainer:
         self.batches.prefetch()
         if sync is None or sync():
             if self.cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+                clip = loco.clip_gradients if self.exact_clip else torch.nn.utils.clip_grad_norm_
+                clip(self.params, self.cfg.optim.grad_clip)
             self.opt.step()
         self.step += 1
         self.tokens += x.numel() * self.processes

@@ -6,6 +6,7 @@
 - streaming.py     Streaming DiLoCo: DiLoCo per fragment, staggered, overlapped
 - noloco.py        NoLoCo: gossip averaging in random groups with modified momentum
 - co2.py           CO2: the all-reduce hidden behind the next round, staleness penalty, clipping
+- norms.py         norms every layout of the same numbers computes alike (CO2, clipping)
 - background.py    one reduce in flight on a background thread (CO2, Streaming overlap)
 - ddp.py           synchronous data parallelism (gradient averaging every step): the baseline
 - flat.py          views of one flat buffer shaped like a parameter list

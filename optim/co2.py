@@ -32,8 +32,8 @@ Staleness penalty λ, per tensor [unverified: the paper's exact formula is not c
   region of the flat weight vector per rank, pieces of the model's tensors (``WholeTensors``
   says where they lie and sums the pieces' squares over the ranks). So a norm is the square
   root of a float64 sum of squares (float32 squares are exact in float64; only the order of
-  the sum differs between layouts, about 1e-15 relative at most), rounded to ``NORM_BITS``
-  significant bits: a layout changes a norm only when its sum falls within 1e-15 of a
+  the sum differs between layouts, about 1e-15 relative at most), rounded to 16
+  significant bits (``loco.optim.norms``): a layout changes a norm only when its sum falls within 1e-15 of a
   rounding boundary (about once in 10^10 norms). A replica whose weights then differ is out
   of the agreement and resynchronizes from a peer, as after any divergence.
 
@@ -55,11 +55,10 @@ import torch
 from .background import BackgroundReducer
 from .communicator import Communicator, ReduceResult
 from .flat import as_layers, split_like
+from .norms import rounded, squares64
 from .outer import OuterStepResult
 
 Staleness = Literal["fixed", "gap_aware"]
-NORM_BITS = 16  # significant bits a gap-aware norm keeps (see the module's docstring)
-_CHUNK = 1 << 20  # elements squared in float64 at a time (a float64 copy of this many, not of a whole tensor)
 
 
 def _no_ranks(partials: list[float]) -> list[float]:
@@ -85,35 +84,18 @@ class WholeTensors:
 
     def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """The L2 norm of every whole tensor, from ``tensors`` (shaped like the local ones),
-        rounded to ``NORM_BITS`` bits: the same on every replica (see the module's docstring)."""
+        rounded to 16 bits: the same on every replica (see the module's docstring)."""
         partials = [0.0] * self.count
         where, sums = [], []
         for j, t in enumerate(tensors):
             flat = t.reshape(-1)
             for i, start, end in self.pieces[j]:
                 where.append(i)
-                sums.append(_squares64(flat[start:end]))
+                sums.append(squares64(flat[start:end]))
         if sums:  # (one host synchronization for all of them)
             for i, s in zip(where, torch.stack(sums).tolist(), strict=True):
                 partials[i] += s
-        return [_rounded(math.sqrt(s)) for s in self.sum_partials(partials)]
-
-
-def _squares64(flat: torch.Tensor) -> torch.Tensor:
-    """Σx² of a 1-D float tensor in float64 (a 0-d tensor on its device), chunk by chunk."""
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start:start + _CHUNK].to(torch.float64)
-        total += torch.dot(chunk, chunk)
-    return total
-
-
-def _rounded(x: float) -> float:
-    """``x`` rounded to ``NORM_BITS`` significant bits."""
-    if x == 0 or not math.isfinite(x):
-        return x
-    mantissa, exponent = math.frexp(x)
-    return math.ldexp(round(math.ldexp(mantissa, NORM_BITS)), exponent - NORM_BITS)
+        return [rounded(math.sqrt(s)) for s in self.sum_partials(partials)]
 
 
 class CO2:

@@ -61,10 +61,10 @@ def test_nodes_of_two_ranks_started_by_torchrun_and_by_the_cli_train_and_agree(p
     assert "rank 1 of node node1: done at step 32, round 4" in procs.log("node1")
 
 
-# (DiLoCo's split state is CO2's less the reduce in flight: its resume from a sharded
+# (DiLoCo's split state is CO2's less the reduce in flight; DDP's resume from a sharded
 # checkpoint is the graceful-restart test's below, and a killed rank takes a node out the
 # same way whatever its algorithm)
-@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco", "ddp"])
+@pytest.mark.parametrize("algorithm", ["co2", "streaming_diloco"])
 def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_node_resumes(procs, tmp_path,
                                                                                            algorithm):
     """Both nodes FSDP2 inside, each rank keeping the outer state of its own half of the
@@ -114,32 +114,38 @@ def test_a_killed_rank_takes_its_node_out_the_other_trains_on_and_the_restarted_
         assert "no usable CO2 reduce" not in log and re.search(r"fetched the mean of CO2 reduce|failed at .* too", log)
 
 
-def test_a_sharded_node_and_a_one_process_node_train_together_and_the_sharded_one_resumes(procs, tmp_path):
-    """node0: two ranks, FSDP2 inside (each rank half of every block and of its AdamW state,
-    and the outer state of its own half of the weights); node1: one process. Each of node0's
-    ranks writes its own shards: started again, node0 resumes with the weights it ended
-    with, and ``loco export`` puts the shards together."""
+def test_a_sharded_ddp_node_and_one_process_nodes_train_together_resume_and_adopt_each_others_state(procs, tmp_path):
+    """DDP across nodes, FSDP2 inside node0 (HSDP): two ranks, each half of every block and
+    of its AdamW state; every step each rank averages its own region of the gradients with
+    node1's (one process, the whole model: regions match by position in the whole vector)
+    and keeps its region of the weights and moments, published in parts. Each of node0's
+    ranks writes its own shards: started again, node0 resumes with the weights it ended with,
+    and a fresh one-process node2 joins it and adopts its state (weights and AdamW moments
+    fetched in parts from both ranks, checked against node0's hash). ``loco export`` puts the
+    shards together."""
     out = tmp_path / "run"
+    common = ["node", "start", "--out", str(out), *_sets("swarm.wait_for_peers=1", "optim.algorithm='ddp'")]
 
-    def run(rounds: int, name: str) -> None:
-        common = ["node", "start", "--out", str(out), *_sets(f"train.rounds={rounds}", "swarm.wait_for_peers=1")]
-        a = procs.loco(*common, "--node-id", "node0", "--nproc-per-node", "2", "--set", "node.parallel='fsdp'",
-                       log=f"node0-{name}")
-        b = procs.loco(*common, "--node-id", "node1", "--join-file", str(out / "nodes" / "node0.json"),
-                       log=f"node1-{name}")
-        for node, p in ((f"node0-{name}", a), (f"node1-{name}", b)):
+    def run(rounds: int, name: str, other: str) -> None:
+        a = procs.loco(*common, "--set", f"train.rounds={rounds}", "--node-id", "node0", "--nproc-per-node", "2",
+                       "--set", "node.parallel='fsdp'", log=f"node0-{name}")
+        b = procs.loco(*common, "--set", f"train.rounds={rounds}", "--node-id", other, "--join-file",
+                       str(out / "nodes" / "node0.json"), log=f"{other}-{name}")
+        for node, p in ((f"node0-{name}", a), (f"{other}-{name}", b)):
             assert _wait_exit(p, 300, node, procs) == 0, procs.log(node)[-3000:]
-        (out / "nodes" / "node0.json").unlink()  # the second run's node1 waits for the new one
+        (out / "nodes" / "node0.json").unlink()  # the second run's joiner waits for the new one
 
-    run(2, "first")
+    run(2, "first", "node1")
     first_end = _outer(out, "node0")[-1]
     shards = sorted(p.name for p in (out / "checkpoints" / "node0.shards").iterdir())
     assert {"rank0.safetensors", "rank1.safetensors"} <= set(shards), shards  # (and a previous version each)
-    run(4, "again")
+    run(4, "again", "node2")
     starts = _records(out, "node0", "start")
     assert [s["resumed"] for s in starts] == [False, True] and starts[1]["processes"] == 2
     assert starts[1]["round"] == 2 and starts[1]["weights_hash"] == first_end["weights_hash"]
-    together = [hs for hs in _hashes_by_round(out, ["node0", "node1"]).values() if len(hs) == 2]
+    adopted = _records(out, "node2", "resync")  # node2 starts at round 0, node0 at 2
+    assert adopted and adopted[0]["from_round"] < 2 <= adopted[0]["round"], adopted
+    together = [hs for hs in _hashes_by_round(out, ["node0", "node1", "node2"]).values() if len(hs) == 2]
     assert len(together) >= 3 and all(len(set(hs.values())) == 1 for hs in together), together
     assert _outer(out, "node0")[-1]["val_loss"] < starts[0]["val_loss"]
     from loco.node.export import export_run

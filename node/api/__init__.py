@@ -22,6 +22,7 @@ and the math are ``loco.node``, ``loco.protocols`` and ``loco.optim``.)
 - report.py      ``RoundReport``: what a round did (status, bytes, times, weights hash)
 - ranks.py       ``Ranks``, ``Follower``: one member made of several torch.distributed ranks
                  (DDP inside, or FSDP: ``ShardedWeights`` gathers the shards at round ends)
+- clip.py        ``clip_gradients``: a clip every layout of the gradients computes alike (DDP)
 - lgreco_round.py  when a round plans L-GreCo's per-layer compression levels
 - token.py       join tokens: the swarm key and a member's address, as one string
 - hf.py          ``loco.hf.causal_lm``: a HuggingFace causal LM as a model.factory (the hf extra);
@@ -46,7 +47,7 @@ _PUBLIC = {
     "Swarm": ".swarm", "RoundReport": ".report", "OuterAlgorithm": ".algorithm",
     "DiLoCo": ".outer_step", "CO2": ".outer_step", "NoLoCo": ".outer_step",
     "StreamingDiLoCo": ".inner_sync", "DDP": ".inner_sync", "Ranks": ".ranks", "Follower": ".ranks",
-    "PipelineParts": ".pipeline_parts",
+    "PipelineParts": ".pipeline_parts", "clip_gradients": ".clip",
     "Compression": ("loco.node.config", "CompressionConfig"), "LGreCo": ("loco.node.config", "LGrecoConfig"),
     "Timeouts": ("loco.node.config", "CollectiveConfig"), "Network": ("loco.node.config", "NetworkConfig"),
     "Link": ("loco.node.config", "LinkConfig"),
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from loco.node.config import NetworkConfig as Network  # noqa: F401
 
     from .algorithm import OuterAlgorithm  # noqa: F401
+    from .clip import clip_gradients  # noqa: F401
     from .inner_sync import DDP, StreamingDiLoCo  # noqa: F401
     from .outer_step import CO2, DiLoCo, NoLoCo  # noqa: F401
     from .pipeline_parts import PipelineParts  # noqa: F401
