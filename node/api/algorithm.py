@@ -76,6 +76,9 @@ class OuterAlgorithm(Adopting):
     serves_reduce_results: ClassVar[bool] = False
     """Serves the means of its reduces (CO2: a replica that adopts its state applies the one
     it missed); split over a sharded member's ranks, in parts."""
+    inner_state_regions: Any = None
+    """A sharded member's regions of the inner optimizer's state it synchronizes, which it
+    writes into the ranks' optimizer shards with a step's news (DDP's: region_ddp.py)."""
     reads_weights_at_round_ends_only: ClassVar[bool] = True
     """Reads and writes the weights only when a round ends (and when joining, flushing): a
     member whose weights are sharded over its ranks (FSDP) gathers them there. Streaming

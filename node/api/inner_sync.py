@@ -190,6 +190,7 @@ class DDP(CollectiveAlgorithm):
             self.comm = self._staged(self._communicator(lambda: self.math.published_weights_digest()))
             self.region_ddp = RegionDataParallel(self.params, self.comm)
             self.region_ddp.bind_model(self.shards, self.inner_optimizer)
+            self.inner_state_regions = self.region_ddp
             self.math = self.region_ddp  # (split over the ranks by OuterAlgorithm)
         else:
             self.comm = self._staged(self._communicator(lambda: tensors_hash(self.params)))

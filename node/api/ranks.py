@@ -332,12 +332,12 @@ def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool
     params = algorithm.params
     moments = optimizer is not None and shards is None
     # a sharded member whose split state holds the inner optimizer's (DDP's: region_ddp.py)
-    inner = getattr(getattr(algorithm.math, "math", None), "write_model", None) if shards is not None else None
+    inner = algorithm.inner_state_regions if shards is not None else None
     if shards is not None:
         shards.before_news()
     step = adam_step(optimizer, params) if moments else None
     if optimizer is not None and inner is not None:
-        step = algorithm.math.math.current_adam_step()
+        step = inner.current_adam_step()
     ranks.share(news(algorithm, report, weights, step,
                      fresh_inner_state=optimizer is not None and shards is not None and inner is None))
     if weights:
@@ -348,7 +348,7 @@ def tell(ranks: Ranks, algorithm: Any, report: RoundReport | None, weights: bool
     if moments:
         ranks.share_tensors(adam_tensors(optimizer, params))
     elif step is not None:  # every rank writes its region of the moments into its shards
-        inner(step)
+        inner.write_model(step)
 
 
 class Follower:
