@@ -28,12 +28,16 @@ def load_adam(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], tensor
     """Adopt moments laid out as :func:`adam_tensors` returns them."""
     if len(tensors) != 2 * len(params):
         raise ValueError(f"AdamW state has {len(tensors)} tensors, expected {2 * len(params)}")
-    # fused and capturable AdamW keep the step count on the parameter's device
-    on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     for i, p in enumerate(params):
         avg, sq = tensors[2 * i], tensors[2 * i + 1]
         if avg.shape != p.shape or sq.shape != p.shape:
             raise ValueError(f"AdamW moment of shape {tuple(avg.shape)} for a parameter of shape {tuple(p.shape)}")
-        count = torch.tensor(float(step), device=p.device if on_device else None)
-        opt.state[p] = {"step": count, "exp_avg": avg.to(p.device, copy=True),
+        opt.state[p] = {"step": step_count(opt, p, step), "exp_avg": avg.to(p.device, copy=True),
                         "exp_avg_sq": sq.to(p.device, copy=True)}
+
+
+def step_count(opt: torch.optim.Optimizer, p: torch.Tensor, step: int) -> torch.Tensor:
+    """AdamW's step count for ``p`` as the optimizer keeps it: fused and capturable AdamW
+    keep it on the parameter's device."""
+    on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
+    return torch.tensor(float(step), device=p.device if on_device else None)

@@ -37,3 +37,9 @@ def rounded(x: float, bits: int = NORM_BITS) -> float:
         return x
     mantissa, exponent = math.frexp(x)
     return math.ldexp(round(math.ldexp(mantissa, bits)), exponent - bits)
+
+
+def rounded_on_device(x: torch.Tensor, bits: int = NORM_BITS) -> torch.Tensor:
+    """``rounded`` of a float tensor, elementwise on its device (no host sync)."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(bits))), exponent - bits)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from loco.optim.norms import NORM_BITS
+from loco.optim.norms import rounded_on_device
 
 from .ranks import is_dtensor
 
@@ -33,7 +33,6 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
     squares = torch.stack(norms).square().sum()
     if sharded:  # every rank's shards
         dist.all_reduce(squares, group=sharded[0].device_mesh.get_group())
-    mantissa, exponent = torch.frexp(squares.sqrt())
-    norm = torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(NORM_BITS))), exponent - NORM_BITS)
+    norm = rounded_on_device(squares.sqrt())
     coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(torch.float32)
     torch._foreach_mul_(local, coefficient)

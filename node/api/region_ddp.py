@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loco.node.optstate import adam_step
+from loco.node.optstate import adam_step, step_count
 from loco.protocols.flat import flat_of, shaped_views
 
 if TYPE_CHECKING:
@@ -101,14 +101,12 @@ class RegionDataParallel:
         """(Every rank, after the weights were scattered) The regions' moments into the
         optimizer's state, at AdamW step ``step``."""
         opt = self.optimizer
-        # fused and capturable AdamW keep the step count on the parameter's device
-        on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
         params = self.region.params
         for p in params:
             state = opt.state.get(p) or {}
             if "exp_avg" not in state:
                 state = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            state["step"] = torch.tensor(float(step), device=p.device if on_device else None)
+            state["step"] = step_count(opt, p, step)
             opt.state[p] = state
         self.region.write([opt.state[p]["exp_avg"] for p in params], [self.exp_avg])
         self.region.write([opt.state[p]["exp_avg_sq"] for p in params], [self.exp_avg_sq])
